@@ -1,0 +1,3 @@
+from shadowlane.cli import main
+
+raise SystemExit(main())
