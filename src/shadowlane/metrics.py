@@ -1,0 +1,342 @@
+"""Prometheus metrics for shadowlane, built to be cheap on the hot path.
+
+The proxy records one or more samples per request at tens of thousands of requests per second.
+`prometheus_client`'s `.labels(...)` costs about as much as the increment itself (it validates and
+looks up the label tuple under a lock), so every recording method here keeps its own plain dict
+from label tuple to the labelled child(ren) and only calls `.labels()` on a miss. A hit is one dict
+lookup plus the child's own increment.
+
+Label values are validated on a miss only (for example an outcome must be one of
+`SHADOW_OUTCOMES`): a typo fails loudly the first time, and costs nothing afterwards.
+
+Multi-process (`--workers N`): prometheus_client's multiprocess mode keeps every counter and
+histogram value in a per-process mmap file under a shared directory, and a scrape sums the files.
+`Metrics(multiprocess_dir=...)` opts into it; only counters and histograms are recorded through
+prometheus_client, everything else (build info, gauge providers) is a custom collector evaluated
+by the process that renders, which keeps the design compatible with that mode. See
+docs/metrics.md for the details and the limits.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from shadowlane import __version__
+
+__all__ = [
+    "BUCKETS",
+    "COMPARISON_RESULTS",
+    "NO_ROUTE",
+    "SHADOW_OUTCOMES",
+    "GaugeProvider",
+    "Metrics",
+    "reset_multiprocess_dir",
+]
+
+log = logging.getLogger(__name__)
+
+#: Histogram upper bounds in seconds, shared by the primary and the shadow histograms so the two
+#: latency distributions can be compared bucket by bucket (and divided in PromQL). From 0.5 ms (a
+#: loopback backend) to 30 s (the default backend timeout); prometheus_client adds +Inf.
+BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+#: What happened to one shadow copy; see docs/metrics.md for the meaning of each.
+SHADOW_OUTCOMES: tuple[str, ...] = (
+    "sampled_out",
+    "sent",
+    "ok",
+    "error",
+    "timeout",
+    "dropped",
+    "skipped_body",
+)
+
+#: What a comparison of a primary and a shadow answer found; see docs/metrics.md.
+COMPARISON_RESULTS: tuple[str, ...] = ("match", "diff", "noise", "dropped")
+
+#: Route and backend label value for requests that matched no route (answered 404).
+NO_ROUTE = ""
+
+#: Returns (label values, value) pairs; called at scrape time only.
+GaugeProvider = Callable[[], Iterable[tuple[tuple[str, ...], float]]]
+
+_SHADOW_OUTCOME_SET = frozenset(SHADOW_OUTCOMES)
+_COMPARISON_RESULT_SET = frozenset(COMPARISON_RESULTS)
+
+
+class _BuildInfoCollector:
+    """`shadowlane_build_info{version} 1`, as a custom collector.
+
+    A custom collector rather than a Gauge so that in multiprocess mode it is reported once by the
+    rendering process instead of being summed over workers (which would say N, not 1).
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "shadowlane_build_info",
+            "Always 1; the version label says which shadowlane is running.",
+            labels=("version",),
+        )
+        family.add_metric((__version__,), 1.0)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+
+class _GaugeProviderCollector:
+    """One gauge family whose samples come from a callback run at scrape time.
+
+    Things like queue depth or pooled connections are state the owner already keeps; reading them
+    when Prometheus asks costs nothing per request, unlike updating a Gauge on every change.
+    """
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...], fn: GaugeProvider) -> None:
+        self.name = name
+        self._doc = doc
+        self._labels = labels
+        self._fn = fn
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self.name, self._doc, labels=self._labels)
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        try:
+            for label_values, value in self._fn():
+                family.add_metric(tuple(label_values), float(value))
+        except Exception:
+            # One broken provider must not take the whole scrape (and every other metric) down.
+            log.exception("gauge provider %s failed; omitting it from this scrape", self.name)
+            return
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        # Lets the registry reject a name clash at registration instead of at scrape time.
+        yield self._family()
+
+
+def _enable_multiprocess(path: str) -> None:
+    """Make prometheus_client record new metric values into mmap files under `path`.
+
+    prometheus_client picks its value class once, at import, from PROMETHEUS_MULTIPROC_DIR. Any
+    shadowlane module may import it before the CLI knows it will run workers, so rather than
+    depending on import order we switch the value class here, before this `Metrics` creates its
+    counters (the same switch prometheus_client's own tests make).
+    """
+    current = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if getattr(values.ValueClass, "_multiprocess", False):
+        if current is not None and os.path.realpath(current) != os.path.realpath(path):
+            raise ValueError(
+                f"prometheus multiprocess mode is already on with PROMETHEUS_MULTIPROC_DIR="
+                f"{current!r}; cannot also use {path!r}"
+            )
+        return
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def reset_multiprocess_dir(path: str) -> None:
+    """Create `path` if needed and delete metric files left by an earlier run.
+
+    The supervisor calls this once before starting workers: files are per pid and are summed, so
+    stale files from a previous run would otherwise be added to the new counts.
+    """
+    os.makedirs(path, exist_ok=True)
+    for name in glob.glob(os.path.join(path, "*.db")):
+        os.remove(name)
+
+
+class Metrics:
+    """All shadowlane metrics, with cached labelled children for the hot path.
+
+    Single-process by default, with its own registry (tests make many instances, and the global
+    default registry would reject duplicate names). With `multiprocess_dir`, counters and
+    histograms go to mmap files in that directory and `render()` reports the sum over every
+    process writing there.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        multiprocess_dir: str | None = None,
+    ) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is not None:
+            if not os.path.isdir(multiprocess_dir):
+                raise ValueError(f"multiprocess_dir {multiprocess_dir!r} is not a directory")
+            _enable_multiprocess(multiprocess_dir)
+        #: Where this process's metric objects are registered.
+        self.registry: CollectorRegistry = registry if registry is not None else CollectorRegistry()
+        if multiprocess_dir is None:
+            self._render_registry = self.registry
+        else:
+            # The per-process objects above only feed the mmap files; a scrape reads all files.
+            self._render_registry = CollectorRegistry()
+            MultiProcessCollector(self._render_registry, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+
+        self._requests = Counter(
+            "shadowlane_requests",
+            "Requests answered to clients, by route, primary backend and status code.",
+            ("route", "backend", "code"),
+            registry=self.registry,
+        )
+        self._request_duration = Histogram(
+            "shadowlane_request_duration_seconds",
+            "Time from request head received to response fully handed to the client.",
+            ("route", "backend"),
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self._shadow_requests = Counter(
+            "shadowlane_shadow_requests",
+            "Shadow copies by route, shadow target and outcome.",
+            ("route", "target", "outcome"),
+            registry=self.registry,
+        )
+        self._shadow_duration = Histogram(
+            "shadowlane_shadow_duration_seconds",
+            "Time from shadow request sent to shadow response fully read.",
+            ("route", "target"),
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self._comparisons = Counter(
+            "shadowlane_comparisons",
+            "Comparisons of primary and shadow answers by route, target and result.",
+            ("route", "target", "result"),
+            registry=self.registry,
+        )
+        self._render_registry.register(_BuildInfoCollector())
+
+        # Label tuple -> labelled child(ren). Plain dicts: a hit is the whole hot-path cost.
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._shadow_children: dict[tuple[str, str, str], Counter] = {}
+        self._shadow_duration_children: dict[tuple[str, str], Histogram] = {}
+        self._comparison_children: dict[tuple[str, str, str], Counter] = {}
+        self._providers: dict[str, _GaugeProviderCollector] = {}
+
+    # -- hot path -------------------------------------------------------------------------------
+
+    def observe_request(self, route: str, backend: str, code: int, seconds: float) -> None:
+        """Count one answered request and its duration (route=backend="" when nothing matched)."""
+        key = (route, backend, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self._requests.labels(route, backend, str(code)),
+                self._request_duration.labels(route, backend),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def shadow_outcome(self, route: str, target: str, outcome: str, n: int = 1) -> None:
+        """Count `n` shadow copies of `route` to `target` that ended in `outcome`."""
+        child = self._shadow_children.get((route, target, outcome))
+        if child is None:
+            if outcome not in _SHADOW_OUTCOME_SET:
+                raise ValueError(f"unknown shadow outcome {outcome!r}; one of {SHADOW_OUTCOMES}")
+            self.declare_shadow(route, target)
+            child = self._shadow_children[(route, target, outcome)]
+        child.inc(n)
+
+    def observe_shadow(self, route: str, target: str, seconds: float) -> None:
+        """Record how long one shadow request to `target` took."""
+        key = (route, target)
+        child = self._shadow_duration_children.get(key)
+        if child is None:
+            child = self._shadow_duration_children[key] = self._shadow_duration.labels(
+                route, target
+            )
+        child.observe(seconds)
+
+    def comparison(self, route: str, target: str, result: str) -> None:
+        """Count one comparison result for `route` against shadow `target`."""
+        child = self._comparison_children.get((route, target, result))
+        if child is None:
+            if result not in _COMPARISON_RESULT_SET:
+                raise ValueError(
+                    f"unknown comparison result {result!r}; one of {COMPARISON_RESULTS}"
+                )
+            self.declare_shadow(route, target)
+            child = self._comparison_children[(route, target, result)]
+        child.inc()
+
+    # -- setup and scrape -----------------------------------------------------------------------
+
+    def declare_shadow(self, route: str, target: str) -> None:
+        """Create every outcome and result series of a (route, target) pair, at zero.
+
+        Series that appear only when they first become non-zero break `rate()` and ratios such as
+        errors / sent (the first increment is invisible). The proxy may call this at config load;
+        the recording methods call it on their first miss for a pair anyway.
+        """
+        for outcome in SHADOW_OUTCOMES:
+            key = (route, target, outcome)
+            if key not in self._shadow_children:
+                self._shadow_children[key] = self._shadow_requests.labels(route, target, outcome)
+        for result in COMPARISON_RESULTS:
+            key = (route, target, result)
+            if key not in self._comparison_children:
+                self._comparison_children[key] = self._comparisons.labels(route, target, result)
+
+    def set_gauge_provider(
+        self,
+        name: str,
+        doc: str,
+        labels: tuple[str, ...],
+        fn: GaugeProvider,
+    ) -> None:
+        """Publish gauge `name` whose samples `fn` returns at scrape time.
+
+        Setting a provider for a name again replaces the previous one (a config reload rebuilds
+        pools and lanes). `fn` runs on the thread that renders, which is the event loop for the
+        admin server, so it may read loop-owned state without locks.
+        """
+        old = self._providers.pop(name, None)
+        if old is not None:
+            self._render_registry.unregister(old)
+        collector = _GaugeProviderCollector(name, doc, tuple(labels), fn)
+        self._render_registry.register(collector)
+        self._providers[name] = collector
+
+    def remove_gauge_provider(self, name: str) -> None:
+        """Stop publishing gauge `name` (no-op when it is not set)."""
+        old = self._providers.pop(name, None)
+        if old is not None:
+            self._render_registry.unregister(old)
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of every metric, and its content type."""
+        return generate_latest(self._render_registry), CONTENT_TYPE_LATEST
