@@ -725,6 +725,10 @@ class Config(_Model):
 # Loading
 
 
+#: a key path as pydantic reports it: ('routes', 0, 'shadows', 1, 'percent')
+Loc = tuple[int | str, ...]
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys: PyYAML silently keeps the last one otherwise."""
 
@@ -762,7 +766,7 @@ def _yaml_error(exc: yaml.YAMLError, source: str) -> str:
     return f"{source}: {exc}"
 
 
-def _loc_path(loc: tuple[int | str, ...]) -> str:
+def _loc_path(loc: Loc) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -859,13 +863,45 @@ def _cross_check(cfg: Config) -> list[str]:
     return errors
 
 
+def _positions(node: yaml.Node, path: Loc, out: dict[Loc, tuple[int, int]]) -> None:
+    """Map each key path to where it starts in the file, to report errors in file order."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                sub = (*path, key_node.value)
+                out[sub] = (key_node.start_mark.line, key_node.start_mark.column)
+                _positions(value_node, sub, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            sub = (*path, i)
+            out[sub] = (item.start_mark.line, item.start_mark.column)
+            _positions(item, sub, out)
+
+
+def _position_of(loc: Loc, positions: dict[Loc, tuple[int, int]]) -> tuple[int, int]:
+    parts = tuple(p for p in loc if p != "[key]")
+    for end in range(len(parts), 0, -1):
+        pos = positions.get(parts[:end])
+        if pos is not None:
+            return pos
+    return (0, 0)
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
-    """Parse YAML text into a validated Config, or raise ConfigError with every problem found."""
+    """Parse YAML text into a validated Config, or raise ConfigError with every problem found.
+
+    Problems are listed in the order their keys appear in the file (pydantic would list a
+    model's fields first and its unknown keys last), so the list reads top to bottom.
+    """
+    loader = _Loader(text)
     try:
-        data = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader subclass
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         raise ConfigError([_yaml_error(exc, source)]) from None
-    if data is None:
+    finally:
+        loader.dispose()
+    if data is None or node is None:
         raise ConfigError([f"{source}: empty config (needs at least backends and routes)"])
     if not isinstance(data, dict):
         raise ConfigError(
@@ -874,9 +910,12 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(
-            [f"{_loc_path(e['loc'])}: {_reword(e)}" for e in exc.errors(include_url=False)]
-        ) from None
+        positions: dict[Loc, tuple[int, int]] = {}
+        _positions(node, (), positions)
+        found = sorted(
+            exc.errors(include_url=False), key=lambda e: _position_of(e["loc"], positions)
+        )
+        raise ConfigError([f"{_loc_path(e['loc'])}: {_reword(e)}" for e in found]) from None
     errors = _cross_check(cfg)
     if errors:
         raise ConfigError(errors)
