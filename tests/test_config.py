@@ -94,8 +94,9 @@ MINIMAL = textwrap.dedent(
 def errors_of(text: str) -> list[str]:
     with pytest.raises(ConfigError) as info:
         parse_config(text)
-    assert str(info.value) == "\n".join(info.value.errors)
-    return info.value.errors
+    errors: list[str] = info.value.errors
+    assert str(info.value) == "\n".join(errors)
+    return errors
 
 
 def one_route(route_yaml: str) -> str:

@@ -1,0 +1,18 @@
+"""Routing: predicates (host, path, path_prefix, path_regex, methods, headers, query) and the
+route table. First match wins, in config order; weighted legs use smooth weighted round robin.
+
+The public surface is re-exported here; the modules behind it are private to this package.
+"""
+
+from shadowlane.routing.balance import SmoothWeighted
+from shadowlane.routing.predicates import Predicate, compile_match, compile_predicates
+from shadowlane.routing.table import Route, RouteTable
+
+__all__ = [
+    "Predicate",
+    "Route",
+    "RouteTable",
+    "SmoothWeighted",
+    "compile_match",
+    "compile_predicates",
+]
