@@ -1,7 +1,68 @@
-"""The `shadowlane` command (placeholder until the core lands)."""
+"""The `shadowlane` command: run, check (and, as they land, report and demo)."""
 
 from __future__ import annotations
 
+import argparse
+import sys
+
+from shadowlane import __version__
+from shadowlane.config import Config, ConfigError, load_config, summarize
+
+EXIT_CONFIG = 2
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        for line in err.errors:
+            print(line, file=sys.stderr)
+        return None
+    except OSError as err:
+        print(f"{path}: {err.strerror or err}", file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    print(summarize(cfg))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    from shadowlane.app import run_workers
+
+    if args.workers < 1:
+        print("--workers: must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_workers(cfg, args.config, args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shadowlane",
+        description="HTTP ingress that shadows live traffic to new backends and compares answers.",
+    )
+    parser.add_argument("--version", action="version", version=f"shadowlane {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the ingress")
+    p.add_argument("-c", "--config", required=True, help="YAML config file")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="validate a config and summarize it")
+    p.add_argument("-c", "--config", required=True, help="YAML config file")
+    p.set_defaults(func=cmd_check)
+    return parser
+
 
 def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("shadowlane: not implemented yet")
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code

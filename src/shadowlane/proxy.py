@@ -1,0 +1,338 @@
+"""The primary path: match a route, pick the backend, forward, stream the answer back.
+
+One `ProxyCall` per request carries it from the downstream `Exchange` to a pooled upstream
+connection and back, as callbacks (it is the upstream connection's `ResponseSink`). The shadow
+dispatcher is told about the request twice, never awaited: when the request body is complete
+(`send: with_request` copies go then) and when the primary answer ended (`after_response`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from shadowlane.routing import Route, RouteTable
+from shadowlane.wire.headers import response_headers, serialize_headers, upstream_request_headers
+from shadowlane.wire.messages import Headers, Request
+from shadowlane.wire.server import Exchange
+from shadowlane.wire.upstream import BackendPool, EndpointPool, UpstreamConnection, UpstreamError
+
+if TYPE_CHECKING:
+    from shadowlane.metrics import Metrics
+    from shadowlane.shadow.dispatcher import RouteShadows, ShadowDispatcher
+
+#: methods safe to resend after a stale keep-alive connection died under them (RFC 9110 9.2.2)
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+#: request bodies up to this size are kept so a stale-connection retry can resend them
+RETRY_BODY_LIMIT = 64 * 1024
+
+AccessLog = Callable[["ProxyCall", int, float], None]
+
+
+class RouteRuntime:
+    """What the proxy precomputes per route: limits and the shadow plan."""
+
+    __slots__ = ("max_body", "name", "retain_limit", "route", "shadows")
+
+    def __init__(self, route: Route, max_body: int, shadows: RouteShadows | None) -> None:
+        self.route = route
+        self.name = route.name
+        self.max_body = max_body
+        self.shadows = shadows
+        self.retain_limit = max(RETRY_BODY_LIMIT, shadows.max_body if shadows else 0)
+
+
+class Proxy:
+    """The application the downstream server dispatches to."""
+
+    def __init__(
+        self,
+        routes: RouteTable,
+        runtimes: dict[str, RouteRuntime],
+        backends: dict[str, BackendPool],
+        metrics: Metrics,
+        shadow: ShadowDispatcher | None = None,
+        access_log: AccessLog | None = None,
+        proto: bytes = b"http",
+    ) -> None:
+        self.routes = routes
+        self.runtimes = runtimes
+        self.backends = backends
+        self.metrics = metrics
+        self.shadow = shadow
+        self.access_log = access_log
+        self.proto = proto
+        self.loop = asyncio.get_running_loop()
+        self.in_flight = 0
+
+    def handle(self, exchange: Exchange) -> None:
+        req = exchange.request
+        t0 = self.loop.time()
+        route = self.routes.match(req)
+        if route is None:
+            exchange.respond(404, b"no route matches this request\n")
+            self.metrics.observe_request("", "", 404, self.loop.time() - t0)
+            return
+        rt = self.runtimes[route.name]
+        if exchange.content_length is not None and exchange.content_length > rt.max_body:
+            exchange.respond(413, b"request body too large\n", close=True)
+            self.metrics.observe_request(rt.name, "", 413, self.loop.time() - t0)
+            return
+        backend = self.backends[route.pick_backend()]
+        ProxyCall(self, exchange, rt, backend, t0).start()
+
+
+class ProxyCall:
+    """One request on the primary path; the upstream connection's ResponseSink."""
+
+    __slots__ = (
+        "backend",
+        "body",
+        "body_size_seen",
+        "client_gone",
+        "conn",
+        "endpoint",
+        "exchange",
+        "finished",
+        "head",
+        "proxy",
+        "request",
+        "request_id",
+        "retained",
+        "retried",
+        "rt",
+        "shadow_state",
+        "status",
+        "t0",
+    )
+
+    def __init__(
+        self, proxy: Proxy, exchange: Exchange, rt: RouteRuntime, backend: BackendPool, t0: float
+    ) -> None:
+        self.proxy = proxy
+        self.exchange = exchange
+        self.request = exchange.request
+        self.rt = rt
+        self.backend = backend
+        self.endpoint: EndpointPool = backend.pick()
+        self.t0 = t0
+        self.conn: UpstreamConnection | None = None
+        self.retained: list[bytes] | None = [] if exchange.has_body else None
+        self.body: bytes | None = None if exchange.has_body else b""
+        self.body_size_seen = 0
+        self.retried = False
+        self.client_gone = False
+        self.finished = False
+        self.status = 0
+        self.shadow_state: object = None
+        req = self.request
+        headers, rid = upstream_request_headers(
+            req.headers, req.client_addr.encode(), proxy.proto
+        )
+        self.request_id = rid
+        req.request_id = rid.decode("latin-1")
+        framing = b"transfer-encoding: chunked\r\n" if exchange.chunked else b""
+        self.head = b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
+            req.method.encode(),
+            req.target,
+            serialize_headers(headers),
+            framing,
+        )
+
+    @property
+    def upstream_headers(self) -> Headers:
+        """The forwarded headers (for shadow copies), re-derived rather than kept per call."""
+        req = self.request
+        headers, _ = upstream_request_headers(req.headers, req.client_addr.encode(), self.proxy.proto)
+        return headers
+
+    # ----- request side -----
+    def start(self) -> None:
+        ex = self.exchange
+        ex.on_abort = self._client_gone
+        ex.on_writable = self._client_writable
+        shadow = self.proxy.shadow
+        if shadow is not None and self.rt.shadows is not None:
+            self.shadow_state = shadow.begin(self)
+        conn = self.endpoint.get_idle()
+        if conn is not None:
+            self._send(conn)
+        else:
+            if ex.has_body:
+                ex.pause_body()  # bounded: nothing is buffered while we connect
+            self.proxy.loop.create_task(self._connect(fresh=False))
+
+    async def _connect(self, fresh: bool) -> None:
+        try:
+            if fresh:
+                conn = await self.endpoint.connect()
+            else:
+                conn = await self.endpoint.acquire()
+        except UpstreamError as err:
+            self.exchange.resume_body()
+            self._fail(err)
+            return
+        if self.client_gone or self.finished:
+            conn.close()
+            return
+        self.exchange.resume_body()
+        self._send(conn)
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        ex = self.exchange
+        conn.send_request(self.head, self, self.backend.timeout, head_request=ex.head_request)
+        if not ex.has_body:
+            conn.end_request()
+            self._request_complete()
+        elif self.retried:
+            # resend the retained body of a retried request (only retried when it was whole)
+            for chunk in self.retained or ():
+                self._write_chunk(conn, chunk)
+            self._finish_body(conn)
+        else:
+            ex.set_body_consumer(self._on_body, self._on_body_end)
+
+    def _on_body(self, chunk: bytes) -> None:
+        ex = self.exchange
+        self.body_size_seen += len(chunk)
+        if self.body_size_seen > self.rt.max_body:
+            # only chunked bodies get here (Content-Length was checked up front)
+            if self.conn is not None:
+                self.conn.abandon()
+            self.finished = True
+            if not ex.response_started:
+                ex.respond(413, b"request body too large\n", close=True)
+            else:
+                ex.abort()
+            self._observe(413)
+            return
+        retained = self.retained
+        if retained is not None:
+            retained.append(chunk)
+            if self.body_size_seen > self.rt.retain_limit:
+                self.retained = None
+        conn = self.conn
+        if conn is not None and not self.finished:
+            self._write_chunk(conn, chunk)
+
+    def _write_chunk(self, conn: UpstreamConnection, chunk: bytes) -> None:
+        if self.exchange.chunked:
+            conn.write_body(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        else:
+            conn.write_body(chunk)
+
+    def _on_body_end(self) -> None:
+        if self.finished:
+            return
+        if self.retained is not None:
+            self.body = b"".join(self.retained)
+            self.retained = [self.body]
+        conn = self.conn
+        if conn is not None:
+            self._finish_body(conn)
+
+    def _finish_body(self, conn: UpstreamConnection) -> None:
+        if self.exchange.chunked:
+            conn.write_body(b"0\r\n\r\n")
+        conn.end_request()
+        self._request_complete()
+
+    def _request_complete(self) -> None:
+        if self.shadow_state is not None and not self.retried:
+            self.proxy.shadow.request_done(self)  # type: ignore[union-attr]
+
+    # ----- response side (ResponseSink) -----
+    def on_response_head(
+        self, status: int, reason: bytes, headers: Headers, content_length: int | None
+    ) -> None:
+        if self.client_gone or self.finished:
+            return
+        self.status = status
+        self.exchange.start_response(status, reason, response_headers(headers), content_length)
+
+    def on_response_body(self, data: bytes) -> None:
+        if not self.client_gone and not self.finished:
+            self.exchange.send_body(data)
+
+    def on_response_end(self) -> None:
+        if self.client_gone or self.finished:
+            return
+        self.finished = True
+        self.exchange.end_response()
+        self._observe(self.status)
+        if self.shadow_state is not None:
+            self.proxy.shadow.response_done(self)  # type: ignore[union-attr]
+
+    def on_upstream_error(self, err: UpstreamError, retryable: bool) -> None:
+        ex = self.exchange
+        if self.client_gone or self.finished:
+            return
+        if (
+            retryable
+            and not self.retried
+            and not ex.response_started
+            and (not ex.has_body or (ex.body_done and self.retained is not None))
+            and (self.request.method in IDEMPOTENT or not ex.has_body)
+        ):
+            self.retried = True
+            self.conn = None
+            self.proxy.loop.create_task(self._connect(fresh=True))
+            return
+        self._fail(err)
+
+    def on_upstream_writable(self, writable: bool) -> None:
+        if writable:
+            self.exchange.resume_body()
+        else:
+            self.exchange.pause_body()
+
+    # ----- failures and flow control -----
+    def _fail(self, err: UpstreamError) -> None:
+        if self.finished or self.client_gone:
+            return
+        self.finished = True
+        ex = self.exchange
+        if self.conn is not None:
+            self.conn.abandon()
+        if ex.response_started:
+            ex.abort()  # never pass a truncated body off as complete
+            self._observe(self.status)
+            return
+        status = 504 if err.kind == "timeout" else 503 if err.kind == "overflow" else 502
+        msg = f"upstream {self.backend.name} ({self.endpoint.label}): {err}\n"
+        ex.respond(status, msg.encode())
+        self._observe(status)
+        if self.shadow_state is not None:
+            self.proxy.shadow.response_done(self)  # type: ignore[union-attr]
+
+    def _client_gone(self) -> None:
+        self.client_gone = True
+        if self.conn is not None:
+            self.conn.abandon()
+        if not self.finished:
+            self.finished = True
+            self._observe(499)
+            if self.shadow_state is not None:
+                self.proxy.shadow.response_done(self)  # type: ignore[union-attr]
+
+    def _client_writable(self, writable: bool) -> None:
+        conn = self.conn
+        if conn is not None:
+            if writable:
+                conn.resume_reading()
+            else:
+                conn.pause_reading()
+
+    def _observe(self, status: int) -> None:
+        proxy = self.proxy
+        elapsed = proxy.loop.time() - self.t0
+        self.status = status
+        proxy.metrics.observe_request(self.rt.name, self.backend.name, status, elapsed)
+        if proxy.access_log is not None:
+            proxy.access_log(self, status, elapsed)
+
+
+def request_line(req: Request) -> str:
+    return f"{req.method} {req.target.decode('latin-1')}"

@@ -1,0 +1,230 @@
+"""The dispatcher: the proxy's only entry into shadowing, and it never blocks the proxy.
+
+Per request the proxy calls, synchronously and cheaply:
+  `begin(call)`          at dispatch: loop check, shadow `match`, sampling (decided once);
+  `request_done(call)`   when the body is read: `send: with_request` copies are submitted;
+  `response_done(call)`  when the primary answered: `after_response` (and ordered) copies.
+Each copy is built once per lane from the shared body bytes and submitted to the lane, which
+starts, queues or drops it (counted) without waiting.
+
+Ordered lanes always send after the primary answered, because their order is defined as the
+order in which the primary answers completed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from shadowlane.config import BackendConfig, Config, ShadowConfig
+from shadowlane.routing import Route, compile_match
+from shadowlane.shadow.lane import ShadowCopy, ShadowLane
+from shadowlane.shadow.mutation import MARKER, CopyBuilder
+from shadowlane.shadow.sampling import KeyFn, Sampler, key_function
+from shadowlane.wire.upstream import BackendPool, EndpointPool
+
+if TYPE_CHECKING:
+    from shadowlane.metrics import Metrics
+    from shadowlane.proxy import ProxyCall
+
+OUTCOME_SKIPPED_LOOP = "skipped_loop"
+OUTCOME_SKIPPED_STATUS = "skipped_status"
+
+
+class LanePlan:
+    """One shadow of a route: how to choose, build and send its copies."""
+
+    __slots__ = ("after_response", "builder", "cfg", "lane", "match", "order_key", "sampler")
+
+    def __init__(self, cfg: ShadowConfig, lane: ShadowLane, builder: CopyBuilder) -> None:
+        self.cfg = cfg
+        self.lane = lane
+        self.builder = builder
+        self.sampler = Sampler(cfg.percent, _key(cfg.sample_key))
+        self.match = compile_match(cfg.match) if cfg.match is not None else None
+        self.order_key: KeyFn | None = _key(cfg.order_key)
+        self.after_response = cfg.send == "after_response" or self.order_key is not None
+
+
+class RouteShadows:
+    """All shadows of one route."""
+
+    __slots__ = ("lanes", "max_body", "route")
+
+    def __init__(self, route: str, lanes: list[LanePlan]) -> None:
+        self.route = route
+        self.lanes = lanes
+        self.max_body = max(p.cfg.max_body for p in lanes)
+
+
+class RequestShadows:
+    """Per-request state: the lanes this request was sampled into, and what became of it."""
+
+    __slots__ = ("outcomes", "sampled")
+
+    def __init__(self, sampled: list[LanePlan]) -> None:
+        self.sampled = sampled
+        self.outcomes: dict[str, str] = {}
+
+
+def _key(spec: tuple[str, str] | None) -> KeyFn | None:
+    return key_function(*spec) if spec is not None else None
+
+
+BuildPool = Callable[[str, BackendConfig], BackendPool]
+
+
+class ShadowDispatcher:
+    def __init__(
+        self,
+        metrics: Metrics,
+        backends: dict[str, BackendPool],
+        cfg: Config,
+        build_pool: BuildPool | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.cfg = cfg
+        self._build_pool = build_pool
+        self.lanes: list[ShadowLane] = []
+        self.plans: dict[str, RouteShadows] = {}
+        metrics.set_gauge_provider(
+            "shadowlane_shadow_in_flight",
+            "Shadow copies being sent now, per route and target.",
+            ("route", "target"),
+            lambda: [((ln.route, ln.target), float(len(ln.in_flight))) for ln in self.lanes],
+        )
+        metrics.set_gauge_provider(
+            "shadowlane_shadow_queued",
+            "Shadow copies waiting for an in-flight slot or their key's turn.",
+            ("route", "target"),
+            lambda: [((ln.route, ln.target), float(ln.waiting_count)) for ln in self.lanes],
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.plans)
+
+    def plan(self, route: Route) -> RouteShadows | None:
+        """Build the lanes of a route (each with its own pool); None when it has no shadows."""
+        if not route.config.shadows:
+            return None
+        plans = []
+        for sc in route.config.shadows:
+            bcfg = self.cfg.backends[sc.backend]
+            pool = self._pool(sc.backend, bcfg)
+            lane = ShadowLane(
+                route.name,
+                sc.backend,
+                pool,
+                self.metrics,
+                timeout=sc.timeout,
+                max_in_flight=sc.max_in_flight,
+                queue=sc.queue,
+                ordered=sc.ordered_by is not None,
+                capture_limit=0,
+            )
+            self.lanes.append(lane)
+            self.metrics.declare_shadow(route.name, sc.backend)
+            authority = bcfg.endpoints[0].authority
+            plans.append(LanePlan(sc, lane, CopyBuilder(sc, route.name, authority)))
+        shadows = RouteShadows(route.name, plans)
+        self.plans[route.name] = shadows
+        return shadows
+
+    def _pool(self, name: str, bcfg: BackendConfig) -> BackendPool:
+        if self._build_pool is not None:
+            return self._build_pool(name, bcfg)
+        # each lane gets its own pool (and so its own connection limit), never the primary's
+        eps = [
+            EndpointPool(
+                ep.host,
+                ep.port,
+                connect_timeout=bcfg.connect_timeout,
+                max_connections=bcfg.max_connections,
+                max_idle=bcfg.max_idle,
+            )
+            for ep in bcfg.endpoints
+        ]
+        return BackendPool(name, eps, bcfg.timeout)
+
+    # ----- the three calls from the proxy -----
+    def begin(self, call: ProxyCall) -> RequestShadows | None:
+        shadows = call.rt.shadows
+        if shadows is None:
+            return None
+        req = call.request
+        metrics = self.metrics
+        for name, _ in req.headers:
+            if name == MARKER:
+                # loop detection: a copy (ours or another instance's) is never copied again
+                for p in shadows.lanes:
+                    metrics.shadow_outcome(shadows.route, p.lane.target, OUTCOME_SKIPPED_LOOP)
+                return None
+        sampled: list[LanePlan] = []
+        for p in shadows.lanes:
+            if p.lane.paused or (p.match is not None and not p.match(req)):
+                continue
+            if p.sampler.sampled(req):
+                sampled.append(p)
+            else:
+                metrics.shadow_outcome(shadows.route, p.lane.target, "sampled_out")
+        return RequestShadows(sampled) if sampled else None
+
+    def request_done(self, call: ProxyCall) -> None:
+        state = call.shadow_state
+        assert isinstance(state, RequestShadows)
+        base = None
+        for p in state.sampled:
+            if not p.after_response:
+                if base is None:
+                    base = call.upstream_headers
+                self._submit(call, p, state, base)
+
+    def response_done(self, call: ProxyCall) -> None:
+        state = call.shadow_state
+        assert isinstance(state, RequestShadows)
+        base = None
+        status = call.status
+        for p in state.sampled:
+            if not p.after_response:
+                continue
+            if status == 499 or (p.cfg.only_if_primary == "2xx" and not 200 <= status < 300):
+                # 499: the client left and the primary exchange was abandoned mid-way
+                self._outcome(state, p, OUTCOME_SKIPPED_STATUS)
+                continue
+            if call.body is None and call.exchange.has_body and not call.exchange.body_done:
+                self._outcome(state, p, OUTCOME_SKIPPED_STATUS)
+                continue
+            if base is None:
+                base = call.upstream_headers
+            self._submit(call, p, state, base)
+
+    def _submit(self, call: ProxyCall, p: LanePlan, state: RequestShadows, base: object) -> None:
+        body = call.body
+        if body is None or len(body) > p.cfg.max_body:
+            self._outcome(state, p, "skipped_body")
+            return
+        req = call.request
+        head = p.builder.head(req, base, len(body))  # type: ignore[arg-type]
+        key = p.order_key(req) if p.order_key is not None else None
+        copy = ShadowCopy(p.lane, req.method, head, body, key, None)
+        if p.lane.submit(copy):
+            state.outcomes[p.lane.target] = "sent"
+        else:
+            state.outcomes[p.lane.target] = "dropped"
+
+    def _outcome(self, state: RequestShadows, p: LanePlan, outcome: str) -> None:
+        state.outcomes[p.lane.target] = outcome
+        self.metrics.shadow_outcome(p.lane.route, p.lane.target, outcome)
+
+    def outcomes(self, call: ProxyCall) -> dict[str, str] | None:
+        """The shadow decision per target, for the access log line."""
+        state = call.shadow_state
+        return state.outcomes if isinstance(state, RequestShadows) else None
+
+    async def drain(self, seconds: float) -> None:
+        if not self.lanes:
+            return
+        deadline = self.lanes[0].loop.time() + seconds
+        for lane in self.lanes:
+            await lane.drain(deadline)

@@ -1,0 +1,324 @@
+"""A lane: one shadow target of one route, with its own pool, bounds, ordering and outcomes.
+
+Isolation is structural: a copy is handed to a lane with `submit()`, which never waits. It
+starts at once if fewer than `max_in_flight` copies are running, waits in a bounded queue
+otherwise, and is dropped (counted) when the queue is full. Every copy has a deadline
+(`timeout`), so a hung target holds at most `max_in_flight` connections and `queue` copies.
+
+Ordered lanes (`ordered_by`) keep one copy per key in flight: a copy whose key is busy waits in
+that key's chain (counted against `queue`), and starts when the previous one for the key ended,
+in the order the copies were submitted (the order their primary answers completed).
+
+A target that refuses connections trips a small circuit breaker: after 5 consecutive connect
+failures, copies fail fast (counted `error`) for one second instead of each paying a connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from shadowlane.wire.messages import Headers
+from shadowlane.wire.upstream import BackendPool, UpstreamConnection, UpstreamError
+
+if TYPE_CHECKING:
+    from shadowlane.metrics import Metrics
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+BREAKER_FAILURES = 5
+BREAKER_OPEN_SECONDS = 1.0
+#: queued copies may pin at most this many body bytes per lane (bodies are shared, so this
+#: over-counts, which errs on the safe side)
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+
+
+class ShadowResult:
+    """What came back from the target, for comparison (only kept when the lane compares)."""
+
+    __slots__ = ("body", "body_truncated", "headers", "outcome", "seconds", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: Headers = []
+        self.body = b""
+        self.body_truncated = False
+        self.outcome = ""
+        self.seconds = 0.0
+
+
+OnDone = Callable[["ShadowCopy", ShadowResult], None]
+
+
+class ShadowCopy:
+    """One copy on its way to a target; the upstream connection's ResponseSink."""
+
+    __slots__ = (
+        "_chunks",
+        "_size",
+        "body",
+        "conn",
+        "done",
+        "head",
+        "key",
+        "lane",
+        "method",
+        "on_done",
+        "result",
+        "retried",
+        "t0",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        lane: ShadowLane,
+        method: str,
+        head: bytes,
+        body: bytes,
+        key: str | None,
+        on_done: OnDone | None,
+    ) -> None:
+        self.lane = lane
+        self.method = method
+        self.head = head
+        self.body = body
+        self.key = key
+        self.on_done = on_done
+        self.conn: UpstreamConnection | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.result = ShadowResult()
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.done = False
+        self.retried = False
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        lane = self.lane
+        loop = lane.loop
+        self.t0 = loop.time()
+        self.timer = loop.call_later(lane.timeout, self._on_deadline)
+        if lane.breaker_open_until > self.t0:
+            self._finish("error")
+            return
+        conn = lane.endpoint_pick().get_idle()
+        if conn is not None:
+            self._send(conn)
+        else:
+            loop.create_task(self._connect(fresh=False))
+
+    async def _connect(self, fresh: bool) -> None:
+        ep = self.lane.endpoint_pick()
+        try:
+            conn = await (ep.connect() if fresh else ep.acquire())
+        except UpstreamError as err:
+            if self.done:
+                return
+            if err.kind in ("refused", "tls"):
+                self.lane.connect_failed()
+            self._finish("timeout" if err.kind == "timeout" else "error")
+            return
+        self.lane.connect_ok()
+        if self.done:
+            conn.close()
+            return
+        self._send(conn)
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        conn.send_request(self.head, self, self.lane.timeout, head_request=self.method == "HEAD")
+        if self.body:
+            conn.write_body(self.body)
+        conn.end_request()
+        self.lane.metrics.shadow_outcome(self.lane.route, self.lane.target, "sent")
+
+    # ResponseSink
+    def on_response_head(
+        self, status: int, reason: bytes, headers: Headers, content_length: int | None
+    ) -> None:
+        self.result.status = status
+        self.result.headers = headers
+
+    def on_response_body(self, data: bytes) -> None:
+        limit = self.lane.capture_limit
+        if self._size < limit:
+            self._chunks.append(data[: limit - self._size])
+        elif limit:
+            self.result.body_truncated = True
+        self._size += len(data)
+
+    def on_response_end(self) -> None:
+        if self._chunks:
+            self.result.body = b"".join(self._chunks)
+            self._chunks = []
+        self._finish("ok")
+
+    def on_upstream_error(self, err: UpstreamError, retryable: bool) -> None:
+        if self.done:
+            return
+        if retryable and not self.retried and self.method in IDEMPOTENT:
+            self.retried = True
+            self.conn = None
+            self.lane.loop.create_task(self._connect(fresh=True))
+            return
+        self._finish("timeout" if err.kind == "timeout" else "error")
+
+    def on_upstream_writable(self, writable: bool) -> None:
+        """The body is already in memory: nothing to pause."""
+
+    def _on_deadline(self) -> None:
+        self.timer = None
+        if not self.done:
+            if self.conn is not None:
+                self.conn.abandon()
+            self._finish("timeout")
+
+    def _finish(self, outcome: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        lane = self.lane
+        seconds = lane.loop.time() - self.t0
+        result = self.result
+        result.outcome = outcome
+        result.seconds = seconds
+        lane.metrics.shadow_outcome(lane.route, lane.target, outcome)
+        if outcome == "ok":
+            lane.metrics.observe_shadow(lane.route, lane.target, seconds)
+        lane.copy_done(self)
+        if self.on_done is not None:
+            self.on_done(self, result)
+
+    def abandon(self) -> None:
+        if self.conn is not None:
+            self.conn.abandon()
+        self._finish("timeout")
+
+
+class ShadowLane:
+    """Bounds, ordering and the pool of one (route, shadow target) pair."""
+
+    def __init__(
+        self,
+        route: str,
+        target: str,
+        pool: BackendPool,
+        metrics: Metrics,
+        *,
+        timeout: float,
+        max_in_flight: int,
+        queue: int,
+        ordered: bool,
+        capture_limit: int = 0,
+    ) -> None:
+        self.route = route
+        self.target = target
+        self.pool = pool
+        self.metrics = metrics
+        self.timeout = timeout
+        self.max_in_flight = max_in_flight
+        self.queue_limit = queue
+        self.ordered = ordered
+        self.capture_limit = capture_limit
+        self.loop = asyncio.get_running_loop()
+        self.in_flight: set[ShadowCopy] = set()
+        self.waiting: deque[ShadowCopy] = deque()
+        self.waiting_count = 0
+        self.queued_bytes = 0
+        self.chains: dict[str, deque[ShadowCopy]] = {}
+        self.paused = False
+        self.breaker_failures = 0
+        self.breaker_open_until = 0.0
+
+    def endpoint_pick(self):  # type: ignore[no-untyped-def]
+        return self.pool.pick()
+
+    def submit(self, copy: ShadowCopy) -> bool:
+        """Start, queue or drop a copy; never waits. Returns False when dropped."""
+        key = copy.key if self.ordered else None
+        if key is not None:
+            chain = self.chains.get(key)
+            if chain is not None:  # a copy with this key is in flight or waiting
+                if not self._may_queue(copy):
+                    return self._drop()
+                chain.append(copy)
+                self._queued(copy)
+                return True
+            self.chains[key] = deque()
+        if len(self.in_flight) < self.max_in_flight:
+            self.in_flight.add(copy)
+            copy.start()
+            return True
+        if not self._may_queue(copy):
+            if key is not None:
+                del self.chains[key]
+            return self._drop()
+        self.waiting.append(copy)
+        self._queued(copy)
+        return True
+
+    def _may_queue(self, copy: ShadowCopy) -> bool:
+        return (
+            self.waiting_count < self.queue_limit
+            and self.queued_bytes + len(copy.body) <= MAX_QUEUED_BYTES
+        )
+
+    def _queued(self, copy: ShadowCopy) -> None:
+        self.waiting_count += 1
+        self.queued_bytes += len(copy.body)
+
+    def _dequeued(self, copy: ShadowCopy) -> None:
+        self.waiting_count -= 1
+        self.queued_bytes -= len(copy.body)
+
+    def _drop(self) -> bool:
+        self.metrics.shadow_outcome(self.route, self.target, "dropped")
+        return False
+
+    def copy_done(self, copy: ShadowCopy) -> None:
+        self.in_flight.discard(copy)
+        key = copy.key if self.ordered else None
+        if key is not None:
+            chain = self.chains.get(key)
+            if chain:
+                nxt = chain.popleft()
+                self._dequeued(nxt)
+                # the next copy of this key goes first among waiting copies (it waited longest)
+                self.waiting.appendleft(nxt)
+                self.waiting_count += 1
+                self.queued_bytes += len(nxt.body)
+            else:
+                self.chains.pop(key, None)
+        while self.waiting and len(self.in_flight) < self.max_in_flight:
+            nxt = self.waiting.popleft()
+            self._dequeued(nxt)
+            self.in_flight.add(nxt)
+            nxt.start()
+
+    def connect_failed(self) -> None:
+        self.breaker_failures += 1
+        if self.breaker_failures >= BREAKER_FAILURES:
+            self.breaker_open_until = self.loop.time() + BREAKER_OPEN_SECONDS
+            self.breaker_failures = 0
+
+    def connect_ok(self) -> None:
+        self.breaker_failures = 0
+
+    async def drain(self, deadline: float) -> None:
+        """Give in-flight copies until `deadline` (loop time); then abandon what is left."""
+        while (self.in_flight or self.waiting) and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for copy in list(self.waiting):
+            self._dequeued(copy)
+            copy.done = True
+            self.metrics.shadow_outcome(self.route, self.target, "dropped")
+        self.waiting.clear()
+        self.chains.clear()
+        for copy in list(self.in_flight):
+            copy.abandon()
+        self.pool.close()

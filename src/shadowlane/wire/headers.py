@@ -1,0 +1,109 @@
+"""Header rules shared by the downstream server, the proxy and the shadow copies.
+
+Header names travel lower-cased in both directions (as Envoy does for HTTP/1): HTTP/1.1 names
+are case-insensitive, and one case saves a `.lower()` per header per hop. Values are forwarded
+byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from shadowlane.wire.messages import Headers
+
+#: RFC 9110 7.6.1 connection-specific fields plus the legacy ones proxies strip (Go's
+#: ReverseProxy list). `expect` is answered by us (100-continue), never forwarded.
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: request headers we set ourselves, so the client's copies are dropped first
+_REQUEST_REPLACED: frozenset[bytes] = HOP_BY_HOP | {
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+}
+
+
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """Header names listed in `Connection` (they are hop-by-hop for this message only)."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token:
+                    tokens.add(token)
+    return frozenset(tokens)
+
+
+def new_request_id() -> bytes:
+    """A random 128-bit id in UUID text form, generated without the uuid module's overhead."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{h[16:20]}-{h[20:32]}".encode()
+
+
+def upstream_request_headers(
+    headers: Headers, client_ip: bytes, proto: bytes
+) -> tuple[Headers, bytes]:
+    """Headers to send upstream (hop-by-hop removed, X-Forwarded-* set), and the request id:
+    the client's X-Request-Id, or a new one that is added to the headers.
+
+    X-Forwarded-For appends the client address to what the client sent (the usual chain);
+    X-Forwarded-Proto and -Host are overwritten because an ingress is the trust boundary: a
+    client must not be able to claim it came over https. Host passes through unchanged.
+    """
+    out: Headers = []
+    xff: bytes | None = None
+    host = b""
+    request_id = b""
+    extra = connection_tokens(headers) if _has(headers, b"connection") else frozenset()
+    for item in headers:
+        name = item[0]
+        if name in _REQUEST_REPLACED or name in extra:
+            if name == b"x-forwarded-for":
+                xff = item[1] if xff is None else xff + b", " + item[1]
+            continue
+        if name == b"host":
+            host = item[1]
+        elif name == b"x-request-id" and not request_id:
+            request_id = item[1]
+        out.append(item)
+    out.append((b"x-forwarded-for", client_ip if xff is None else xff + b", " + client_ip))
+    out.append((b"x-forwarded-proto", proto))
+    if host:
+        out.append((b"x-forwarded-host", host))
+    if not request_id:
+        request_id = new_request_id()
+        out.append((b"x-request-id", request_id))
+    return out, request_id
+
+
+_RESPONSE_DROPPED: frozenset[bytes] = HOP_BY_HOP | {b"content-length"}
+
+
+def response_headers(headers: Headers) -> Headers:
+    """Upstream response headers minus hop-by-hop ones and Content-Length: the framing is
+    redone for each client by `Exchange.start_response`."""
+    extra = connection_tokens(headers) if _has(headers, b"connection") else frozenset()
+    return [h for h in headers if h[0] not in _RESPONSE_DROPPED and h[0] not in extra]
+
+
+def _has(headers: Headers, name: bytes) -> bool:
+    return any(h[0] == name for h in headers)
+
+
+def serialize_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    return b"".join([name + b": " + value + b"\r\n" for name, value in headers])

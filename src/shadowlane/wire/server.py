@@ -1,0 +1,621 @@
+"""Downstream HTTP/1.1 server: an asyncio Protocol fed by httptools (llhttp).
+
+Shaped like uvicorn's `httptools_impl`, with three differences that matter for a proxy:
+
+* Requests are dispatched to the application one at a time per connection, in order; later
+  pipelined requests wait (bounded: reading pauses while one is queued), so answers go out in
+  request order without reordering buffers.
+* A request is dispatched only once its head has been validated *and* the bytes that carried it
+  parsed cleanly (for chunked bodies: once the first chunk size parsed), so a malformed request
+  never reaches a backend. Later chunk errors abort the upstream request mid-body, so a backend
+  never sees a complete request that the client did not send.
+* Timeouts (header read, keep-alive idle) are checked by one sweep per listener instead of a
+  timer per request, so the per-request cost is two float stores.
+
+The application receives an `Exchange` and drives it: it consumes the body as it streams
+(`set_body_consumer`), and writes the response (`start_response`, `send_body`, `end_response`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol, cast
+
+import httptools
+
+from shadowlane.wire.headers import serialize_headers
+from shadowlane.wire.messages import Headers, Request
+
+_STATUS_TEXT = {
+    100: b"Continue",
+    400: b"Bad Request",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LINGER_RST = struct.pack("ii", 1, 0)
+_INF = float("inf")
+
+
+class App(Protocol):
+    """What the server hands requests to (the proxy)."""
+
+    def handle(self, exchange: Exchange) -> None: ...
+
+
+class ServerLimits:
+    __slots__ = ("header_timeout", "idle_timeout", "max_header_size")
+
+    def __init__(
+        self, max_header_size: int = 65536, header_timeout: float = 10.0, idle_timeout: float = 60.0
+    ) -> None:
+        self.max_header_size = max_header_size
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Exchange:
+    """One request and its response on a downstream connection.
+
+    Body side: chunks that arrive before the application subscribes are buffered and replayed.
+    Response side: the application calls `start_response` once, `send_body` any number of times
+    and `end_response` once; framing (Content-Length, chunked, or close-delimited for HTTP/1.0
+    clients) is chosen by `start_response`.
+    """
+
+    __slots__ = (
+        "_body_buffer",
+        "_chunked_out",
+        "_on_body",
+        "_on_body_end",
+        "body_done",
+        "body_size",
+        "chunked",
+        "conn",
+        "content_length",
+        "expect_continue",
+        "head_request",
+        "on_abort",
+        "on_writable",
+        "request",
+        "response_done",
+        "response_started",
+        "status",
+    )
+
+    def __init__(self, conn: ServerConnection, request: Request) -> None:
+        self.conn = conn
+        self.request = request
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.head_request = request.method == "HEAD"
+        self.body_size = 0
+        self.body_done = False
+        self._body_buffer: list[bytes] | None = None
+        self._on_body: Callable[[bytes], None] | None = None
+        self._on_body_end: Callable[[], None] | None = None
+        self.response_started = False
+        self.response_done = False
+        self._chunked_out = False
+        self.status = 0
+        #: called with no argument when the client connection is lost mid-exchange
+        self.on_abort: Callable[[], None] | None = None
+        #: called with True/False when the client's write buffer fills/drains
+        self.on_writable: Callable[[bool], None] | None = None
+
+    # ----- request body -----
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def set_body_consumer(self, on_body: Callable[[bytes], None], on_end: Callable[[], None]) -> None:
+        """Subscribe to the body; buffered chunks (and the end, if seen) are replayed first."""
+        buffered = self._body_buffer
+        self._body_buffer = None
+        if buffered:
+            for chunk in buffered:
+                on_body(chunk)
+        if self.body_done:
+            on_end()
+        else:
+            self._on_body = on_body
+            self._on_body_end = on_end
+        if self.expect_continue and not self.body_done and not self.response_started:
+            self.expect_continue = False
+            self.conn.write(_CONTINUE)
+
+    def pause_body(self) -> None:
+        self.conn.pause_reading_for("upstream")
+
+    def resume_body(self) -> None:
+        self.conn.resume_reading_for("upstream")
+
+    def _feed_body(self, chunk: bytes) -> None:
+        self.body_size += len(chunk)
+        if self._on_body is not None:
+            self._on_body(chunk)
+        elif self._body_buffer is None:
+            self._body_buffer = [chunk]
+        else:
+            self._body_buffer.append(chunk)
+
+    def _end_body(self) -> None:
+        self.body_done = True
+        end = self._on_body_end
+        self._on_body = self._on_body_end = None
+        if end is not None:
+            end()
+
+    # ----- response -----
+    def start_response(
+        self,
+        status: int,
+        reason: bytes,
+        headers: Headers,
+        content_length: int | None,
+        *,
+        close: bool = False,
+    ) -> None:
+        """Write the response head. `content_length` None means the length is unknown."""
+        self.response_started = True
+        self.status = status
+        self.expect_continue = False
+        conn = self.conn
+        req = self.request
+        if close or not req.keep_alive or conn.draining:
+            req.keep_alive = False
+        no_body = self.head_request or status < 200 or status in (204, 304)
+        if content_length is not None or no_body:
+            framing = b""
+            if content_length is not None and status != 304 and status >= 200 and status != 204:
+                framing = b"content-length: %d\r\n" % content_length
+        elif req.http_version == "1.1":
+            framing = b"transfer-encoding: chunked\r\n"
+            self._chunked_out = True
+        else:
+            framing = b""
+            req.keep_alive = False  # HTTP/1.0: the body ends when we close
+        if req.keep_alive:
+            if req.http_version == "1.0":
+                framing += b"connection: keep-alive\r\n"
+        else:
+            framing += b"connection: close\r\n"
+        conn.write(
+            b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, reason, serialize_headers(headers), framing)
+        )
+
+    def send_body(self, data: bytes) -> None:
+        if not data or self.head_request:
+            return
+        if self._chunked_out:
+            self.conn.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.conn.write(data)
+
+    def end_response(self) -> None:
+        if self.response_done:
+            return
+        self.response_done = True
+        if self._chunked_out and not self.head_request:
+            self.conn.write(b"0\r\n\r\n")
+        self.conn._exchange_done(self)
+
+    def respond(
+        self, status: int, body: bytes, *, close: bool = False, headers: Headers | None = None
+    ) -> None:
+        """A complete short response generated by the proxy itself (errors, 404)."""
+        hdrs: Headers = [(b"content-type", b"text/plain; charset=utf-8")]
+        if headers:
+            hdrs.extend(headers)
+        if not self.body_done:
+            close = True  # the unread rest of the body would be parsed as the next request
+        self.start_response(
+            status, _STATUS_TEXT.get(status, b"Unknown"), hdrs, len(body), close=close
+        )
+        self.send_body(body)
+        self.end_response()
+
+    def abort(self) -> None:
+        """Reset the client connection: a truncated response must never look complete."""
+        self.response_done = True
+        self.conn.abort()
+
+
+class ServerState:
+    """Per-listener shared state: the live connections, the timeout sweep, draining."""
+
+    def __init__(self, app: App, limits: ServerLimits, proto: bytes = b"http") -> None:
+        self.app = app
+        self.limits = limits
+        self.proto = proto
+        self.connections: set[ServerConnection] = set()
+        self.draining = False
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def protocol_factory(self) -> ServerConnection:
+        if self._sweeper is None:
+            self._schedule_sweep()
+        return ServerConnection(self)
+
+    def _schedule_sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(0.25, self._sweep)
+
+    def _sweep(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for conn in list(self.connections):
+            if conn.deadline < now:
+                conn.on_deadline()
+        self._schedule_sweep()
+
+    def start_drain(self) -> None:
+        """Stop keep-alive: idle connections close now, busy ones after their response."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.drain()
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+
+class ServerConnection(asyncio.Protocol):
+    """One client connection: parse, validate, dispatch in order, write answers."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.app = state.app
+        self.limits = state.limits
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_addr = ""
+        self.draining = state.draining
+        # parsing state of the message being read
+        self._url = b""
+        self._headers: Headers = []
+        self._head_bytes = 0
+        self._msg_seq = 0
+        self._in_head = False
+        self._parsing: Exchange | None = None
+        self._ready: list[Exchange] = []
+        # dispatch state
+        self._active: Exchange | None = None
+        self._queue: deque[Exchange] = deque()
+        self._paused_for: set[str] = set()
+        self._write_paused = False
+        self._closed = False
+        self._error: BadRequest | None = None
+        self.deadline = _INF
+
+    # ----- asyncio callbacks -----
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        self.state.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.client_addr = peer[0] if peer else ""
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.deadline = self.loop.time() + self.limits.header_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.state.connections.discard(self)
+        ex = self._active
+        if ex is not None and not ex.response_done and ex.on_abort is not None:
+            ex.on_abort()
+        self._queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed or self._error is not None:
+            return
+        seq = self._msg_seq
+        was_in_head = self._in_head
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrade is not supported: the request is served as a plain request (Upgrade is a
+            # hop-by-hop header and is stripped), then the connection is closed.
+            self._ready_close_after_upgrade()
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__ or exc.__cause__
+            if isinstance(cause, BadRequest):
+                self._fail(cause)
+            else:
+                self._fail(BadRequest(400, "bad request"))
+            return
+        except httptools.HttpParserError as exc:
+            self._fail(BadRequest(400, _parser_reason(exc)))
+            return
+        if self._in_head and was_in_head and seq == self._msg_seq:
+            # The whole segment was head bytes of one unfinished head: bound them here, since
+            # llhttp buffers a header until it is complete. (The segment that began the head
+            # is not counted: it may also hold the previous message's body.)
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_size:
+                self._fail(BadRequest(431, "request header too large"))
+                return
+        if self._ready:
+            ready = self._ready
+            self._ready = []
+            for ex in ready:
+                self._enqueue(ex)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        ex = self._active
+        if ex is not None and ex.on_writable is not None:
+            ex.on_writable(False)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        ex = self._active
+        if ex is not None and ex.on_writable is not None:
+            ex.on_writable(True)
+
+    # ----- httptools callbacks -----
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._in_head = True
+        self._head_bytes = 0
+        self._msg_seq += 1
+        if self._active is None:
+            self.deadline = self.loop.time() + self.limits.header_timeout
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self.parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise BadRequest(505, "HTTP version not supported")
+        method = parser.get_method().decode("ascii")
+        headers = self._headers
+        size = len(self._url)
+        host: bytes | None = None
+        host_count = 0
+        content_length: int | None = None
+        chunked = False
+        expect_continue = False
+        for name, value in headers:
+            size += len(name) + len(value) + 4
+            if name == b"host":
+                host_count += 1
+                host = value
+            elif name == b"content-length":
+                content_length = int(value)  # llhttp already rejected anything but digits
+            elif name == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    raise BadRequest(400, "unsupported transfer-encoding")
+                chunked = True
+            elif name == b"expect":
+                if value.strip().lower() != b"100-continue":
+                    raise BadRequest(417, "unsupported expectation")
+                expect_continue = True
+        if size > self.limits.max_header_size:
+            raise BadRequest(431, "request header too large")
+        if host_count > 1:
+            raise BadRequest(400, "duplicate Host header")
+        if host_count == 0 and version == "1.1":
+            raise BadRequest(400, "missing Host header")
+        if method == "CONNECT":
+            raise BadRequest(501, "CONNECT is not supported")
+        host_s = ""
+        if host:
+            host_s = _host_name(host)
+            if host_s is None:
+                raise BadRequest(400, "malformed Host header")
+        url = self._url
+        if not url.startswith(b"/") and url != b"*":
+            url = _origin_form(url)
+        req = Request(
+            method, url, version, headers, host_s, self.client_addr, parser.should_keep_alive()
+        )
+        ex = Exchange(self, req)
+        ex.content_length = content_length
+        ex.chunked = chunked
+        ex.expect_continue = expect_continue and (chunked or bool(content_length))
+        self._parsing = ex
+        if not chunked or ex.expect_continue:
+            # Chunked bodies wait for their first valid chunk size before dispatch, except
+            # when the client waits for 100-continue before sending any.
+            self._ready.append(ex)
+
+    def on_chunk_header(self) -> None:
+        ex = self._parsing
+        if ex is not None and ex.body_size == 0 and ex not in self._ready:
+            self._ready.append(ex)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self._parsing
+        if ex is not None:
+            ex._feed_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self._parsing
+        self._parsing = None
+        if ex is None:
+            return
+        if ex.chunked and ex not in self._ready and ex not in self._queue and ex is not self._active:
+            self._ready.append(ex)
+        ex._end_body()
+
+    # ----- dispatch -----
+    def _enqueue(self, ex: Exchange) -> None:
+        if self._active is None:
+            self._start(ex)
+        else:
+            self._queue.append(ex)
+            self.pause_reading_for("pipeline")
+
+    def _start(self, ex: Exchange) -> None:
+        self._active = ex
+        self.deadline = _INF
+        if self.draining:
+            ex.request.keep_alive = False
+        self.app.handle(ex)
+
+    def _exchange_done(self, ex: Exchange) -> None:
+        if ex is not self._active:
+            return
+        self._active = None
+        transport = self.transport
+        if self._closed or transport is None:
+            return
+        if not ex.request.keep_alive or not ex.body_done:
+            transport.close()
+            self._closed = True
+            return
+        if self._queue:
+            self._start(self._queue.popleft())
+            if not self._queue:
+                self.resume_reading_for("pipeline")
+            return
+        if self._error is not None:
+            self._send_error(self._error)
+            return
+        self.deadline = self.loop.time() + (
+            self.limits.header_timeout if self._in_head else self.limits.idle_timeout
+        )
+
+    # ----- errors, timeouts, closing -----
+    def _fail(self, err: BadRequest) -> None:
+        """A malformed request: answer after the in-flight ones, then close. Nothing of it was
+        dispatched, so no backend sees it."""
+        self._error = err
+        self._ready.clear()
+        if self.transport is not None:
+            self.transport.pause_reading()
+        if self._active is None and not self._queue:
+            self._send_error(err)
+
+    def _send_error(self, err: BadRequest) -> None:
+        body = err.reason.encode() + b"\n"
+        text = _STATUS_TEXT.get(err.status, b"Bad Request")
+        self.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (err.status, text, len(body), body)
+        )
+        self.close()
+
+    def _ready_close_after_upgrade(self) -> None:
+        for ex in self._ready:
+            ex.request.keep_alive = False
+        if self._parsing is not None:
+            self._parsing.request.keep_alive = False
+
+    def on_deadline(self) -> None:
+        if self._active is not None or self._closed:
+            return
+        if self._in_head:
+            self._send_error(BadRequest(408, "request header timeout"))
+        else:
+            self.close()
+
+    def drain(self) -> None:
+        self.draining = True
+        if self._active is None and not self._queue:
+            self.close()
+
+    def write(self, data: bytes) -> None:
+        if not self._closed and self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if not self._closed and self.transport is not None:
+            self._closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        self._closed = True
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            except OSError:
+                pass
+        transport.abort()
+
+    def pause_reading_for(self, reason: str) -> None:
+        if not self._paused_for and self.transport is not None and not self._closed:
+            self.transport.pause_reading()
+        self._paused_for.add(reason)
+
+    def resume_reading_for(self, reason: str) -> None:
+        self._paused_for.discard(reason)
+        if (
+            not self._paused_for
+            and self.transport is not None
+            and not self._closed
+            and self._error is None
+        ):
+            self.transport.resume_reading()
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
+
+def _host_name(host: bytes) -> str | None:
+    """Host header to a lower-case name without port; None when malformed."""
+    h = host.strip().lower()
+    if not h or b" " in h or b"/" in h or b"@" in h:
+        return None
+    if h.startswith(b"["):
+        end = h.find(b"]")
+        if end < 0:
+            return None
+        rest = h[end + 1 :]
+        if rest and not (rest.startswith(b":") and rest[1:].isdigit()):
+            return None
+        return h[: end + 1].decode("latin-1")
+    name, sep, port = h.partition(b":")
+    if sep and not port.isdigit():
+        return None
+    return name.decode("latin-1")
+
+
+def _origin_form(url: bytes) -> bytes:
+    """An absolute-form target (`http://host/path`) becomes its origin form (`/path`)."""
+    parsed = httptools.parse_url(url)
+    out = parsed.path or b"/"
+    if parsed.query:
+        out += b"?" + parsed.query
+    return out
+
+
+def _parser_reason(exc: Exception) -> str:
+    text = str(exc).strip() or "malformed request"
+    return text.splitlines()[0][:200]

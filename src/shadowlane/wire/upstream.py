@@ -1,0 +1,432 @@
+"""Upstream HTTP/1.1 client: connection -> endpoint pool -> backend pool (httpcore's layering).
+
+The response streams through callbacks (`ResponseSink`) straight from `data_received` to the
+consumer: the proxy writes each piece to the client as it arrives, a shadow collects it. No task
+or future per request on the fast path (an idle pooled connection is taken synchronously); only
+opening a new connection is a coroutine.
+
+Connection life cycle: CONNECTING -> IDLE <-> BUSY -> CLOSED. A connection goes back to the pool
+only when its response ended cleanly, the server allowed keep-alive, and the whole request was
+written; anything else closes it, so a pooled connection never carries leftovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import Sequence
+from typing import Protocol, cast
+
+import httptools
+
+from shadowlane.wire.messages import Headers
+
+IDLE, BUSY, CLOSED = 0, 1, 2
+
+#: how long a pooled connection may sit idle; below the usual backend keep-alive timeouts
+#: (nginx 75 s, Node 5 s is the outlier; a stale one is retried when that is safe)
+POOL_IDLE_TIMEOUT = 50.0
+
+
+class UpstreamError(Exception):
+    """Why an upstream exchange failed. `kind` is refused, timeout, reset or closed."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+        self.detail = detail
+
+
+class ResponseSink(Protocol):
+    """Receives one upstream response, piece by piece."""
+
+    def on_response_head(
+        self, status: int, reason: bytes, headers: Headers, content_length: int | None
+    ) -> None: ...
+
+    def on_response_body(self, data: bytes) -> None: ...
+
+    def on_response_end(self) -> None: ...
+
+    def on_upstream_error(self, err: UpstreamError, retryable: bool) -> None:
+        """`retryable`: the connection was reused and no response byte came back (stale)."""
+
+    def on_upstream_writable(self, writable: bool) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to one endpoint, carrying one exchange at a time."""
+
+    def __init__(self, pool: EndpointPool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.state = IDLE
+        self.reused = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._sink: ResponseSink | None = None
+        self._head_request = False
+        self._status = 0
+        self._reason = b""
+        self._headers: Headers = []
+        self._head_seen = False
+        self._until_close = False
+        self._response_done = False
+        self._request_done = False
+        self._got_bytes = False
+        self._timeout = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_activity = 0.0
+        self._connected: asyncio.Future[None] = self.loop.create_future()
+        self.counted_closed = False
+
+    # ----- asyncio callbacks -----
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        if not self._connected.done():
+            self._connected.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        prev = self.state
+        self.state = CLOSED
+        self._cancel_timer()
+        if not self._connected.done():
+            self._connected.set_exception(exc or ConnectionError("closed"))
+        self.pool._on_closed(self)
+        sink = self._sink
+        if prev != BUSY or sink is None:
+            return
+        self._sink = None
+        if self._head_seen and self._until_close and exc is None and not self._response_done:
+            # a close-delimited body ends with the connection (httptools has no feed_eof)
+            self._response_done = True
+            sink.on_response_end()
+            return
+        if self._response_done:
+            return
+        retryable = self.reused and not self._got_bytes
+        sink.on_upstream_error(
+            UpstreamError("reset", "connection closed before the response completed"), retryable
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        self._last_activity = self.loop.time()
+        if self.state != BUSY:
+            # bytes with no request outstanding: the connection cannot be trusted any more
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            sink = self._sink
+            self._sink = None
+            self.close()
+            if sink is not None and not self._response_done:
+                sink.on_upstream_error(UpstreamError("protocol", str(exc)), False)
+            return
+        if self._head_request and self._response_done:
+            self._parser = httptools.HttpResponseParser(self)
+
+    def pause_writing(self) -> None:
+        if self._sink is not None:
+            self._sink.on_upstream_writable(False)
+
+    def resume_writing(self) -> None:
+        if self._sink is not None:
+            self._sink.on_upstream_writable(True)
+
+    # ----- httptools callbacks -----
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:
+            # 1xx interim answers (we never forward Expect) are skipped
+            self._headers = []
+            self._reason = b""
+            return
+        self._status = status
+        self._head_seen = True
+        content_length: int | None = None
+        chunked = False
+        for name, value in self._headers:
+            if name == b"content-length":
+                content_length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+        no_body = self._head_request or status in (204, 304)
+        self._until_close = not no_body and not chunked and content_length is None
+        sink = self._sink
+        if sink is not None:
+            sink.on_response_head(status, self._reason or b"OK", self._headers, content_length)
+        if self._head_request:
+            self._finish_response()
+
+    def on_body(self, body: bytes) -> None:
+        if self._sink is not None and not self._response_done:
+            self._sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._head_seen and not self._response_done:
+            self._finish_response()
+
+    # ----- used by the pool's clients -----
+    def send_request(
+        self, head: bytes, sink: ResponseSink, timeout: float, *, head_request: bool = False
+    ) -> None:
+        """Write a request head (and maybe a body) and stream the answer into `sink`."""
+        assert self.transport is not None
+        self.state = BUSY
+        self._sink = sink
+        self._head_request = head_request
+        self._status = 0
+        self._reason = b""
+        self._headers = []
+        self._head_seen = self._until_close = self._response_done = False
+        self._request_done = False
+        self._got_bytes = False
+        self._timeout = timeout
+        self._last_activity = self.loop.time()
+        self._timer = self.loop.call_later(timeout, self._on_timer)
+        self.transport.write(head)
+
+    def write_body(self, data: bytes) -> None:
+        if self.state == BUSY and self.transport is not None:
+            self._last_activity = self.loop.time()
+            self.transport.write(data)
+
+    def end_request(self) -> None:
+        """The whole request (head and body) has been written."""
+        self._request_done = True
+        if self._response_done:
+            self._release()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and self.state != CLOSED:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self.state != CLOSED:
+            self.transport.resume_reading()
+
+    def abandon(self) -> None:
+        """The consumer is gone (client left): drop the connection, nothing more is reported."""
+        self._sink = None
+        self.close()
+
+    def close(self) -> None:
+        self._cancel_timer()
+        if self.transport is not None and self.state != CLOSED:
+            self.state = CLOSED
+            self.transport.close()
+            self.pool._on_closed(self)
+
+    # ----- internals -----
+    def _finish_response(self) -> None:
+        self._response_done = True
+        self._cancel_timer()
+        keep_alive = self._parser.should_keep_alive() and not self._until_close
+        sink = self._sink
+        if not keep_alive:
+            self._sink = None
+            self.close()
+        elif self._request_done:
+            self._sink = None
+            self._release()
+        else:
+            # answered before the request body was all sent: the rest would be read as the
+            # next request by the server, so this connection is finished
+            self._sink = None
+            self.close()
+        if sink is not None:
+            sink.on_response_end()
+
+    def _release(self) -> None:
+        if self.state == BUSY:
+            self.state = IDLE
+            self.reused = True
+            self._sink = None
+            self.pool._release(self)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.state != BUSY:
+            return
+        idle = self.loop.time() - self._last_activity
+        if idle < self._timeout:
+            self._timer = self.loop.call_later(self._timeout - idle, self._on_timer)
+            return
+        sink = self._sink
+        self._sink = None
+        self.close()
+        if sink is not None and not self._response_done:
+            sink.on_upstream_error(UpstreamError("timeout", f"no answer in {self._timeout:g}s"), False)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class EndpointPool:
+    """Keep-alive connections to one endpoint: at most `max_connections` open, `max_idle` kept."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float,
+        max_connections: int,
+        max_idle: int,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
+        self.max_idle = max_idle
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.loop = asyncio.get_running_loop()
+        self.idle: list[UpstreamConnection] = []
+        self.open = 0
+        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def get_idle(self) -> UpstreamConnection | None:
+        """An idle live connection, most recently used first (warmest), or None."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.state == IDLE and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+            conn.close()
+        return None
+
+    async def acquire(self) -> UpstreamConnection:
+        """An idle connection, a new one, or (at the limit) the next one released."""
+        conn = self.get_idle()
+        if conn is not None:
+            return conn
+        if self.open >= self.max_connections:
+            fut: asyncio.Future[UpstreamConnection | None] = self.loop.create_future()
+            self._waiters.append(fut)
+            try:
+                got = await asyncio.wait_for(fut, self.connect_timeout)
+            except TimeoutError:
+                raise UpstreamError(
+                    "overflow", f"{self.max_connections} connections busy"
+                ) from None
+            if got is not None:
+                return got
+        return await self.connect()
+
+    async def connect(self) -> UpstreamConnection:
+        if self._closed:
+            raise UpstreamError("refused", "pool closed")
+        self.open += 1
+        conn = UpstreamConnection(self)
+        try:
+            await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: conn,
+                    self.host,
+                    self.port,
+                    ssl=self.ssl_context,
+                    server_hostname=self.server_hostname if self.ssl_context else None,
+                ),
+                self.connect_timeout,
+            )
+        except TimeoutError:
+            self._on_closed(conn)
+            raise UpstreamError("timeout", f"connect timed out after {self.connect_timeout:g}s") from None
+        except OSError as exc:
+            self._on_closed(conn)
+            raise UpstreamError("refused", exc.strerror or str(exc)) from None
+        except ssl.SSLError as exc:
+            self._on_closed(conn)
+            raise UpstreamError("tls", str(exc)) from None
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(POOL_IDLE_TIMEOUT / 5, self._sweep)
+        return conn
+
+    def _release(self, conn: UpstreamConnection) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        if self._closed or len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = self.loop.time()
+        self.idle.append(conn)
+
+    def _on_closed(self, conn: UpstreamConnection) -> None:
+        if conn.counted_closed:
+            return
+        conn.counted_closed = True
+        self.open -= 1
+        # a waiter may now open its own connection
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                break
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        deadline = self.loop.time() - POOL_IDLE_TIMEOUT
+        for conn in [c for c in self.idle if c.idle_since < deadline]:
+            self.idle.remove(conn)
+            conn.close()
+        if self.open and not self._closed:
+            self._sweeper = self.loop.call_later(POOL_IDLE_TIMEOUT / 5, self._sweep)
+
+    def close(self) -> None:
+        self._closed = True
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+
+class BackendPool:
+    """A named backend: its endpoints (round robin), each with its own pool, and its timeouts."""
+
+    def __init__(
+        self, name: str, endpoints: Sequence[EndpointPool], timeout: float
+    ) -> None:
+        self.name = name
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        self._next = 0
+
+    def pick(self) -> EndpointPool:
+        eps = self.endpoints
+        if len(eps) == 1:
+            return eps[0]
+        i = self._next
+        self._next = (i + 1) % len(eps)
+        return eps[i]
+
+    def close(self) -> None:
+        for ep in self.endpoints:
+            ep.close()
