@@ -507,9 +507,19 @@ def test_summary_names_everything_that_matters() -> None:
         "orders: host=*.example.com path_prefix=/orders methods=GET,POST header x-tenant=acme",
         "orders-v1 90 (90%), orders-v2 10 (10%)",
         "shadow -> orders-v2  12.5%, by header:x-user-id",
-        "only if primary 2xx",
+        "after primary 2xx",
+        "timeout 1.5s, in flight 8, queue 0, compare",
         "compare",
         "postgresql://shadow@db/shadowlane",
     ):
         assert needle in text, needle
     assert len(text.splitlines()) <= 25  # one screen
+
+
+def test_docs_full_example_is_valid() -> None:
+    """docs/config.md's example must keep loading as the models change."""
+    doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    example = doc.split("## Full example", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    cfg = parse_config(example, "docs/config.md")
+    assert [r.name for r in cfg.routes] == ["orders-read", "orders-write", "search", "default"]
+    assert cfg.routes[1].shadows[0].send == "after_response"

@@ -978,15 +978,16 @@ def _describe_match(m: MatchConfig | ShadowMatch) -> str:
 
 
 def _describe_shadow(s: ShadowConfig) -> str:
+    """One line per shadow; limits are shown only where they differ from the defaults."""
     parts = [f"{s.percent:g}%"]
     if s.sample_by:
         parts.append(f"by {s.sample_by}")
     if s.match is not None:
         parts.append(f"if {_describe_match(s.match)}")
-    if s.send != "with_request":
-        parts.append(f"send {s.send}")
     if s.only_if_primary:
-        parts.append(f"only if primary {s.only_if_primary}")
+        parts.append(f"after primary {s.only_if_primary}")
+    elif s.send != "with_request":
+        parts.append(f"send {s.send}")
     if s.ordered_by:
         parts.append(f"ordered by {s.ordered_by}")
     if s.host is not None:
@@ -999,10 +1000,15 @@ def _describe_shadow(s: ShadowConfig) -> str:
         parts.append("remove " + ",".join(s.headers.remove))
     if s.rewrite_path is not None:
         parts.append(f"rewrite {s.rewrite_path.regex} -> {s.rewrite_path.replacement}")
-    parts.append(
-        f"timeout {format_duration(s.timeout)}, in flight {s.max_in_flight}, "
-        f"queue {s.queue}, body <= {format_size(s.max_body)}"
-    )
+    defaults = ShadowConfig.model_fields
+    if s.timeout != defaults["timeout"].default:
+        parts.append(f"timeout {format_duration(s.timeout)}")
+    if s.max_in_flight != defaults["max_in_flight"].default:
+        parts.append(f"in flight {s.max_in_flight}")
+    if s.queue != defaults["queue"].default:
+        parts.append(f"queue {s.queue}")
+    if s.max_body != defaults["max_body"].default:
+        parts.append(f"body <= {format_size(s.max_body)}")
     if s.compare:
         parts.append("compare")
     return f"shadow -> {s.backend}  " + ", ".join(parts)
