@@ -268,3 +268,19 @@ def test_multiprocess_render_sums_over_processes(tmp_path: Path) -> None:
 def test_multiprocess_dir_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a directory"):
         Metrics(multiprocess_dir=str(tmp_path / "missing"))
+
+
+def test_contract_outcomes_and_results_are_present() -> None:
+    # DESIGN.md names these; more may be added, none may go.
+    contract = ("sampled_out", "sent", "ok", "error", "timeout", "dropped", "skipped_body")
+    assert SHADOW_OUTCOMES[: len(contract)] == contract
+    assert COMPARISON_RESULTS == ("match", "diff", "noise", "dropped")
+    m = Metrics()
+    for outcome in SHADOW_OUTCOMES:
+        m.shadow_outcome("r", "t", outcome)
+    s = samples(m)
+    for outcome in SHADOW_OUTCOMES:
+        assert (
+            value(s, "shadowlane_shadow_requests_total", route="r", target="t", outcome=outcome)
+            == 1
+        )

@@ -70,7 +70,10 @@ BUCKETS: tuple[float, ...] = (
     30.0,
 )
 
-#: What happened to one shadow copy; see docs/metrics.md for the meaning of each.
+#: What happened to one shadow copy; see docs/metrics.md for the meaning of each. The first
+#: seven are the DESIGN.md contract; the shadow dispatcher added the two `skipped_*` reasons
+#: (the contract is a floor), and they are listed here so that they are validated and
+#: pre-created like the rest.
 SHADOW_OUTCOMES: tuple[str, ...] = (
     "sampled_out",
     "sent",
@@ -79,6 +82,8 @@ SHADOW_OUTCOMES: tuple[str, ...] = (
     "timeout",
     "dropped",
     "skipped_body",
+    "skipped_loop",
+    "skipped_status",
 )
 
 #: What a comparison of a primary and a shadow answer found; see docs/metrics.md.
