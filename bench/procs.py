@@ -1,0 +1,246 @@
+"""Process management for the bench: start servers, wait for them, measure RSS, stop them.
+
+Every process the bench starts goes through a `Supervisor`. Each one gets its own session
+(process group whose id is its PID), so stopping it means signalling that group: the process we
+started and the children it forked (nginx workers, shadowlane workers), nothing else. PIDs and
+start times are also written to a file, so a run that was killed hard can clean up after itself
+next time without touching unrelated processes that reuse a PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks): with the PID, an identity."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def descendants(root: int) -> list[int]:
+    """`root` and every process below it (found by walking /proc parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        parent = _ppid(pid)
+        if parent is not None:
+            children.setdefault(parent, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _status_kib(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class StartError(RuntimeError):
+    """A server did not come up; the message carries the end of its log."""
+
+
+@dataclass
+class Supervisor:
+    """Starts processes, remembers them, and stops them (by process group = their PID)."""
+
+    log_dir: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.log_dir / "pids.json"
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Proc:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"{name}.log"
+        with log.open("wb") as out:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        self._write_pids()
+        return proc
+
+    def wait_port(self, proc: Proc, port: int, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise StartError(
+                    f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}"
+                )
+            if port_open(port):
+                return
+            time.sleep(0.05)
+        raise StartError(f"{proc.name} did not listen on {port} in {timeout}s:\n{proc.log_tail()}")
+
+    def stop(self, proc: Proc, grace: float = 5.0) -> None:
+        """SIGTERM to the group (SIGKILL after `grace` seconds); no-op if already gone."""
+        if proc in self.procs:
+            self.procs.remove(proc)
+        if proc.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(grace)
+        # Children (workers) may outlive their parent; the group id is still our PID.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(2)
+        self._write_pids()
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+    def _write_pids(self) -> None:
+        entries = [{"pid": p.pid, "start": _start_time(p.pid), "name": p.name} for p in self.procs]
+        with contextlib.suppress(OSError):
+            self.pid_file.write_text(json.dumps(entries))
+
+    def reap_leftovers(self) -> list[str]:
+        """Stop processes a previous, hard-killed bench run left behind (same PID and start)."""
+        try:
+            entries = json.loads(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return []
+        reaped = []
+        for entry in entries:
+            pid, start = int(entry["pid"]), entry.get("start")
+            if start is not None and _start_time(pid) == start:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                reaped.append(f"{entry.get('name')} (pid {pid})")
+        self.pid_file.unlink(missing_ok=True)
+        return reaped
+
+
+class RssSampler:
+    """Peak resident memory of a process tree during a measurement.
+
+    Two readings, both summed over the tree: the kernel's VmHWM (peak RSS), reset at `start()`
+    through /proc/PID/clear_refs so it covers only this measurement; and VmRSS sampled every
+    `interval` seconds (the sum at one instant, which the HWM sum can only exceed).
+    """
+
+    def __init__(self, root: int, interval: float = 0.25) -> None:
+        self.root = root
+        self.interval = interval
+        self.peak_sampled_kib = 0
+        self.timeline: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._hwm_reset = False
+        self._t0 = 0.0
+
+    def _rss_now(self) -> int:
+        return sum(_status_kib(pid, "VmRSS") for pid in descendants(self.root))
+
+    def start(self) -> None:
+        self._hwm_reset = True
+        for pid in descendants(self.root):
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                self._hwm_reset = False
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = self._rss_now()
+            self.peak_sampled_kib = max(self.peak_sampled_kib, rss)
+            self.timeline.append((round(time.monotonic() - self._t0, 2), rss))
+            self._stop.wait(self.interval)
+
+    def stop(self) -> dict[str, float | None]:
+        """Stop sampling; returns MiB figures: peak (HWM sum if available), sampled, and end."""
+        hwm_kib = sum(_status_kib(pid, "VmHWM") for pid in descendants(self.root))
+        end_kib = self._rss_now()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        sampled = max(self.peak_sampled_kib, end_kib)
+        peak = max(hwm_kib, sampled) if self._hwm_reset else sampled
+        return {
+            "peak_rss_mb": round(peak / 1024, 1),
+            "peak_rss_sampled_mb": round(sampled / 1024, 1),
+            "end_rss_mb": round(end_kib / 1024, 1),
+        }

@@ -1,0 +1,420 @@
+"""The report: targets (PASS/FAIL), RESULTS.md and results.json.
+
+Ratios are against the matching nginx figure of the same scenario in the same run. Targets are
+judged on shadowlane with one worker (as the issues state them); the two-worker figure is shown
+next to it for information.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scenarios import FIXED_RATE, Measurement
+from servers import PROXY_LABELS
+
+RSS_LIMIT_MB = 200.0
+MIN_ACHIEVED = 0.95  # a fixed-load run that got less than this share of the offered load
+
+
+def _cmd_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "not installed"
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+def machine_info(repo: Path) -> dict[str, Any]:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    commit = _cmd_version(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "nginx": _cmd_version(["nginx", "-v"]).replace("nginx version: ", ""),
+        "wrk": _cmd_version(["wrk", "-v"]).split(" [")[0],
+        "h2load": _cmd_version(["h2load", "--version"]),
+        "load_average_at_start": os.getloadavg(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "shadowlane_commit": commit,
+    }
+
+
+# ---------------------------------------------------------------- lookups and targets
+
+
+def find(ms: list[Measurement], scenario: str, proxy: str) -> Measurement | None:
+    for m in ms:
+        if m.scenario == scenario and m.proxy == proxy and m.status == "ok":
+            return m
+    return None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def fixed_load_ok(m: Measurement) -> bool:
+    return m.rps is not None and m.rps >= MIN_ACHIEVED * FIXED_RATE
+
+
+@dataclass
+class Target:
+    name: str
+    required: str
+    measured: str
+    verdict: str  # PASS | FAIL | n/a
+    info_2w: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return dict(self.__dict__)
+
+
+def _verdict(value: float | None, ok: bool, errors: int) -> str:
+    if value is None:
+        return "n/a"
+    if errors:
+        return "FAIL (errors)"
+    return "PASS" if ok else "FAIL"
+
+
+def _errors(*ms: Measurement | None) -> int:
+    return sum(sum(m.errors.values()) for m in ms if m is not None)
+
+
+def evaluate_targets(ms: list[Measurement]) -> list[Target]:
+    targets: list[Target] = []
+
+    def vs_nginx(scenario: str, name: str, need: float) -> None:
+        ng = find(ms, scenario, "nginx")
+        values = {}
+        for proxy in ("shadowlane-1w", "shadowlane-2w"):
+            sl = find(ms, scenario, proxy)
+            values[proxy] = (ratio(sl.rps if sl else None, ng.rps if ng else None), sl)
+        r1, sl1 = values["shadowlane-1w"]
+        r2, _ = values["shadowlane-2w"]
+        measured = (
+            f"{r1:.2f}x ({sl1.rps:,.0f} vs {ng.rps:,.0f} req/s)" if r1 and sl1 and ng else "-"
+        )
+        targets.append(
+            Target(
+                name,
+                f">= {need:g}x nginx",
+                measured,
+                _verdict(r1, (r1 or 0) >= need, _errors(sl1)),
+                f"{r2:.2f}x" if r2 else "-",
+            )
+        )
+
+    vs_nginx("no-shadow", "No shadow: req/s vs nginx proxy_pass", 0.8)
+    vs_nginx("shadow-fast", "100% shadow to fast: req/s vs nginx mirror", 1.5)
+    vs_nginx("shadow-slow", "100% shadow to 200 ms backend: req/s vs nginx mirror", 50)
+
+    for shadow, label in (("slow", "200 ms"), ("hung", "hung")):
+        parts = []
+        for proxy in ("shadowlane-1w", "shadowlane-2w"):
+            base = find(ms, "rate-none", proxy)
+            sh = find(ms, f"rate-{shadow}", proxy)
+            parts.append(
+                (ratio(sh.p99_ms if sh else None, base.p99_ms if base else None), base, sh)
+            )
+        (r1, base1, sh1), (r2, _, _) = parts
+        ok = (
+            r1 is not None
+            and r1 <= 1.5
+            and all(m is not None and fixed_load_ok(m) for m in (base1, sh1))
+        )
+        measured = "-"
+        if r1 is not None and base1 and sh1:
+            measured = f"{r1:.2f}x ({sh1.p99_ms:.2f} vs {base1.p99_ms:.2f} ms)"
+            if not (fixed_load_ok(base1) and fixed_load_ok(sh1)):
+                measured += f"; offered load not sustained ({sh1.rps:,.0f} req/s)"
+        targets.append(
+            Target(
+                f"p99 at {FIXED_RATE:,} req/s with {label} shadow vs no shadow",
+                "<= 1.5x",
+                measured,
+                _verdict(r1, ok, _errors(base1, sh1)),
+                f"{r2:.2f}x" if r2 else "-",
+            )
+        )
+
+    mem = find(ms, "memory-hung", "shadowlane-1w")
+    rss = mem.peak_rss_mb if mem else None
+    targets.append(
+        Target(
+            "Peak RSS, hung shadow, 60 s under load",
+            f"< {RSS_LIMIT_MB:g} MB",
+            f"{rss:.1f} MB" if rss is not None else "-",
+            _verdict(rss, (rss or 0) < RSS_LIMIT_MB, 0),
+        )
+    )
+    return targets
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _num(v: float | None, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.{digits}f}"
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:,.0f}"
+
+
+def _x(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}x" if v < 10 else f"{v:,.0f}x"
+
+
+def _count(v: float) -> str:
+    return f"{v / 1e6:.1f}M" if v >= 1e6 else f"{v / 1e3:.1f}k" if v >= 1e3 else f"{v:.0f}"
+
+
+def _errs(m: Measurement) -> str:
+    return ", ".join(f"{k} {_count(v)}" for k, v in sorted(m.errors.items())) or "0"
+
+
+def _outcomes(m: Measurement) -> str:
+    if not m.shadow_outcomes:
+        return "-"
+    return ", ".join(f"{k} {_count(v)}" for k, v in m.shadow_outcomes.items())
+
+
+def _label(proxy: str) -> str:
+    return PROXY_LABELS[proxy]
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _status_cells(m: Measurement, width: int) -> list[str]:
+    return [m.status.upper() if m.status == "n/a" else m.status] + ["-"] * (width - 1)
+
+
+def _throughput_rows(ms: list[Measurement], scenario_ids: list[str]) -> list[list[str]]:
+    rows = []
+    for sid in scenario_ids:
+        for m in (m for m in ms if m.scenario == sid):
+            ng = find(ms, sid, "nginx")
+            lead = [m.title, _label(m.proxy)]
+            if m.status != "ok":
+                rows.append(lead + _status_cells(m, 8))
+                continue
+            is_ng = m.proxy in ("nginx", "direct")
+            rows.append(
+                [
+                    *lead,
+                    _num(m.rps),
+                    _ms(m.p50_ms),
+                    _ms(m.p99_ms),
+                    _num(m.peak_rss_mb, 1),
+                    _errs(m),
+                    "" if is_ng else _x(ratio(m.rps, ng.rps if ng else None)),
+                    "" if is_ng else _x(ratio(m.p99_ms, ng.p99_ms if ng else None)),
+                    _outcomes(m),
+                ]
+            )
+    return rows
+
+
+THROUGHPUT_HEAD = [
+    "Scenario",
+    "Proxy",
+    "req/s",
+    "p50 ms",
+    "p99 ms",
+    "peak RSS MB",
+    "errors",
+    "req/s vs nginx",
+    "p99 vs nginx",
+    "shadow copies (proxy metrics)",
+]
+
+
+def _ids(ms: list[Measurement], group: str) -> list[str]:
+    seen: list[str] = []
+    for m in ms:
+        if m.group == group and m.scenario not in seen:
+            seen.append(m.scenario)
+    return seen
+
+
+def render_markdown(doc: dict[str, Any], ms: list[Measurement], targets: list[Target]) -> str:
+    meta, mach = doc["meta"], doc["machine"]
+    out: list[str] = []
+    add = out.append
+    add("# shadowlane bench results\n")
+    add("Generated by `bench/run.py` (see [README](README.md)); do not edit by hand.\n")
+    add(f"- Command: `{meta['command']}`")
+    add(f"- Date: {meta['date']} (took {meta['elapsed_s'] / 60:.1f} min)")
+    add(
+        f"- Machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['memory_gb']} GB RAM, "
+        f"Linux {mach['kernel']}; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in mach['load_average_at_start'])}"
+    )
+    add(
+        f"- Software: Python {mach['python']}, nginx {mach['nginx']}, {mach['wrk']}, "
+        f"{mach['h2load']}; shadowlane commit `{mach['shadowlane_commit']}`"
+    )
+    add(
+        f"- Method: each figure is the median of {meta['runs']} run(s) of {meta['duration_s']:g} s "
+        f"after a {meta['warmup_s']:g} s warm-up. Closed-loop load: `wrk --latency -t2 -c50` "
+        f"(small GET unless stated). Fixed load: `h2load --h1 -c50 --rps=100` "
+        f"({FIXED_RATE:,} req/s offered), percentiles from its per-request log. Peak RSS: sum "
+        "over the proxy's processes of VmHWM, reset at the start of each run (clear_refs), "
+        "checked against 4 Hz VmRSS sampling. Everything (load generator, proxy, backends) "
+        "shares the same cores, on loopback.\n"
+    )
+
+    add("## Targets\n")
+    add(
+        _table(
+            ["Target", "Required", "Measured (shadowlane 1w)", "Verdict", "2 workers"],
+            [[t.name, t.required, t.measured, f"**{t.verdict}**", t.info_2w] for t in targets],
+        )
+    )
+    add("")
+
+    add("## Throughput (wrk, 50 connections, small GET)\n")
+    add(_table(THROUGHPUT_HEAD, _throughput_rows(ms, _ids(ms, "throughput"))))
+    add("")
+
+    add(f"## Latency at a fixed offered load ({FIXED_RATE:,} req/s)\n")
+    rows = []
+    for sid in _ids(ms, "fixed-load"):
+        for m in (m for m in ms if m.scenario == sid):
+            lead = [m.title, _label(m.proxy)]
+            if m.status != "ok":
+                rows.append(lead + _status_cells(m, 7))
+                continue
+            base = find(ms, "rate-none", m.proxy)
+            ng = find(ms, sid, "nginx")
+            achieved = _num(m.rps) + ("" if fixed_load_ok(m) else " (not sustained)")
+            rows.append(
+                [
+                    *lead,
+                    achieved,
+                    _ms(m.p50_ms),
+                    _ms(m.p99_ms),
+                    ""
+                    if sid == "rate-none"
+                    else _x(ratio(m.p99_ms, base.p99_ms if base else None)),
+                    ""
+                    if m.proxy in ("nginx", "direct")
+                    else _x(ratio(m.p99_ms, ng.p99_ms if ng else None)),
+                    _errs(m),
+                    _outcomes(m),
+                ]
+            )
+    add(
+        _table(
+            [
+                "Scenario",
+                "Proxy",
+                "achieved req/s",
+                "p50 ms",
+                "p99 ms",
+                "p99 vs no shadow",
+                "p99 vs nginx",
+                "errors",
+                "shadow copies",
+            ],
+            rows,
+        )
+    )
+    add("")
+
+    add("## How cost grows (100% shadowing to fast; wrk, 50 connections unless stated)\n")
+    add("The 1-shadow, small-GET, 50-connection point is the `100% shadow to fast` row above.\n")
+    for group, title in (
+        ("shadows", "Number of shadows"),
+        ("body", "POST body size"),
+        ("connections", "Connections"),
+    ):
+        ids = _ids(ms, group)
+        if ids:
+            add(f"### {title}\n")
+            add(_table(THROUGHPUT_HEAD, _throughput_rows(ms, ids)))
+            add("")
+
+    mem = [m for m in ms if m.group == "memory"]
+    if mem:
+        add("## Memory: hung shadow for 60 s under load (wrk, 50 connections)\n")
+        add(_table(THROUGHPUT_HEAD, _throughput_rows(ms, _ids(ms, "memory"))))
+        add("")
+        for m in mem:
+            if m.rss_timeline:
+                marks = [f"{t:.0f} s: {mb:.0f} MB" for t, mb in m.rss_timeline[::40]]
+                add(f"RSS over time ({_label(m.proxy)}): " + ", ".join(marks) + "\n")
+
+    notes = [m for m in ms if m.note]
+    if notes:
+        add("## Failures and notes\n")
+        for m in notes:
+            add(f"- `{m.scenario}` on {_label(m.proxy)} ({m.status}): {m.note}")
+        add("")
+
+    configs = doc.get("configs", {})
+    for key in ("nginx shadows=slow", "shadowlane-1w shadows=slow"):
+        if key in configs:
+            lang = "nginx" if key.startswith("nginx") else "yaml"
+            add(f"## Exact config: {key}\n")
+            add(
+                "The other setups differ only in the shadow targets and the number of "
+                "`mirror` lines / shadows; all of them are in `results.json`.\n"
+            )
+            add(f"```{lang}\n{configs[key]}```\n")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write(
+    bench_dir: Path,
+    meta: dict[str, Any],
+    machine: dict[str, Any],
+    ms: list[Measurement],
+    configs: dict[str, str],
+) -> list[Target]:
+    targets = evaluate_targets(ms)
+    doc = {
+        "meta": meta,
+        "machine": machine,
+        "targets": [t.to_json() for t in targets],
+        "measurements": [m.to_json() for m in ms],
+        "configs": configs,
+    }
+    for m in doc["measurements"]:
+        ng = find(ms, m["scenario"], "nginx")
+        if m["proxy"] not in ("nginx", "direct") and ng:
+            m["rps_vs_nginx"] = _round(ratio(m["rps"], ng.rps))
+            m["p99_vs_nginx"] = _round(ratio(m["p99_ms"], ng.p99_ms))
+    (bench_dir / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (bench_dir / "RESULTS.md").write_text(render_markdown(doc, ms, targets))
+    return targets
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)

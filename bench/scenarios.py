@@ -1,0 +1,317 @@
+"""The scenarios and the loop that runs them.
+
+A scenario is a shadow setup (which shadow targets, comparison or not) plus a load, measured on
+several proxies. Scenarios sharing a setup share one start of the proxy; setups run one after
+the other, and within a setup the proxies run back to back (nginx, shadowlane 1w, 2w), so the
+figures compared with each other are taken close in time on this noisy machine.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import statistics
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from loadgen import Load, RunResult, run_load
+from procs import RssSampler, StartError, Supervisor
+from servers import Backends, RunningProxy, shadow_outcomes, start_proxy
+
+PROXIES_ALL = ("direct", "nginx", "shadowlane-1w", "shadowlane-2w")
+PROXIES = ("nginx", "shadowlane-1w", "shadowlane-2w")
+SHADOWLANE = ("shadowlane-1w", "shadowlane-2w")
+FIXED_RATE = 5000
+
+
+@dataclass(frozen=True)
+class Scenario:
+    id: str
+    group: str
+    title: str
+    shadows: tuple[str, ...] = ()
+    compare: bool = False
+    load: Load = field(default_factory=Load)
+    proxies: tuple[str, ...] = PROXIES
+    duration: float | None = None  # seconds per run; None: the run's --duration
+    runs: int | None = None  # None: the run's --runs
+
+    @property
+    def setup(self) -> tuple[tuple[str, ...], bool]:
+        return self.shadows, self.compare
+
+
+RATE_LOAD = Load(connections=50, rate=FIXED_RATE)  # h2load: 50 clients x 100 req/s
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    # Throughput: wrk, 50 connections, small GETs.
+    Scenario("no-shadow", "throughput", "no shadow", proxies=PROXIES_ALL),
+    Scenario("shadow-fast", "throughput", "100% shadow to fast", ("fast",)),
+    Scenario("shadow-slow", "throughput", "100% shadow to slow (200 ms)", ("slow",)),
+    Scenario("shadow-dead", "throughput", "100% shadow to dead port", ("dead",)),
+    Scenario("shadow-hung", "throughput", "100% shadow to hung", ("hung",)),
+    Scenario(
+        "shadow-compare",
+        "throughput",
+        "100% shadow to fast, compare: true",
+        ("fast",),
+        compare=True,
+        proxies=SHADOWLANE,
+    ),
+    # Latency at a fixed offered load (h2load --rps).
+    Scenario("rate-none", "fixed-load", "no shadow", load=RATE_LOAD, proxies=PROXIES_ALL),
+    Scenario("rate-slow", "fixed-load", "100% shadow to slow (200 ms)", ("slow",), load=RATE_LOAD),
+    Scenario("rate-hung", "fixed-load", "100% shadow to hung", ("hung",), load=RATE_LOAD),
+    # How cost grows (always 100% shadowing to fast).
+    Scenario("shadows-2", "shadows", "2 shadows to fast", ("fast",) * 2),
+    Scenario("shadows-4", "shadows", "4 shadows to fast", ("fast",) * 4),
+    Scenario(
+        "body-100B", "body", "POST 100 B, shadow to fast", ("fast",), load=Load(body_bytes=100)
+    ),
+    Scenario(
+        "body-10KiB",
+        "body",
+        "POST 10 KiB, shadow to fast",
+        ("fast",),
+        load=Load(body_bytes=10 << 10),
+    ),
+    Scenario(
+        "body-1MiB", "body", "POST 1 MiB, shadow to fast", ("fast",), load=Load(body_bytes=1 << 20)
+    ),
+    Scenario(
+        "conns-10",
+        "connections",
+        "10 connections, shadow to fast",
+        ("fast",),
+        load=Load(connections=10),
+    ),
+    Scenario(
+        "conns-100",
+        "connections",
+        "100 connections, shadow to fast",
+        ("fast",),
+        load=Load(connections=100),
+    ),
+    Scenario(
+        "conns-1000",
+        "connections",
+        "1000 connections, shadow to fast",
+        ("fast",),
+        load=Load(connections=1000),
+    ),
+    # Memory: hung shadow, 60 s of wrk load, one run.
+    Scenario(
+        "memory-hung",
+        "memory",
+        "hung shadow, 60 s under load",
+        ("hung",),
+        proxies=("shadowlane-1w",),
+        duration=60,
+        runs=1,
+    ),
+)
+
+
+def select(patterns: Iterable[str] | None, proxies: Iterable[str] | None) -> list[Scenario]:
+    """Scenarios whose id or group matches one of the glob `patterns` (all when None)."""
+    pats = list(patterns or ["*"])
+    chosen = [
+        s
+        for s in SCENARIOS
+        if any(fnmatch.fnmatch(s.id, p) or fnmatch.fnmatch(s.group, p) for p in pats)
+    ]
+    if proxies:
+        keep = set(proxies)
+        chosen = [replace(s, proxies=tuple(p for p in s.proxies if p in keep)) for s in chosen]
+        chosen = [s for s in chosen if s.proxies]
+    return chosen
+
+
+@dataclass
+class Settings:
+    duration: float
+    warmup: float
+    runs: int
+    work: Path
+
+
+def run_time(s: Scenario, settings: Settings) -> float:
+    return s.duration or settings.duration
+
+
+def estimate_seconds(scenarios: list[Scenario], settings: Settings) -> float:
+    """Rough wall time: warm-up + runs per measurement, plus a proxy start per setup."""
+    total, setups = 0.0, set()
+    for s in scenarios:
+        runs = s.runs or settings.runs
+        per = settings.warmup + 0.5 + runs * (run_time(s, settings) + 0.4)
+        total += per * len(s.proxies)
+        setups.update((s.setup, p) for p in s.proxies)
+    return total + 1.5 * len(setups)
+
+
+@dataclass
+class Measurement:
+    scenario: str
+    group: str
+    title: str
+    proxy: str
+    load: str
+    status: str = "ok"  # ok | n/a | failed
+    rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    peak_rss_mb: float | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    shadow_outcomes: dict[str, float] | None = None
+    rss_timeline: list[tuple[float, float]] | None = None
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
+def _delta(after: dict[str, float] | None, before: dict[str, float] | None) -> dict[str, float]:
+    if after is None:
+        return {}
+    before = before or {}
+    return {k: v - before.get(k, 0.0) for k, v in sorted(after.items()) if v - before.get(k, 0.0)}
+
+
+def measure(proxy: RunningProxy, s: Scenario, settings: Settings) -> Measurement:
+    m = Measurement(s.id, s.group, s.title, proxy.kind, s.load.describe())
+    duration = run_time(s, settings)
+    run_load(proxy.url, s.load, settings.warmup, settings.work)  # warm-up, discarded
+    before = shadow_outcomes(proxy)
+    results: list[RunResult] = []
+    rss: list[float | None] = []
+    for _ in range(s.runs or settings.runs):
+        sampler = RssSampler(proxy.proc.pid) if proxy.proc else None
+        if sampler:
+            sampler.start()
+        result = run_load(proxy.url, s.load, duration, settings.work)
+        mem = sampler.stop() if sampler else {}
+        results.append(result)
+        rss.append(mem.get("peak_rss_mb"))
+        m.runs.append({**result.to_json(), **mem})
+        if sampler and s.group == "memory":
+            m.rss_timeline = [(t, round(kib / 1024, 1)) for t, kib in sampler.timeline]
+        if proxy.proc and not proxy.proc.alive():
+            raise StartError(
+                f"{proxy.label} died during the run (exit {proxy.proc.popen.returncode}):\n"
+                + proxy.proc.log_tail()
+            )
+    m.rps = _median([r.rps for r in results])
+    m.p50_ms = _median([r.p50_ms for r in results])
+    m.p99_ms = _median([r.p99_ms for r in results])
+    m.peak_rss_mb = _median(rss)
+    for r in results:
+        for k, v in r.errors.items():
+            m.errors[k] = m.errors.get(k, 0) + v
+    m.shadow_outcomes = _delta(shadow_outcomes(proxy), before) or None
+    return m
+
+
+def run_all(
+    scenarios: list[Scenario],
+    settings: Settings,
+    sup: Supervisor,
+    backends: Backends,
+    on_result: Callable[[Measurement], None],
+) -> dict[str, str]:
+    """Run every scenario; returns the proxy configs used (name -> text)."""
+    configs: dict[str, str] = {}
+    setups: list[tuple[tuple[str, ...], bool]] = []
+    for s in scenarios:
+        if s.setup not in setups:
+            setups.append(s.setup)
+    for setup in setups:
+        shadows, compare = setup
+        members = [s for s in scenarios if s.setup == setup]
+        for kind in PROXIES_ALL:
+            todo = [s for s in members if kind in s.proxies]
+            if not todo:
+                continue
+            _run_setup(kind, shadows, compare, todo, settings, sup, backends, on_result, configs)
+    return configs
+
+
+def _run_setup(
+    kind: str,
+    shadows: tuple[str, ...],
+    compare: bool,
+    todo: list[Scenario],
+    settings: Settings,
+    sup: Supervisor,
+    backends: Backends,
+    on_result: Callable[[Measurement], None],
+    configs: dict[str, str],
+) -> None:
+    name = f"{kind} shadows={'+'.join(shadows) or '-'}{' compare' if compare else ''}"
+    try:
+        proxy = start_proxy(sup, settings.work, kind, backends, shadows, compare)
+    except StartError as exc:
+        text = str(exc)
+        status = "n/a" if compare and "compare" in text.lower() else "failed"
+        why = "config key `compare` rejected" if status == "n/a" else "proxy did not start"
+        for s in todo:
+            on_result(
+                Measurement(
+                    s.id,
+                    s.group,
+                    s.title,
+                    kind,
+                    s.load.describe(),
+                    status,
+                    note=f"{why}: {_one_line(text)}",
+                )
+            )
+        return
+    configs[name] = proxy.config
+    try:
+        for i, s in enumerate(todo):
+            try:
+                m = measure(proxy, s, settings)
+            except StartError as exc:  # the proxy died: the rest of this setup cannot run
+                for rest in todo[i:]:
+                    on_result(
+                        Measurement(
+                            rest.id,
+                            rest.group,
+                            rest.title,
+                            kind,
+                            rest.load.describe(),
+                            "failed",
+                            note=f"crashed: {_one_line(str(exc))}",
+                        )
+                    )
+                return
+            except Exception as exc:  # a load tool failed; keep going with the next scenario
+                traceback.print_exc()
+                m = Measurement(
+                    s.id,
+                    s.group,
+                    s.title,
+                    kind,
+                    s.load.describe(),
+                    "failed",
+                    note=f"{type(exc).__name__}: {_one_line(str(exc))}",
+                )
+            on_result(m)
+    finally:
+        if proxy.proc:
+            sup.stop(proxy.proc)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " | ".join(lines)[-limit:]
