@@ -1,0 +1,70 @@
+"""Shared fixtures: a real recording backend and real proxy subprocesses.
+
+The helpers live in ``tests/support`` (imported as ``support``, see its docstring); the
+fixtures here only tie their life cycles to pytest's, so a failing test never leaks a server or
+a proxy process into the next one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+import pytest
+
+from support.backend import RecordingBackend
+from support.proxy import ProxyProcess
+
+ProxyFactory = Callable[..., ProxyProcess]
+
+_CALL_REPORT = pytest.StashKey[pytest.TestReport]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keep the call-phase report so fixtures can tell, at teardown, whether the test failed."""
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_REPORT] = report
+    return report
+
+
+@pytest.fixture
+def backend() -> Iterator[RecordingBackend]:
+    """A started :class:`RecordingBackend` with the default (echo + path conventions) handler.
+
+    Teardown fails the test if the backend itself hit an unexpected exception: a harness bug
+    must not pass for a proxy bug, or hide one.
+    """
+    with RecordingBackend() as b:
+        yield b
+    assert b.errors == [], f"RecordingBackend raised: {b.errors!r}"
+
+
+@pytest.fixture
+def proxy_factory(request: pytest.FixtureRequest) -> Iterator[ProxyFactory]:
+    """``make(config, workers=1, env=None, **kw) -> ProxyProcess``, started and ready.
+
+    Every proxy made is stopped at teardown (SIGTERM, SIGKILL after 10 s) and its temp dir
+    removed. When the test failed, each proxy's stderr is printed first, so it shows up in the
+    report's "captured stdout teardown" section instead of vanishing with the temp dir.
+    """
+    made: list[ProxyProcess] = []
+
+    def make(config: dict[str, Any] | str, workers: int = 1, **kwargs: Any) -> ProxyProcess:
+        proxy = ProxyProcess(config, workers=workers, **kwargs)
+        made.append(proxy)
+        return proxy.start()
+
+    yield make
+    report = request.node.stash.get(_CALL_REPORT, None)
+    failed = report is not None and report.failed
+    for proxy in reversed(made):
+        if proxy.proc is not None and proxy.returncode is None:
+            proxy.stop()
+        if failed:
+            print(f"--- proxy pid {proxy.proc.pid if proxy.proc else '-'} stderr ---")
+            print(proxy.stderr_text())
+        proxy.close()

@@ -1,0 +1,445 @@
+"""Run the real shadowlane proxy as a subprocess, and talk raw HTTP to it.
+
+Why a subprocess and not an in-process server: the contract under test is the command
+(`python -m shadowlane run -c FILE`), its config file, its signals and its sockets. Running it as
+a separate process also means a proxy that wedges its event loop cannot wedge the test runner;
+every wait here has a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import yaml
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port that was free a moment ago (the kernel's pick for port 0).
+
+    Another process could take it before the proxy binds it; on a test machine that is rare,
+    and :class:`ProxyProcess` reports a bind failure with the proxy's own stderr.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def basic_config(*endpoints: str, timeout: str = "5s", **extra: Any) -> dict[str, Any]:
+    """The smallest useful config: one backend ``b1`` with ``endpoints``, one route ``/`` to it.
+
+    ``extra`` keys are merged at the top level (e.g. ``compare=...``); ``listen`` and
+    ``admin.listen`` are filled in by :class:`ProxyProcess`.
+    """
+    config: dict[str, Any] = {
+        "backends": {
+            "b1": {"endpoints": list(endpoints), "timeout": timeout, "connect_timeout": "1s"}
+        },
+        "routes": [{"name": "r1", "match": {"path_prefix": "/"}, "backend": "b1"}],
+    }
+    config.update(extra)
+    return config
+
+
+def _split_hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]") or LOOPBACK, int(port)
+
+
+def _can_connect(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class ProxyProcess:
+    """``python -m shadowlane run -c <tmp>/config.yaml`` as a context manager.
+
+    ``config`` is a dict or YAML text. ``listen`` and ``admin.listen`` are filled with free
+    loopback ports when absent. Entering starts the process and waits (``ready_timeout``) until
+    the listen port accepts a TCP connection; if the process exits first, the error carries its
+    stderr. Exiting stops it with SIGTERM, then SIGKILL after ``timeout``.
+
+    The process is its own session leader (``start_new_session``), so the forced stop can take
+    its ``--workers`` children with it: ``os.killpg`` on the group this harness created.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any] | str,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        *,
+        extra_args: list[str] | None = None,
+        ready_timeout: float = 15.0,
+    ) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="shadowlane-proxy-")
+        self.dir = Path(self._tmp.name)
+        self.config_path = self.dir / "config.yaml"
+        self.config = self._complete(config)
+        self.write_config(self.config)
+        self.host, self.port = _split_hostport(str(self.config["listen"]))
+        self.admin_host, self.admin_port = _split_hostport(str(self.config["admin"]["listen"]))
+        self.workers = workers
+        self.env = env
+        self.extra_args = list(extra_args or [])
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+
+    @staticmethod
+    def _complete(config: dict[str, Any] | str) -> dict[str, Any]:
+        loaded = yaml.safe_load(config) if isinstance(config, str) else config
+        if not isinstance(loaded, dict):
+            raise TypeError(f"config must be a mapping, got {type(loaded).__name__}")
+        out = dict(loaded)
+        out.setdefault("listen", f"{LOOPBACK}:{free_port()}")
+        admin = dict(out.get("admin") or {})
+        admin.setdefault("listen", f"{LOOPBACK}:{free_port()}")
+        out["admin"] = admin
+        return out
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """(Re)write the config file, e.g. before :meth:`reload`."""
+        self.config = config
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    # -- addresses ----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.admin_host}:{self.admin_port}"
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("proxy not started")
+        return self.proc.pid
+
+    @property
+    def stdout_path(self) -> Path:
+        return self.dir / "stdout.log"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.dir / "stderr.log"
+
+    def stdout_text(self) -> str:
+        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+
+    def stderr_text(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    @property
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "shadowlane", "run", "-c", str(self.config_path)]
+        if self.workers != 1:
+            cmd += ["--workers", str(self.workers)]
+        return cmd + self.extra_args
+
+    def start(self) -> Self:
+        """Start the process and wait until it accepts connections on ``listen``."""
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.env:
+            env.update(self.env)
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=env,
+                cwd=self.dir,
+                start_new_session=True,
+            )
+        self.wait_ready(self.ready_timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until the listen port accepts, or fail with the process's stderr."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                self.returncode = code
+                raise RuntimeError(
+                    f"proxy exited with {code} before listening on {self.port}\n"
+                    f"command: {self.command}\nconfig:\n{self.config_path.read_text()}\n"
+                    f"stderr:\n{self.stderr_text()}\nstdout:\n{self.stdout_text()}"
+                )
+            if _can_connect(self.host, self.port):
+                return
+            if time.monotonic() >= deadline:
+                stderr = self.stderr_text()
+                self.stop(signal.SIGKILL, timeout=5)
+                raise TimeoutError(
+                    f"proxy not listening on {self.port} after {timeout}s\nstderr:\n{stderr}"
+                )
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the main process (by PID) if it is still running."""
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def reload(self) -> None:
+        """SIGHUP: the contract's "reload the config" (write it first with write_config)."""
+        self.send_signal(signal.SIGHUP)
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the main process's direct children (the ``--workers`` processes)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # the comm field may contain spaces; ppid is the second field after ")"
+            fields = stat.rpartition(")")[2].split()
+            if len(fields) > 1 and int(fields[1]) == self.pid:
+                pids.append(int(entry.name))
+        return sorted(pids)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit by itself; raises TimeoutExpired if it does not."""
+        assert self.proc is not None
+        self.returncode = self.proc.wait(timeout)
+        return self.returncode
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Send ``sig`` and wait up to ``timeout``; SIGKILL the process group after that.
+
+        Returns the exit code as ``Popen`` reports it (negative: killed by that signal).
+        """
+        if self.proc is None:
+            raise RuntimeError("proxy not started")
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        # workers left behind by a main process that died are still in our group: end them
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.returncode = self.proc.returncode
+        return self.returncode
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop if running and remove the temp dir."""
+        if self.proc is not None and self.returncode is None:
+            self.stop()
+        self._tmp.cleanup()
+
+
+# -- raw HTTP -------------------------------------------------------------------------------
+
+
+def raw_request(
+    port: int,
+    data: bytes,
+    timeout: float = 5.0,
+    *,
+    host: str = LOOPBACK,
+    half_close: bool = False,
+) -> bytes:
+    """Send ``data`` as-is and return everything read until the peer closes or ``timeout``.
+
+    Never raises for a reset or a timeout: a test about malformed input wants to see what came
+    back (often a 400 and a close), not an exception. ``half_close`` shuts down our write side
+    after sending, for servers that wait for EOF.
+    """
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+            while (remaining := deadline - time.monotonic()) > 0:
+                sock.settimeout(remaining)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except (TimeoutError, ConnectionResetError, BrokenPipeError):
+            pass
+    return b"".join(chunks)
+
+
+@dataclass
+class HttpResponse:
+    """One parsed HTTP/1.x response: headers keep case and order."""
+
+    http_version: str
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    #: the body ended because the peer closed (no Content-Length, not chunked)
+    close_delimited: bool = False
+    trailers: list[tuple[str, str]] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        lname = name.lower()
+        return next((v for k, v in self.headers if k.lower() == lname), None)
+
+    def header_values(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [v for k, v in self.headers if k.lower() == lname]
+
+
+class ResponseReader:
+    """Reads consecutive responses from one socket, keeping bytes that belong to the next one.
+
+    Pipelining tests need this: one ``recv`` may hold the end of one response and the start of
+    the next. Every read is bounded by ``timeout`` (a TimeoutError names what was missing).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.eof = False
+
+    def _fill(self, deadline: float) -> bool:
+        if self.eof:
+            return False
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"response incomplete; have {bytes(self.buf[:200])!r}")
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            raise TimeoutError(f"response incomplete; have {bytes(self.buf[:200])!r}") from None
+        if not chunk:
+            self.eof = True
+            return False
+        self.buf += chunk
+        return True
+
+    def _line(self, deadline: float) -> bytes:
+        while (i := self.buf.find(b"\r\n")) < 0:
+            if not self._fill(deadline):
+                raise ConnectionError(f"peer closed mid-line; have {bytes(self.buf)!r}")
+        line = bytes(self.buf[:i])
+        del self.buf[: i + 2]
+        return line
+
+    def _exactly(self, n: int, deadline: float) -> bytes:
+        while len(self.buf) < n:
+            if not self._fill(deadline):
+                raise ConnectionError(f"peer closed after {len(self.buf)} of {n} body bytes")
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    def _fields(self, deadline: float) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        while line := self._line(deadline):
+            name, _, value = line.decode("latin-1").partition(":")
+            out.append((name, value.strip()))
+        return out
+
+    def read(
+        self, method: str = "GET", timeout: float = 5.0, skip_interim: bool = True
+    ) -> HttpResponse:
+        """Read one response to a ``method`` request (HEAD responses have no body).
+
+        1xx interim responses (other than 101) are skipped unless ``skip_interim`` is False.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            status_line = self._line(deadline).decode("latin-1")
+            version, _, rest = status_line.partition(" ")
+            code, _, reason = rest.partition(" ")
+            status = int(code)
+            headers = self._fields(deadline)
+            resp = HttpResponse(version, status, reason, headers)
+            if 100 <= status < 200 and status != 101:
+                if skip_interim:
+                    continue
+                return resp
+            break
+        if method == "HEAD" or status in (204, 304, 101):
+            return resp
+        te = ",".join(resp.header_values("transfer-encoding")).lower()
+        if "chunked" in te:
+            parts = []
+            while True:
+                size = int(self._line(deadline).split(b";")[0].strip(), 16)
+                if size == 0:
+                    resp.trailers = self._fields(deadline)
+                    break
+                parts.append(self._exactly(size, deadline))
+                if self._line(deadline) != b"":
+                    raise ValueError("chunk not followed by CRLF")
+            resp.body = b"".join(parts)
+        elif (cl := resp.header("content-length")) is not None:
+            resp.body = self._exactly(int(cl), deadline)
+        else:
+            while self._fill(deadline):
+                pass
+            resp.body, resp.close_delimited = bytes(self.buf), True
+            self.buf.clear()
+        return resp
+
+
+_READERS: weakref.WeakKeyDictionary[socket.socket, ResponseReader] = weakref.WeakKeyDictionary()
+
+
+def read_http_response(
+    sock: socket.socket, method: str = "GET", timeout: float = 5.0, skip_interim: bool = True
+) -> HttpResponse:
+    """Parse one response from ``sock`` (Content-Length, chunked or close-delimited).
+
+    Bytes read past the response are kept for the next call on the same socket, so calling it
+    N times after sending N pipelined requests returns the N responses in order.
+    """
+    reader = _READERS.get(sock)
+    if reader is None:
+        reader = _READERS[sock] = ResponseReader(sock)
+    return reader.read(method, timeout, skip_interim)

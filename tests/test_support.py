@@ -1,0 +1,252 @@
+"""Self-tests of the test harness (tests/support), driven by an independent client.
+
+The e2e tests trust these servers to report faithfully what reached them; these tests earn
+that trust by talking to them directly with ``requests`` and raw sockets — no proxy involved.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from support.backend import (
+    HungServer,
+    Recorded,
+    RecordingBackend,
+    Reply,
+    dead_port,
+    pattern_bytes,
+)
+from support.proxy import ProxyProcess, free_port, raw_request, read_http_response
+from support.wait import wait_until
+
+T = 5.0  # client timeout for every request in this file
+
+
+def test_echo_records_request_as_received(backend: RecordingBackend) -> None:
+    r = requests.get(f"{backend.url}/a/b?x=1&y=2", headers={"X-Mixed-Case": "v1"}, timeout=T)
+    assert r.status_code == 200
+    echoed = r.json()
+    assert echoed["method"] == "GET"
+    assert echoed["target"] == "/a/b?x=1&y=2"
+    assert ["X-Mixed-Case", "v1"] in echoed["headers"]
+    (rec,) = backend.wait_for_requests(1)
+    assert rec.method == "GET"
+    assert rec.path == "/a/b" and rec.query == "x=1&y=2"
+    assert ("X-Mixed-Case", "v1") in rec.headers  # original case kept
+    assert rec.header("x-mixed-case") == "v1"
+    assert rec.http_version == "1.1"
+    assert rec.body == b""
+
+
+def test_content_length_and_chunked_bodies(backend: RecordingBackend) -> None:
+    r = requests.post(f"{backend.url}/cl", data=b"hello world", timeout=T)
+    assert r.json()["body"] == "hello world"
+
+    def gen() -> Iterator[bytes]:
+        yield b"part1-"
+        yield b"part2-"
+        yield b"end"
+
+    r = requests.post(f"{backend.url}/chunked-up", data=gen(), timeout=T)
+    assert r.json()["body_len"] == len(b"part1-part2-end")
+    first, second = backend.wait_for_requests(2)
+    assert first.body == b"hello world" and first.header("content-length") == "11"
+    assert second.body == b"part1-part2-end"
+    assert second.header("transfer-encoding") == "chunked"
+
+
+def test_keep_alive_reuses_one_connection(backend: RecordingBackend) -> None:
+    with requests.Session() as s:
+        for i in range(5):
+            assert s.get(f"{backend.url}/{i}", timeout=T).status_code == 200
+    recs = backend.wait_for_requests(5)
+    assert backend.connections_accepted == 1
+    assert {r.connection_id for r in recs} == {1}
+
+
+def test_status_bytes_chunked_head_paths(backend: RecordingBackend) -> None:
+    r = requests.get(f"{backend.url}/status/418", timeout=T)
+    assert r.status_code == 418 and r.json()["target"] == "/status/418"
+    r = requests.get(f"{backend.url}/status/204", timeout=T)
+    assert r.status_code == 204 and r.content == b""
+    r = requests.get(f"{backend.url}/bytes/300000", timeout=T)
+    assert r.content == pattern_bytes(300000)
+    r = requests.get(f"{backend.url}/chunked/3", timeout=T)
+    assert r.headers["Transfer-Encoding"] == "chunked"
+    assert r.content == b"chunk-0\nchunk-1\nchunk-2\n"
+    r = requests.head(f"{backend.url}/bytes/1234", timeout=T)
+    assert r.status_code == 200 and r.content == b""
+    assert r.headers["Content-Length"] == "1234"
+
+
+def test_delay_path_delays(backend: RecordingBackend) -> None:
+    start = time.monotonic()
+    r = requests.get(f"{backend.url}/delay/0.3", timeout=T)
+    assert r.status_code == 200
+    assert time.monotonic() - start >= 0.3
+
+
+def test_reset_mid_body_truncates_and_resets(backend: RecordingBackend) -> None:
+    sock = socket.create_connection(("127.0.0.1", backend.port), timeout=T)
+    with sock:
+        sock.sendall(b"GET /reset HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        with pytest.raises(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"Content-Length: 16384" in head
+    assert 0 < len(body) <= 8192  # promised 16384, then RST
+
+
+def test_hang_never_answers_and_stop_is_bounded() -> None:
+    b = RecordingBackend().start()
+    try:
+        with pytest.raises(requests.ReadTimeout):
+            requests.get(f"{b.url}/hang", timeout=(T, 0.3))
+        assert b.wait_for_requests(1)[0].path == "/hang"
+    finally:
+        start = time.monotonic()
+        b.stop(timeout=5)
+        assert time.monotonic() - start < 5
+
+
+def test_hang_notices_client_close(backend: RecordingBackend) -> None:
+    sock = socket.create_connection(("127.0.0.1", backend.port), timeout=T)
+    sock.sendall(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+    backend.wait_for_requests(1)
+    assert backend.open_connections == 1
+    sock.close()
+    backend.wait_for(lambda b: b.open_connections == 0, timeout=T)
+
+
+def test_handler_replies_and_actions() -> None:
+    def handler(req: Recorded) -> Reply:
+        if req.path == "/close":
+            return Reply(action="close")
+        if req.path == "/boom":
+            raise ValueError("boom")
+        return Reply(status=201, headers=[("X-From", "handler")], body=[b"a", b"bc"])
+
+    with RecordingBackend(handler) as b:
+        r = requests.get(f"{b.url}/x", timeout=T)
+        assert (r.status_code, r.headers["X-From"], r.content) == (201, "handler", b"abc")
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{b.url}/close", timeout=T)
+        r = requests.get(f"{b.url}/boom", timeout=T)
+        assert r.status_code == 500 and b"boom" in r.content
+
+
+def test_raw_bytes_counts_unparseable_input(backend: RecordingBackend) -> None:
+    data = b"NOT HTTP AT ALL\r\n\r\n"
+    out = raw_request(backend.port, data, timeout=T)
+    assert out.startswith(b"HTTP/1.1 400")
+    backend.wait_for(lambda b: b.raw_bytes == len(data), timeout=T)
+    assert backend.requests == []
+
+
+def test_pipelined_requests_answered_in_order(backend: RecordingBackend) -> None:
+    with socket.create_connection(("127.0.0.1", backend.port), timeout=T) as sock:
+        sock.sendall(
+            b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"HEAD /bytes/10 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /chunked/2 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        first = read_http_response(sock)
+        head = read_http_response(sock, method="HEAD")
+        chunked = read_http_response(sock)
+        last = read_http_response(sock)
+    assert json.loads(first.body)["target"] == "/one"
+    assert head.header("content-length") == "10" and head.body == b""
+    assert chunked.body == b"chunk-0\nchunk-1\n"
+    assert json.loads(last.body)["target"] == "/two"
+    assert last.header("connection") == "close"
+
+
+def test_expect_100_continue(backend: RecordingBackend) -> None:
+    with socket.create_connection(("127.0.0.1", backend.port), timeout=T) as sock:
+        sock.sendall(
+            b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        interim = read_http_response(sock, skip_interim=False)
+        assert interim.status == 100
+        sock.sendall(b"hello")
+        final = read_http_response(sock)
+    assert final.status == 200 and json.loads(final.body)["body"] == "hello"
+
+
+def test_http10_close_delimited(backend: RecordingBackend) -> None:
+    out = raw_request(backend.port, b"GET /chunked/2 HTTP/1.0\r\n\r\n", timeout=T)
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"chunked" not in head.lower()  # an HTTP/1.0 client cannot read chunked
+    assert body == b"chunk-0\nchunk-1\n"
+
+
+def test_wait_for_requests_is_bounded(backend: RecordingBackend) -> None:
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        backend.wait_for_requests(1, timeout=0.2)
+    assert time.monotonic() - start < 2
+
+
+def test_hung_server_accepts_and_never_answers() -> None:
+    with HungServer() as hung:
+        with pytest.raises(requests.ReadTimeout):
+            requests.get(hung.url, timeout=(T, 0.3))
+        hung.wait_for_connections(1)
+        assert hung.connections_accepted == 1
+
+
+def test_dead_port_refuses() -> None:
+    port = dead_port()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=T)
+
+
+def test_concurrent_clients(backend: RecordingBackend) -> None:
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            r = requests.post(f"{backend.url}/c/{i}", data=pattern_bytes(10000 + i), timeout=T)
+            assert r.json()["body_len"] == 10000 + i
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(T)
+    assert not errors
+    recs = backend.wait_for_requests(20)
+    assert sorted(len(r.body) for r in recs) == [10000 + i for i in range(20)]
+
+
+def test_wait_until() -> None:
+    assert wait_until(lambda: 42, timeout=1, what="x") == 42
+    with pytest.raises(TimeoutError, match="never"):
+        wait_until(lambda: False, timeout=0.1, what="never")
+
+
+def test_proxy_process_fills_ports_and_reports_startup_failure() -> None:
+    """A config the proxy must reject: ProxyProcess raises with the proxy's stderr in it."""
+    port = free_port()
+    proxy = ProxyProcess({"listen": f"127.0.0.1:{port}", "no_such_key": 1}, ready_timeout=15)
+    try:
+        assert proxy.port == port
+        assert proxy.admin_port not in (0, port)
+        with pytest.raises(RuntimeError, match="no_such_key"):
+            proxy.start()
+        assert proxy.returncode not in (None, 0)
+    finally:
+        proxy.close()
