@@ -112,7 +112,9 @@ class Instance:
         self.shadow = ShadowDispatcher(self.metrics, self.backends, cfg)
         runtimes = {}
         for route in self.routes.routes:
-            max_body = route.config.max_body or cfg.limits.max_body
+            max_body = route.config.max_body
+            if max_body is None:
+                max_body = cfg.limits.max_body
             runtimes[route.name] = RouteRuntime(route, max_body, self.shadow.plan(route))
         self.access_log = AccessLogger(cfg.access_log) if cfg.access_log else None
         self.proxy = Proxy(

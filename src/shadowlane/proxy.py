@@ -128,7 +128,7 @@ class ProxyCall:
         self.shadow_state: object = None
         req = self.request
         headers, rid = upstream_request_headers(
-            req.headers, req.client_addr.encode(), proxy.proto
+            req.headers, req.client_addr.encode(), proxy.proto, self.endpoint.authority
         )
         self.request_id = rid
         req.request_id = rid.decode("latin-1")
@@ -144,7 +144,9 @@ class ProxyCall:
     def upstream_headers(self) -> Headers:
         """The forwarded headers (for shadow copies), re-derived rather than kept per call."""
         req = self.request
-        headers, _ = upstream_request_headers(req.headers, req.client_addr.encode(), self.proxy.proto)
+        headers, _ = upstream_request_headers(
+            req.headers, req.client_addr.encode(), self.proxy.proto, self.endpoint.authority
+        )
         return headers
 
     # ----- request side -----
@@ -281,6 +283,9 @@ class ProxyCall:
             self.proxy.loop.create_task(self._connect(fresh=True))
             return
         self._fail(err)
+
+    def on_data_end(self) -> None:
+        self.exchange.flush()
 
     def on_upstream_writable(self, writable: bool) -> None:
         if writable:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shadowlane.wire.messages import Headers
-from shadowlane.wire.upstream import BackendPool, UpstreamConnection, UpstreamError
+from shadowlane.wire.upstream import BackendPool, EndpointPool, UpstreamConnection, UpstreamError
 
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
@@ -168,6 +168,9 @@ class ShadowCopy:
     def on_upstream_writable(self, writable: bool) -> None:
         """The body is already in memory: nothing to pause."""
 
+    def on_data_end(self) -> None:
+        """Nothing is relayed, so nothing to flush."""
+
     def _on_deadline(self) -> None:
         self.timer = None
         if not self.done:
@@ -235,7 +238,7 @@ class ShadowLane:
         self.breaker_failures = 0
         self.breaker_open_until = 0.0
 
-    def endpoint_pick(self):  # type: ignore[no-untyped-def]
+    def endpoint_pick(self) -> EndpointPool:
         return self.pool.pick()
 
     def submit(self, copy: ShadowCopy) -> bool:

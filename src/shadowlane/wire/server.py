@@ -19,6 +19,7 @@ The application receives an `Exchange` and drives it: it consumes the body as it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections import deque
@@ -87,6 +88,7 @@ class Exchange:
         "_chunked_out",
         "_on_body",
         "_on_body_end",
+        "_pending",
         "body_done",
         "body_size",
         "chunked",
@@ -117,6 +119,7 @@ class Exchange:
         self.response_started = False
         self.response_done = False
         self._chunked_out = False
+        self._pending = b""
         self.status = 0
         #: called with no argument when the client connection is lost mid-exchange
         self.on_abort: Callable[[], None] | None = None
@@ -128,7 +131,9 @@ class Exchange:
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
 
-    def set_body_consumer(self, on_body: Callable[[bytes], None], on_end: Callable[[], None]) -> None:
+    def set_body_consumer(
+        self, on_body: Callable[[bytes], None], on_end: Callable[[], None]
+    ) -> None:
         """Subscribe to the body; buffered chunks (and the end, if seen) are replayed first."""
         buffered = self._body_buffer
         self._body_buffer = None
@@ -200,24 +205,40 @@ class Exchange:
                 framing += b"connection: keep-alive\r\n"
         else:
             framing += b"connection: close\r\n"
-        conn.write(
-            b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, reason, serialize_headers(headers), framing)
+        # held until the body, the end, or flush(): one write (one syscall) instead of two
+        self._pending = b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
+            status,
+            reason,
+            serialize_headers(headers),
+            framing,
         )
 
     def send_body(self, data: bytes) -> None:
         if not data or self.head_request:
             return
         if self._chunked_out:
-            self.conn.write(b"%x\r\n%s\r\n" % (len(data), data))
-        else:
-            self.conn.write(data)
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        self.conn.write(data)
+
+    def flush(self) -> None:
+        """Write a held response head now (the body is not here yet)."""
+        if self._pending:
+            self.conn.write(self._pending)
+            self._pending = b""
 
     def end_response(self) -> None:
         if self.response_done:
             return
         self.response_done = True
         if self._chunked_out and not self.head_request:
-            self.conn.write(b"0\r\n\r\n")
+            self.conn.write(self._pending + b"0\r\n\r\n")
+            self._pending = b""
+        elif self._pending:
+            self.conn.write(self._pending)
+            self._pending = b""
         self.conn._exchange_done(self)
 
     def respond(
@@ -431,9 +452,10 @@ class ServerConnection(asyncio.Protocol):
             raise BadRequest(501, "CONNECT is not supported")
         host_s = ""
         if host:
-            host_s = _host_name(host)
-            if host_s is None:
+            host_name = _host_name(host)
+            if host_name is None:
                 raise BadRequest(400, "malformed Host header")
+            host_s = host_name
         url = self._url
         if not url.startswith(b"/") and url != b"*":
             url = _origin_form(url)
@@ -465,7 +487,12 @@ class ServerConnection(asyncio.Protocol):
         self._parsing = None
         if ex is None:
             return
-        if ex.chunked and ex not in self._ready and ex not in self._queue and ex is not self._active:
+        if (
+            ex.chunked
+            and ex not in self._ready
+            and ex not in self._queue
+            and ex is not self._active
+        ):
             self._ready.append(ex)
         ex._end_body()
 
@@ -523,7 +550,8 @@ class ServerConnection(asyncio.Protocol):
         text = _STATUS_TEXT.get(err.status, b"Bad Request")
         self.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (err.status, text, len(body), body)
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (err.status, text, len(body), body)
         )
         self.close()
 
@@ -562,10 +590,8 @@ class ServerConnection(asyncio.Protocol):
         self._closed = True
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            except OSError:
-                pass
         transport.abort()
 
     def pause_reading_for(self, reason: str) -> None:

@@ -54,6 +54,9 @@ class ResponseSink(Protocol):
 
     def on_upstream_writable(self, writable: bool) -> None: ...
 
+    def on_data_end(self) -> None:
+        """End of one read from the upstream: a chance to flush coalesced writes."""
+
 
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to one endpoint, carrying one exchange at a time."""
@@ -130,6 +133,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._head_request and self._response_done:
             self._parser = httptools.HttpResponseParser(self)
+        sink = self._sink
+        if sink is not None:
+            sink.on_data_end()
 
     def pause_writing(self) -> None:
         if self._sink is not None:
@@ -268,7 +274,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink = None
         self.close()
         if sink is not None and not self._response_done:
-            sink.on_upstream_error(UpstreamError("timeout", f"no answer in {self._timeout:g}s"), False)
+            sink.on_upstream_error(
+                UpstreamError("timeout", f"no answer in {self._timeout:g}s"), False
+            )
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -303,17 +311,24 @@ class EndpointPool:
         self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        host_part = f"[{host}]" if ":" in host else host
+        #: host:port as bytes, the Host for requests that came without one
+        self.authority = f"{host_part}:{port}".encode()
 
     @property
     def label(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.authority.decode()
 
     def get_idle(self) -> UpstreamConnection | None:
         """An idle live connection, most recently used first (warmest), or None."""
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if conn.state == IDLE and conn.transport is not None and not conn.transport.is_closing():
+            if (
+                conn.state == IDLE
+                and conn.transport is not None
+                and not conn.transport.is_closing()
+            ):
                 return conn
             conn.close()
         return None
@@ -354,7 +369,9 @@ class EndpointPool:
             )
         except TimeoutError:
             self._on_closed(conn)
-            raise UpstreamError("timeout", f"connect timed out after {self.connect_timeout:g}s") from None
+            raise UpstreamError(
+                "timeout", f"connect timed out after {self.connect_timeout:g}s"
+            ) from None
         except OSError as exc:
             self._on_closed(conn)
             raise UpstreamError("refused", exc.strerror or str(exc)) from None
@@ -411,9 +428,7 @@ class EndpointPool:
 class BackendPool:
     """A named backend: its endpoints (round robin), each with its own pool, and its timeouts."""
 
-    def __init__(
-        self, name: str, endpoints: Sequence[EndpointPool], timeout: float
-    ) -> None:
+    def __init__(self, name: str, endpoints: Sequence[EndpointPool], timeout: float) -> None:
         self.name = name
         self.endpoints = list(endpoints)
         self.timeout = timeout
