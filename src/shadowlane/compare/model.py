@@ -1,0 +1,49 @@
+"""The data handed from the proxy (hot path) to the comparison engine (off the hot path).
+
+The proxy builds one `CompareJob` per compared request once the primary's answer and the
+shadow's (and, with noise cancellation, the secondary's) are all in, and submits it with a
+non-blocking call. Everything here is plain data: bytes as received, nothing parsed yet, so the
+hot path pays only for the capture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Captured:
+    """One answer as captured: status, headers (lower-case names), body up to the cap."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    #: the body was longer than the capture cap and is cut
+    truncated: bool
+    #: time from sending the request to the end of the answer
+    seconds: float
+    #: "" for a complete answer; else why there is none ("error", "timeout")
+    failure: str = ""
+
+
+@dataclass(slots=True)
+class CompareJob:
+    route: str
+    #: the shadow (candidate) backend name
+    target: str
+    request_id: str
+    method: str
+    #: path and query as sent by the client
+    uri: str
+    #: request body, cut to the example cap (kept only for example pairs)
+    request_body: bytes
+    primary: Captured
+    candidate: Captured
+    #: the answer of the `secondary` backend (same version as primary), for noise
+    secondary: Captured | None
+    #: the shadow's compare settings; the engine's own compiled type (see compare.engine)
+    settings: object = None
+    ts: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
