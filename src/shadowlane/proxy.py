@@ -21,6 +21,7 @@ from shadowlane.wire.upstream import BackendPool, EndpointPool, UpstreamConnecti
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
     from shadowlane.shadow.dispatcher import RouteShadows, ShadowDispatcher
+    from shadowlane.shadow.join import PrimaryCapture
 
 #: methods safe to resend after a stale keep-alive connection died under them (RFC 9110 9.2.2)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -90,6 +91,7 @@ class ProxyCall:
         "backend",
         "body",
         "body_size_seen",
+        "capture",
         "client_gone",
         "conn",
         "endpoint",
@@ -126,6 +128,8 @@ class ProxyCall:
         self.finished = False
         self.status = 0
         self.shadow_state: object = None
+        #: the primary's answer as it streams by, when a compared shadow needs it
+        self.capture: PrimaryCapture | None = None
         req = self.request
         headers, rid = upstream_request_headers(
             req.headers, req.client_addr.encode(), proxy.proto, self.endpoint.authority
@@ -253,10 +257,14 @@ class ProxyCall:
             return
         self.status = status
         self.exchange.start_response(status, reason, response_headers(headers), content_length)
+        if self.capture is not None:
+            self.capture.head(status, headers)
 
     def on_response_body(self, data: bytes) -> None:
         if not self.client_gone and not self.finished:
             self.exchange.send_body(data)
+            if self.capture is not None:
+                self.capture.body(data)
 
     def on_response_end(self) -> None:
         if self.client_gone or self.finished:
@@ -264,6 +272,8 @@ class ProxyCall:
         self.finished = True
         self.exchange.end_response()
         self._observe(self.status)
+        if self.capture is not None:
+            self.capture.finish(self.proxy.loop.time() - self.t0)
         if self.shadow_state is not None:
             self.proxy.shadow.response_done(self)  # type: ignore[union-attr]
 
@@ -304,16 +314,24 @@ class ProxyCall:
         if ex.response_started:
             ex.abort()  # never pass a truncated body off as complete
             self._observe(self.status)
+            if self.capture is not None:
+                self.capture.finish(self.proxy.loop.time() - self.t0, err.kind)
+            if self.shadow_state is not None:
+                self.proxy.shadow.response_done(self)  # type: ignore[union-attr]
             return
         status = 504 if err.kind == "timeout" else 503 if err.kind == "overflow" else 502
         msg = f"upstream {self.backend.name} ({self.endpoint.label}): {err}\n"
         ex.respond(status, msg.encode())
         self._observe(status)
+        if self.capture is not None:
+            self.capture.finish(self.proxy.loop.time() - self.t0, err.kind, status)
         if self.shadow_state is not None:
             self.proxy.shadow.response_done(self)  # type: ignore[union-attr]
 
     def _client_gone(self) -> None:
         self.client_gone = True
+        if self.capture is not None:
+            self.capture.abandon()
         if self.conn is not None:
             self.conn.abandon()
         if not self.finished:

@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from shadowlane.compare.model import CompareJob
 from shadowlane.config import BackendConfig, Config, ShadowConfig
 from shadowlane.routing import Route, compile_match
+from shadowlane.shadow.join import EMPTY, EXAMPLE_REQUEST_BODY, CompareSlot, PrimaryCapture, Submit
 from shadowlane.shadow.lane import ShadowCopy, ShadowLane
 from shadowlane.shadow.mutation import MARKER, CopyBuilder
 from shadowlane.shadow.sampling import KeyFn, Sampler, key_function
@@ -34,12 +36,36 @@ OUTCOME_SKIPPED_STATUS = "skipped_status"
 class LanePlan:
     """One shadow of a route: how to choose, build and send its copies."""
 
-    __slots__ = ("after_response", "builder", "cfg", "lane", "match", "order_key", "sampler")
+    __slots__ = (
+        "after_response",
+        "builder",
+        "capture_limit",
+        "cfg",
+        "compare_settings",
+        "compares",
+        "lane",
+        "match",
+        "order_key",
+        "sampler",
+        "secondary",
+    )
 
-    def __init__(self, cfg: ShadowConfig, lane: ShadowLane, builder: CopyBuilder) -> None:
+    def __init__(
+        self,
+        cfg: ShadowConfig,
+        lane: ShadowLane,
+        builder: CopyBuilder,
+        secondary: ShadowLane | None = None,
+        compare_settings: object = None,
+    ) -> None:
         self.cfg = cfg
         self.lane = lane
         self.builder = builder
+        #: with noise cancellation: the lane to the secondary (same version as the primary)
+        self.secondary = secondary
+        self.compares = lane.capture_limit > 0
+        self.capture_limit = lane.capture_limit
+        self.compare_settings = compare_settings
         self.sampler = Sampler(cfg.percent, _key(cfg.sample_key))
         self.match = compile_match(cfg.match) if cfg.match is not None else None
         self.order_key: KeyFn | None = _key(cfg.order_key)
@@ -72,6 +98,7 @@ def _key(spec: tuple[str, str] | None) -> KeyFn | None:
 
 
 BuildPool = Callable[[str, BackendConfig], BackendPool]
+CompileSettings = Callable[[ShadowConfig, Route], object]
 
 
 class ShadowDispatcher:
@@ -81,10 +108,14 @@ class ShadowDispatcher:
         backends: dict[str, BackendPool],
         cfg: Config,
         build_pool: BuildPool | None = None,
+        compare_submit: Submit | None = None,
+        compile_settings: CompileSettings | None = None,
     ) -> None:
         self.metrics = metrics
         self.cfg = cfg
         self._build_pool = build_pool
+        self._compare_submit = compare_submit
+        self._compile_settings = compile_settings
         self.lanes: list[ShadowLane] = []
         self.plans: dict[str, RouteShadows] = {}
         metrics.set_gauge_provider(
@@ -110,26 +141,37 @@ class ShadowDispatcher:
             return None
         plans = []
         for sc in route.config.shadows:
-            bcfg = self.cfg.backends[sc.backend]
-            pool = self._pool(sc.backend, bcfg)
-            lane = ShadowLane(
-                route.name,
-                sc.backend,
-                pool,
-                self.metrics,
-                timeout=sc.timeout,
-                max_in_flight=sc.max_in_flight,
-                queue=sc.queue,
-                ordered=sc.ordered_by is not None,
-                capture_limit=0,
-            )
-            self.lanes.append(lane)
-            self.metrics.declare_shadow(route.name, sc.backend)
-            authority = bcfg.endpoints[0].authority
-            plans.append(LanePlan(sc, lane, CopyBuilder(sc, route.name, authority)))
+            opts = sc.compare_enabled if self._compare_submit is not None else None
+            capture = opts.max_body if opts is not None else 0
+            lane = self._lane(route, sc, sc.backend, capture)
+            secondary = None
+            if opts is not None and opts.secondary:
+                secondary = self._lane(route, sc, opts.secondary, capture)
+            settings = None
+            if opts is not None and self._compile_settings is not None:
+                settings = self._compile_settings(sc, route)
+            authority = self.cfg.backends[sc.backend].endpoints[0].authority
+            builder = CopyBuilder(sc, route.name, authority)
+            plans.append(LanePlan(sc, lane, builder, secondary, settings))
         shadows = RouteShadows(route.name, plans)
         self.plans[route.name] = shadows
         return shadows
+
+    def _lane(self, route: Route, sc: ShadowConfig, backend: str, capture: int) -> ShadowLane:
+        lane = ShadowLane(
+            route.name,
+            backend,
+            self._pool(backend, self.cfg.backends[backend]),
+            self.metrics,
+            timeout=sc.timeout,
+            max_in_flight=sc.max_in_flight,
+            queue=sc.queue,
+            ordered=sc.ordered_by is not None,
+            capture_limit=capture,
+        )
+        self.lanes.append(lane)
+        self.metrics.declare_shadow(route.name, backend)
+        return lane
 
     def _pool(self, name: str, bcfg: BackendConfig) -> BackendPool:
         if self._build_pool is not None:
@@ -161,13 +203,18 @@ class ShadowDispatcher:
                     metrics.shadow_outcome(shadows.route, p.lane.target, OUTCOME_SKIPPED_LOOP)
                 return None
         sampled: list[LanePlan] = []
+        capture = 0
         for p in shadows.lanes:
             if p.lane.paused or (p.match is not None and not p.match(req)):
                 continue
             if p.sampler.sampled(req):
                 sampled.append(p)
+                if p.capture_limit > capture:
+                    capture = p.capture_limit
             else:
                 metrics.shadow_outcome(shadows.route, p.lane.target, "sampled_out")
+        if capture:
+            call.capture = PrimaryCapture(capture)
         return RequestShadows(sampled) if sampled else None
 
     def request_done(self, call: ProxyCall) -> None:
@@ -207,11 +254,40 @@ class ShadowDispatcher:
         req = call.request
         head = p.builder.head(req, base, len(body))  # type: ignore[arg-type]
         key = p.order_key(req) if p.order_key is not None else None
-        copy = ShadowCopy(p.lane, req.method, head, body, key, None)
+        slot = self._slot(call, p, body) if p.compares else None
+        copy = ShadowCopy(p.lane, req.method, head, body, key, slot.on_candidate if slot else None)
         if p.lane.submit(copy):
             state.outcomes[p.lane.target] = "sent"
         else:
             state.outcomes[p.lane.target] = "dropped"
+            if slot is not None:
+                slot.copy_dropped()
+            return
+        if slot is not None and p.secondary is not None:
+            second = ShadowCopy(p.secondary, req.method, head, body, key, slot.on_secondary)
+            if not p.secondary.submit(second):
+                slot.copy_dropped()
+
+    def _slot(self, call: ProxyCall, p: LanePlan, body: bytes) -> CompareSlot | None:
+        capture = call.capture
+        if capture is None or self._compare_submit is None:
+            return None
+        req = call.request
+        job = CompareJob(
+            route=p.lane.route,
+            target=p.lane.target,
+            request_id=req.request_id,
+            method=req.method,
+            uri=req.target.decode("latin-1"),
+            request_body=body[:EXAMPLE_REQUEST_BODY],
+            primary=EMPTY,
+            candidate=EMPTY,
+            secondary=None,
+            settings=p.compare_settings,
+        )
+        slot = CompareSlot(job, p.secondary is not None, self._compare_submit, self.metrics)
+        capture.attach(slot)
+        return slot
 
     def _outcome(self, state: RequestShadows, p: LanePlan, outcome: str) -> None:
         state.outcomes[p.lane.target] = outcome
