@@ -212,9 +212,10 @@ class RssSampler:
     def _rss_now(self) -> int:
         return sum(_status_kib(pid, "VmRSS") for pid in descendants(self.root))
 
-    def start(self) -> None:
+    def start(self, reset_peak: bool = True) -> None:
+        """Start sampling; `reset_peak=False` keeps the lifetime VmHWM (the memory check)."""
         self._hwm_reset = True
-        for pid in descendants(self.root):
+        for pid in descendants(self.root) if reset_peak else []:
             try:
                 Path(f"/proc/{pid}/clear_refs").write_text("5")
             except OSError:

@@ -19,6 +19,7 @@ from scenarios import FIXED_RATE, Measurement
 from servers import PROXY_LABELS
 
 RSS_LIMIT_MB = 200.0
+OUTCOME_ORDER = ("sent", "ok", "error", "timeout", "dropped", "skipped_body", "sampled_out")
 MIN_ACHIEVED = 0.95  # a fixed-load run that got less than this share of the offered load
 
 
@@ -43,7 +44,7 @@ def machine_info(repo: Path) -> dict[str, Any]:
         "cpu": cpu,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "nginx": _cmd_version(["nginx", "-v"]).replace("nginx version: ", ""),
+        "nginx": _cmd_version(["nginx", "-v"]).replace("nginx version: nginx/", ""),
         "wrk": _cmd_version(["wrk", "-v"]).split(" [")[0],
         "h2load": _cmd_version(["h2load", "--version"]),
         "load_average_at_start": os.getloadavg(),
@@ -198,7 +199,9 @@ def _errs(m: Measurement) -> str:
 def _outcomes(m: Measurement) -> str:
     if not m.shadow_outcomes:
         return "-"
-    return ", ".join(f"{k} {_count(v)}" for k, v in m.shadow_outcomes.items())
+    order = {k: i for i, k in enumerate(OUTCOME_ORDER)}
+    items = sorted(m.shadow_outcomes.items(), key=lambda kv: (order.get(kv[0], 99), kv[0]))
+    return ", ".join(f"{k} {_count(v)}" for k, v in items)
 
 
 def _label(proxy: str) -> str:
@@ -282,12 +285,15 @@ def render_markdown(doc: dict[str, Any], ms: list[Measurement], targets: list[Ta
     )
     add(
         f"- Method: each figure is the median of {meta['runs']} run(s) of {meta['duration_s']:g} s "
+        f"({meta['growth_duration_s']:g} s for the cost-growth tables) "
         f"after a {meta['warmup_s']:g} s warm-up. Closed-loop load: `wrk --latency -t2 -c50` "
         f"(small GET unless stated). Fixed load: `h2load --h1 -c50 --rps=100` "
         f"({FIXED_RATE:,} req/s offered), percentiles from its per-request log. Peak RSS: sum "
         "over the proxy's processes of VmHWM, reset at the start of each run (clear_refs), "
         "checked against 4 Hz VmRSS sampling. Everything (load generator, proxy, backends) "
-        "shares the same cores, on loopback.\n"
+        "shares the same cores, on loopback. Shadow copies: the change in shadowlane's "
+        "`shadowlane_shadow_requests_total` over the measured runs, from its admin `/metrics` "
+        "(with 2 workers, one scrape may cover only the worker that answered it).\n"
     )
 
     add("## Targets\n")
@@ -364,6 +370,10 @@ def render_markdown(doc: dict[str, Any], ms: list[Measurement], targets: list[Ta
     mem = [m for m in ms if m.group == "memory"]
     if mem:
         add("## Memory: hung shadow for 60 s under load (wrk, 50 connections)\n")
+        add(
+            "Peak RSS here is the lifetime peak (VmHWM not reset) of a proxy that has already "
+            "run the other hung-shadow scenarios.\n"
+        )
         add(_table(THROUGHPUT_HEAD, _throughput_rows(ms, _ids(ms, "memory"))))
         add("")
         for m in mem:

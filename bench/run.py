@@ -79,6 +79,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--proxies", nargs="+", choices=PROXIES_ALL, help="limit the proxies")
     p.add_argument("--runs", type=int, help="runs per figure (default 3; --quick 1)")
     p.add_argument("--duration", type=float, help="seconds per run (default 4; --quick 2)")
+    p.add_argument(
+        "--growth-duration",
+        type=float,
+        help="seconds per run of the cost-growth scenarios (default 3; --quick 2)",
+    )
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per figure")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.add_argument(
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = Settings(
         duration=args.duration or (2.0 if args.quick else 4.0),
+        growth_duration=args.growth_duration or (2.0 if args.quick else 3.0),
         warmup=args.warmup,
         runs=args.runs or (1 if args.quick else 3),
         work=BENCH_DIR / "out",
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(elapsed, 1),
         "runs": settings.runs,
         "duration_s": settings.duration,
+        "growth_duration_s": settings.growth_duration,
         "warmup_s": settings.warmup,
         "interrupted": interrupted,
     }

@@ -130,27 +130,33 @@ def select(patterns: Iterable[str] | None, proxies: Iterable[str] | None) -> lis
     return chosen
 
 
+GROWTH_GROUPS = ("shadows", "body", "connections")
+
+
 @dataclass
 class Settings:
-    duration: float
+    duration: float  # seconds per run: throughput and fixed-load scenarios
+    growth_duration: float  # seconds per run: the cost-growth scenarios
     warmup: float
     runs: int
     work: Path
 
 
 def run_time(s: Scenario, settings: Settings) -> float:
-    return s.duration or settings.duration
+    if s.duration:
+        return s.duration
+    return settings.growth_duration if s.group in GROWTH_GROUPS else settings.duration
 
 
 def estimate_seconds(scenarios: list[Scenario], settings: Settings) -> float:
-    """Rough wall time: warm-up + runs per measurement, plus a proxy start per setup."""
+    """Wall time: warm-up + runs per figure, tool start-up, plus a proxy start per setup."""
     total, setups = 0.0, set()
     for s in scenarios:
         runs = s.runs or settings.runs
-        per = settings.warmup + 0.5 + runs * (run_time(s, settings) + 0.4)
+        per = settings.warmup + 0.1 + runs * (run_time(s, settings) + 0.15)
         total += per * len(s.proxies)
         setups.update((s.setup, p) for p in s.proxies)
-    return total + 1.5 * len(setups)
+    return total + 0.8 * len(setups) + 3.0
 
 
 @dataclass
@@ -197,7 +203,7 @@ def measure(proxy: RunningProxy, s: Scenario, settings: Settings) -> Measurement
     for _ in range(s.runs or settings.runs):
         sampler = RssSampler(proxy.proc.pid) if proxy.proc else None
         if sampler:
-            sampler.start()
+            sampler.start(reset_peak=s.group != "memory")
         result = run_load(proxy.url, s.load, duration, settings.work)
         mem = sampler.stop() if sampler else {}
         results.append(result)
