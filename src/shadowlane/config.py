@@ -26,9 +26,11 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PlainValidator,
     Strict,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -39,6 +41,7 @@ __all__ = [
     "AdminConfig",
     "BackendConfig",
     "CompareConfig",
+    "CompareThresholds",
     "Config",
     "ConfigError",
     "Duration",
@@ -47,7 +50,9 @@ __all__ = [
     "LimitsConfig",
     "MatchConfig",
     "PathRewrite",
+    "RouteCompare",
     "RouteConfig",
+    "ShadowCompare",
     "ShadowConfig",
     "ShadowMatch",
     "Size",
@@ -547,6 +552,162 @@ def _check_host_suffix(value: str) -> str:
     return value
 
 
+# ---------------------------------------------------------------------------------------------
+# Comparison settings (see docs/comparison.md for what the engine does with them)
+
+_PATH_SEGMENT = re.compile(r"\*\*|[^.\[\]]+|\[(?:\*|\d+)\]")
+
+
+def _check_field_path(value: str) -> str:
+    """A field path rule: `body.took`, `body.hits.hits[*]._score`, `headers.x-trace-id`, `**.id`.
+
+    Checked here (not only in the engine) so a typo is a config error naming the key, not a rule
+    that silently matches nothing. Keys are separated by `.`, indexes are `[N]` or `[*]`, `*`
+    inside a key matches any characters of one key, `**` any number of segments.
+    """
+    text = value.strip()
+    if not text:
+        raise ValueError("empty field path")
+    if text.endswith("."):
+        raise ValueError(f"bad field path {value!r}: ends with '.'")
+    pos = 0
+    first = True
+    while pos < len(text):
+        if not first and text[pos] == ".":
+            pos += 1
+        elif not first and text[pos] != "[":
+            raise ValueError(f"bad field path {value!r} at {text[pos:]!r}")
+        m = _PATH_SEGMENT.match(text, pos)
+        if m is None or (first and m.group().startswith("[")):
+            raise ValueError(
+                f"bad field path {value!r}: use dotted keys and [N] / [*], "
+                "e.g. body.items[*].id (* = one key, ** = any depth)"
+            )
+        pos = m.end()
+        first = False
+    root = re.split(r"[.\[]", text, maxsplit=1)[0]
+    if root not in ("status", "headers", "body", "**", "*"):
+        raise ValueError(
+            f"bad field path {value!r}: must start with status, headers, body, * or **"
+        )
+    return text
+
+
+FieldPath = Annotated[str, AfterValidator(_check_field_path)]
+FieldPaths = Annotated[list[FieldPath], BeforeValidator(_none_to_empty(list))]
+
+
+def _lower_names(value: object) -> object:
+    if isinstance(value, list):
+        return [v.strip().lower() if isinstance(v, str) else v for v in value]
+    return value
+
+
+def _check_header_name_list(value: list[str]) -> list[str]:
+    for name in value:
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"not a header name: {name!r}")
+    return value
+
+
+HeaderNames = Annotated[
+    list[str],
+    BeforeValidator(_none_to_empty(list)),
+    BeforeValidator(_lower_names),
+    AfterValidator(_check_header_name_list),
+]
+
+
+class ShadowCompare(_Model):
+    """How one shadow's answers are compared with the primary's (`compare:` on a shadow)."""
+
+    #: strict: all paths equal both ways; subset: the candidate may add paths; schema: same paths
+    #: and JSON types, values may differ
+    mode: Literal["strict", "subset", "schema"] = "strict"
+    #: field paths (with wildcards) left out of the comparison, on top of global and route rules
+    ignore: FieldPaths = Field(default_factory=list)
+    #: array paths compared as multisets (order does not matter)
+    unordered: FieldPaths = Field(default_factory=list)
+    #: a backend running the primary's version; its answers measure noise (Diffy's secondary)
+    secondary: str | None = None
+    #: header names ignored for this shadow, on top of `compare.ignore_headers`
+    ignore_headers: HeaderNames = Field(default_factory=list)
+    #: capture cap per answer; a longer body is cut and compared as far as captured
+    max_body: Size = 1024**2
+
+
+def _compare_flag(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(
+        f"must be true, false or a mapping (mode, ignore, unordered, secondary, ...), got {value!r}"
+    )
+
+
+def _compare_kind(value: object) -> str:
+    return "<settings>" if isinstance(value, dict | ShadowCompare) else "<flag>"
+
+
+def _none_to_settings(value: object) -> object:
+    """`compare:` with nothing under it means "compare with defaults", as for other blocks."""
+    return {} if value is None else value
+
+
+ShadowCompareField = Annotated[
+    Annotated[bool, PlainValidator(_compare_flag), Tag("<flag>")]
+    | Annotated[ShadowCompare, Tag("<settings>")],
+    Discriminator(_compare_kind),
+    BeforeValidator(_none_to_settings),
+]
+
+
+class RouteCompare(_Model):
+    """Per-route comparison rules (`routes[].compare`), applied to every compared shadow."""
+
+    ignore: FieldPaths = Field(default_factory=list)
+
+
+#: Headers that differ between any two servers or any two answers of one server, so comparing
+#: them reports only noise. Each has a reason in docs/comparison.md. Not here on purpose:
+#: etag, last-modified, set-cookie, cache-control, vary, content-type, content-encoding, location
+#: (a change in them can break clients; with a `secondary`, random values cancel out as noise).
+DEFAULT_IGNORE_HEADERS: tuple[str, ...] = (
+    "date",
+    "server",
+    "x-request-id",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "age",
+    "expires",
+    "x-runtime",
+    "x-response-time",
+    "server-timing",
+    "traceparent",
+    "tracestate",
+    "x-amzn-trace-id",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "via",
+    "x-served-by",
+    "x-cache",
+    "x-cache-hits",
+    "x-timer",
+)
+
+
+class CompareThresholds(_Model):
+    """Diffy's rule for reporting a field: its difference rate must clearly exceed its noise.
+
+    A field is reported only if raw > noise AND |raw-noise|/(raw+noise)*100 > relative AND
+    |raw-noise|/compared*100 > absolute (raw, noise: counts of requests; compared: requests).
+    """
+
+    relative: Annotated[float, Field(ge=0)] = 20.0
+    absolute: Annotated[float, Field(ge=0)] = 0.03
+
+
 class ShadowConfig(_Model):
     """One shadow target of a route: which copies go where, changed how, under which limits."""
 
@@ -567,7 +728,7 @@ class ShadowConfig(_Model):
     max_in_flight: Annotated[Int, Field(ge=1)] = 64
     queue: Annotated[Int, Field(ge=0)] = 1024
     max_body: Size = 1024**2
-    compare: bool = False
+    compare: ShadowCompareField = False
 
     @model_validator(mode="after")
     def _only_if_primary_implies_after_response(self) -> ShadowConfig:
@@ -592,6 +753,13 @@ class ShadowConfig(_Model):
     def order_key(self) -> tuple[str, str] | None:
         """`ordered_by` split as (kind, name): ("path", ""), ("query", "account")."""
         return _split_key(self.ordered_by)
+
+    @property
+    def compare_enabled(self) -> ShadowCompare | None:
+        """The resolved compare settings (`true` = defaults), or None when not comparing."""
+        if isinstance(self.compare, ShadowCompare):
+            return self.compare
+        return ShadowCompare() if self.compare else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,6 +786,7 @@ class RouteConfig(_Model):
     shadows: Annotated[list[ShadowConfig], BeforeValidator(_none_to_empty(list))] = Field(
         default_factory=list
     )
+    compare: Annotated[RouteCompare | None, BeforeValidator(_none_to_empty(dict))] = None
 
     @field_validator("backends")
     @classmethod
@@ -687,7 +856,26 @@ def _check_store(value: str) -> str:
 
 
 class CompareConfig(_Model):
+    """Global comparison settings: where results go, global rules, noise thresholds, limits."""
+
     store: Annotated[str, AfterValidator(_check_store)] = "sqlite:///shadowlane.db"
+    #: field paths ignored on every route and shadow
+    ignore: FieldPaths = Field(default_factory=list)
+    #: header names never compared (replaces the default list when given; see docs)
+    ignore_headers: HeaderNames = Field(default_factory=lambda: list(DEFAULT_IGNORE_HEADERS))
+    thresholds: Annotated[CompareThresholds, BeforeValidator(_none_to_empty(dict))] = Field(
+        default_factory=CompareThresholds
+    )
+    #: jobs waiting for the comparator; beyond it they are dropped (result `dropped`)
+    queue: Annotated[Int, Field(ge=1)] = 1024
+    #: example pairs kept per (route, target, field), newest first
+    examples_per_field: Annotated[Int, Field(ge=0)] = 5
+    #: examples older than this are deleted (aggregates are kept)
+    retention: Annotated[Duration, AfterValidator(_positive)] = 7 * 86400.0
+    #: the comparator writes to the store at least this often ...
+    flush_interval: Timeout = 1.0
+    #: ... or as soon as this many results are waiting
+    batch: Annotated[Int, Field(ge=1)] = 500
 
 
 def _parse_access_log(value: object) -> bool | str:
@@ -771,8 +959,10 @@ def _loc_path(loc: Loc) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part == "[key]":
-            continue  # dict-key errors: the key itself is already the last path segment
+        elif part == "[key]" or part.startswith("<"):
+            # dict-key errors: the key itself is already the last path segment; "<...>" are
+            # the tags of tagged unions (`compare: true` vs a mapping), not keys the user wrote
+            continue
         else:
             out += f".{part}" if out else part
     return out or "(top level)"
@@ -856,6 +1046,9 @@ def _cross_check(cfg: Config) -> list[str]:
             ref(f"routes[{i}].backends[{j}].backend", leg.backend)
         for j, shadow in enumerate(route.shadows):
             ref(f"routes[{i}].shadows[{j}].backend", shadow.backend)
+            opts = shadow.compare_enabled
+            if opts is not None and opts.secondary is not None:
+                ref(f"routes[{i}].shadows[{j}].compare.secondary", opts.secondary)
 
     listen, admin = cfg.listen_addr, cfg.admin.listen_addr
     if listen == admin and listen[1] != 0:
@@ -879,7 +1072,7 @@ def _positions(node: yaml.Node, path: Loc, out: dict[Loc, tuple[int, int]]) -> N
 
 
 def _position_of(loc: Loc, positions: dict[Loc, tuple[int, int]]) -> tuple[int, int]:
-    parts = tuple(p for p in loc if p != "[key]")
+    parts = tuple(p for p in loc if p != "[key]" and not str(p).startswith("<"))
     for end in range(len(parts), 0, -1):
         pos = positions.get(parts[:end])
         if pos is not None:
@@ -1009,8 +1202,14 @@ def _describe_shadow(s: ShadowConfig) -> str:
         parts.append(f"queue {s.queue}")
     if s.max_body != defaults["max_body"].default:
         parts.append(f"body <= {format_size(s.max_body)}")
-    if s.compare:
-        parts.append("compare")
+    opts = s.compare_enabled
+    if opts is not None:
+        how: list[str] = [opts.mode]
+        if opts.secondary:
+            how.append(f"noise from {opts.secondary}")
+        if opts.ignore:
+            how.append(f"{len(opts.ignore)} ignore rules")
+        parts.append("compare " + ", ".join(how))
     return f"shadow -> {s.backend}  " + ", ".join(parts)
 
 
@@ -1033,7 +1232,8 @@ def summarize(cfg: Config) -> str:
         f"{format_duration(lim.header_timeout)}, idle {format_duration(lim.idle_timeout)}, "
         f"body <= {format_size(lim.max_body)}, drain {format_duration(lim.drain_timeout)}",
         f"access log  {access}",
-        f"compare     {cfg.compare.store}",
+        f"compare     {cfg.compare.store} (queue {cfg.compare.queue}, examples "
+        f"{cfg.compare.examples_per_field}/field for {format_duration(cfg.compare.retention)})",
         f"backends ({len(cfg.backends)})",
     ]
     width = max(len(n) for n in cfg.backends)
