@@ -1,0 +1,184 @@
+"""The comparison API and the dashboard, served by the admin listener.
+
+`install_comparison_api(admin, store)` adds:
+
+- `GET /api/comparisons/summary`: one entry per route and target (`store.summary()`),
+- `GET /api/comparisons/{route}/{target}/fields`: per-field difference and noise rates,
+- `GET /api/comparisons/{route}/{target}/examples?field=F&limit=N`: example answer pairs,
+- `GET /` the dashboard page and `GET /static/{name}` its script and style sheet.
+
+Store queries may block (SQLite on a slow disk, PostgreSQL over the network), so each one runs in
+a worker thread; at most `MAX_CONCURRENT_QUERIES` run at once and each gets `QUERY_TIMEOUT`
+seconds before the client is told 503. The admin loop never waits on the store, so `/metrics`
+and `/healthz` stay responsive however slow the store is.
+
+The dashboard is three static files shipped as package data (`admin/static/`), read once at
+install time: no CDN, no build step, and a Content-Security-Policy that allows only this origin,
+so the page works on an air-gapped machine and cannot be made to load anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from importlib import resources
+from typing import Any, Protocol, TypeVar
+
+from shadowlane.admin.app import AdminApp
+from shadowlane.admin.messages import AdminRequest, AdminResponse, error_response, json_response
+
+__all__ = [
+    "DEFAULT_EXAMPLE_LIMIT",
+    "MAX_CONCURRENT_QUERIES",
+    "MAX_EXAMPLE_LIMIT",
+    "QUERY_TIMEOUT",
+    "ComparisonQueries",
+    "install_comparison_api",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_EXAMPLE_LIMIT = 20
+MAX_EXAMPLE_LIMIT = 100
+#: store queries running at once; more wait (the dashboard polls every 2 s per open page)
+MAX_CONCURRENT_QUERIES = 4
+#: seconds one store query may take before the client gets a 503 (the thread finishes anyway)
+QUERY_TIMEOUT = 10.0
+
+#: static file name -> content type; only these are served (no directory walking)
+_STATIC_TYPES = {
+    "index.html": "text/html; charset=utf-8",
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+}
+
+_PAGE_HEADERS: tuple[tuple[str, str], ...] = (
+    (
+        "content-security-policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    # Small files, and a new version must show after an upgrade without a hard reload.
+    ("cache-control", "no-cache"),
+)
+_API_HEADERS: tuple[tuple[str, str], ...] = (
+    ("cache-control", "no-store"),
+    ("x-content-type-options", "nosniff"),
+)
+
+
+class ComparisonQueries(Protocol):
+    """The read side of the comparison store, as the API uses it. Callable from any thread."""
+
+    def summary(self) -> list[dict[str, Any]]: ...
+
+    def fields(self, route: str, target: str) -> list[dict[str, Any]]: ...
+
+    def examples(
+        self, route: str, target: str, field: str | None = None, limit: int = 20
+    ) -> list[dict[str, Any]]: ...
+
+
+class _StoreUnavailable(Exception):
+    pass
+
+
+def load_static() -> dict[str, bytes]:
+    """The dashboard's files from the installed package (raises if one is missing)."""
+    folder = resources.files("shadowlane.admin").joinpath("static")
+    return {name: folder.joinpath(name).read_bytes() for name in _STATIC_TYPES}
+
+
+class _ComparisonApi:
+    def __init__(self, store: ComparisonQueries | None, static: dict[str, bytes]) -> None:
+        self._store = store
+        self._static = static
+        # Created on first use, so it belongs to the loop the admin server runs on.
+        self._slots: asyncio.Semaphore | None = None
+
+    async def _query(self, call: Callable[[], T]) -> T:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(MAX_CONCURRENT_QUERIES)
+        try:
+            async with self._slots, asyncio.timeout(QUERY_TIMEOUT):
+                return await asyncio.to_thread(call)
+        except TimeoutError:
+            log.warning("comparison store query took longer than %ss", QUERY_TIMEOUT)
+            raise _StoreUnavailable("comparison store timed out") from None
+        except Exception as exc:
+            log.exception("comparison store query failed")
+            raise _StoreUnavailable(f"comparison store failed: {type(exc).__name__}") from None
+
+    async def _answer(self, call: Callable[[], Any]) -> AdminResponse:
+        try:
+            result = await self._query(call)
+        except _StoreUnavailable as exc:
+            return error_response(503, str(exc), headers=_API_HEADERS)
+        return json_response(result, headers=_API_HEADERS)
+
+    # -- API ------------------------------------------------------------------------------------
+
+    async def summary(self, request: AdminRequest) -> AdminResponse:
+        store = self._store
+        if store is None:
+            return json_response([], headers=_API_HEADERS)
+        return await self._answer(store.summary)
+
+    async def fields(self, request: AdminRequest) -> AdminResponse:
+        store = self._store
+        if store is None:
+            return json_response([], headers=_API_HEADERS)
+        route, target = request.params["route"], request.params["target"]
+        return await self._answer(lambda: store.fields(route, target))
+
+    async def examples(self, request: AdminRequest) -> AdminResponse:
+        raw_limit = request.query.get("limit", "")
+        limit = DEFAULT_EXAMPLE_LIMIT
+        if raw_limit:
+            if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_EXAMPLE_LIMIT:
+                return error_response(
+                    400, f"limit: must be an integer 1..{MAX_EXAMPLE_LIMIT}", limit=raw_limit
+                )
+            limit = int(raw_limit)
+        field = request.query.get("field") or None
+        store = self._store
+        if store is None:
+            return json_response([], headers=_API_HEADERS)
+        route, target = request.params["route"], request.params["target"]
+        return await self._answer(lambda: store.examples(route, target, field, limit))
+
+    # -- dashboard ------------------------------------------------------------------------------
+
+    async def index(self, request: AdminRequest) -> AdminResponse:
+        return self._file("index.html")
+
+    async def static(self, request: AdminRequest) -> AdminResponse:
+        name = request.params["name"]
+        if name not in _STATIC_TYPES:
+            return error_response(404, "not found", path=request.path)
+        return self._file(name)
+
+    def _file(self, name: str) -> AdminResponse:
+        return AdminResponse(
+            body=self._static[name], content_type=_STATIC_TYPES[name], headers=_PAGE_HEADERS
+        )
+
+
+def install_comparison_api(admin: AdminApp, store: ComparisonQueries | None) -> None:
+    """Serve the comparison API and the dashboard on `admin`.
+
+    `store` answers the queries (see `ComparisonQueries`); None means comparison is not
+    configured: the API answers empty lists and the dashboard says there is nothing to show.
+    Call it once per AdminApp, before or after `admin.start()`.
+    """
+    api = _ComparisonApi(store, load_static())
+    admin.route("GET", "/api/comparisons/summary", api.summary)
+    admin.route("GET", "/api/comparisons/{route}/{target}/fields", api.fields)
+    admin.route("GET", "/api/comparisons/{route}/{target}/examples", api.examples)
+    admin.route("GET", "/", api.index)
+    admin.route("GET", "/static/{name}", api.static)
