@@ -105,7 +105,8 @@
 
   function childPath(parent, key, isIndex) {
     if (isIndex) return `${parent}[${key}]`;
-    const part = /^[^.[\]"*\s]+$/.test(key) ? key : `[${JSON.stringify(key)}]`;
+    // As compare.paths.key_segment: plain unless empty or holding `.`, `[`, `]` or `"`.
+    const part = /^[^.[\]"]+$/.test(key) ? key : `[${JSON.stringify(key)}]`;
     if (!parent) return part;
     return part.startsWith("[") ? parent + part : `${parent}.${part}`;
   }
@@ -115,11 +116,16 @@
   function pathMatcher(path) {
     let re = patternCache.get(path);
     if (!re) {
-      const escaped = path.replace(/[.+?^${}()|\\]/g, "\\$&");
-      const source = escaped
-        .replace(/\[\*\]/g, "\\[\\d+\\]")
-        .replace(/\[(\d+)\]/g, "\\[$1\\]")
-        .replace(/\*/g, "[^.\\[]+");
+      // `[*]` any index, `**` any number of segments, `*` any characters within one key.
+      const source = path
+        .split(/(\[\*\]|\*\*|\*)/)
+        .map((part) => {
+          if (part === "[*]") return "\\[\\d+\\]";
+          if (part === "**") return ".*";
+          if (part === "*") return "[^.\\[]*";
+          return part.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+        })
+        .join("");
       re = new RegExp(`^${source}$`);
       patternCache.set(path, re);
     }
