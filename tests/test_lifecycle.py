@@ -1,0 +1,306 @@
+"""Process life cycle of `shadowlane run`: startup line, SIGTERM drain, --workers, access log.
+
+Each test starts its own proxy (they end it), through the conftest `proxy_factory`, in front of
+the conftest `backend` (echo; `/delay/S` answers after S seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.backend import RecordingBackend, dead_port
+from support.proxy import HttpResponse, ProxyProcess, basic_config, read_http_response
+from support.wait import wait_until
+
+T = 5.0
+LOOPBACK = "127.0.0.1"
+ProxyFactory = Callable[..., ProxyProcess]
+
+
+def get(
+    port: int, target: str, headers: list[tuple[str, str]] | None = None, method: str = "GET"
+) -> HttpResponse:
+    head = f"{method} {target} HTTP/1.1\r\nHost: life.test\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers or [])
+    with socket.create_connection((LOOPBACK, port), timeout=T) as sock:
+        sock.sendall(head.encode() + b"\r\n")
+        return read_http_response(sock, method, timeout=T)
+
+
+class InFlight(threading.Thread):
+    """A request sent from its own thread; `result` is the response or the exception."""
+
+    def __init__(self, port: int, target: str) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.target = target
+        self.result: HttpResponse | BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = get(self.port, self.target)
+        except BaseException as e:
+            self.result = e
+
+    def response(self) -> HttpResponse:
+        self.join(T)
+        assert not self.is_alive(), f"{self.target}: no answer within {T}s"
+        assert isinstance(self.result, HttpResponse), f"{self.target}: {self.result!r}"
+        return self.result
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=1.0):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+# -- startup ------------------------------------------------------------------------------------
+
+
+def startup_lines(proxy: ProxyProcess) -> list[str]:
+    return [line for line in proxy.stderr_text().splitlines() if "listening on" in line]
+
+
+def test_startup_line_says_what_listens_where(
+    backend: RecordingBackend, proxy_factory: ProxyFactory
+) -> None:
+    proxy = proxy_factory(basic_config(backend.url))
+    (line,) = wait_until(lambda: startup_lines(proxy), T, "the startup line on stderr")
+    assert f"http://127.0.0.1:{proxy.port}" in line, line
+    assert f"127.0.0.1:{proxy.admin_port}" in line, line
+    assert "1 route" in line, line
+    assert proxy.stdout_text() == "", "the startup line belongs on stderr"
+
+
+# -- SIGTERM ------------------------------------------------------------------------------------
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(
+    backend: RecordingBackend, proxy_factory: ProxyFactory
+) -> None:
+    proxy = proxy_factory(basic_config(backend.url))
+    # an idle keep-alive client connection, open when the signal comes
+    idle = socket.create_connection((LOOPBACK, proxy.port), timeout=T)
+    idle.sendall(b"GET /idle HTTP/1.1\r\nHost: life.test\r\n\r\n")
+    assert read_http_response(idle, timeout=T).status == 200
+
+    flights = [InFlight(proxy.port, f"/delay/1?i={i}") for i in range(5)]
+    for f in flights:
+        f.start()
+    backend.wait_for_requests(6)  # all five are at the backend, waiting for their answer
+    signalled = time.monotonic()
+    proxy.send_signal(signal.SIGTERM)
+
+    wait_until(lambda: refuses_connections(proxy.port), 2.0, "new connections to be refused")
+    assert proxy.alive(), "the proxy exited before its in-flight requests were answered"
+    assert time.monotonic() - signalled < 0.9, "refusing new connections took too long"
+
+    with idle:  # idle connections are closed at once, not left to the idle timeout
+        idle.settimeout(2.0)
+        assert idle.recv(1) == b"", "idle keep-alive connection not closed by the drain"
+
+    for f in flights:
+        resp = f.response()
+        assert resp.status == 200, (f.target, resp.status, resp.body)
+        assert json.loads(resp.body)["target"] == f.target  # complete, and the right one
+        assert resp.header("connection") == "close", resp.headers  # no keep-alive while draining
+    assert proxy.wait(T) == 0, proxy.stderr_text()
+    assert time.monotonic() - signalled < 3.0
+
+
+def test_sigterm_when_idle_exits_0_promptly(
+    backend: RecordingBackend, proxy_factory: ProxyFactory
+) -> None:
+    proxy = proxy_factory(basic_config(backend.url))
+    assert get(proxy.port, "/warm").status == 200
+    start = time.monotonic()
+    proxy.send_signal(signal.SIGTERM)
+    assert proxy.wait(T) == 0, proxy.stderr_text()
+    assert time.monotonic() - start < 1.5
+
+
+def test_drain_timeout_bounds_the_shutdown(
+    backend: RecordingBackend, proxy_factory: ProxyFactory
+) -> None:
+    """`limits.drain_timeout: 500ms`: a request slower than that is cut off (the client never
+    gets a complete-looking answer) and the process still exits 0, on time."""
+    proxy = proxy_factory(basic_config(backend.url, limits={"drain_timeout": "500ms"}))
+    slow = InFlight(proxy.port, "/delay/4")
+    slow.start()
+    backend.wait_for_requests(1)
+    start = time.monotonic()
+    proxy.send_signal(signal.SIGTERM)
+    assert proxy.wait(T) == 0, proxy.stderr_text()
+    assert 0.4 <= time.monotonic() - start < 2.5
+    slow.join(T)
+    assert not slow.is_alive()
+    assert isinstance(slow.result, ConnectionError | OSError), slow.result
+
+
+# -- --workers ----------------------------------------------------------------------------------
+
+
+def socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def established_to(port: int) -> dict[str, int]:
+    """inode -> remote port, for ESTABLISHED IPv4 TCP sockets connected to `port`."""
+    out = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state, inode = fields[2], fields[3], fields[9]
+        if state == "01" and int(remote.split(":")[1], 16) == port:
+            out[inode] = port
+    return out
+
+
+def listening_on(port: int) -> set[str]:
+    """Inodes of IPv4 TCP sockets listening on `port`."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
+            out.add(fields[9])
+    return out
+
+
+def test_workers_all_serve_and_sigterm_stops_them_all(
+    backend: RecordingBackend, proxy_factory: ProxyFactory
+) -> None:
+    proxy = proxy_factory(basic_config(backend.url), workers=2)
+    workers = wait_until(lambda: len(proxy.worker_pids()) == 2 and proxy.worker_pids(), T, "2")
+    assert proxy.pid not in workers
+    # the proxy counts as ready once one worker listens; wait for each to have its own
+    # SO_REUSEPORT listener, or the first requests all go to the quicker one
+    wait_until(
+        lambda: all(socket_inodes(pid) & listening_on(proxy.port) for pid in workers),
+        T,
+        "both workers to listen",
+    )
+    assert len(listening_on(proxy.port)) == 2
+
+    (line,) = wait_until(lambda: startup_lines(proxy), T, "the startup line on stderr")
+    assert "2 workers" in line, line
+    assert f"http://127.0.0.1:{proxy.port}" in line, line
+
+    with ThreadPoolExecutor(16) as ex:
+        statuses = list(ex.map(lambda i: get(proxy.port, f"/w/{i}").status, range(64)))
+    assert statuses == [200] * 64
+    # each worker served some of them: each holds a pooled connection to the backend
+    upstream = established_to(backend.port)
+    for pid in workers:
+        assert socket_inodes(pid) & upstream.keys(), f"worker {pid} has no upstream connection"
+
+    slow = InFlight(proxy.port, "/delay/1")
+    slow.start()
+    backend.wait_for_requests(65)
+    start = time.monotonic()
+    os.kill(proxy.pid, signal.SIGTERM)  # the parent only; it relays to the workers
+    assert proxy.wait(T) == 0, proxy.stderr_text()
+    assert time.monotonic() - start < 3.0
+    assert slow.response().status == 200
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists(), f"worker {pid} outlived the parent"
+    assert refuses_connections(proxy.port)
+
+
+# -- access log ---------------------------------------------------------------------------------
+
+
+def log_lines(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in proxy.stdout_text().splitlines() if line.strip()]
+
+
+def access_log_config(backend: RecordingBackend) -> dict[str, Any]:
+    return {
+        "access_log": True,
+        "backends": {
+            "main": {"endpoints": [backend.url], "timeout": "5s"},
+            "down": {"endpoints": [f"http://{LOOPBACK}:{dead_port()}"], "connect_timeout": "1s"},
+        },
+        "routes": [
+            {"name": "to-down", "match": {"path_prefix": "/down"}, "backend": "down"},
+            {"name": "to-main", "match": {"path_prefix": "/"}, "backend": "main"},
+        ],
+    }
+
+
+def test_access_log_one_json_line_per_request(
+    backend: RecordingBackend, proxy_factory: ProxyFactory
+) -> None:
+    proxy = proxy_factory(access_log_config(backend))
+    assert get(proxy.port, "/a", [("X-Request-Id", "client-id-1")]).status == 200
+    assert get(proxy.port, "/status/418").status == 418
+    assert get(proxy.port, "/delay/0.2").status == 200
+    assert get(proxy.port, "/down/x").status == 502
+    lines = wait_until(lambda: len(log_lines(proxy)) >= 4 and log_lines(proxy), T, "4 lines")
+    assert len(lines) == 4, lines
+    a, teapot, slow, down = lines
+
+    seen = {r.target: r.header("x-request-id") for r in backend.requests}
+    for line, target in ((a, "/a"), (teapot, "/status/418"), (slow, "/delay/0.2")):
+        assert (line["route"], line["backend"]) == ("to-main", "main"), line
+        assert line["request_id"] == seen[target], (line, seen)
+    assert a["request_id"] == "client-id-1"
+    assert uuid.UUID(teapot["request_id"])
+    assert teapot["request_id"] != slow["request_id"]
+    assert [x["status"] for x in lines] == [200, 418, 200, 502]
+    assert (down["route"], down["backend"]) == ("to-down", "down"), down
+    assert down["request_id"], down
+    for line in lines:
+        assert isinstance(line["duration_ms"], int | float) and line["duration_ms"] >= 0, line
+    assert 200 <= slow["duration_ms"] < 2000, slow
+    assert a["duration_ms"] < slow["duration_ms"]
+
+
+def test_access_log_records_requests_that_match_no_route(
+    backend: RecordingBackend, proxy_factory: ProxyFactory
+) -> None:
+    config = access_log_config(backend)
+    config["routes"] = [{"name": "only", "match": {"path": "/only"}, "backend": "main"}]
+    proxy = proxy_factory(config)
+    assert get(proxy.port, "/nowhere").status == 404
+    assert get(proxy.port, "/only").status == 200  # logged after the 404, if that is logged
+    wait_until(lambda: log_lines(proxy), T, "an access log line")
+    lines = log_lines(proxy)
+    assert [x["status"] for x in lines] == [404, 200], lines
+    assert lines[0]["request_id"], lines[0]
+
+
+def test_access_log_lines_are_written_as_requests_happen(
+    backend: RecordingBackend, proxy_factory: ProxyFactory
+) -> None:
+    """Without PYTHONUNBUFFERED (as under systemd or docker, stdout a pipe or a file), a line
+    must still show up promptly, not when 8 KiB have piled up or at exit."""
+    proxy = proxy_factory(access_log_config(backend), env={"PYTHONUNBUFFERED": ""})
+    assert get(proxy.port, "/prompt").status == 200
+    try:
+        wait_until(lambda: log_lines(proxy), 3.0, "the access log line")
+    except TimeoutError:
+        proxy.stop()
+        later = "appeared at exit" if log_lines(proxy) else "never appeared"
+        pytest.fail(f"access log line not written within 3s of the request ({later})")
