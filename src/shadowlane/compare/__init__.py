@@ -1,0 +1,30 @@
+"""Response comparison: lifting answers to field paths, diffing, noise, aggregation.
+
+The proxy builds `CompareJob`s (see `model`) with a `CompareSettings` from `compile_settings`
+and hands them to `Comparator.submit`; everything else happens on the comparator's thread.
+"""
+
+from shadowlane.compare.diff import Lifted, Multiset, diff, lift, same
+from shadowlane.compare.engine import Comparator, ComparisonCounter, Outcome, evaluate, record
+from shadowlane.compare.model import Captured, CompareJob
+from shadowlane.compare.paths import PathMatcher
+from shadowlane.compare.settings import DEFAULT_SETTINGS, CompareSettings, compile_settings
+
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "Captured",
+    "Comparator",
+    "CompareJob",
+    "CompareSettings",
+    "ComparisonCounter",
+    "Lifted",
+    "Multiset",
+    "Outcome",
+    "PathMatcher",
+    "compile_settings",
+    "diff",
+    "evaluate",
+    "lift",
+    "record",
+    "same",
+]

@@ -1,0 +1,66 @@
+"""Comparison storage: SQLite (default, embedded) and PostgreSQL (shared by many instances).
+
+`open_store(url, options)` picks the driver from the URL; everything else codes against `Store`:
+the comparator writes `Batch`es from its own thread, the admin API, the dashboard and `report`
+query from theirs. See docs/comparison.md for the schema, retention and multi-instance notes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shadowlane.store.base import SCHEMA_VERSION, Store, StoreOptions, is_reported
+from shadowlane.store.batch import (
+    Batch,
+    Example,
+    bucket_value,
+    latency_bucket,
+    percentile,
+)
+
+if TYPE_CHECKING:
+    from shadowlane.config import CompareConfig
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Batch",
+    "Example",
+    "Store",
+    "StoreOptions",
+    "bucket_value",
+    "is_reported",
+    "latency_bucket",
+    "open_store",
+    "options_from_config",
+    "percentile",
+]
+
+
+def options_from_config(cfg: CompareConfig) -> StoreOptions:
+    """The store-side part of the `compare:` config block."""
+    return StoreOptions(
+        examples_per_field=cfg.examples_per_field,
+        retention=cfg.retention,
+        relative=cfg.thresholds.relative,
+        absolute=cfg.thresholds.absolute,
+    )
+
+
+def open_store(url: str, options: StoreOptions | CompareConfig | None = None) -> Store:
+    """Open (creating tables if needed) the store at `url`.
+
+    `sqlite:///relative.db`, `sqlite:////absolute/path.db`, `sqlite:///:memory:` (tests), or
+    `postgresql://user:password@host:port/db` (needs the `psycopg` package). `options` is a
+    `StoreOptions` or the config's `CompareConfig`; defaults when left out.
+    """
+    if options is not None and not isinstance(options, StoreOptions):
+        options = options_from_config(options)
+    if url.startswith("sqlite:///"):
+        from shadowlane.store.sqlite import SqliteStore
+
+        return SqliteStore(url[len("sqlite:///") :], options)
+    if url.startswith(("postgresql://", "postgres://")):
+        from shadowlane.store.postgres import PostgresStore
+
+        return PostgresStore(url, options)
+    raise ValueError(f"unknown store URL {url!r}: use sqlite:///PATH or postgresql://...")

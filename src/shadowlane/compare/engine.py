@@ -1,0 +1,311 @@
+"""The comparison engine: decide each job, count it, and hand sums to the store in batches.
+
+Why a thread and a bounded queue: parsing and diffing answers is CPU work that must never run
+on the event loop, and the store may be slow or remote. `Comparator.submit` is a non-blocking
+put into a bounded queue; when it is full the job is dropped and counted (`dropped`), so memory
+stays bounded by `queue_size` jobs plus one batch whatever the store does. The worker decides
+each job (match / noise / diff), counts it in the metrics at once, adds it to a `Batch`, and
+writes the batch every `flush_interval` or every `batch` jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from shadowlane.compare.diff import Lifted, answer_doc, diff, lift, values_of
+from shadowlane.compare.model import CompareJob
+from shadowlane.compare.settings import DEFAULT_SETTINGS, CompareSettings
+from shadowlane.store import Batch, Example, Store
+
+if TYPE_CHECKING:
+    from shadowlane.config import CompareConfig
+
+log = logging.getLogger("shadowlane.compare")
+
+#: how often the worker deletes examples past the retention, at most
+SWEEP_INTERVAL_MAX = 600.0
+
+
+class ComparisonCounter(Protocol):
+    """What the engine needs of `shadowlane.metrics.Metrics`."""
+
+    def comparison(self, route: str, target: str, result: str) -> None: ...
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The decision on one job."""
+
+    #: "match" (no differing path), "noise" (every differing path also differs between primary
+    #: and secondary), "diff" (otherwise)
+    result: str
+    #: paths where the candidate differs from the primary
+    differing: list[str]
+    #: paths where the secondary differs from the primary (this request's noise)
+    noise: list[str]
+    primary: Lifted
+    candidate: Lifted
+
+
+def evaluate(job: CompareJob, settings: CompareSettings | None = None) -> Outcome:
+    """Lift the answers of one job, diff them, and classify the result. Pure; no I/O."""
+    s = settings or (
+        job.settings if isinstance(job.settings, CompareSettings) else DEFAULT_SETTINGS
+    )
+    primary = lift(job.primary, s)
+    candidate = lift(job.candidate, s)
+    differing = diff(primary, candidate, s)
+    noise: list[str] = []
+    # A failed secondary (or primary) tells nothing about noise: treat it as absent.
+    if job.secondary is not None and not job.secondary.failure and not job.primary.failure:
+        noise = diff(primary, lift(job.secondary, s), s)
+    if not differing:
+        result = "match"
+    elif noise and set(differing) <= set(noise):
+        result = "noise"
+    else:
+        result = "diff"
+    return Outcome(result, differing, noise, primary, candidate)
+
+
+def make_example(job: CompareJob, out: Outcome, ts: float) -> Example:
+    """The example pair of one job, as the store keeps it."""
+    return Example(
+        route=job.route,
+        target=job.target,
+        ts=ts,
+        request_id=job.request_id,
+        method=job.method,
+        uri=job.uri,
+        request_body=job.request_body.decode("utf-8", "replace"),
+        primary=answer_doc(job.primary, out.primary),
+        candidate={
+            **answer_doc(job.candidate, out.candidate),
+            "values": values_of(out.primary, out.candidate, out.differing),
+        },
+        differing=out.differing,
+        noise=out.noise,
+    )
+
+
+def record(batch: Batch, job: CompareJob, out: Outcome) -> None:
+    """Add one decided job to a batch: totals, per-field counts, latency, an example."""
+    route, target = job.route, job.target
+    batch.add_total(route, target, out.result)
+    noise = set(out.noise)
+    differing = set(out.differing)
+    for path in out.differing:
+        batch.add_field(route, target, path, 1, 1 if path in noise else 0)
+    for path in out.noise:
+        if path not in differing:
+            batch.add_field(route, target, path, 0, 1)
+    if not job.primary.failure:
+        batch.add_latency(route, target, "primary", job.primary.seconds)
+    if not job.candidate.failure:
+        batch.add_latency(route, target, "shadow", job.candidate.seconds)
+    if out.differing:
+        ts = job.ts or time.time()
+        batch.add_example(route, target, out.differing, ts, lambda: make_example(job, out, ts))
+
+
+class _Signal:
+    """Queue items that are not jobs."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+_FLUSH = _Signal("flush")
+_STOP = _Signal("stop")
+
+
+class Comparator:
+    """Runs comparisons on a worker thread; `submit` is the only call the event loop makes."""
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: ComparisonCounter | None,
+        queue_size: int = 1024,
+        *,
+        flush_interval: float = 1.0,
+        batch: int = 500,
+        sweep_interval: float | None = None,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.queue_size = queue_size
+        self.flush_interval = flush_interval
+        self.batch_size = batch
+        retention = store.options.retention
+        self.sweep_interval = (
+            sweep_interval
+            if sweep_interval is not None
+            else max(1.0, min(SWEEP_INTERVAL_MAX, retention / 10))
+        )
+        # Jobs plus room for the two signals, so stop()/wait_idle() can always be queued
+        # without letting a job past the bound.
+        self._queue: queue.Queue[CompareJob | _Signal] = queue.Queue()
+        self._jobs_queued = 0
+        self._count_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        #: counters for status pages and tests
+        self.stats = {
+            "submitted": 0,
+            "dropped": 0,
+            "compared": 0,
+            "errors": 0,
+            "flushes": 0,
+            "write_errors": 0,
+            "swept": 0,
+        }
+
+    @classmethod
+    def from_config(
+        cls, store: Store, metrics: ComparisonCounter | None, cfg: CompareConfig
+    ) -> Comparator:
+        """A comparator with the queue and batching of the `compare:` config block."""
+        return cls(
+            store,
+            metrics,
+            cfg.queue,
+            flush_interval=cfg.flush_interval,
+            batch=cfg.batch,
+        )
+
+    # -- event loop side -----------------------------------------------------------------------
+
+    def submit(self, job: CompareJob) -> bool:
+        """Queue a job without blocking; False (and `dropped` counted) when full or stopped."""
+        with self._count_lock:
+            accept = not self._stopping and self._jobs_queued < self.queue_size
+            if accept:
+                self._jobs_queued += 1
+                self.stats["submitted"] += 1
+            else:
+                self.stats["dropped"] += 1
+        if not accept:
+            if self.metrics is not None:
+                self.metrics.comparison(job.route, job.target, "dropped")
+            return False
+        self._queue.put_nowait(job)
+        return True
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting to be compared (for a gauge)."""
+        return self._jobs_queued
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> Comparator:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="shadowlane-comparator", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Compare what is queued, flush, and join; False if the worker did not end in time."""
+        with self._count_lock:
+            self._stopping = True
+        thread = self._thread
+        if thread is None:
+            return True
+        self._queue.put_nowait(_STOP)
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until every accepted job is compared and written (tests, `report` after a run)."""
+        if self._thread is None:
+            return self._queue.unfinished_tasks == 0
+        self._queue.put_nowait(_FLUSH)
+        deadline = time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(remaining)
+        return True
+
+    # -- worker --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        batch = self._new_batch()
+        next_flush = time.monotonic() + self.flush_interval
+        next_sweep = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_sweep:
+                self._sweep()
+                next_sweep = now + self.sweep_interval
+            try:
+                item = self._queue.get(timeout=max(0.0, next_flush - now))
+            except queue.Empty:
+                item = None
+            if isinstance(item, CompareJob):
+                with self._count_lock:
+                    self._jobs_queued -= 1
+                self._decide(batch, item)
+            flush = (
+                item is _FLUSH
+                or item is _STOP
+                or batch.jobs >= self.batch_size
+                or time.monotonic() >= next_flush
+            )
+            if flush:
+                self._flush(batch)
+                batch = self._new_batch()
+                next_flush = time.monotonic() + self.flush_interval
+            if isinstance(item, _Signal):
+                self._queue.task_done()
+            if item is _STOP:
+                # anything accepted before stop() is still in the queue: compare it too
+                if self._queue.unfinished_tasks == 0:
+                    return
+                self._queue.put_nowait(_STOP)
+
+    def _new_batch(self) -> Batch:
+        return Batch(examples_per_field=self.store.options.examples_per_field)
+
+    def _decide(self, batch: Batch, job: CompareJob) -> None:
+        batch.jobs += 1  # owed a task_done at the next flush, whatever happens below
+        try:
+            out = evaluate(job)
+            record(batch, job, out)
+        except Exception:
+            self.stats["errors"] += 1
+            log.exception("comparison of %s %s failed", job.method, job.uri)
+            return
+        self.stats["compared"] += 1
+        if self.metrics is not None:
+            self.metrics.comparison(job.route, job.target, out.result)
+
+    def _flush(self, batch: Batch) -> None:
+        try:
+            if batch:
+                self.store.write(batch)
+                self.stats["flushes"] += 1
+        except Exception as exc:
+            # The store is down or refused the batch: these sums are lost (logged), the next
+            # batch tries again. Keeping failed batches would let memory grow with the outage.
+            self.stats["write_errors"] += 1
+            log.warning("comparison store write failed, %d results lost: %s", batch.jobs, exc)
+        finally:
+            for _ in range(batch.jobs):
+                self._queue.task_done()
+
+    def _sweep(self) -> None:
+        try:
+            self.stats["swept"] += self.store.sweep()
+        except Exception as exc:
+            log.warning("comparison store retention sweep failed: %s", exc)

@@ -1,0 +1,498 @@
+"""The store: comparison aggregates and example pairs in SQL, the same schema on SQLite and PG.
+
+Why one SQL implementation with two thin drivers: the schema and every statement are plain
+portable SQL (UPSERT with `ON CONFLICT ... DO UPDATE SET n = t.n + excluded.n`, `RETURNING`,
+`LIMIT`), so a result means the same in the embedded default and in the shared PostgreSQL. The
+drivers differ only in how they connect, their parameter style and their auto-increment column.
+
+Concurrency: writes come from one thread (the comparator's), on the writer connection. Queries
+come from any thread (admin API, dashboard, `report`) on a separate reader connection, each under
+its own lock, so a long query never waits for a flush and a flush never waits for a query.
+Aggregates are increments, so many writers (instances) add up instead of overwriting each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from shadowlane.store.batch import Batch, Example, percentile
+
+log = logging.getLogger("shadowlane.store")
+
+#: bumped when the schema changes incompatibly; stored in shadowlane_meta
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOptions:
+    """Store-side rules: how many examples to keep, for how long, and when a field is reported."""
+
+    examples_per_field: int = 5
+    retention: float = 7 * 86400.0
+    #: Diffy's thresholds, see `is_reported`
+    relative: float = 20.0
+    absolute: float = 0.03
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def is_reported(raw: int, noise: int, compared: int, relative: float, absolute: float) -> bool:
+    """Diffy's rule: a field's differences count only if they clearly exceed its noise.
+
+    raw, noise: requests where the field differed primary vs candidate / primary vs secondary;
+    compared: all compared requests of the (route, target). Reported iff raw > noise, and the
+    relative gap |raw-noise|/(raw+noise)*100 > relative, and the absolute gap
+    |raw-noise|/compared*100 > absolute.
+    """
+    if raw <= noise or compared <= 0:
+        return False
+    gap = abs(raw - noise)
+    return gap / (raw + noise) * 100 > relative and gap / compared * 100 > absolute
+
+
+class Cursor(Protocol):
+    """The part of a DB-API cursor used here (sqlite3 and psycopg both provide it)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, sql: Any, params: Any = ..., /) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def fetchone(self) -> Any: ...
+
+
+class Store(ABC):
+    """Comparison results. Write from one thread; query from any."""
+
+    #: `sqlite` or `postgresql`
+    kind: str = ""
+
+    def __init__(self, options: StoreOptions | None = None) -> None:
+        self.options = options or StoreOptions()
+
+    # -- writing (comparator thread) -----------------------------------------------------------
+
+    @abstractmethod
+    def write(self, batch: Batch) -> None:
+        """Add a batch's increments and examples in one transaction, then trim examples."""
+
+    @abstractmethod
+    def sweep(self, now: float | None = None) -> int:
+        """Delete examples older than the retention; returns how many went."""
+
+    # -- queries (any thread) ------------------------------------------------------------------
+
+    @abstractmethod
+    def summary(self) -> list[dict[str, Any]]:
+        """Per (route, target): counts, rates, latency percentiles and top reported fields."""
+
+    @abstractmethod
+    def fields(self, route: str, target: str) -> list[dict[str, Any]]:
+        """Per field of one (route, target): raw and noise counts and rates, and `reported`."""
+
+    @abstractmethod
+    def examples(
+        self, route: str, target: str, field: str | None = None, limit: int = 20
+    ) -> list[dict[str, Any]]:
+        """Newest example pairs of a (route, target), optionally only those showing `field`."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Forget every result (a new migration attempt starts from zero)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close connections; the store is unusable afterwards."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# SQL shared by both drivers
+
+TABLES = (
+    "shadowlane_totals",
+    "shadowlane_fields",
+    "shadowlane_latency",
+    "shadowlane_example_fields",
+    "shadowlane_examples",
+    "shadowlane_meta",
+)
+
+
+def schema(id_column: str) -> list[str]:
+    """CREATE statements; `id_column` is the driver's auto-increment primary key definition."""
+    return [
+        "CREATE TABLE IF NOT EXISTS shadowlane_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS shadowlane_totals (
+            route TEXT NOT NULL, target TEXT NOT NULL,
+            compared BIGINT NOT NULL, matched BIGINT NOT NULL,
+            differing BIGINT NOT NULL, noise BIGINT NOT NULL,
+            updated DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (route, target))""",
+        """CREATE TABLE IF NOT EXISTS shadowlane_fields (
+            route TEXT NOT NULL, target TEXT NOT NULL, field TEXT NOT NULL,
+            raw BIGINT NOT NULL, noise BIGINT NOT NULL,
+            PRIMARY KEY (route, target, field))""",
+        """CREATE TABLE IF NOT EXISTS shadowlane_latency (
+            route TEXT NOT NULL, target TEXT NOT NULL, side TEXT NOT NULL,
+            bucket INTEGER NOT NULL, n BIGINT NOT NULL,
+            PRIMARY KEY (route, target, side, bucket))""",
+        f"""CREATE TABLE IF NOT EXISTS shadowlane_examples (
+            id {id_column},
+            route TEXT NOT NULL, target TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL,
+            request_id TEXT NOT NULL, method TEXT NOT NULL, uri TEXT NOT NULL,
+            data TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS shadowlane_example_fields (
+            route TEXT NOT NULL, target TEXT NOT NULL, field TEXT NOT NULL,
+            example_id BIGINT NOT NULL, ts DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (route, target, field, example_id))""",
+        "CREATE INDEX IF NOT EXISTS shadowlane_example_fields_example "
+        "ON shadowlane_example_fields (example_id)",
+        "CREATE INDEX IF NOT EXISTS shadowlane_example_fields_ts ON shadowlane_example_fields (ts)",
+        "CREATE INDEX IF NOT EXISTS shadowlane_examples_route "
+        "ON shadowlane_examples (route, target, ts)",
+    ]
+
+
+_UPSERT_TOTALS = """
+INSERT INTO shadowlane_totals (route, target, compared, matched, differing, noise, updated)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (route, target) DO UPDATE SET
+    compared = shadowlane_totals.compared + excluded.compared,
+    matched = shadowlane_totals.matched + excluded.matched,
+    differing = shadowlane_totals.differing + excluded.differing,
+    noise = shadowlane_totals.noise + excluded.noise,
+    updated = excluded.updated
+"""
+
+_UPSERT_FIELDS = """
+INSERT INTO shadowlane_fields (route, target, field, raw, noise) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (route, target, field) DO UPDATE SET
+    raw = shadowlane_fields.raw + excluded.raw,
+    noise = shadowlane_fields.noise + excluded.noise
+"""
+
+_UPSERT_LATENCY = """
+INSERT INTO shadowlane_latency (route, target, side, bucket, n) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (route, target, side, bucket) DO UPDATE SET n = shadowlane_latency.n + excluded.n
+"""
+
+_INSERT_EXAMPLE = """
+INSERT INTO shadowlane_examples (route, target, ts, request_id, method, uri, data)
+VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id
+"""
+
+_INSERT_EXAMPLE_FIELD = """
+INSERT INTO shadowlane_example_fields (route, target, field, example_id, ts)
+VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING
+"""
+
+# Keep the newest N links of one field; older links go, then examples nothing links to.
+_TRIM_FIELD = """
+DELETE FROM shadowlane_example_fields
+WHERE route = ? AND target = ? AND field = ? AND example_id NOT IN (
+    SELECT example_id FROM shadowlane_example_fields
+    WHERE route = ? AND target = ? AND field = ?
+    ORDER BY ts DESC, example_id DESC LIMIT ?)
+"""
+
+_DELETE_ORPHANS = """
+DELETE FROM shadowlane_examples WHERE NOT EXISTS (
+    SELECT 1 FROM shadowlane_example_fields f WHERE f.example_id = shadowlane_examples.id)
+"""
+
+_SWEEP = "DELETE FROM shadowlane_example_fields WHERE ts < ?"
+
+
+def _text(data: str | bytes) -> str:
+    return data if isinstance(data, str) else data.decode("utf-8", "replace")
+
+
+def _rate(n: int, total: int) -> float:
+    return n / total if total else 0.0
+
+
+class SqlStore(Store):
+    """The shared implementation; a driver supplies connections, placeholders and retries."""
+
+    #: DB-API parameter marker of the driver; statements are written with `?`
+    placeholder = "?"
+
+    def __init__(self, options: StoreOptions | None = None) -> None:
+        super().__init__(options)
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._closed = False
+
+    # -- driver hooks --------------------------------------------------------------------------
+
+    @abstractmethod
+    def _writer(self) -> Any:
+        """The writer connection (opened or reopened on demand)."""
+
+    @abstractmethod
+    def _reader(self) -> Any:
+        """The reader connection (opened or reopened on demand)."""
+
+    @abstractmethod
+    @contextmanager
+    def _transaction(self, conn: Any) -> Iterator[Cursor]:
+        """A cursor inside one transaction, committed on exit, rolled back on error."""
+
+    def _reset(self, which: str) -> None:
+        """Forget a broken connection (`writer`/`reader`) so the next use reconnects."""
+
+    def _retryable(self, exc: BaseException) -> bool:
+        """Errors worth one more try of the whole transaction (deadlock, lost connection)."""
+        return False
+
+    def _q(self, sql: str) -> str:
+        return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def write(self, batch: Batch) -> None:
+        if not batch:
+            return
+        examples = batch.examples()
+        with self._write_lock:
+            self._with_retries("writer", lambda cur: self._write(cur, batch, examples))
+
+    def _with_retries(self, which: str, work: Any) -> Any:
+        attempts = 3
+        for attempt in range(1, attempts + 1):
+            conn = self._writer() if which == "writer" else self._reader()
+            try:
+                with self._transaction(conn) as cur:
+                    return work(cur)
+            except Exception as exc:
+                if attempt == attempts or not self._retryable(exc):
+                    raise
+                log.warning("store %s: retrying after %s", self.kind, exc)
+                self._reset(which)
+                time.sleep(0.05 * attempt)
+        return None
+
+    def _write(self, cur: Cursor, batch: Batch, examples: list[tuple[Example, list[str]]]) -> None:
+        now = time.time()
+        # Sorted keys: two instances upserting the same rows lock them in the same order, so
+        # PostgreSQL never has to break a deadlock between them.
+        for (route, target), (compared, matched, differing, noise) in sorted(batch.totals.items()):
+            cur.execute(
+                self._q(_UPSERT_TOTALS), (route, target, compared, matched, differing, noise, now)
+            )
+        for (route, target, path), (raw, noise) in sorted(batch.fields.items()):
+            cur.execute(self._q(_UPSERT_FIELDS), (route, target, path, raw, noise))
+        for (route, target, side, bucket), n in sorted(batch.latency.items()):
+            cur.execute(self._q(_UPSERT_LATENCY), (route, target, side, bucket, n))
+        if self.options.examples_per_field <= 0 or not examples:
+            return
+        touched: set[tuple[str, str, str]] = set()
+        for example, paths in examples:
+            data = orjson.dumps(example.data()).decode()
+            cur.execute(
+                self._q(_INSERT_EXAMPLE),
+                (
+                    example.route,
+                    example.target,
+                    example.ts,
+                    example.request_id,
+                    example.method,
+                    example.uri,
+                    data,
+                ),
+            )
+            example_id = cur.fetchone()[0]
+            for path in paths:
+                cur.execute(
+                    self._q(_INSERT_EXAMPLE_FIELD),
+                    (example.route, example.target, path, example_id, example.ts),
+                )
+                touched.add((example.route, example.target, path))
+        keep = self.options.examples_per_field
+        for route, target, path in sorted(touched):
+            cur.execute(self._q(_TRIM_FIELD), (route, target, path, route, target, path, keep))
+        cur.execute(self._q(_DELETE_ORPHANS))
+
+    def sweep(self, now: float | None = None) -> int:
+        cutoff = (time.time() if now is None else now) - self.options.retention
+
+        def work(cur: Cursor) -> int:
+            cur.execute(self._q(_SWEEP), (cutoff,))
+            deleted = cur.rowcount or 0
+            cur.execute(self._q(_DELETE_ORPHANS))
+            return max(0, int(deleted))
+
+        with self._write_lock:
+            return int(self._with_retries("writer", work) or 0)
+
+    def clear(self) -> None:
+        def work(cur: Cursor) -> None:
+            for table in TABLES:
+                if table != "shadowlane_meta":
+                    cur.execute(f"DELETE FROM {table}")
+
+        with self._write_lock:
+            self._with_retries("writer", work)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        def work(cur: Cursor) -> list[Any]:
+            cur.execute(self._q(sql), tuple(params))
+            return list(cur.fetchall())
+
+        with self._read_lock:
+            result = self._read_retrying(work)
+        return list(result or [])
+
+    def _read_retrying(self, work: Any) -> Any:
+        try:
+            with self._transaction(self._reader()) as cur:
+                return work(cur)
+        except Exception as exc:
+            if not self._retryable(exc):
+                raise
+            self._reset("reader")
+            with self._transaction(self._reader()) as cur:
+                return work(cur)
+
+    def _field_rows(
+        self, totals: dict[tuple[str, str], int], route: str | None = None, target: str = ""
+    ) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        if route is None:
+            rows = self._read("SELECT route, target, field, raw, noise FROM shadowlane_fields")
+        else:
+            rows = self._read(
+                "SELECT route, target, field, raw, noise FROM shadowlane_fields "
+                "WHERE route = ? AND target = ?",
+                (route, target),
+            )
+        opts = self.options
+        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r, t, path, raw, noise in rows:
+            compared = totals.get((r, t), 0)
+            raw, noise = int(raw), int(noise)
+            out.setdefault((r, t), []).append(
+                {
+                    "field": path,
+                    "raw": raw,
+                    "noise": noise,
+                    "raw_rate": _rate(raw, compared),
+                    "noise_rate": _rate(noise, compared),
+                    "reported": is_reported(raw, noise, compared, opts.relative, opts.absolute),
+                }
+            )
+        for rows_of in out.values():
+            # reported first, then the most frequent differences, then by name for stable output
+            rows_of.sort(key=lambda f: (not f["reported"], -f["raw"], f["field"]))
+        return out
+
+    def summary(self) -> list[dict[str, Any]]:
+        totals_rows = self._read(
+            "SELECT route, target, compared, matched, differing, noise FROM shadowlane_totals "
+            "ORDER BY route, target"
+        )
+        totals = {(r, t): int(c) for r, t, c, *_ in totals_rows}
+        fields = self._field_rows(totals)
+        latency: dict[tuple[str, str, str], dict[int, int]] = {}
+        for r, t, side, bucket, n in self._read(
+            "SELECT route, target, side, bucket, n FROM shadowlane_latency"
+        ):
+            latency.setdefault((r, t, side), {})[int(bucket)] = int(n)
+        out: list[dict[str, Any]] = []
+        for r, t, compared, matched, differing, noise in totals_rows:
+            compared, matched, differing, noise = (
+                int(compared),
+                int(matched),
+                int(differing),
+                int(noise),
+            )
+            primary = latency.get((r, t, "primary"), {})
+            shadow = latency.get((r, t, "shadow"), {})
+            top = [
+                {"field": f["field"], "raw_rate": f["raw_rate"], "noise_rate": f["noise_rate"]}
+                for f in fields.get((r, t), [])
+                if f["reported"]
+            ][:5]
+            out.append(
+                {
+                    "route": r,
+                    "target": t,
+                    "compared": compared,
+                    "matched": matched,
+                    "differing": differing,
+                    "noise": noise,
+                    "diff_rate": _rate(differing, compared),
+                    "noise_rate": _rate(noise, compared),
+                    "latency": {
+                        "primary_p50": percentile(primary, 0.5),
+                        "primary_p99": percentile(primary, 0.99),
+                        "shadow_p50": percentile(shadow, 0.5),
+                        "shadow_p99": percentile(shadow, 0.99),
+                    },
+                    "top_fields": top,
+                }
+            )
+        return out
+
+    def fields(self, route: str, target: str) -> list[dict[str, Any]]:
+        rows = self._read(
+            "SELECT compared FROM shadowlane_totals WHERE route = ? AND target = ?",
+            (route, target),
+        )
+        compared = int(rows[0][0]) if rows else 0
+        return self._field_rows({(route, target): compared}, route, target).get((route, target), [])
+
+    def examples(
+        self, route: str, target: str, field: str | None = None, limit: int = 20
+    ) -> list[dict[str, Any]]:
+        limit = max(0, int(limit))
+        if field is None:
+            rows = self._read(
+                "SELECT id, ts, request_id, method, uri, data FROM shadowlane_examples "
+                "WHERE route = ? AND target = ? ORDER BY ts DESC, id DESC LIMIT ?",
+                (route, target, limit),
+            )
+        else:
+            rows = self._read(
+                "SELECT e.id, e.ts, e.request_id, e.method, e.uri, e.data "
+                "FROM shadowlane_example_fields f "
+                "JOIN shadowlane_examples e ON e.id = f.example_id "
+                "WHERE f.route = ? AND f.target = ? AND f.field = ? "
+                "ORDER BY f.ts DESC, f.example_id DESC LIMIT ?",
+                (route, target, field, limit),
+            )
+        out = []
+        for ident, ts, request_id, method, uri, data in rows:
+            doc = orjson.loads(_text(data))
+            out.append(
+                {
+                    "id": int(ident),
+                    "route": route,
+                    "target": target,
+                    "request_id": request_id,
+                    "ts": float(ts),
+                    "method": method,
+                    "uri": uri,
+                    "request_body": doc.get("request_body", ""),
+                    "primary": doc.get("primary", {}),
+                    "candidate": doc.get("candidate", {}),
+                    "differing": doc.get("differing", []),
+                    "noise": doc.get("noise", []),
+                }
+            )
+        return out
