@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -97,6 +98,15 @@ class AccessLogger:
             self.out.close()
 
 
+class ListenError(OSError):
+    """A listener could not bind; the message names the config key and the address."""
+
+    def __init__(self, key: str, host: str, port: int, err: OSError) -> None:
+        reason = "address already in use" if err.errno == errno.EADDRINUSE else str(err)
+        shown = f"[{host}]" if ":" in host else host
+        super().__init__(err.errno, f"{key} {shown}:{port}: {reason}")
+
+
 class Instance:
     """Everything one worker process runs."""
 
@@ -137,18 +147,25 @@ class Instance:
 
     async def start(self) -> None:
         host, port = self.cfg.listen_addr
-        self.server = await self.loop.create_server(
-            self.state.protocol_factory,
-            host,
-            port,
-            reuse_port=self.workers > 1,
-            backlog=4096,
-        )
+        try:
+            self.server = await self.loop.create_server(
+                self.state.protocol_factory,
+                host,
+                port,
+                reuse_port=self.workers > 1,
+                backlog=4096,
+            )
+        except OSError as err:
+            raise ListenError("listen", host, port, err) from None
         if self.worker_id == 0:
             token = os.environ.get(self.cfg.admin.token_env) if self.cfg.admin.token_env else None
             self.admin = AdminApp(self.metrics, token=token)
             ahost, aport = self.cfg.admin.listen_addr
-            await self.admin.start(ahost, aport)
+            try:
+                await self.admin.start(ahost, aport)
+            except OSError as err:
+                self.server.close()
+                raise ListenError("admin.listen", ahost, aport, err) from None
             self.admin.set_ready(True)
         for sig, handler in ((signal.SIGTERM, self.drain), (signal.SIGINT, self.drain)):
             self.loop.add_signal_handler(sig, handler)
@@ -255,7 +272,10 @@ def _check_bindable(cfg: Config) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind((host, port))
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise ListenError("listen", host, port, err) from None
 
 
 def load(path: str) -> Config:

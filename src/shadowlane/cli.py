@@ -40,7 +40,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("--workers: must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
-    return run_workers(cfg, args.config, args.workers)
+    try:
+        return run_workers(cfg, args.config, args.workers)
+    except OSError as err:
+        # the usual one: the listen or admin port is taken (ListenError names key and address)
+        print(f"shadowlane: cannot listen: {err.strerror or err}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -107,6 +107,7 @@ class ProxyCall:
         "shadow_state",
         "status",
         "t0",
+        "upstream_headers",
     )
 
     def __init__(
@@ -136,6 +137,8 @@ class ProxyCall:
         )
         self.request_id = rid
         req.request_id = rid.decode("latin-1")
+        #: the forwarded headers, kept only when shadow copies will be built from them
+        self.upstream_headers: Headers | None = headers if rt.shadows is not None else None
         framing = b"transfer-encoding: chunked\r\n" if exchange.chunked else b""
         self.head = b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
             req.method.encode(),
@@ -143,15 +146,6 @@ class ProxyCall:
             serialize_headers(headers),
             framing,
         )
-
-    @property
-    def upstream_headers(self) -> Headers:
-        """The forwarded headers (for shadow copies), re-derived rather than kept per call."""
-        req = self.request
-        headers, _ = upstream_request_headers(
-            req.headers, req.client_addr.encode(), self.proxy.proto, self.endpoint.authority
-        )
-        return headers
 
     # ----- request side -----
     def start(self) -> None:
@@ -286,7 +280,9 @@ class ProxyCall:
             and not self.retried
             and not ex.response_started
             and (not ex.has_body or (ex.body_done and self.retained is not None))
-            and (self.request.method in IDEMPOTENT or not ex.has_body)
+            # the request was written to the dead connection and may have been processed:
+            # only an idempotent one may be sent again
+            and self.request.method in IDEMPOTENT
         ):
             self.retried = True
             self.conn = None

@@ -23,6 +23,7 @@ from shadowlane.shadow.join import EMPTY, EXAMPLE_REQUEST_BODY, CompareSlot, Pri
 from shadowlane.shadow.lane import ShadowCopy, ShadowLane
 from shadowlane.shadow.mutation import MARKER, CopyBuilder
 from shadowlane.shadow.sampling import KeyFn, Sampler, key_function
+from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import BackendPool, EndpointPool
 
 if TYPE_CHECKING:
@@ -220,17 +221,17 @@ class ShadowDispatcher:
     def request_done(self, call: ProxyCall) -> None:
         state = call.shadow_state
         assert isinstance(state, RequestShadows)
-        base = None
+        base = call.upstream_headers
+        assert base is not None  # kept by the proxy for routes with shadows
         for p in state.sampled:
             if not p.after_response:
-                if base is None:
-                    base = call.upstream_headers
                 self._submit(call, p, state, base)
 
     def response_done(self, call: ProxyCall) -> None:
         state = call.shadow_state
         assert isinstance(state, RequestShadows)
-        base = None
+        base = call.upstream_headers
+        assert base is not None
         status = call.status
         for p in state.sampled:
             if not p.after_response:
@@ -242,17 +243,15 @@ class ShadowDispatcher:
             if call.body is None and call.exchange.has_body and not call.exchange.body_done:
                 self._outcome(state, p, OUTCOME_SKIPPED_STATUS)
                 continue
-            if base is None:
-                base = call.upstream_headers
             self._submit(call, p, state, base)
 
-    def _submit(self, call: ProxyCall, p: LanePlan, state: RequestShadows, base: object) -> None:
+    def _submit(self, call: ProxyCall, p: LanePlan, state: RequestShadows, base: Headers) -> None:
         body = call.body
         if body is None or len(body) > p.cfg.max_body:
             self._outcome(state, p, "skipped_body")
             return
         req = call.request
-        head = p.builder.head(req, base, len(body))  # type: ignore[arg-type]
+        head = p.builder.head(req, base, len(body))
         key = p.order_key(req) if p.order_key is not None else None
         slot = self._slot(call, p, body) if p.compares else None
         copy = ShadowCopy(p.lane, req.method, head, body, key, slot.on_candidate if slot else None)

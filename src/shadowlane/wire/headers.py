@@ -58,7 +58,8 @@ def new_request_id() -> bytes:
     """A random 122-bit id in UUID v4 text form. From the Mersenne Twister, not os.urandom:
     it correlates logs, it is no secret, and a syscall per request is measurable."""
     h = f"{random.getrandbits(128):032x}"
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{h[16:20]}-{h[20:32]}".encode()
+    variant = "89ab"[int(h[16], 16) & 3]  # RFC 9562 variant bits 10xx
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}".encode()
 
 
 def upstream_request_headers(
@@ -73,7 +74,7 @@ def upstream_request_headers(
     """
     out: Headers = []
     xff: bytes | None = None
-    host = b""
+    host: bytes | None = None
     request_id = b""
     has_connection = False
     for item in headers:
@@ -91,10 +92,10 @@ def upstream_request_headers(
         out.append(item)
     out.append((b"x-forwarded-for", client_ip if xff is None else xff + b", " + client_ip))
     out.append((b"x-forwarded-proto", proto))
-    if host:
-        out.append((b"x-forwarded-host", host))
-    else:
+    if host is None:
         out.append((b"host", default_host))  # an HTTP/1.0 client may omit Host; 1.1 needs one
+    elif host:
+        out.append((b"x-forwarded-host", host))
     if has_connection:
         extra = connection_tokens(headers)
         if extra:

@@ -369,7 +369,10 @@ class ServerConnection(asyncio.Protocol):
                 self._fail(BadRequest(400, "bad request"))
             return
         except httptools.HttpParserError as exc:
-            self._fail(BadRequest(400, _parser_reason(exc)))
+            reason = _parser_reason(exc)
+            # "HTTP/1.2" is well-formed but unsupported (505); "HTTP/1.10" is malformed (400)
+            status = 505 if reason.startswith("Invalid HTTP version") else 400
+            self._fail(BadRequest(status, reason))
             return
         if self._in_head and was_in_head and seq == self._msg_seq:
             # The whole segment was head bytes of one unfinished head: bound them here, since
@@ -450,15 +453,19 @@ class ServerConnection(asyncio.Protocol):
             raise BadRequest(400, "missing Host header")
         if method == "CONNECT":
             raise BadRequest(501, "CONNECT is not supported")
+        url = self._url
+        if not url.startswith(b"/") and url != b"*":
+            # absolute form (RFC 9112 3.2.2): the target's authority replaces any Host header
+            url, authority = _origin_form(url)
+            headers = [h for h in headers if h[0] != b"host"]
+            headers.append((b"host", authority))
+            host = authority
         host_s = ""
         if host:
             host_name = _host_name(host)
             if host_name is None:
                 raise BadRequest(400, "malformed Host header")
             host_s = host_name
-        url = self._url
-        if not url.startswith(b"/") and url != b"*":
-            url = _origin_form(url)
         req = Request(
             method, url, version, headers, host_s, self.client_addr, parser.should_keep_alive()
         )
@@ -537,11 +544,15 @@ class ServerConnection(asyncio.Protocol):
     # ----- errors, timeouts, closing -----
     def _fail(self, err: BadRequest) -> None:
         """A malformed request: answer after the in-flight ones, then close. Nothing of it was
-        dispatched, so no backend sees it."""
+        dispatched, so no backend sees it; complete requests parsed before it in the same
+        bytes are served first, in order."""
         self._error = err
-        self._ready.clear()
         if self.transport is not None:
             self.transport.pause_reading()
+        ready = [ex for ex in self._ready if ex.body_done and ex is not self._parsing]
+        self._ready = []
+        for ex in ready:
+            self._enqueue(ex)
         if self._active is None and not self._queue:
             self._send_error(err)
 
@@ -633,13 +644,19 @@ def _host_name(host: bytes) -> str | None:
     return name.decode("latin-1")
 
 
-def _origin_form(url: bytes) -> bytes:
-    """An absolute-form target (`http://host/path`) becomes its origin form (`/path`)."""
-    parsed = httptools.parse_url(url)
+def _origin_form(url: bytes) -> tuple[bytes, bytes]:
+    """An absolute-form target (`http://host:port/path`) -> (`/path`, `host:port`)."""
+    try:
+        parsed = httptools.parse_url(url)
+    except httptools.HttpParserInvalidURLError:
+        raise BadRequest(400, "malformed request target") from None
+    if not parsed.host:
+        raise BadRequest(400, "malformed request target")
     out = parsed.path or b"/"
     if parsed.query:
         out += b"?" + parsed.query
-    return out
+    authority = parsed.host if parsed.port is None else b"%s:%d" % (parsed.host, parsed.port)
+    return out, authority
 
 
 def _parser_reason(exc: Exception) -> str:

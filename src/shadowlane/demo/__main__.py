@@ -1,0 +1,5 @@
+"""`python -m shadowlane.demo`: the demo without the `shadowlane` command."""
+
+from shadowlane.demo import main
+
+raise SystemExit(main())
