@@ -165,6 +165,79 @@ class ScriptedUpstream:
         conn.close()
 
 
+class AnswerThenClose:
+    """Answers each request `200 ok` with keep-alive framing, then closes its side at once
+    (without `Connection: close`) and waits for the peer to close too. `peer_closed` counts
+    connections the peer has closed: once it moves, the proxy has seen the close, so its pool
+    no longer holds that connection. `requests` lists (connection number, request line)."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.cond = threading.Condition()
+        self.requests: list[tuple[int, str]] = []
+        self.peer_closed = 0
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._acceptor.join(T)
+        for t in self._threads:
+            t.join(T)
+
+    def _accept(self) -> None:
+        n = 0
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            n += 1
+            t = threading.Thread(target=self._serve, args=(conn, n), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket, n: int) -> None:
+        with conn:
+            conn.settimeout(T)
+            try:
+                data = read_until(conn, b"\r\n\r\n")
+                head = data.partition(b"\r\n\r\n")[0].decode("latin-1")
+                length = 0
+                for line in head.split("\r\n")[1:]:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                body = data.partition(b"\r\n\r\n")[2]
+                while len(body) < length:
+                    body += conn.recv(65536)
+                with self.cond:
+                    self.requests.append((n, head.split("\r\n")[0]))
+                    self.cond.notify_all()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                conn.shutdown(socket.SHUT_WR)
+                while conn.recv(65536):
+                    pass
+            except (OSError, ConnectionError):
+                return
+            with self.cond:
+                self.peer_closed += 1
+                self.cond.notify_all()
+
+    def wait_peer_closed(self, n: int) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.peer_closed >= n, T):
+                raise TimeoutError(f"the proxy did not close {n} connection(s) within {T}s")
+
+
 class FullBacklog:
     """A listening socket whose accept queue is full and never drained: SYNs to it are
     dropped, so connecting hangs (what a firewalled or overloaded host looks like), on
@@ -199,11 +272,12 @@ class FullBacklog:
 def stale_handler() -> Any:
     """Each connection answers one request; a later request on it is read and dropped by
     closing the connection without a byte of answer: the keep-alive race where the server
-    times an idle connection out just as the proxy reuses it."""
+    times an idle connection out just as the proxy reuses it. `/always-drop...` is dropped on
+    any connection, fresh or not."""
     served: set[int] = set()
 
     def handle(req: Recorded) -> Reply:
-        if req.connection_id in served:
+        if req.path.startswith("/always-drop") or req.connection_id in served:
             return Reply(action="close")
         served.add(req.connection_id)
         return echo_reply(req)
@@ -222,6 +296,7 @@ class Env:
     pool_peak: list[int]
     hung: HungServer
     stale: RecordingBackend
+    closer: AnswerThenClose
     reset: RecordingBackend
     scripted: ScriptedUpstream
     rr_a: RecordingBackend
@@ -262,6 +337,8 @@ def env() -> Iterator[Env]:
         stack.callback(scripted.stop)
         blackhole = FullBacklog()
         stack.callback(blackhole.close)
+        closer = AnswerThenClose()
+        stack.callback(closer.close)
 
         def be(url: str | list[str], **kw: Any) -> dict[str, Any]:
             return {"endpoints": url if isinstance(url, list) else [url], "timeout": "5s", **kw}
@@ -274,6 +351,7 @@ def env() -> Iterator[Env]:
                 "hung": be(hung.url, timeout="500ms"),
                 "blackhole": be(blackhole.url, connect_timeout="300ms"),
                 "stale": be(stale.url),
+                "closer": be(closer.url),
                 "reset": be(reset.url),
                 "scripted": be(scripted.url),
                 "rr": be([rr_a.url, rr_b.url]),
@@ -287,6 +365,7 @@ def env() -> Iterator[Env]:
                 _route("hung", "hung"),
                 _route("blackhole", "blackhole"),
                 _route("stale", "stale"),
+                _route("closer", "closer"),
                 _route("reset", "reset"),
                 _route("scripted", "scripted"),
                 _route("rr", "rr"),
@@ -303,7 +382,21 @@ def env() -> Iterator[Env]:
             ],
         }
         proxy = stack.enter_context(ProxyProcess(config))
-        yield Env(proxy, reuse, pool, pool_peak, hung, stale, reset, scripted, rr_a, rr_b, w_a, w_b)
+        yield Env(
+            proxy,
+            reuse,
+            pool,
+            pool_peak,
+            hung,
+            stale,
+            closer,
+            reset,
+            scripted,
+            rr_a,
+            rr_b,
+            w_a,
+            w_b,
+        )
         proxy.stop()
         stderr = proxy.stderr_text()
         assert "Traceback" not in stderr, f"the proxy logged an exception:\n{stderr}"
@@ -437,6 +530,29 @@ def test_stale_pooled_connection(env: Env, method: str, body: bytes | None, retr
         )
         assert resp.status == 502, resp
         assert_short_text_naming(resp, "stale")
+
+
+def test_stale_retry_happens_once(env: Env) -> None:
+    """The fresh connection of the retry fails too: 502, after exactly two attempts."""
+    warm = unique("warm")
+    assert call(env.port, "stale.test", warm).status == 200
+    target = unique("always-drop")
+    resp = call(env.port, "stale.test", target)
+    assert resp.status == 502, resp
+    assert len(arrivals(env.stale, target)) == 2
+
+
+def test_connection_closed_by_backend_while_idle_is_not_reused(env: Env) -> None:
+    """The backend closes a keep-alive connection right after answering (without saying so).
+    Once the proxy has seen that close, the next request, even a POST, goes over a fresh
+    connection: nothing was sent on the dead one, so nothing is lost or doubled."""
+    before = len(env.closer.requests)
+    assert call(env.port, "closer.test", "/first").body == b"ok"
+    env.closer.wait_peer_closed(before + 1)  # one request per connection
+    resp = call(env.port, "closer.test", "/order", method="POST", body=b"{}")
+    assert resp.status == 200 and resp.body == b"ok", resp
+    posts = [r for r in env.closer.requests if r[1].startswith("POST /order")]
+    assert len(posts) == 1, env.closer.requests
 
 
 # -- resets mid-response ----------------------------------------------------------------------
