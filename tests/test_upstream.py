@@ -29,6 +29,7 @@ from support.backend import (
     Reply,
     dead_port,
     echo_reply,
+    pattern_bytes,
 )
 from support.proxy import HttpResponse, ProxyProcess, read_http_response
 
@@ -423,6 +424,30 @@ def test_upstream_connection_reused_across_requests(env: Env) -> None:
     assert env.reuse.connections_accepted == 1, (
         f"{env.reuse.connections_accepted} upstream connections for 150 sequential requests"
     )
+
+
+def test_reuse_survives_bodyless_and_chunked_answers(env: Env) -> None:
+    """HEAD, 204, 304 and chunked answers end at the right byte: the connection goes back to
+    the pool clean, and the next answer on it is intact (not shifted by leftovers)."""
+    sequence = [
+        ("HEAD", "/bytes/1000", b""),
+        ("GET", "/bytes/3000", pattern_bytes(3000)),
+        ("GET", "/status/204", b""),
+        ("GET", "/chunked/3", b"chunk-0\nchunk-1\nchunk-2\n"),
+        ("GET", "/status/304", b""),
+        ("HEAD", "/chunked/2", b""),
+        ("GET", "/bytes/10", pattern_bytes(10)),
+    ]
+    before = len(env.reuse.requests)
+    with socket.create_connection((LOOPBACK, env.port), timeout=T) as sock:
+        for _ in range(3):
+            for method, target, body in sequence:
+                sock.sendall(build_request(method, target, "reuse.test"))
+                resp = read_http_response(sock, method, timeout=T)
+                assert resp.body == body, (method, target, resp)
+    recs = env.reuse.requests[before:]
+    assert len(recs) == 3 * len(sequence)
+    assert len({r.connection_id for r in recs}) == 1, [r.connection_id for r in recs]
 
 
 def test_pool_bounded_by_max_connections(env: Env) -> None:
