@@ -149,7 +149,7 @@ def test_drain_timeout_bounds_the_shutdown(
     assert 0.4 <= time.monotonic() - start < 2.5
     slow.join(T)
     assert not slow.is_alive()
-    assert isinstance(slow.result, ConnectionError | OSError), slow.result
+    assert isinstance(slow.result, ConnectionError), slow.result  # closed, not timed out
 
 
 # -- --workers ----------------------------------------------------------------------------------
