@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from support import loopback_guard
 from support.backend import (
     HungServer,
     Recorded,
@@ -250,3 +251,41 @@ def test_proxy_process_fills_ports_and_reports_startup_failure() -> None:
         assert proxy.returncode not in (None, 0)
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1", True),
+        ("127.5.6.7", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("::ffff:127.0.0.1", True),
+        ("localhost", True),
+        (b"localhost", True),
+        ("LOCALHOST.", True),
+        ("foo.localhost", True),
+        (None, True),
+        ("10.255.255.1", False),
+        ("192.0.2.1", False),
+        ("::ffff:10.0.0.1", False),
+        ("httpbin.org", False),
+        ("doesnotexist.google.com", False),
+        ("localhost.evil.com", False),
+    ],
+)
+def test_loopback_guard_decides(host: object, allowed: bool) -> None:
+    assert loopback_guard.is_loopback_host(host) is allowed
+
+
+def test_loopback_guard_blocks_and_uninstalls(backend: RecordingBackend) -> None:
+    """Only numeric names here: even a broken guard could not send anything for them."""
+    uninstall = loopback_guard.install()
+    try:
+        with pytest.raises(socket.gaierror, match="loopback_guard"):
+            socket.getaddrinfo("192.0.2.1", 80)
+        # loopback keeps working, through the patched connect
+        assert requests.get(f"{backend.url}/ok", timeout=T).status_code == 200
+    finally:
+        uninstall()
+    assert socket.getaddrinfo("192.0.2.1", 80)  # restored: numeric, resolved locally
