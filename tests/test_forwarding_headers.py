@@ -216,6 +216,21 @@ def test_http10_request_without_host_gets_the_backend_authority(env: Env) -> Non
     assert rec.header_values("host") == [f"127.0.0.1:{env.backend.port}"]
 
 
+def test_absolute_form_target_authority_becomes_the_host(env: Env) -> None:
+    """RFC 9112 3.2.2: the authority of an absolute-form target replaces Host."""
+    target = f"/abs-{uid()}"
+    resp = exchange(env.port, f"GET http://api.example.com:8080{target} HTTP/1.1\nHost: other")
+    assert resp.status == 200, resp
+    (rec,) = [r for r in env.backend.requests if r.target == target]
+    assert rec.header_values("host") == ["api.example.com:8080"], rec.headers
+    assert rec.header_values("x-forwarded-host") == ["api.example.com:8080"], rec.headers
+
+
+def test_empty_host_is_forwarded_as_one_host_header(env: Env) -> None:
+    rec = forwarded(env, f"GET /empty-host-{uid()} HTTP/1.1\nHost:")
+    assert len(rec.header_values("host")) == 1, rec.headers
+
+
 def test_other_headers_forwarded_in_order_with_values_intact(env: Env) -> None:
     rec = forwarded(
         env,
