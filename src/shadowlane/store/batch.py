@@ -112,6 +112,9 @@ class Batch:
     #: (route, target, field) -> newest example factories (index into `_examples`)
     example_refs: dict[tuple[str, str, str], deque[int]] = field(default_factory=dict)
     _examples: dict[int, tuple[float, ExampleFactory]] = field(default_factory=dict)
+    #: how many fields' deques still hold each example; at 0 it is forgotten at once, so a
+    #: batch holds at most examples_per_field jobs per field, whatever the traffic
+    _refs: dict[int, int] = field(default_factory=dict)
     _next_id: int = 0
     #: jobs added since the last flush
     jobs: int = 0
@@ -146,20 +149,25 @@ class Batch:
         n = self.examples_per_field
         if n <= 0 or not paths:
             return
+        paths = list(dict.fromkeys(paths))
         ident = self._next_id
         self._next_id += 1
         self._examples[ident] = (ts, factory)
+        self._refs[ident] = len(paths)
         for path in paths:
             refs = self.example_refs.get((route, target, path))
             if refs is None:
                 refs = self.example_refs[(route, target, path)] = deque(maxlen=n)
+            if len(refs) == n:
+                self._release(refs[0])
             refs.append(ident)
-        if len(self._examples) > 4 * n * max(1, len(self.example_refs)):
-            self._forget_unreferenced()
 
-    def _forget_unreferenced(self) -> None:
-        live = {i for refs in self.example_refs.values() for i in refs}
-        for ident in [i for i in self._examples if i not in live]:
+    def _release(self, ident: int) -> None:
+        left = self._refs[ident] - 1
+        if left:
+            self._refs[ident] = left
+        else:
+            del self._refs[ident]
             del self._examples[ident]
 
     def examples(self) -> list[tuple[Example, list[str]]]:
