@@ -25,9 +25,10 @@ from shadowlane import __version__
 from shadowlane.admin import AdminApp
 from shadowlane.config import BackendConfig, Config, load_config
 from shadowlane.metrics import Metrics
-from shadowlane.proxy import Proxy, ProxyCall, RouteRuntime
+from shadowlane.proxy import Proxy, RouteRuntime
 from shadowlane.routing import RouteTable
 from shadowlane.shadow.dispatcher import ShadowDispatcher
+from shadowlane.wire.messages import Request
 from shadowlane.wire.server import ServerLimits, ServerState
 from shadowlane.wire.upstream import BackendPool, EndpointPool
 
@@ -58,7 +59,10 @@ def build_backend(name: str, cfg: BackendConfig) -> BackendPool:
 
 
 class AccessLogger:
-    """One JSON line per request; written through a buffered file so it costs one write()."""
+    """One JSON line per request, buffered and flushed once a second (and at exit), so a line
+    costs one buffered write and reaches a file or pipe within about a second."""
+
+    FLUSH_EVERY = 1.0
 
     def __init__(self, target: bool | str) -> None:
         self._own = False
@@ -68,9 +72,18 @@ class AccessLogger:
         else:
             self.out = open(str(target), "ab", buffering=65536)  # noqa: SIM115 - lives with the app
             self._own = True
+        self._dirty = False
+        self._timer: asyncio.TimerHandle | None = None
 
-    def __call__(self, call: ProxyCall, status: int, seconds: float) -> None:
-        req = call.request
+    def __call__(
+        self,
+        req: Request,
+        route: str,
+        backend: str,
+        status: int,
+        seconds: float,
+        shadows: dict[str, str] | None,
+    ) -> None:
         record: dict[str, Any] = {
             "ts": time.time(),
             "request_id": req.request_id,
@@ -78,21 +91,33 @@ class AccessLogger:
             "method": req.method,
             "path": req.target.decode("latin-1"),
             "host": req.host,
-            "route": call.rt.name,
-            "backend": call.backend.name,
+            "route": route,
+            "backend": backend,
             "status": status,
             "duration_ms": round(seconds * 1000, 3),
         }
-        shadows = call.proxy.shadow.outcomes(call) if call.proxy.shadow is not None else None
         if shadows:
             record["shadows"] = shadows
         self.out.write(orjson.dumps(record) + b"\n")
+        if not self._dirty:
+            self._dirty = True
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(self.FLUSH_EVERY, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._dirty:
+            self._dirty = False
+            self.flush()
 
     def flush(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             self.out.flush()
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.flush()
         if self._own:
             self.out.close()

@@ -13,7 +13,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shadowlane.routing import Route, RouteTable
-from shadowlane.wire.headers import response_headers, serialize_headers, upstream_request_headers
+from shadowlane.wire.headers import (
+    new_request_id,
+    response_headers,
+    serialize_headers,
+    upstream_request_headers,
+)
 from shadowlane.wire.messages import Headers, Request
 from shadowlane.wire.server import Exchange
 from shadowlane.wire.upstream import BackendPool, EndpointPool, UpstreamConnection, UpstreamError
@@ -28,7 +33,8 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: request bodies up to this size are kept so a stale-connection retry can resend them
 RETRY_BODY_LIMIT = 64 * 1024
 
-AccessLog = Callable[["ProxyCall", int, float], None]
+#: (request, route, backend, status, seconds, shadow outcomes) -> None
+AccessLog = Callable[[Request, str, str, int, float, "dict[str, str] | None"], None]
 
 
 class RouteRuntime:
@@ -73,15 +79,23 @@ class Proxy:
         route = self.routes.match(req)
         if route is None:
             exchange.respond(404, b"no route matches this request\n")
-            self.metrics.observe_request("", "", 404, self.loop.time() - t0)
+            self._answered(req, "", 404, t0)
             return
         rt = self.runtimes[route.name]
         if exchange.content_length is not None and exchange.content_length > rt.max_body:
             exchange.respond(413, b"request body too large\n", close=True)
-            self.metrics.observe_request(rt.name, "", 413, self.loop.time() - t0)
+            self._answered(req, rt.name, 413, t0)
             return
         backend = self.backends[route.pick_backend()]
         ProxyCall(self, exchange, rt, backend, t0).start()
+
+    def _answered(self, req: Request, route: str, status: int, t0: float) -> None:
+        """Account for an answer the proxy gave itself, before any backend was chosen."""
+        elapsed = self.loop.time() - t0
+        self.metrics.observe_request(route, "", status, elapsed)
+        if self.access_log is not None:
+            req.request_id = req.header("x-request-id") or new_request_id().decode()
+            self.access_log(req, route, "", status, elapsed, None)
 
 
 class ProxyCall:
@@ -350,7 +364,10 @@ class ProxyCall:
         self.status = status
         proxy.metrics.observe_request(self.rt.name, self.backend.name, status, elapsed)
         if proxy.access_log is not None:
-            proxy.access_log(self, status, elapsed)
+            shadows = proxy.shadow.outcomes(self) if proxy.shadow is not None else None
+            proxy.access_log(
+                self.request, self.rt.name, self.backend.name, status, elapsed, shadows
+            )
 
 
 def request_line(req: Request) -> str:

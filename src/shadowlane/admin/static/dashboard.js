@@ -167,7 +167,9 @@
   function liftAnswer(answer) {
     const doc = {};
     if (!answer || typeof answer !== "object") return doc;
-    if (answer.status !== undefined) doc.status = answer.status;
+    // A failed answer is lifted as `status: "failed: <why>"` (compare.diff.lift).
+    if (answer.failure) doc.status = `failed: ${answer.failure}`;
+    else if (answer.status !== undefined) doc.status = answer.status;
     const headers = answer.headers;
     if (Array.isArray(headers)) {
       const obj = {};
@@ -181,7 +183,6 @@
       doc.headers = headers;
     }
     if (answer.body !== undefined && answer.body !== null) doc.body = parseBody(answer.body);
-    if (answer.failure) doc.failure = answer.failure;
     return doc;
   }
 
@@ -248,7 +249,9 @@
     constructor(route, target) {
       this.route = route;
       this.target = target;
-      this.field = null; // examples filtered to this field, or all
+      // Examples are filtered to `field`; undefined until the user picks (then the top
+      // reported field is shown: a noise-only example is rarely what one wants to see first).
+      this.field = undefined;
       this.examples = [];
       this.examplesKey = "";
       this.examplesShown = "";
@@ -324,10 +327,16 @@
       return cardKey(this.route, this.target);
     }
 
+    get effectiveField() {
+      if (this.field !== undefined) return this.field;
+      const top = this.fields.find((f) => f.reported === true);
+      return top ? top.field : null;
+    }
+
     // The examples to (re)fetch: only when the counts or the filter changed since last time.
     wantsExamples() {
       const s = this.summary || {};
-      const key = [s.compared, s.differing, s.noise, this.field].join("|");
+      const key = [s.compared, s.differing, s.noise, this.effectiveField].join("|");
       return key !== this.examplesKey ? key : null;
     }
 
@@ -389,7 +398,7 @@
         const row = h(
           "tr",
           {
-            class: `field-row${this.field === f.field ? " selected" : ""}`,
+            class: `field-row${this.effectiveField === f.field ? " selected" : ""}`,
             "data-field": f.field,
             "data-state": reported ? "reported" : "noise",
             tabindex: 0,
@@ -417,7 +426,7 @@
     }
 
     selectField(field) {
-      this.field = this.field === field ? null : field;
+      this.field = this.effectiveField === field ? null : field;
       this.selectedId = null;
       this.renderFields(this.fields);
       this.refreshExamples().catch((e) => this.showError(e));
@@ -427,7 +436,8 @@
       const key = this.wantsExamples();
       if (key === null) return;
       let url = `${apiBase(this.route, this.target)}/examples?limit=${EXAMPLE_LIMIT}`;
-      if (this.field) url += `&field=${encodeURIComponent(this.field)}`;
+      const field = this.effectiveField;
+      if (field) url += `&field=${encodeURIComponent(field)}`;
       const examples = await getJSON(url);
       this.examplesKey = key;
       this.renderExamples(Array.isArray(examples) ? examples : []);
@@ -441,10 +451,11 @@
     renderExamples(examples) {
       this.examples = examples;
       const bar = [h("h3", { text: "Example pairs" })];
-      if (this.field) {
-        bar.push(h("span", { class: "filter-chip" }, `field ${this.field}`, h("button", { type: "button", title: "show all examples", text: "×", onclick: () => this.selectField(this.field) })));
+      const field = this.effectiveField;
+      if (field) {
+        bar.push(h("span", { class: "filter-chip" }, `field ${field}`, h("button", { type: "button", title: "show all examples", text: "×", onclick: () => this.selectField(field) })));
       } else {
-        bar.push(h("span", { class: "hint", text: "click a field to see its examples" }));
+        bar.push(h("span", { class: "hint", text: "all fields · click a field to see its examples" }));
       }
       this.exampleBar.replaceChildren(...bar);
       if (!examples.some((e) => e.request_id === this.selectedId)) {
@@ -519,7 +530,12 @@
   function pane(cls, title, answer, ex) {
     const doc = liftAnswer(answer);
     const hl = new Highlighter(ex.differing, ex.noise);
-    const status = answer && answer.status !== undefined ? `HTTP ${answer.status}` : "";
+    const bits = [];
+    if (answer && answer.failure) bits.push(`failed: ${answer.failure}`);
+    else if (answer && answer.status !== undefined) bits.push(`HTTP ${answer.status}`);
+    if (answer && num(answer.seconds) !== null) bits.push(fmtSeconds(answer.seconds));
+    if (answer && answer.truncated) bits.push("body cut");
+    const status = bits.join(" · ");
     const node = h(
       "div",
       { class: `pane ${cls}` },
