@@ -490,6 +490,42 @@ def test_chunked_body_arrives_exact(proxy: ProxyProcess, backend: RecordingBacke
     assert (te, cl) in ((["chunked"], []), ([], [str(len(data))])), rec.headers
 
 
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_client_gone_mid_upload_never_completes_upstream(
+    proxy: ProxyProcess, backend: RecordingBackend, framing: str
+) -> None:
+    """The client sends part of a body and disconnects: the backend has seen the start of the
+    upload, and must see its connection closed, never a complete request."""
+    target = f"/cut-upload/{framing}"
+    raw_before = backend.raw_bytes
+    with connect(proxy) as sock:
+        if framing == "chunked":
+            sock.sendall(get(target, "Transfer-Encoding: chunked", method="POST"))
+            sock.sendall(b"5\r\nhello\r\n")
+        else:
+            sock.sendall(get(target, "Content-Length: 10", method="POST") + b"hello")
+        backend.wait_for(lambda b: b.raw_bytes - raw_before > len(target) + 5, timeout=T)
+        open_during = backend.open_connections
+    backend.wait_for(lambda b: b.open_connections < open_during, timeout=T)
+    assert not any(r.target == target for r in backend.requests)
+
+
+def test_connection_close_ends_a_pipeline(proxy: ProxyProcess, backend: RecordingBackend) -> None:
+    n_before = len(backend.requests)
+    with connect(proxy) as sock:
+        sock.sendall(get("/closing", "Connection: close") + get("/never-served"))
+        reader = ResponseReader(sock)
+        resp = reader.read(timeout=T)
+        assert echoed(resp)["target"] == "/closing"
+        assert (resp.header("connection") or "").lower() == "close"
+        assert_closed(sock, reader)
+    with connect(proxy) as sock:  # a later request: anything forwarded before it has arrived
+        sock.sendall(get("/after-close"))
+        assert echoed(ResponseReader(sock).read(timeout=T))["target"] == "/after-close"
+    recs = backend.wait_for_requests(n_before + 2)[n_before:]
+    assert [r.target for r in recs] == ["/closing", "/after-close"]
+
+
 # -- response framing --------------------------------------------------------------------------
 
 CHUNKED_BODY = b"".join(f"chunk-{i}\n".encode() for i in range(50))
@@ -569,6 +605,22 @@ def test_head_has_no_body(proxy: ProxyProcess, backend: RecordingBackend, target
         # no body bytes: the next response must start right where this head ended
         assert_still_open(sock, reader, proxy)
     assert any(r.method == "HEAD" and r.target == target for r in backend.requests)
+
+
+@pytest.mark.parametrize("target", ["/bytes/1234", "/chunked/5"], ids=["length", "chunked"])
+def test_head_followed_by_pipelined_get(
+    proxy: ProxyProcess, backend: RecordingBackend, target: str
+) -> None:
+    """HEAD then GET in one write: the GET's answer must not be taken for the body the HEAD
+    answer announced (its Content-Length or chunking describe a body that never comes)."""
+    with connect(proxy) as sock:
+        sock.sendall(get(target, method="HEAD") + get("/after-head"))
+        reader = ResponseReader(sock)
+        head = reader.read("HEAD", timeout=T)
+        assert head.status == 200
+        after = reader.read(timeout=T)
+        assert echoed(after)["target"] == "/after-head"
+        assert_still_open(sock, reader, proxy)
 
 
 @pytest.mark.parametrize("status", [204, 304])
@@ -663,6 +715,26 @@ def test_http10_without_host(proxy: ProxyProcess, backend: RecordingBackend) -> 
         assert_closed(sock, reader)  # HTTP/1.0 without keep-alive: one request per connection
     (rec,) = backend.wait_for_requests(n_before + 1)[n_before:]
     assert rec.header_values("host") == [f"127.0.0.1:{backend.port}"]
+
+
+def test_http10_expect_100_continue_is_ignored(
+    proxy: ProxyProcess, backend: RecordingBackend
+) -> None:
+    """RFC 9110 10.1.1: a server MUST ignore a 100-continue expectation in an HTTP/1.0 request
+    (a 1.0 client does not know interim answers)."""
+    raw_before = backend.raw_bytes
+    with connect(proxy) as sock:
+        sock.sendall(
+            b"POST /expect10 HTTP/1.0\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+        )
+        # once the head reached the backend, the proxy has decided whether to send a 100
+        backend.wait_for(lambda b: b.raw_bytes > raw_before, timeout=T)
+        early = select.select([sock], [], [], 0.2)[0]
+        assert not early, f"proxy sent {sock.recv(200)!r} to an HTTP/1.0 client"
+        sock.sendall(b"abc")
+        reader = ResponseReader(sock)
+        e = echoed(reader.read(timeout=T, skip_interim=False))
+        assert (e["target"], e["body_len"]) == ("/expect10", 3)
 
 
 def test_http10_keep_alive(proxy: ProxyProcess, backend: RecordingBackend) -> None:
