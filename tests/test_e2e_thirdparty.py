@@ -121,7 +121,9 @@ def assert_same_echo(
 
 def connections_opened(session: requests.Session, proxy: ProxyProcess) -> int:
     """TCP connections a Session opened to the proxy (urllib3 counts them per pool)."""
-    pools = session.get_adapter(proxy.url).poolmanager.pools
+    adapter = session.get_adapter(proxy.url)
+    assert isinstance(adapter, requests.adapters.HTTPAdapter)
+    pools = adapter.poolmanager.pools
     return sum(
         pools[key].num_connections
         for key in pools.keys()  # noqa: SIM118 (RecentlyUsedContainer is not iterable)
@@ -312,6 +314,97 @@ def test_keep_alive_reuse_on_one_session(proxy: ProxyProcess) -> None:
                 assert len(r.content) == 1000
             assert r.status_code == 200
         assert connections_opened(s, proxy) == 1, "the proxy closed a keep-alive connection"
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE", "OPTIONS"])
+def test_other_methods(httpbin: HttpbinServer, proxy: ProxyProcess, method: str) -> None:
+    d, p = both(httpbin, proxy, method, "/anything/m?x=1", data=b"payload")
+    assert p.status_code == d.status_code == 200
+    if method == "OPTIONS":  # answered by Flask itself: no echo, just the Allow header
+        assert p.headers["Allow"] == d.headers["Allow"]
+    else:
+        assert assert_same_echo(httpbin, proxy, d, p)["method"] == method
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/anything/a%2Fb/%E2%9C%93?q=%2F&r=%20",  # encoded slash, UTF-8, encoded query
+        "/anything/semi;colon/plus+sign?a=b+c&d=%2B",
+        "/anything//double//slash",
+        "/anything/dot/./segment/../kept?",
+    ],
+)
+def test_targets_forwarded_verbatim(
+    httpbin: HttpbinServer, proxy: ProxyProcess, target: str
+) -> None:
+    """The request target reaches the backend byte for byte (no decoding or normalising).
+
+    Flask answers ``//`` with a 308 to the merged path: then the redirect must match.
+    """
+    seen = []
+    for base in (httpbin.url, proxy.url):
+        # curl --path-as-is sends the target exactly as given
+        status, headers, body = split_head(curl("--path-as-is", "-D", "-", base + target).stdout)
+        code = status.split(" ")[1]
+        if code == "200":
+            seen.append((code, normalize_echo(json.loads(body), base)))
+        else:
+            seen.append((code, headers["location"].removeprefix(base)))
+    assert seen[1] == seen[0]
+
+
+def test_streamed_response_is_not_buffered(proxy: ProxyProcess) -> None:
+    """/drip sends 4 bytes over 2 s: the first must reach the client long before the last."""
+    start = time.monotonic()
+    with requests.get(
+        proxy.url + "/drip?duration=2&numbytes=4&delay=0&code=200", stream=True, timeout=T
+    ) as r:
+        first = r.raw.read(1)
+        first_at = time.monotonic() - start
+        rest = r.raw.read()
+        done_at = time.monotonic() - start
+    assert first + rest == b"****"
+    assert done_at >= 1.4, "drip finished early: the test proves nothing"
+    assert first_at < 1.0, f"first byte after {first_at:.2f}s: the proxy buffered the response"
+
+
+def test_conditional_requests_304(httpbin: HttpbinServer, proxy: ProxyProcess) -> None:
+    d, p = both(httpbin, proxy, "GET", "/etag/abc", headers={"If-None-Match": '"abc"'})
+    assert p.status_code == d.status_code == 304
+    assert p.content == d.content == b""
+    assert p.headers["ETag"] == d.headers["ETag"]
+    # the keep-alive connection survives a bodiless 304
+    with requests.Session() as s:
+        assert (
+            s.get(proxy.url + "/etag/x", headers={"If-None-Match": '"x"'}, timeout=T).status_code
+            == 304
+        )
+        assert s.get(proxy.url + "/get", timeout=T).status_code == 200
+        assert connections_opened(s, proxy) == 1
+
+
+def test_auth_challenge_and_success(httpbin: HttpbinServer, proxy: ProxyProcess) -> None:
+    d, p = both(httpbin, proxy, "GET", "/basic-auth/user/pass")
+    assert p.status_code == d.status_code == 401
+    assert p.headers["WWW-Authenticate"] == d.headers["WWW-Authenticate"]
+    d, p = both(httpbin, proxy, "GET", "/basic-auth/user/pass", auth=("user", "pass"))
+    assert p.status_code == d.status_code == 200
+    assert p.json() == d.json() == {"authenticated": True, "user": "user"}
+
+
+def test_duplicate_response_headers_kept(httpbin: HttpbinServer, proxy: ProxyProcess) -> None:
+    path = "/response-headers?X-Multi=one&X-Multi=two&X-Single=s"
+    d, p = both(httpbin, proxy, "GET", path)
+    assert p.raw.headers.getlist("X-Multi") == d.raw.headers.getlist("X-Multi") == ["one", "two"]
+    assert p.headers["X-Single"] == "s"
+
+
+def test_large_request_headers(httpbin: HttpbinServer, proxy: ProxyProcess) -> None:
+    big = {"Cookie": "; ".join(f"c{i}={'v' * 40}" for i in range(100)), "X-Big": "b" * 3000}
+    d, p = both(httpbin, proxy, "GET", "/headers", headers=big)
+    echo = assert_same_echo(httpbin, proxy, d, p)
+    assert echo["headers"]["X-Big"] == "b" * 3000
 
 
 # -- headers the proxy adds and removes -----------------------------------------------------
