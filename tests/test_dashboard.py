@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import threading
+import uuid
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +25,10 @@ import uvloop
 
 from shadowlane.admin import AdminApp
 from shadowlane.admin.comparisons import install_comparison_api
+from shadowlane.compare import Captured, Comparator, CompareJob, compile_settings
+from shadowlane.config import ShadowCompare
 from shadowlane.metrics import Metrics
+from shadowlane.store import open_store
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
@@ -44,97 +49,63 @@ DIFF_BG_RGB = (0xFD, 0xE2, 0xE4)
 NOISE_BG_RGB = (0xF4, 0xEC, 0xD2)
 
 
-# -- a store with data ---------------------------------------------------------------------------
+# -- a store with data, through the real compare engine -----------------------------------------
+
+SETTINGS = compile_settings(ShadowCompare(secondary="orders-v1b"))
 
 
-def _answer(version: str, n: int, total: Any, uuid: str) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": n,
-        "items": [{"sku": "A-1", "qty": 2}, {"sku": "B-7", "qty": 1}],
-        "request_uuid": uuid,
-    }
-    if version == "v1":
-        body["customer_name"] = "Ada"
-        body["total"] = total
-    else:
+def _answer(version: str, n: int, *, noise: bool, seconds: float) -> Captured:
+    body: dict[str, Any] = {"id": n, "items": [{"sku": "A-1", "qty": 2}, {"sku": "B-7", "qty": 1}]}
+    if version == "v2":
         body["customer"] = "Ada"
-        body["total"] = total
+        body["total"] = f"{12.5 * n:.2f}"  # a number that became a string
         body["currency"] = "EUR"
-    return {
-        "status": 200,
-        "headers": [["content-type", "application/json"], ["x-version", version]],
-        "body": json.dumps(body),
-    }
+    else:
+        body["customer_name"] = "Ada"
+        body["total"] = 12.5 * n
+    if noise:
+        body["request_uuid"] = str(uuid.uuid4())
+    headers = [(b"content-type", b"application/json"), (b"x-version", version.encode())]
+    return Captured(200, headers, json.dumps(body).encode(), False, seconds)
 
 
-class FakeStore:
-    """In-memory stand-in following the store's query contract (summary, fields, examples)."""
+def job(n: int, kind: str) -> CompareJob:
+    """One compared request: "diff" (v1 vs v2), "noise" (only a random field differs), "match"."""
+    v2 = "v2" if kind == "diff" else "v1"
+    noise = kind != "match"
+    return CompareJob(
+        route="orders",
+        target="orders-v2",
+        request_id=f"req-{kind}-{n}",
+        method="GET",
+        uri=f"/orders/{n}",
+        request_body=b"",
+        primary=_answer("v1", n, noise=noise, seconds=0.004),
+        candidate=_answer(v2, n, noise=noise, seconds=0.012),
+        secondary=_answer("v1", n, noise=noise, seconds=0.004),
+        settings=SETTINGS,
+        ts=1700000000.0 + n,
+    )
 
-    def __init__(self) -> None:
-        self.compared = 120
-        self.lock = threading.Lock()
 
-    def summary(self) -> list[dict[str, Any]]:
-        with self.lock:
-            compared = self.compared
-        return [
-            {
-                "route": "orders",
-                "target": "orders-v2",
-                "compared": compared,
-                "matched": compared - 48,
-                "differing": 40,
-                "noise": 8,
-                "diff_rate": 40 / compared,
-                "noise_rate": 8 / compared,
-                "latency": {
-                    "primary_p50": 0.0042,
-                    "primary_p99": 0.0190,
-                    "shadow_p50": 0.0061,
-                    "shadow_p99": 0.0330,
-                },
-                "top_fields": ["body.total", "body.currency"],
-            }
-        ]
+class Comparisons:
+    """A real SQLite store fed by a real Comparator; `add()` compares more jobs."""
 
-    def fields(self, route: str, target: str) -> list[dict[str, Any]]:
-        if (route, target) != ("orders", "orders-v2"):
-            return []
-        c = self.compared
-        rows = (
-            {"field": "body.total", "raw": 40, "noise": 0, "reported": True},
-            {"field": "body.currency", "raw": 40, "noise": 0, "reported": True},
-            {"field": "body.request_uuid", "raw": c, "noise": c, "reported": False},
-        )
-        return [dict(f, raw_rate=f["raw"] / c, noise_rate=f["noise"] / c) for f in rows]
+    def __init__(self, path: Path) -> None:
+        self.store = open_store(f"sqlite:///{path}")
+        self.comparator = Comparator(self.store, None, flush_interval=0.05).start()
+        self.n = 0
 
-    def examples(
-        self, route: str, target: str, field: str | None = None, limit: int = 20
-    ) -> list[dict[str, Any]]:
-        out = []
-        for n in range(1, 4):
-            out.append(
-                {
-                    "request_id": f"req-{n}",
-                    "ts": 1700000000.0 + n,
-                    "method": "GET",
-                    "uri": f"/orders/{n}",
-                    "request_body": "",
-                    "primary": _answer("v1", n, 12.5 * n, f"uuid-p-{n}"),
-                    "candidate": _answer("v2", n, f"{12.5 * n:.2f}", f"uuid-c-{n}"),
-                    "differing": [
-                        "body.total",
-                        "body.currency",
-                        "body.customer",
-                        "body.customer_name",
-                        "headers.x-version",
-                    ],
-                    "noise": ["body.request_uuid"],
-                }
-            )
-        if field is not None:
-            out = [e for e in out if field in e["differing"] or field in e["noise"]]
-        return out[:limit]
+    def add(self, diff: int, noise: int, match: int) -> None:
+        for kind, count in (("diff", diff), ("noise", noise), ("match", match)):
+            for _ in range(count):
+                self.n += 1
+                assert self.comparator.submit(job(self.n, kind))
+        assert self.comparator.wait_idle(TIMEOUT)
+
+    def close(self) -> None:
+        self.comparator.stop()
+        self.store.close()
 
 
 # -- servers and browser -------------------------------------------------------------------------
@@ -161,13 +132,16 @@ class AdminServer:
 
 
 @pytest.fixture
-def store() -> FakeStore:
-    return FakeStore()
+def comparisons(tmp_path: Path) -> Iterator[Comparisons]:
+    c = Comparisons(tmp_path / "comparisons.db")
+    c.add(diff=30, noise=10, match=20)
+    yield c
+    c.close()
 
 
 @pytest.fixture
-def admin(store: FakeStore) -> Iterator[AdminServer]:
-    server = AdminServer(store)
+def admin(comparisons: Comparisons) -> Iterator[AdminServer]:
+    server = AdminServer(comparisons.store)
     yield server
     server.close()
 
@@ -297,68 +271,89 @@ def colours(rows: list[bytes]) -> dict[tuple[int, int, int], int]:
 
 
 def test_dashboard_shows_comparisons(
-    browser: WebDriver, admin: AdminServer, store: FakeStore, tmp_path: Path
+    browser: WebDriver, admin: AdminServer, comparisons: Comparisons, tmp_path: Path
 ) -> None:
     browser.get(admin.url + "/")
     card = wait_for(browser, '.card[data-route="orders"][data-target="orders-v2"]')
     wait_for(browser, ".example-pair .pane.candidate .hl-diff")
 
-    # Route and target names, and the counts and rates.
+    # Route and target names, and the counts and rates: 30 diff, 10 noise only, 20 match.
     head = card.find_element(By.CSS_SELECTOR, ".card-head h2").text
     assert "orders" in head and "orders-v2" in head
-    tile = card.find_element(By.CSS_SELECTOR, '.tile[data-metric="compared"] .value')
-    assert tile.text == "120"
-    diff_tile = card.find_element(By.CSS_SELECTOR, '.tile[data-metric="differing"] .value')
-    assert diff_tile.text == "33.3%"  # 40 of 120
-    noise_tile = card.find_element(By.CSS_SELECTOR, '.tile[data-metric="noise"] .value')
-    assert noise_tile.text == "6.67%"
-    matched_tile = card.find_element(By.CSS_SELECTOR, '.tile[data-metric="matched"] .value')
-    assert matched_tile.text == "60%"
+    tiles = {
+        t.get_attribute("data-metric"): t.find_element(By.CSS_SELECTOR, ".value").text
+        for t in card.find_elements(By.CSS_SELECTOR, ".tile")
+    }
+    assert tiles == {"compared": "60", "matched": "33.3%", "differing": "50%", "noise": "16.7%"}
 
     # Differing fields with their diff rate beside their noise rate; reported vs noise-only.
-    total = card.find_element(By.CSS_SELECTOR, 'tr.field-row[data-field="body.total"]')
-    assert total.get_attribute("data-state") == "reported"
-    assert total.find_element(By.CSS_SELECTOR, ".diff-rate").text == "33.3%"
+    rows = {
+        r.get_attribute("data-field"): r
+        for r in card.find_elements(By.CSS_SELECTOR, "tr.field-row")
+    }
+    reported = {f for f, r in rows.items() if r.get_attribute("data-state") == "reported"}
+    assert reported == {
+        "body.total",
+        "body.currency",
+        "body.customer",
+        "body.customer_name",
+        "headers.x-version",
+    }
+    total = rows["body.total"]
+    assert total.find_element(By.CSS_SELECTOR, ".diff-rate").text == "50%"
     assert total.find_element(By.CSS_SELECTOR, ".noise-rate").text == "0%"
     assert total.find_element(By.CSS_SELECTOR, ".badge").text.lower() == "reported"
-    uuid = card.find_element(By.CSS_SELECTOR, 'tr.field-row[data-field="body.request_uuid"]')
-    assert uuid.get_attribute("data-state") == "noise"
-    assert uuid.find_element(By.CSS_SELECTOR, ".diff-rate").text == "100%"
-    assert uuid.find_element(By.CSS_SELECTOR, ".noise-rate").text == "100%"
-    reported_colour = total.find_element(By.CSS_SELECTOR, ".badge").value_of_css_property("color")
-    noise_colour = uuid.find_element(By.CSS_SELECTOR, ".badge").value_of_css_property("color")
-    assert reported_colour != noise_colour
+    uuid_row = rows["body.request_uuid"]
+    assert uuid_row.get_attribute("data-state") == "noise"
+    assert uuid_row.find_element(By.CSS_SELECTOR, ".diff-rate").text == "66.7%"  # 40 of 60
+    assert uuid_row.find_element(By.CSS_SELECTOR, ".noise-rate").text == "66.7%"
+    assert uuid_row.find_element(By.CSS_SELECTOR, ".badge").text.lower() == "noise"
+    badge = total.find_element(By.CSS_SELECTOR, ".badge").value_of_css_property("color")
+    assert badge != uuid_row.find_element(By.CSS_SELECTOR, ".badge").value_of_css_property("color")
 
-    # Latency side by side.
-    p50 = card.find_element(By.CSS_SELECTOR, 'tr[data-quantile="p50"]')
-    assert p50.find_element(By.CSS_SELECTOR, '[data-latency="primary"]').text == "4.2 ms"
-    assert p50.find_element(By.CSS_SELECTOR, '[data-latency="shadow"]').text == "6.1 ms"
-    p99 = card.find_element(By.CSS_SELECTOR, 'tr[data-quantile="p99"]')
-    assert p99.find_element(By.CSS_SELECTOR, '[data-latency="shadow"]').text == "33.0 ms"
+    # Latency side by side: the shadow (12 ms) is slower than the primary (4 ms).
+    for quantile in ("p50", "p99"):
+        row = card.find_element(By.CSS_SELECTOR, f'tr[data-quantile="{quantile}"]')
+        primary_ms = row.find_element(By.CSS_SELECTOR, '[data-latency="primary"]').text
+        shadow_ms = row.find_element(By.CSS_SELECTOR, '[data-latency="shadow"]').text
+        assert re.fullmatch(r"\d+(\.\d+)? ms", primary_ms), primary_ms
+        assert re.fullmatch(r"\d+(\.\d+)? ms", shadow_ms), shadow_ms
+        assert float(shadow_ms.split()[0]) > 2 * float(primary_ms.split()[0])
+        assert row.find_element(By.CSS_SELECTOR, ".delta").text.startswith("+")
 
-    # An example pair side by side, differing paths highlighted, noise marked differently.
+    # Examples default to the top reported field (the store's order: most frequent, then by
+    # name); the newest is open, side by side.
+    top = card.find_element(By.CSS_SELECTOR, 'tr.field-row[data-state="reported"]')
+    assert top.get_attribute("data-field") == "body.currency"
+    assert "selected" in (top.get_attribute("class") or "")
+    assert "body.currency" in card.find_element(By.CSS_SELECTOR, ".filter-chip").text
+    assert "/orders/30" in card.find_element(By.CSS_SELECTOR, ".example-head").text
     pair = card.find_element(By.CSS_SELECTOR, ".example-pair")
     primary = pair.find_element(By.CSS_SELECTOR, ".pane.primary")
     candidate = pair.find_element(By.CSS_SELECTOR, ".pane.candidate")
     assert primary.location["x"] < candidate.location["x"]
     assert primary.location["y"] == candidate.location["y"]
+    assert "HTTP 200" in candidate.find_element(By.CSS_SELECTOR, ".pane-title").text
+
+    # Differing paths highlighted on both sides, noise marked differently, the rest plain.
     cand_total = candidate.find_element(By.CSS_SELECTOR, '.hl-diff[data-path="body.total"]')
-    assert cand_total.text == '"total": "12.50"'
+    assert cand_total.text == '"total": "375.00"'
     prim_total = primary.find_element(By.CSS_SELECTOR, '.hl-diff[data-path="body.total"]')
-    assert prim_total.text == '"total": 12.5'
+    assert prim_total.text == '"total": 375'
     assert candidate.find_element(By.CSS_SELECTOR, '.hl-diff[data-path="body.currency"]')
     header = candidate.find_element(By.CSS_SELECTOR, '.hl-diff[data-path="headers.x-version"]')
     assert header.text == '"x-version": "v2"'
     noise = candidate.find_element(By.CSS_SELECTOR, '.hl-noise[data-path="body.request_uuid"]')
-    assert noise.text == '"request_uuid": "uuid-c-1"'
+    assert noise.text.startswith('"request_uuid": "')
     assert noise.value_of_css_property("background-color") != cand_total.value_of_css_property(
         "background-color"
     )
-    # Unchanged values are not highlighted; fields only one side has are named on the other.
     sku = candidate.find_element(By.CSS_SELECTOR, '[data-path="body.items[0].sku"]')
-    assert "hl-diff" not in (sku.get_attribute("class") or "")
+    assert "hl-" not in (sku.get_attribute("class") or "")
+    # Fields that only one side has are named on the other.
     absent = primary.find_element(By.CSS_SELECTOR, ".absent").text
     assert "body.customer" in absent and "body.currency" in absent
+    assert "body.customer_name" in candidate.find_element(By.CSS_SELECTOR, ".absent").text
 
     updated = browser.find_element(By.ID, "updated-at").text
     assert updated.startswith("updated at ")
@@ -369,12 +364,12 @@ def test_dashboard_shows_comparisons(
 
     shot = tmp_path / "dashboard.png"
     assert browser.save_screenshot(str(shot))
-    width, height, rows = decode_png(shot.read_bytes())
+    width, height, pixels = decode_png(shot.read_bytes())
     assert (width, height) == tuple(
         browser.execute_script("return [window.innerWidth, window.innerHeight]")
     )
     assert width >= 1000 and height >= 800
-    seen = colours(rows)
+    seen = colours(pixels)
     assert len(seen) > 50, "screenshot is (nearly) one colour"
     assert max(seen.values()) < 0.95 * width * height, "screenshot is (nearly) blank"
     assert seen.get(TOPBAR_RGB, 0) > 1000, "the header bar is not in the screenshot"
@@ -383,38 +378,55 @@ def test_dashboard_shows_comparisons(
 
 
 def test_dashboard_refreshes_live_and_filters_examples_by_field(
-    browser: WebDriver, admin: AdminServer, store: FakeStore
+    browser: WebDriver, admin: AdminServer, comparisons: Comparisons
 ) -> None:
     browser.get(admin.url + "/")
     card = wait_for(browser, '.card[data-route="orders"][data-target="orders-v2"]')
+    wait_for(browser, ".example-pair")
     tile = card.find_element(By.CSS_SELECTOR, '.tile[data-metric="compared"] .value')
-    assert tile.text == "120"
+    assert tile.text == "60"
     first_update = browser.find_element(By.ID, "updated-at").get_attribute("datetime")
 
-    with store.lock:
-        store.compared = 240
-    WebDriverWait(browser, 10).until(lambda d: tile.text == "240")
+    comparisons.add(diff=0, noise=0, match=40)
+    WebDriverWait(browser, 10).until(lambda d: tile.text == "100")
     assert browser.find_element(By.ID, "updated-at").get_attribute("datetime") != first_update
+    diff_tile = card.find_element(By.CSS_SELECTOR, '.tile[data-metric="differing"] .value')
+    assert diff_tile.text == "30%"
 
-    # Clicking a field filters the examples to it; clicking again clears the filter.
-    card.find_element(By.CSS_SELECTOR, 'tr.field-row[data-field="body.total"]').click()
-    chip = wait_for(browser, ".filter-chip")
-    assert "body.total" in chip.text
-    row = card.find_element(By.CSS_SELECTOR, 'tr.field-row[data-field="body.total"]')
+    # Clicking a field filters the examples to it.
+    card.find_element(By.CSS_SELECTOR, 'tr.field-row[data-field="body.request_uuid"]').click()
+    WebDriverWait(browser, 5).until(
+        lambda d: "body.request_uuid" in d.find_element(By.CSS_SELECTOR, ".filter-chip").text
+    )
+    row = card.find_element(By.CSS_SELECTOR, 'tr.field-row[data-field="body.request_uuid"]')
     assert "selected" in (row.get_attribute("class") or "")
+    # The newest examples with that field are the noise-only ones (requests 31..40).
+    WebDriverWait(browser, 5).until(
+        lambda d: "/orders/40" in card.find_element(By.CSS_SELECTOR, ".example-head").text
+    )
+    assert card.find_elements(By.CSS_SELECTOR, ".pane.candidate .hl-diff") == []
+    assert card.find_element(
+        By.CSS_SELECTOR, '.pane.candidate .hl-noise[data-path="body.request_uuid"]'
+    )
 
     # Another example can be opened; the selection survives refreshes.
     items = card.find_elements(By.CSS_SELECTOR, ".example-item")
-    assert len(items) == 3
-    items[1].click()
+    assert len(items) == 5  # examples_per_field
+    items[2].click()
     WebDriverWait(browser, 5).until(
-        lambda d: "/orders/2" in card.find_element(By.CSS_SELECTOR, ".example-head").text
+        lambda d: "/orders/38" in card.find_element(By.CSS_SELECTOR, ".example-head").text
     )
-    with store.lock:
-        store.compared = 300
-    WebDriverWait(browser, 10).until(lambda d: tile.text == "300")
+    comparisons.add(diff=0, noise=0, match=10)
+    WebDriverWait(browser, 10).until(lambda d: tile.text == "110")
     selected = card.find_element(By.CSS_SELECTOR, ".example-item.selected")
-    assert selected.get_attribute("data-request-id") == "req-2"
+    assert selected.get_attribute("data-request-id") == "req-noise-38"
+
+    # The filter chip's x shows examples of every field.
+    card.find_element(By.CSS_SELECTOR, ".filter-chip button").click()
+    WebDriverWait(browser, 5).until(
+        lambda d: not card.find_elements(By.CSS_SELECTOR, ".filter-chip")
+    )
+    assert not card.find_elements(By.CSS_SELECTOR, "tr.field-row.selected")
 
 
 def test_dashboard_with_no_comparisons_says_so(browser: WebDriver) -> None:

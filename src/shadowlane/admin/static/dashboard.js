@@ -134,22 +134,25 @@
 
   class Highlighter {
     constructor(diffPaths, noisePaths) {
-      this.diff = (diffPaths || []).map((p) => [p, pathMatcher(p)]);
+      const noisy = new Set(noisePaths || []);
+      this.diff = (diffPaths || []).filter((p) => !noisy.has(p)).map((p) => [p, pathMatcher(p)]);
       this.noise = (noisePaths || []).map((p) => [p, pathMatcher(p)]);
       this.found = new Set();
     }
 
+    // Noise wins: a path that also differed between primary and secondary is noise for this
+    // request, even though the candidate differs there too.
     classify(path) {
-      for (const [p, re] of this.diff) {
-        if (re.test(path)) {
-          this.found.add(p);
-          return "diff";
-        }
-      }
       for (const [p, re] of this.noise) {
         if (re.test(path)) {
           this.found.add(p);
           return "noise";
+        }
+      }
+      for (const [p, re] of this.diff) {
+        if (re.test(path)) {
+          this.found.add(p);
+          return "diff";
         }
       }
       return null;
@@ -485,7 +488,7 @@
               },
             },
             h("span", { class: "req", text: `${ex.method || ""} ${ex.uri || ""}` }),
-            h("span", { class: "meta", text: `${fmtTime(ex.ts)} · ${(ex.differing || []).length} differing` }),
+            h("span", { class: "meta", text: exampleMeta(ex) }),
           ),
         ),
       );
@@ -507,7 +510,9 @@
         h("span", { class: "mono", text: `${ex.method || ""} ${ex.uri || ""}` }),
         `  ·  request ${ex.request_id || "?"}  ·  ${fmtTime(ex.ts)}`,
       );
-      const chips = h("div", { class: "paths" }, ...pathChips("diff", ex.differing), ...pathChips("noise", ex.noise));
+      const noisy = new Set(ex.noise || []);
+      const real = (ex.differing || []).filter((p) => !noisy.has(p));
+      const chips = h("div", { class: "paths" }, ...pathChips("diff", real), ...pathChips("noise", ex.noise));
       const parts = [head, chips];
       if (ex.request_body) {
         parts.push(h("details", { class: "pane request-body" }, h("summary", { text: "request body" }), renderBody(ex.request_body)));
@@ -519,6 +524,14 @@
     render() {
       this.showError(null);
     }
+  }
+
+  function exampleMeta(ex) {
+    const noisy = new Set(ex.noise || []);
+    const real = (ex.differing || []).filter((p) => !noisy.has(p)).length;
+    const parts = [fmtTime(ex.ts), `${real} differing`];
+    if (noisy.size) parts.push(`${noisy.size} noise`);
+    return parts.join(" · ");
   }
 
   function renderBody(body) {
