@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import inspect
 import os
+import random
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
+from shadowlane.compare import Captured, Comparator, CompareJob, compile_settings
 from shadowlane.demo import NOISE_FIELDS, V2_DIFFERENCES, demo_config
-from shadowlane.demo.backends import CATALOG, DemoService, order
+from shadowlane.demo.backends import CATALOG, DemoBackend, DemoService, order
 from shadowlane.demo.traffic import next_request
+from shadowlane.store import open_store
 from support.proxy import free_port
 from support.wait import wait_until
 
@@ -66,8 +70,6 @@ def test_demo_data_is_the_same_in_every_instance() -> None:
 
 
 def test_traffic_mix_covers_every_endpoint() -> None:
-    import random
-
     rnd = random.Random(1)
     seen = {
         (m, t.split("?")[0].rstrip("0123456789"))
@@ -265,3 +267,52 @@ def test_demo_port_in_use_is_a_clear_error() -> None:
     assert proc.returncode == 1, proc.stderr
     assert f"is port {port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_demo_answers_compare_as_documented(tmp_path: Path) -> None:
+    """The demo's claims, checked on the real compare engine and store without the proxy:
+    exactly V2_DIFFERENCES are reported per route, and the noise fields are noise."""
+    cfg = demo_config(8080, 9901, 1, 2, 3, f"sqlite:///{tmp_path}/c.db")
+    routes = {r.name: r for r in cfg.routes}
+    settings = {
+        name: compile_settings(route.shadows[0], route, cfg.compare)
+        for name, route in routes.items()
+    }
+    v1, v1b, v2 = DemoBackend("v1", "v1"), DemoBackend("v1b", "v1"), DemoBackend("v2", "v2")
+    store = open_store(cfg.compare.store, cfg.compare)
+    comparator = Comparator(store, None, flush_interval=0.05).start()
+    rnd = random.Random(7)
+    try:
+        for n in range(400):
+            method, target, body = next_request(rnd, n)
+            path, _, query = target.partition("?")
+            route = "orders" if path.startswith("/orders") else "catalog"
+
+            def capture(b: DemoBackend) -> Captured:
+                status, headers, data = b.render(method, path, query, body)  # noqa: B023
+                return Captured(status, headers, data, False, 0.005)
+
+            job = CompareJob(
+                route=route,
+                target="v2",
+                request_id=f"r{n}",
+                method=method,
+                uri=target,
+                request_body=body,
+                primary=capture(v1),
+                candidate=capture(v2),
+                secondary=capture(v1b),
+                settings=settings[route],
+            )
+            assert comparator.submit(job)
+        assert comparator.wait_idle(10)
+        for route, expected in V2_DIFFERENCES.items():
+            fields = {f["field"]: f for f in store.fields(route, "v2")}
+            reported = {name for name, f in fields.items() if f["reported"]}
+            assert reported == set(expected), (route, sorted(reported))
+            for noise in NOISE_FIELDS:
+                assert fields[noise]["noise_rate"] > 0.9, fields[noise]  # took: 1 in 40 equal
+                assert not fields[noise]["reported"]
+    finally:
+        comparator.stop()
+        store.close()

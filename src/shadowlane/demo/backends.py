@@ -195,7 +195,16 @@ class DemoBackend:
         if exchange.response_done:
             return
         req = exchange.request
-        answer = self.service.answer(req.method, req.path, req.query, body)
+        status, headers, data = self.render(req.method, req.path, req.query, body)
+        exchange.start_response(status, _REASONS.get(status, b"Unknown"), headers, len(data))
+        exchange.send_body(data)
+        exchange.end_response()
+
+    def render(
+        self, method: str, path: str, query: str, body: bytes
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """The whole answer to one request: status, headers, JSON body with fresh noise."""
+        answer = self.service.answer(method, path, query, body)
         payload = dict(answer.body)
         # Noise: different in every answer, whichever version gives it.
         payload["request_uuid"] = str(uuid.uuid4())
@@ -207,11 +216,7 @@ class DemoBackend:
             (b"x-api-version", self._api_version),
             (b"date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()).encode()),
         ]
-        exchange.start_response(
-            answer.status, _REASONS.get(answer.status, b"Unknown"), headers, len(data)
-        )
-        exchange.send_body(data)
-        exchange.end_response()
+        return answer.status, headers, data
 
 
 async def start_backend(
