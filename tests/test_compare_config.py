@@ -143,3 +143,9 @@ def test_route_compare_errors() -> None:
         "body, * or **",
         "routes[0].compare.mode: unknown key",
     ]
+
+
+def test_retention_in_days() -> None:
+    cfg = parse_config(BASE % "true" + "compare:\n  retention: 7d\n")
+    assert cfg.compare.retention == 7 * 86400.0
+    assert "for 7d" in summarize(cfg)

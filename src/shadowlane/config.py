@@ -84,14 +84,16 @@ class ConfigError(Exception):
 # Scalar helper types: durations, sizes, names, host:port
 
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_FULL = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+# `d` exists for retention-like settings (`retention: 7d`); no weeks or months, whose length
+# people disagree on.
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_FULL = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|d|h|m|s))+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def parse_duration(value: object) -> float:
-    """Turn `250ms`, `5s`, `1m`, `1.5s`, `1m30s` or a bare number (seconds) into seconds.
+    """Turn `250ms`, `5s`, `1m`, `1.5s`, `1m30s`, `7d` or a bare number (seconds) into seconds.
 
     Booleans are refused even though Python treats them as ints: `timeout: yes` is a mistake.
     """
@@ -1136,6 +1138,8 @@ def format_duration(seconds: float) -> str:
         return "0s"
     if seconds < 1:
         return f"{seconds * 1000:g}ms"
+    if seconds % 86400 == 0:
+        return f"{seconds / 86400:g}d"
     if seconds % 3600 == 0:
         return f"{seconds / 3600:g}h"
     if seconds % 60 == 0:
