@@ -7,7 +7,7 @@ differ where a real migration would:
   (`"41.50"` instead of `41.5`) and adds `currency`;
 - `POST /orders`: v2 answers `202 Accepted` with `"status": "pending"` and a `links` object,
   where v1 answers `201 Created` with `"status": "created"` (the endpoint that changed);
-- every answer carries `x-api-version: 1` or `2`;
+- `GET /orders/{id}` answers carry a header `x-api-version: 1` or `2`;
 - `GET /catalog`: v2 lists the same items in another order (the demo compares that array as
   unordered, so it is no difference).
 
@@ -96,6 +96,7 @@ def order(order_id: int) -> dict[str, Any]:
 class Answer:
     status: int
     body: dict[str, Any]
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class DemoService:
@@ -118,7 +119,8 @@ class DemoService:
             order_id = int(m.group(1))
             if order_id not in ORDER_IDS:
                 return Answer(404, {"error": "no such order", "id": order_id})
-            return Answer(200, self._order(order(order_id)))
+            version = b"1" if self.version == "v1" else b"2"
+            return Answer(200, self._order(order(order_id)), ((b"x-api-version", version),))
         if path == "/catalog":
             items = list(CATALOG)
             if self.version == "v2":
@@ -175,7 +177,6 @@ class DemoBackend:
         self.service = DemoService(version)
         self.latency = latency
         self.requests = 0
-        self._api_version = b"1" if version == "v1" else b"2"
         self._rnd = random.Random()
 
     def handle(self, exchange: Exchange) -> None:
@@ -213,7 +214,7 @@ class DemoBackend:
         data = orjson.dumps(payload)
         headers = [
             (b"content-type", b"application/json"),
-            (b"x-api-version", self._api_version),
+            *answer.headers,
             (b"date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()).encode()),
         ]
         return answer.status, headers, data
