@@ -19,7 +19,11 @@ import requests
 import uvloop
 
 from shadowlane.admin import AdminApp
-from shadowlane.admin.comparisons import MAX_EXAMPLE_LIMIT, install_comparison_api
+from shadowlane.admin.comparisons import (
+    MAX_EXAMPLE_LIMIT,
+    ComparisonQueries,
+    install_comparison_api,
+)
 from shadowlane.metrics import Metrics
 
 T = TypeVar("T")
@@ -108,7 +112,7 @@ class FakeStore:
 class Server:
     """An AdminApp with the comparison API, on a uvloop loop in a daemon thread."""
 
-    def __init__(self, store: FakeStore | None) -> None:
+    def __init__(self, store: ComparisonQueries | None) -> None:
         self.loop = uvloop.new_event_loop()
         self.loop_thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.loop_thread.start()
@@ -281,3 +285,64 @@ def test_head_and_wrong_method(server: Server) -> None:
     assert head.content == b""
     r = requests.post(server.url + "/api/comparisons/summary", timeout=TIMEOUT)
     assert r.status_code == 405
+
+
+def test_real_store_through_the_api_has_the_shapes_the_dashboard_reads(tmp_path: Any) -> None:
+    """The real SQLite store, filled by the real Comparator, read through HTTP: the fields the
+    dashboard uses are there, with the types it expects."""
+    import json
+
+    from shadowlane.compare import Captured, Comparator, CompareJob, compile_settings
+    from shadowlane.config import ShadowCompare
+    from shadowlane.store import open_store
+
+    def answer(body: dict[str, Any], version: bytes, seconds: float) -> Captured:
+        headers = [(b"content-type", b"application/json"), (b"x-version", version)]
+        return Captured(200, headers, json.dumps(body).encode(), False, seconds)
+
+    store = open_store(f"sqlite:///{tmp_path}/c.db")
+    comparator = Comparator(store, None, flush_interval=0.05).start()
+    settings = compile_settings(ShadowCompare(secondary="b"))
+    for n in range(10):
+        comparator.submit(
+            CompareJob(
+                route="r1",
+                target="t.2",
+                request_id=f"id{n}",
+                method="POST",
+                uri=f"/x?n={n}",
+                request_body=b'{"q": 1}',
+                primary=answer({"a": 1, "u": n}, b"1", 0.002),
+                candidate=answer({"a": "1", "u": n + 100}, b"2", 0.003),
+                secondary=answer({"a": 1, "u": n + 200}, b"1", 0.002),
+                settings=settings,
+            )
+        )
+    assert comparator.wait_idle(TIMEOUT)
+    server = Server(store)
+    try:
+        (entry,) = server.get("/api/comparisons/summary").json()
+        assert (entry["route"], entry["target"], entry["compared"]) == ("r1", "t.2", 10)
+        assert entry["differing"] == 10 and entry["diff_rate"] == 1.0
+        for key in ("primary_p50", "primary_p99", "shadow_p50", "shadow_p99"):
+            assert 0.001 < entry["latency"][key] < 0.01, (key, entry["latency"])  # seconds
+
+        fields = {f["field"]: f for f in server.get("/api/comparisons/r1/t.2/fields").json()}
+        assert fields["body.a"]["reported"] is True and fields["body.a"]["raw_rate"] == 1.0
+        assert fields["body.u"]["reported"] is False and fields["body.u"]["noise_rate"] == 1.0
+        assert fields["headers.x-version"]["reported"] is True
+
+        examples = server.get("/api/comparisons/r1/t.2/examples?field=body.a&limit=3").json()
+        assert len(examples) == 3
+        ex = examples[0]
+        assert ex["request_id"] == "id9" and ex["method"] == "POST" and ex["uri"] == "/x?n=9"
+        assert isinstance(ex["ts"], float) and ex["request_body"] == '{"q": 1}'
+        assert ex["primary"]["status"] == 200
+        assert ex["primary"]["headers"]["x-version"] == "1"  # a name -> value object
+        assert json.loads(ex["candidate"]["body"]) == {"a": "1", "u": 109}  # text
+        assert set(ex["differing"]) == {"body.a", "body.u", "headers.x-version"}
+        assert ex["noise"] == ["body.u"]
+    finally:
+        server.close()
+        comparator.stop()
+        store.close()

@@ -158,6 +158,15 @@ def _print_summary(out: TextIO, summary: list[dict[str, Any]] | None, stats: Tra
     out.flush()
 
 
+async def _watch_summary(admin: AdminApp | None, latest: list[Any]) -> None:
+    """Keep `latest[0]` the newest comparison summary (for the exit message)."""
+    while admin is not None:
+        summary = await _admin_get(admin, "/api/comparisons/summary")
+        if summary is not None:
+            latest[:] = [summary]
+        await asyncio.sleep(1.0)
+
+
 async def _settle(admin: AdminApp | None, answered: int, timeout: float) -> None:
     """After the last request, wait (bounded) until its comparison shows in the store."""
     if admin is None:
@@ -223,6 +232,9 @@ async def _demo(
         traffic = asyncio.create_task(
             run_traffic(HOST, listen_port, rate=rate, requests=requests, stats=stats)
         )
+        # Ctrl-C drains the instance (admin included) before we get to ask: keep the latest.
+        latest: list[Any] = []
+        watcher = asyncio.create_task(_watch_summary(inst.admin, latest))
         waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(inst.stopped.wait())]
         if duration is not None:
             waits.append(asyncio.ensure_future(asyncio.sleep(duration)))
@@ -234,7 +246,8 @@ async def _demo(
                 w.cancel()
         if traffic in done and not inst.stopped.is_set():
             await _settle(inst.admin, stats.answered, timeout=5.0)
-        summary = None
+        watcher.cancel()
+        summary = latest[0] if latest else None
         if not inst.stopped.is_set() and inst.admin is not None:
             summary = await _admin_get(inst.admin, "/api/comparisons/summary")
         if not quiet:
