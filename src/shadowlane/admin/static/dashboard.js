@@ -94,8 +94,9 @@
     return response.json();
   }
 
+  // Relative URLs, so the admin listener also works behind a reverse proxy under a path prefix.
   function apiBase(route, target) {
-    return `/api/comparisons/${encodeURIComponent(route)}/${encodeURIComponent(target)}`;
+    return `api/comparisons/${encodeURIComponent(route)}/${encodeURIComponent(target)}`;
   }
 
   // ---- field paths ----------------------------------------------------------------------------
@@ -569,7 +570,7 @@
   // ---- refresh loop ---------------------------------------------------------------------------
 
   async function refresh() {
-    const summary = await getJSON("/api/comparisons/summary");
+    const summary = await getJSON("api/comparisons/summary");
     const entries = Array.isArray(summary) ? summary : [];
     const fieldLists = await Promise.all(entries.map((s) => getJSON(`${apiBase(s.route, s.target)}/fields`)));
 
