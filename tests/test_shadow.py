@@ -17,6 +17,7 @@ import http.client
 import json
 import math
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -158,7 +159,11 @@ def settle(
         d = delta()
         return d if sum(d[o] for o in TERMINAL) >= n else None
 
-    got = wait_until(done, timeout, f"{n} terminal shadow outcomes for {route}/{target}")
+    try:
+        got = wait_until(done, timeout, f"{n} terminal shadow outcomes for {route}/{target}")
+    except TimeoutError as err:
+        now = {o: v for o, v in delta().items() if v}
+        raise TimeoutError(f"{err}; counted since: {now or 'nothing'}") from None
     assert sum(got[o] for o in TERMINAL) == n, f"more outcomes than requests: {got}"
     return got
 
@@ -371,6 +376,17 @@ def px(
                 {"backend": "sb", "max_body": 16},
                 {"backend": "dead"},
             ],
+        ),
+        route(
+            "pdown",
+            "/pdown/",
+            [{"backend": "sa"}, {"backend": "sb", "send": "after_response"}],
+            backend="dead",
+        ),
+        route(
+            "abort",
+            "/abort/",
+            [{"backend": "sa"}, {"backend": "sb", "send": "after_response"}],
         ),
     ]
     config = {
@@ -919,3 +935,61 @@ def test_outcome_counters_add_up(px: ProxyProcess, sa: TimedBackend, sb: TimedBa
     assert len(copies(sb, "acct")) == n_plain
     # dead: every copy that was tried failed, none reached a socket
     assert d["error"] == n - n_loop and d["ok"] == 0 and d["sent"] == 0
+
+
+def test_every_request_is_counted_when_the_primary_is_down(px: ProxyProcess) -> None:
+    """The primary refuses connections (502): each request still ends in exactly one terminal
+    outcome per shadow, whether the copy goes with the request or after the answer."""
+    snaps = {t: snapshot(px, "pdown", t) for t in ("sa", "sb")}
+    reqs = [
+        ("GET", "/pdown/tok-get", None, {}),
+        ("POST", "/pdown/tok-post", b"payload", {}),
+    ]
+    assert fire(px, reqs, conns=1) == [502, 502]
+    for target in ("sb", "sa"):  # after_response first, then with_request
+        settle(px, "pdown", target, len(reqs), snaps[target], timeout=5)
+
+
+def test_with_request_copy_of_a_get_goes_even_when_the_primary_is_down(
+    px: ProxyProcess, sa: TimedBackend
+) -> None:
+    """`send: with_request` starts the copy once the request is read; a GET has nothing more
+    to read, so its copy goes whatever becomes of the primary (use only_if_primary to tie the
+    copy to the primary's success)."""
+    c = Client(px)
+    try:
+        assert c.request("GET", "/pdown/tok-get-copy")[0] == 502
+    finally:
+        c.close()
+    wait_until(
+        lambda: any(r.path == "/pdown/tok-get-copy" for r in copies(sa, "pdown")),
+        5,
+        "the GET's copy at the shadow",
+    )
+
+
+def test_client_leaving_mid_upload_is_counted(
+    px: ProxyProcess, primary: TimedBackend, sa: TimedBackend
+) -> None:
+    """A client that sends part of its body and vanishes: no copy (there is no whole body),
+    but the request is still accounted for, once per shadow."""
+    snaps = {t: snapshot(px, "abort", t) for t in ("sa", "sb")}
+    before = primary.raw_bytes
+    with socket.create_connection((px.host, px.port), timeout=T) as sock:
+        head = b"POST /abort/tok-half HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+        sock.sendall(head + b"x" * 10)
+        # the partial upload reached the primary (the proxy is relaying the body); then the
+        # client vanishes with an abortive close (RST), not a half-close that still wants an
+        # answer
+        wait_until(lambda: primary.raw_bytes >= before + 10, 5, "the partial upload upstream")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # a whole request after it, on the same route
+    c = Client(px)
+    try:
+        assert c.request("POST", "/abort/tok-whole", b"whole")[0] == 200
+    finally:
+        c.close()
+    for target in ("sb", "sa"):  # after_response first, then with_request
+        got = settle(px, "abort", target, 2, snaps[target], timeout=5)
+        assert got["ok"] == 1, got
+    assert [r.path for r in copies(sa, "abort")] == ["/abort/tok-whole"]
