@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.util
+import os
 import resource
 import shlex
 import shutil
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "growth_duration_s": settings.growth_duration,
         "warmup_s": settings.warmup,
         "interrupted": interrupted,
+        "load_average_at_end": os.getloadavg(),
     }
     out_dir = settings.work if (args.no_write or interrupted) else BENCH_DIR
     targets = report.write(out_dir, meta, machine, results, configs)

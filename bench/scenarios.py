@@ -65,22 +65,10 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("rate-none", "fixed-load", "no shadow", load=RATE_LOAD, proxies=PROXIES_ALL),
     Scenario("rate-slow", "fixed-load", "100% shadow to slow (200 ms)", ("slow",), load=RATE_LOAD),
     Scenario("rate-hung", "fixed-load", "100% shadow to hung", ("hung",), load=RATE_LOAD),
-    # How cost grows (always 100% shadowing to fast).
+    # How cost grows (always 100% shadowing to fast). 1 MiB bodies last: the proxy's RSS after
+    # them would otherwise show up in the next scenario's figure.
     Scenario("shadows-2", "shadows", "2 shadows to fast", ("fast",) * 2),
     Scenario("shadows-4", "shadows", "4 shadows to fast", ("fast",) * 4),
-    Scenario(
-        "body-100B", "body", "POST 100 B, shadow to fast", ("fast",), load=Load(body_bytes=100)
-    ),
-    Scenario(
-        "body-10KiB",
-        "body",
-        "POST 10 KiB, shadow to fast",
-        ("fast",),
-        load=Load(body_bytes=10 << 10),
-    ),
-    Scenario(
-        "body-1MiB", "body", "POST 1 MiB, shadow to fast", ("fast",), load=Load(body_bytes=1 << 20)
-    ),
     Scenario(
         "conns-10",
         "connections",
@@ -101,6 +89,19 @@ SCENARIOS: tuple[Scenario, ...] = (
         "1000 connections, shadow to fast",
         ("fast",),
         load=Load(connections=1000),
+    ),
+    Scenario(
+        "body-100B", "body", "POST 100 B, shadow to fast", ("fast",), load=Load(body_bytes=100)
+    ),
+    Scenario(
+        "body-10KiB",
+        "body",
+        "POST 10 KiB, shadow to fast",
+        ("fast",),
+        load=Load(body_bytes=10 << 10),
+    ),
+    Scenario(
+        "body-1MiB", "body", "POST 1 MiB, shadow to fast", ("fast",), load=Load(body_bytes=1 << 20)
     ),
     # Memory: hung shadow, 60 s of wrk load, one run.
     Scenario(
@@ -170,6 +171,7 @@ class Measurement:
     rps: float | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
+    rps_spread_pct: float | None = None  # half the range of req/s over the runs, % of median
     peak_rss_mb: float | None = None
     errors: dict[str, int] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
@@ -193,38 +195,92 @@ def _delta(after: dict[str, float] | None, before: dict[str, float] | None) -> d
     return {k: v - before.get(k, 0.0) for k, v in sorted(after.items()) if v - before.get(k, 0.0)}
 
 
-def measure(proxy: RunningProxy, s: Scenario, settings: Settings) -> Measurement:
-    m = Measurement(s.id, s.group, s.title, proxy.kind, s.load.describe())
-    duration = run_time(s, settings)
-    run_load(proxy.url, s.load, settings.warmup, settings.work)  # warm-up, discarded
-    before = shadow_outcomes(proxy)
-    results: list[RunResult] = []
-    rss: list[float | None] = []
-    for _ in range(s.runs or settings.runs):
-        sampler = RssSampler(proxy.proc.pid) if proxy.proc else None
-        if sampler:
-            sampler.start(reset_peak=s.group != "memory")
-        result = run_load(proxy.url, s.load, duration, settings.work)
+class ProxyDied(RuntimeError):
+    pass
+
+
+@dataclass
+class _Series:
+    """The runs of one scenario on one proxy, while they are being taken."""
+
+    proxy: RunningProxy
+    m: Measurement
+    results: list[RunResult] = field(default_factory=list)
+    rss: list[float | None] = field(default_factory=list)
+    before: dict[str, float] | None = None
+
+    def fail(self, status: str, note: str) -> None:
+        self.m.status, self.m.note = status, note
+
+    def finish(self) -> Measurement:
+        m = self.m
+        if m.status == "ok":
+            m.rps = _median([r.rps for r in self.results])
+            m.p50_ms = _median([r.p50_ms for r in self.results])
+            m.p99_ms = _median([r.p99_ms for r in self.results])
+            m.peak_rss_mb = _median(self.rss)
+            rates = [r.rps for r in self.results]
+            if len(rates) > 1 and m.rps:
+                m.rps_spread_pct = round(50 * (max(rates) - min(rates)) / m.rps, 1)
+            for r in self.results:
+                for k, v in r.errors.items():
+                    m.errors[k] = m.errors.get(k, 0) + v
+            m.shadow_outcomes = _delta(shadow_outcomes(self.proxy), self.before) or None
+        return m
+
+
+def _check_alive(proxy: RunningProxy) -> None:
+    if proxy.proc and not proxy.proc.alive():
+        raise ProxyDied(
+            f"{proxy.label} died (exit {proxy.proc.popen.returncode}): {proxy.proc.log_tail()}"
+        )
+
+
+def _one_run(series: _Series, s: Scenario, settings: Settings) -> None:
+    proxy = series.proxy
+    sampler = RssSampler(proxy.proc.pid) if proxy.proc else None
+    if sampler:
+        sampler.start(reset_peak=s.group != "memory")
+    try:
+        result = run_load(proxy.url, s.load, run_time(s, settings), settings.work)
+    finally:
         mem = sampler.stop() if sampler else {}
-        results.append(result)
-        rss.append(mem.get("peak_rss_mb"))
-        m.runs.append({**result.to_json(), **mem})
-        if sampler and s.group == "memory":
-            m.rss_timeline = [(t, round(kib / 1024, 1)) for t, kib in sampler.timeline]
-        if proxy.proc and not proxy.proc.alive():
-            raise StartError(
-                f"{proxy.label} died during the run (exit {proxy.proc.popen.returncode}):\n"
-                + proxy.proc.log_tail()
-            )
-    m.rps = _median([r.rps for r in results])
-    m.p50_ms = _median([r.p50_ms for r in results])
-    m.p99_ms = _median([r.p99_ms for r in results])
-    m.peak_rss_mb = _median(rss)
-    for r in results:
-        for k, v in r.errors.items():
-            m.errors[k] = m.errors.get(k, 0) + v
-    m.shadow_outcomes = _delta(shadow_outcomes(proxy), before) or None
-    return m
+    series.results.append(result)
+    series.rss.append(mem.get("peak_rss_mb"))
+    series.m.runs.append({**result.to_json(), **mem})
+    if sampler and s.group == "memory":
+        series.m.rss_timeline = [(t, round(kib / 1024, 1)) for t, kib in sampler.timeline]
+    _check_alive(proxy)
+
+
+def measure(proxies: list[RunningProxy], s: Scenario, settings: Settings) -> list[Measurement]:
+    """Warm up every proxy, then take the runs round-robin (nginx, 1w, 2w, nginx, ...).
+
+    Interleaving spreads slow changes in the background load of a shared machine over all the
+    proxies alike, instead of letting them land on whichever proxy ran during them.
+    """
+    series = [
+        _Series(p, Measurement(s.id, s.group, s.title, p.kind, s.load.describe())) for p in proxies
+    ]
+    for x in series:
+        try:
+            _check_alive(x.proxy)
+            run_load(x.proxy.url, s.load, settings.warmup, settings.work)  # discarded
+            x.before = shadow_outcomes(x.proxy)
+        except Exception as exc:
+            x.fail("failed", f"warm-up: {type(exc).__name__}: {_one_line(str(exc))}")
+    for _ in range(s.runs or settings.runs):
+        for x in series:
+            if x.m.status != "ok":
+                continue
+            try:
+                _one_run(x, s, settings)
+            except ProxyDied as exc:
+                x.fail("failed", f"crashed: {_one_line(str(exc))}")
+            except Exception as exc:  # a load tool failed; the other proxies go on
+                traceback.print_exc()
+                x.fail("failed", f"{type(exc).__name__}: {_one_line(str(exc))}")
+    return [x.finish() for x in series]
 
 
 def run_all(
@@ -234,88 +290,64 @@ def run_all(
     backends: Backends,
     on_result: Callable[[Measurement], None],
 ) -> dict[str, str]:
-    """Run every scenario; returns the proxy configs used (name -> text)."""
+    """Run every scenario, setup by setup; returns the proxy configs used (name -> text)."""
     configs: dict[str, str] = {}
     setups: list[tuple[tuple[str, ...], bool]] = []
     for s in scenarios:
         if s.setup not in setups:
             setups.append(s.setup)
     for setup in setups:
-        shadows, compare = setup
         members = [s for s in scenarios if s.setup == setup]
-        for kind in PROXIES_ALL:
-            todo = [s for s in members if kind in s.proxies]
-            if not todo:
-                continue
-            _run_setup(kind, shadows, compare, todo, settings, sup, backends, on_result, configs)
+        _run_setup(setup, members, settings, sup, backends, on_result, configs)
     return configs
 
 
 def _run_setup(
-    kind: str,
-    shadows: tuple[str, ...],
-    compare: bool,
-    todo: list[Scenario],
+    setup: tuple[tuple[str, ...], bool],
+    members: list[Scenario],
     settings: Settings,
     sup: Supervisor,
     backends: Backends,
     on_result: Callable[[Measurement], None],
     configs: dict[str, str],
 ) -> None:
-    name = f"{kind} shadows={'+'.join(shadows) or '-'}{' compare' if compare else ''}"
+    """Start every proxy this setup needs side by side, measure its scenarios, stop them."""
+    shadows, compare = setup
+    kinds = [k for k in PROXIES_ALL if any(k in s.proxies for s in members)]
+    running: dict[str, RunningProxy] = {}
+    broken: dict[str, Measurement] = {}
     try:
-        proxy = start_proxy(sup, settings.work, kind, backends, shadows, compare)
-    except StartError as exc:
-        text = str(exc)
-        status = "n/a" if compare and "compare" in text.lower() else "failed"
-        why = "config key `compare` rejected" if status == "n/a" else "proxy did not start"
-        for s in todo:
-            on_result(
-                Measurement(
-                    s.id,
-                    s.group,
-                    s.title,
-                    kind,
-                    s.load.describe(),
-                    status,
-                    note=f"{why}: {_one_line(text)}",
-                )
-            )
-        return
-    configs[name] = proxy.config
-    try:
-        for i, s in enumerate(todo):
+        for kind in kinds:
             try:
-                m = measure(proxy, s, settings)
-            except StartError as exc:  # the proxy died: the rest of this setup cannot run
-                for rest in todo[i:]:
+                running[kind] = start_proxy(sup, settings.work, kind, backends, shadows, compare)
+            except StartError as exc:
+                text = str(exc)
+                na = compare and "compare" in text.lower()
+                status = "n/a" if na else "failed"
+                why = "config key `compare` rejected" if na else "proxy did not start"
+                broken[kind] = Measurement(
+                    "", "", "", kind, "", status, note=f"{why}: " + _one_line(text)
+                )
+                continue
+            name = f"{kind} shadows={'+'.join(shadows) or '-'}{' compare' if compare else ''}"
+            configs[name] = running[kind].config
+        for s in members:
+            live = [running[k] for k in s.proxies if k in running]
+            done = {m.proxy: m for m in measure(live, s, settings)} if live else {}
+            for kind in s.proxies:
+                if kind in done:
+                    on_result(done[kind])
+                else:
+                    b = broken[kind]
                     on_result(
                         Measurement(
-                            rest.id,
-                            rest.group,
-                            rest.title,
-                            kind,
-                            rest.load.describe(),
-                            "failed",
-                            note=f"crashed: {_one_line(str(exc))}",
+                            s.id, s.group, s.title, kind, s.load.describe(), b.status, note=b.note
                         )
                     )
-                return
-            except Exception as exc:  # a load tool failed; keep going with the next scenario
-                traceback.print_exc()
-                m = Measurement(
-                    s.id,
-                    s.group,
-                    s.title,
-                    kind,
-                    s.load.describe(),
-                    "failed",
-                    note=f"{type(exc).__name__}: {_one_line(str(exc))}",
-                )
-            on_result(m)
     finally:
-        if proxy.proc:
-            sup.stop(proxy.proc)
+        for proxy in running.values():
+            if proxy.proc:
+                sup.stop(proxy.proc)
 
 
 def _one_line(text: str, limit: int = 300) -> str:
