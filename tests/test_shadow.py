@@ -383,6 +383,7 @@ def px(
             [{"backend": "sa"}, {"backend": "sb", "send": "after_response"}],
             backend="dead",
         ),
+        route("hostpair", "/hostpair/", [{"backend": "pair", "host": "backend"}]),
         route(
             "abort",
             "/abort/",
@@ -396,6 +397,7 @@ def px(
             "sa": {"endpoints": [sa.url]},
             "sb": {"endpoints": [sb.url]},
             "sc": {"endpoints": [sc.url]},
+            "pair": {"endpoints": [sa.url, sb.url]},
             "dead": {"endpoints": [f"http://127.0.0.1:{dead_port()}"], "connect_timeout": "1s"},
         },
         "routes": routes,
@@ -993,3 +995,42 @@ def test_client_leaving_mid_upload_is_counted(
         got = settle(px, "abort", target, 2, snaps[target], timeout=5)
         assert got["ok"] == 1, got
     assert [r.path for r in copies(sa, "abort")] == ["/abort/tok-whole"]
+
+
+def test_host_backend_names_the_endpoint_each_copy_goes_to(
+    px: ProxyProcess, sa: TimedBackend, sb: TimedBackend
+) -> None:
+    """`host: backend` on a backend with two endpoints: each copy's Host is the host:port of
+    the endpoint that receives it, as for any request sent to that endpoint."""
+    snap = snapshot(px, "hostpair", "pair")
+    reqs = [("GET", f"/hostpair/host-{i}", None, {}) for i in range(4)]
+    assert fire(px, reqs, conns=1) == [200] * 4
+    settle(px, "hostpair", "pair", 4, snap)
+    for shadow in (sa, sb):
+        for r in copies(shadow, "hostpair"):
+            if r.path.startswith("/hostpair/host-"):
+                assert r.header("host") == f"127.0.0.1:{shadow.port}", r.path
+
+
+def test_copies_round_robin_over_the_shadow_backends_endpoints(
+    px: ProxyProcess, sa: TimedBackend, sb: TimedBackend
+) -> None:
+    """A shadow backend with two endpoints gets its copies round robin, like a primary, over
+    kept-alive connections (copies sent one after another need one connection per endpoint)."""
+    snap = snapshot(px, "hostpair", "pair")
+    n = 10
+    c = Client(px)
+    try:
+        for i in range(n):
+            assert c.request("GET", f"/hostpair/rr-{i}")[0] == 200
+            # one copy at a time: the next request only after this copy was answered
+            settle(px, "hostpair", "pair", i + 1, snap)
+    finally:
+        c.close()
+    got = {
+        name: [r for r in copies(shadow, "hostpair") if r.path.startswith("/hostpair/rr-")]
+        for name, shadow in (("sa", sa), ("sb", sb))
+    }
+    assert {name: len(recs) for name, recs in got.items()} == {"sa": n // 2, "sb": n // 2}
+    for recs in got.values():
+        assert len({r.connection_id for r in recs}) == 1, "a new connection per copy"
