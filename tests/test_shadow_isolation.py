@@ -455,3 +455,38 @@ def test_proxy_memory_stays_bounded_with_a_hung_shadow(primary: ServerProcess) -
             assert got["dropped"] > 0
             # max_in_flight (default 64) connections, renewed only as copies time out (5 s)
             assert 0 < hung.connections_accepted <= 64 * (1 + math.floor(elapsed / 5))
+
+
+def test_queued_body_bytes_are_capped_per_lane(primary: ServerProcess) -> None:
+    """A lane pins at most 64 MiB of queued bodies, whatever `queue` says: with one copy stuck
+    at a hung shadow, 1 MiB bodies queue up to 64 of them and the rest are dropped."""
+    mib = 1024 * 1024
+    n, body = 80, pattern_bytes(mib)
+    with HungServer() as hung:
+        config = _shadowed_config(
+            primary, hung.url, timeout="30s", max_in_flight=1, queue=1024, max_body="1MiB"
+        )
+        with ProxyProcess(config) as proxy:
+
+            def worker(w: int) -> None:
+                conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=T)
+                try:
+                    for i in range(w, n, 4):
+                        conn.request("PUT", f"/item/{i}", body, {"X-Run": "shadowed"})
+                        resp = conn.getresponse()
+                        resp.read()
+                        assert resp.status == 200
+                finally:
+                    conn.close()
+
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(worker, range(4)))
+            got = outcomes(proxy, "sick")
+            in_flight = samples(proxy, "shadowlane_shadow_in_flight", route="shadowed")["sick"]
+            queued = samples(proxy, "shadowlane_shadow_queued", route="shadowed")["sick"]
+            peak_mib = rss_kib(proxy.pid, "VmHWM") / 1024
+            print(f"queued {queued:.0f} x 1 MiB, peak RSS {peak_mib:.1f} MiB")
+            assert in_flight == 1
+            assert queued == 64
+            assert got["dropped"] == n - 1 - 64, got
+            assert peak_mib < 64 + 100, f"peak RSS {peak_mib:.1f} MiB"
