@@ -37,6 +37,7 @@ _STATUS_TEXT = {
     404: b"Not Found",
     408: b"Request Timeout",
     413: b"Content Too Large",
+    417: b"Expectation Failed",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     501: b"Not Implemented",
@@ -388,6 +389,18 @@ class ServerConnection(asyncio.Protocol):
             for ex in ready:
                 self._enqueue(ex)
 
+    def eof_received(self) -> bool:
+        """The client half-closed (`shutdown(SHUT_WR)`): answer what was asked, then close."""
+        if self._active is None and not self._queue and not self._ready:
+            return False  # nothing to answer: let the transport close
+        if self._parsing is not None or self._in_head:
+            return False  # a request cut mid-way can never complete: close (aborts upstream)
+        self.draining = True
+        for ex in (self._active, *self._queue):
+            if ex is not None:
+                ex.request.keep_alive = False
+        return True
+
     def pause_writing(self) -> None:
         self._write_paused = True
         ex = self._active
@@ -441,12 +454,16 @@ class ServerConnection(asyncio.Protocol):
                 if value.strip().lower() != b"chunked":
                     raise BadRequest(400, "unsupported transfer-encoding")
                 chunked = True
-            elif name == b"expect":
+            elif name == b"expect" and version == "1.1":
+                # RFC 9110 10.1.1: an HTTP/1.0 client's expectation is ignored
                 if value.strip().lower() != b"100-continue":
                     raise BadRequest(417, "unsupported expectation")
                 expect_continue = True
         if size > self.limits.max_header_size:
             raise BadRequest(431, "request header too large")
+        if chunked and version == "1.0":
+            # RFC 9112 6.1: chunked framing from an HTTP/1.0 client is faulty
+            raise BadRequest(400, "chunked transfer coding in an HTTP/1.0 request")
         if host_count > 1:
             raise BadRequest(400, "duplicate Host header")
         if host_count == 0 and version == "1.1":
@@ -481,8 +498,12 @@ class ServerConnection(asyncio.Protocol):
 
     def on_chunk_header(self) -> None:
         ex = self._parsing
-        if ex is not None and ex.body_size == 0 and ex not in self._ready:
+        if ex is not None and ex.body_size == 0 and not self._dispatched(ex):
             self._ready.append(ex)
+
+    def _dispatched(self, ex: Exchange) -> bool:
+        """Already handed on (ready, queued or active): e.g. a 100-continue request."""
+        return ex is self._active or ex in self._ready or ex in self._queue
 
     def on_body(self, body: bytes) -> None:
         ex = self._parsing
@@ -494,12 +515,7 @@ class ServerConnection(asyncio.Protocol):
         self._parsing = None
         if ex is None:
             return
-        if (
-            ex.chunked
-            and ex not in self._ready
-            and ex not in self._queue
-            and ex is not self._active
-        ):
+        if ex.chunked and not self._dispatched(ex):
             self._ready.append(ex)
         ex._end_body()
 

@@ -131,8 +131,6 @@ class UpstreamConnection(asyncio.Protocol):
             if sink is not None and not self._response_done:
                 sink.on_upstream_error(UpstreamError("protocol", str(exc)), False)
             return
-        if self._head_request and self._response_done:
-            self._parser = httptools.HttpResponseParser(self)
         sink = self._sink
         if sink is not None:
             sink.on_data_end()
@@ -240,6 +238,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._response_done = True
         self._cancel_timer()
         keep_alive = self._parser.should_keep_alive() and not self._until_close
+        if self._head_request:
+            # the parser still expects the body the HEAD answer announced; the next answer on
+            # this connection needs a fresh one (swapped before the next request can be sent)
+            self._parser = httptools.HttpResponseParser(self)
         sink = self._sink
         if not keep_alive:
             self._sink = None
