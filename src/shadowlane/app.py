@@ -23,11 +23,15 @@ import orjson
 
 from shadowlane import __version__
 from shadowlane.admin import AdminApp
+from shadowlane.admin.comparisons import install_comparison_api
+from shadowlane.compare.engine import Comparator
+from shadowlane.compare.settings import compile_settings
 from shadowlane.config import BackendConfig, Config, load_config
 from shadowlane.metrics import Metrics
 from shadowlane.proxy import Proxy, RouteRuntime
 from shadowlane.routing import RouteTable
 from shadowlane.shadow.dispatcher import ShadowDispatcher
+from shadowlane.store import Store, open_store
 from shadowlane.wire.messages import Request
 from shadowlane.wire.server import ServerLimits, ServerState
 from shadowlane.wire.upstream import BackendPool, EndpointPool
@@ -144,7 +148,25 @@ class Instance:
         self.loop = asyncio.get_running_loop()
         self.backends = {name: build_backend(name, b) for name, b in cfg.backends.items()}
         self.routes = RouteTable(cfg.routes)
-        self.shadow = ShadowDispatcher(self.metrics, self.backends, cfg)
+        self.store: Store | None = None
+        self.comparator: Comparator | None = None
+        if any(sc.compare_enabled for rc in cfg.routes for sc in rc.shadows):
+            self.store = open_store(cfg.compare.store, cfg.compare)
+            self.comparator = Comparator.from_config(self.store, self.metrics, cfg.compare)
+            comparator = self.comparator
+            self.metrics.set_gauge_provider(
+                "shadowlane_compare_queued",
+                "Comparisons waiting for the comparison worker.",
+                (),
+                lambda: [((), float(comparator.queued))],
+            )
+        self.shadow = ShadowDispatcher(
+            self.metrics,
+            self.backends,
+            cfg,
+            compare_submit=self.comparator.submit if self.comparator else None,
+            compile_settings=lambda sc, route: compile_settings(sc, route.config, cfg.compare),
+        )
         runtimes = {}
         for route in self.routes.routes:
             max_body = route.config.max_body
@@ -171,6 +193,8 @@ class Instance:
         self._draining = False
 
     async def start(self) -> None:
+        if self.comparator is not None:
+            self.comparator.start()
         host, port = self.cfg.listen_addr
         try:
             self.server = await self.loop.create_server(
@@ -185,6 +209,7 @@ class Instance:
         if self.worker_id == 0:
             token = os.environ.get(self.cfg.admin.token_env) if self.cfg.admin.token_env else None
             self.admin = AdminApp(self.metrics, token=token)
+            install_comparison_api(self.admin, self.store)
             ahost, aport = self.cfg.admin.listen_addr
             try:
                 await self.admin.start(ahost, aport)
@@ -224,6 +249,11 @@ class Instance:
         for conn in list(self.state.connections):
             conn.close()
         await self.shadow.drain(min(5.0, self.cfg.limits.drain_timeout))
+        if self.comparator is not None:
+            # compare what is queued and flush the store, off the loop
+            await asyncio.to_thread(self.comparator.stop, 10.0)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
         self.state.close()
         for backend in self.backends.values():
             backend.close()

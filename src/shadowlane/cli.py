@@ -48,6 +48,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from shadowlane.report import render_report
+    from shadowlane.store import open_store
+
+    url = args.store
+    options = None
+    if url is None:
+        cfg = _load(args.config)
+        if cfg is None:
+            return EXIT_CONFIG
+        url = cfg.compare.store
+        options = cfg.compare
+    try:
+        store = open_store(url, options)
+    except Exception as err:  # any driver error is reported as one line
+        print(f"shadowlane report: cannot open store {url}: {err}", file=sys.stderr)
+        return 1
+    try:
+        print(render_report(store, args.format))
+    finally:
+        store.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shadowlane",
@@ -64,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a config and summarize it")
     p.add_argument("-c", "--config", required=True, help="YAML config file")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("report", help="print the comparison summary per route and field")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-c", "--config", help="YAML config file (its compare.store is read)")
+    src.add_argument("--store", help="store URL: sqlite:///PATH or postgresql://...")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_report)
+
+    from shadowlane.demo import add_demo_arguments, run_demo_from_args
+
+    p = sub.add_parser(
+        "demo", help="built-in demo: v1/v2 backends, the proxy, traffic, the dashboard"
+    )
+    add_demo_arguments(p)
+    p.set_defaults(func=run_demo_from_args)
     return parser
 
 
