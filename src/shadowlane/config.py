@@ -878,6 +878,9 @@ class CompareConfig(_Model):
     flush_interval: Timeout = 1.0
     #: ... or as soon as this many results are waiting
     batch: Annotated[Int, Field(ge=1)] = 500
+    #: share of wall time (0..1] the comparator may spend comparing; it holds the GIL meanwhile,
+    #: so this bounds what comparisons can take from the event loop (past it, jobs drop)
+    cpu_share: Annotated[float, Field(gt=0, le=1)] = 0.25
 
 
 def _parse_access_log(value: object) -> bool | str:

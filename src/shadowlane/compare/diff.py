@@ -14,20 +14,25 @@ there, so two answers with the same shape compare equal whatever their values.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from shadowlane.compare.model import Captured
-from shadowlane.compare.paths import child
+from shadowlane.compare.paths import key_segment
 from shadowlane.compare.settings import CompareSettings
 
 #: example bodies are cut to this (the comparison itself uses everything captured)
 EXAMPLE_BODY_CAP = 64 * 1024
 #: at most this many differing paths get their two values stored with an example
 EXAMPLE_VALUES = 50
+
+_UNPARSED = object()
+#: `Lifted.doc()` of a body that is not JSON
+NOT_JSON: Any = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,30 +45,90 @@ class Multiset:
         return [orjson.loads(i) for i in self.items]
 
 
-@dataclass(slots=True)
 class Lifted:
-    """One answer as field paths."""
+    """One answer as field paths: the head at once, the body only when it is needed.
 
-    fields: dict[str, Any]
-    #: "json", "text" (any other body, empty included) or "failed" (no answer)
-    kind: str
-    #: the body as compared (decompressed), for whole-body comparison and examples
-    body: bytes = b""
-    #: the body was cut at the capture cap (or at the decompression cap)
-    truncated: bool = False
-    #: schema mode: array paths that were empty (their element paths are unknown, not missing)
-    empty_arrays: set[str] = field(default_factory=set)
+    Most compared answers have byte-identical bodies (the whole point of a shadow is that the
+    new version answers the same); those never need parsing or flattening, so the body's paths
+    are computed on first use and `diff` asks for them only when the bodies' bytes differ.
+    """
+
+    __slots__ = (
+        "_body_fields",
+        "_doc",
+        "_kind",
+        "body",
+        "empty_arrays",
+        "head",
+        "settings",
+        "truncated",
+    )
+
+    def __init__(
+        self,
+        head: dict[str, Any],
+        body: bytes,
+        truncated: bool,
+        settings: CompareSettings,
+        *,
+        kind: str = "",
+        body_fields: dict[str, Any] | None = None,
+    ) -> None:
+        #: `status` and `headers.*`
+        self.head = head
+        #: the body as compared (decompressed), for whole-body comparison and examples
+        self.body = body
+        #: the body was cut at the capture cap (or at the decompression cap)
+        self.truncated = truncated
+        self.settings = settings
+        self._kind = kind
+        self._body_fields = body_fields
+        self._doc: Any = _UNPARSED
+        #: schema mode: array paths that were empty (their element paths are unknown)
+        self.empty_arrays: set[str] = set()
+
+    @property
+    def kind(self) -> str:
+        """`json`, `text` (any other body, empty included) or `failed` (no answer)."""
+        if not self._kind:
+            self.doc()
+        return self._kind
+
+    def doc(self) -> Any:
+        """The parsed JSON body (kind "json"), else `NOT_JSON`; parsed once."""
+        if self._doc is _UNPARSED:
+            self._doc = NOT_JSON
+            body = self.body
+            failed = self._kind == "failed"
+            if not failed and not self.truncated and body and _is_json(self.head, body):
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    self._doc = orjson.loads(body)
+            if not failed:
+                self._kind = "text" if self._doc is NOT_JSON else "json"
+        return self._doc
+
+    def body_fields(self) -> dict[str, Any]:
+        """The body's paths (`body.*`, or `body` for a non-JSON body), computed once."""
+        if self._body_fields is None:
+            self._body_fields = _lift_body(self)
+        return self._body_fields
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """Every path of the answer: head and body."""
+        return {**self.head, **self.body_fields()}
 
 
 # ---------------------------------------------------------------------------------------------
 # Lifting
 
 
-def _header_fields(headers: list[tuple[bytes, bytes]], s: CompareSettings) -> dict[str, str]:
-    out: dict[str, str] = {}
+def _header_fields(headers: list[tuple[bytes, bytes]], s: CompareSettings) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    ignored = s.ignore_headers
     for raw_name, raw_value in headers:
         name = raw_name.decode("latin-1").lower()
-        if name in s.ignore_headers:
+        if name in ignored:
             continue
         path = "headers." + name
         value = raw_value.decode("latin-1")
@@ -97,12 +162,12 @@ def _decode_body(c: Captured, cap: int) -> tuple[bytes, bool]:
     return c.body, c.truncated
 
 
-def _is_json(c: Captured, body: bytes) -> bool:
-    for name, value in c.headers:
-        if name.lower() == b"content-type":
-            ctype = value.split(b";", 1)[0].strip().lower()
-            if ctype == b"application/json" or ctype.endswith(b"+json"):
-                return True
+def _is_json(head: dict[str, Any], body: bytes) -> bool:
+    ctype = head.get("headers.content-type")
+    if isinstance(ctype, str):
+        ctype = ctype.split(";", 1)[0].strip().lower()
+        if ctype == "application/json" or ctype.endswith("+json"):
+            return True
     # no JSON content type: try only what looks like a JSON document (cheap first-byte test)
     return body[:64].lstrip()[:1] in (b"{", b"[")
 
@@ -125,89 +190,143 @@ def _canon(value: Any) -> Any:
     return ["<unordered>", *value.items] if isinstance(value, Multiset) else value
 
 
-class _Flattener:
-    __slots__ = ("empty_arrays", "out", "s", "schema")
+#: rendered key segments (`.key` / `["a.b"]`): the same keys come back in every answer
+_SEGMENTS: dict[str, str] = {}
+_SEGMENTS_MAX = 65536
 
-    def __init__(self, s: CompareSettings, schema: bool) -> None:
-        self.s = s
-        self.schema = schema
-        self.out: dict[str, Any] = {}
-        self.empty_arrays: set[str] = set()
 
-    def leaf(self, path: str, value: Any) -> None:
-        if self.schema:
-            types = self.out.get(path)
-            kind = _json_type(value)
-            if types is None:
-                self.out[path] = frozenset((kind,))
-            elif kind not in types:
-                self.out[path] = types | {kind}
+def _segment(key: str) -> str:
+    seg = _SEGMENTS.get(key)
+    if seg is None:
+        if len(_SEGMENTS) >= _SEGMENTS_MAX:
+            _SEGMENTS.clear()
+        seg = _SEGMENTS[key] = key_segment(key)
+    return seg
+
+
+def _flatten(doc: Any, root: str, s: CompareSettings) -> dict[str, Any]:
+    """A JSON document as path -> leaf, ignored subtrees pruned, unordered arrays as multisets.
+
+    Written for speed (it is the comparator's hot loop): local names, scalars handled inline
+    without a call, ignore checks through the matcher's per-path cache.
+    """
+    out: dict[str, Any] = {}
+    ignore = s.ignore.matches if s.ignore else None
+    unordered = s.unordered.matches if s.unordered else None
+    segment = _segment
+
+    def walk(value: Any, path: str) -> None:
+        if type(value) is dict:
+            if not value:
+                out[path] = value
+                return
+            for key, item in value.items():
+                sub = path + segment(key)
+                if ignore is not None and ignore(sub):
+                    continue
+                if type(item) is dict or type(item) is list:
+                    walk(item, sub)
+                else:
+                    out[sub] = item
+        elif type(value) is list:
+            if unordered is not None and unordered(path):
+                out[path] = _multiset(value, path, s)
+            elif not value:
+                out[path] = value
+            else:
+                for i, item in enumerate(value):
+                    sub = f"{path}[{i}]"
+                    if ignore is not None and ignore(sub):
+                        continue
+                    if type(item) is dict or type(item) is list:
+                        walk(item, sub)
+                    else:
+                        out[sub] = item
         else:
-            self.out[path] = value
+            out[path] = value
 
-    def walk(self, value: Any, path: str) -> None:
-        s = self.s
-        if s.ignore and s.ignore.matches(path):
+    if ignore is None or not ignore(root):
+        walk(doc, root)
+    return out
+
+
+def _multiset(items: list[Any], path: str, s: CompareSettings) -> Multiset:
+    """Each element lifted (so ignore rules apply inside it), then canonically serialised."""
+    keys = []
+    for i, item in enumerate(items):
+        prefix = f"{path}[{i}]"
+        flat = _flatten(item, prefix, s)
+        rel = sorted((p[len(prefix) :], _canon(v)) for p, v in flat.items())
+        keys.append(orjson.dumps(rel).decode())
+    return Multiset(tuple(sorted(keys)))
+
+
+def _flatten_schema(doc: Any, root: str, s: CompareSettings, empty: set[str]) -> dict[str, Any]:
+    """Schema mode: indexes collapse to `[*]`, each path maps to the set of JSON types seen."""
+    out: dict[str, Any] = {}
+    ignore = s.ignore.matches if s.ignore else None
+
+    def leaf(path: str, value: Any) -> None:
+        kind = _json_type(value)
+        types = out.get(path)
+        if types is None:
+            out[path] = frozenset((kind,))
+        elif kind not in types:
+            out[path] = types | {kind}
+
+    def walk(value: Any, path: str) -> None:
+        if ignore is not None and ignore(path):
             return
         if isinstance(value, dict):
             if not value:
-                self.leaf(path, value)
+                leaf(path, value)
             for key, item in value.items():
-                self.walk(item, child(path, key))
+                walk(item, path + _segment(key))
         elif isinstance(value, list):
-            if self.schema:
-                self.leaf(path, value)
-                if not value:
-                    self.empty_arrays.add(path)
-                for item in value:
-                    self.walk(item, path + "[*]")
-            elif s.unordered and s.unordered.matches(path):
-                self.out[path] = self.multiset(value, path)
-            elif not value:
-                self.leaf(path, value)
-            else:
-                for i, item in enumerate(value):
-                    self.walk(item, f"{path}[{i}]")
+            leaf(path, value)
+            if not value:
+                empty.add(path)
+            for item in value:
+                walk(item, path + "[*]")
         else:
-            self.leaf(path, value)
+            leaf(path, value)
 
-    def multiset(self, items: list[Any], path: str) -> Multiset:
-        """Each element lifted (so ignore rules apply inside it), then canonically serialised."""
-        keys = []
-        for i, item in enumerate(items):
-            sub = _Flattener(self.s, False)
-            prefix = f"{path}[{i}]"
-            sub.walk(item, prefix)
-            rel = sorted((p[len(prefix) :], _canon(v)) for p, v in sub.out.items())
-            keys.append(orjson.dumps(rel).decode())
-        return Multiset(tuple(sorted(keys)))
+    walk(doc, root)
+    return out
+
+
+def _lift_body(lifted: Lifted) -> dict[str, Any]:
+    s = lifted.settings
+    doc = lifted.doc()
+    if doc is NOT_JSON:
+        return _whole_body(lifted)
+    if s.mode == "schema":
+        return _flatten_schema(doc, "body", s, lifted.empty_arrays)
+    return _flatten(doc, "body", s)
+
+
+def _whole_body(lifted: Lifted) -> dict[str, Any]:
+    """The body as one leaf `body` (non-JSON, or when one side is JSON and the other is not)."""
+    s = lifted.settings
+    if s.ignore and s.ignore.matches("body"):
+        return {}
+    return {"body": frozenset(("text",)) if s.mode == "schema" else lifted.body}
 
 
 def lift(c: Captured, s: CompareSettings) -> Lifted:
     """One captured answer as field paths, under the settings' mode and rules."""
     if c.failure:
-        return Lifted({"status": f"failed: {c.failure}"}, "failed")
-    schema = s.mode == "schema"
-    fields: dict[str, Any] = {"status": c.status}
+        return Lifted(
+            {"status": f"failed: {c.failure}"}, b"", False, s, kind="failed", body_fields={}
+        )
+    head: dict[str, Any] = {"status": c.status}
     headers = _header_fields(c.headers, s)
-    if schema:
-        fields.update((p, frozenset(("string",))) for p in headers)
+    if s.mode == "schema":
+        head.update((p, frozenset(("string",))) for p in headers)
     else:
-        fields.update(headers)
+        head.update(headers)
     body, truncated = _decode_body(c, max(s.max_body, len(c.body)))
-    if not truncated and body and _is_json(c, body):
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            pass
-        else:
-            flat = _Flattener(s, schema)
-            flat.walk(doc, "body")
-            fields.update(flat.out)
-            return Lifted(fields, "json", body, truncated, flat.empty_arrays)
-    if not (s.ignore and s.ignore.matches("body")):
-        fields["body"] = frozenset(("text",)) if schema else body
-    return Lifted(fields, "text", body, truncated)
+    return Lifted(head, body, truncated, s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,14 +343,6 @@ def same(a: Any, b: Any) -> bool:
     return False
 
 
-def _as_text(lifted: Lifted, s: CompareSettings) -> dict[str, Any]:
-    """The fields with the body as one whole leaf (used when one side is JSON, one is not)."""
-    out = {p: v for p, v in lifted.fields.items() if not p.startswith("body")}
-    if not (s.ignore and s.ignore.matches("body")):
-        out["body"] = frozenset(("text",)) if s.mode == "schema" else lifted.body
-    return out
-
-
 def _under_empty_array(path: str, empty: set[str]) -> bool:
     start = 0
     while (i := path.find("[*]", start)) >= 0:
@@ -241,27 +352,16 @@ def _under_empty_array(path: str, empty: set[str]) -> bool:
     return False
 
 
-def diff(a: Lifted, b: Lifted, s: CompareSettings) -> list[str]:
-    """Paths where `b` (candidate or secondary) differs from `a` (primary), sorted.
-
-    strict: every path of either side must be on both, with equal values. subset: every path of
-    `a` must be in `b` with an equal value; `b` may have more. schema: same paths and JSON types
-    (status still compared by value; headers by presence).
-    A missing answer on either side is a difference on `status` only (equal when both failed
-    the same way).
-    """
-    if a.kind == "failed" or b.kind == "failed":
-        return [] if a.fields.get("status") == b.fields.get("status") else ["status"]
-    fa, fb = a.fields, b.fields
-    if a.kind != b.kind:
-        fa, fb = _as_text(a, s), _as_text(b, s)
-    out: list[str] = []
-    if s.mode == "subset":
+def _diff_maps(
+    fa: dict[str, Any], fb: dict[str, Any], mode: str, a: Lifted, b: Lifted, out: list[str]
+) -> None:
+    if mode == "subset":
         for path, value in fa.items():
-            if path not in fb or not same(value, fb[path]):
+            other = fb.get(path, _MISSING)
+            if other is _MISSING or not same(value, other):
                 out.append(path)
-        return sorted(out)
-    schema = s.mode == "schema"
+        return
+    schema = mode == "schema"
     for path, value in fa.items():
         other = fb.get(path, _MISSING)
         if other is _MISSING:
@@ -272,7 +372,108 @@ def diff(a: Lifted, b: Lifted, s: CompareSettings) -> list[str]:
     for path in fb:
         if path not in fa and not (schema and _under_empty_array(path, a.empty_arrays)):
             out.append(path)
-    return sorted(out)
+
+
+def diff(a: Lifted, b: Lifted, s: CompareSettings) -> list[str]:
+    """Paths where `b` (candidate or secondary) differs from `a` (primary), sorted.
+
+    strict: every path of either side must be on both, with equal values. subset: every path of
+    `a` must be in `b` with an equal value; `b` may have more. schema: same paths and JSON types
+    (status still compared by value; headers by presence).
+    A missing answer on either side is a difference on `status` only (equal when both failed
+    the same way). Bodies with identical bytes are equal without being parsed.
+    """
+    if a._kind == "failed" or b._kind == "failed":  # known at lift time, no body lifting
+        return [] if a.head.get("status") == b.head.get("status") else ["status"]
+    out: list[str] = []
+    mode = s.mode
+    # the head: status by value in every mode; header values are {"string"} in schema mode
+    _diff_maps(a.head, b.head, mode, a, b, out)
+    if a.body != b.body:
+        if a.kind != b.kind:
+            _diff_maps(_whole_body(a), _whole_body(b), mode, a, b, out)
+        elif a.kind == "json" and mode != "schema":
+            found: set[str] = set()
+            _JsonDiff(s, mode == "strict", found).node(a.doc(), b.doc(), "body")
+            out.extend(found)
+        else:
+            _diff_maps(a.body_fields(), b.body_fields(), mode, a, b, out)
+    out.sort()
+    return out
+
+
+_SORTED = orjson.OPT_SORT_KEYS
+
+
+class _JsonDiff:
+    """Diff two parsed JSON documents by walking them together (strict and subset modes).
+
+    Gives exactly the paths that flattening both sides and comparing the maps would give, but
+    skips every subtree that is identical: Python's C-level `==` finds equal subtrees, and
+    sorted-key serialisation confirms them, since `==` alone says `true == 1`, which is a
+    difference here. Most of a changed answer is unchanged, so most of it is never flattened.
+    """
+
+    __slots__ = ("found", "ignore", "s", "strict", "unordered")
+
+    def __init__(self, s: CompareSettings, strict: bool, found: set[str]) -> None:
+        self.s = s
+        self.strict = strict
+        self.found = found
+        self.ignore = s.ignore.matches if s.ignore else None
+        self.unordered = s.unordered.matches if s.unordered else None
+
+    def leaves(self, a: Any, b: Any, path: str) -> None:
+        """Different shapes at `path`: every leaf of `a` (and of `b` in strict mode) differs."""
+        self.found.update(_flatten(a, path, self.s))
+        if self.strict:
+            self.found.update(_flatten(b, path, self.s))
+
+    def node(self, a: Any, b: Any, path: str) -> None:
+        ta, tb = type(a), type(b)
+        if a == b:
+            if ta is not dict and ta is not list:
+                if same(a, b):
+                    return
+            elif orjson.dumps(a, option=_SORTED) == orjson.dumps(b, option=_SORTED):
+                return
+        if ta is dict and tb is dict and a and b:
+            ignore = self.ignore
+            for key, va in a.items():
+                sub = path + _segment(key)
+                if ignore is not None and ignore(sub):
+                    continue
+                if key in b:
+                    self.node(va, b[key], sub)
+                else:
+                    self.found.update(_flatten(va, sub, self.s))
+            if self.strict:
+                for key, vb in b.items():
+                    if key not in a:
+                        sub = path + _segment(key)
+                        if ignore is None or not ignore(sub):
+                            self.found.update(_flatten(vb, sub, self.s))
+        elif ta is list and tb is list and a and b:
+            if self.unordered is not None and self.unordered(path):
+                if _multiset(a, path, self.s) != _multiset(b, path, self.s):
+                    self.found.add(path)
+                return
+            ignore = self.ignore
+            for i in range(max(len(a), len(b))):
+                sub = f"{path}[{i}]"
+                if ignore is not None and ignore(sub):
+                    continue
+                if i < len(a) and i < len(b):
+                    self.node(a[i], b[i], sub)
+                elif i < len(a):
+                    self.found.update(_flatten(a[i], sub, self.s))
+                elif self.strict:
+                    self.found.update(_flatten(b[i], sub, self.s))
+        elif ta in (int, float) and tb in (int, float) and ta is not bool and tb is not bool:
+            if not same(a, b):
+                self.found.add(path)
+        else:
+            self.leaves(a, b, path)
 
 
 _MISSING = object()

@@ -29,6 +29,9 @@ log = logging.getLogger("shadowlane.compare")
 
 #: how often the worker deletes examples past the retention, at most
 SWEEP_INTERVAL_MAX = 600.0
+#: the worker rests (releasing the GIL) once it owes at least this much, not after every job:
+#: sleeps shorter than this cost more in wake-ups than they give back
+REST_QUANTUM = 0.005
 
 
 class ComparisonCounter(Protocol):
@@ -136,7 +139,10 @@ class Comparator:
         flush_interval: float = 1.0,
         batch: int = 500,
         sweep_interval: float | None = None,
+        cpu_share: float = 0.25,
     ) -> None:
+        if not 0.0 < cpu_share <= 1.0:
+            raise ValueError("cpu_share must be in (0, 1]")
         self.store = store
         self.metrics = metrics
         self.queue_size = queue_size
@@ -148,6 +154,12 @@ class Comparator:
             if sweep_interval is not None
             else max(1.0, min(SWEEP_INTERVAL_MAX, retention / 10))
         )
+        #: At most this share of wall time is spent comparing. The worker holds the GIL while it
+        #: lifts and diffs, so without a cap a flood of comparisons would take interpreter time
+        #: from the event loop, i.e. from requests. Past the cap the queue fills and jobs drop.
+        self.cpu_share = cpu_share
+        self._rest_ratio = 1.0 / cpu_share - 1.0
+        self._owed = 0.0
         # Jobs plus room for the two signals, so stop()/wait_idle() can always be queued
         # without letting a job past the bound.
         self._queue: queue.Queue[CompareJob | _Signal] = queue.Queue()
@@ -177,6 +189,7 @@ class Comparator:
             cfg.queue,
             flush_interval=cfg.flush_interval,
             batch=cfg.batch,
+            cpu_share=cfg.cpu_share,
         )
 
     # -- event loop side -----------------------------------------------------------------------
@@ -252,10 +265,19 @@ class Comparator:
                 item = self._queue.get(timeout=max(0.0, next_flush - now))
             except queue.Empty:
                 item = None
+            # time spent waiting for work is rest already owed to the event loop
+            self._owed = max(0.0, self._owed - (time.monotonic() - now))
             if isinstance(item, CompareJob):
                 with self._count_lock:
                     self._jobs_queued -= 1
+                started = time.perf_counter()
                 self._decide(batch, item)
+                self._owed += (time.perf_counter() - started) * self._rest_ratio
+                # no resting once stop() was called: finishing the backlog quickly is what a
+                # draining process needs, and the event loop is winding down anyway
+                if self._owed >= REST_QUANTUM and not self._stopping:
+                    time.sleep(self._owed)
+                    self._owed = 0.0
             flush = (
                 item is _FLUSH
                 or item is _STOP

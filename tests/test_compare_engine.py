@@ -1,0 +1,97 @@
+"""The comparator thread itself: it rests so comparisons cannot take the event loop's time, it
+stops cleanly (comparing what was accepted), and submit never blocks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import orjson
+
+from shadowlane.compare import Captured, Comparator, CompareJob
+from shadowlane.metrics import Metrics
+from shadowlane.store import open_store
+
+
+def heavy_job(i: int) -> CompareJob:
+    doc = {"items": [{"id": n, "name": f"item {n}", "tags": ["a", "b"]} for n in range(300)]}
+    other = {
+        "items": [{"id": n, "name": f"item {n + i % 2}", "tags": ["b", "a"]} for n in range(300)]
+    }
+    ctype = [(b"content-type", b"application/json")]
+    return CompareJob(
+        "r",
+        "t",
+        f"id{i}",
+        "GET",
+        "/items",
+        b"",
+        Captured(200, ctype, orjson.dumps(doc), False, 0.01),
+        Captured(200, ctype, orjson.dumps(other), False, 0.01),
+        None,
+    )
+
+
+def worker_cpu(comp: Comparator) -> float:
+    assert comp._thread is not None and comp._thread.ident is not None
+    return time.clock_gettime(time.pthread_getcpuclockid(comp._thread.ident))
+
+
+def test_cpu_share_bounds_the_worker() -> None:
+    jobs = [heavy_job(i) for i in range(200)]
+    with open_store("sqlite:///:memory:") as store:
+        comp = Comparator(store, None, 10_000, cpu_share=0.1).start()
+        for j in jobs:
+            assert comp.submit(j)
+        time.sleep(0.2)  # let it get going
+        cpu0, wall0 = worker_cpu(comp), time.monotonic()
+        time.sleep(1.5)
+        cpu1, wall1 = worker_cpu(comp), time.monotonic()
+        still_queued = comp.queued
+        comp.stop(60)
+    share = (cpu1 - cpu0) / (wall1 - wall0)
+    assert still_queued > 0, "the test needs a backlog to mean anything"
+    assert share < 0.2, f"worker used {share:.0%} of a core with cpu_share=0.1"
+
+
+def test_stop_compares_everything_accepted() -> None:
+    metrics = Metrics()
+    with open_store("sqlite:///:memory:") as store:
+        comp = Comparator(store, metrics, 100, flush_interval=10.0, batch=1000).start()
+        for i in range(50):
+            assert comp.submit(heavy_job(i))
+        assert comp.stop(60)
+        assert comp.stats["compared"] == 50
+        assert store.summary()[0]["compared"] == 50  # flushed on stop, not after 10 s
+        # after stop, submit refuses (and counts) instead of queueing forever
+        assert not comp.submit(heavy_job(0))
+        assert comp.stats["dropped"] == 1
+
+
+def test_submit_never_blocks_while_the_store_write_is_stuck() -> None:
+    release = threading.Event()
+
+    class Stuck:
+        def __init__(self) -> None:
+            self.inner = open_store("sqlite:///:memory:")
+            self.options = self.inner.options
+
+        def write(self, batch: object) -> None:
+            release.wait(30)
+
+        def sweep(self, now: float | None = None) -> int:
+            return 0
+
+    store = Stuck()
+    comp = Comparator(store, None, 10, flush_interval=0.01, batch=1).start()  # type: ignore[arg-type]
+    try:
+        started = time.perf_counter()
+        results = [comp.submit(heavy_job(i)) for i in range(200)]
+        elapsed = time.perf_counter() - started
+        assert elapsed < 2.0
+        assert results.count(True) <= 12  # the queue (10), plus at most what the worker took
+        assert comp.stats["dropped"] == results.count(False)
+    finally:
+        release.set()
+        comp.stop(30)
+        store.inner.close()
