@@ -381,3 +381,68 @@ def test_job_settings_default_when_absent() -> None:
 )
 def test_thresholds(raw: int, noise: int, compared: int, reported: bool) -> None:
     assert is_reported(raw, noise, compared, 20.0, 0.03) is reported
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast JSON diff agrees with flattening both sides and comparing the maps
+
+
+def _random_doc(rng: Any, depth: int = 0) -> Any:
+    kind = rng.random()
+    if depth > 3 or kind < 0.35:
+        return rng.choice([0, 1, 1.0, True, False, None, "a", "b", "", 2.5, [], {}])
+    if kind < 0.7:
+        return {rng.choice("abcdef"): _random_doc(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+    return [_random_doc(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+
+
+def _mutate(rng: Any, doc: Any) -> Any:
+    if isinstance(doc, dict) and doc and rng.random() < 0.8:
+        out = dict(doc)
+        key = rng.choice(list(out))
+        roll = rng.random()
+        if roll < 0.2:
+            del out[key]
+        elif roll < 0.4:
+            out[rng.choice("uvwxyz")] = _random_doc(rng, 2)
+        else:
+            out[key] = _mutate(rng, out[key])
+        return out
+    if isinstance(doc, list) and doc and rng.random() < 0.8:
+        out_list = list(doc)
+        roll = rng.random()
+        if roll < 0.2:
+            out_list.pop()
+        elif roll < 0.4:
+            out_list.reverse()
+        else:
+            i = rng.randrange(len(out_list))
+            out_list[i] = _mutate(rng, out_list[i])
+        return out_list
+    return _random_doc(rng, 2)
+
+
+@pytest.mark.parametrize("mode", ["strict", "subset"])
+def test_fast_json_diff_matches_flattened_diff(mode: str) -> None:
+    import random
+
+    from shadowlane.compare.diff import _diff_maps
+
+    rng = random.Random(1234)
+    rules = [
+        {},
+        {"ignore": ["body.a", "body.*.b", "**.c"]},
+        {"unordered": ["body.d", "body.*.e", "body[*]"]},
+        {"ignore": ["body[0]", "body.f[*].a"], "unordered": ["body.a", "**.b"]},
+    ]
+    for _ in range(1500):
+        a = _random_doc(rng)
+        b = _mutate(rng, a) if rng.random() < 0.8 else _random_doc(rng)
+        s = settings(mode=mode, **rng.choice(rules))
+        la, lb = lift(answer(raw=orjson.dumps(a)), s), lift(answer(raw=orjson.dumps(b)), s)
+        fast = diff(la, lb, s)
+        slow: list[str] = []
+        _diff_maps(la.head, lb.head, mode, la, lb, slow)
+        if la.body != lb.body:
+            _diff_maps(la.body_fields(), lb.body_fields(), mode, la, lb, slow)
+        assert fast == sorted(set(slow)), (a, b, s.ignore, s.unordered)
