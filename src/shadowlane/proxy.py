@@ -169,6 +169,9 @@ class ProxyCall:
         shadow = self.proxy.shadow
         if shadow is not None and self.rt.shadows is not None:
             self.shadow_state = shadow.begin(self)
+            if self.shadow_state is not None and not ex.has_body:
+                # nothing to wait for: the copies go now, not after the primary connects
+                shadow.request_done(self)
         conn = self.endpoint.get_idle()
         if conn is not None:
             self._send(conn)
@@ -254,8 +257,8 @@ class ProxyCall:
         self._request_complete()
 
     def _request_complete(self) -> None:
-        if self.shadow_state is not None and not self.retried:
-            self.proxy.shadow.request_done(self)  # type: ignore[union-attr]
+        if self.shadow_state is not None:
+            self.proxy.shadow.request_done(self)  # type: ignore[union-attr]  # once per request
 
     # ----- response side (ResponseSink) -----
     def on_response_head(

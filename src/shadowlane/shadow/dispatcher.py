@@ -87,11 +87,13 @@ class RouteShadows:
 class RequestShadows:
     """Per-request state: the lanes this request was sampled into, and what became of it."""
 
-    __slots__ = ("outcomes", "sampled")
+    __slots__ = ("outcomes", "requested", "sampled")
 
     def __init__(self, sampled: list[LanePlan]) -> None:
         self.sampled = sampled
         self.outcomes: dict[str, str] = {}
+        #: the `with_request` copies have been decided (sent, dropped or skipped)
+        self.requested = False
 
 
 def _key(spec: tuple[str, str] | None) -> KeyFn | None:
@@ -151,8 +153,7 @@ class ShadowDispatcher:
             settings = None
             if opts is not None and self._compile_settings is not None:
                 settings = self._compile_settings(sc, route)
-            authority = self.cfg.backends[sc.backend].endpoints[0].authority
-            builder = CopyBuilder(sc, route.name, authority)
+            builder = CopyBuilder(sc, route.name)
             plans.append(LanePlan(sc, lane, builder, secondary, settings))
         shadows = RouteShadows(route.name, plans)
         self.plans[route.name] = shadows
@@ -219,8 +220,13 @@ class ShadowDispatcher:
         return RequestShadows(sampled) if sampled else None
 
     def request_done(self, call: ProxyCall) -> None:
+        """The request body is complete (or there is none): `with_request` copies go now,
+        whatever becomes of the primary."""
         state = call.shadow_state
         assert isinstance(state, RequestShadows)
+        if state.requested:
+            return
+        state.requested = True
         base = call.upstream_headers
         assert base is not None  # kept by the proxy for routes with shadows
         for p in state.sampled:
@@ -228,20 +234,29 @@ class ShadowDispatcher:
                 self._submit(call, p, state, base)
 
     def response_done(self, call: ProxyCall) -> None:
+        """The primary answered, failed, or the client left: `after_response` copies go now;
+        `with_request` copies not decided yet (the body never completed) are skipped."""
         state = call.shadow_state
         assert isinstance(state, RequestShadows)
         base = call.upstream_headers
         assert base is not None
         status = call.status
+        requested = state.requested
+        state.requested = True
         for p in state.sampled:
             if not p.after_response:
+                if not requested:
+                    if call.body is not None:
+                        self._submit(call, p, state, base)
+                    else:
+                        self._outcome(state, p, "skipped_body")
                 continue
             if status == 499 or (p.cfg.only_if_primary == "2xx" and not 200 <= status < 300):
                 # 499: the client left and the primary exchange was abandoned mid-way
                 self._outcome(state, p, OUTCOME_SKIPPED_STATUS)
                 continue
-            if call.body is None and call.exchange.has_body and not call.exchange.body_done:
-                self._outcome(state, p, OUTCOME_SKIPPED_STATUS)
+            if call.body is None:
+                self._outcome(state, p, "skipped_body")
                 continue
             self._submit(call, p, state, base)
 
@@ -251,10 +266,12 @@ class ShadowDispatcher:
             self._outcome(state, p, "skipped_body")
             return
         req = call.request
-        head = p.builder.head(req, base, len(body))
+        endpoint = p.lane.pool.pick()
+        head = p.builder.head(req, base, len(body), endpoint.authority)
         key = p.order_key(req) if p.order_key is not None else None
         slot = self._slot(call, p, body) if p.compares else None
-        copy = ShadowCopy(p.lane, req.method, head, body, key, slot.on_candidate if slot else None)
+        on_done = slot.on_candidate if slot else None
+        copy = ShadowCopy(p.lane, req.method, head, body, key, on_done, endpoint)
         if p.lane.submit(copy):
             state.outcomes[p.lane.target] = "sent"
         else:
@@ -263,7 +280,13 @@ class ShadowDispatcher:
                 slot.copy_dropped()
             return
         if slot is not None and p.secondary is not None:
-            second = ShadowCopy(p.secondary, req.method, head, body, key, slot.on_secondary)
+            sep = p.secondary.pool.pick()
+            shead = (
+                head
+                if not p.builder.host_is_endpoint
+                else p.builder.head(req, base, len(body), sep.authority)
+            )
+            second = ShadowCopy(p.secondary, req.method, shead, body, key, slot.on_secondary, sep)
             if not p.secondary.submit(second):
                 slot.copy_dropped()
 

@@ -60,6 +60,7 @@ class ShadowCopy:
         "body",
         "conn",
         "done",
+        "endpoint",
         "head",
         "key",
         "lane",
@@ -79,8 +80,11 @@ class ShadowCopy:
         body: bytes,
         key: str | None,
         on_done: OnDone | None,
+        endpoint: EndpointPool | None = None,
     ) -> None:
         self.lane = lane
+        #: chosen when the copy is built (its Host may name it); else at start
+        self.endpoint = endpoint
         self.method = method
         self.head = head
         self.body = body
@@ -103,14 +107,17 @@ class ShadowCopy:
         if lane.breaker_open_until > self.t0:
             self._finish("error")
             return
-        conn = lane.endpoint_pick().get_idle()
+        if self.endpoint is None:
+            self.endpoint = lane.pool.pick()
+        conn = self.endpoint.get_idle()
         if conn is not None:
             self._send(conn)
         else:
             loop.create_task(self._connect(fresh=False))
 
     async def _connect(self, fresh: bool) -> None:
-        ep = self.lane.endpoint_pick()
+        ep = self.endpoint
+        assert ep is not None  # set by start()
         try:
             conn = await (ep.connect() if fresh else ep.acquire())
         except UpstreamError as err:
@@ -238,9 +245,6 @@ class ShadowLane:
         self.breaker_failures = 0
         self.breaker_open_until = 0.0
 
-    def endpoint_pick(self) -> EndpointPool:
-        return self.pool.pick()
-
     def submit(self, copy: ShadowCopy) -> bool:
         """Start, queue or drop a copy; never waits. Returns False when dropped."""
         key = copy.key if self.ordered else None
@@ -316,7 +320,7 @@ class ShadowLane:
         """Give in-flight copies until `deadline` (loop time); then abandon what is left."""
         while (self.in_flight or self.waiting) and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
-        for copy in list(self.waiting):
+        for copy in [*self.waiting, *(c for chain in self.chains.values() for c in chain)]:
             self._dequeued(copy)
             copy.done = True
             self.metrics.shadow_outcome(self.route, self.target, "dropped")

@@ -33,9 +33,9 @@ def add_host_suffix(host: bytes, suffix: bytes) -> bytes:
 class CopyBuilder:
     """Precompiled mutations of one shadow; builds the copy's request head."""
 
-    __slots__ = ("_drop", "_host", "_marker", "_rewrite", "_set", "_suffix")
+    __slots__ = ("_drop", "_host", "_marker", "_rewrite", "_set", "_suffix", "host_is_endpoint")
 
-    def __init__(self, cfg: ShadowConfig, route_name: str, target_authority: str) -> None:
+    def __init__(self, cfg: ShadowConfig, route_name: str) -> None:
         self._marker = (MARKER, route_name.encode())
         self._set = [(k.encode(), v.encode()) for k, v in cfg.headers.set.items()]
         self._drop = (
@@ -46,9 +46,9 @@ class CopyBuilder:
         )
         self._suffix = cfg.host_suffix.encode()
         self._host: bytes | None = None
-        if cfg.host == "backend":
-            self._host = target_authority.encode()
-        elif cfg.host is not None:
+        #: `host: backend`: the Host is the authority of the endpoint each copy goes to
+        self.host_is_endpoint = cfg.host == "backend"
+        if cfg.host is not None and not self.host_is_endpoint:
             self._host = cfg.host.encode()
         self._rewrite: tuple[re.Pattern[str], str] | None = None
         if cfg.rewrite_path is not None:
@@ -63,8 +63,11 @@ class CopyBuilder:
             return f"{path}?{req.query}".encode("latin-1")
         return path.encode("latin-1")
 
-    def head(self, req: Request, base: Headers, body_len: int) -> bytes:
+    def head(
+        self, req: Request, base: Headers, body_len: int, endpoint_authority: bytes = b""
+    ) -> bytes:
         drop = self._drop
+        host = endpoint_authority if self.host_is_endpoint else self._host
         out: Headers = []
         saw_host = False
         for item in base:
@@ -73,16 +76,16 @@ class CopyBuilder:
                 continue
             if name == b"host":
                 saw_host = True
-                if self._host is not None:
-                    out.append((b"host", self._host))
+                if host is not None:
+                    out.append((b"host", host))
                 elif self._suffix:
                     out.append((b"host", add_host_suffix(item[1], self._suffix)))
                 else:
                     out.append(item)
                 continue
             out.append(item)
-        if not saw_host and self._host is not None:
-            out.append((b"host", self._host))
+        if not saw_host and host is not None:
+            out.append((b"host", host))
         out.extend(self._set)
         out.append(self._marker)
         if body_len or req.method in ("POST", "PUT", "PATCH"):
