@@ -21,6 +21,7 @@ from servers import PROXY_LABELS
 RSS_LIMIT_MB = 200.0
 OUTCOME_ORDER = ("sent", "ok", "error", "timeout", "dropped", "skipped_body", "sampled_out")
 MIN_ACHIEVED = 0.95  # a fixed-load run that got less than this share of the offered load
+NOISY_SPREAD_PCT = 20.0  # ± over the runs above which a verdict gets a "noisy" warning
 
 
 def _cmd_version(argv: list[str]) -> str:
@@ -97,6 +98,12 @@ def _errors(*ms: Measurement | None) -> int:
     return sum(sum(m.errors.values()) for m in ms if m is not None)
 
 
+def _noise(*ms: Measurement | None) -> str:
+    """A warning when the runs behind a verdict disagree a lot (a busy shared machine)."""
+    worst = max((m.rps_spread_pct or 0 for m in ms if m is not None), default=0)
+    return f"; noisy runs (±{worst:.0f}%)" if worst > NOISY_SPREAD_PCT else ""
+
+
 def evaluate_targets(ms: list[Measurement]) -> list[Target]:
     targets: list[Target] = []
 
@@ -111,6 +118,7 @@ def evaluate_targets(ms: list[Measurement]) -> list[Target]:
         measured = (
             f"{r1:.2f}x ({sl1.rps:,.0f} vs {ng.rps:,.0f} req/s)" if r1 and sl1 and ng else "-"
         )
+        measured += _noise(sl1, ng)
         targets.append(
             Target(
                 name,
@@ -415,18 +423,19 @@ def write(
     configs: dict[str, str],
 ) -> list[Target]:
     targets = evaluate_targets(ms)
-    doc = {
+    rows = [m.to_json() for m in ms]
+    for row, m in zip(rows, ms, strict=True):
+        ng = find(ms, m.scenario, "nginx")
+        if m.proxy not in ("nginx", "direct") and ng:
+            row["rps_vs_nginx"] = _round(ratio(m.rps, ng.rps))
+            row["p99_vs_nginx"] = _round(ratio(m.p99_ms, ng.p99_ms))
+    doc: dict[str, Any] = {
         "meta": meta,
         "machine": machine,
         "targets": [t.to_json() for t in targets],
-        "measurements": [m.to_json() for m in ms],
+        "measurements": rows,
         "configs": configs,
     }
-    for m in doc["measurements"]:
-        ng = find(ms, m["scenario"], "nginx")
-        if m["proxy"] not in ("nginx", "direct") and ng:
-            m["rps_vs_nginx"] = _round(ratio(m["rps"], ng.rps))
-            m["p99_vs_nginx"] = _round(ratio(m["p99_ms"], ng.p99_ms))
     (bench_dir / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     (bench_dir / "RESULTS.md").write_text(render_markdown(doc, ms, targets))
     return targets

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.util
+import json
 import os
 import resource
 import shlex
@@ -88,6 +89,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per figure")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.add_argument(
+        "--render",
+        action="store_true",
+        help="rewrite RESULTS.md from results.json (after a report change), no run",
+    )
+    p.add_argument(
         "--no-write",
         action="store_true",
         help="do not overwrite RESULTS.md / results.json (write under bench/out/)",
@@ -105,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in SCENARIOS:
             print(f"{s.id:16} {s.group:12} {s.title}  [{', '.join(s.proxies)}]")
         return 0
+    if args.render:
+        return render_only()
     settings = Settings(
         duration=args.duration or (2.0 if args.quick else 4.0),
         growth_duration=args.growth_duration or (2.0 if args.quick else 3.0),
@@ -188,6 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     for t in targets:
         print(f"  {t.verdict:14} {t.name}: {t.measured}")
     return 130 if interrupted else 0
+
+
+def render_only() -> int:
+    doc = json.loads((BENCH_DIR / "results.json").read_text())
+    fields = set(Measurement.__dataclass_fields__)
+    ms = [Measurement(**{k: v for k, v in d.items() if k in fields}) for d in doc["measurements"]]
+    report.write(BENCH_DIR, doc["meta"], doc["machine"], ms, doc["configs"])
+    print(f"rewrote {BENCH_DIR / 'RESULTS.md'} from results.json")
+    return 0
 
 
 if __name__ == "__main__":

@@ -151,7 +151,8 @@ def run_time(s: Scenario, settings: Settings) -> float:
 
 def estimate_seconds(scenarios: list[Scenario], settings: Settings) -> float:
     """Wall time: warm-up + runs per figure, tool start-up, plus a proxy start per setup."""
-    total, setups = 0.0, set()
+    total = 0.0
+    setups: set[tuple[tuple[tuple[str, ...], bool], str]] = set()
     for s in scenarios:
         runs = s.runs or settings.runs
         per = settings.warmup + 0.1 + runs * (run_time(s, settings) + 0.15)
