@@ -170,12 +170,19 @@ class Supervisor:
             self.stop(proc)
 
     def _write_pids(self) -> None:
-        entries = [{"pid": p.pid, "start": _start_time(p.pid), "name": p.name} for p in self.procs]
+        me = {"owner": os.getpid(), "owner_start": _start_time(os.getpid())}
+        entries = [
+            {"pid": p.pid, "start": _start_time(p.pid), "name": p.name, **me} for p in self.procs
+        ]
         with contextlib.suppress(OSError):
             self.pid_file.write_text(json.dumps(entries))
 
     def reap_leftovers(self) -> list[str]:
-        """Stop processes a previous, hard-killed bench run left behind (same PID and start)."""
+        """Stop what a previous, hard-killed bench run left behind.
+
+        Only processes with the recorded PID *and* start time (not a reused PID), and only if
+        the bench run that started them is gone (never another bench run still going).
+        """
         try:
             entries = json.loads(self.pid_file.read_text())
         except (OSError, ValueError):
@@ -183,6 +190,9 @@ class Supervisor:
         reaped = []
         for entry in entries:
             pid, start = int(entry["pid"]), entry.get("start")
+            owner = entry.get("owner")
+            if owner is not None and _start_time(int(owner)) == entry.get("owner_start"):
+                continue  # its bench run is still alive: not ours to stop
             if start is not None and _start_time(pid) == start:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)

@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     sup = Supervisor(settings.work / "logs")
     for leftover in sup.reap_leftovers():
         print(f"stopped leftover from an earlier run: {leftover}")
+    # Explicitly: a shell starting us in the background leaves SIGINT ignored otherwise.
+    signal.signal(signal.SIGINT, _terminate)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
 
