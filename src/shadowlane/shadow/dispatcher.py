@@ -266,9 +266,15 @@ class ShadowDispatcher:
             self._outcome(state, p, "skipped_body")
             return
         req = call.request
+        key = p.order_key(req) if p.order_key is not None else None
+        if p.lane.full(key, len(body)):
+            p.lane.drop()
+            state.outcomes[p.lane.target] = "dropped"
+            if p.compares:
+                self.metrics.comparison(p.lane.route, p.lane.target, "dropped")
+            return
         endpoint = p.lane.pool.pick()
         head = p.builder.head(req, base, len(body), endpoint.authority)
-        key = p.order_key(req) if p.order_key is not None else None
         slot = self._slot(call, p, body) if p.compares else None
         on_done = slot.on_candidate if slot else None
         copy = ShadowCopy(p.lane, req.method, head, body, key, on_done, endpoint)

@@ -29,9 +29,9 @@ if TYPE_CHECKING:
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 BREAKER_FAILURES = 5
 BREAKER_OPEN_SECONDS = 1.0
-#: queued copies may pin at most this many body bytes per lane (bodies are shared, so this
-#: over-counts, which errs on the safe side)
-MAX_QUEUED_BYTES = 64 * 1024 * 1024
+#: copies in flight and waiting may pin at most this many body bytes per lane (bodies are
+#: shared with the primary and other lanes, so this over-counts, which errs on the safe side)
+MAX_LANE_BYTES = 64 * 1024 * 1024
 
 
 class ShadowResult:
@@ -238,72 +238,74 @@ class ShadowLane:
         self.loop = asyncio.get_running_loop()
         self.in_flight: set[ShadowCopy] = set()
         self.waiting: deque[ShadowCopy] = deque()
+        #: copies waiting: in `waiting` (for an in-flight slot) or in a key's chain
         self.waiting_count = 0
-        self.queued_bytes = 0
+        #: body bytes pinned by the copies in flight and waiting
+        self.bytes = 0
         self.chains: dict[str, deque[ShadowCopy]] = {}
         self.paused = False
         self.breaker_failures = 0
         self.breaker_open_until = 0.0
 
+    def full(self, key: str | None, body_len: int) -> bool:
+        """Would a copy be dropped now? Checked before a copy is built, so an overloaded lane
+        costs one comparison per request, not a head to build and throw away."""
+        if self.bytes + body_len > MAX_LANE_BYTES:
+            return True
+        if len(self.in_flight) < self.max_in_flight and (
+            key is None or not self.ordered or key not in self.chains
+        ):
+            return False
+        return self.waiting_count >= self.queue_limit
+
     def submit(self, copy: ShadowCopy) -> bool:
         """Start, queue or drop a copy; never waits. Returns False when dropped."""
+        size = len(copy.body)
+        if self.bytes + size > MAX_LANE_BYTES:
+            return self.drop()
         key = copy.key if self.ordered else None
         if key is not None:
             chain = self.chains.get(key)
             if chain is not None:  # a copy with this key is in flight or waiting
-                if not self._may_queue(copy):
-                    return self._drop()
+                if self.waiting_count >= self.queue_limit:
+                    return self.drop()
                 chain.append(copy)
-                self._queued(copy)
+                self.waiting_count += 1
+                self.bytes += size
                 return True
             self.chains[key] = deque()
         if len(self.in_flight) < self.max_in_flight:
+            self.bytes += size
             self.in_flight.add(copy)
             copy.start()
             return True
-        if not self._may_queue(copy):
+        if self.waiting_count >= self.queue_limit:
             if key is not None:
                 del self.chains[key]
-            return self._drop()
+            return self.drop()
         self.waiting.append(copy)
-        self._queued(copy)
+        self.waiting_count += 1
+        self.bytes += size
         return True
 
-    def _may_queue(self, copy: ShadowCopy) -> bool:
-        return (
-            self.waiting_count < self.queue_limit
-            and self.queued_bytes + len(copy.body) <= MAX_QUEUED_BYTES
-        )
-
-    def _queued(self, copy: ShadowCopy) -> None:
-        self.waiting_count += 1
-        self.queued_bytes += len(copy.body)
-
-    def _dequeued(self, copy: ShadowCopy) -> None:
-        self.waiting_count -= 1
-        self.queued_bytes -= len(copy.body)
-
-    def _drop(self) -> bool:
+    def drop(self) -> bool:
         self.metrics.shadow_outcome(self.route, self.target, "dropped")
         return False
 
     def copy_done(self, copy: ShadowCopy) -> None:
         self.in_flight.discard(copy)
+        self.bytes -= len(copy.body)
         key = copy.key if self.ordered else None
         if key is not None:
             chain = self.chains.get(key)
             if chain:
-                nxt = chain.popleft()
-                self._dequeued(nxt)
                 # the next copy of this key goes first among waiting copies (it waited longest)
-                self.waiting.appendleft(nxt)
-                self.waiting_count += 1
-                self.queued_bytes += len(nxt.body)
+                self.waiting.appendleft(chain.popleft())
             else:
                 self.chains.pop(key, None)
         while self.waiting and len(self.in_flight) < self.max_in_flight:
             nxt = self.waiting.popleft()
-            self._dequeued(nxt)
+            self.waiting_count -= 1
             self.in_flight.add(nxt)
             nxt.start()
 
@@ -321,7 +323,8 @@ class ShadowLane:
         while (self.in_flight or self.waiting) and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
         for copy in [*self.waiting, *(c for chain in self.chains.values() for c in chain)]:
-            self._dequeued(copy)
+            self.waiting_count -= 1
+            self.bytes -= len(copy.body)
             copy.done = True
             self.metrics.shadow_outcome(self.route, self.target, "dropped")
         self.waiting.clear()

@@ -48,6 +48,8 @@ _STATUS_TEXT = {
 }
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LINGER_RST = struct.pack("ii", 1, 0)
+#: an answered request's unread body is read and dropped up to this size, then we close
+DISCARD_LIMIT = 4 * 1024 * 1024
 _INF = float("inf")
 
 
@@ -160,6 +162,8 @@ class Exchange:
         self.body_size += len(chunk)
         if self._on_body is not None:
             self._on_body(chunk)
+        elif self.response_done:
+            pass  # answered already: the rest of the body is read and dropped
         elif self._body_buffer is None:
             self._body_buffer = [chunk]
         else:
@@ -240,6 +244,8 @@ class Exchange:
         elif self._pending:
             self.conn.write(self._pending)
             self._pending = b""
+        # break the exchange <-> application cycle so refcounting frees both now, not the GC
+        self.on_abort = self.on_writable = None
         self.conn._exchange_done(self)
 
     def respond(
@@ -260,6 +266,7 @@ class Exchange:
     def abort(self) -> None:
         """Reset the client connection: a truncated response must never look complete."""
         self.response_done = True
+        self.on_abort = self.on_writable = None
         self.conn.abort()
 
 
@@ -541,9 +548,37 @@ class ServerConnection(asyncio.Protocol):
         transport = self.transport
         if self._closed or transport is None:
             return
+        if not ex.body_done and ex.request.keep_alive and not self.draining:
+            # Answered before the client finished its upload (a backend that did not read it
+            # all): read and drop the rest, as nginx does, instead of closing with unread bytes,
+            # which makes the client's kernel reset the connection under its answer.
+            self._discard_rest(ex)
+            return
         if not ex.request.keep_alive or not ex.body_done:
             transport.close()
             self._closed = True
+            return
+        self._next()
+
+    def _discard_rest(self, ex: Exchange) -> None:
+        budget = DISCARD_LIMIT
+
+        def drop(chunk: bytes) -> None:
+            nonlocal budget
+            budget -= len(chunk)
+            if budget < 0:
+                self.close()  # too much left to be worth reading
+
+        ex._on_body = drop
+        ex._on_body_end = self._next
+        ex._body_buffer = None
+        self._paused_for.discard("upstream")
+        self.resume_reading_for("discard")
+        self.deadline = self.loop.time() + self.limits.header_timeout
+
+    def _next(self) -> None:
+        """The connection is free again: start the next queued request or wait for one."""
+        if self._closed:
             return
         if self._queue:
             self._start(self._queue.popleft())
