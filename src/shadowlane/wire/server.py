@@ -486,9 +486,13 @@ class ServerConnection(asyncio.Protocol):
             host = authority
         host_s = ""
         if host:
-            host_name = _host_name(host)
+            host_name = _HOST_CACHE.get(host)
             if host_name is None:
-                raise BadRequest(400, "malformed Host header")
+                host_name = _host_name(host)
+                if host_name is None:
+                    raise BadRequest(400, "malformed Host header")
+                if len(_HOST_CACHE) < 1024:  # a few names repeat on every request
+                    _HOST_CACHE[host] = host_name
             host_s = host_name
         req = Request(
             method, url, version, headers, host_s, self.client_addr, parser.should_keep_alive()
@@ -674,6 +678,9 @@ class ServerConnection(asyncio.Protocol):
     @property
     def write_paused(self) -> bool:
         return self._write_paused
+
+
+_HOST_CACHE: dict[bytes, str] = {}
 
 
 def _host_name(host: bytes) -> str | None:

@@ -199,7 +199,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._got_bytes = False
         self._timeout = timeout
         self._last_activity = self.loop.time()
-        self._timer = self.loop.call_later(timeout, self._on_timer)
+        if self._timer is None:
+            # one timer per connection, re-armed from the last activity when it fires, rather
+            # than one armed and cancelled per request
+            self._timer = self.loop.call_later(timeout, self._on_timer)
         self.transport.write(head)
 
     def write_body(self, data: bytes) -> None:
@@ -236,7 +239,6 @@ class UpstreamConnection(asyncio.Protocol):
     # ----- internals -----
     def _finish_response(self) -> None:
         self._response_done = True
-        self._cancel_timer()
         keep_alive = self._parser.should_keep_alive() and not self._until_close
         if self._head_request:
             # the parser still expects the body the HEAD answer announced; the next answer on
@@ -266,8 +268,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self.state != BUSY:
-            return
+        if self.state != BUSY or self._response_done:
+            return  # idle in the pool: the next request arms a new one
         idle = self.loop.time() - self._last_activity
         if idle < self._timeout:
             self._timer = self.loop.call_later(self._timeout - idle, self._on_timer)
