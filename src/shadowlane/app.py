@@ -12,10 +12,12 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
 import sys
+import tempfile
 import time
 from typing import IO, Any
 
@@ -27,7 +29,7 @@ from shadowlane.admin.comparisons import install_comparison_api
 from shadowlane.compare.engine import Comparator
 from shadowlane.compare.settings import compile_settings
 from shadowlane.config import BackendConfig, Config, load_config
-from shadowlane.metrics import Metrics
+from shadowlane.metrics import Metrics, reset_multiprocess_dir
 from shadowlane.proxy import Proxy, RouteRuntime
 from shadowlane.routing import RouteTable
 from shadowlane.shadow.dispatcher import ShadowDispatcher
@@ -139,12 +141,21 @@ class ListenError(OSError):
 class Instance:
     """Everything one worker process runs."""
 
-    def __init__(self, cfg: Config, config_path: str | None, worker_id: int = 0, workers: int = 1):
+    def __init__(
+        self,
+        cfg: Config,
+        config_path: str | None,
+        worker_id: int = 0,
+        workers: int = 1,
+        metrics_dir: str | None = None,
+    ):
         self.cfg = cfg
         self.config_path = config_path
         self.worker_id = worker_id
         self.workers = workers
-        self.metrics = Metrics()
+        # with several workers, counters live in files in metrics_dir and a scrape (served by
+        # worker 0) sums them over all workers
+        self.metrics = Metrics(multiprocess_dir=metrics_dir)
         self.loop = asyncio.get_running_loop()
         self.backends = {name: build_backend(name, b) for name, b in cfg.backends.items()}
         self.routes = RouteTable(cfg.routes)
@@ -264,8 +275,10 @@ class Instance:
         self.stopped.set()
 
 
-async def _serve(cfg: Config, config_path: str | None, worker_id: int, workers: int) -> None:
-    inst = Instance(cfg, config_path, worker_id, workers)
+async def _serve(
+    cfg: Config, config_path: str | None, worker_id: int, workers: int, metrics_dir: str | None
+) -> None:
+    inst = Instance(cfg, config_path, worker_id, workers, metrics_dir)
     await inst.start()
     await inst.stopped.wait()
 
@@ -279,9 +292,15 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run(cfg: Config, config_path: str | None = None, worker_id: int = 0, workers: int = 1) -> int:
+def run(
+    cfg: Config,
+    config_path: str | None = None,
+    worker_id: int = 0,
+    workers: int = 1,
+    metrics_dir: str | None = None,
+) -> int:
     _install_uvloop()
-    asyncio.run(_serve(cfg, config_path, worker_id, workers))
+    asyncio.run(_serve(cfg, config_path, worker_id, workers, metrics_dir))
     return 0
 
 
@@ -290,13 +309,15 @@ def run_workers(cfg: Config, config_path: str | None, workers: int) -> int:
     if workers <= 1:
         return run(cfg, config_path)
     _check_bindable(cfg)
+    metrics_dir = tempfile.mkdtemp(prefix="shadowlane-metrics-")
+    reset_multiprocess_dir(metrics_dir)
     pids: list[int] = []
     for i in range(workers):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = run(cfg, config_path, i, workers)
+                code = run(cfg, config_path, i, workers, metrics_dir)
             finally:
                 os._exit(code)
         pids.append(pid)
@@ -318,6 +339,7 @@ def run_workers(cfg: Config, config_path: str | None, workers: int) -> int:
                 continue
         if os.waitstatus_to_exitcode(code) != 0:
             status = 1
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
 
 
