@@ -28,7 +28,8 @@ from shadowlane.admin import AdminApp
 from shadowlane.admin.comparisons import install_comparison_api
 from shadowlane.compare.engine import Comparator
 from shadowlane.compare.settings import compile_settings
-from shadowlane.config import BackendConfig, Config, load_config
+from shadowlane.config import BackendConfig, Config, ConfigError, TlsConfig, load_config
+from shadowlane.control import Control, install_control_api
 from shadowlane.metrics import Metrics, reset_multiprocess_dir
 from shadowlane.proxy import Proxy, RouteRuntime
 from shadowlane.routing import RouteTable
@@ -129,6 +130,16 @@ class AccessLogger:
             self.out.close()
 
 
+def build_tls(cfg: TlsConfig) -> ssl.SSLContext:
+    """The listener's TLS context; with `client_ca`, clients must present a certificate."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cfg.cert, cfg.key)
+    if cfg.client_ca is not None:
+        ctx.load_verify_locations(cfg.client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 class ListenError(OSError):
     """A listener could not bind; the message names the config key and the address."""
 
@@ -148,8 +159,10 @@ class Instance:
         worker_id: int = 0,
         workers: int = 1,
         metrics_dir: str | None = None,
+        watch: bool = False,
     ):
         self.cfg = cfg
+        self.watch = watch
         self.config_path = config_path
         self.worker_id = worker_id
         self.workers = workers
@@ -157,10 +170,37 @@ class Instance:
         # worker 0) sums them over all workers
         self.metrics = Metrics(multiprocess_dir=metrics_dir)
         self.loop = asyncio.get_running_loop()
-        self.backends = {name: build_backend(name, b) for name, b in cfg.backends.items()}
-        self.routes = RouteTable(cfg.routes)
         self.store: Store | None = None
         self.comparator: Comparator | None = None
+        self._ensure_comparator(cfg)
+        self.access_log = AccessLogger(cfg.access_log) if cfg.access_log else None
+        self.backends, self.routes, self.shadow, runtimes = self._build(cfg)
+        self.tls = build_tls(cfg.tls) if cfg.tls is not None else None
+        self.proxy = Proxy(
+            self.routes,
+            runtimes,
+            self.backends,
+            self.metrics,
+            self.shadow if self.shadow.active else None,
+            self.access_log,
+            proto=b"https" if self.tls is not None else b"http",
+        )
+        state_path = os.path.join(metrics_dir, "runtime.json") if metrics_dir else None
+        self.control = Control(self._live, state_path, writer=worker_id == 0)
+        limits = cfg.limits
+        self.state = ServerState(
+            self.proxy,
+            ServerLimits(limits.max_header_size, limits.header_timeout, limits.idle_timeout),
+        )
+        self.server: asyncio.base_events.Server | None = None
+        self.admin: AdminApp | None = None
+        self.stopped = asyncio.Event()
+        self._draining = False
+
+    # ----- the parts a reload replaces -----
+    def _ensure_comparator(self, cfg: Config) -> None:
+        if self.comparator is not None:
+            return
         if any(sc.compare_enabled for rc in cfg.routes for sc in rc.shadows):
             self.store = open_store(cfg.compare.store, cfg.compare)
             self.comparator = Comparator.from_config(self.store, self.metrics, cfg.compare)
@@ -171,37 +211,109 @@ class Instance:
                 (),
                 lambda: [((), float(comparator.queued))],
             )
-        self.shadow = ShadowDispatcher(
+
+    def _build(
+        self, cfg: Config
+    ) -> tuple[dict[str, BackendPool], RouteTable, ShadowDispatcher, dict[str, RouteRuntime]]:
+        backends = {name: build_backend(name, b) for name, b in cfg.backends.items()}
+        routes = RouteTable(cfg.routes)
+        compare_cfg = cfg.compare
+        shadow = ShadowDispatcher(
             self.metrics,
-            self.backends,
+            backends,
             cfg,
+            build_pool=build_backend,
             compare_submit=self.comparator.submit if self.comparator else None,
-            compile_settings=lambda sc, route: compile_settings(sc, route.config, cfg.compare),
+            compile_settings=lambda sc, route: compile_settings(sc, route.config, compare_cfg),
         )
         runtimes = {}
-        for route in self.routes.routes:
+        for route in routes.routes:
             max_body = route.config.max_body
             if max_body is None:
                 max_body = cfg.limits.max_body
-            runtimes[route.name] = RouteRuntime(route, max_body, self.shadow.plan(route))
-        self.access_log = AccessLogger(cfg.access_log) if cfg.access_log else None
-        self.proxy = Proxy(
-            self.routes,
-            runtimes,
-            self.backends,
-            self.metrics,
-            self.shadow if self.shadow.active else None,
-            self.access_log,
-        )
-        limits = cfg.limits
-        self.state = ServerState(
-            self.proxy,
-            ServerLimits(limits.max_header_size, limits.header_timeout, limits.idle_timeout),
-        )
-        self.server: asyncio.base_events.Server | None = None
-        self.admin: AdminApp | None = None
-        self.stopped = asyncio.Event()
-        self._draining = False
+            runtimes[route.name] = RouteRuntime(route, max_body, shadow.plan(route))
+        return backends, routes, shadow, runtimes
+
+    def _live(self) -> tuple[Config, RouteTable, ShadowDispatcher]:
+        return self.cfg, self.routes, self.shadow
+
+    def reload(self) -> list[str]:
+        """Swap in the config file's current content; on any problem keep serving the old one.
+
+        In-flight requests finish on the objects they started with; keep-alive connections
+        stay (the listener is untouched). Returns the problems (empty when reloaded).
+        """
+        if self.config_path is None:
+            return ["no config file to reload"]
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as err:
+            problems = err.errors
+        except OSError as err:
+            problems = [f"{self.config_path}: {err.strerror or err}"]
+        else:
+            problems = []
+        if problems:
+            for line in problems:
+                log.error("reload refused, still serving the previous config: %s", line)
+            return problems
+        kept = [
+            key
+            for key, old, new in (
+                ("listen", self.cfg.listen, cfg.listen),
+                ("admin", self.cfg.admin, cfg.admin),
+                ("access_log", self.cfg.access_log, cfg.access_log),
+                ("compare.store", self.cfg.compare.store, cfg.compare.store),
+            )
+            if old != new
+        ]
+        for key in kept:
+            log.warning("reload: %s changed; that takes a restart (keeping the old value)", key)
+        try:
+            self._ensure_comparator(cfg)
+            backends, routes, shadow, runtimes = self._build(cfg)
+            if self.tls is not None and cfg.tls is not None:
+                self.tls.load_cert_chain(cfg.tls.cert, cfg.tls.key)  # new handshakes only
+        except (OSError, ValueError, ssl.SSLError) as err:
+            log.error("reload refused, still serving the previous config: %s", err)
+            return [str(err)]
+        old_backends, old_shadow = self.backends, self.shadow
+        self.cfg, self.backends, self.routes, self.shadow = cfg, backends, routes, shadow
+        proxy = self.proxy
+        proxy.routes, proxy.runtimes, proxy.backends = routes, runtimes, backends
+        proxy.shadow = shadow if shadow.active else None
+        limits = self.state.limits
+        limits.max_header_size = cfg.limits.max_header_size
+        limits.header_timeout = cfg.limits.header_timeout
+        limits.idle_timeout = cfg.limits.idle_timeout
+        self.control.reset()
+        # the old pools finish what they carry: idle connections close now, busy ones on release
+        for backend in old_backends.values():
+            backend.close()
+        self.loop.create_task(old_shadow.drain(5.0))
+        log.warning("reloaded %s: %d route(s)", self.config_path, len(cfg.routes))
+        return []
+
+    async def _watch(self) -> None:
+        """--watch: reload when the file's modification time changes (checked every second)."""
+        assert self.config_path is not None
+        last = os.stat(self.config_path).st_mtime_ns
+        while not self._draining:
+            await asyncio.sleep(1.0)
+            try:
+                now = os.stat(self.config_path).st_mtime_ns
+            except OSError:
+                continue
+            if now != last:
+                last = now
+                self.reload()
+
+    def _reload_all(self) -> list[str]:
+        """The admin API's reload: with workers, ask the parent to SIGHUP them all."""
+        if self.workers > 1:
+            os.kill(os.getppid(), signal.SIGHUP)
+            return []
+        return self.reload()
 
     async def start(self) -> None:
         if self.comparator is not None:
@@ -214,6 +326,7 @@ class Instance:
                 port,
                 reuse_port=self.workers > 1,
                 backlog=4096,
+                ssl=self.tls,
             )
         except OSError as err:
             raise ListenError("listen", host, port, err) from None
@@ -221,6 +334,7 @@ class Instance:
             token = os.environ.get(self.cfg.admin.token_env) if self.cfg.admin.token_env else None
             self.admin = AdminApp(self.metrics, token=token)
             install_comparison_api(self.admin, self.store)
+            install_control_api(self.admin, self.control, self._reload_all)
             ahost, aport = self.cfg.admin.listen_addr
             try:
                 await self.admin.start(ahost, aport)
@@ -230,6 +344,10 @@ class Instance:
             self.admin.set_ready(True)
         for sig, handler in ((signal.SIGTERM, self.drain), (signal.SIGINT, self.drain)):
             self.loop.add_signal_handler(sig, handler)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.control.start_polling()
+        if self.watch and self.config_path is not None:
+            self._watcher: asyncio.Task[None] | None = self.loop.create_task(self._watch())
         if self.worker_id == 0:
             ahost, aport = self.cfg.admin.listen_addr
             print(
@@ -259,6 +377,7 @@ class Instance:
             await asyncio.sleep(0.02)
         for conn in list(self.state.connections):
             conn.close()
+        self.control.stop()
         await self.shadow.drain(min(5.0, self.cfg.limits.drain_timeout))
         if self.comparator is not None:
             # compare what is queued and flush the store, off the loop
@@ -276,9 +395,14 @@ class Instance:
 
 
 async def _serve(
-    cfg: Config, config_path: str | None, worker_id: int, workers: int, metrics_dir: str | None
+    cfg: Config,
+    config_path: str | None,
+    worker_id: int,
+    workers: int,
+    metrics_dir: str | None,
+    watch: bool,
 ) -> None:
-    inst = Instance(cfg, config_path, worker_id, workers, metrics_dir)
+    inst = Instance(cfg, config_path, worker_id, workers, metrics_dir, watch)
     await inst.start()
     await inst.stopped.wait()
 
@@ -298,16 +422,17 @@ def run(
     worker_id: int = 0,
     workers: int = 1,
     metrics_dir: str | None = None,
+    watch: bool = False,
 ) -> int:
     _install_uvloop()
-    asyncio.run(_serve(cfg, config_path, worker_id, workers, metrics_dir))
+    asyncio.run(_serve(cfg, config_path, worker_id, workers, metrics_dir, watch))
     return 0
 
 
-def run_workers(cfg: Config, config_path: str | None, workers: int) -> int:
+def run_workers(cfg: Config, config_path: str | None, workers: int, *, watch: bool = False) -> int:
     """Fork `workers` processes sharing the port (SO_REUSEPORT); relay signals; reap them."""
     if workers <= 1:
-        return run(cfg, config_path)
+        return run(cfg, config_path, watch=watch)
     _check_bindable(cfg)
     metrics_dir = tempfile.mkdtemp(prefix="shadowlane-metrics-")
     reset_multiprocess_dir(metrics_dir)
@@ -317,7 +442,7 @@ def run_workers(cfg: Config, config_path: str | None, workers: int) -> int:
         if pid == 0:
             code = 1
             try:
-                code = run(cfg, config_path, i, workers, metrics_dir)
+                code = run(cfg, config_path, i, workers, metrics_dir, watch)
             finally:
                 os._exit(code)
         pids.append(pid)

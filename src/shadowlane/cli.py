@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from shadowlane import __version__
@@ -40,8 +41,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("--workers: must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s shadowlane %(levelname)s %(message)s"
+    )
     try:
-        return run_workers(cfg, args.config, args.workers)
+        return run_workers(cfg, args.config, args.workers, watch=args.watch)
     except OSError as err:
         # the usual one: the listen or admin port is taken (ListenError names key and address)
         print(f"shadowlane: cannot listen: {err.strerror or err}", file=sys.stderr)
@@ -83,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the ingress")
     p.add_argument("-c", "--config", required=True, help="YAML config file")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    p.add_argument(
+        "--watch", action="store_true", help="reload when the config file changes (as SIGHUP)"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate a config and summarize it")

@@ -13,6 +13,7 @@ percent) mutates them later and validates its own input first (see `routing.Rout
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -851,6 +852,24 @@ class LimitsConfig(_Model):
     drain_timeout: Duration = 30.0
 
 
+def _readable_file(value: str) -> str:
+    if not os.path.isfile(value):
+        raise ValueError(f"no such file: {value}")
+    return value
+
+
+ReadableFile = Annotated[str, AfterValidator(_readable_file)]
+
+
+class TlsConfig(_Model):
+    """TLS on the listener. The files are read at start and on reload."""
+
+    cert: ReadableFile
+    key: ReadableFile
+    #: CA bundle to verify client certificates with; when set, clients must present one
+    client_ca: ReadableFile | None = None
+
+
 def _check_store(value: str) -> str:
     if not value.startswith(("sqlite:///", "postgresql://")):
         raise ValueError(f"must start with sqlite:/// or postgresql://, not {value!r}")
@@ -896,6 +915,7 @@ class Config(_Model):
     """The whole file. Cross-reference rules live in `_cross_check`, run after this validates."""
 
     listen: Listen = "127.0.0.1:8080"
+    tls: TlsConfig | None = None
     admin: Annotated[AdminConfig, BeforeValidator(_none_to_empty(dict))] = Field(
         default_factory=AdminConfig
     )

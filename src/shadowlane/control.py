@@ -1,0 +1,289 @@
+"""Runtime control: shadow percent, pause/resume, route weights, without a restart.
+
+Changes live in memory only (a `RuntimeState`); they are not written to the config file, so a
+reload (SIGHUP) or a restart goes back to what the file says. With `--workers N` the admin
+listener runs in worker 0, which writes the whole state to a small JSON file in the workers'
+shared directory; every worker polls that file (a `stat` every 250 ms) and applies a new
+version, so a change reaches all workers within about a quarter of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from shadowlane.admin import AdminApp, AdminRequest, AdminResponse, error_response, json_response
+
+if TYPE_CHECKING:
+    from shadowlane.config import Config
+    from shadowlane.routing import RouteTable
+    from shadowlane.shadow.dispatcher import LanePlan, ShadowDispatcher
+
+POLL_SECONDS = 0.25
+
+
+@dataclass
+class RuntimeState:
+    """Overrides on top of the file: what the admin API changed since the last (re)load."""
+
+    version: int = 0
+    weights: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: "route/target" -> percent
+    percent: dict[str, float] = field(default_factory=dict)
+    #: "route/target" -> paused
+    paused: dict[str, bool] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "version": self.version,
+                "weights": self.weights,
+                "percent": self.percent,
+                "paused": self.paused,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RuntimeState:
+        raw = orjson.loads(data)
+        return cls(
+            version=int(raw["version"]),
+            weights={r: {b: int(w) for b, w in ws.items()} for r, ws in raw["weights"].items()},
+            percent={k: float(v) for k, v in raw["percent"].items()},
+            paused={k: bool(v) for k, v in raw["paused"].items()},
+        )
+
+
+Live = Callable[[], "tuple[Config, RouteTable, ShadowDispatcher]"]
+
+
+class ControlError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Control:
+    """Applies runtime overrides to the live routes and shadow lanes of one worker."""
+
+    def __init__(self, live: Live, state_path: str | None, writer: bool) -> None:
+        self._live = live
+        self.state = RuntimeState()
+        #: shared file for several workers; None for a single process
+        self.state_path = state_path
+        self.writer = writer
+        self._seen_mtime = 0
+        self._poller: asyncio.Task[None] | None = None
+
+    # ----- the operations (validated, then applied and published) -----
+    def set_weights(self, route_name: str, weights: object) -> dict[str, int]:
+        _, routes, _ = self._live()
+        route = routes.get(route_name)
+        if route is None:
+            raise ControlError(404, f"no route {route_name!r}")
+        if not isinstance(weights, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in weights.items()
+        ):
+            raise ControlError(400, 'body must be {"weights": {"<backend>": <int>, ...}}')
+        try:
+            route.set_weights(weights)
+        except ValueError as err:
+            raise ControlError(400, str(err)) from None
+        self.state.weights[route_name] = route.weights()
+        self._publish()
+        return route.weights()
+
+    def set_percent(self, route: str, target: str, percent: object) -> float:
+        if (
+            not isinstance(percent, int | float)
+            or isinstance(percent, bool)
+            or not math.isfinite(percent)
+            or not 0 <= percent <= 100
+        ):
+            raise ControlError(400, "percent must be a number in 0..100")
+        plans = self._plans(route, target)
+        for p in plans:
+            p.sampler.percent = float(percent)
+            p.cfg.percent = float(percent)
+        self.state.percent[f"{route}/{target}"] = float(percent)
+        self._publish()
+        return float(percent)
+
+    def set_paused(self, route: str, target: str, paused: bool) -> None:
+        for p in self._plans(route, target):
+            p.lane.paused = paused
+        self.state.paused[f"{route}/{target}"] = paused
+        self._publish()
+
+    def _plans(self, route: str, target: str) -> list[LanePlan]:
+        _, routes, dispatcher = self._live()
+        if routes.get(route) is None:
+            raise ControlError(404, f"no route {route!r}")
+        shadows = dispatcher.plans.get(route)
+        plans = [p for p in shadows.lanes if p.lane.target == target] if shadows else []
+        if not plans:
+            raise ControlError(404, f"route {route!r} has no shadow to {target!r}")
+        return plans
+
+    # ----- views -----
+    def snapshot(self) -> dict[str, Any]:
+        """The effective config: the file's, with runtime changes applied and marked."""
+        cfg, routes, dispatcher = self._live()
+        out: dict[str, Any] = cfg.model_dump(mode="json", warnings=False)
+        for name, backend in cfg.backends.items():  # endpoints as the URLs users wrote
+            out["backends"][name]["endpoints"] = [ep.url for ep in backend.endpoints]
+        for rc in out["routes"]:
+            route = routes.get(rc["name"])
+            if route is not None and len(route.weights()) > 1:
+                rc["weights"] = route.weights()
+            shadows = dispatcher.plans.get(rc["name"])
+            for sc, plan in zip(rc["shadows"], shadows.lanes if shadows else [], strict=False):
+                sc["percent"] = plan.sampler.percent
+                sc["paused"] = plan.lane.paused
+        out["runtime"] = {
+            "version": self.state.version,
+            "weights": self.state.weights,
+            "percent": self.state.percent,
+            "paused": self.state.paused,
+            "persisted": False,
+            "note": "runtime changes are not written to the config file; a reload or restart "
+            "goes back to the file",
+        }
+        return out
+
+    # ----- reload and several workers -----
+    def reset(self) -> None:
+        """After a reload: the file's values win; the overrides are forgotten everywhere."""
+        self.state = RuntimeState(version=self.state.version + 1)
+        self._publish(bump=False)
+
+    def apply(self, state: RuntimeState) -> None:
+        """Apply a state published by worker 0 (unknown names are skipped: configs may differ
+        for a moment during a reload)."""
+        _, routes, dispatcher = self._live()
+        for name, weights in state.weights.items():
+            route = routes.get(name)
+            if route is not None:
+                with contextlib.suppress(ValueError):
+                    route.set_weights(weights)
+        for key, value in state.percent.items():
+            route_name, _, target = key.partition("/")
+            shadows = dispatcher.plans.get(route_name)
+            for p in shadows.lanes if shadows else []:
+                if p.lane.target == target:
+                    p.sampler.percent = value
+                    p.cfg.percent = value
+        for key, paused in state.paused.items():
+            route_name, _, target = key.partition("/")
+            shadows = dispatcher.plans.get(route_name)
+            for p in shadows.lanes if shadows else []:
+                if p.lane.target == target:
+                    p.lane.paused = paused
+        self.state = state
+
+    def _publish(self, bump: bool = True) -> None:
+        if bump:
+            self.state.version += 1
+        if self.state_path is None or not self.writer:
+            return
+        tmp = f"{self.state_path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(self.state.to_json())
+        os.replace(tmp, self.state_path)  # atomic: readers see the old or the new file
+
+    def start_polling(self) -> None:
+        if self.state_path is not None and not self.writer:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        assert self.state_path is not None
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            try:
+                st = os.stat(self.state_path)
+            except FileNotFoundError:
+                continue
+            if st.st_mtime_ns == self._seen_mtime:
+                continue
+            self._seen_mtime = st.st_mtime_ns
+            try:
+                with open(self.state_path, "rb") as f:
+                    state = RuntimeState.from_json(f.read())
+            except (OSError, ValueError, KeyError):
+                continue
+            if state.version != self.state.version:
+                self.apply(state)
+
+    def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+
+
+def install_control_api(
+    admin: AdminApp, control: Control, reload: Callable[[], list[str]] | None = None
+) -> None:
+    """GET /api/config; mutating (bearer token): weights, percent, pause, resume, reload."""
+
+    async def get_config(_req: AdminRequest) -> AdminResponse:
+        return json_response(control.snapshot())
+
+    def body(req: AdminRequest) -> dict[str, Any]:
+        try:
+            data = req.json()
+        except ValueError:
+            raise ControlError(400, "body must be JSON") from None
+        if not isinstance(data, dict):
+            raise ControlError(400, "body must be a JSON object")
+        return data
+
+    def guarded(fn: Callable[[AdminRequest], dict[str, Any]]) -> Any:
+        async def handler(req: AdminRequest) -> AdminResponse:
+            try:
+                return json_response(fn(req))
+            except ControlError as err:
+                return error_response(err.status, str(err))
+
+        return handler
+
+    def weights(req: AdminRequest) -> dict[str, Any]:
+        route = req.params["route"]
+        return {"route": route, "weights": control.set_weights(route, body(req).get("weights"))}
+
+    def percent(req: AdminRequest) -> dict[str, Any]:
+        route, target = req.params["route"], req.params["target"]
+        value = control.set_percent(route, target, body(req).get("percent"))
+        return {"route": route, "target": target, "percent": value}
+
+    def pause(req: AdminRequest) -> dict[str, Any]:
+        route, target = req.params["route"], req.params["target"]
+        control.set_paused(route, target, True)
+        return {"route": route, "target": target, "paused": True}
+
+    def resume(req: AdminRequest) -> dict[str, Any]:
+        route, target = req.params["route"], req.params["target"]
+        control.set_paused(route, target, False)
+        return {"route": route, "target": target, "paused": False}
+
+    admin.route("GET", "/api/config", get_config)
+    admin.route("PUT", "/api/routes/{route}/weights", guarded(weights), mutating=True)
+    shadow = "/api/routes/{route}/shadows/{target}"
+    admin.route("PUT", shadow + "/percent", guarded(percent), mutating=True)
+    admin.route("POST", shadow + "/pause", guarded(pause), mutating=True)
+    admin.route("POST", shadow + "/resume", guarded(resume), mutating=True)
+    if reload is not None:
+
+        def do_reload(_req: AdminRequest) -> dict[str, Any]:
+            errors = reload()
+            if errors:
+                raise ControlError(422, "reload refused: " + "; ".join(errors))
+            return {"reloaded": True}
+
+        admin.route("POST", "/api/reload", guarded(do_reload), mutating=True)
