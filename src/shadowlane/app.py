@@ -220,7 +220,6 @@ class Instance:
         compare_cfg = cfg.compare
         shadow = ShadowDispatcher(
             self.metrics,
-            backends,
             cfg,
             build_pool=build_backend,
             compare_submit=self.comparator.submit if self.comparator else None,

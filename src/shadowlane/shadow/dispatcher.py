@@ -24,7 +24,7 @@ from shadowlane.shadow.lane import ShadowCopy, ShadowLane
 from shadowlane.shadow.mutation import MARKER, CopyBuilder
 from shadowlane.shadow.sampling import KeyFn, Sampler, key_function
 from shadowlane.wire.messages import Headers
-from shadowlane.wire.upstream import BackendPool, EndpointPool
+from shadowlane.wire.upstream import BackendPool
 
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
@@ -108,9 +108,8 @@ class ShadowDispatcher:
     def __init__(
         self,
         metrics: Metrics,
-        backends: dict[str, BackendPool],
         cfg: Config,
-        build_pool: BuildPool | None = None,
+        build_pool: BuildPool,
         compare_submit: Submit | None = None,
         compile_settings: CompileSettings | None = None,
     ) -> None:
@@ -163,7 +162,8 @@ class ShadowDispatcher:
         lane = ShadowLane(
             route.name,
             backend,
-            self._pool(backend, self.cfg.backends[backend]),
+            # each lane gets its own pool (its own connection limit), never the primary's
+            self._build_pool(backend, self.cfg.backends[backend]),
             self.metrics,
             timeout=sc.timeout,
             max_in_flight=sc.max_in_flight,
@@ -174,22 +174,6 @@ class ShadowDispatcher:
         self.lanes.append(lane)
         self.metrics.declare_shadow(route.name, backend)
         return lane
-
-    def _pool(self, name: str, bcfg: BackendConfig) -> BackendPool:
-        if self._build_pool is not None:
-            return self._build_pool(name, bcfg)
-        # each lane gets its own pool (and so its own connection limit), never the primary's
-        eps = [
-            EndpointPool(
-                ep.host,
-                ep.port,
-                connect_timeout=bcfg.connect_timeout,
-                max_connections=bcfg.max_connections,
-                max_idle=bcfg.max_idle,
-            )
-            for ep in bcfg.endpoints
-        ]
-        return BackendPool(name, eps, bcfg.timeout)
 
     # ----- the three calls from the proxy -----
     def begin(self, call: ProxyCall) -> RequestShadows | None:
