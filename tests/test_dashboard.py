@@ -1,34 +1,39 @@
-"""The dashboard in a real headless Chromium (Debian's `chromium` + `chromium-driver`, Selenium).
+"""The dashboard in a real headless Chromium (Debian's `chromium` + `chromium-driver`, Selenium),
+on data the real proxy produced.
 
-A real admin server serves the page and the comparison API from a store with data in it; the
-browser loads the page with no network besides loopback, the test waits for the content,
-checks it through the DOM (names, rates, a highlighted differing path, noise marked apart,
-latency, live refresh), and takes a screenshot that it decodes and checks too: right size, not
-blank, and showing the colours of the header bar and of a highlighted difference.
+Three real backends serve a small orders API: v1 (primary), v2 (the shadow; it renames
+`customer_name` to `customer`, turns `total` into a string, adds `currency` and says
+`x-version: v2`) and v1b (a second v1, the noise `secondary`). The proxy runs as a subprocess
+(`python -m shadowlane run`) shadowing v1 to v2 with `compare: {secondary: orders-v1b}` into a
+SQLite store; the test sends its requests to the proxy only. The client picks, per request, how
+the answers will relate (header `x-kind`, forwarded to all three backends): `diff` (v2 answers
+as v2), `noise` (every answer carries a random `request_uuid`, v2 answers as v1), `match`
+(identical answers). The browser loads the proxy's admin listener `/` with no network besides
+loopback, the test waits for the content, checks it through the DOM (names, rates, a highlighted
+differing path, noise marked apart, latency, live refresh), and takes a screenshot that it
+decodes and checks too: right size, not blank, and showing the colours of the header bar and of
+a highlighted difference.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
 import shutil
-import threading
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-import uvloop
+import requests
 
-from shadowlane.admin import AdminApp
-from shadowlane.admin.comparisons import install_comparison_api
-from shadowlane.compare import Captured, Comparator, CompareJob, compile_settings
-from shadowlane.config import ShadowCompare
-from shadowlane.metrics import Metrics
-from shadowlane.store import open_store
+from support.backend import Recorded, RecordingBackend, Reply
+from support.migration import comparison_results, wait_for_stored
+from support.proxy import ProxyProcess, basic_config
+from support.wait import wait_until
 
 try:
     from selenium import webdriver
@@ -42,7 +47,6 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
-T = TypeVar("T")
 TIMEOUT = 5.0
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -53,13 +57,19 @@ TOPBAR_RGB = (0x1D, 0x23, 0x30)
 DIFF_BG_RGB = (0xFD, 0xE2, 0xE4)
 NOISE_BG_RGB = (0xF4, 0xEC, 0xD2)
 
+#: backend answer delays. The proxy measures real durations, and p99 of 60 requests is their
+#: slowest: on a busy machine one primary request can take tens of ms however fast its backend
+#: is. The shadow (v2) is so much slower that "shadow p99 > 2 x primary p99" still holds then.
+PRIMARY_DELAY = 0.003
+SHADOW_DELAY = 0.200
+#: the newest requests of each kind are sent one at a time (see `Comparisons.add`)
+IN_ORDER = 5
 
-# -- a store with data, through the real compare engine -----------------------------------------
 
-SETTINGS = compile_settings(ShadowCompare(secondary="orders-v1b"))
+# -- real backends behind the real proxy --------------------------------------------------------
 
 
-def _answer(version: str, n: int, *, noise: bool, seconds: float) -> Captured:
+def _answer(version: str, n: int, *, noise: bool) -> tuple[list[tuple[str, str]], bytes]:
     body: dict[str, Any] = {"id": n, "items": [{"sku": "A-1", "qty": 2}, {"sku": "B-7", "qty": 1}]}
     if version == "v2":
         body["customer"] = "Ada"
@@ -70,85 +80,113 @@ def _answer(version: str, n: int, *, noise: bool, seconds: float) -> Captured:
         body["total"] = 12.5 * n
     if noise:
         body["request_uuid"] = str(uuid.uuid4())
-    headers = [(b"content-type", b"application/json"), (b"x-version", version.encode())]
-    return Captured(200, headers, json.dumps(body).encode(), False, seconds)
+    headers = [("content-type", "application/json"), ("x-version", version)]
+    return headers, json.dumps(body).encode()
 
 
-def job(n: int, kind: str) -> CompareJob:
-    """One compared request: "diff" (v1 vs v2), "noise" (only a random field differs), "match"."""
-    v2 = "v2" if kind == "diff" else "v1"
-    noise = kind != "match"
-    return CompareJob(
-        route="orders",
-        target="orders-v2",
-        request_id=f"req-{kind}-{n}",
-        method="GET",
-        uri=f"/orders/{n}",
-        request_body=b"",
-        primary=_answer("v1", n, noise=noise, seconds=0.004),
-        candidate=_answer(v2, n, noise=noise, seconds=0.012),
-        secondary=_answer("v1", n, noise=noise, seconds=0.004),
-        settings=SETTINGS,
-        ts=1700000000.0 + n,
-    )
+def shop(version: str, delay: float) -> Any:
+    """`GET /orders/{n}` of one version; header `x-kind` says which (see the module doc)."""
+
+    def handle(req: Recorded) -> Reply:
+        n = int(req.path.rsplit("/", 1)[1])
+        kind = req.header("x-kind")
+        assert kind in ("diff", "noise", "match"), kind
+        answers_as = "v2" if version == "v2" and kind == "diff" else "v1"
+        headers, body = _answer(answers_as, n, noise=kind != "match")
+        return Reply(200, headers, body, delay=delay)
+
+    return handle
 
 
 class Comparisons:
-    """A real SQLite store fed by a real Comparator; `add()` compares more jobs."""
+    """v1, v2 and v1b behind a real proxy comparing into SQLite; `add()` sends more requests.
 
-    def __init__(self, path: Path) -> None:
-        self.store = open_store(f"sqlite:///{path}")
-        self.comparator = Comparator(self.store, None, flush_interval=0.05).start()
+    The store keeps the newest `examples_per_field` (5) examples per field, by comparison time,
+    and the assertions name them (`/orders/30`, `/orders/40`, `/orders/38`). So the last
+    `IN_ORDER` requests of each kind go one at a time, each once the previous one was compared;
+    the others of that kind go concurrently before them (only their counts matter).
+    """
+
+    def __init__(self, path: Path, proxy_factory: Callable[..., ProxyProcess]) -> None:
+        self.backends = {
+            "orders-v1": RecordingBackend(shop("v1", PRIMARY_DELAY)),
+            "orders-v2": RecordingBackend(shop("v2", SHADOW_DELAY)),
+            "orders-v1b": RecordingBackend(shop("v1", PRIMARY_DELAY)),
+        }
+        for b in self.backends.values():
+            b.start()
+        config = {
+            "backends": {
+                name: {"endpoints": [b.url], "timeout": "5s", "connect_timeout": "1s"}
+                for name, b in self.backends.items()
+            },
+            "routes": [
+                {
+                    "name": "orders",
+                    "match": {"path_prefix": "/orders/"},
+                    "backend": "orders-v1",
+                    "shadows": [{"backend": "orders-v2", "compare": {"secondary": "orders-v1b"}}],
+                }
+            ],
+            "compare": {"store": f"sqlite:///{path}", "flush_interval": "50ms"},
+        }
+        try:
+            # started, stopped, and its stderr printed if the test fails, by the fixture
+            self.proxy = proxy_factory(config)
+        except BaseException:
+            self.close()
+            raise
         self.n = 0
+
+    @property
+    def admin_url(self) -> str:
+        return self.proxy.admin_url
+
+    def compared(self) -> int:
+        return sum(v for k, v in comparison_results(self.admin_url).items() if k[2] != "dropped")
+
+    def _wait_compared(self, n: int) -> None:
+        wait_until(lambda: self.compared() >= n, TIMEOUT, f"the proxy to compare request {n}")
+
+    def _get(self, n: int, kind: str) -> None:
+        r = requests.get(
+            f"{self.proxy.url}/orders/{n}",
+            headers={"x-kind": kind, "x-request-id": f"req-{kind}-{n}"},
+            timeout=TIMEOUT,
+        )
+        # the client gets the primary's (v1) answer
+        assert r.status_code == 200 and r.headers["x-version"] == "v1", (n, r.headers)
 
     def add(self, diff: int, noise: int, match: int) -> None:
         for kind, count in (("diff", diff), ("noise", noise), ("match", match)):
-            for _ in range(count):
-                self.n += 1
-                assert self.comparator.submit(job(self.n, kind))
-        assert self.comparator.wait_idle(TIMEOUT)
+            first = self.n + 1
+            self.n += count
+            in_order = range(max(first, self.n - IN_ORDER + 1), self.n + 1)
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda n, k=kind: self._get(n, k), range(first, in_order.start)))
+            self._wait_compared(in_order.start - 1)
+            for n in in_order:
+                self._get(n, kind)
+                self._wait_compared(n)
+        wait_for_stored(self.admin_url, self.n, timeout=TIMEOUT)
 
     def close(self) -> None:
-        self.comparator.stop()
-        self.store.close()
-
-
-# -- servers and browser -------------------------------------------------------------------------
-
-
-class AdminServer:
-    def __init__(self, store: Any) -> None:
-        self.loop = uvloop.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.app = AdminApp(Metrics())
-        install_comparison_api(self.app, store)
-        server = self.run(self.app.start("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT * 3)
-
-    def close(self) -> None:
-        self.run(self.app.close(grace=1.0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(TIMEOUT)
-        self.loop.close()
+        for b in self.backends.values():
+            b.stop()
+        errors = [e for b in self.backends.values() for e in b.errors]
+        assert errors == [], f"backends raised: {errors!r}"
 
 
 @pytest.fixture
-def comparisons(tmp_path: Path) -> Iterator[Comparisons]:
-    c = Comparisons(tmp_path / "comparisons.db")
-    c.add(diff=30, noise=10, match=20)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def admin(comparisons: Comparisons) -> Iterator[AdminServer]:
-    server = AdminServer(comparisons.store)
-    yield server
-    server.close()
+def comparisons(
+    tmp_path: Path, proxy_factory: Callable[..., ProxyProcess]
+) -> Iterator[Comparisons]:
+    c = Comparisons(tmp_path / "comparisons.db", proxy_factory)
+    try:
+        c.add(diff=30, noise=10, match=20)
+        yield c
+    finally:
+        c.close()
 
 
 @pytest.fixture
@@ -276,9 +314,9 @@ def colours(rows: list[bytes]) -> dict[tuple[int, int, int], int]:
 
 
 def test_dashboard_shows_comparisons(
-    browser: WebDriver, admin: AdminServer, comparisons: Comparisons, tmp_path: Path
+    browser: WebDriver, comparisons: Comparisons, tmp_path: Path
 ) -> None:
-    browser.get(admin.url + "/")
+    browser.get(comparisons.admin_url + "/")
     card = wait_for(browser, '.card[data-route="orders"][data-target="orders-v2"]')
     wait_for(browser, ".example-pair .pane.candidate .hl-diff")
 
@@ -316,7 +354,7 @@ def test_dashboard_shows_comparisons(
     badge = total.find_element(By.CSS_SELECTOR, ".badge").value_of_css_property("color")
     assert badge != uuid_row.find_element(By.CSS_SELECTOR, ".badge").value_of_css_property("color")
 
-    # Latency side by side: the shadow (12 ms) is slower than the primary (4 ms).
+    # Latency side by side: the shadow (200 ms) is slower than the primary (3 ms).
     for quantile in ("p50", "p99"):
         row = card.find_element(By.CSS_SELECTOR, f'tr[data-quantile="{quantile}"]')
         primary_ms = row.find_element(By.CSS_SELECTOR, '[data-latency="primary"]').text
@@ -383,9 +421,9 @@ def test_dashboard_shows_comparisons(
 
 
 def test_dashboard_refreshes_live_and_filters_examples_by_field(
-    browser: WebDriver, admin: AdminServer, comparisons: Comparisons
+    browser: WebDriver, comparisons: Comparisons
 ) -> None:
-    browser.get(admin.url + "/")
+    browser.get(comparisons.admin_url + "/")
     card = wait_for(browser, '.card[data-route="orders"][data-target="orders-v2"]')
     wait_for(browser, ".example-pair")
     tile = card.find_element(By.CSS_SELECTOR, '.tile[data-metric="compared"] .value')
@@ -434,10 +472,14 @@ def test_dashboard_refreshes_live_and_filters_examples_by_field(
     assert not card.find_elements(By.CSS_SELECTOR, "tr.field-row.selected")
 
 
-def test_dashboard_with_no_comparisons_says_so(browser: WebDriver) -> None:
-    server = AdminServer(None)
-    try:
-        browser.get(server.url + "/")
+def test_dashboard_with_no_comparisons_says_so(
+    browser: WebDriver, proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    # A proxy with no `compare:` anywhere: the dashboard is served, and says there is no data.
+    with RecordingBackend() as backend:
+        proxy = proxy_factory(basic_config(backend.url))
+        assert requests.get(proxy.url + "/x", timeout=TIMEOUT).status_code == 200
+        browser.get(proxy.admin_url + "/")
         WebDriverWait(browser, 10).until(
             lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true"
         )
@@ -445,5 +487,3 @@ def test_dashboard_with_no_comparisons_says_so(browser: WebDriver) -> None:
         assert empty.is_displayed()
         assert "No comparisons yet" in empty.text
         assert browser.find_elements(By.CSS_SELECTOR, ".card") == []
-    finally:
-        server.close()

@@ -1,7 +1,7 @@
-"""A real migration: httpbin 0.7.0 (old) -> httpbin 0.10.4 (new), both from PyPI.
+"""A real migration through the real proxy: httpbin 0.7.0 (old) -> httpbin 0.10.4 (new).
 
-The two releases are four years and a Flask/Werkzeug generation apart, and differ in ways we
-know from running them side by side (and their changelogs):
+The two releases, both from PyPI, are four years and a Flask/Werkzeug generation apart, and
+differ in ways we know from running them side by side (and their changelogs):
 - `/json` does not exist in 0.7.0 (404 HTML page) and returns a JSON slideshow in 0.10.4;
 - redirects: Werkzeug >= 2.1 no longer makes `Location` absolute, and its HTML templates for
   redirects and error pages changed;
@@ -11,137 +11,49 @@ body, `/cache`'s ETag and Last-Modified, the digest nonce in `WWW-Authenticate`.
 left out on purpose: the order of `Allow` on a 405 follows Python's per-process string hashing
 in 0.7.0, so it is noise only when the secondary process happens to hash differently.)
 
-Each request goes to old (primary), new (candidate) and a second old instance (secondary), one
-after the other as Diffy does, and the engine must report exactly the real differences per route
-and none of the noisy ones. The services are installed with pip into cached target dirs and run
-as real HTTP servers (Werkzeug's, the one each version ships with).
+The proxy runs as a subprocess (`python -m shadowlane run`) with one route per kind of request,
+all served by old (primary) and shadowed to new with `compare: {secondary: old-b}`, a second old
+instance, so the proxy itself sends each request to the three, captures the answers, compares
+them and writes a SQLite store. The client only talks to the proxy. When the store holds every
+comparison the proxy is stopped (SIGTERM flushes the store) and `shadowlane report --format json`
+must name exactly the real differences per route and none of the noisy ones.
+
+`host_suffix: ""`: the copies keep the client's Host. httpbin 0.7.0 builds an absolute
+`Location` from Host, so with the default `-shadow` suffix the secondary's Location would differ
+from the primary's and hide the real Location change as noise.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
+import re
+import signal
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pytest
-import urllib3
+import requests
 
-from shadowlane.compare import Captured, Comparator, CompareJob, compile_settings
-from shadowlane.config import CompareConfig, ShadowCompare
-from shadowlane.report import render_report
-from shadowlane.store import Store, open_store
+from support.migration import (
+    InstallError,
+    WerkzeugService,
+    comparison_results,
+    get_json,
+    install,
+    run_report,
+    wait_for_stored,
+)
+from support.proxy import ProxyProcess
 
 OLD = ("httpbin==0.7.0", "flask<2.1", "werkzeug<2.1", "jinja2<3.1", "itsdangerous<2.1",
        "markupsafe<2.1")  # fmt: skip
 NEW = ("httpbin==0.10.4",)
-
-CACHE = Path(os.environ.get("SHADOWLANE_TEST_CACHE", Path.home() / ".cache" / "shadowlane-tests"))
-
-SERVER = """
-import sys
-from werkzeug.serving import make_server
-import httpbin
-server = make_server("127.0.0.1", 0, httpbin.app, threaded=True)
-print(server.server_port, flush=True)
-server.serve_forever()
-"""
-
-
-def _install(spec: tuple[str, ...]) -> Path:
-    """pip install `spec` into a cached target dir (reused when already complete)."""
-    key = hashlib.sha256("\n".join((sys.version, *spec)).encode()).hexdigest()[:16]
-    target = CACHE / f"{spec[0].replace('==', '-')}-{key}"
-    if (target / ".complete").exists():
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=CACHE))
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    done = subprocess.run(
-        [*cmd, "--target", str(tmp), *spec], capture_output=True, text=True, timeout=600
-    )
-    if done.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        msg = f"pip install {' '.join(spec)} failed: {done.stderr[-2000:]}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    (tmp / ".complete").touch()
-    try:
-        tmp.rename(target)
-    except OSError:  # another run finished first: use its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-class Service:
-    """One httpbin version as a real HTTP server on a free loopback port."""
-
-    def __init__(self, site: Path) -> None:
-        # -S: no site-packages of this venv; only the version's own target dir (PYTHONPATH)
-        env = {**os.environ, "PYTHONPATH": str(site)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-S", "-c", SERVER],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.strip().isdigit():
-            self.proc.kill()
-            raise RuntimeError(f"httpbin from {site} did not start")
-        self.url = f"http://127.0.0.1:{int(line)}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def services() -> Iterator[dict[str, Service]]:
-    old, new = _install(OLD), _install(NEW)
-    started: dict[str, Service] = {}
-    try:
-        started["old"] = Service(old)
-        started["old-b"] = Service(old)
-        started["new"] = Service(new)
-        yield started
-    finally:
-        for s in started.values():
-            s.stop()
-
-
-HTTP = urllib3.PoolManager()
-
-
-def capture(base: str, method: str, path: str, rid: str, body: bytes) -> Captured:
-    """Send one request and keep the answer as the proxy would: head and wire body bytes."""
-    headers = {"Host": "api.example", "X-Request-Id": rid, "User-Agent": "shadowlane-test"}
-    if body:
-        headers["Content-Type"] = "application/json"
-    start = time.perf_counter()
-    try:
-        # urllib3 directly: no redirect following, body bytes as on the wire (still gzipped)
-        r = HTTP.request(
-            method, base + path, headers=headers, body=body or None, redirect=False,
-            retries=False, decode_content=False, timeout=10,
-        )  # fmt: skip
-    except urllib3.exceptions.HTTPError:
-        return Captured(0, [], b"", False, time.perf_counter() - start, "error")
-    seconds = time.perf_counter() - start
-    hs = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in r.headers.items()]
-    return Captured(r.status, hs, r.data, False, seconds)
-
+TARGET = "httpbin-new"
 
 #: route -> requests (method, path, JSON body); each is sent REPEAT times
 TRAFFIC: dict[str, list[tuple[str, str, Any]]] = {
@@ -163,6 +75,7 @@ TRAFFIC: dict[str, list[tuple[str, str, Any]]] = {
     "response-headers": [("GET", "/response-headers?k=v", None)],
 }
 REPEAT = 4
+TOTAL = REPEAT * sum(len(reqs) for reqs in TRAFFIC.values())
 
 #: the differences httpbin 0.7.0 -> 0.10.4 really has, per route (see the module docstring)
 REAL = {
@@ -185,48 +98,137 @@ NOISY = {
 }
 
 
+def proxy_config(old: str, new: str, old_b: str, store_url: str) -> dict[str, Any]:
+    """One route per kind of request (exact paths), old -> shadowed to new, noise from old-b."""
+    shadow = {"backend": TARGET, "host_suffix": "", "compare": {"secondary": "httpbin-old-b"}}
+    routes = []
+    for name, reqs in TRAFFIC.items():
+        paths = sorted({re.escape(path.partition("?")[0]) for _, path, _ in reqs})
+        routes.append(
+            {
+                "name": name,
+                "match": {"path_regex": f"^(?:{'|'.join(paths)})$"},
+                "backend": "httpbin-old",
+                "shadows": [shadow],
+            }
+        )
+    backend = {"timeout": "10s", "connect_timeout": "2s"}
+    return {
+        "backends": {
+            "httpbin-old": {"endpoints": [old], **backend},
+            TARGET: {"endpoints": [new], **backend},
+            "httpbin-old-b": {"endpoints": [old_b], **backend},
+        },
+        "routes": routes,
+        # flush often: the test waits for the store, not for the default 1 s batches
+        "compare": {"store": store_url, "flush_interval": "100ms"},
+    }
+
+
+def away_from_a_second_boundary() -> None:
+    """Wait, if needed, until the wall clock is early in a second.
+
+    `/cache` answers `Last-Modified: <now, in whole seconds>`. The proxy sends a request to the
+    primary, the candidate and the secondary at the same moment, in no fixed order; if a second
+    ticks over between the candidate's answer and the secondary's, Last-Modified differs in one
+    pair and not the other, which is a real difference as far as any noise rule can tell. Diffy
+    avoids it by sending one after the other; here every request starts in the first 70% of a
+    second, and the three answers on loopback take milliseconds, so a tick between them would
+    need a 300 ms stall. (This waits on a clock, not on a hope: at most 0.3 s.)
+    """
+    frac = time.time() % 1.0
+    if frac > 0.7:
+        time.sleep(1.0 - frac + 0.01)
+
+
+@dataclass
+class Migration:
+    report: dict[str, Any]  # `shadowlane report --format json`
+    text: str  # `shadowlane report` (text)
+    examples: dict[tuple[str, str], list[dict[str, Any]]]  # admin API, before the stop
+    client_status: dict[str, int]  # path -> status the client got (the primary's)
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        return {r["route"]: r for r in self.report["comparisons"]}
+
+
 @pytest.fixture(scope="module")
-def migration(services: dict[str, Service], tmp_path_factory: pytest.TempPathFactory) -> Store:
-    store = open_store(f"sqlite:///{tmp_path_factory.mktemp('migration')}/m.db", CompareConfig())
-    comparator = Comparator(store, None, 10_000, flush_interval=0.1).start()
-    settings = compile_settings(ShadowCompare(secondary="httpbin-old-b"), None, CompareConfig())
-    for _ in range(REPEAT):
-        for route, requests_ in TRAFFIC.items():
-            for method, path, doc in requests_:
-                rid = uuid.uuid4().hex
-                body = orjson.dumps(doc) if doc is not None else b""
-                # sequential, primary -> candidate -> secondary: a time-based field that
-                # changed between primary and candidate has also changed for the secondary
-                primary = capture(services["old"].url, method, path, rid, body)
-                candidate = capture(services["new"].url, method, path, rid, body)
-                secondary = capture(services["old-b"].url, method, path, rid, body)
-                assert comparator.submit(
-                    CompareJob(
-                        route,
-                        "httpbin-new",
-                        rid,
+def migration(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Migration]:
+    try:
+        old, new = install(OLD), install(NEW)
+    except InstallError as e:
+        if os.environ.get("CI"):
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    store_url = f"sqlite:///{tmp_path_factory.mktemp('migration') / 'm.db'}"
+    with (
+        WerkzeugService(old, "httpbin") as primary,
+        WerkzeugService(old, "httpbin") as secondary,
+        WerkzeugService(new, "httpbin") as candidate,
+    ):
+        proxy = ProxyProcess(proxy_config(primary.url, candidate.url, secondary.url, store_url))
+        proxy.start()
+        try:
+            yield run_scenario(proxy, store_url)
+        except BaseException:
+            print(f"--- proxy stderr ---\n{proxy.stderr_text()}")
+            raise
+        finally:
+            if proxy.alive():
+                proxy.stop()
+            proxy.close()
+
+
+def run_scenario(proxy: ProxyProcess, store_url: str) -> Migration:
+    client_status: dict[str, int] = {}
+    with requests.Session() as session:
+        for _ in range(REPEAT):
+            for reqs in TRAFFIC.values():
+                for method, path, doc in reqs:
+                    away_from_a_second_boundary()
+                    headers = {
+                        "Host": "api.example",
+                        "X-Request-Id": uuid.uuid4().hex,
+                        "User-Agent": "shadowlane-test",
+                    }
+                    r = session.request(
                         method,
-                        path,
-                        body,
-                        primary,
-                        candidate,
-                        secondary,
-                        settings,
-                        ts=time.time(),
+                        proxy.url + path,
+                        headers=headers,
+                        json=doc,
+                        allow_redirects=False,
+                        timeout=10,
                     )
-                )
-    assert comparator.wait_idle(30)
-    assert comparator.stop(10)
-    assert comparator.stats["errors"] == 0
-    return store
+                    client_status[path] = r.status_code
+    wait_for_stored(proxy.admin_url, TOTAL, timeout=30)
+    results = comparison_results(proxy.admin_url)
+    assert sum(results.values()) == TOTAL, results  # every request compared once, none dropped
+
+    examples = {}
+    for route, field in (("redirect", "headers.location"), ("json", "status")):
+        url = f"{proxy.admin_url}/api/comparisons/{route}/{TARGET}/examples"
+        examples[route, field] = get_json(f"{url}?field={quote(field)}&limit=1")
+
+    assert proxy.stop(signal.SIGTERM, timeout=15) == 0, proxy.stderr_text()
+    report = orjson.loads(run_report(store_url, "json"))
+    text = run_report(store_url, "text")
+    return Migration(report, text, examples, client_status)
 
 
-def test_report_names_exactly_the_real_differences(migration: Store) -> None:
-    doc = orjson.loads(render_report(migration, "json"))
-    rows = {r["route"]: r for r in doc["comparisons"]}
+def test_client_got_the_primarys_answers(migration: Migration) -> None:
+    # The proxy answered with old httpbin (0.7.0 has no /json), not with the shadow.
+    assert migration.client_status["/json"] == 404
+    assert migration.client_status["/redirect/1"] == 302
+    assert migration.client_status["/status/418"] == 418
+    assert migration.client_status["/get?a=1"] == 200
+
+
+def test_report_names_exactly_the_real_differences(migration: Migration) -> None:
+    rows = migration.rows()
     assert set(rows) == set(TRAFFIC)
     for route, expected in REAL.items():
         row = rows[route]
+        assert row["target"] == TARGET, row
         assert row["compared"] == REPEAT * len(TRAFFIC[route]), route
         reported = {f["field"] for f in row["fields"] if f["reported"]}
         assert reported == expected, f"{route}: reported {sorted(reported)}"
@@ -234,30 +236,31 @@ def test_report_names_exactly_the_real_differences(migration: Store) -> None:
             assert row["differing"] > 0, route
 
 
-def test_noisy_fields_are_seen_but_not_reported(migration: Store) -> None:
+def test_noisy_fields_are_seen_but_not_reported(migration: Migration) -> None:
+    rows = migration.rows()
     for route, noisy in NOISY.items():
-        fields = {f["field"]: f for f in migration.fields(route, "httpbin-new")}
+        fields = {f["field"]: f for f in rows[route]["fields"]}
         for name in noisy:
             f = fields[name]
             assert f["raw"] == REPEAT, (route, f)  # it differed in every answer ...
             assert f["noise"] >= f["raw"], (route, f)  # ... and as much between old and old
             assert not f["reported"], (route, f)
         # every differing answer of these routes is explained by noise
-        [row] = [r for r in migration.summary() if r["route"] == route]
+        row = rows[route]
         assert row["differing"] == 0 and row["noise"] == REPEAT, (route, row)
 
 
-def test_text_report_and_examples(migration: Store) -> None:
-    text = render_report(migration, "text")
+def test_text_report_and_examples(migration: Migration) -> None:
+    text = migration.text
     assert "json -> httpbin-new: 3 field(s) really differ" in text
     assert "uuid -> httpbin-new: 0 field(s) really differ" in text
     for noisy in ("body.uuid", "headers.etag", "headers.www-authenticate"):
         assert noisy not in text
-    [example] = migration.examples("redirect", "httpbin-new", "headers.location", limit=1)
+    [example] = migration.examples["redirect", "headers.location"]
     old_location, new_location = example["candidate"]["values"]["headers.location"]
     assert old_location.endswith("/get") and old_location.startswith("http://api.example")
     assert new_location == "/get"
     assert example["primary"]["status"] == example["candidate"]["status"] == 302
-    [example] = migration.examples("json", "httpbin-new", "status", limit=1)
+    [example] = migration.examples["json", "status"]
     assert (example["primary"]["status"], example["candidate"]["status"]) == (404, 200)
     assert orjson.loads(example["candidate"]["body"])["slideshow"]["title"] == "Sample Slide Show"
