@@ -140,6 +140,45 @@ def build_tls(cfg: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
+#: compare settings the running comparator and store keep until a restart (the ignore rules
+#: are compiled per shadow and do change on reload)
+_COMPARATOR_KEYS = (
+    "queue",
+    "flush_interval",
+    "batch",
+    "cpu_share",
+    "examples_per_field",
+    "retention",
+    "thresholds",
+)
+
+
+def _tls_shape(cfg: Config) -> tuple[bool, str | None]:
+    return cfg.tls is not None, cfg.tls.client_ca if cfg.tls is not None else None
+
+
+class _LiveStore:
+    """The comparison API's view of whichever store the instance has now (a reload may open
+    the first one); empty answers while there is none."""
+
+    def __init__(self, inst: Instance) -> None:
+        self._inst = inst
+
+    def summary(self) -> list[dict[str, Any]]:
+        store = self._inst.store
+        return store.summary() if store is not None else []
+
+    def fields(self, route: str, target: str) -> list[dict[str, Any]]:
+        store = self._inst.store
+        return store.fields(route, target) if store is not None else []
+
+    def examples(
+        self, route: str, target: str, field: str | None = None, limit: int = 20
+    ) -> list[dict[str, Any]]:
+        store = self._inst.store
+        return store.examples(route, target, field, limit) if store is not None else []
+
+
 class ListenError(OSError):
     """A listener could not bind; the message names the config key and the address."""
 
@@ -256,20 +295,29 @@ class Instance:
             for line in problems:
                 log.error("reload refused, still serving the previous config: %s", line)
             return problems
+        old_cmp, new_cmp = self.cfg.compare, cfg.compare
         kept = [
             key
             for key, old, new in (
                 ("listen", self.cfg.listen, cfg.listen),
                 ("admin", self.cfg.admin, cfg.admin),
                 ("access_log", self.cfg.access_log, cfg.access_log),
-                ("compare.store", self.cfg.compare.store, cfg.compare.store),
+                ("tls (on/off, client_ca)", _tls_shape(self.cfg), _tls_shape(cfg)),
+                ("compare.store", old_cmp.store, new_cmp.store),
+                *(
+                    (f"compare.{k}", getattr(old_cmp, k), getattr(new_cmp, k))
+                    for k in _COMPARATOR_KEYS
+                ),
             )
             if old != new
         ]
         for key in kept:
             log.warning("reload: %s changed; that takes a restart (keeping the old value)", key)
         try:
+            had_comparator = self.comparator is not None
             self._ensure_comparator(cfg)
+            if not had_comparator and self.comparator is not None:
+                self.comparator.start()  # compare turned on by this reload
             backends, routes, shadow, runtimes = self._build(cfg)
             if self.tls is not None and cfg.tls is not None:
                 self.tls.load_cert_chain(cfg.tls.cert, cfg.tls.key)  # new handshakes only
@@ -310,6 +358,16 @@ class Instance:
     def _reload_all(self) -> list[str]:
         """The admin API's reload: with workers, ask the parent to SIGHUP them all."""
         if self.workers > 1:
+            # check the file here first, so the caller hears about a bad one; then every
+            # worker reloads it (the parent relays SIGHUP to all)
+            if self.config_path is None:
+                return ["no config file to reload"]
+            try:
+                load_config(self.config_path)
+            except ConfigError as err:
+                return err.errors
+            except OSError as err:
+                return [f"{self.config_path}: {err.strerror or err}"]
             os.kill(os.getppid(), signal.SIGHUP)
             return []
         return self.reload()
@@ -326,13 +384,15 @@ class Instance:
                 reuse_port=self.workers > 1,
                 backlog=4096,
                 ssl=self.tls,
+                # a client that never answers the TLS close must not hold the drain
+                ssl_shutdown_timeout=2.0 if self.tls is not None else None,
             )
         except OSError as err:
             raise ListenError("listen", host, port, err) from None
         if self.worker_id == 0:
             token = os.environ.get(self.cfg.admin.token_env) if self.cfg.admin.token_env else None
             self.admin = AdminApp(self.metrics, token=token)
-            install_comparison_api(self.admin, self.store)
+            install_comparison_api(self.admin, _LiveStore(self))
             install_control_api(self.admin, self.control, self._reload_all)
             ahost, aport = self.cfg.admin.listen_addr
             try:
@@ -350,7 +410,8 @@ class Instance:
         if self.worker_id == 0:
             ahost, aport = self.cfg.admin.listen_addr
             print(
-                f"shadowlane {__version__}: listening on http://{host}:{port} "
+                f"shadowlane {__version__}: listening on "
+                f"{'https' if self.tls is not None else 'http'}://{host}:{port} "
                 f"({self.workers} worker{'s' if self.workers > 1 else ''}), "
                 f"admin on http://{ahost}:{aport} (/metrics, /healthz), "
                 f"{len(self.cfg.routes)} route(s)",
@@ -372,10 +433,13 @@ class Instance:
             self.server.close()
         self.state.start_drain()
         deadline = self.loop.time() + self.cfg.limits.drain_timeout
-        while self.state.connections and self.loop.time() < deadline:
+        while self.state.busy() and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.state.connections):
-            conn.close()
+            if conn.busy:
+                conn.abort()  # still busy at the deadline: cut, never pass off as complete
+            else:
+                conn.close()
         self.control.stop()
         await self.shadow.drain(min(5.0, self.cfg.limits.drain_timeout))
         if self.comparator is not None:

@@ -118,6 +118,7 @@ class ProxyCall:
         "retained",
         "retried",
         "rt",
+        "shadow",
         "shadow_state",
         "status",
         "t0",
@@ -143,6 +144,8 @@ class ProxyCall:
         self.finished = False
         self.status = 0
         self.shadow_state: object = None
+        #: the dispatcher this request started with (a reload may swap the proxy's)
+        self.shadow = proxy.shadow
         #: the primary's answer as it streams by, when a compared shadow needs it
         self.capture: PrimaryCapture | None = None
         req = self.request
@@ -166,7 +169,7 @@ class ProxyCall:
         ex = self.exchange
         ex.on_abort = self._client_gone
         ex.on_writable = self._client_writable
-        shadow = self.proxy.shadow
+        shadow = self.shadow
         if shadow is not None and self.rt.shadows is not None:
             self.shadow_state = shadow.begin(self)
             if self.shadow_state is not None and not ex.has_body:
@@ -258,7 +261,7 @@ class ProxyCall:
 
     def _request_complete(self) -> None:
         if self.shadow_state is not None:
-            self.proxy.shadow.request_done(self)  # type: ignore[union-attr]  # once per request
+            self.shadow.request_done(self)  # type: ignore[union-attr]  # once per request
 
     # ----- response side (ResponseSink) -----
     def on_response_head(
@@ -286,7 +289,7 @@ class ProxyCall:
         if self.capture is not None:
             self.capture.finish(self.proxy.loop.time() - self.t0)
         if self.shadow_state is not None:
-            self.proxy.shadow.response_done(self)  # type: ignore[union-attr]
+            self.shadow.response_done(self)  # type: ignore[union-attr]
 
     def on_upstream_error(self, err: UpstreamError, retryable: bool) -> None:
         ex = self.exchange
@@ -330,7 +333,7 @@ class ProxyCall:
             if self.capture is not None:
                 self.capture.finish(self.proxy.loop.time() - self.t0, err.kind)
             if self.shadow_state is not None:
-                self.proxy.shadow.response_done(self)  # type: ignore[union-attr]
+                self.shadow.response_done(self)  # type: ignore[union-attr]
             return
         status = 504 if err.kind == "timeout" else 503 if err.kind == "overflow" else 502
         msg = f"upstream {self.backend.name} ({self.endpoint.label}): {err}\n"
@@ -339,7 +342,7 @@ class ProxyCall:
         if self.capture is not None:
             self.capture.finish(self.proxy.loop.time() - self.t0, err.kind, status)
         if self.shadow_state is not None:
-            self.proxy.shadow.response_done(self)  # type: ignore[union-attr]
+            self.shadow.response_done(self)  # type: ignore[union-attr]
 
     def _client_gone(self) -> None:
         self.client_gone = True
@@ -351,7 +354,7 @@ class ProxyCall:
             self.finished = True
             self._observe(499)
             if self.shadow_state is not None:
-                self.proxy.shadow.response_done(self)  # type: ignore[union-attr]
+                self.shadow.response_done(self)  # type: ignore[union-attr]
 
     def _client_writable(self, writable: bool) -> None:
         conn = self.conn
@@ -367,7 +370,7 @@ class ProxyCall:
         self.status = status
         proxy.metrics.observe_request(self.rt.name, self.backend.name, status, elapsed)
         if proxy.access_log is not None:
-            shadows = proxy.shadow.outcomes(self) if proxy.shadow is not None else None
+            shadows = self.shadow.outcomes(self) if self.shadow is not None else None
             proxy.access_log(
                 self.request, self.rt.name, self.backend.name, status, elapsed, shadows
             )

@@ -191,9 +191,10 @@ class ShadowDispatcher:
         sampled: list[LanePlan] = []
         capture = 0
         for p in shadows.lanes:
-            if p.lane.paused or (p.match is not None and not p.match(req)):
+            if p.match is not None and not p.match(req):
                 continue
-            if p.sampler.sampled(req):
+            # paused counts as percent 0: the request was not sampled (the percent is kept)
+            if not p.lane.paused and p.sampler.sampled(req):
                 sampled.append(p)
                 if p.capture_limit > capture:
                     capture = p.capture_limit

@@ -303,6 +303,11 @@ class ServerState:
         for conn in list(self.connections):
             conn.drain()
 
+    def busy(self) -> bool:
+        """Some connection has a request in flight or queued (idle ones do not count: a TLS
+        connection may take a while to finish closing and holds no request)."""
+        return any(conn.busy for conn in self.connections)
+
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -674,6 +679,10 @@ class ServerConnection(asyncio.Protocol):
             and self._error is None
         ):
             self.transport.resume_reading()
+
+    @property
+    def busy(self) -> bool:
+        return self._active is not None or bool(self._queue) or bool(self._ready)
 
     @property
     def write_paused(self) -> bool:

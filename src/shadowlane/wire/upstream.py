@@ -356,8 +356,8 @@ class EndpointPool:
         return await self.connect()
 
     async def connect(self) -> UpstreamConnection:
-        if self._closed:
-            raise UpstreamError("refused", "pool closed")
+        # a closed (retired) pool still connects for requests already bound to it, e.g. across
+        # a reload; it only stops keeping connections idle
         self.open += 1
         conn = UpstreamConnection(self)
         try:
@@ -376,12 +376,12 @@ class EndpointPool:
             raise UpstreamError(
                 "timeout", f"connect timed out after {self.connect_timeout:g}s"
             ) from None
+        except ssl.SSLError as exc:  # before OSError, of which it is a kind
+            self._on_closed(conn)
+            raise UpstreamError("tls", str(exc)) from None
         except OSError as exc:
             self._on_closed(conn)
             raise UpstreamError("refused", exc.strerror or str(exc)) from None
-        except ssl.SSLError as exc:
-            self._on_closed(conn)
-            raise UpstreamError("tls", str(exc)) from None
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(POOL_IDLE_TIMEOUT / 5, self._sweep)
         return conn
