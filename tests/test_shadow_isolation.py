@@ -353,8 +353,11 @@ def test_sick_shadow_changes_nothing_for_clients(
         rounds = math.ceil(n / 64) + 1  # default max_in_flight 64, each copy times out
         got = settle(proxy, "sick", n, timeout=rounds * LATENCY_SHADOW_TIMEOUT + 10)
         expected = EXPECTED_OUTCOME[kind]
-        assert got[expected] == n, got
-        assert got["ok"] == 0 and got["dropped"] == 0
+        # the first failures are observed; then the lane's circuit opens and sheds copies
+        # (counted dropped) except one probe a second: every copy is accounted for either way
+        assert got[expected] + got["dropped"] == n, got
+        assert got[expected] >= 5, got
+        assert got["ok"] == 0
         # the primary answered every request
         answered = samples(proxy, "shadowlane_requests_total", backend="primary", code="200")
         assert answered == {"plain": (ROUNDS + 1) * N_REQUESTS, "shadowed": n}
@@ -419,7 +422,8 @@ def test_hung_shadow_holds_at_most_max_in_flight_connections_and_drops_overflow(
             admitted = max_in_flight + queue + max_in_flight * math.floor(burst_seconds)
             assert got["dropped"] >= n - admitted, (got, burst_seconds)
             assert got["dropped"] + got["timeout"] == n, got
-            assert got["timeout"] >= max_in_flight + queue
+            # the first copies time out; after 5 in a row the circuit opens and sheds what waits
+            assert got["timeout"] >= 5
             assert got["ok"] == got["error"] == 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import shutil
@@ -457,6 +458,16 @@ class Instance:
         self.stopped.set()
 
 
+def _tune_gc() -> None:
+    """Objects made at start-up (config, routes, pools, modules) live for the whole process:
+    move them out of the collector's sight, and collect the young generation less often. A
+    full collection walks every tracked object; with thousands of shadow copies in flight, a
+    pause shows directly in the primary's p99."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 50)
+
+
 async def _serve(
     cfg: Config,
     config_path: str | None,
@@ -467,6 +478,7 @@ async def _serve(
 ) -> None:
     inst = Instance(cfg, config_path, worker_id, workers, metrics_dir, watch)
     await inst.start()
+    _tune_gc()
     await inst.stopped.wait()
 
 

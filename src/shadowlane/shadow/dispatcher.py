@@ -127,6 +127,12 @@ class ShadowDispatcher:
             lambda: [((ln.route, ln.target), float(len(ln.in_flight))) for ln in self.lanes],
         )
         metrics.set_gauge_provider(
+            "shadowlane_shadow_circuit_open",
+            "1 while a shadow target's circuit is open (its copies are shed), else 0.",
+            ("route", "target"),
+            lambda: [((ln.route, ln.target), float(ln.circuit_open())) for ln in self.lanes],
+        )
+        metrics.set_gauge_provider(
             "shadowlane_shadow_queued",
             "Shadow copies waiting for an in-flight slot or their key's turn.",
             ("route", "target"),
@@ -252,6 +258,12 @@ class ShadowDispatcher:
             return
         req = call.request
         key = p.order_key(req) if p.order_key is not None else None
+        if p.lane.circuit_open():
+            p.lane.fail_open()
+            state.outcomes[p.lane.target] = "dropped"
+            if p.compares:
+                self.metrics.comparison(p.lane.route, p.lane.target, "dropped")
+            return
         if p.lane.full(key, len(body)):
             p.lane.drop()
             state.outcomes[p.lane.target] = "dropped"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shadowlane.compare.model import Captured, CompareJob
-from shadowlane.shadow.lane import ShadowCopy, ShadowResult
+from shadowlane.shadow.lane import CIRCUIT_OPEN, ShadowCopy, ShadowResult
 from shadowlane.wire.messages import Headers
 
 if TYPE_CHECKING:
@@ -118,6 +118,9 @@ class CompareSlot:
         self._maybe_submit()
 
     def on_candidate(self, _copy: ShadowCopy, result: ShadowResult) -> None:
+        if result.outcome == CIRCUIT_OPEN:
+            self._drop()  # not sent: nothing about the candidate to compare
+            return
         self.candidate = captured(result)
         self._maybe_submit()
 

@@ -9,8 +9,11 @@ Ordered lanes (`ordered_by`) keep one copy per key in flight: a copy whose key i
 that key's chain (counted against `queue`), and starts when the previous one for the key ended,
 in the order the copies were submitted (the order their primary answers completed).
 
-A target that refuses connections trips a small circuit breaker: after 5 consecutive connect
-failures, copies fail fast (counted `error`) for one second instead of each paying a connect.
+A target that fails trips a circuit breaker (Envoy's consecutive-failure outlier detection):
+after 5 copies in a row end in error or timeout, waiting copies and new ones are shed (counted
+`dropped`, no connection tried) for one second; then one probe copy decides whether the circuit
+closes or opens again. A hung or dead target so costs a few probes a second, not a connect and
+a timer for every copy, and its timeouts no longer come in bursts of `max_in_flight`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from shadowlane.wire.upstream import BackendPool, EndpointPool, UpstreamConnecti
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
 
+#: ShadowResult.outcome of a copy shed by an open circuit (metrics count it `dropped`);
+#: it says nothing about the target's answers, so it is never compared
+CIRCUIT_OPEN = "circuit_open"
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 BREAKER_FAILURES = 5
 BREAKER_OPEN_SECONDS = 1.0
@@ -103,10 +109,10 @@ class ShadowCopy:
         lane = self.lane
         loop = lane.loop
         self.t0 = loop.time()
-        self.timer = loop.call_later(lane.timeout, self._on_deadline)
-        if lane.breaker_open_until > self.t0:
-            self._finish("error")
+        if not lane.admit():
+            self.fail_fast()
             return
+        self.timer = loop.call_later(lane.timeout, self._on_deadline)
         if self.endpoint is None:
             self.endpoint = lane.pool.pick()
         conn = self.endpoint.get_idle()
@@ -123,11 +129,8 @@ class ShadowCopy:
         except UpstreamError as err:
             if self.done:
                 return
-            if err.kind in ("refused", "tls"):
-                self.lane.connect_failed()
             self._finish("timeout" if err.kind == "timeout" else "error")
             return
-        self.lane.connect_ok()
         if self.done:
             conn.close()
             return
@@ -200,6 +203,9 @@ class ShadowCopy:
         lane.metrics.shadow_outcome(lane.route, lane.target, outcome)
         if outcome == "ok":
             lane.metrics.observe_shadow(lane.route, lane.target, seconds)
+            lane.succeeded()
+        else:
+            lane.failed()
         lane.copy_done(self)
         if self.on_done is not None:
             self.on_done(self, result)
@@ -208,6 +214,17 @@ class ShadowCopy:
         if self.conn is not None:
             self.conn.abandon()
         self._finish("timeout")
+
+    def fail_fast(self) -> None:
+        """Not sent: the lane's circuit is open. Counted `dropped`; no connection is tried."""
+        self.done = True
+        result = self.result
+        result.outcome = CIRCUIT_OPEN
+        lane = self.lane
+        lane.metrics.shadow_outcome(lane.route, lane.target, "dropped")
+        lane.copy_done(self)
+        if self.on_done is not None:
+            self.on_done(self, result)
 
 
 class ShadowLane:
@@ -246,6 +263,8 @@ class ShadowLane:
         self.paused = False
         self.breaker_failures = 0
         self.breaker_open_until = 0.0
+        #: half-open: the one probe copy is out
+        self.probing = False
 
     def full(self, key: str | None, body_len: int) -> bool:
         """Would a copy be dropped now? Checked before a copy is built, so an overloaded lane
@@ -309,14 +328,58 @@ class ShadowLane:
             self.in_flight.add(nxt)
             nxt.start()
 
-    def connect_failed(self) -> None:
+    # ----- the circuit breaker (Envoy's consecutive-failure outlier detection, per lane) -----
+    def circuit_open(self) -> bool:
+        return bool(self.breaker_open_until) and self.loop.time() < self.breaker_open_until
+
+    def fail_open(self) -> None:
+        """A copy not even built: the circuit is open (counted `dropped`, like a fast fail)."""
+        self.metrics.shadow_outcome(self.route, self.target, "dropped")
+
+    def admit(self) -> bool:
+        """May a copy go to the target now? Closed: yes. Open: no. Half-open (the open time
+        is over): one probe copy at a time decides whether it closes or opens again."""
+        if not self.breaker_open_until:
+            return True
+        if self.loop.time() < self.breaker_open_until or self.probing:
+            return False
+        self.probing = True
+        return True
+
+    def failed(self) -> None:
+        """A copy ended in error or timeout: after 5 in a row (or a failed probe), open the
+        circuit for a second and fail what waits, at once, instead of letting every queued
+        copy pay a connect and a timeout against a target that is not answering."""
         self.breaker_failures += 1
-        if self.breaker_failures >= BREAKER_FAILURES:
+        if self.probing or self.breaker_failures >= BREAKER_FAILURES:
             self.breaker_open_until = self.loop.time() + BREAKER_OPEN_SECONDS
             self.breaker_failures = 0
+            self.probing = False
+            self._fail_waiting()
 
-    def connect_ok(self) -> None:
+    def succeeded(self) -> None:
         self.breaker_failures = 0
+        self.breaker_open_until = 0.0
+        #: half-open: the one probe copy is out
+        self.probing = False
+        self.probing = False
+
+    def _fail_waiting(self) -> None:
+        waiting = [*self.waiting, *(c for chain in self.chains.values() for c in chain)]
+        if not waiting:
+            return
+        self.waiting.clear()
+        # a key stays busy only while a copy of it is in flight (its end frees the key)
+        busy = {c.key for c in self.in_flight}
+        self.chains = {k: deque() for k in self.chains if k in busy}
+        for copy in waiting:
+            self.waiting_count -= 1
+            self.bytes -= len(copy.body)
+            copy.done = True
+            copy.result.outcome = CIRCUIT_OPEN
+            if copy.on_done is not None:
+                copy.on_done(copy, copy.result)
+        self.metrics.shadow_outcome(self.route, self.target, "dropped", len(waiting))
 
     async def drain(self, deadline: float) -> None:
         """Give in-flight copies until `deadline` (loop time); then abandon what is left."""
