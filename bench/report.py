@@ -162,6 +162,34 @@ def evaluate_targets(ms: list[Measurement]) -> list[Target]:
             )
         )
 
+    # the comparison issue: comparing 100% costs at most 30% of shadowing without comparison
+    parts = []
+    for proxy in ("shadowlane-1w", "shadowlane-2w"):
+        plain = find(ms, "shadow-fast", proxy)
+        compared = find(ms, "shadow-compare", proxy)
+        parts.append(
+            (
+                ratio(compared.rps if compared else None, plain.rps if plain else None),
+                plain,
+                compared,
+            )
+        )
+    (k1, plain1, cmp1), (k2, _, _) = parts
+    measured = "-"
+    if k1 is not None and plain1 and cmp1:
+        measured = f"costs {1 - k1:.0%} ({cmp1.rps:,.0f} vs {plain1.rps:,.0f} req/s)" + _noise(
+            plain1, cmp1
+        )
+    targets.append(
+        Target(
+            "100% shadow with compare: true, req/s cost vs without",
+            "<= 30% cost",
+            measured,
+            _verdict(k1, (k1 or 0) >= 0.7, _errors(plain1, cmp1)),
+            f"costs {1 - k2:.0%}" if k2 else "-",
+        )
+    )
+
     mem = find(ms, "memory-hung", "shadowlane-1w")
     rss = mem.peak_rss_mb if mem else None
     targets.append(
