@@ -553,7 +553,3 @@ def _check_bindable(cfg: Config) -> None:
             s.bind((host, port))
         except OSError as err:
             raise ListenError("listen", host, port, err) from None
-
-
-def load(path: str) -> Config:
-    return load_config(path)

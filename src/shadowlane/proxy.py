@@ -71,7 +71,6 @@ class Proxy:
         self.access_log = access_log
         self.proto = proto
         self.loop = asyncio.get_running_loop()
-        self.in_flight = 0
 
     def handle(self, exchange: Exchange) -> None:
         req = exchange.request
@@ -374,7 +373,3 @@ class ProxyCall:
             proxy.access_log(
                 self.request, self.rt.name, self.backend.name, status, elapsed, shadows
             )
-
-
-def request_line(req: Request) -> str:
-    return f"{req.method} {req.target.decode('latin-1')}"

@@ -338,7 +338,6 @@ class ServerConnection(asyncio.Protocol):
         self._active: Exchange | None = None
         self._queue: deque[Exchange] = deque()
         self._paused_for: set[str] = set()
-        self._write_paused = False
         self._closed = False
         self._error: BadRequest | None = None
         self.deadline = _INF
@@ -414,13 +413,11 @@ class ServerConnection(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
-        self._write_paused = True
         ex = self._active
         if ex is not None and ex.on_writable is not None:
             ex.on_writable(False)
 
     def resume_writing(self) -> None:
-        self._write_paused = False
         ex = self._active
         if ex is not None and ex.on_writable is not None:
             ex.on_writable(True)
@@ -683,10 +680,6 @@ class ServerConnection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         return self._active is not None or bool(self._queue) or bool(self._ready)
-
-    @property
-    def write_paused(self) -> bool:
-        return self._write_paused
 
 
 _HOST_CACHE: dict[bytes, str] = {}

@@ -82,22 +82,17 @@ class UpstreamConnection(asyncio.Protocol):
         self._timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
-        self._connected: asyncio.Future[None] = self.loop.create_future()
         self.counted_closed = False
 
     # ----- asyncio callbacks -----
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
-        if not self._connected.done():
-            self._connected.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         prev = self.state
         self.state = CLOSED
         self._cancel_timer()
-        if not self._connected.done():
-            self._connected.set_exception(exc or ConnectionError("closed"))
         self.pool._on_closed(self)
         sink = self._sink
         if prev != BUSY or sink is None:
