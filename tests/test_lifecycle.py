@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from support.backend import RecordingBackend, dead_port
+from support.procfs import socket_inodes
 from support.proxy import HttpResponse, ProxyProcess, basic_config, read_http_response
 from support.wait import wait_until
 
@@ -153,18 +154,6 @@ def test_drain_timeout_bounds_the_shutdown(
 
 
 # -- --workers ----------------------------------------------------------------------------------
-
-
-def socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    return inodes
 
 
 def established_to(port: int) -> dict[str, int]:

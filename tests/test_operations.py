@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import signal
 import socket
@@ -35,6 +34,7 @@ import pytest
 import requests
 
 from support.backend import Recorded, RecordingBackend, Reply
+from support.procfs import socket_inodes
 from support.proxy import HttpResponse, ProxyProcess, free_port, read_http_response
 from support.wait import wait_until
 
@@ -94,6 +94,26 @@ def backends() -> Iterator[Callable[..., RecordingBackend]]:
 
 def backend_cfg(b: RecordingBackend) -> dict[str, Any]:
     return {"endpoints": [b.url], "timeout": "5s", "connect_timeout": "1s"}
+
+
+def one_shadow_config(
+    primary: RecordingBackend, shadow: RecordingBackend, *, route: str, token: bool
+) -> dict[str, Any]:
+    """One route (everything) to backend `p`, copied at 100% to backend `s`."""
+    cfg: dict[str, Any] = {
+        "backends": {"p": backend_cfg(primary), "s": backend_cfg(shadow)},
+        "routes": [
+            {
+                "name": route,
+                "match": {"path_prefix": "/"},
+                "backend": "p",
+                "shadows": [{"backend": "s", "percent": 100}],
+            }
+        ],
+    }
+    if token:
+        cfg["admin"] = {"token_env": TOKEN_ENV}
+    return cfg
 
 
 def get(port: int, target: str, headers: list[tuple[str, str]] | None = None) -> HttpResponse:
@@ -181,18 +201,6 @@ def scrape(proxy: ProxyProcess) -> str:
     r = requests.get(proxy.admin_url + "/metrics", timeout=T)
     assert r.status_code == 200, r.status_code
     return r.text
-
-
-def socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    return inodes
 
 
 def tcp_sockets(port: int, *, listening: bool) -> set[str]:
@@ -326,17 +334,7 @@ def test_reload_under_load_loses_no_request_and_drops_no_connection(
             ],
         }
 
-    start_cfg: dict[str, Any] = {
-        "backends": {"p": backend_cfg(primary), "s": backend_cfg(shadow)},
-        "routes": [
-            {
-                "name": "main",
-                "match": {"path_prefix": "/"},
-                "backend": "p",
-                "shadows": [{"backend": "s", "percent": 100}],
-            }
-        ],
-    }
+    start_cfg = one_shadow_config(primary, shadow, route="main", token=False)
     proxy = started(proxy_factory, start_cfg)
     progress = Progress()
     clients = [LoadClient(proxy.port, i, progress, cap=2000) for i in range(8)]
@@ -801,18 +799,7 @@ def test_runtime_percent_and_pause_resume_are_not_persisted(
     backends: Callable[..., RecordingBackend], proxy_factory: ProxyFactory
 ) -> None:
     primary, s = backends(), backends()
-    cfg: dict[str, Any] = {
-        "admin": {"token_env": TOKEN_ENV},
-        "backends": {"p": backend_cfg(primary), "s": backend_cfg(s)},
-        "routes": [
-            {
-                "name": "api",
-                "match": {"path_prefix": "/"},
-                "backend": "p",
-                "shadows": [{"backend": "s", "percent": 100}],
-            }
-        ],
-    }
+    cfg = one_shadow_config(primary, s, route="api", token=True)
     proxy = started(proxy_factory, cfg, env=ENV)
     file_before = proxy.config_path.read_text()
     client = KeepAlive(proxy.port)
@@ -890,18 +877,7 @@ def test_paused_shadow_still_accounts_for_every_request(
     sampled_out, skipped_*, dropped or a started copy. A paused shadow copies nothing, but the
     requests it did not copy must still be counted, or the copy ratio lies during a pause."""
     primary, s = backends(), backends()
-    cfg: dict[str, Any] = {
-        "admin": {"token_env": TOKEN_ENV},
-        "backends": {"p": backend_cfg(primary), "s": backend_cfg(s)},
-        "routes": [
-            {
-                "name": "api",
-                "match": {"path_prefix": "/"},
-                "backend": "p",
-                "shadows": [{"backend": "s", "percent": 100}],
-            }
-        ],
-    }
+    cfg = one_shadow_config(primary, s, route="api", token=True)
     proxy = started(proxy_factory, cfg, env=ENV)
     admin_call(proxy, "POST", "/api/routes/api/shadows/s/pause").raise_for_status()
     for i in range(10):
