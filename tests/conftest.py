@@ -7,17 +7,37 @@ a proxy process into the next one.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import pytest
 
+from shadowlane import build_kind, stale_compiled_modules
 from support.backend import RecordingBackend
 from support.proxy import ProxyProcess
 
 ProxyFactory = Callable[..., ProxyProcess]
 
 _CALL_REPORT = pytest.StashKey[pytest.TestReport]()
+
+
+def pytest_report_header() -> str:
+    return f"shadowlane hot path: {build_kind()} (see setup.py)"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test a build that is not the source: a stale compiled module runs instead of
+    the edited `.py`, and CI (SHADOWLANE_REQUIRE_COMPILED=1) must test what users install."""
+    stale = stale_compiled_modules()
+    if stale:
+        pytest.exit(
+            f"compiled modules older than their source: {', '.join(stale)}; "
+            "rebuild with `python -m pip install -e .`",
+            returncode=3,
+        )
+    if os.environ.get("SHADOWLANE_REQUIRE_COMPILED") == "1" and build_kind() != "compiled":
+        pytest.exit("SHADOWLANE_REQUIRE_COMPILED=1 but the hot path is interpreted", returncode=3)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

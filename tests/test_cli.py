@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from shadowlane import build_kind
 from support.proxy import free_port
 
 SCRIPT = str(Path(sys.executable).with_name("shadowlane"))
@@ -229,7 +230,7 @@ def test_run_with_listen_port_taken_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_version_from_module_and_script() -> None:
-    expected = f"shadowlane {version('shadowlane')}"
+    expected = f"shadowlane {version('shadowlane')} ({build_kind()})"
     for cmd in (MODULE, [SCRIPT]):
         res = run("--version", cmd=cmd)
         assert res.returncode == 0, res.stderr

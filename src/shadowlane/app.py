@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import orjson
 
-from shadowlane import __version__
+from shadowlane import __version__, build_kind
 from shadowlane.admin import AdminApp
 from shadowlane.admin.comparisons import install_comparison_api
 from shadowlane.compare.engine import Comparator
@@ -411,7 +411,7 @@ class Instance:
         if self.worker_id == 0:
             ahost, aport = self.cfg.admin.listen_addr
             print(
-                f"shadowlane {__version__}: listening on "
+                f"shadowlane {__version__} ({build_kind()}): listening on "
                 f"{'https' if self.tls is not None else 'http'}://{host}:{port} "
                 f"({self.workers} worker{'s' if self.workers > 1 else ''}), "
                 f"admin on http://{ahost}:{aport} (/metrics, /healthz), "

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from shadowlane import __version__
+from shadowlane import __version__, build_kind, stale_compiled_modules
 from shadowlane.config import Config, ConfigError, load_config, summarize
 
 EXIT_CONFIG = 2
@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="shadowlane",
         description="HTTP ingress that shadows live traffic to new backends and compares answers.",
     )
-    parser.add_argument("--version", action="version", version=f"shadowlane {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"shadowlane {__version__} ({build_kind()})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the ingress")
@@ -115,5 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    stale = stale_compiled_modules()
+    if stale:
+        print(
+            "shadowlane: warning: compiled modules are older than their source and run instead "
+            f"of it ({', '.join(stale)}); rebuild with `python -m pip install -e .`",
+            file=sys.stderr,
+        )
     code: int = args.func(args)
     return code

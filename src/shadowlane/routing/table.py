@@ -6,7 +6,7 @@ A `Route` owns its `RouteConfig`: runtime weight changes are written back into
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from shadowlane.config import RouteConfig
 from shadowlane.routing.balance import SmoothWeighted
@@ -51,7 +51,7 @@ class Route:
         assert self._balancer is not None
         return self._balancer.weights()
 
-    def set_weights(self, weights: dict[str, int]) -> None:
+    def set_weights(self, weights: Mapping[str, object]) -> None:
         """Replace the split (a canary flip). Backends left out get weight 0.
 
         Only the route's configured backends can be named: adding a new leg is a config change
@@ -66,18 +66,21 @@ class Route:
                 f"route {self.name!r}: unknown backend(s) {', '.join(map(repr, unknown))} "
                 f"(route has: {', '.join(current)})"
             )
+        # `object` values, not `int`: compiled code would turn a JSON `true` into 1 on the way in
+        checked: dict[str, int] = {}
         for name, weight in weights.items():
             if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
                 raise ValueError(f"route {self.name!r}: weight of {name!r} must be an int >= 0")
-        if not any(weights.values()):
+            checked[name] = weight
+        if not any(checked.values()):
             raise ValueError(f"route {self.name!r}: weights may not all be 0")
         if self._single is not None:
             return  # the only backend keeps all traffic; nothing to change
         assert self._balancer is not None and self.config.backends is not None
-        legs = [(name, weights.get(name, 0)) for name in current]
+        legs = [(name, checked.get(name, 0)) for name in current]
         self._balancer.reset(legs)
         for leg in self.config.backends:
-            leg.weight = weights.get(leg.backend, 0)
+            leg.weight = checked.get(leg.backend, 0)
 
 
 class RouteTable:

@@ -24,7 +24,7 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
@@ -707,7 +707,9 @@ def _host_name(host: bytes) -> str | None:
 def _origin_form(url: bytes) -> tuple[bytes, bytes]:
     """An absolute-form target (`http://host:port/path`) -> (`/path`, `host:port`)."""
     try:
-        parsed = httptools.parse_url(url)
+        # Any, not httptools' stub type: the stub says `bytes` where the parser gives None
+        # (no query, no port), and compiled code enforces declared types
+        parsed: Any = httptools.parse_url(url)
     except httptools.HttpParserInvalidURLError:
         raise BadRequest(400, "malformed request target") from None
     if not parsed.host:

@@ -1,0 +1,83 @@
+"""Build shadowlane, compiling the hot path with mypyc when it can.
+
+Why compile at all: a proxied request costs about 17 us of Python in the interpreter and about
+10 us once the modules below are compiled by mypyc (measured with wrk and /proc/PID/stat, see
+docs/performance.md). The modules are already strictly typed (`mypy --strict`), which is what
+mypyc needs to turn attribute access and method calls into C; no source change, no second
+language.
+
+Why it is optional: the same `.py` files are the fallback. `SHADOWLANE_PURE_PYTHON=1` skips the
+compilation, and a machine without a C compiler gets a pure-Python install with a warning
+instead of a failed one (the `.py` files ship either way). `shadowlane --version` and the
+start-up line say which one runs.
+
+The list holds the modules that run per request or per compared pair. Everything else (config,
+CLI, admin, stores, demo) runs at start-up or off the hot path, stays interpreted and keeps its
+tracebacks readable.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+COMPILED = [
+    "src/shadowlane/wire/messages.py",
+    "src/shadowlane/wire/headers.py",
+    "src/shadowlane/wire/server.py",
+    "src/shadowlane/wire/upstream.py",
+    "src/shadowlane/routing/predicates.py",
+    "src/shadowlane/routing/balance.py",
+    "src/shadowlane/routing/table.py",
+    "src/shadowlane/proxy.py",
+    "src/shadowlane/shadow/sampling.py",
+    "src/shadowlane/shadow/mutation.py",
+    "src/shadowlane/shadow/join.py",
+    "src/shadowlane/shadow/lane.py",
+    "src/shadowlane/shadow/dispatcher.py",
+    "src/shadowlane/compare/paths.py",
+    "src/shadowlane/compare/diff.py",
+    "src/shadowlane/metrics.py",
+]
+
+
+class OptionalBuildExt(build_ext):
+    """Build the mypyc extensions, or none of them.
+
+    The per-module extensions all import one shared library; a half-built set would make
+    `import shadowlane.proxy` fail where the `.py` would have worked, so on any failure every
+    built file is removed and the install goes on without them.
+    """
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # compiler missing, compile error: fall back, loudly
+            for path in self.get_outputs():
+                if os.path.exists(path):
+                    os.remove(path)
+            self.warn(f"shadowlane: mypyc build failed ({exc}); installing pure Python")
+
+
+def ext_modules() -> list[Any]:
+    if os.environ.get("SHADOWLANE_PURE_PYTHON", "") not in ("", "0"):
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        print("shadowlane: mypyc not available; installing pure Python", file=sys.stderr)
+        return []
+    try:
+        return list(
+            mypycify(COMPILED, opt_level="3", debug_level="0", group_name="shadowlane_native")
+        )
+    except BaseException as exc:  # mypy found an error, for example: fall back, loudly
+        print(f"shadowlane: mypyc could not compile ({exc!r}); pure Python", file=sys.stderr)
+        return []
+
+
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})
