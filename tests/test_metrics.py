@@ -222,6 +222,8 @@ _WORKER = textwrap.dedent(
     m.shadow_outcome("orders", "orders-v2", "ok", n)
     if sys.argv[3] == "render":
         sys.stdout.write(m.render()[0].decode())
+    else:
+        m.flush()  # what a worker's drain does; counts not flushed stay in the process
     """
 )
 

@@ -406,6 +406,7 @@ class Instance:
             self.loop.add_signal_handler(sig, handler)
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.control.start_polling()
+        self.metrics.start_flushing(self.loop)
         if self.watch and self.config_path is not None:
             self._watcher: asyncio.Task[None] | None = self.loop.create_task(self._watch())
         if self.worker_id == 0:
@@ -455,6 +456,7 @@ class Instance:
             await self.admin.close()
         if self.access_log is not None:
             self.access_log.close()
+        self.metrics.stop_flushing()  # the last counts, into the shared files with workers
         self.stopped.set()
 
 

@@ -179,7 +179,11 @@ class ProxyProcess:
         return self
 
     def wait_ready(self, timeout: float) -> None:
-        """Wait until the listen port accepts, or fail with the process's stderr."""
+        """Wait until the listen port and the admin port accept, or fail with the stderr.
+
+        Both: the admin listener starts just after the main one, and a test that scrapes
+        /metrics first thing would otherwise race it (a rare ConnectionRefusedError).
+        """
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while True:
@@ -191,7 +195,9 @@ class ProxyProcess:
                     f"command: {self.command}\nconfig:\n{self.config_path.read_text()}\n"
                     f"stderr:\n{self.stderr_text()}\nstdout:\n{self.stdout_text()}"
                 )
-            if _can_connect(self.host, self.port):
+            if _can_connect(self.host, self.port) and _can_connect(
+                self.admin_host, self.admin_port
+            ):
                 return
             if time.monotonic() >= deadline:
                 stderr = self.stderr_text()
