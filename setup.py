@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+import sysconfig
 from typing import Any
 
 from setuptools import setup
@@ -41,8 +42,14 @@ COMPILED = [
     "src/shadowlane/shadow/dispatcher.py",
     "src/shadowlane/compare/paths.py",
     "src/shadowlane/compare/diff.py",
+    "src/shadowlane/compare/engine.py",
+    "src/shadowlane/store/batch.py",
     "src/shadowlane/metrics.py",
 ]
+
+
+#: the name of the shared library the compiled modules import (`shadowlane_native__mypyc`)
+GROUP = "shadowlane_native"
 
 
 class OptionalBuildExt(build_ext):
@@ -57,7 +64,12 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:  # compiler missing, compile error: fall back, loudly
-            for path in self.get_outputs():
+            suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+            # an editable install keeps its extensions beside the source: an earlier build's
+            # would otherwise keep running instead of the edited `.py`
+            in_place = [p.removesuffix(".py") + suffix for p in COMPILED]
+            in_place.append(f"src/{GROUP}__mypyc{suffix}")
+            for path in [*self.get_outputs(), *in_place]:
                 if os.path.exists(path):
                     os.remove(path)
             self.warn(f"shadowlane: mypyc build failed ({exc}); installing pure Python")
@@ -73,7 +85,7 @@ def ext_modules() -> list[Any]:
         return []
     try:
         return list(
-            mypycify(COMPILED, opt_level="3", debug_level="0", group_name="shadowlane_native")
+            mypycify(COMPILED, opt_level="3", debug_level="0", group_name=GROUP)
         )
     except BaseException as exc:  # mypy found an error, for example: fall back, loudly
         print(f"shadowlane: mypyc could not compile ({exc!r}); pure Python", file=sys.stderr)

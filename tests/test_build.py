@@ -53,6 +53,13 @@ def test_a_compiled_build_compiles_every_listed_module() -> None:
     ]
     assert interpreted == []
     assert stale_compiled_modules() == []
+    # and nothing else: a module dropped from the list leaves its old build beside the source
+    package = Path(shadowlane.__file__).resolve().parent
+    built = {
+        "shadowlane." + str(p.relative_to(package)).split(".")[0].replace("/", ".")
+        for p in package.rglob("*.so")
+    }
+    assert built == set(compiled_module_names())
 
 
 def test_pure_python_fallback_proxies_and_shadows(

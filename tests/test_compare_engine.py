@@ -33,8 +33,8 @@ def heavy_job(i: int) -> CompareJob:
 
 
 def worker_cpu(comp: Comparator) -> float:
-    assert comp._thread is not None and comp._thread.ident is not None
-    return time.clock_gettime(time.pthread_getcpuclockid(comp._thread.ident))
+    assert comp._worker is not None and comp._worker.ident is not None
+    return time.clock_gettime(time.pthread_getcpuclockid(comp._worker.ident))
 
 
 def test_cpu_share_bounds_the_worker() -> None:

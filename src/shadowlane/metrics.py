@@ -315,7 +315,8 @@ class Metrics:
         self._shadow_tallies: dict[tuple[str, str, str], _CounterTally] = {}
         self._shadow_duration_tallies: dict[tuple[str, str], _HistogramTally] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
-        self._comparison_children: dict[tuple[str, str, str], Counter] = {}
+        #: incremented by the comparator thread: compiled, `n += 1` holds the GIL throughout
+        self._comparison_tallies: dict[tuple[str, str, str], _CounterTally] = {}
         self._providers: dict[str, _GaugeProviderCollector] = {}
 
     # -- hot path -------------------------------------------------------------------------------
@@ -367,6 +368,8 @@ class Metrics:
             counter.flush()
         for counter in list(self._shadow_tallies.values()):
             counter.flush()
+        for counter in list(self._comparison_tallies.values()):
+            counter.flush()
         for histogram in list(self._request_duration_tallies.values()):
             histogram.flush()
         for histogram in list(self._shadow_duration_tallies.values()):
@@ -392,15 +395,15 @@ class Metrics:
 
     def comparison(self, route: str, target: str, result: str) -> None:
         """Count one comparison result for `route` against shadow `target`."""
-        child = self._comparison_children.get((route, target, result))
-        if child is None:
+        tally = self._comparison_tallies.get((route, target, result))
+        if tally is None:
             if result not in _COMPARISON_RESULT_SET:
                 raise ValueError(
                     f"unknown comparison result {result!r}; one of {COMPARISON_RESULTS}"
                 )
             self.declare_shadow(route, target)
-            child = self._comparison_children[(route, target, result)]
-        child.inc()
+            tally = self._comparison_tallies[(route, target, result)]
+        tally.n += 1
 
     # -- setup and scrape -----------------------------------------------------------------------
 
@@ -418,8 +421,9 @@ class Metrics:
                 self._shadow_tallies[key] = _CounterTally(child)
         for result in COMPARISON_RESULTS:
             key = (route, target, result)
-            if key not in self._comparison_children:
-                self._comparison_children[key] = self._comparisons.labels(route, target, result)
+            if key not in self._comparison_tallies:
+                child = self._comparisons.labels(route, target, result)
+                self._comparison_tallies[key] = _CounterTally(child)
 
     def set_gauge_provider(
         self,
