@@ -333,6 +333,33 @@ def job(primary: Captured, candidate: Captured, secondary: Captured | None = Non
     return CompareJob("r", "t", "rid", "GET", "/x", b"", primary, candidate, secondary, settings())
 
 
+@pytest.mark.parametrize("mode", ["strict", "subset", "schema"])
+def test_identical_answers_shortcut_agrees_with_lifting(mode: str) -> None:
+    """evaluate() decides byte-identical answers without lifting them; every case here is also
+    decided by the full path (lift + diff), and the two must agree."""
+    s = settings(mode=mode)
+    date = [("date", "Mon, 01 Jan 2024 00:00:00 GMT")]
+    other_date = [("date", "Tue, 02 Jan 2024 00:00:00 GMT")]
+    p = answer({"a": [1, 2]}, headers=[*date, ("x-v", "1")])
+    cases = [
+        (answer({"a": [1, 2]}, headers=[*date, ("x-v", "1")]), True),  # identical
+        (answer({"a": [1, 2]}, headers=[*other_date, ("x-v", "1")]), True),  # ignored header
+        (answer({"a": [1, 2]}, headers=[*date, ("x-v", "2")]), False),  # a real header
+        (answer({"a": [2, 1]}, headers=[*date, ("x-v", "1")]), False),  # body bytes
+        (answer({"a": [1, 2]}, status=201, headers=[*date, ("x-v", "1")]), False),
+        (answer(raw=orjson.dumps({"a": [1, 2]}), truncated=True, headers=[*date, ("x-v", "1")]),
+         False),
+    ]
+    for candidate, shortcut in cases:
+        j = CompareJob("r", "t", "rid", "GET", "/x", b"", p, candidate, None, s)
+        out = evaluate(j)
+        full = diff(lift(p, s), lift(candidate, s), s)
+        assert out.result == ("match" if not full else "diff")
+        assert out.differing == full
+        # the shortcut is taken exactly when the raw answers are the same
+        assert (out.primary is None) == shortcut
+
+
 def test_result_match_noise_diff() -> None:
     p = answer({"id": 1, "uuid": "a", "v": 1})
     assert evaluate(job(p, answer({"id": 1, "uuid": "a", "v": 1}))).result == "match"

@@ -47,7 +47,7 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
     """Header names listed in `Connection` (they are hop-by-hop for this message only)."""
     tokens: set[bytes] = set()
     for name, value in headers:
-        if name == b"connection":
+        if name == b"connection" and value not in _CONNECTION_OPTIONS:
             for token in value.split(b","):
                 token = token.strip().lower()
                 if token and token not in _CONNECTION_OPTIONS:
@@ -55,13 +55,16 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-_ID_PREFIX = ""
+#: the constant part of this process's request ids (UUID v4 form up to the last group)
+_ID_HEAD = b""
 _id_counter = 0
 
 
 def _seed_ids() -> None:
-    global _ID_PREFIX, _id_counter
-    _ID_PREFIX = f"{random.getrandbits(64):016x}"
+    global _ID_HEAD, _id_counter
+    p = f"{random.getrandbits(64):016x}"
+    variant = "89ab"[int(p[0], 16) & 3]
+    _ID_HEAD = f"{p[:8]}-{p[8:12]}-4{p[13:16]}-{variant}{p[1:4]}-".encode()
     _id_counter = random.getrandbits(40)
 
 
@@ -77,11 +80,11 @@ os.register_at_fork(after_in_child=_reseed_after_fork)
 
 def new_request_id() -> bytes:
     """A request id in UUID v4 form: 62 random bits per process, then a counter, so ids are
-    unique without a random draw per request (it correlates logs; it is no secret)."""
+    unique without a random draw per request (it correlates logs; it is no secret). Only the
+    counter is formatted per request: the rest is fixed at start-up (and after a fork)."""
     global _id_counter
     _id_counter += 1
-    p, c = _ID_PREFIX, f"{_id_counter & 0xFFFFFFFFFFFF:012x}"
-    return f"{p[:8]}-{p[8:12]}-4{p[13:16]}-{'89ab'[int(p[0], 16) & 3]}{p[1:4]}-{c}".encode()
+    return _ID_HEAD + b"%012x" % (_id_counter & 0xFFFFFFFFFFFF)
 
 
 def upstream_request_headers(
@@ -150,4 +153,11 @@ def response_headers(headers: Headers) -> Headers:
 
 
 def serialize_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    return b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+    # one join over the pieces: no intermediate `name: value` bytes object per header
+    parts: list[bytes] = []
+    for name, value in headers:
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
+    return b"".join(parts)
