@@ -95,3 +95,39 @@ def test_submit_never_blocks_while_the_store_write_is_stuck() -> None:
         release.set()
         comp.stop(30)
         store.inner.close()
+
+
+def test_identical_answers_are_decided_at_submit_and_stored() -> None:
+    """Byte-identical answers skip the worker's queue (decided by submit) but are counted,
+    stored and timed exactly like compared ones; a differing one still goes through the queue."""
+    ctype = [(b"content-type", b"application/json"), (b"date", b"Mon, 01 Jan 2024")]
+    body = orjson.dumps({"ok": True})
+
+    def same(i: int) -> CompareJob:
+        date = [(b"date", b"Tue, 02 Jan 2024")]  # ignored by default: still identical
+        return CompareJob(
+            "r", "t", f"id{i}", "GET", "/x", b"",
+            Captured(200, ctype, body, False, 0.010),
+            Captured(200, [ctype[0], *date], body, False, 0.040),
+            None,
+        )  # fmt: skip
+
+    metrics = Metrics()
+    with open_store("sqlite:///:memory:") as store:
+        # a queue of 5 and a long flush interval: 50 identical answers cannot be queue-bound
+        comp = Comparator(store, metrics, 5, flush_interval=10.0, batch=1000).start()
+        for i in range(50):
+            assert comp.submit(same(i))
+        assert comp.queued == 0
+        differing = heavy_job(1)
+        assert comp.submit(differing)
+        assert comp.wait_idle(30)
+        (row,) = store.summary()
+        assert (row["compared"], row["matched"], row["differing"]) == (51, 50, 1)
+        lat = row["latency"]
+        assert 0.008 < lat["primary_p50"] < 0.012 and 0.035 < lat["shadow_p50"] < 0.045
+        assert comp.stats["compared"] == 51
+        comp.stop(30)
+    text = metrics.render()[0].decode()
+    assert 'shadowlane_comparisons_total{result="match",route="r",target="t"} 50.0' in text
+    assert 'shadowlane_comparisons_total{result="diff",route="r",target="t"} 1.0' in text

@@ -25,6 +25,7 @@ import asyncio
 import glob
 import logging
 import os
+import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 
@@ -119,10 +120,15 @@ class _CounterTally:
         self.duration: _HistogramTally = duration if duration is not None else _NO_HISTOGRAM
 
     def flush(self) -> None:
-        n = self.n
+        n = self.take()
         if n:
-            self.n = 0  # read and reset with no call in between: no increment is lost
             self.child.inc(n)
+
+    def take(self) -> int:
+        """The count since the last take, reset to 0."""
+        n = self.n
+        self.n = 0
+        return n
 
 
 class _HistogramTally:
@@ -315,8 +321,10 @@ class Metrics:
         self._shadow_tallies: dict[tuple[str, str, str], _CounterTally] = {}
         self._shadow_duration_tallies: dict[tuple[str, str], _HistogramTally] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
-        #: incremented by the comparator thread: compiled, `n += 1` holds the GIL throughout
+        #: counted by the event loop and by the comparator thread: under `_comparison_lock`
+        #: (uncontended almost always), so that no increment is lost to the flush's reset
         self._comparison_tallies: dict[tuple[str, str, str], _CounterTally] = {}
+        self._comparison_lock = threading.Lock()
         self._providers: dict[str, _GaugeProviderCollector] = {}
 
     # -- hot path -------------------------------------------------------------------------------
@@ -368,8 +376,11 @@ class Metrics:
             counter.flush()
         for counter in list(self._shadow_tallies.values()):
             counter.flush()
-        for counter in list(self._comparison_tallies.values()):
-            counter.flush()
+        with self._comparison_lock:
+            pending = [(c, c.take()) for c in self._comparison_tallies.values()]
+        for counter, n in pending:
+            if n:
+                counter.child.inc(n)
         for histogram in list(self._request_duration_tallies.values()):
             histogram.flush()
         for histogram in list(self._shadow_duration_tallies.values()):
@@ -395,15 +406,16 @@ class Metrics:
 
     def comparison(self, route: str, target: str, result: str) -> None:
         """Count one comparison result for `route` against shadow `target`."""
-        tally = self._comparison_tallies.get((route, target, result))
-        if tally is None:
-            if result not in _COMPARISON_RESULT_SET:
-                raise ValueError(
-                    f"unknown comparison result {result!r}; one of {COMPARISON_RESULTS}"
-                )
-            self.declare_shadow(route, target)
-            tally = self._comparison_tallies[(route, target, result)]
-        tally.n += 1
+        with self._comparison_lock:
+            tally = self._comparison_tallies.get((route, target, result))
+            if tally is not None:
+                tally.n += 1
+                return
+        if result not in _COMPARISON_RESULT_SET:
+            raise ValueError(f"unknown comparison result {result!r}; one of {COMPARISON_RESULTS}")
+        self.declare_shadow(route, target)
+        with self._comparison_lock:
+            self._comparison_tallies[(route, target, result)].n += 1
 
     # -- setup and scrape -----------------------------------------------------------------------
 
@@ -419,11 +431,12 @@ class Metrics:
             if key not in self._shadow_tallies:
                 child = self._shadow_requests.labels(route, target, outcome)
                 self._shadow_tallies[key] = _CounterTally(child)
-        for result in COMPARISON_RESULTS:
-            key = (route, target, result)
-            if key not in self._comparison_tallies:
-                child = self._comparisons.labels(route, target, result)
-                self._comparison_tallies[key] = _CounterTally(child)
+        with self._comparison_lock:
+            for result in COMPARISON_RESULTS:
+                key = (route, target, result)
+                if key not in self._comparison_tallies:
+                    child = self._comparisons.labels(route, target, result)
+                    self._comparison_tallies[key] = _CounterTally(child)
 
     def set_gauge_provider(
         self,

@@ -22,6 +22,7 @@ from shadowlane.compare.diff import Lifted, answer_doc, diff, lift, values_of
 from shadowlane.compare.model import CompareJob
 from shadowlane.compare.settings import DEFAULT_SETTINGS, CompareSettings
 from shadowlane.store import Batch, Example, Store
+from shadowlane.store.batch import latency_bucket
 
 if TYPE_CHECKING:
     from shadowlane.config import CompareConfig
@@ -142,6 +143,22 @@ def record(batch: Batch, job: CompareJob, out: Outcome) -> None:
         batch.add_example(route, target, out.differing, ts, lambda: make_example(job, out, ts))
 
 
+class _MatchTally:
+    """Identical answers of one (route, target) since the worker last looked."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.primary: dict[int, int] = {}
+        self.shadow: dict[int, int] = {}
+
+    def add(self, primary_seconds: float, shadow_seconds: float) -> None:
+        self.n += 1
+        b = latency_bucket(primary_seconds)
+        self.primary[b] = self.primary.get(b, 0) + 1
+        b = latency_bucket(shadow_seconds)
+        self.shadow[b] = self.shadow.get(b, 0) + 1
+
+
 class Comparator:
     """Runs comparisons on a worker thread; `submit` is the only call the event loop makes."""
 
@@ -181,6 +198,10 @@ class Comparator:
         #: GIL hand-overs they cause cost the event loop more than the comparisons themselves
         #: (futex and context switches were half the proxy's CPU). The worker polls instead.
         self._jobs: deque[CompareJob] = deque()
+        #: identical answers decided by `submit`, per (route, target), until the worker takes
+        #: them (`_take_matches` swaps the dict under the lock)
+        self._matches: dict[tuple[str, str], _MatchTally] = {}
+        self._matches_lock = threading.Lock()
         #: accepted by submit (loop thread only) / decided and written (worker only)
         self._accepted = 0
         self._written = 0
@@ -217,16 +238,41 @@ class Comparator:
     # -- event loop side -----------------------------------------------------------------------
 
     def submit(self, job: CompareJob) -> bool:
-        """Queue a job without blocking; False (and `dropped` counted) when full or stopped."""
-        if self._stopping or len(self._jobs) >= self.queue_size:
-            self.stats["dropped"] += 1
+        """Queue a job without blocking; False (and `dropped` counted) when full or stopped.
+
+        Byte-identical answers (`_identical`, the common case) are decided here, on the loop:
+        comparing two equal byte strings costs less than handing the job to the worker, which
+        wakes it and makes the two threads trade the GIL. They are tallied (count and both
+        latencies) and the worker takes the tally into its next batch, so they are stored and
+        reported like every other comparison.
+        """
+        if self._stopping:
+            return self._drop(job)
+        settings = job.settings if isinstance(job.settings, CompareSettings) else DEFAULT_SETTINGS
+        if job.secondary is None and _identical(job, settings):
+            key = (job.route, job.target)
+            with self._matches_lock:  # uncontended but for the worker's swap: no syscall
+                tally = self._matches.get(key)
+                if tally is None:
+                    tally = self._matches[key] = _MatchTally()
+                tally.add(job.primary.seconds, job.candidate.seconds)
+            self._accepted += 1
+            self.stats["submitted"] += 1
             if self.metrics is not None:
-                self.metrics.comparison(job.route, job.target, "dropped")
-            return False
+                self.metrics.comparison(job.route, job.target, "match")
+            return True
+        if len(self._jobs) >= self.queue_size:
+            return self._drop(job)
         self._accepted += 1
         self.stats["submitted"] += 1
         self._jobs.append(job)
         return True
+
+    def _drop(self, job: CompareJob) -> bool:
+        self.stats["dropped"] += 1
+        if self.metrics is not None:
+            self.metrics.comparison(job.route, job.target, "dropped")
+        return False
 
     @property
     def queued(self) -> int:
@@ -281,6 +327,7 @@ class Comparator:
             if now >= next_sweep:
                 self._sweep()
                 next_sweep = now + self.sweep_interval
+            batch = self._take_matches(batch)
             while jobs:
                 job = jobs.popleft()
                 started = time.perf_counter()
@@ -311,6 +358,18 @@ class Comparator:
 
     def _new_batch(self) -> Batch:
         return Batch(examples_per_field=self.store.options.examples_per_field)
+
+    def _take_matches(self, batch: Batch) -> Batch:
+        with self._matches_lock:
+            matches, self._matches = self._matches, {}
+        for (route, target), tally in matches.items():
+            batch.add_matches(route, target, tally.n)
+            batch.jobs += tally.n
+            self.stats["compared"] += tally.n
+            for side, counts in (("primary", tally.primary), ("shadow", tally.shadow)):
+                for bucket, n in counts.items():
+                    batch.add_latency_count(route, target, side, bucket, n)
+        return batch
 
     def _decide(self, batch: Batch, job: CompareJob) -> None:
         batch.jobs += 1  # owed a task_done at the next flush, whatever happens below

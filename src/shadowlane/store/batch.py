@@ -131,6 +131,14 @@ class Batch:
         elif result == "noise":
             row[3] += 1
 
+    def add_matches(self, route: str, target: str, n: int) -> None:
+        """`n` comparisons of (route, target) that matched (decided on the event loop)."""
+        row = self.totals.get((route, target))
+        if row is None:
+            row = self.totals[(route, target)] = [0, 0, 0, 0]
+        row[0] += n
+        row[1] += n
+
     def add_field(self, route: str, target: str, path: str, raw: int, noise: int) -> None:
         row = self.fields.get((route, target, path))
         if row is None:
@@ -139,8 +147,11 @@ class Batch:
         row[1] += noise
 
     def add_latency(self, route: str, target: str, side: str, seconds: float) -> None:
-        key = (route, target, side, latency_bucket(seconds))
-        self.latency[key] = self.latency.get(key, 0) + 1
+        self.add_latency_count(route, target, side, latency_bucket(seconds), 1)
+
+    def add_latency_count(self, route: str, target: str, side: str, bucket: int, n: int) -> None:
+        key = (route, target, side, bucket)
+        self.latency[key] = self.latency.get(key, 0) + n
 
     def add_example(
         self, route: str, target: str, paths: list[str], ts: float, factory: ExampleFactory
