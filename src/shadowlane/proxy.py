@@ -21,7 +21,13 @@ from shadowlane.wire.headers import (
 )
 from shadowlane.wire.messages import Headers, Request
 from shadowlane.wire.server import Exchange
-from shadowlane.wire.upstream import BackendPool, EndpointPool, UpstreamConnection, UpstreamError
+from shadowlane.wire.upstream import (
+    BackendPool,
+    EndpointPool,
+    ResponseSink,
+    UpstreamConnection,
+    UpstreamError,
+)
 
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
@@ -71,10 +77,12 @@ class Proxy:
         self.access_log = access_log
         self.proto = proto
         self.loop = asyncio.get_running_loop()
+        #: bound once: `loop.time()` by name costs a method lookup per call
+        self.time: Callable[[], float] = self.loop.time
 
     def handle(self, exchange: Exchange) -> None:
         req = exchange.request
-        t0 = self.loop.time()
+        t0 = self.time()
         route = self.routes.match(req)
         if route is None:
             exchange.respond(404, b"no route matches this request\n")
@@ -90,14 +98,14 @@ class Proxy:
 
     def _answered(self, req: Request, route: str, status: int, t0: float) -> None:
         """Account for an answer the proxy gave itself, before any backend was chosen."""
-        elapsed = self.loop.time() - t0
+        elapsed = self.time() - t0
         self.metrics.observe_request(route, "", status, elapsed)
         if self.access_log is not None:
             req.request_id = req.header("x-request-id") or new_request_id().decode()
             self.access_log(req, route, "", status, elapsed, None)
 
 
-class ProxyCall:
+class ProxyCall(ResponseSink):
     """One request on the primary path; the upstream connection's ResponseSink."""
 
     __slots__ = (
@@ -286,7 +294,7 @@ class ProxyCall:
         self.exchange.end_response()
         self._observe(self.status)
         if self.capture is not None:
-            self.capture.finish(self.proxy.loop.time() - self.t0)
+            self.capture.finish(self.proxy.time() - self.t0)
         if self.shadow_state is not None:
             self.shadow.response_done(self)  # type: ignore[union-attr]
 
@@ -330,7 +338,7 @@ class ProxyCall:
             ex.abort()  # never pass a truncated body off as complete
             self._observe(self.status)
             if self.capture is not None:
-                self.capture.finish(self.proxy.loop.time() - self.t0, err.kind)
+                self.capture.finish(self.proxy.time() - self.t0, err.kind)
             if self.shadow_state is not None:
                 self.shadow.response_done(self)  # type: ignore[union-attr]
             return
@@ -339,7 +347,7 @@ class ProxyCall:
         ex.respond(status, msg.encode())
         self._observe(status)
         if self.capture is not None:
-            self.capture.finish(self.proxy.loop.time() - self.t0, err.kind, status)
+            self.capture.finish(self.proxy.time() - self.t0, err.kind, status)
         if self.shadow_state is not None:
             self.shadow.response_done(self)  # type: ignore[union-attr]
 
@@ -365,7 +373,7 @@ class ProxyCall:
 
     def _observe(self, status: int) -> None:
         proxy = self.proxy
-        elapsed = proxy.loop.time() - self.t0
+        elapsed = proxy.time() - self.t0
         self.status = status
         proxy.metrics.observe_request(self.rt.name, self.backend.name, status, elapsed)
         if proxy.access_log is not None:

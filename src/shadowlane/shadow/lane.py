@@ -24,7 +24,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shadowlane.wire.messages import Headers
-from shadowlane.wire.upstream import BackendPool, EndpointPool, UpstreamConnection, UpstreamError
+from shadowlane.wire.upstream import (
+    BackendPool,
+    EndpointPool,
+    ResponseSink,
+    UpstreamConnection,
+    UpstreamError,
+)
 
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
@@ -57,7 +63,7 @@ class ShadowResult:
 OnDone = Callable[["ShadowCopy", ShadowResult], None]
 
 
-class ShadowCopy:
+class ShadowCopy(ResponseSink):
     """One copy on its way to a target; the upstream connection's ResponseSink."""
 
     __slots__ = (

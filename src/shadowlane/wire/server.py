@@ -48,6 +48,10 @@ _STATUS_TEXT = {
 }
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LINGER_RST = struct.pack("ii", 1, 0)
+
+
+def _not_connected(data: bytes) -> None:
+    raise RuntimeError("client connection not made yet")
 #: an answered request's unread body is read and dropped up to this size, then we close
 DISCARD_LIMIT = 4 * 1024 * 1024
 _INF = float("inf")
@@ -324,6 +328,11 @@ class ServerConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        # bound once per connection: a call by name costs a method lookup every time
+        self._handle: Callable[[Exchange], None] = state.app.handle
+        self._feed: Callable[[bytes], object] = self.parser.feed_data
+        self._write: Callable[[bytes], object] = _not_connected
+        self._time: Callable[[], float] = self.loop.time
         self.client_addr = ""
         self.draining = state.draining
         # parsing state of the message being read
@@ -346,6 +355,7 @@ class ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
+        self._write = self.transport.write
         self.state.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.client_addr = peer[0] if peer else ""
@@ -368,7 +378,7 @@ class ServerConnection(asyncio.Protocol):
         seq = self._msg_seq
         was_in_head = self._in_head
         try:
-            self.parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade:
             # Upgrade is not supported: the request is served as a plain request (Upgrade is a
             # hop-by-hop header and is stripped), then the connection is closed.
@@ -430,7 +440,7 @@ class ServerConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._msg_seq += 1
         if self._active is None:
-            self.deadline = self.loop.time() + self.limits.header_timeout
+            self.deadline = self._time() + self.limits.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -545,7 +555,7 @@ class ServerConnection(asyncio.Protocol):
         self.deadline = _INF
         if self.draining:
             ex.request.keep_alive = False
-        self.app.handle(ex)
+        self._handle(ex)
 
     def _exchange_done(self, ex: Exchange) -> None:
         if ex is not self._active:
@@ -594,7 +604,7 @@ class ServerConnection(asyncio.Protocol):
         if self._error is not None:
             self._send_error(self._error)
             return
-        self.deadline = self.loop.time() + (
+        self.deadline = self._time() + (
             self.limits.header_timeout if self._in_head else self.limits.idle_timeout
         )
 
@@ -644,7 +654,7 @@ class ServerConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if not self._closed and self.transport is not None:
-            self.transport.write(data)
+            self._write(data)
 
     def close(self) -> None:
         if not self._closed and self.transport is not None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Sequence
-from typing import Protocol, cast
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import httptools
 
@@ -38,24 +38,39 @@ class UpstreamError(Exception):
         self.detail = detail
 
 
-class ResponseSink(Protocol):
-    """Receives one upstream response, piece by piece."""
+class ResponseSink:
+    """Receives one upstream response, piece by piece (the proxy's call, a shadow copy).
+
+    A base class rather than a typing.Protocol: compiled, a call through a base class is a
+    direct C call, a call through a Protocol looks the method up by name (several per request).
+    """
+
+    __slots__ = ()
 
     def on_response_head(
         self, status: int, reason: bytes, headers: Headers, content_length: int | None
-    ) -> None: ...
+    ) -> None:
+        raise NotImplementedError
 
-    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_body(self, data: bytes) -> None:
+        raise NotImplementedError
 
-    def on_response_end(self) -> None: ...
+    def on_response_end(self) -> None:
+        raise NotImplementedError
 
     def on_upstream_error(self, err: UpstreamError, retryable: bool) -> None:
         """`retryable`: the connection was reused and no response byte came back (stale)."""
+        raise NotImplementedError
 
-    def on_upstream_writable(self, writable: bool) -> None: ...
+    def on_upstream_writable(self, writable: bool) -> None:
+        """Flow control: the upstream's send buffer is full (False) or drained (True)."""
 
     def on_data_end(self) -> None:
         """End of one read from the upstream: a chance to flush coalesced writes."""
+
+
+def _not_connected(data: bytes) -> None:
+    raise RuntimeError("upstream connection not made yet")
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -69,6 +84,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
+        # bound once per connection: a call by name costs a method lookup every time
+        self._feed: Callable[[bytes], object] = self._parser.feed_data
+        self._write: Callable[[bytes], object] = _not_connected
+        self._time: Callable[[], float] = self.loop.time
         self._sink: ResponseSink | None = None
         self._head_request = False
         self._status = 0
@@ -88,6 +107,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
+        self._write = self.transport.write
 
     def connection_lost(self, exc: Exception | None) -> None:
         prev = self.state
@@ -112,13 +132,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
-        self._last_activity = self.loop.time()
+        self._last_activity = self._time()
         if self.state != BUSY:
             # bytes with no request outstanding: the connection cannot be trusted any more
             self.close()
             return
         try:
-            self._parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserError as exc:
             sink = self._sink
             self._sink = None
@@ -193,17 +213,17 @@ class UpstreamConnection(asyncio.Protocol):
         self._request_done = False
         self._got_bytes = False
         self._timeout = timeout
-        self._last_activity = self.loop.time()
+        self._last_activity = self._time()
         if self._timer is None:
             # one timer per connection, re-armed from the last activity when it fires, rather
             # than one armed and cancelled per request
             self._timer = self.loop.call_later(timeout, self._on_timer)
-        self.transport.write(head)
+        self._write(head)
 
     def write_body(self, data: bytes) -> None:
         if self.state == BUSY and self.transport is not None:
-            self._last_activity = self.loop.time()
-            self.transport.write(data)
+            self._last_activity = self._time()
+            self._write(data)
 
     def end_request(self) -> None:
         """The whole request (head and body) has been written."""
@@ -239,6 +259,7 @@ class UpstreamConnection(asyncio.Protocol):
             # the parser still expects the body the HEAD answer announced; the next answer on
             # this connection needs a fresh one (swapped before the next request can be sent)
             self._parser = httptools.HttpResponseParser(self)
+            self._feed = self._parser.feed_data  # bound to the new parser
         sink = self._sink
         if not keep_alive:
             self._sink = None
