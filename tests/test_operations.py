@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import requests
 
-from support.backend import Recorded, RecordingBackend, Reply
+from support.backend import HungServer, Recorded, RecordingBackend, Reply
 from support.procfs import socket_inodes
 from support.proxy import HttpResponse, ProxyProcess, free_port, read_http_response
 from support.wait import wait_until
@@ -945,6 +945,44 @@ def test_workers_metrics_add_up_to_the_requests_sent(
     except TimeoutError:
         assert totals() == want  # shows the numbers
     assert metric_sum(scrape(proxy), "shadowlane_build_info") == 1
+
+
+def test_workers_gauges_add_up_over_workers(
+    backends: Callable[..., RecordingBackend], proxy_factory: ProxyFactory
+) -> None:
+    """Per-worker state (copies in flight) is summed over workers, not worker 0's share."""
+    primary = backends()
+    with HungServer() as hung:
+        cfg: dict[str, Any] = {
+            "backends": {"p": backend_cfg(primary), "h": {"endpoints": [hung.url]}},
+            "routes": [
+                {
+                    "name": "api",
+                    "match": {"path_prefix": "/"},
+                    "backend": "p",
+                    "shadows": [
+                        {"backend": "h", "percent": 100, "timeout": "60s", "max_in_flight": 200}
+                    ],
+                }
+            ],
+        }
+        proxy = started(proxy_factory, cfg, workers=2)
+        pids = two_workers_listening(proxy)
+        n = 60
+        with ThreadPoolExecutor(12) as ex:
+            statuses = list(ex.map(lambda i: get(proxy.port, f"/g/{i}").status, range(n)))
+        assert statuses == [200] * n
+        served = workers_connected_to(pids, primary)
+        assert all(served.values()), f"not every worker served (test setup): {served}"
+        hung.wait_for_connections(n, T)  # every copy is in flight, in one worker or the other
+
+        def in_flight() -> float:
+            return metric_sum(scrape(proxy), "shadowlane_shadow_in_flight", route="api", target="h")
+
+        try:
+            wait_until(lambda: in_flight() == n, T, "in-flight copies summed over workers")
+        except TimeoutError:
+            assert in_flight() == n  # shows the number
 
 
 # -- graceful drain -------------------------------------------------------------------------------

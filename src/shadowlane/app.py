@@ -31,7 +31,7 @@ from shadowlane.compare.engine import Comparator
 from shadowlane.compare.settings import compile_settings
 from shadowlane.config import BackendConfig, Config, ConfigError, TlsConfig, load_config
 from shadowlane.control import Control, install_control_api
-from shadowlane.metrics import Metrics, reset_multiprocess_dir
+from shadowlane.metrics import Metrics, mark_process_dead, reset_multiprocess_dir
 from shadowlane.proxy import Proxy, RouteRuntime
 from shadowlane.routing import RouteTable
 from shadowlane.shadow.dispatcher import ShadowDispatcher
@@ -532,13 +532,19 @@ def run_workers(cfg: Config, config_path: str | None, workers: int, *, watch: bo
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, relay)
     status = 0
-    for pid in pids:
-        while True:
-            try:
-                _, code = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
+    remaining = set(pids)
+    while remaining:
+        try:
+            pid, code = os.wait()
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            break
+        if pid not in remaining:
+            continue
+        remaining.discard(pid)
+        # a worker that is gone must stop counting in the summed gauges (queue depth, ...)
+        mark_process_dead(pid, metrics_dir)
         if os.waitstatus_to_exitcode(code) != 0:
             status = 1
     shutil.rmtree(metrics_dir, ignore_errors=True)

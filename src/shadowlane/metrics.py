@@ -33,8 +33,10 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
     values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -49,6 +51,7 @@ __all__ = [
     "SHADOW_OUTCOMES",
     "GaugeProvider",
     "Metrics",
+    "mark_process_dead",
     "reset_multiprocess_dir",
 ]
 
@@ -221,6 +224,44 @@ class _GaugeProviderCollector:
         yield self._family()
 
 
+class _SharedGauge:
+    """A gauge provider of one worker, written into a `livesum` Gauge at every flush.
+
+    With workers, a scrape is answered by one process, and a provider evaluated there would see
+    that worker's lanes only. So in multiprocess mode each worker writes its own values into
+    prometheus_client's file-backed Gauge (`livesum`: summed over live processes) when it
+    flushes, at most FLUSH_INTERVAL old; the supervisor marks an exited worker's files dead.
+    """
+
+    def __init__(self, gauge: Gauge, fn: GaugeProvider, seen: set[tuple[str, ...]]) -> None:
+        self.gauge = gauge
+        self.fn = fn
+        #: label values written last time: those no longer reported are set back to 0
+        self.seen = seen
+
+    def publish(self) -> None:
+        try:
+            samples = [(tuple(labels), float(value)) for labels, value in self.fn()]
+        except Exception:
+            log.exception("gauge provider %s failed; not updated", self.gauge._name)
+            return
+        now: set[tuple[str, ...]] = set()
+        for labels, value in samples:
+            now.add(labels)
+            self._child(labels).set(value)
+        for labels in self.seen - now:
+            self._child(labels).set(0.0)
+        self.seen = now
+
+    def clear(self) -> None:
+        for labels in self.seen:
+            self._child(labels).set(0.0)
+        self.seen = set()
+
+    def _child(self, labels: tuple[str, ...]) -> Gauge:
+        return self.gauge.labels(*labels) if labels else self.gauge
+
+
 def _enable_multiprocess(path: str) -> None:
     """Make prometheus_client record new metric values into mmap files under `path`.
 
@@ -239,6 +280,11 @@ def _enable_multiprocess(path: str) -> None:
         return
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def mark_process_dead(pid: int, path: str) -> None:
+    """A worker exited: its `livesum` gauge files stop counting (counters keep their totals)."""
+    multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
 
 
 def reset_multiprocess_dir(path: str) -> None:
@@ -326,6 +372,9 @@ class Metrics:
         self._comparison_tallies: dict[tuple[str, str, str], _CounterTally] = {}
         self._comparison_lock = threading.Lock()
         self._providers: dict[str, _GaugeProviderCollector] = {}
+        #: multiprocess mode: providers published through file-backed gauges (see _SharedGauge)
+        self._shared_gauges: dict[str, _SharedGauge] = {}
+        self._gauges: dict[str, Gauge] = {}
 
     # -- hot path -------------------------------------------------------------------------------
 
@@ -385,6 +434,8 @@ class Metrics:
             histogram.flush()
         for histogram in list(self._shadow_duration_tallies.values()):
             histogram.flush()
+        for shared in list(self._shared_gauges.values()):
+            shared.publish()
 
     def start_flushing(self, loop: asyncio.AbstractEventLoop) -> None:
         """Flush every FLUSH_INTERVAL seconds, so that a scrape served by another worker is
@@ -449,8 +500,20 @@ class Metrics:
 
         Setting a provider for a name again replaces the previous one (a config reload rebuilds
         pools and lanes). `fn` runs on the thread that renders, which is the event loop for the
-        admin server, so it may read loop-owned state without locks.
+        admin server, so it may read loop-owned state without locks. With workers
+        (`multiprocess_dir`), `fn` runs at every flush of this worker instead, and a scrape
+        reports the sum over workers.
         """
+        if self.multiprocess_dir is not None:
+            gauge = self._gauges.get(name)
+            if gauge is None:
+                gauge = self._gauges[name] = Gauge(
+                    name, doc, labels, registry=self.registry, multiprocess_mode="livesum"
+                )
+            previous = self._shared_gauges.get(name)
+            seen = previous.seen if previous is not None else set()
+            self._shared_gauges[name] = _SharedGauge(gauge, fn, seen)
+            return
         old = self._providers.pop(name, None)
         if old is not None:
             self._render_registry.unregister(old)
@@ -460,6 +523,9 @@ class Metrics:
 
     def remove_gauge_provider(self, name: str) -> None:
         """Stop publishing gauge `name` (no-op when it is not set)."""
+        shared = self._shared_gauges.pop(name, None)
+        if shared is not None:
+            shared.clear()
         old = self._providers.pop(name, None)
         if old is not None:
             self._render_registry.unregister(old)
