@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from shadowlane.wire.headers import response_fields, response_headers, serialize_headers
 from support.backend import Recorded, RecordingBackend, Reply, default_handler
 from support.proxy import HttpResponse, ProxyProcess, read_http_response
 
@@ -283,3 +284,20 @@ def test_generated_request_id_is_a_valid_uuid4(env: Env) -> None:
     variant bits (10xx), which is what uuid.UUID(...).version and validators check."""
     bad = [rid for rid in request_ids(env, 50) if uuid.UUID(rid).version != 4]
     assert bad == [], f"{len(bad)}/50 generated ids are not RFC 4122 v4 UUIDs, e.g. {bad[:3]}"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [(b"content-type", b"text/plain"), (b"content-length", b"3")],
+        [(b"connection", b"keep-alive"), (b"x-a", b"1"), (b"keep-alive", b"timeout=5")],
+        [(b"connection", b"close"), (b"transfer-encoding", b"chunked"), (b"x-a", b"1")],
+        [(b"x-a", b"1"), (b"connection", b"x-a, keep-alive"), (b"x-b", b"2")],
+        [(b"connection", b"keep-alive"), (b"connection", b"X-B"), (b"x-b", b"2"), (b"x-c", b"")],
+        [(b"connection", b"Keep-Alive"), (b"set-cookie", b"a=1"), (b"set-cookie", b"b=2")],
+    ],
+)
+def test_response_fields_is_the_filtered_serialisation(headers: list[tuple[bytes, bytes]]) -> None:
+    """The one-pass response head the proxy writes equals filter-then-serialise, the rule."""
+    assert response_fields(headers) == serialize_headers(response_headers(headers))

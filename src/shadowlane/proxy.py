@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from shadowlane.routing import Route, RouteTable
 from shadowlane.wire.headers import (
     new_request_id,
-    response_headers,
+    response_fields,
     serialize_headers,
     upstream_request_headers,
 )
@@ -164,12 +164,10 @@ class ProxyCall(ResponseSink):
         #: the forwarded headers, kept only when shadow copies will be built from them
         self.upstream_headers: Headers | None = headers if rt.shadows is not None else None
         framing = b"transfer-encoding: chunked\r\n" if exchange.chunked else b""
-        self.head = b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
-            req.method.encode(),
-            req.target,
-            serialize_headers(headers),
-            framing,
-        )
+        self.head = (
+            req.method.encode() + b" " + req.target + b" HTTP/1.1\r\n"
+            + serialize_headers(headers) + framing + b"\r\n"
+        )  # fmt: skip
 
     # ----- request side -----
     def start(self) -> None:
@@ -277,7 +275,9 @@ class ProxyCall(ResponseSink):
         if self.client_gone or self.finished:
             return
         self.status = status
-        self.exchange.start_response(status, reason, response_headers(headers), content_length)
+        self.exchange.start_response_fields(
+            status, reason, response_fields(headers), content_length
+        )
         if self.capture is not None:
             self.capture.head(status, headers)
 

@@ -152,6 +152,22 @@ def response_headers(headers: Headers) -> Headers:
     return out
 
 
+def response_fields(headers: Headers) -> bytes:
+    """`serialize_headers(response_headers(headers))` in one pass, without the filtered list
+    (once per proxied answer); a `Connection` header naming other headers takes the long way."""
+    parts: list[bytes] = []
+    for name, value in headers:
+        if name in _RESPONSE_DROPPED:
+            if name == b"connection" and value not in _CONNECTION_OPTIONS:
+                return serialize_headers(response_headers(headers))
+            continue
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
 def serialize_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     # one join over the pieces: no intermediate `name: value` bytes object per header
     parts: list[bytes] = []

@@ -191,6 +191,21 @@ class Exchange:
         close: bool = False,
     ) -> None:
         """Write the response head. `content_length` None means the length is unknown."""
+        self.start_response_fields(
+            status, reason, serialize_headers(headers), content_length, close=close
+        )
+
+    def start_response_fields(
+        self,
+        status: int,
+        reason: bytes,
+        fields: bytes,
+        content_length: int | None,
+        *,
+        close: bool = False,
+    ) -> None:
+        """`start_response` with the header fields already serialised (`name: value\r\n`...),
+        as the proxy builds them in the same pass that drops hop-by-hop headers."""
         self.response_started = True
         self.status = status
         self.expect_continue = False
@@ -202,7 +217,7 @@ class Exchange:
         if content_length is not None or no_body:
             framing = b""
             if content_length is not None and status != 304 and status >= 200 and status != 204:
-                framing = b"content-length: %d\r\n" % content_length
+                framing = b"content-length: " + str(content_length).encode() + b"\r\n"
         elif req.http_version == "1.1":
             framing = b"transfer-encoding: chunked\r\n"
             self._chunked_out = True
@@ -215,12 +230,12 @@ class Exchange:
         else:
             framing += b"connection: close\r\n"
         # held until the body, the end, or flush(): one write (one syscall) instead of two
-        self._pending = b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
-            status,
-            reason,
-            serialize_headers(headers),
-            framing,
-        )
+        line = _STATUS_LINES.get((status, reason))
+        if line is None:
+            line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+            if len(_STATUS_LINES) < 256:  # a handful of (status, reason) pairs repeat
+                _STATUS_LINES[(status, reason)] = line
+        self._pending = line + fields + framing + b"\r\n"
 
     def send_body(self, data: bytes) -> None:
         if not data or self.head_request:
@@ -693,6 +708,7 @@ class ServerConnection(asyncio.Protocol):
 
 
 _HOST_CACHE: dict[bytes, str] = {}
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
 
 
 def _host_name(host: bytes) -> str | None:
