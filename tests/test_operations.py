@@ -898,6 +898,20 @@ def test_paused_shadow_still_accounts_for_every_request(
 # -- --workers 2 metrics --------------------------------------------------------------------------
 
 
+def two_workers_served(
+    proxy_factory: ProxyFactory, cfg: dict[str, Any], primary: RecordingBackend, n: int
+) -> ProxyProcess:
+    """A 2-worker proxy that has answered `n` GETs (12 at a time), both workers taking part."""
+    proxy = started(proxy_factory, cfg, workers=2)
+    pids = two_workers_listening(proxy)
+    with ThreadPoolExecutor(12) as ex:
+        statuses = list(ex.map(lambda i: get(proxy.port, f"/w/{i}").status, range(n)))
+    assert statuses == [200] * n
+    served = workers_connected_to(pids, primary)
+    assert all(served.values()), f"not every worker served (test setup): {served}"
+    return proxy
+
+
 def test_workers_metrics_add_up_to_the_requests_sent(
     backends: Callable[..., RecordingBackend], proxy_factory: ProxyFactory
 ) -> None:
@@ -916,14 +930,8 @@ def test_workers_metrics_add_up_to_the_requests_sent(
             }
         ],
     }
-    proxy = started(proxy_factory, cfg, workers=2)
-    pids = two_workers_listening(proxy)
     n = 300
-    with ThreadPoolExecutor(12) as ex:
-        statuses = list(ex.map(lambda i: get(proxy.port, f"/m/{i}").status, range(n)))
-    assert statuses == [200] * n
-    served = workers_connected_to(pids, primary)
-    assert all(served.values()), f"not every worker served (test setup): {served}"
+    proxy = two_workers_served(proxy_factory, cfg, primary, n)
 
     s.wait_for(lambda b: len(b.requests) == n, T)
 
@@ -966,14 +974,8 @@ def test_workers_gauges_add_up_over_workers(
                 }
             ],
         }
-        proxy = started(proxy_factory, cfg, workers=2)
-        pids = two_workers_listening(proxy)
         n = 60
-        with ThreadPoolExecutor(12) as ex:
-            statuses = list(ex.map(lambda i: get(proxy.port, f"/g/{i}").status, range(n)))
-        assert statuses == [200] * n
-        served = workers_connected_to(pids, primary)
-        assert all(served.values()), f"not every worker served (test setup): {served}"
+        proxy = two_workers_served(proxy_factory, cfg, primary, n)
         hung.wait_for_connections(n, T)  # every copy is in flight, in one worker or the other
 
         def in_flight() -> float:
