@@ -319,6 +319,14 @@ def test_duplicate_route_name() -> None:
     assert errors_of(text) == ["routes[2].name: duplicate route name 'r' (also routes[0])"]
 
 
+def test_two_shadows_of_a_route_need_two_target_names() -> None:
+    text = one_route("name: r\nbackend: a\nshadows: [{backend: b}, {backend: a}, {backend: b}]")
+    assert errors_of(text) == [
+        "routes[0].shadows[2].backend: 'b' is already the target of routes[0].shadows[0]; "
+        "to send two copies, declare a second backend name with the same endpoints"
+    ]
+
+
 def test_bad_route_name() -> None:
     assert errors_of(one_route("name: 'my route'\nbackend: a")) == [
         "routes[0].name: bad name 'my route': use letters, digits and _ . - only"

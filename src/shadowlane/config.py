@@ -1069,8 +1069,19 @@ def _cross_check(cfg: Config) -> list[str]:
             ref(f"routes[{i}].backend", route.backend)
         for j, leg in enumerate(route.backends or ()):
             ref(f"routes[{i}].backends[{j}].backend", leg.backend)
+        shadowed: dict[str, int] = {}
         for j, shadow in enumerate(route.shadows):
             ref(f"routes[{i}].shadows[{j}].backend", shadow.backend)
+            if shadow.backend in shadowed:
+                # outcomes, latencies and comparisons are kept per (route, target): two lanes
+                # under one name would add up into one series and one comparison row
+                errors.append(
+                    f"routes[{i}].shadows[{j}].backend: {shadow.backend!r} is already the target "
+                    f"of routes[{i}].shadows[{shadowed[shadow.backend]}]; to send two copies, "
+                    "declare a second backend name with the same endpoints"
+                )
+            else:
+                shadowed[shadow.backend] = j
             opts = shadow.compare_enabled
             if opts is not None and opts.secondary is not None:
                 ref(f"routes[{i}].shadows[{j}].compare.secondary", opts.secondary)
