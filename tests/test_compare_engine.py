@@ -131,3 +131,16 @@ def test_identical_answers_are_decided_at_submit_and_stored() -> None:
     text = metrics.render()[0].decode()
     assert 'shadowlane_comparisons_total{result="match",route="r",target="t"} 50.0' in text
     assert 'shadowlane_comparisons_total{result="diff",route="r",target="t"} 1.0' in text
+
+
+def test_stop_writes_the_identical_answers_decided_just_before() -> None:
+    ctype = [(b"content-type", b"text/plain")]
+    metrics = Metrics()
+    with open_store("sqlite:///:memory:") as store:
+        comp = Comparator(store, metrics, 10, flush_interval=10.0).start()
+        for i in range(20):
+            same = Captured(200, ctype, b"same", False, 0.01)
+            job = CompareJob("r", "t", f"id{i}", "GET", "/", b"", same, same, None)
+            assert comp.submit(job)
+        assert comp.stop(30)
+        assert store.summary()[0]["matched"] == 20  # flushed on stop, not after 10 s

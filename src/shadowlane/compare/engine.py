@@ -345,6 +345,8 @@ class Comparator:
             stopping = self._stopping
             if self._flush_asked or stopping or time.monotonic() >= next_flush:
                 self._flush_asked = False
+                # matches decided since the top of this round: after stop() none can follow
+                batch = self._take_matches(batch)
                 self._flush(batch)
                 batch = self._new_batch()
                 next_flush = time.monotonic() + self.flush_interval
