@@ -66,7 +66,9 @@ def refuses_connections(port: int) -> bool:
     try:
         with socket.create_connection((LOOPBACK, port), timeout=1.0):
             return False
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
+        # reset: the connect landed in the backlog just as the listener closed (the kernel
+        # resets what was never accepted): the port is not accepting either way
         return True
 
 
