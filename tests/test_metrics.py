@@ -19,6 +19,7 @@ from shadowlane.metrics import (
     NO_ROUTE,
     SHADOW_OUTCOMES,
     Metrics,
+    mark_process_dead,
     reset_multiprocess_dir,
 )
 
@@ -265,6 +266,53 @@ def test_multiprocess_render_sums_over_processes(tmp_path: Path) -> None:
     assert value(s, sr, route="orders", target="orders-v2", outcome="ok") == 12
     # Build info is reported once by the rendering process, not summed over workers.
     assert value(s, "shadowlane_build_info", version=__version__) == 1
+
+
+_GAUGE_WORKER = textwrap.dedent(
+    """
+    import sys
+    from shadowlane.metrics import Metrics
+    m = Metrics(multiprocess_dir=sys.argv[1])
+    state = {"a": float(sys.argv[2]), "b": 2.0}
+    m.set_gauge_provider(
+        "shadowlane_shadow_queued", "q", ("route", "target"),
+        lambda: [(("r", t), v) for t, v in state.items()],
+    )
+    m.flush()
+    del state["b"]  # the lane went away (a reload): its series must drop back to 0
+    if sys.argv[3] == "render":
+        sys.stdout.write(m.render()[0].decode())
+    else:
+        m.flush()
+    """
+)
+
+
+def test_multiprocess_gauges_sum_over_workers_and_forget_gone_series(tmp_path: Path) -> None:
+    mp = tmp_path / "mp"
+    reset_multiprocess_dir(str(mp))
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+
+    def run(a: float, mode: str) -> tuple[int, str]:
+        with subprocess.Popen(
+            [sys.executable, "-c", _GAUGE_WORKER, str(mp), str(a), mode],
+            stdout=subprocess.PIPE, text=True, env=env,
+        ) as proc:  # fmt: skip
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0
+            return proc.pid, out
+
+    def queued(text: str) -> tuple[float, float]:
+        s = [x for fam in text_string_to_metric_families(text) for x in fam.samples]
+        name = "shadowlane_shadow_queued"
+        return value(s, name, route="r", target="a"), value(s, name, route="r", target="b")
+
+    first, _ = run(3, "quiet")  # another worker's figures, in the shared files
+    second, text = run(4, "render")
+    assert queued(text) == (7, 0)  # summed; the series that went away is back to 0
+    for pid in (first, second):
+        mark_process_dead(pid, str(mp))  # what the supervisor does when a worker exits
+    assert queued(run(4, "render")[1]) == (4, 0)
 
 
 def test_multiprocess_dir_must_exist(tmp_path: Path) -> None:
