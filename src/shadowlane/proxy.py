@@ -111,6 +111,7 @@ class ProxyCall(ResponseSink):
     __slots__ = (
         "backend",
         "body",
+        "body_lost",
         "body_size_seen",
         "capture",
         "client_gone",
@@ -119,6 +120,7 @@ class ProxyCall(ResponseSink):
         "exchange",
         "finished",
         "head",
+        "late_body",
         "proxy",
         "request",
         "request_id",
@@ -146,6 +148,10 @@ class ProxyCall(ResponseSink):
         self.retained: list[bytes] | None = [] if exchange.has_body else None
         self.body: bytes | None = None if exchange.has_body else b""
         self.body_size_seen = 0
+        #: answered before the upload ended, the rest is still read for the shadow copies
+        self.late_body = False
+        #: ... and the connection closed before it ended
+        self.body_lost = False
         self.retried = False
         self.client_gone = False
         self.finished = False
@@ -222,6 +228,13 @@ class ProxyCall(ResponseSink):
     def _on_body(self, chunk: bytes) -> None:
         ex = self.exchange
         self.body_size_seen += len(chunk)
+        if self.finished:
+            # the primary has answered; only the shadow copies still want the body
+            if self.retained is not None:
+                self.retained.append(chunk)
+                if self.body_size_seen > self.rt.retain_limit:
+                    self.retained = None
+            return
         if self.body_size_seen > self.rt.max_body:
             # only chunked bodies get here (Content-Length was checked up front)
             if self.conn is not None:
@@ -250,6 +263,10 @@ class ProxyCall(ResponseSink):
 
     def _on_body_end(self) -> None:
         if self.finished:
+            if self.late_body:
+                if self.retained is not None:
+                    self.body = b"".join(self.retained)
+                self.shadow.late_body(self)  # type: ignore[union-attr]
             return
         if self.retained is not None:
             self.body = b"".join(self.retained)
@@ -291,12 +308,30 @@ class ProxyCall(ResponseSink):
         if self.client_gone or self.finished:
             return
         self.finished = True
-        self.exchange.end_response()
+        ex = self.exchange
+        if ex.has_body and not ex.body_done:
+            # answered before the upload ended: the server reads the rest anyway, and the
+            # `with_request` copies can still have it if it stays within what we retain
+            if self.shadow_state is not None and self.retained is not None:
+                self.late_body = True
+                ex.on_body_lost = self._body_lost
+            else:
+                ex.release_body()
+        ex.end_response()
         self._observe(self.status)
         if self.capture is not None:
             self.capture.finish(self.proxy.time() - self.t0)
         if self.shadow_state is not None:
             self.shadow.response_done(self)  # type: ignore[union-attr]
+
+    def _body_lost(self) -> None:
+        self.body_lost = True
+        self.retained = None
+        self.shadow.late_body(self)  # type: ignore[union-attr]
+
+    def body_may_follow(self) -> bool:
+        """The primary answered early and the rest of the body may still arrive."""
+        return self.late_body and not self.body_lost and self.retained is not None
 
     def on_upstream_error(self, err: UpstreamError, retryable: bool) -> None:
         ex = self.exchange

@@ -87,13 +87,15 @@ class RouteShadows:
 class RequestShadows:
     """Per-request state: the lanes this request was sampled into, and what became of it."""
 
-    __slots__ = ("outcomes", "requested", "sampled")
+    __slots__ = ("outcomes", "requested", "sampled", "waiting_body")
 
     def __init__(self, sampled: list[LanePlan]) -> None:
         self.sampled = sampled
         self.outcomes: dict[str, str] = {}
         #: the `with_request` copies have been decided (sent, dropped or skipped)
         self.requested = False
+        #: `with_request` copies waiting for the rest of a body the primary answered early
+        self.waiting_body: list[LanePlan] = []
 
 
 def _key(spec: tuple[str, str] | None) -> KeyFn | None:
@@ -225,8 +227,9 @@ class ShadowDispatcher:
                 self._submit(call, p, state, base)
 
     def response_done(self, call: ProxyCall) -> None:
-        """The primary answered, failed, or the client left: `after_response` copies go now;
-        `with_request` copies not decided yet (the body never completed) are skipped."""
+        """The primary answered, failed, or the client left: `after_response` copies go now.
+        `with_request` copies not decided yet wait for the rest of the body when the primary
+        answered early and it is still being read (`late_body`); otherwise they are skipped."""
         state = call.shadow_state
         assert isinstance(state, RequestShadows)
         base = call.upstream_headers
@@ -239,6 +242,8 @@ class ShadowDispatcher:
                 if not requested:
                     if call.body is not None:
                         self._submit(call, p, state, base)
+                    elif call.body_may_follow():
+                        state.waiting_body.append(p)  # see late_body
                     else:
                         self._outcome(state, p, "skipped_body")
                 continue
@@ -250,6 +255,20 @@ class ShadowDispatcher:
                 self._outcome(state, p, "skipped_body")
                 continue
             self._submit(call, p, state, base)
+
+    def late_body(self, call: ProxyCall) -> None:
+        """The body of a request the primary answered early is complete (or lost for good):
+        the `with_request` copies that waited for it go now, or are `skipped_body`."""
+        state = call.shadow_state
+        assert isinstance(state, RequestShadows)
+        waiting, state.waiting_body = state.waiting_body, []
+        base = call.upstream_headers
+        assert base is not None
+        for p in waiting:
+            if call.body is not None and not call.body_lost:
+                self._submit(call, p, state, base)
+            else:
+                self._outcome(state, p, "skipped_body")
 
     def _submit(self, call: ProxyCall, p: LanePlan, state: RequestShadows, base: Headers) -> None:
         body = call.body

@@ -104,6 +104,7 @@ class Exchange:
         "expect_continue",
         "head_request",
         "on_abort",
+        "on_body_lost",
         "on_writable",
         "request",
         "response_done",
@@ -132,6 +133,9 @@ class Exchange:
         self.on_abort: Callable[[], None] | None = None
         #: called with True/False when the client's write buffer fills/drains
         self.on_writable: Callable[[bool], None] | None = None
+        #: the application still reads the body after its answer (see `_discard_rest`): called
+        #: when that body will never complete (the connection closed first)
+        self.on_body_lost: Callable[[], None] | None = None
 
     # ----- request body -----
     @property
@@ -155,6 +159,16 @@ class Exchange:
         if self.expect_continue and not self.body_done and not self.response_started:
             self.expect_continue = False
             self.conn.write(_CONTINUE)
+
+    def release_body(self) -> None:
+        """The application wants no more of the body (its answer is out): the rest is dropped."""
+        self._on_body = self._on_body_end = None
+
+    def _body_lost(self) -> None:
+        callback = self.on_body_lost
+        self.on_body_lost = None
+        if callback is not None and not self.body_done:
+            callback()
 
     def pause_body(self) -> None:
         self.conn.pause_reading_for("upstream")
@@ -364,6 +378,8 @@ class ServerConnection(asyncio.Protocol):
         self._paused_for: set[str] = set()
         self._closed = False
         self._error: BadRequest | None = None
+        #: the answered exchange whose unread body is being read and dropped
+        self._discarding: Exchange | None = None
         self.deadline = _INF
 
     # ----- asyncio callbacks -----
@@ -382,6 +398,10 @@ class ServerConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.state.connections.discard(self)
+        discarding = self._discarding
+        if discarding is not None:
+            self._discarding = None
+            discarding._body_lost()
         ex = self._active
         if ex is not None and not ex.response_done and ex.on_abort is not None:
             ex.on_abort()
@@ -586,6 +606,7 @@ class ServerConnection(asyncio.Protocol):
             self._discard_rest(ex)
             return
         if not ex.request.keep_alive or not ex.body_done:
+            ex._body_lost()
             transport.close()
             self._closed = True
             return
@@ -593,16 +614,28 @@ class ServerConnection(asyncio.Protocol):
 
     def _discard_rest(self, ex: Exchange) -> None:
         budget = DISCARD_LIMIT
+        # an application that still wants the rest (the shadow copies of an upload the primary
+        # answered early) keeps getting it while we read it anyway
+        keep, keep_end = ex._on_body, ex._on_body_end
 
         def drop(chunk: bytes) -> None:
             nonlocal budget
             budget -= len(chunk)
+            if keep is not None:
+                keep(chunk)
             if budget < 0:
                 self.close()  # too much left to be worth reading
 
+        def end() -> None:
+            self._discarding = None
+            if keep_end is not None:
+                keep_end()
+            self._next()
+
         ex._on_body = drop
-        ex._on_body_end = self._next
+        ex._on_body_end = end
         ex._body_buffer = None
+        self._discarding = ex
         self._paused_for.discard("upstream")
         self.resume_reading_for("discard")
         self.deadline = self.loop.time() + self.limits.header_timeout
