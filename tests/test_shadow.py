@@ -102,15 +102,7 @@ def shadow_reply(rec: Recorded) -> Reply:
 
 
 def scrape(proxy: ProxyProcess) -> str:
-    conn = http.client.HTTPConnection(proxy.admin_host, proxy.admin_port, timeout=T)
-    try:
-        conn.request("GET", "/metrics")
-        resp = conn.getresponse()
-        body = resp.read()
-        assert resp.status == 200, body
-        return body.decode()
-    finally:
-        conn.close()
+    return proxy.metrics_text(T)
 
 
 def all_outcomes(proxy: ProxyProcess) -> dict[tuple[str, str], dict[str, float]]:

@@ -11,7 +11,6 @@ The primary here is a real socket server that answers as soon as it has the requ
 
 from __future__ import annotations
 
-import http.client
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -113,12 +112,7 @@ def setup(
 
 
 def outcomes(proxy: ProxyProcess) -> dict[str, float]:
-    conn = http.client.HTTPConnection(proxy.admin_host, proxy.admin_port, timeout=T)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
+    text = proxy.metrics_text()
     return {
         s.labels["outcome"]: s.value
         for fam in text_string_to_metric_families(text)

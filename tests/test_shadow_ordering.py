@@ -115,12 +115,7 @@ def get_history(backend: KVBackend, target: str, account: str | None = None) -> 
 
 
 def outcomes(proxy: ProxyProcess, route: str, target: str) -> dict[str, float]:
-    conn = http.client.HTTPConnection(proxy.admin_host, proxy.admin_port, timeout=T)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
+    text = proxy.metrics_text(T)
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:

@@ -9,6 +9,7 @@ every wait here has a deadline.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import signal
 import socket
@@ -146,6 +147,18 @@ class ProxyProcess:
 
     def stdout_text(self) -> str:
         return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+
+    def metrics_text(self, timeout: float = 5.0) -> str:
+        """The admin listener's `/metrics` exposition (fails the test on a non-200 answer)."""
+        conn = http.client.HTTPConnection(self.admin_host, self.admin_port, timeout=timeout)
+        try:
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 200, body
+            return body.decode()
+        finally:
+            conn.close()
 
     def stderr_text(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
