@@ -439,18 +439,8 @@ def test_reload_that_turns_on_compare_records_comparisons(
     at start (counted in /metrics, written to the store, shown by `shadowlane report`)."""
     primary, candidate = backends(), backends()
     store = f"sqlite:///{tmp_path / 'compare.db'}"
-    cfg: dict[str, Any] = {
-        "backends": {"p": backend_cfg(primary), "c": backend_cfg(candidate)},
-        "routes": [
-            {
-                "name": "api",
-                "match": {"path_prefix": "/"},
-                "backend": "p",
-                "shadows": [{"backend": "c", "percent": 100}],
-            }
-        ],
-        "compare": {"store": store, "flush_interval": "200ms"},
-    }
+    cfg = one_shadow_config(primary, candidate, route="api", token=False)
+    cfg["compare"] = {"store": store, "flush_interval": "200ms"}
     proxy = started(proxy_factory, cfg)
     assert get(proxy.port, "/before").status == 200
     candidate.wait_for_requests(1)
@@ -464,7 +454,7 @@ def test_reload_that_turns_on_compare_records_comparisons(
     candidate.wait_for_requests(6)
 
     def compared() -> float:
-        return metric_sum(scrape(proxy), "shadowlane_comparisons_total", route="api", target="c")
+        return metric_sum(scrape(proxy), "shadowlane_comparisons_total", route="api", target="s")
 
     try:
         wait_until(lambda: compared() >= 5, T, "5 comparisons counted in /metrics")
@@ -484,8 +474,8 @@ def compared_in_report(store: str) -> int:
     )
     assert out.returncode == 0, out.stderr
     rows = {(r["route"], r["target"]): r for r in json.loads(out.stdout)["comparisons"]}
-    assert ("api", "c") in rows, out.stdout
-    return int(rows[("api", "c")]["compared"])
+    assert ("api", "s") in rows, out.stdout
+    return int(rows[("api", "s")]["compared"])
 
 
 # -- runtime weight flip ------------------------------------------------------------------------
@@ -995,18 +985,9 @@ def test_sigterm_finishes_primaries_and_shadow_copies_and_flushes_comparisons(
 ) -> None:
     primary, candidate = backends(), backends()
     store = f"sqlite:///{tmp_path / 'compare.db'}"
-    cfg: dict[str, Any] = {
-        "backends": {"p": backend_cfg(primary), "c": backend_cfg(candidate)},
-        "routes": [
-            {
-                "name": "api",
-                "match": {"path_prefix": "/"},
-                "backend": "p",
-                "shadows": [{"backend": "c", "percent": 100, "compare": True}],
-            }
-        ],
-        "compare": {"store": store, "flush_interval": "1m", "batch": 1000},
-    }
+    cfg = one_shadow_config(primary, candidate, route="api", token=False)
+    cfg["routes"][0]["shadows"][0]["compare"] = True
+    cfg["compare"] = {"store": store, "flush_interval": "1m", "batch": 1000}
     proxy = started(proxy_factory, cfg)
     flights = [InFlight(proxy.port, f"/delay/0.6?i={i}") for i in range(6)]
     for f in flights:
