@@ -64,6 +64,18 @@ class RuntimeState:
 Live = Callable[[], "tuple[Config, RouteTable, ShadowDispatcher]"]
 
 
+def _lane_plans(dispatcher: ShadowDispatcher, route: str, target: str) -> list[LanePlan]:
+    """The shadow plans of `route` that copy to `target` (none when either is unknown)."""
+    shadows = dispatcher.plans.get(route)
+    return [p for p in shadows.lanes if p.lane.target == target] if shadows else []
+
+
+def _set_percent(plans: list[LanePlan], percent: float) -> None:
+    for p in plans:
+        p.sampler.percent = percent
+        p.cfg.percent = percent  # the plan keeps its config in step with its sampler
+
+
 class ControlError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -109,10 +121,7 @@ class Control:
             or not 0 <= percent <= 100
         ):
             raise ControlError(400, "percent must be a number in 0..100")
-        plans = self._plans(route, target)
-        for p in plans:
-            p.sampler.percent = float(percent)
-            p.cfg.percent = float(percent)
+        _set_percent(self._plans(route, target), float(percent))
         self.state.percent[f"{route}/{target}"] = float(percent)
         self._publish()
         return float(percent)
@@ -127,8 +136,7 @@ class Control:
         _, routes, dispatcher = self._live()
         if routes.get(route) is None:
             raise ControlError(404, f"no route {route!r}")
-        shadows = dispatcher.plans.get(route)
-        plans = [p for p in shadows.lanes if p.lane.target == target] if shadows else []
+        plans = _lane_plans(dispatcher, route, target)
         if not plans:
             raise ControlError(404, f"route {route!r} has no shadow to {target!r}")
         return plans
@@ -176,17 +184,11 @@ class Control:
                     route.set_weights(weights)
         for key, value in state.percent.items():
             route_name, _, target = key.partition("/")
-            shadows = dispatcher.plans.get(route_name)
-            for p in shadows.lanes if shadows else []:
-                if p.lane.target == target:
-                    p.sampler.percent = value
-                    p.cfg.percent = value
+            _set_percent(_lane_plans(dispatcher, route_name, target), value)
         for key, paused in state.paused.items():
             route_name, _, target = key.partition("/")
-            shadows = dispatcher.plans.get(route_name)
-            for p in shadows.lanes if shadows else []:
-                if p.lane.target == target:
-                    p.lane.paused = paused
+            for p in _lane_plans(dispatcher, route_name, target):
+                p.lane.paused = paused
         self.state = state
 
     def _publish(self, bump: bool = True) -> None:
