@@ -11,9 +11,7 @@ uploads and upstream keep-alive are tested against a production-grade server.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +19,8 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from support.processes import end_process_group
 
 from .proxy import free_port
 from .wait import wait_until
@@ -102,16 +102,7 @@ class HttpbinServer:
         proc = self.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(stop_timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # a worker orphaned by its master
+        end_process_group(proc, timeout=stop_timeout)  # also a worker orphaned by its master
         self.proc = None
 
     def __exit__(

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+
+from support.processes import end_process_group
 
 CACHE = Path(os.environ.get("SHADOWLANE_TEST_CACHE", Path.home() / ".cache" / "shadowlane-tests"))
 
@@ -144,14 +145,7 @@ class WerkzeugService:
         proc = self.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(stop_timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        end_process_group(proc, timeout=stop_timeout)
         if proc.stdout is not None:
             proc.stdout.close()
         self.proc = None

@@ -8,7 +8,6 @@ every wait here has a deadline.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import os
 import signal
@@ -24,6 +23,8 @@ from types import TracebackType
 from typing import Any, Self
 
 import yaml
+
+from support.processes import end_process_group
 
 LOOPBACK = "127.0.0.1"
 
@@ -261,19 +262,7 @@ class ProxyProcess:
         """
         if self.proc is None:
             raise RuntimeError("proxy not started")
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        # workers left behind by a main process that died are still in our group: end them
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.returncode = self.proc.returncode
+        self.returncode = end_process_group(self.proc, sig, timeout)
         return self.returncode
 
     def __enter__(self) -> Self:
