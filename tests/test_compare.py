@@ -24,6 +24,7 @@ from shadowlane.compare import (
     lift,
     same,
 )
+from shadowlane.compare.engine import identical_answers
 from shadowlane.compare.paths import key_segment
 from shadowlane.config import CompareConfig, RouteCompare, ShadowCompare, parse_config
 from shadowlane.store import is_reported
@@ -335,8 +336,9 @@ def job(primary: Captured, candidate: Captured, secondary: Captured | None = Non
 
 @pytest.mark.parametrize("mode", ["strict", "subset", "schema"])
 def test_identical_answers_shortcut_agrees_with_lifting(mode: str) -> None:
-    """evaluate() decides byte-identical answers without lifting them; every case here is also
-    decided by the full path (lift + diff), and the two must agree."""
+    """The comparator decides byte-identical answers without lifting them (`identical_answers`,
+    in submit); every case here is also decided by the full path (lift + diff), and the two
+    must agree: the shortcut is taken only for answers that lifting finds equal."""
     s = settings(mode=mode)
     date = [("date", "Mon, 01 Jan 2024 00:00:00 GMT")]
     other_date = [("date", "Tue, 02 Jan 2024 00:00:00 GMT")]
@@ -356,8 +358,10 @@ def test_identical_answers_shortcut_agrees_with_lifting(mode: str) -> None:
         full = diff(lift(p, s), lift(candidate, s), s)
         assert out.result == ("match" if not full else "diff")
         assert out.differing == full
-        # the shortcut is taken exactly when the raw answers are the same
-        assert (out.primary is None) == shortcut
+        # the shortcut is taken exactly when the raw answers are the same, and never where
+        # lifting finds a difference
+        assert identical_answers(j, s) == shortcut
+        assert not (shortcut and full)
 
 
 def test_result_match_noise_diff() -> None:

@@ -55,12 +55,16 @@ class Outcome:
     differing: list[str]
     #: paths where the secondary differs from the primary (this request's noise)
     noise: list[str]
-    #: the lifted answers; None for a match decided on the raw bytes (`_identical`)
-    primary: Lifted | None
-    candidate: Lifted | None
+    primary: Lifted
+    candidate: Lifted
 
 
-def _identical(job: CompareJob, s: CompareSettings) -> bool:
+def settings_of(job: CompareJob) -> CompareSettings:
+    """The shadow's compiled compare settings carried by the job, or the defaults."""
+    return job.settings if isinstance(job.settings, CompareSettings) else DEFAULT_SETTINGS
+
+
+def identical_answers(job: CompareJob, s: CompareSettings) -> bool:
     """Same status, same body bytes, same headers apart from the ignored ones: a match.
 
     Most compared answers in a migration are the same, and lifting both (JSON parsing,
@@ -81,11 +85,7 @@ def _identical(job: CompareJob, s: CompareSettings) -> bool:
 
 def evaluate(job: CompareJob, settings: CompareSettings | None = None) -> Outcome:
     """Lift the answers of one job, diff them, and classify the result. Pure; no I/O."""
-    s = settings or (
-        job.settings if isinstance(job.settings, CompareSettings) else DEFAULT_SETTINGS
-    )
-    if job.secondary is None and _identical(job, s):
-        return Outcome("match", [], [], None, None)
+    s = settings or settings_of(job)
     primary = lift(job.primary, s)
     candidate = lift(job.candidate, s)
     differing = diff(primary, candidate, s)
@@ -104,7 +104,6 @@ def evaluate(job: CompareJob, settings: CompareSettings | None = None) -> Outcom
 
 def make_example(job: CompareJob, out: Outcome, ts: float) -> Example:
     """The example pair of one job, as the store keeps it."""
-    assert out.primary is not None and out.candidate is not None  # a difference was lifted
     return Example(
         route=job.route,
         target=job.target,
@@ -240,16 +239,15 @@ class Comparator:
     def submit(self, job: CompareJob) -> bool:
         """Queue a job without blocking; False (and `dropped` counted) when full or stopped.
 
-        Byte-identical answers (`_identical`, the common case) are decided here, on the loop:
-        comparing two equal byte strings costs less than handing the job to the worker, which
-        wakes it and makes the two threads trade the GIL. They are tallied (count and both
+        Byte-identical answers (`identical_answers`, the common case) are decided here, on the
+        loop: comparing two equal byte strings costs less than handing the job to the worker,
+        which wakes it and makes the two threads trade the GIL. They are tallied (count and both
         latencies) and the worker takes the tally into its next batch, so they are stored and
         reported like every other comparison.
         """
         if self._stopping:
             return self._drop(job)
-        settings = job.settings if isinstance(job.settings, CompareSettings) else DEFAULT_SETTINGS
-        if job.secondary is None and _identical(job, settings):
+        if job.secondary is None and identical_answers(job, settings_of(job)):
             key = (job.route, job.target)
             with self._matches_lock:  # uncontended but for the worker's swap: no syscall
                 tally = self._matches.get(key)
@@ -327,7 +325,6 @@ class Comparator:
             if now >= next_sweep:
                 self._sweep()
                 next_sweep = now + self.sweep_interval
-            batch = self._take_matches(batch)
             while jobs:
                 job = jobs.popleft()
                 started = time.perf_counter()
@@ -345,8 +342,6 @@ class Comparator:
             stopping = self._stopping
             if self._flush_asked or stopping or time.monotonic() >= next_flush:
                 self._flush_asked = False
-                # matches decided since the top of this round: after stop() none can follow
-                batch = self._take_matches(batch)
                 self._flush(batch)
                 batch = self._new_batch()
                 next_flush = time.monotonic() + self.flush_interval
@@ -361,7 +356,7 @@ class Comparator:
     def _new_batch(self) -> Batch:
         return Batch(examples_per_field=self.store.options.examples_per_field)
 
-    def _take_matches(self, batch: Batch) -> Batch:
+    def _take_matches(self, batch: Batch) -> None:
         with self._matches_lock:
             matches, self._matches = self._matches, {}
         for (route, target), tally in matches.items():
@@ -371,7 +366,6 @@ class Comparator:
             for side, counts in (("primary", tally.primary), ("shadow", tally.shadow)):
                 for bucket, n in counts.items():
                     batch.add_latency_count(route, target, side, bucket, n)
-        return batch
 
     def _decide(self, batch: Batch, job: CompareJob) -> None:
         batch.jobs += 1  # owed a task_done at the next flush, whatever happens below
@@ -387,6 +381,9 @@ class Comparator:
             self.metrics.comparison(job.route, job.target, out.result)
 
     def _flush(self, batch: Batch) -> None:
+        # every write includes the identical answers decided on the loop since the last one
+        # (after stop() no more can come, so the last flush has them all)
+        self._take_matches(batch)
         try:
             if batch:
                 self.store.write(batch)
