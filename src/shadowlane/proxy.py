@@ -111,7 +111,6 @@ class ProxyCall(ResponseSink):
     __slots__ = (
         "backend",
         "body",
-        "body_lost",
         "body_size_seen",
         "capture",
         "client_gone",
@@ -150,8 +149,6 @@ class ProxyCall(ResponseSink):
         self.body_size_seen = 0
         #: answered before the upload ended, the rest is still read for the shadow copies
         self.late_body = False
-        #: ... and the connection closed before it ended
-        self.body_lost = False
         self.retried = False
         self.client_gone = False
         self.finished = False
@@ -229,11 +226,7 @@ class ProxyCall(ResponseSink):
         ex = self.exchange
         self.body_size_seen += len(chunk)
         if self.finished:
-            # the primary has answered; only the shadow copies still want the body
-            if self.retained is not None:
-                self.retained.append(chunk)
-                if self.body_size_seen > self.rt.retain_limit:
-                    self.retained = None
+            self._retain(chunk)  # the primary has answered; only the shadow copies want it
             return
         if self.body_size_seen > self.rt.max_body:
             # only chunked bodies get here (Content-Length was checked up front)
@@ -246,14 +239,18 @@ class ProxyCall(ResponseSink):
                 ex.abort()
             self._observe(413)
             return
+        self._retain(chunk)
+        conn = self.conn
+        if conn is not None:
+            self._write_chunk(conn, chunk)
+
+    def _retain(self, chunk: bytes) -> None:
+        """Keep the body for a retry and the shadow copies, while it is within retain_limit."""
         retained = self.retained
         if retained is not None:
             retained.append(chunk)
             if self.body_size_seen > self.rt.retain_limit:
                 self.retained = None
-        conn = self.conn
-        if conn is not None and not self.finished:
-            self._write_chunk(conn, chunk)
 
     def _write_chunk(self, conn: UpstreamConnection, chunk: bytes) -> None:
         if self.exchange.chunked:
@@ -262,15 +259,14 @@ class ProxyCall(ResponseSink):
             conn.write_body(chunk)
 
     def _on_body_end(self) -> None:
-        if self.finished:
-            if self.late_body:
-                if self.retained is not None:
-                    self.body = b"".join(self.retained)
-                self.shadow.late_body(self)  # type: ignore[union-attr]
+        if self.finished and not self.late_body:
             return
         if self.retained is not None:
             self.body = b"".join(self.retained)
             self.retained = [self.body]
+        if self.finished:  # answered early: the copies that waited for the body go now
+            self.shadow.late_body(self)  # type: ignore[union-attr]
+            return
         conn = self.conn
         if conn is not None:
             self._finish_body(conn)
@@ -325,13 +321,13 @@ class ProxyCall(ResponseSink):
             self.shadow.response_done(self)  # type: ignore[union-attr]
 
     def _body_lost(self) -> None:
-        self.body_lost = True
+        """The connection closed before the rest of the body came: it never will."""
         self.retained = None
         self.shadow.late_body(self)  # type: ignore[union-attr]
 
     def body_may_follow(self) -> bool:
         """The primary answered early and the rest of the body may still arrive."""
-        return self.late_body and not self.body_lost and self.retained is not None
+        return self.late_body and self.retained is not None
 
     def on_upstream_error(self, err: UpstreamError, retryable: bool) -> None:
         ex = self.exchange

@@ -265,7 +265,7 @@ class ShadowDispatcher:
         base = call.upstream_headers
         assert base is not None
         for p in waiting:
-            if call.body is not None and not call.body_lost:
+            if call.body is not None:
                 self._submit(call, p, state, base)
             else:
                 self._outcome(state, p, "skipped_body")

@@ -49,9 +49,6 @@ _STATUS_TEXT = {
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LINGER_RST = struct.pack("ii", 1, 0)
 
-
-def _not_connected(data: bytes) -> None:
-    raise RuntimeError("client connection not made yet")
 #: an answered request's unread body is read and dropped up to this size, then we close
 DISCARD_LIMIT = 4 * 1024 * 1024
 _INF = float("inf")
@@ -360,7 +357,7 @@ class ServerConnection(asyncio.Protocol):
         # bound once per connection: a call by name costs a method lookup every time
         self._handle: Callable[[Exchange], None] = state.app.handle
         self._feed: Callable[[bytes], object] = self.parser.feed_data
-        self._write: Callable[[bytes], object] = _not_connected
+        self._write: Callable[[bytes], object]  # transport.write, set by connection_made
         self._time: Callable[[], float] = self.loop.time
         self.client_addr = ""
         self.draining = state.draining

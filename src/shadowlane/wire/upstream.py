@@ -69,10 +69,6 @@ class ResponseSink:
         """End of one read from the upstream: a chance to flush coalesced writes."""
 
 
-def _not_connected(data: bytes) -> None:
-    raise RuntimeError("upstream connection not made yet")
-
-
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to one endpoint, carrying one exchange at a time."""
 
@@ -86,7 +82,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         # bound once per connection: a call by name costs a method lookup every time
         self._feed: Callable[[bytes], object] = self._parser.feed_data
-        self._write: Callable[[bytes], object] = _not_connected
+        self._write: Callable[[bytes], object]  # transport.write, set by connection_made
         self._time: Callable[[], float] = self.loop.time
         self._sink: ResponseSink | None = None
         self._head_request = False
