@@ -17,9 +17,12 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
 
@@ -37,6 +40,44 @@ def port_open(port: int, timeout: float = 0.2) -> bool:
             return True
     except OSError:
         return False
+
+
+def listening_socket(backlog: int = 4096) -> socket.socket:
+    """A TCP socket listening on a loopback port the kernel picked, for a child to inherit.
+
+    Non-blocking (the flag belongs to the open file, so the child's copy is non-blocking too:
+    nginx leaves inherited sockets as it finds them) and inheritable (pass it with `pass_fds`).
+    Connections to it queue in the backlog until the child accepts them.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((LOOPBACK, 0))
+        sock.listen(backlog)
+        sock.setblocking(False)
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def unused_port_socket() -> socket.socket:
+    """A TCP socket bound to a loopback port and not listening: connecting to it is refused.
+
+    Keep it open as long as the port must stay dead, so nothing else can take the port.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((LOOPBACK, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def port_of(address: str) -> int:
+    """The port of a "HOST:PORT" string (as in a ready file)."""
+    return int(address.rpartition(":")[2])
 
 
 def _start_time(pid: int) -> int | None:
@@ -120,7 +161,13 @@ class Supervisor:
     def pid_file(self) -> Path:
         return self.log_dir / "pids.json"
 
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Proc:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> Proc:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
         with log.open("wb") as out:
@@ -131,11 +178,16 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env={**os.environ, **(env or {})},
+                pass_fds=tuple(pass_fds),
             )
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         self._write_pids()
         return proc
+
+    def _check_alive(self, proc: Proc) -> None:
+        if not proc.alive():
+            raise StartError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
 
     def wait_port(self, proc: Proc, port: int, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -148,6 +200,53 @@ class Supervisor:
                 return
             time.sleep(0.05)
         raise StartError(f"{proc.name} did not listen on {port} in {timeout}s:\n{proc.log_tail()}")
+
+    def wait_ready_file(self, proc: Proc, path: Path, timeout: float = 20.0) -> dict[str, Any]:
+        """The JSON object `proc` writes to `path` once it listens (it binds port 0 itself).
+
+        Delete `path` before starting `proc`. Fails with the end of its log (its stdout and
+        stderr) if it exits first or nothing readable appears within `timeout` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        last = "no file"
+        while time.monotonic() < deadline:
+            self._check_alive(proc)
+            try:
+                ready = json.loads(path.read_text())
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as exc:  # a writer that is not atomic: try again
+                last = f"unreadable: {exc}"
+            else:
+                if isinstance(ready, dict):
+                    return ready
+                last = f"not a JSON object: {ready!r}"
+            time.sleep(0.05)
+        raise StartError(
+            f"{proc.name} wrote no ready file {path} in {timeout}s ({last}):\n{proc.log_tail()}"
+        )
+
+    def wait_http(self, proc: Proc, url: str, timeout: float = 15.0) -> None:
+        """Until `proc` answers an HTTP GET on `url` (any status counts as an answer).
+
+        For a server handed a listening socket: connecting succeeds as soon as the socket
+        listens, answering only once the server accepts on it.
+        """
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            self._check_alive(proc)
+            try:
+                with urllib.request.urlopen(url, timeout=0.5):
+                    return
+            except urllib.error.HTTPError:
+                return  # an answer, whatever the status
+            except OSError as exc:  # includes socket timeouts and URLError
+                last = str(exc)
+            time.sleep(0.05)
+        raise StartError(
+            f"{proc.name} did not answer {url} in {timeout}s ({last}):\n{proc.log_tail()}"
+        )
 
     def stop(self, proc: Proc, grace: float = 5.0) -> None:
         """SIGTERM to the group (SIGKILL after `grace` seconds); no-op if already gone."""

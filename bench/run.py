@@ -35,7 +35,7 @@ from scenarios import (
     run_all,
     select,
 )
-from servers import PROXY_LABELS, start_backends
+from servers import PROXY_LABELS, Backends, start_backends
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configs: dict[str, str] = {}
     interrupted = False
+    backends: Backends | None = None
     try:
         backends = start_backends(sup, settings.work)
         configs = run_all(scenarios, settings, sup, backends, on_result)
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: stopping every server we started", file=sys.stderr)
     finally:
         sup.stop_all()
+        if backends is not None:
+            backends.close()  # the `dead` port's socket, after everything that used it
 
     elapsed = time.monotonic() - started
     meta = {

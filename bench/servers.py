@@ -1,28 +1,47 @@
 """The servers of the bench: backends, and the proxies under test with their configs.
 
-Backends (all on loopback, free ports):
+Backends (all on loopback; every port is one the kernel picked for a socket that stays bound):
   fast         nginx, one worker, `return 200` with a small body: the primary backend
   fast-shadow  a second such nginx: the target of shadows "to fast" (so copies do not queue
                behind the primary's requests in the same nginx worker)
   slow         stub_backend.py: answers after 200 ms
-  dead         a port with nothing listening
+  dead         a port with nothing listening: a socket bound (never listening) while we run
   hung         stub_backend.py: accepts, reads, never answers
 
 Proxies under test: `direct` (no proxy: clients hit `fast`, the limit), `nginx` (one worker,
 proxy_pass to an upstream with keepalive; `mirror` for shadows) and shadowlane with 1 or 2
 workers. Shadow bounds are the same on both sides: 1 s connect/answer timeout.
+
+No backend port is picked in advance (bind port 0, close, reuse the number: something else may
+take it in between). The stubs bind port 0 themselves and report the port in a ready
+file. nginx cannot report a port-0 bind, so it gets a socket we bound and listen()ed on: through
+`NGINX="<fd>;"`, the variable of nginx's binary upgrade, it adopts inherited listening sockets
+whose address matches a `listen` directive (and closes the others). We close our copy once
+nginx has answered on it.
 """
 
 from __future__ import annotations
 
+import functools
+import socket
 import sys
 import textwrap
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procs import LOOPBACK, Proc, StartError, Supervisor, free_port
+from procs import (
+    LOOPBACK,
+    Proc,
+    StartError,
+    Supervisor,
+    free_port,
+    listening_socket,
+    port_of,
+    unused_port_socket,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 SHADOW_TIMEOUT_S = 1
@@ -42,6 +61,12 @@ PROXY_LABELS = {
 @dataclass
 class Backends:
     ports: dict[str, int] = field(default_factory=dict)
+    held: list[socket.socket] = field(default_factory=list)  # `dead`: bound, never listening
+
+    def close(self) -> None:
+        for sock in self.held:
+            sock.close()
+        self.held.clear()
 
     def url(self, name: str) -> str:
         return f"http://{LOOPBACK}:{self.ports[name]}"
@@ -76,35 +101,79 @@ def nginx_conf(work: Path, name: str, http_inner: str, error_level: str = "error
     )
 
 
-def _start_nginx(sup: Supervisor, work: Path, name: str, conf: str, port: int) -> Proc:
-    path = work / f"{name}.conf"
-    path.write_text(conf)
-    argv = ["nginx", "-e", str(work / f"{name}-error.log"), "-c", str(path), "-g", "daemon off;"]
-    proc = sup.start(name, argv)
-    sup.wait_port(proc, port)
-    return proc
+def fast_backend_conf(work: Path, name: str, port: int) -> str:
+    server = textwrap.dedent(f"""\
+        client_max_body_size 0;
+        server {{
+            listen {LOOPBACK}:{port} backlog=4096;
+            location / {{ return 200 "{FAST_BODY}"; }}
+        }}
+        """)
+    return nginx_conf(work, name, server)
+
+
+def _start_nginx(
+    sup: Supervisor, work: Path, name: str, conf_for_port: Callable[[int], str]
+) -> tuple[Proc, int, str]:
+    """nginx on a socket we bind and listen() on: returns it, its port and its config.
+
+    `conf_for_port(port)` must `listen 127.0.0.1:port`, so nginx adopts the inherited socket
+    (fd in `NGINX`) instead of binding one. Our copy stays open until nginx answers on it: a
+    connect succeeds as soon as the socket listens, only an HTTP answer shows nginx took it.
+    """
+    sock = listening_socket()
+    try:
+        port = int(sock.getsockname()[1])
+        conf = conf_for_port(port)
+        path = work / f"{name}.conf"
+        path.write_text(conf)
+        error_log = str(work / f"{name}-error.log")
+        argv = ["nginx", "-e", error_log, "-c", str(path), "-g", "daemon off;"]
+        fd = sock.fileno()
+        proc = sup.start(name, argv, env={"NGINX": f"{fd};"}, pass_fds=(fd,))
+        try:
+            sup.wait_http(proc, f"http://{LOOPBACK}:{port}/")
+        except StartError:
+            sup.stop(proc)
+            raise
+    finally:
+        sock.close()
+    return proc, port, conf
+
+
+def _start_stub(sup: Supervisor, work: Path, mode: str) -> int:
+    ready = work / f"{mode}.ready.json"
+    ready.unlink(missing_ok=True)
+    argv = [sys.executable, str(BENCH_DIR / "stub_backend.py"), mode, "--port", "0"]
+    argv += ["--ready-file", str(ready)]
+    proc = sup.start(mode, argv)
+    try:
+        ready_info = sup.wait_ready_file(proc, ready)
+        return port_of(str(ready_info["listen"]))
+    except StartError:
+        sup.stop(proc)
+        raise
+    except (KeyError, ValueError) as exc:
+        sup.stop(proc)
+        raise StartError(f"{mode}: ready file {ready} without a usable listen: {exc!r}") from exc
 
 
 def start_backends(sup: Supervisor, work: Path) -> Backends:
+    """Every backend; the caller stops the processes (`sup`) and calls `close()` on the result."""
     work = work.resolve()
     backends = Backends()
-    for name in ("fast", "fast-shadow"):
-        port = free_port()
-        server = textwrap.dedent(f"""\
-            client_max_body_size 0;
-            server {{
-                listen {LOOPBACK}:{port} backlog=4096;
-                location / {{ return 200 "{FAST_BODY}"; }}
-            }}
-            """)
-        _start_nginx(sup, work, name, nginx_conf(work, name, server), port)
-        backends.ports[name] = port
-    for mode in ("slow", "hung"):
-        port = free_port()
-        argv = [sys.executable, str(BENCH_DIR / "stub_backend.py"), mode, "--port", str(port)]
-        sup.wait_port(sup.start(mode, argv), port)
-        backends.ports[mode] = port
-    backends.ports["dead"] = free_port()  # nothing listens there
+    try:
+        for name in ("fast", "fast-shadow"):
+            conf_for_port = functools.partial(fast_backend_conf, work, name)
+            _proc, backends.ports[name], _conf = _start_nginx(sup, work, name, conf_for_port)
+        for mode in ("slow", "hung"):
+            backends.ports[mode] = _start_stub(sup, work, mode)
+        dead = unused_port_socket()  # bound, so nothing else gets the port; never listening
+        backends.held.append(dead)
+        backends.ports["dead"] = int(dead.getsockname()[1])
+    except BaseException:
+        backends.close()
+        raise
     return backends
 
 
@@ -233,12 +302,13 @@ def start_proxy(
     if kind == "direct":
         return RunningProxy(kind, backends.ports["fast"])
     work = work.resolve()
-    port = free_port()
     if kind == "nginx":
-        conf = nginx_proxy_conf(work, port, backends, shadows)
-        proc = _start_nginx(sup, work, "proxy-nginx", conf, port)
+        proc, port, conf = _start_nginx(
+            sup, work, "proxy-nginx", lambda p: nginx_proxy_conf(work, p, backends, shadows)
+        )
         running = RunningProxy(kind, port, proc, config=conf)
     else:
+        port = free_port()
         workers = 2 if kind == "shadowlane-2w" else 1
         admin_port = free_port()
         conf = shadowlane_conf(work, port, admin_port, backends, shadows, compare)
