@@ -27,21 +27,6 @@ from typing import Any
 LOOPBACK = "127.0.0.1"
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int, timeout: float = 0.2) -> bool:
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def listening_socket(backlog: int = 4096) -> socket.socket:
     """A TCP socket listening on a loopback port the kernel picked, for a child to inherit.
 
@@ -188,18 +173,6 @@ class Supervisor:
     def _check_alive(self, proc: Proc) -> None:
         if not proc.alive():
             raise StartError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
-
-    def wait_port(self, proc: Proc, port: int, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                raise StartError(
-                    f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}"
-                )
-            if port_open(port):
-                return
-            time.sleep(0.05)
-        raise StartError(f"{proc.name} did not listen on {port} in {timeout}s:\n{proc.log_tail()}")
 
     def wait_ready_file(self, proc: Proc, path: Path, timeout: float = 20.0) -> dict[str, Any]:
         """The JSON object `proc` writes to `path` once it listens (it binds port 0 itself).
