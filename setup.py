@@ -18,9 +18,12 @@ tracebacks readable.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import sysconfig
+from pathlib import Path
 from typing import Any
 
 from setuptools import setup
@@ -51,6 +54,19 @@ COMPILED = [
 #: the name of the shared library the compiled modules import (`shadowlane_native__mypyc`)
 GROUP = "shadowlane_native"
 
+#: written beside the compiled modules: the SHA-256 of each source as it was compiled, so that
+#: `shadowlane.stale_compiled_modules()` can tell an edited source from a fresh install (file
+#: times cannot: pip writes each `.py` a moment after its `.so`)
+RECORD = "_compiled.json"
+
+
+def source_digests() -> dict[str, str]:
+    """`{"shadowlane/wire/server.py": sha256, ...}` for the modules in COMPILED."""
+    return {
+        path.removeprefix("src/"): hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        for path in COMPILED
+    }
+
 
 class OptionalBuildExt(build_ext):
     """Build the mypyc extensions, or none of them.
@@ -60,15 +76,24 @@ class OptionalBuildExt(build_ext):
     built file is removed and the install goes on without them.
     """
 
+    def _record_path(self) -> str:
+        # the package's directory where the extensions go: build/lib.../shadowlane for a
+        # wheel, src/shadowlane for an editable install (extensions built in place)
+        return os.path.join(os.path.dirname(self.get_ext_fullpath("shadowlane.proxy")), RECORD)
+
     def run(self) -> None:
         try:
             super().run()
+            if self.extensions:
+                with open(self._record_path(), "w") as out:
+                    json.dump({"sources": source_digests()}, out, indent=1, sort_keys=True)
         except Exception as exc:  # compiler missing, compile error: fall back, loudly
             suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
             # an editable install keeps its extensions beside the source: an earlier build's
             # would otherwise keep running instead of the edited `.py`
             in_place = [p.removesuffix(".py") + suffix for p in COMPILED]
             in_place.append(f"src/{GROUP}__mypyc{suffix}")
+            in_place += [f"src/shadowlane/{RECORD}", self._record_path()]
             for path in [*self.get_outputs(), *in_place]:
                 if os.path.exists(path):
                     os.remove(path)

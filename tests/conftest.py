@@ -32,7 +32,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     stale = stale_compiled_modules()
     if stale:
         pytest.exit(
-            f"compiled modules older than their source: {', '.join(stale)}; "
+            f"compiled modules built from another version of their source: {', '.join(stale)}; "
             "rebuild with `python -m pip install -e .`",
             returncode=3,
         )

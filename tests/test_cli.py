@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from shadowlane import build_kind
-from support.proxy import free_port
 
 SCRIPT = str(Path(sys.executable).with_name("shadowlane"))
 MODULE = [sys.executable, "-m", "shadowlane"]
@@ -179,25 +178,25 @@ def test_missing_file_is_a_clear_error(tmp_path: Path, command: str) -> None:
 
 
 def test_run_with_bad_config_exits_2_with_the_errors(tmp_path: Path) -> None:
-    port = free_port()
+    ready = tmp_path / "ready.json"
     path = write(
         tmp_path,
-        f"""
-        listen: 127.0.0.1:{port}
+        """
+        listen: 127.0.0.1:0
         backends:
-          b1: {{endpoints: [http://127.0.0.1:9001], timeout: -1s}}
+          b1: {endpoints: [http://127.0.0.1:9001], timeout: -1s}
         routes:
-          - {{name: r1, backend: b9}}
-          - {{name: "bad name", backend: b1}}
+          - {name: r1, backend: b9}
+          - {name: "bad name", backend: b1}
         """,
     )
-    lines = assert_clean_failure(run("run", "-c", path))
+    lines = assert_clean_failure(run("run", "-c", path, "--ready-file", str(ready)))
     assert len(lines) == 2, lines
     assert lines[0].startswith("backends.b1.timeout: "), lines
     assert lines[1].startswith("routes[1].name: "), lines
     # it never listened
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+    assert not ready.exists()
+    assert not any("listening on" in line for line in lines)
 
 
 def test_run_workers_must_be_positive(tmp_path: Path) -> None:
@@ -215,7 +214,7 @@ def test_run_with_listen_port_taken_is_a_clear_error(tmp_path: Path) -> None:
             tmp_path,
             f"""
             listen: 127.0.0.1:{port}
-            admin: {{listen: 127.0.0.1:{free_port()}}}
+            admin: {{listen: 127.0.0.1:0}}
             backends:
               b1: {{endpoints: [http://127.0.0.1:9001]}}
             routes:

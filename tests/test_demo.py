@@ -9,11 +9,13 @@ in-process first, so a failure there is not blamed on the comparison.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +29,6 @@ from shadowlane.demo import NOISE_FIELDS, V2_DIFFERENCES, demo_config
 from shadowlane.demo.backends import CATALOG, DemoBackend, DemoService, order
 from shadowlane.demo.traffic import next_request
 from shadowlane.store import open_store
-from support.proxy import free_port
 from support.wait import wait_until
 
 TIMEOUT = 5.0
@@ -108,16 +109,19 @@ def _demo_command() -> list[str]:
 
 
 class Demo:
+    """`shadowlane demo` on ports it picks itself (port 0), learnt from its `--ready-file`."""
+
     def __init__(self, *args: str) -> None:
-        self.port = free_port()
-        self.admin_port = free_port()
-        self.admin = f"http://127.0.0.1:{self.admin_port}"
+        self._tmp = tempfile.TemporaryDirectory(prefix="shadowlane-demo-test-")
+        ready = Path(self._tmp.name) / "ready.json"
         cmd = [
             *_demo_command(),
             "--port",
-            str(self.port),
+            "0",
             "--admin-port",
-            str(self.admin_port),
+            "0",
+            "--ready-file",
+            str(ready),
             *args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -132,6 +136,21 @@ class Demo:
         ]
         for t in self._threads:
             t.start()
+        addresses = wait_until(
+            lambda: self._read_ready(ready), 30, "the demo's ready file", interval=0.05
+        )
+        self.port = int(addresses["listen"].rpartition(":")[2])
+        self.admin_port = int(addresses["admin"].rpartition(":")[2])
+        self.admin = f"http://{addresses['admin']}"
+
+    def _read_ready(self, path: Path) -> dict[str, Any] | None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"demo exited with {self.proc.returncode}:\n{self.text()}")
+        try:
+            ready: dict[str, Any] = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        return ready
 
     @staticmethod
     def _pump(stream: Any, into: list[str]) -> None:
@@ -158,6 +177,7 @@ class Demo:
                 self.proc.wait(5)
         for t in self._threads:
             t.join(5)
+        self._tmp.cleanup()
         return self.proc.returncode
 
 

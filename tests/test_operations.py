@@ -33,9 +33,9 @@ from typing import Any
 import pytest
 import requests
 
-from support.backend import HungServer, Recorded, RecordingBackend, Reply
-from support.procfs import socket_inodes
-from support.proxy import HttpResponse, ProxyProcess, free_port, read_http_response
+from support.backend import HungServer, Recorded, RecordingBackend, Reply, dead_port
+from support.procfs import socket_inodes, tcp_sockets
+from support.proxy import HttpResponse, ProxyProcess, read_http_response
 from support.wait import wait_until
 
 T = 5.0
@@ -201,18 +201,6 @@ def scrape(proxy: ProxyProcess) -> str:
     r = requests.get(proxy.admin_url + "/metrics", timeout=T)
     assert r.status_code == 200, r.status_code
     return r.text
-
-
-def tcp_sockets(port: int, *, listening: bool) -> set[str]:
-    """Inodes of IPv4 TCP sockets listening on `port`, or ESTABLISHED with `port` as remote."""
-    out = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if listening and fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
-            out.add(fields[9])
-        if not listening and fields[3] == "01" and int(fields[2].split(":")[1], 16) == port:
-            out.add(fields[9])
-    return out
 
 
 def two_workers_listening(proxy: ProxyProcess) -> list[int]:
@@ -695,7 +683,7 @@ def test_reload_keeps_restart_only_keys_with_a_warning(
         },
     )
     new = copy.deepcopy(proxy.config)
-    new_port = free_port()
+    new_port = dead_port()  # bound by this test, never listening: a refused connect proves it
     new["listen"] = f"{LOOPBACK}:{new_port}"
     new["routes"].insert(0, {"name": "added", "match": {"path": "/added"}, "backend": "b1"})
     proxy.write_config(new)

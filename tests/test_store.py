@@ -2,7 +2,7 @@
 
 The PostgreSQL cluster is started per test session in a temp dir from Debian's `postgresql`
 package binaries (`initdb`/`pg_ctl`), as user `postgres` when we are root (PostgreSQL refuses to
-run as root), on a free port with its socket in the temp dir. Each test gets its own database.
+run as root), listening only on a Unix socket in the temp dir. Each test gets its own database.
 Without the binaries the PostgreSQL cases are skipped on a developer machine, but fail in CI
 (`CI` set), where `.ci/run` installs the package.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -43,20 +42,19 @@ def _pg_bin() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PgCluster:
-    """initdb + pg_ctl in a temp dir; `url(db)` for psycopg."""
+    """initdb + pg_ctl in a temp dir; `url(db)` for psycopg.
+
+    It listens on a Unix socket in its own directory and on no TCP port at all: a TCP port
+    would have to be picked before the server starts, and could be taken meanwhile. The
+    "port" only names the socket file (`.s.PGSQL.5432`) inside that private directory.
+    """
 
     def __init__(self, bindir: Path) -> None:
         self.bindir = bindir
         self.root = Path(tempfile.mkdtemp(prefix="shadowlane-pg-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = 5432
         self.as_root = os.geteuid() == 0
         if self.as_root:
             shutil.chown(self.root, "postgres", "postgres")
@@ -73,7 +71,7 @@ class PgCluster:
         )
         if done.returncode != 0:
             raise RuntimeError(f"initdb failed: {done.stdout}{done.stderr}")
-        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        opts = f"-p {self.port} -k {self.root} -c listen_addresses='' -c fsync=off"
         done = self._run(
             "pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", opts, "-w", "start"
         )
@@ -83,7 +81,7 @@ class PgCluster:
         return self
 
     def url(self, db: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
+        return f"postgresql://postgres@/{db}?host={self.root}&port={self.port}"
 
     def create_db(self) -> str:
         import psycopg

@@ -19,7 +19,9 @@ import socket
 import ssl
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 import orjson
@@ -180,6 +182,35 @@ class _LiveStore:
         return store.examples(route, target, field, limit) if store is not None else []
 
 
+#: called once every listener of the process accepts connections: (listen, admin or None)
+ReadyHook = Callable[[str, str | None], None]
+
+
+def bound_address(server: asyncio.base_events.Server) -> str:
+    """`host:port` as the socket got it: port 0 in the config becomes the kernel's pick."""
+    host, port = server.sockets[0].getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def write_ready_file(path: str, listen: str, admin: str | None, pid: int) -> None:
+    """Write the `--ready-file` in one step: a reader sees no file, or all of it, never half.
+
+    Why a file and not a port probe: with `listen: ...:0` the port is not known in advance,
+    and a probe that connects says nothing about the admin listener or about the other workers.
+    """
+    tmp = f"{path}.{pid}.tmp"
+    with open(tmp, "wb") as out:
+        out.write(orjson.dumps({"listen": listen, "admin": admin, "pid": pid}) + b"\n")
+    os.replace(tmp, path)
+
+
+def remove_ready_file(path: str | None) -> None:
+    """At exit: a ready file left behind would say a stopped process is serving."""
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 class ListenError(OSError):
     """A listener could not bind; the message names the config key and the address."""
 
@@ -200,9 +231,18 @@ class Instance:
         workers: int = 1,
         metrics_dir: str | None = None,
         watch: bool = False,
+        *,
+        listen_port: int | None = None,
+        on_ready: ReadyHook | None = None,
     ):
         self.cfg = cfg
         self.watch = watch
+        # with --workers and `listen: ...:0`, the parent resolved the port for all of them
+        self.listen_port = listen_port
+        self.on_ready = on_ready
+        #: the bound addresses ("host:port"), known once start() has bound them
+        self.listen_address = ""
+        self.admin_address: str | None = None
         self.config_path = config_path
         self.worker_id = worker_id
         self.workers = workers
@@ -377,6 +417,8 @@ class Instance:
         if self.comparator is not None:
             self.comparator.start()
         host, port = self.cfg.listen_addr
+        if self.listen_port is not None:
+            port = self.listen_port
         try:
             self.server = await self.loop.create_server(
                 self.state.protocol_factory,
@@ -390,6 +432,7 @@ class Instance:
             )
         except OSError as err:
             raise ListenError("listen", host, port, err) from None
+        self.listen_address = bound_address(self.server)
         if self.worker_id == 0:
             token = os.environ.get(self.cfg.admin.token_env) if self.cfg.admin.token_env else None
             self.admin = AdminApp(self.metrics, token=token)
@@ -397,10 +440,11 @@ class Instance:
             install_control_api(self.admin, self.control, self._reload_all)
             ahost, aport = self.cfg.admin.listen_addr
             try:
-                await self.admin.start(ahost, aport)
+                admin_server = await self.admin.start(ahost, aport)
             except OSError as err:
                 self.server.close()
                 raise ListenError("admin.listen", ahost, aport, err) from None
+            self.admin_address = bound_address(admin_server)
             self.admin.set_ready(True)
         for sig, handler in ((signal.SIGTERM, self.drain), (signal.SIGINT, self.drain)):
             self.loop.add_signal_handler(sig, handler)
@@ -410,16 +454,17 @@ class Instance:
         if self.watch and self.config_path is not None:
             self._watcher: asyncio.Task[None] | None = self.loop.create_task(self._watch())
         if self.worker_id == 0:
-            ahost, aport = self.cfg.admin.listen_addr
             print(
                 f"shadowlane {__version__} ({build_kind()}): listening on "
-                f"{'https' if self.tls is not None else 'http'}://{host}:{port} "
+                f"{'https' if self.tls is not None else 'http'}://{self.listen_address} "
                 f"({self.workers} worker{'s' if self.workers > 1 else ''}), "
-                f"admin on http://{ahost}:{aport} (/metrics, /healthz), "
+                f"admin on http://{self.admin_address} (/metrics, /healthz), "
                 f"{len(self.cfg.routes)} route(s)",
                 file=sys.stderr,
                 flush=True,
             )
+        if self.on_ready is not None:
+            self.on_ready(self.listen_address, self.admin_address)
 
     def drain(self) -> None:
         """SIGTERM: stop accepting, finish in-flight requests (up to the deadline), exit 0."""
@@ -477,8 +522,19 @@ async def _serve(
     workers: int,
     metrics_dir: str | None,
     watch: bool,
+    listen_port: int | None,
+    on_ready: ReadyHook | None,
 ) -> None:
-    inst = Instance(cfg, config_path, worker_id, workers, metrics_dir, watch)
+    inst = Instance(
+        cfg,
+        config_path,
+        worker_id,
+        workers,
+        metrics_dir,
+        watch,
+        listen_port=listen_port,
+        on_ready=on_ready,
+    )
     await inst.start()
     _tune_gc()
     await inst.stopped.wait()
@@ -500,29 +556,60 @@ def run(
     workers: int = 1,
     metrics_dir: str | None = None,
     watch: bool = False,
+    *,
+    listen_port: int | None = None,
+    on_ready: ReadyHook | None = None,
 ) -> int:
     _install_uvloop()
-    asyncio.run(_serve(cfg, config_path, worker_id, workers, metrics_dir, watch))
+    asyncio.run(
+        _serve(cfg, config_path, worker_id, workers, metrics_dir, watch, listen_port, on_ready)
+    )
     return 0
 
 
-def run_workers(cfg: Config, config_path: str | None, workers: int, *, watch: bool = False) -> int:
-    """Fork `workers` processes sharing the port (SO_REUSEPORT); relay signals; reap them."""
+def run_workers(
+    cfg: Config,
+    config_path: str | None,
+    workers: int,
+    *,
+    watch: bool = False,
+    ready_file: str | None = None,
+) -> int:
+    """Serve in this process, or fork `workers` processes sharing the port (SO_REUSEPORT);
+    relay signals; reap them. `ready_file` is written once every listener accepts."""
     if workers <= 1:
-        return run(cfg, config_path, watch=watch)
-    _check_bindable(cfg)
+        try:
+            return run(
+                cfg,
+                config_path,
+                watch=watch,
+                on_ready=(
+                    (lambda listen, admin: write_ready_file(ready_file, listen, admin, os.getpid()))
+                    if ready_file is not None
+                    else None
+                ),
+            )
+        finally:
+            remove_ready_file(ready_file)
+    # Bound (not listening) for the parent's life: it fails here, with one clear message, when
+    # the port is taken; it turns port 0 into one port all workers share; and it keeps that
+    # port from being taken between the workers' binds.
+    reservation = _reserve_listen_port(cfg)
+    port = reservation.getsockname()[1]
     metrics_dir = tempfile.mkdtemp(prefix="shadowlane-metrics-")
     reset_multiprocess_dir(metrics_dir)
+    ready_r, ready_w = os.pipe()
     pids: list[int] = []
     for i in range(workers):
         pid = os.fork()
         if pid == 0:
-            code = 1
-            try:
-                code = run(cfg, config_path, i, workers, metrics_dir, watch)
-            finally:
-                os._exit(code)
+            os.close(ready_r)
+            reservation.close()
+            os._exit(_worker(cfg, config_path, i, workers, metrics_dir, watch, port, ready_w))
         pids.append(pid)
+    os.close(ready_w)
+    readiness = _Readiness(ready_r, workers, ready_file)
+    readiness.start()
 
     def relay(signum: int, _frame: object) -> None:
         for pid in pids:
@@ -547,17 +634,98 @@ def run_workers(cfg: Config, config_path: str | None, workers: int, *, watch: bo
         mark_process_dead(pid, metrics_dir)
         if os.waitstatus_to_exitcode(code) != 0:
             status = 1
+            if not readiness.complete.is_set():
+                # a worker that fails before the whole set serves (its admin port is taken,
+                # say) fails the start: serving with a hole, or without admin, is worse
+                relay(signal.SIGTERM, None)
+    readiness.complete.set()  # nobody will report any more
+    reservation.close()
+    remove_ready_file(ready_file)
     shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
 
 
-def _check_bindable(cfg: Config) -> None:
-    """Fail in the parent, with one clear message, when the port is taken."""
+def _worker(
+    cfg: Config,
+    config_path: str | None,
+    worker_id: int,
+    workers: int,
+    metrics_dir: str,
+    watch: bool,
+    port: int,
+    ready_w: int,
+) -> int:
+    """One forked worker's life; its exit code. A start-up error is printed here, since the
+    parent's CLI never sees a child's exception."""
+
+    def report(listen: str, admin: str | None) -> None:
+        line = orjson.dumps({"worker": worker_id, "listen": listen, "admin": admin}) + b"\n"
+        os.write(ready_w, line)  # one short write to a pipe: atomic (< PIPE_BUF)
+        os.close(ready_w)
+
+    try:
+        return run(
+            cfg,
+            config_path,
+            worker_id,
+            workers,
+            metrics_dir,
+            watch,
+            listen_port=port,
+            on_ready=report,
+        )
+    except OSError as err:
+        print(
+            f"shadowlane: worker {worker_id}: cannot listen: {err.strerror or err}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+
+
+class _Readiness(threading.Thread):
+    """The parent's side of the workers' ready reports: once every worker said it listens,
+    write the ready file (listen address and worker 0's admin address, the parent's PID)."""
+
+    def __init__(self, fd: int, workers: int, ready_file: str | None) -> None:
+        super().__init__(name="shadowlane-readiness", daemon=True)
+        self.fd = fd
+        self.workers = workers
+        self.ready_file = ready_file
+        self.complete = threading.Event()
+
+    def run(self) -> None:
+        reports: dict[int, dict[str, Any]] = {}
+        with os.fdopen(self.fd, "rb") as pipe:
+            for line in pipe:  # EOF once every worker wrote its line or died
+                report = orjson.loads(line)
+                reports[int(report["worker"])] = report
+                if len(reports) == self.workers:
+                    break
+        if len(reports) < self.workers or self.complete.is_set():
+            return
+        if self.ready_file is not None:
+            write_ready_file(
+                self.ready_file, reports[0]["listen"], reports[0]["admin"], os.getpid()
+            )
+        self.complete.set()
+
+
+def _reserve_listen_port(cfg: Config) -> socket.socket:
+    """Bind the listen address with SO_REUSEPORT, without listening: the workers bind the same
+    port beside it; nothing connects to a socket that does not listen."""
     host, port = cfg.listen_addr
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            s.bind((host, port))
-        except OSError as err:
-            raise ListenError("listen", host, port, err) from None
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        s.bind((host, port))
+    except OSError as err:
+        s.close()
+        raise ListenError("listen", host, port, err) from None
+    return s

@@ -45,7 +45,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s shadowlane %(levelname)s %(message)s"
     )
     try:
-        return run_workers(cfg, args.config, args.workers, watch=args.watch)
+        return run_workers(
+            cfg, args.config, args.workers, watch=args.watch, ready_file=args.ready_file
+        )
     except OSError as err:
         # the usual one: the listen or admin port is taken (ListenError names key and address)
         print(f"shadowlane: cannot listen: {err.strerror or err}", file=sys.stderr)
@@ -92,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--watch", action="store_true", help="reload when the config file changes (as SIGHUP)"
     )
+    p.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help='once every listener accepts, write {"listen", "admin", "pid"} as JSON to PATH '
+        "(atomically; removed at exit): how a script learns the ports that port 0 picked",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate a config and summarize it")
@@ -116,13 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # before parsing: `--version`, which a bug report quotes, exits inside parse_args
     stale = stale_compiled_modules()
     if stale:
         print(
-            "shadowlane: warning: compiled modules are older than their source and run instead "
-            f"of it ({', '.join(stale)}); rebuild with `python -m pip install -e .`",
+            "shadowlane: warning: compiled modules were built from another version of their "
+            f"source and run instead of it ({', '.join(stale)}); rebuild with "
+            "`python -m pip install -e .`",
             file=sys.stderr,
         )
+    args = build_parser().parse_args(argv)
     code: int = args.func(args)
     return code

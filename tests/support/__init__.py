@@ -17,7 +17,6 @@ from .proxy import (
     HttpResponse,
     ProxyProcess,
     basic_config,
-    free_port,
     raw_request,
     read_http_response,
 )
@@ -31,7 +30,6 @@ __all__ = [
     "Reply",
     "basic_config",
     "dead_port",
-    "free_port",
     "pattern_bytes",
     "raw_request",
     "read_http_response",

@@ -9,6 +9,7 @@ every wait here has a deadline.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import socket
@@ -29,23 +30,11 @@ from support.processes import end_process_group
 LOOPBACK = "127.0.0.1"
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """A port that was free a moment ago (the kernel's pick for port 0).
-
-    Another process could take it before the proxy binds it; on a test machine that is rare,
-    and :class:`ProxyProcess` reports a bind failure with the proxy's own stderr.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def basic_config(*endpoints: str, timeout: str = "5s", **extra: Any) -> dict[str, Any]:
     """The smallest useful config: one backend ``b1`` with ``endpoints``, one route ``/`` to it.
 
     ``extra`` keys are merged at the top level (e.g. ``compare=...``); ``listen`` and
-    ``admin.listen`` are filled in by :class:`ProxyProcess`.
+    ``admin.listen`` are filled in by :class:`ProxyProcess` (port 0).
     """
     config: dict[str, Any] = {
         "backends": {
@@ -62,21 +51,18 @@ def _split_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]") or LOOPBACK, int(port)
 
 
-def _can_connect(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 class ProxyProcess:
     """``python -m shadowlane run -c <tmp>/config.yaml`` as a context manager.
 
-    ``config`` is a dict or YAML text. ``listen`` and ``admin.listen`` are filled with free
-    loopback ports when absent. Entering starts the process and waits (``ready_timeout``) until
-    the listen port accepts a TCP connection; if the process exits first, the error carries its
-    stderr. Exiting stops it with SIGTERM, then SIGKILL after ``timeout``.
+    ``config`` is a dict or YAML text. ``listen`` and ``admin.listen`` default to loopback port
+    0: the proxy binds, and reports the ports it got in its ``--ready-file``, which it writes
+    once every listener accepts. Entering starts the process and waits (``ready_timeout``) for
+    that file; if the process exits first, the error carries its stderr. Exiting stops it with
+    SIGTERM, then SIGKILL after ``timeout``.
+
+    Why no port is picked here: a port found free and handed over later can be taken
+    meanwhile by any socket on the machine (outgoing loopback connections draw their local
+    ports from the same range), and the proxy would then fail to start.
 
     The process is its own session leader (``start_new_session``), so the forced stop can take
     its ``--workers`` children with it: ``os.killpg`` on the group this harness created.
@@ -96,8 +82,10 @@ class ProxyProcess:
         self.config_path = self.dir / "config.yaml"
         self.config = self._complete(config)
         self.write_config(self.config)
-        self.host, self.port = _split_hostport(str(self.config["listen"]))
-        self.admin_host, self.admin_port = _split_hostport(str(self.config["admin"]["listen"]))
+        self.ready_path = self.dir / "ready.json"
+        #: the bound addresses, from the ready file (0 until started)
+        self.host, self.port = LOOPBACK, 0
+        self.admin_host, self.admin_port = LOOPBACK, 0
         self.workers = workers
         self.env = env
         self.extra_args = list(extra_args or [])
@@ -111,9 +99,9 @@ class ProxyProcess:
         if not isinstance(loaded, dict):
             raise TypeError(f"config must be a mapping, got {type(loaded).__name__}")
         out = dict(loaded)
-        out.setdefault("listen", f"{LOOPBACK}:{free_port()}")
+        out.setdefault("listen", f"{LOOPBACK}:0")
         admin = dict(out.get("admin") or {})
-        admin.setdefault("listen", f"{LOOPBACK}:{free_port()}")
+        admin.setdefault("listen", f"{LOOPBACK}:0")
         out["admin"] = admin
         return out
 
@@ -169,12 +157,14 @@ class ProxyProcess:
     @property
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "shadowlane", "run", "-c", str(self.config_path)]
+        cmd += ["--ready-file", str(self.ready_path)]
         if self.workers != 1:
             cmd += ["--workers", str(self.workers)]
         return cmd + self.extra_args
 
     def start(self) -> Self:
-        """Start the process and wait until it accepts connections on ``listen``."""
+        """Start the process and wait until it says every listener accepts connections."""
+        self.ready_path.unlink(missing_ok=True)
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         if self.env:
@@ -192,11 +182,11 @@ class ProxyProcess:
         self.wait_ready(self.ready_timeout)
         return self
 
-    def wait_ready(self, timeout: float) -> None:
-        """Wait until the listen port and the admin port accept, or fail with the stderr.
+    def wait_ready(self, timeout: float) -> dict[str, Any]:
+        """Wait for the ready file, or fail with the stderr; take the bound ports from it.
 
-        Both: the admin listener starts just after the main one, and a test that scrapes
-        /metrics first thing would otherwise race it (a rare ConnectionRefusedError).
+        The proxy writes the file (atomically) only once the listener and the admin listener
+        both accept, with every worker, so a test may scrape /metrics first thing.
         """
         assert self.proc is not None
         deadline = time.monotonic() + timeout
@@ -205,21 +195,24 @@ class ProxyProcess:
             if code is not None:
                 self.returncode = code
                 raise RuntimeError(
-                    f"proxy exited with {code} before listening on {self.port}\n"
+                    f"proxy exited with {code} before it was ready\n"
                     f"command: {self.command}\nconfig:\n{self.config_path.read_text()}\n"
                     f"stderr:\n{self.stderr_text()}\nstdout:\n{self.stdout_text()}"
                 )
-            if _can_connect(self.host, self.port) and _can_connect(
-                self.admin_host, self.admin_port
-            ):
-                return
+            try:
+                ready: dict[str, Any] = json.loads(self.ready_path.read_bytes())
+            except FileNotFoundError:
+                ready = {}
+            if ready:
+                assert ready["pid"] == self.proc.pid, ready
+                self.host, self.port = _split_hostport(ready["listen"])
+                self.admin_host, self.admin_port = _split_hostport(ready["admin"])
+                return ready
             if time.monotonic() >= deadline:
                 stderr = self.stderr_text()
                 self.stop(signal.SIGKILL, timeout=5)
-                raise TimeoutError(
-                    f"proxy not listening on {self.port} after {timeout}s\nstderr:\n{stderr}"
-                )
-            time.sleep(0.05)
+                raise TimeoutError(f"proxy not ready after {timeout}s\nstderr:\n{stderr}")
+            time.sleep(0.02)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

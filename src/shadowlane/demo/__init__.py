@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -93,13 +93,6 @@ def demo_config(
     return parse_config(orjson.dumps(data).decode(), "<demo config>")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def _admin_get(admin: AdminApp, path: str) -> Any:
     """GET an admin API path in-process (no socket): the admin app's own dispatch."""
     response = await admin.handle(AdminRequest(method="GET", path=path))
@@ -118,9 +111,9 @@ async def _ensure_dashboard(inst: Any) -> None:
     install_comparison_api(admin, getattr(inst, "store", None))
 
 
-def _print_banner(out: TextIO, listen: int, admin: int, store: str, rate: float) -> None:
-    proxy = f"http://{HOST}:{listen}"
-    dash = f"http://{HOST}:{admin}"
+def _print_banner(out: TextIO, listen: str, admin: str, store: str, rate: float) -> None:
+    proxy = f"http://{listen}"
+    dash = f"http://{admin}"
     print(
         f"""
 shadowlane demo: v1 answers, v2 is shadowed and compared, a second v1 measures noise.
@@ -188,8 +181,9 @@ async def _demo(
     rate: float,
     store: str | None,
     out: TextIO,
+    ready_file: str | None,
 ) -> int:
-    from shadowlane.app import Instance
+    from shadowlane.app import Instance, remove_ready_file, write_ready_file
 
     backends = [
         DemoBackend("v1", "v1", latency=(0.002, 0.006)),
@@ -206,8 +200,6 @@ async def _demo(
     traffic: asyncio.Task[TrafficStats] | None = None
     inst: Any = None
     try:
-        listen_port = listen_port or _free_port()
-        admin_port = admin_port or _free_port()
         try:
             cfg = demo_config(
                 listen_port, admin_port, ports["v1"], ports["v1b"], ports["v2"], store
@@ -227,10 +219,14 @@ async def _demo(
             )
             return 1
         await _ensure_dashboard(inst)
+        listen, admin = inst.listen_address, inst.admin_address
         if not quiet:
-            _print_banner(out, listen_port, admin_port, store, rate)
+            _print_banner(out, listen, admin, store, rate)
+        if ready_file is not None:
+            write_ready_file(ready_file, listen, admin, os.getpid())
+        bound_port = int(listen.rpartition(":")[2])
         traffic = asyncio.create_task(
-            run_traffic(HOST, listen_port, rate=rate, requests=requests, stats=stats)
+            run_traffic(HOST, bound_port, rate=rate, requests=requests, stats=stats)
         )
         # Ctrl-C drains the instance (admin included) before we get to ask: keep the latest.
         latest: list[Any] = []
@@ -269,6 +265,7 @@ async def _demo(
             state.close()
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
+        remove_ready_file(ready_file)
 
 
 def run_demo(
@@ -281,10 +278,12 @@ def run_demo(
     rate: float = 5.0,
     store: str | None = None,
     out: TextIO | None = None,
+    ready_file: str | None = None,
 ) -> int:
     """Run the demo until Ctrl-C/SIGTERM, `duration` seconds, or `requests` sent; exit code.
 
-    Port 0 picks a free port. `store` is a store URL (default: SQLite in a temporary directory,
+    Port 0 picks a free port (the banner and `ready_file`, as for `run --ready-file`, say
+    which). `store` is a store URL (default: SQLite in a temporary directory,
     removed at exit). `rate` is the generated traffic in requests per second.
     """
     try:
@@ -303,6 +302,7 @@ def run_demo(
             rate,
             store,
             out if out is not None else sys.stdout,
+            ready_file,
         )
     )
 
@@ -320,6 +320,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--store", default=None, help="store URL (default: SQLite in a temporary directory)"
     )
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        default=None,
+        help="once serving, write the bound addresses as JSON to PATH (as `run --ready-file`)",
+    )
 
 
 def run_demo_from_args(args: argparse.Namespace) -> int:
@@ -332,6 +338,7 @@ def run_demo_from_args(args: argparse.Namespace) -> int:
         args.quiet,
         rate=args.rate,
         store=args.store,
+        ready_file=args.ready_file,
     )
 
 
