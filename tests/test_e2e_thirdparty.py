@@ -210,6 +210,27 @@ def test_large_upload_and_download(httpbin: HttpbinServer, proxy: ProxyProcess) 
     assert p.content.count(b"0123456789abcdef") == d.content.count(b"0123456789abcdef")
 
 
+def test_slow_reader_of_a_large_answer_does_not_stall_the_next_request(
+    httpbin: HttpbinServer, proxy: ProxyProcess
+) -> None:
+    """A client late to read a large answer makes the proxy pause reading from httpbin.
+
+    That pause belongs to that answer: the upstream connection goes back to the pool when the
+    answer ends, and the next request through it must be answered. (It once stayed paused, so
+    the next answer sat unread in the proxy's socket and the client timed out: the flake of
+    ``test_exact_bodies[/bytes/...]``, which follows the 4 MiB download above.)
+    """
+    body = b"x" * (4 * 1024 * 1024)
+    for _ in range(3):
+        with requests.post(proxy.url + "/anything", data=body, stream=True, timeout=T) as r:
+            time.sleep(0.3)  # the proxy's buffers towards us fill, and it stops reading httpbin
+            assert len(r.json()["data"]) == len(body)
+        expected = requests.get(httpbin.url + "/bytes/1000?seed=5", timeout=T).content
+        p = requests.get(proxy.url + "/bytes/1000?seed=5", timeout=T)
+        assert p.status_code == 200
+        assert p.content == expected
+
+
 @pytest.mark.parametrize(
     "path",
     [

@@ -11,6 +11,7 @@ uploads and upstream keep-alive are tested against a production-grade server.
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import subprocess
@@ -22,20 +23,24 @@ from typing import Self
 
 from support.processes import end_process_group
 
-from .proxy import free_port
 from .wait import wait_until
 
 
 class HttpbinServer:
-    """Context manager: ``python -m gunicorn httpbin:app`` on ``127.0.0.1:<free port>``.
+    """Context manager: ``python -m gunicorn httpbin:app`` on a loopback port of its own.
 
-    Entering waits (bounded) until the port accepts connections; exiting sends SIGTERM and,
-    after ``stop_timeout``, SIGKILL to the process group this harness created.
+    The listening socket is bound (port 0) and listening here, before gunicorn starts, and
+    handed to it as ``--bind fd://N``: a port picked first and bound later could be taken by
+    anyone in between. Entering waits (bounded) until a worker answers ``GET /get`` with a 200
+    (the socket accepting proves nothing: the kernel queues connections before any worker
+    exists); exiting sends SIGTERM and, after ``stop_timeout``, SIGKILL to the process group
+    this harness created.
     """
 
     def __init__(self, threads: int = 8, ready_timeout: float = 30.0) -> None:
         self.host = "127.0.0.1"
-        self.port = free_port()
+        self.port = 0  # known once __enter__ has bound the socket
+        self._listener: socket.socket | None = None
         self.threads = threads
         self.ready_timeout = ready_timeout
         self._tmp = tempfile.TemporaryDirectory(prefix="httpbin-")
@@ -49,23 +54,36 @@ class HttpbinServer:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def _accepts(self) -> bool:
+    def _answers(self) -> bool:
+        """One bounded ``GET /get``: only an answer proves a worker has imported httpbin."""
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log_text()}")
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=2.0)
         try:
-            with socket.create_connection((self.host, self.port), timeout=0.5):
-                return True
-        except OSError:
+            conn.request("GET", "/get")
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status == 200
+        except OSError:  # includes a timeout: the worker is still importing httpbin
             return False
+        finally:
+            conn.close()
 
     def __enter__(self) -> Self:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind((self.host, 0))
+        listener.listen(128)
+        listener.set_inheritable(True)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        fd = listener.fileno()
         cmd = [
             sys.executable,
             "-m",
             "gunicorn",
             "--bind",
-            f"{self.host}:{self.port}",
+            f"fd://{fd}",
             "--worker-class",
             "gthread",
             "--workers",
@@ -81,17 +99,21 @@ class HttpbinServer:
             "httpbin:app",
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
         try:
-            wait_until(self._accepts, self.ready_timeout, f"httpbin on port {self.port}")
+            with self.log_path.open("wb") as log:
+                self.proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    pass_fds=(fd,),
+                )
+            try:
+                wait_until(self._answers, self.ready_timeout, f"httpbin to answer on {self.url}")
+            except TimeoutError as exc:
+                raise TimeoutError(f"{exc}\ngunicorn log:\n{self.log_text()}") from None
         except BaseException:
             self.stop()
             raise
@@ -100,10 +122,12 @@ class HttpbinServer:
     def stop(self, stop_timeout: float = 10.0) -> None:
         """SIGTERM the gunicorn master by PID, then SIGKILL its process group if needed."""
         proc = self.proc
-        if proc is None:
-            return
-        end_process_group(proc, timeout=stop_timeout)  # also a worker orphaned by its master
-        self.proc = None
+        if proc is not None:
+            end_process_group(proc, timeout=stop_timeout)  # also a worker orphaned by its master
+            self.proc = None
+        if self._listener is not None:
+            self._listener.close()  # our copy, kept open only so the port stays ours
+            self._listener = None
 
     def __exit__(
         self,

@@ -228,7 +228,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._release()
 
     def pause_reading(self) -> None:
-        if self.transport is not None and self.state != CLOSED:
+        """Backpressure from the client being answered: only while its answer is in flight.
+
+        A pause asked for once the connection is back in the pool (the client's buffer filled
+        on the answer's last bytes) would stall whichever request uses the connection next.
+        """
+        if self.transport is not None and self.state == BUSY and not self._response_done:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
@@ -276,6 +281,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.state = IDLE
             self.reused = True
             self._sink = None
+            # the last bytes of the answer may have paused reading (the client was slow to
+            # take them) and the pause belongs to that client: an idle connection must read,
+            # to see the server close it and to hear the next request's answer
+            if self.transport is not None:
+                self.transport.resume_reading()
             self.pool._release(self)
 
     def _on_timer(self) -> None:
