@@ -179,18 +179,6 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
-def established_to(port: int) -> int:
-    """TCP connections in ESTABLISHED state whose remote end is 127.0.0.1:``port``: the
-    proxy's side of its connections to a backend (nothing else here connects to it)."""
-    count = 0
-    want = f"0100007F:{port:04X}"
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[2] == want and fields[3] == "01":
-            count += 1
-    return count
-
-
 # ----------------------------------------------------------------------------------------------
 # The client side: a fixed batch, latencies measured per request
 
@@ -376,7 +364,9 @@ def test_hung_shadow_holds_at_most_max_in_flight_connections_and_drops_overflow(
             def watch() -> None:  # the connections actually open, sampled every few ms
                 nonlocal peak
                 while not stop.is_set():
-                    peak = max(peak, established_to(hung.port))
+                    # the proxy's side of each connection the hung server accepted; not a count
+                    # of /proc/net/tcp rows, which repeat while other sockets come and go
+                    peak = max(peak, hung.clients_established())
                     stop.wait(0.003)
 
             watcher = threading.Thread(target=watch, daemon=True)

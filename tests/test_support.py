@@ -24,6 +24,7 @@ from support.backend import (
     dead_port,
     pattern_bytes,
 )
+from support.procfs import established_from
 from support.proxy import ProxyProcess, raw_request, read_http_response
 from support.wait import wait_until
 
@@ -205,6 +206,51 @@ def test_hung_server_accepts_and_never_answers() -> None:
             requests.get(hung.url, timeout=(T, 0.3))
         hung.wait_for_connections(1)
         assert hung.connections_accepted == 1
+
+
+def test_hung_server_counts_clients_established() -> None:
+    with HungServer() as hung:
+        clients = [socket.create_connection(("127.0.0.1", hung.port), timeout=T) for _ in range(3)]
+        try:
+            hung.wait_for_connections(3)
+            # wait_until: a read of /proc/net/tcp may skip a row while other sockets come and go
+            wait_until(lambda: hung.clients_established() == 3, T, "3 clients established")
+            clients[1].close()  # the client's side leaves ESTABLISHED at once (FIN_WAIT)
+            wait_until(lambda: hung.clients_established() == 2, T, "2 clients established")
+        finally:
+            for c in clients:
+                c.close()
+
+
+def _tcp_row(sl: int, local: str, remote: str, state: str, inode: int) -> str:
+    return (
+        f"{sl:4d}: {local} {remote} {state} 00000000:00000000 00:00000000 00000000"
+        f"  1000        0 {inode} 1 0000000000000000 20 4 30 10 -1"
+    )
+
+
+def test_established_from_counts_each_connection_once() -> None:
+    """A read of /proc/net/tcp in pieces while sockets come and go repeats rows (seen on a busy
+    machine: 10 rows for 8 connections, two of them twice); each connection counts once."""
+    server, other = "0100007F:8783", "0100007F:1F90"
+    rows = [
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid",
+        _tcp_row(0, server, "00000000:0000", "0A", 10),  # the listener
+        _tcp_row(1, "0100007F:A51E", server, "01", 11),
+        _tcp_row(2, "0100007F:A526", server, "01", 12),
+        _tcp_row(3, server, "0100007F:A51E", "01", 13),  # the server's side of 11
+        _tcp_row(4, "0100007F:A52E", server, "04", 14),  # closed by the client: FIN_WAIT2
+        _tcp_row(5, "0100007F:A53A", other, "01", 15),  # to another server
+        _tcp_row(6, "0100007F:A542", server, "01", 16),  # not asked about (accepted later)
+        _tcp_row(7, "0100007F:A51E", server, "01", 11),  # rows 1 and 2 again
+        _tcp_row(8, "0100007F:A526", server, "01", 12),
+    ]
+    table = "\n".join(rows) + "\n"
+    asked = [0xA51E, 0xA526, 0xA52E, 0xA53A]
+    assert established_from(asked, 0x8783, table) == 2
+    assert established_from([*asked, 0xA542], 0x8783, table) == 3
+    assert established_from(asked, 0x1F90, table) == 1
+    assert established_from([], 0x8783, table) == 0
 
 
 def test_dead_port_refuses() -> None:

@@ -30,6 +30,8 @@ from typing import Literal, Self
 
 import h11
 
+from support.procfs import established_from
+
 Action = Literal["reset_mid_body", "hang", "close"]
 
 #: statuses whose responses never carry a body (RFC 9110 §6.4.1)
@@ -518,6 +520,8 @@ class HungServer:
         self.port: int = self._listener.getsockname()[1]
         self._wake_r, self._wake_w = socket.socketpair()
         self._accepted: list[socket.socket] = []
+        #: the client's port of each accepted connection (kept: getpeername fails after a RST)
+        self._peer_ports: list[int] = []
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="HungServer", daemon=True)
 
@@ -535,6 +539,23 @@ class HungServer:
         with self._cond:
             if not self._cond.wait_for(lambda: len(self._accepted) >= n, timeout=timeout):
                 raise TimeoutError(f"HungServer: fewer than {n} connections after {timeout}s")
+
+    def clients_established(self) -> int:
+        """How many accepted connections are still ESTABLISHED on the client's side (the
+        connecting process's socket, from /proc/net/tcp; the server's side never closes here).
+
+        A count that was true at one instant, although /proc/net/tcp is read in pieces while
+        connections come and go (see ``procfs.established_from``): only connections accepted
+        before the read are looked for, each once. A client's socket is ESTABLISHED before the
+        server can accept the connection and never becomes ESTABLISHED again once it left that
+        state, so each one the read finds ESTABLISHED already was when the read began. A
+        connection not accepted yet is not counted yet.
+        """
+        if self.host != "127.0.0.1":
+            raise ValueError("clients_established reads /proc/net/tcp: 127.0.0.1 only")
+        with self._cond:
+            ports = list(self._peer_ports)
+        return established_from(ports, self.port)
 
     def start(self) -> Self:
         self._thread.start()
@@ -571,9 +592,10 @@ class HungServer:
                 for key, _ in sel.select():
                     if key.fileobj is self._wake_r:
                         return
-                    conn, _addr = self._listener.accept()
+                    conn, addr = self._listener.accept()
                     with self._cond:
                         self._accepted.append(conn)
+                        self._peer_ports.append(addr[1])
                         self._cond.notify_all()
 
 

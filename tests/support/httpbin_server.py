@@ -26,6 +26,19 @@ from support.processes import end_process_group
 from .wait import wait_until
 
 
+def _no_control_socket() -> list[str]:
+    """gunicorn 27 opens a control socket at one fixed path per user (~/.gunicorn): two
+    servers at once (two test runs) would take it from each other, and the first to stop
+    deletes it. Older releases have no such socket, and no such flag."""
+    import gunicorn.config
+
+    known = {setting.name for setting in gunicorn.config.KNOWN_SETTINGS}
+    return ["--no-control-socket"] if "control_socket_disable" in known else []
+
+
+_NO_CONTROL_SOCKET = _no_control_socket()
+
+
 class HttpbinServer:
     """Context manager: ``python -m gunicorn httpbin:app`` on a loopback port of its own.
 
@@ -96,6 +109,7 @@ class HttpbinServer:
             "5",
             "--log-level",
             "warning",
+            *_NO_CONTROL_SOCKET,
             "httpbin:app",
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
