@@ -1,0 +1,27 @@
+"""The base every config model shares, so a rule about the file is written once.
+
+Two rules hold for every section: an unknown key is an error (a typo must not silently turn a
+feature off), and numbers are accepted where text is meant (YAML reads `x-api-version: 2` as an
+int). A section the user leaves empty (`admin:` with nothing under it) means its defaults, which
+is what `_none_to_empty` gives the fields that hold a section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pydantic import BaseModel, ConfigDict
+
+
+def _none_to_empty(factory: Callable[[], object]) -> Callable[[object], object]:
+    """Let `key:` with nothing under it (YAML null) mean "empty", as a commented-out block does."""
+
+    def convert(value: object) -> object:
+        return factory() if value is None else value
+
+    return convert
+
+
+class _Model(BaseModel):
+    # coerce_numbers_to_str: YAML reads `x-api-version: 2` as an int; a header value is text.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
