@@ -64,7 +64,7 @@ def _parse_endpoint(value: object) -> Endpoint:
 EndpointField = Annotated[Endpoint, PlainValidator(_parse_endpoint)]
 
 
-class BackendConfig(_Model):
+class BackendConfig(_Model, frozen=True):
     """A named group of interchangeable endpoints, used round robin."""
 
     endpoints: Annotated[list[EndpointField], Field(min_length=1)]

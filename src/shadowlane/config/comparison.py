@@ -87,7 +87,7 @@ HeaderNames = Annotated[
 ]
 
 
-class ShadowCompare(_Model):
+class ShadowCompare(_Model, frozen=True):
     """How one shadow's answers are compared with the primary's (`compare:` on a shadow)."""
 
     #: strict: all paths equal both ways; subset: the candidate may add paths; schema: same paths
@@ -130,7 +130,7 @@ ShadowCompareField = Annotated[
 ]
 
 
-class RouteCompare(_Model):
+class RouteCompare(_Model, frozen=True):
     """Per-route comparison rules (`routes[].compare`), applied to every compared shadow."""
 
     ignore: FieldPaths = Field(default_factory=list)
@@ -166,7 +166,7 @@ DEFAULT_IGNORE_HEADERS: tuple[str, ...] = (
 )
 
 
-class CompareThresholds(_Model):
+class CompareThresholds(_Model, frozen=True):
     """Diffy's rule for reporting a field: its difference rate must clearly exceed its noise.
 
     A field is reported only if raw > noise AND |raw-noise|/(raw+noise)*100 > relative AND
@@ -183,7 +183,7 @@ def _check_store(value: str) -> str:
     return value
 
 
-class CompareConfig(_Model):
+class CompareConfig(_Model, frozen=True):
     """Global comparison settings: where results go, global rules, noise thresholds, limits."""
 
     store: Annotated[str, AfterValidator(_check_store)] = "sqlite:///shadowlane.db"

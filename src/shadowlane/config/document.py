@@ -27,7 +27,7 @@ def _check_token_env(value: str | None) -> str | None:
     return value
 
 
-class AdminConfig(_Model):
+class AdminConfig(_Model, frozen=True):
     """The admin server. The token comes from the environment so it never sits in the file."""
 
     listen: Listen = "127.0.0.1:9901"
@@ -38,7 +38,7 @@ class AdminConfig(_Model):
         return parse_host_port(self.listen)
 
 
-class LimitsConfig(_Model):
+class LimitsConfig(_Model, frozen=True):
     """Protections of the downstream side against slow or oversized clients."""
 
     max_header_size: Annotated[Size, Field(gt=0)] = 64 * 1024
@@ -57,7 +57,7 @@ def _readable_file(value: str) -> str:
 ReadableFile = Annotated[str, AfterValidator(_readable_file)]
 
 
-class TlsConfig(_Model):
+class TlsConfig(_Model, frozen=True):
     """TLS on the listener. The files are read at start and on reload."""
 
     cert: ReadableFile
@@ -75,7 +75,7 @@ def _parse_access_log(value: object) -> bool | str:
     raise ValueError("must be true, false, '-' (stdout) or a file path")
 
 
-class Config(_Model):
+class Config(_Model, frozen=True):
     """The whole file. Cross-reference rules live in `_cross_check`, run after this validates."""
 
     listen: Listen = "127.0.0.1:8080"

@@ -105,7 +105,7 @@ def _check_host(value: str | None) -> str | None:
     return host
 
 
-class MatchConfig(_Model):
+class MatchConfig(_Model, frozen=True):
     """Predicates of a route; all given ones must hold (AND). Empty matches every request."""
 
     host: Annotated[str | None, AfterValidator(_check_host)] = None
@@ -117,7 +117,7 @@ class MatchConfig(_Model):
     query: dict[str, str] | None = None
 
 
-class ShadowMatch(_Model):
+class ShadowMatch(_Model, frozen=True):
     """Extra conditions for sending a shadow copy, on top of the route's match."""
 
     methods: Methods = None
