@@ -166,6 +166,8 @@ DEFAULT_IGNORE_HEADERS: tuple[str, ...] = (
 )
 
 
+# The only place these defaults are written: code that needs them without a loaded config (the
+# store's options, analysis) reads `CompareThresholds()`, which is frozen and so safe to share.
 class CompareThresholds(_Model, frozen=True):
     """Diffy's rule for reporting a field: its difference rate must clearly exceed its noise.
 
