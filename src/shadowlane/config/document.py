@@ -1,0 +1,98 @@
+"""The whole file: listener, TLS, admin server, downstream limits, and the sections below them.
+
+`Config` is the root every importer, the loader and the app code against; the sections that
+belong to no route or backend (admin, limits, TLS, access log) sit with it. Checks that need
+the whole tree (references between sections) are not model rules; `loading` runs them once
+this validates.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator
+
+from shadowlane.config.backends import BackendConfig
+from shadowlane.config.base import _Model, _none_to_empty
+from shadowlane.config.comparison import CompareConfig
+from shadowlane.config.routes import RouteConfig
+from shadowlane.config.units import Duration, Listen, Name, Size, Timeout, parse_host_port
+
+
+def _check_token_env(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise ValueError(f"not an environment variable name: {value!r}")
+    return value
+
+
+class AdminConfig(_Model, frozen=True):
+    """The admin server. The token comes from the environment so it never sits in the file."""
+
+    listen: Listen = "127.0.0.1:9901"
+    token_env: Annotated[str | None, AfterValidator(_check_token_env)] = None
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        return parse_host_port(self.listen)
+
+
+class LimitsConfig(_Model, frozen=True):
+    """Protections of the downstream side against slow or oversized clients."""
+
+    max_header_size: Annotated[Size, Field(gt=0)] = 64 * 1024
+    header_timeout: Timeout = 10.0
+    idle_timeout: Timeout = 60.0
+    max_body: Size = 1024**3
+    drain_timeout: Duration = 30.0
+
+
+def _readable_file(value: str) -> str:
+    if not os.path.isfile(value):
+        raise ValueError(f"no such file: {value}")
+    return value
+
+
+ReadableFile = Annotated[str, AfterValidator(_readable_file)]
+
+
+class TlsConfig(_Model, frozen=True):
+    """TLS on the listener. The files are read at start and on reload."""
+
+    cert: ReadableFile
+    key: ReadableFile
+    #: CA bundle to verify client certificates with; when set, clients must present one
+    client_ca: ReadableFile | None = None
+
+
+def _parse_access_log(value: object) -> bool | str:
+    """One key for "off / stdout / file" keeps the common cases one word long."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ValueError("must be true, false, '-' (stdout) or a file path")
+
+
+class Config(_Model, frozen=True):
+    """The whole file. Cross-reference rules live in `_cross_check`, run after this validates."""
+
+    listen: Listen = "127.0.0.1:8080"
+    tls: TlsConfig | None = None
+    admin: Annotated[AdminConfig, BeforeValidator(_none_to_empty(dict))] = Field(
+        default_factory=AdminConfig
+    )
+    limits: Annotated[LimitsConfig, BeforeValidator(_none_to_empty(dict))] = Field(
+        default_factory=LimitsConfig
+    )
+    access_log: Annotated[bool | str, PlainValidator(_parse_access_log)] = False
+    backends: Annotated[dict[Name, BackendConfig], Field(min_length=1)]
+    routes: Annotated[list[RouteConfig], Field(min_length=1)]
+    compare: Annotated[CompareConfig, BeforeValidator(_none_to_empty(dict))] = Field(
+        default_factory=CompareConfig
+    )
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        return parse_host_port(self.listen)

@@ -1,0 +1,119 @@
+"""What `shadowlane check` prints on success: one screen that says what the file means.
+
+Kept apart from the models because it is written for people, not code: its wording can change
+freely without touching what other layers import. Shadow limits are shown only where they differ
+from the defaults, and the defaults are read from the model, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from shadowlane.config.document import Config
+from shadowlane.config.matching import MatchConfig, ShadowMatch
+from shadowlane.config.shadows import ShadowConfig
+from shadowlane.config.units import format_duration, format_size
+
+
+def _describe_match(m: MatchConfig | ShadowMatch) -> str:
+    parts: list[str] = []
+    for key in ("host", "path", "path_prefix", "path_regex"):
+        value = getattr(m, key, None)
+        if value is not None:
+            parts.append(f"{key}={value}")
+    if m.methods:
+        parts.append("methods=" + ",".join(m.methods))
+    if m.headers:
+        parts.extend(f"header {k}={v}" for k, v in m.headers.items())
+    query = getattr(m, "query", None)
+    if query:
+        parts.extend(f"query {k}={v}" for k, v in query.items())
+    return " ".join(parts) or "everything"
+
+
+def _describe_shadow(s: ShadowConfig) -> str:
+    """One line per shadow; limits are shown only where they differ from the defaults."""
+    parts = [f"{s.percent:g}%"]
+    if s.sample_by:
+        parts.append(f"by {s.sample_by}")
+    if s.match is not None:
+        parts.append(f"if {_describe_match(s.match)}")
+    if s.only_if_primary:
+        parts.append(f"after primary {s.only_if_primary}")
+    elif s.send != "with_request":
+        parts.append(f"send {s.send}")
+    if s.ordered_by:
+        parts.append(f"ordered by {s.ordered_by}")
+    if s.host is not None:
+        parts.append(f"host {s.host}")
+    elif s.host_suffix != "-shadow":
+        parts.append(f"host suffix {s.host_suffix!r}")
+    if s.headers.set:
+        parts.append("set " + ",".join(s.headers.set))
+    if s.headers.remove:
+        parts.append("remove " + ",".join(s.headers.remove))
+    if s.rewrite_path is not None:
+        parts.append(f"rewrite {s.rewrite_path.regex} -> {s.rewrite_path.replacement}")
+    defaults = ShadowConfig.model_fields
+    if s.timeout != defaults["timeout"].default:
+        parts.append(f"timeout {format_duration(s.timeout)}")
+    if s.max_in_flight != defaults["max_in_flight"].default:
+        parts.append(f"in flight {s.max_in_flight}")
+    if s.queue != defaults["queue"].default:
+        parts.append(f"queue {s.queue}")
+    if s.max_body != defaults["max_body"].default:
+        parts.append(f"body <= {format_size(s.max_body)}")
+    opts = s.compare_enabled
+    if opts is not None:
+        how: list[str] = [opts.mode]
+        if opts.secondary:
+            how.append(f"noise from {opts.secondary}")
+        if opts.ignore:
+            how.append(f"{len(opts.ignore)} ignore rules")
+        parts.append("compare " + ", ".join(how))
+    return f"shadow -> {s.backend}  " + ", ".join(parts)
+
+
+def summarize(cfg: Config) -> str:
+    """What `shadowlane check` prints on success: enough to confirm the file says what you meant."""
+    lim = cfg.limits
+    admin = cfg.admin.listen + (
+        f" (token from ${cfg.admin.token_env})" if cfg.admin.token_env else ""
+    )
+    if cfg.access_log is False:
+        access = "off"
+    elif cfg.access_log is True or cfg.access_log == "-":
+        access = "stdout (JSON lines)"
+    else:
+        access = f"{cfg.access_log} (JSON lines)"
+    lines = [
+        f"listen      {cfg.listen}",
+        f"admin       {admin}",
+        f"limits      headers <= {format_size(lim.max_header_size)} in "
+        f"{format_duration(lim.header_timeout)}, idle {format_duration(lim.idle_timeout)}, "
+        f"body <= {format_size(lim.max_body)}, drain {format_duration(lim.drain_timeout)}",
+        f"access log  {access}",
+        f"compare     {cfg.compare.store} (queue {cfg.compare.queue}, examples "
+        f"{cfg.compare.examples_per_field}/field for {format_duration(cfg.compare.retention)})",
+        f"backends ({len(cfg.backends)})",
+    ]
+    width = max(len(n) for n in cfg.backends)
+    for name, b in cfg.backends.items():
+        eps = ", ".join(e.url for e in b.endpoints)
+        lines.append(
+            f"  {name:<{width}}  {eps}  (timeout {format_duration(b.timeout)}, "
+            f"max {b.max_connections} conns/endpoint)"
+        )
+    lines.append(f"routes ({len(cfg.routes)}, first match wins)")
+    for route in cfg.routes:
+        lines.append(f"  {route.name}: {_describe_match(route.match)}")
+        if route.backends is not None:
+            total = sum(w.weight for w in route.backends)
+            legs = ", ".join(
+                f"{w.backend} {w.weight} ({100 * w.weight / total:.0f}%)" for w in route.backends
+            )
+            lines.append(f"    -> {legs}")
+        else:
+            lines.append(f"    -> {route.backend}")
+        if route.max_body is not None:
+            lines.append(f"    body <= {format_size(route.max_body)}")
+        lines.extend(f"    {_describe_shadow(s)}" for s in route.shadows)
+    return "\n".join(lines)
