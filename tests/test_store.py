@@ -28,7 +28,17 @@ import pytest
 from shadowlane.compare import Captured, Comparator, CompareJob, compile_settings, evaluate, record
 from shadowlane.config import ShadowCompare
 from shadowlane.metrics import Metrics
-from shadowlane.store import Batch, Store, StoreOptions, latency_bucket, open_store, percentile
+from shadowlane.store import (
+    Batch,
+    FieldRow,
+    LatencyRow,
+    Store,
+    StoreOptions,
+    TotalsRow,
+    latency_bucket,
+    open_store,
+    percentile,
+)
 
 # ---------------------------------------------------------------------------------------------
 # A private PostgreSQL
@@ -214,6 +224,34 @@ def test_aggregates_rates_and_thresholds(store_url: str) -> None:
         assert fields["body.uuid"]["raw"] == 20 and fields["body.uuid"]["noise"] == 20
         assert fields["body.uuid"]["reported"] is False
         assert store.fields("nope", "v2") == []
+
+
+def test_rows_are_the_sums_as_written(store_url: str) -> None:
+    """The store answers with sums only; what they mean is the analysis' (test_analysis.py)."""
+    with make_store(store_url) as store:
+        store.write(batch_of(traffic(10)))
+        store.write(batch_of(traffic(10)))
+        store.write(batch_of([mkjob("a", {"x": 1}, {"x": 2}, target="v3", p_s=0.5, c_s=0.5)]))
+        assert store.totals() == [
+            TotalsRow("a", "v3", 1, 0, 1, 0),
+            TotalsRow("orders", "v2", 20, 0, 10, 10),
+        ]
+        assert store.totals("orders", "v2") == [TotalsRow("orders", "v2", 20, 0, 10, 10)]
+        assert store.totals(target="v3") == [TotalsRow("a", "v3", 1, 0, 1, 0)]
+        assert store.totals("nope", "v2") == []
+        assert sorted(store.field_counts("orders", "v2")) == [
+            FieldRow("orders", "v2", "body.price", 10, 0),
+            FieldRow("orders", "v2", "body.uuid", 20, 20),
+        ]
+        assert sorted(store.field_counts()) == [
+            FieldRow("a", "v3", "body.x", 1, 0),
+            *sorted(store.field_counts(route="orders")),
+        ]
+        assert sorted(store.latency_counts("orders", "v2")) == [
+            LatencyRow("orders", "v2", "primary", latency_bucket(0.010), 20),
+            LatencyRow("orders", "v2", "shadow", latency_bucket(0.030), 20),
+        ]
+        assert {r.route for r in store.latency_counts()} == {"a", "orders"}
 
 
 def test_latency_percentiles(store_url: str) -> None:
@@ -455,6 +493,17 @@ class SlowStore(Store):
 
     def sweep(self, now: float | None = None) -> int:
         return self.inner.sweep(now)
+
+    def totals(self, route: str | None = None, target: str | None = None) -> list[TotalsRow]:
+        return self.inner.totals(route, target)
+
+    def field_counts(self, route: str | None = None, target: str | None = None) -> list[FieldRow]:
+        return self.inner.field_counts(route, target)
+
+    def latency_counts(
+        self, route: str | None = None, target: str | None = None
+    ) -> list[LatencyRow]:
+        return self.inner.latency_counts(route, target)
 
     def summary(self) -> list[dict[str, Any]]:
         return self.inner.summary()

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from shadowlane.store.base import SCHEMA_VERSION, Store, StoreOptions, is_reported
+from shadowlane.store.base import (
+    SCHEMA_VERSION,
+    FieldRow,
+    LatencyRow,
+    Store,
+    StoreOptions,
+    TotalsRow,
+    is_reported,
+)
 from shadowlane.store.batch import (
     Batch,
     Example,
@@ -25,8 +33,11 @@ __all__ = [
     "SCHEMA_VERSION",
     "Batch",
     "Example",
+    "FieldRow",
+    "LatencyRow",
     "Store",
     "StoreOptions",
+    "TotalsRow",
     "bucket_value",
     "is_reported",
     "latency_bucket",

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -58,6 +58,38 @@ def is_reported(raw: int, noise: int, compared: int, relative: float, absolute: 
     return gap / (raw + noise) * 100 > relative and gap / compared * 100 > absolute
 
 
+class TotalsRow(NamedTuple):
+    """Requests compared on one (route, target), by their result (`shadowlane_totals`)."""
+
+    route: str
+    target: str
+    compared: int
+    matched: int
+    differing: int
+    noise: int
+
+
+class FieldRow(NamedTuple):
+    """One field of a (route, target): requests where it differed primary vs candidate (`raw`)
+    and primary vs secondary (`noise`), Diffy's raw and noise counters in one row."""
+
+    route: str
+    target: str
+    field: str
+    raw: int
+    noise: int
+
+
+class LatencyRow(NamedTuple):
+    """Answers of one side (`primary`/`shadow`) of a (route, target) in one latency bucket."""
+
+    route: str
+    target: str
+    side: str
+    bucket: int
+    n: int
+
+
 class Cursor(Protocol):
     """The part of a DB-API cursor used here (sqlite3 and psycopg both provide it)."""
 
@@ -89,6 +121,21 @@ class Store(ABC):
         """Delete examples older than the retention; returns how many went."""
 
     # -- queries (any thread) ------------------------------------------------------------------
+
+    @abstractmethod
+    def totals(self, route: str | None = None, target: str | None = None) -> list[TotalsRow]:
+        """Totals per (route, target), ordered by route then target; optionally only those of
+        `route` and/or `target`."""
+
+    @abstractmethod
+    def field_counts(self, route: str | None = None, target: str | None = None) -> list[FieldRow]:
+        """Raw and noise counts per field, in no particular order; optionally filtered."""
+
+    @abstractmethod
+    def latency_counts(
+        self, route: str | None = None, target: str | None = None
+    ) -> list[LatencyRow]:
+        """Latency bucket counts per (route, target, side), in no particular order."""
 
     @abstractmethod
     def summary(self) -> list[dict[str, Any]]:
@@ -456,6 +503,44 @@ class SqlStore(Store):
         )
         compared = int(rows[0][0]) if rows else 0
         return self._field_rows({(route, target): compared}, route, target).get((route, target), [])
+
+    @staticmethod
+    def _where(route: str | None, target: str | None) -> tuple[str, tuple[str, ...]]:
+        clauses: list[str] = []
+        params: list[str] = []
+        for column, value in (("route", route), ("target", target)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+
+    def totals(self, route: str | None = None, target: str | None = None) -> list[TotalsRow]:
+        where, params = self._where(route, target)
+        rows = self._read(
+            "SELECT route, target, compared, matched, differing, noise FROM shadowlane_totals"
+            f"{where} ORDER BY route, target",
+            params,
+        )
+        return [
+            TotalsRow(r, t, int(compared), int(matched), int(differing), int(noise))
+            for r, t, compared, matched, differing, noise in rows
+        ]
+
+    def field_counts(self, route: str | None = None, target: str | None = None) -> list[FieldRow]:
+        where, params = self._where(route, target)
+        rows = self._read(
+            f"SELECT route, target, field, raw, noise FROM shadowlane_fields{where}", params
+        )
+        return [FieldRow(r, t, path, int(raw), int(noise)) for r, t, path, raw, noise in rows]
+
+    def latency_counts(
+        self, route: str | None = None, target: str | None = None
+    ) -> list[LatencyRow]:
+        where, params = self._where(route, target)
+        rows = self._read(
+            f"SELECT route, target, side, bucket, n FROM shadowlane_latency{where}", params
+        )
+        return [LatencyRow(r, t, side, int(bucket), int(n)) for r, t, side, bucket, n in rows]
 
     def examples(
         self, route: str, target: str, field: str | None = None, limit: int = 20
