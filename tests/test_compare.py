@@ -27,7 +27,6 @@ from shadowlane.compare import (
 from shadowlane.compare.engine import identical_answers
 from shadowlane.compare.paths import key_segment
 from shadowlane.config import CompareConfig, RouteCompare, ShadowCompare, parse_config
-from shadowlane.store import is_reported
 
 
 def answer(
@@ -349,8 +348,10 @@ def test_identical_answers_shortcut_agrees_with_lifting(mode: str) -> None:
         (answer({"a": [1, 2]}, headers=[*date, ("x-v", "2")]), False),  # a real header
         (answer({"a": [2, 1]}, headers=[*date, ("x-v", "1")]), False),  # body bytes
         (answer({"a": [1, 2]}, status=201, headers=[*date, ("x-v", "1")]), False),
-        (answer(raw=orjson.dumps({"a": [1, 2]}), truncated=True, headers=[*date, ("x-v", "1")]),
-         False),
+        (
+            answer(raw=orjson.dumps({"a": [1, 2]}), truncated=True, headers=[*date, ("x-v", "1")]),
+            False,
+        ),
     ]
     for candidate, shortcut in cases:
         j = CompareJob("r", "t", "rid", "GET", "/x", b"", p, candidate, None, s)
@@ -391,27 +392,6 @@ def test_result_match_noise_diff() -> None:
 def test_job_settings_default_when_absent() -> None:
     j = CompareJob("r", "t", "rid", "GET", "/", b"", answer({"a": 1}), answer({"a": 2}), None)
     assert evaluate(j).differing == ["body.a"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Thresholds (Diffy's rule)
-
-
-@pytest.mark.parametrize(
-    ("raw", "noise", "compared", "reported"),
-    [
-        (100, 0, 100, True),  # always differs, never noisy
-        (100, 100, 100, False),  # random in every answer: pure noise
-        (100, 90, 100, False),  # relative gap 10/190 = 5% <= 20%
-        (100, 50, 100, True),  # relative 50/150 = 33%, absolute 50%
-        (50, 60, 100, False),  # raw <= noise
-        (1, 0, 100_000, False),  # absolute 0.001% <= 0.03%
-        (40, 0, 100_000, True),  # absolute 0.04% > 0.03%
-        (0, 0, 0, False),
-    ],
-)
-def test_thresholds(raw: int, noise: int, compared: int, reported: bool) -> None:
-    assert is_reported(raw, noise, compared, 20.0, 0.03) is reported
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import time
 
 import orjson
 
-from shadowlane.compare import Captured, Comparator, CompareJob
+from shadowlane.compare import Analysis, Captured, Comparator, CompareJob
 from shadowlane.metrics import Metrics
 from shadowlane.store import open_store
 
@@ -62,7 +62,7 @@ def test_stop_compares_everything_accepted() -> None:
             assert comp.submit(heavy_job(i))
         assert comp.stop(60)
         assert comp.stats["compared"] == 50
-        assert store.summary()[0]["compared"] == 50  # flushed on stop, not after 10 s
+        assert Analysis(store).summary()[0]["compared"] == 50  # flushed on stop, not after 10 s
         # after stop, submit refuses (and counts) instead of queueing forever
         assert not comp.submit(heavy_job(0))
         assert comp.stats["dropped"] == 1
@@ -122,7 +122,7 @@ def test_identical_answers_are_decided_at_submit_and_stored() -> None:
         differing = heavy_job(1)
         assert comp.submit(differing)
         assert comp.wait_idle(30)
-        (row,) = store.summary()
+        (row,) = Analysis(store).summary()
         assert (row["compared"], row["matched"], row["differing"]) == (51, 50, 1)
         lat = row["latency"]
         assert 0.008 < lat["primary_p50"] < 0.012 and 0.035 < lat["shadow_p50"] < 0.045
@@ -143,4 +143,4 @@ def test_stop_writes_the_identical_answers_decided_just_before() -> None:
             job = CompareJob("r", "t", f"id{i}", "GET", "/", b"", same, same, None)
             assert comp.submit(job)
         assert comp.stop(30)
-        assert store.summary()[0]["matched"] == 20  # flushed on stop, not after 10 s
+        assert Analysis(store).summary()[0]["matched"] == 20  # flushed on stop, not after 10 s

@@ -293,7 +293,7 @@ def test_real_store_through_the_api_has_the_shapes_the_dashboard_reads(tmp_path:
     dashboard uses are there, with the types it expects."""
     import json
 
-    from shadowlane.compare import Captured, Comparator, CompareJob, compile_settings
+    from shadowlane.compare import Analysis, Captured, Comparator, CompareJob, compile_settings
     from shadowlane.config import ShadowCompare
     from shadowlane.store import open_store
 
@@ -320,7 +320,7 @@ def test_real_store_through_the_api_has_the_shapes_the_dashboard_reads(tmp_path:
             )
         )
     assert comparator.wait_idle(TIMEOUT)
-    server = Server(store)
+    server = Server(Analysis(store))  # what the application serves: the analysed store
     try:
         (entry,) = server.get("/api/comparisons/summary").json()
         assert (entry["route"], entry["target"], entry["compared"]) == ("r1", "t.2", 10)
@@ -347,3 +347,42 @@ def test_real_store_through_the_api_has_the_shapes_the_dashboard_reads(tmp_path:
         server.close()
         comparator.stop()
         store.close()
+
+
+def test_a_running_instance_judges_by_its_configured_thresholds(
+    tmp_path: Any, proxy_factory: Any
+) -> None:
+    """`compare.thresholds` of the config reach the API: the store keeps counts only, and the
+    instance analyses them with the thresholds it started with."""
+    from shadowlane.compare import is_reported
+    from support.backend import RecordingBackend, Reply
+    from support.migration import wait_for_stored
+    from support.proxy import basic_config
+
+    def answer(version: bytes) -> Any:
+        return lambda req: Reply(headers=[("content-type", "application/json")], body=version)
+
+    with RecordingBackend(answer(b'{"v": 1}')) as b1, RecordingBackend(answer(b'{"v": 2}')) as b2:
+        config = basic_config(
+            b1.url,
+            compare={
+                "store": f"sqlite:///{tmp_path}/t.db",
+                "flush_interval": "50ms",
+                # an absolute gap can reach 100% of the compared requests, never exceed it
+                "thresholds": {"absolute": 100},
+            },
+        )
+        config["backends"]["b2"] = {"endpoints": [b2.url], "timeout": "5s"}
+        config["routes"][0]["shadows"] = [{"backend": "b2", "compare": True}]
+        proxy = proxy_factory(config)
+        for n in range(3):
+            assert requests.get(f"{proxy.url}/x/{n}", timeout=TIMEOUT).status_code == 200
+        wait_for_stored(proxy.admin_url, 3, timeout=TIMEOUT * 2)
+        fields = requests.get(f"{proxy.admin_url}/api/comparisons/r1/b2/fields", timeout=TIMEOUT)
+        by_name = {f["field"]: f for f in fields.json()}
+        assert (by_name["body.v"]["raw"], by_name["body.v"]["noise"]) == (3, 0)
+        assert is_reported(3, 0, 3, 20.0, 0.03)  # by the default thresholds it would be
+        assert by_name["body.v"]["reported"] is False
+        summary = requests.get(f"{proxy.admin_url}/api/comparisons/summary", timeout=TIMEOUT)
+        [row] = summary.json()
+        assert (row["differing"], row["top_fields"]) == (3, [])

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 
-from shadowlane.compare import Captured, Comparator, CompareJob, compile_settings
+from shadowlane.compare import Analysis, Captured, Comparator, CompareJob, compile_settings
 from shadowlane.demo import NOISE_FIELDS, V2_DIFFERENCES, demo_config
 from shadowlane.demo.backends import CATALOG, DemoBackend, DemoService, order
 from shadowlane.demo.traffic import next_request
@@ -300,6 +300,7 @@ def test_demo_answers_compare_as_documented(tmp_path: Path) -> None:
     }
     v1, v1b, v2 = DemoBackend("v1", "v1"), DemoBackend("v1b", "v1"), DemoBackend("v2", "v2")
     store = open_store(cfg.compare.store, cfg.compare)
+    analysis = Analysis(store, cfg.compare.thresholds)
     comparator = Comparator(store, None, flush_interval=0.05).start()
     rnd = random.Random(7)
     try:
@@ -327,7 +328,7 @@ def test_demo_answers_compare_as_documented(tmp_path: Path) -> None:
             assert comparator.submit(job)
         assert comparator.wait_idle(10)
         for route, expected in V2_DIFFERENCES.items():
-            fields = {f["field"]: f for f in store.fields(route, "v2")}
+            fields = {f["field"]: f for f in analysis.fields(route, "v2")}
             reported = {name for name, f in fields.items() if f["reported"]}
             assert reported == set(expected), (route, sorted(reported))
             for noise in NOISE_FIELDS:

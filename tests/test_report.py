@@ -111,3 +111,32 @@ def test_empty_store_and_bad_format(tmp_path: Path) -> None:
         assert orjson.loads(render_report(store, "json")) == {"comparisons": []}
         with pytest.raises(ValueError, match="unknown report format"):
             render_report(store, "yaml")
+
+
+def test_report_judges_by_the_configs_thresholds(
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`-c FILE` applies its `compare.thresholds`; `--store URL` has no config, so the defaults."""
+    from shadowlane.cli import main
+
+    url = f"sqlite:///{tmp_path}/r.db"
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "backends:\n"
+        "  v1: {endpoints: [http://127.0.0.1:9001]}\n"
+        "  v2: {endpoints: [http://127.0.0.1:9002]}\n"
+        "routes:\n"
+        "  - {name: orders, backend: v1, shadows: [{backend: v2, compare: true}]}\n"
+        f"compare: {{store: '{url}', thresholds: {{absolute: 30}}}}\n"
+    )
+    assert main(["report", "--store", url]) == 0
+    assert "orders -> orders-v2: 1 field(s) really differ" in capsys.readouterr().out
+    # body.total differs on 25% of requests: below an absolute threshold of 30%
+    assert main(["report", "-c", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "orders -> orders-v2: 0 field(s) really differ" in text
+    assert "(2 more field(s) differ within their noise, not reported)" in text
+    assert main(["report", "-c", str(config), "--format", "json"]) == 0
+    doc = orjson.loads(capsys.readouterr().out)
+    orders = next(r for r in doc["comparisons"] if r["route"] == "orders")
+    assert orders["top_fields"] == []

@@ -25,10 +25,28 @@ from typing import Any
 import orjson
 import pytest
 
-from shadowlane.compare import Captured, Comparator, CompareJob, compile_settings, evaluate, record
+from shadowlane.compare import (
+    Analysis,
+    Captured,
+    Comparator,
+    CompareJob,
+    compile_settings,
+    evaluate,
+    percentile,
+    record,
+)
 from shadowlane.config import ShadowCompare
 from shadowlane.metrics import Metrics
-from shadowlane.store import Batch, Store, StoreOptions, latency_bucket, open_store, percentile
+from shadowlane.store import (
+    Batch,
+    FieldRow,
+    LatencyRow,
+    Store,
+    StoreOptions,
+    TotalsRow,
+    latency_bucket,
+    open_store,
+)
 
 # ---------------------------------------------------------------------------------------------
 # A private PostgreSQL
@@ -195,13 +213,13 @@ def test_aggregates_rates_and_thresholds(store_url: str) -> None:
     with make_store(store_url) as store:
         store.write(batch_of(traffic(10)))
         store.write(batch_of(traffic(10)))  # increments add up across writes
-        [row] = store.summary()
+        [row] = Analysis(store).summary()
         assert (row["route"], row["target"], row["compared"]) == ("orders", "v2", 20)
         assert (row["matched"], row["differing"], row["noise"]) == (0, 10, 10)
         assert row["diff_rate"] == pytest.approx(0.5)
         assert row["noise_rate"] == pytest.approx(0.5)
         assert [f["field"] for f in row["top_fields"]] == ["body.price"]
-        fields = {f["field"]: f for f in store.fields("orders", "v2")}
+        fields = {f["field"]: f for f in Analysis(store).fields("orders", "v2")}
         assert set(fields) == {"body.price", "body.uuid"}
         assert fields["body.price"] == {
             "field": "body.price",
@@ -213,7 +231,35 @@ def test_aggregates_rates_and_thresholds(store_url: str) -> None:
         }
         assert fields["body.uuid"]["raw"] == 20 and fields["body.uuid"]["noise"] == 20
         assert fields["body.uuid"]["reported"] is False
-        assert store.fields("nope", "v2") == []
+        assert Analysis(store).fields("nope", "v2") == []
+
+
+def test_rows_are_the_sums_as_written(store_url: str) -> None:
+    """The store answers with sums only; what they mean is the analysis' (test_analysis.py)."""
+    with make_store(store_url) as store:
+        store.write(batch_of(traffic(10)))
+        store.write(batch_of(traffic(10)))
+        store.write(batch_of([mkjob("a", {"x": 1}, {"x": 2}, target="v3", p_s=0.5, c_s=0.5)]))
+        assert store.totals() == [
+            TotalsRow("a", "v3", 1, 0, 1, 0),
+            TotalsRow("orders", "v2", 20, 0, 10, 10),
+        ]
+        assert store.totals("orders", "v2") == [TotalsRow("orders", "v2", 20, 0, 10, 10)]
+        assert store.totals(target="v3") == [TotalsRow("a", "v3", 1, 0, 1, 0)]
+        assert store.totals("nope", "v2") == []
+        assert sorted(store.field_counts("orders", "v2")) == [
+            FieldRow("orders", "v2", "body.price", 10, 0),
+            FieldRow("orders", "v2", "body.uuid", 20, 20),
+        ]
+        assert sorted(store.field_counts()) == [
+            FieldRow("a", "v3", "body.x", 1, 0),
+            *sorted(store.field_counts(route="orders")),
+        ]
+        assert sorted(store.latency_counts("orders", "v2")) == [
+            LatencyRow("orders", "v2", "primary", latency_bucket(0.010), 20),
+            LatencyRow("orders", "v2", "shadow", latency_bucket(0.030), 20),
+        ]
+        assert {r.route for r in store.latency_counts()} == {"a", "orders"}
 
 
 def test_latency_percentiles(store_url: str) -> None:
@@ -221,7 +267,7 @@ def test_latency_percentiles(store_url: str) -> None:
     jobs.append(mkjob("r", {"a": 1}, {"a": 1}, p_s=0.010, c_s=2.0))
     with make_store(store_url) as store:
         store.write(batch_of(jobs))
-        lat = store.summary()[0]["latency"]
+        lat = Analysis(store).summary()[0]["latency"]
     assert lat["primary_p50"] == pytest.approx(0.010, rel=0.05)
     assert lat["primary_p99"] == pytest.approx(0.010, rel=0.05)
     assert lat["shadow_p50"] == pytest.approx(0.050, rel=0.05)
@@ -271,14 +317,14 @@ def test_retention_sweep(store_url: str) -> None:
         assert [e["request_id"] for e in store.examples("r", "v2")] == ["new"]
         assert [e["request_id"] for e in store.examples("r", "v2", "body.a")] == ["new"]
         # aggregates are not subject to retention
-        assert store.summary()[0]["compared"] == 2
+        assert Analysis(store).summary()[0]["compared"] == 2
 
 
 def test_clear(store_url: str) -> None:
     with make_store(store_url) as store:
         store.write(batch_of(traffic(4)))
         store.clear()
-        assert store.summary() == []
+        assert Analysis(store).summary() == []
         assert store.examples("orders", "v2") == []
 
 
@@ -290,8 +336,8 @@ def test_queries_from_another_thread_while_writing(store_url: str) -> None:
         def reader() -> None:
             try:
                 while not stop.is_set():
-                    for row in store.summary():
-                        store.fields(row["route"], row["target"])
+                    for row in Analysis(store).summary():
+                        Analysis(store).fields(row["route"], row["target"])
                         store.examples(row["route"], row["target"], limit=3)
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
@@ -305,7 +351,7 @@ def test_queries_from_another_thread_while_writing(store_url: str) -> None:
             stop.set()
             t.join(10)
         assert errors == []
-        assert store.summary()[0]["compared"] == 100
+        assert Analysis(store).summary()[0]["compared"] == 100
 
 
 def test_comparator_end_to_end(store_url: str) -> None:
@@ -318,7 +364,7 @@ def test_comparator_end_to_end(store_url: str) -> None:
             assert comp.wait_idle(20)
         finally:
             assert comp.stop(10)
-        [row] = store.summary()
+        [row] = Analysis(store).summary()
         assert (row["compared"], row["differing"], row["noise"]) == (30, 15, 15)
     text = metrics.render()[0].decode()
     assert 'shadowlane_comparisons_total{result="diff",route="orders",target="v2"} 15.0' in text
@@ -340,7 +386,7 @@ def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         s.write(batch_of(traffic(1)))
     # reopening sees the data: the schema is created once, then reused
     with open_store(f"sqlite:///{absolute}") as s:
-        assert s.summary()[0]["compared"] == 1
+        assert Analysis(s).summary()[0]["compared"] == 1
     with pytest.raises(ValueError, match="unknown store URL"):
         open_store("mysql://x")
 
@@ -358,7 +404,7 @@ def test_two_sqlite_handles_on_one_file_add_up(tmp_path: Path) -> None:
             t.start()
         for t in threads:
             t.join(30)
-        assert a.summary()[0]["compared"] == 100
+        assert Analysis(a).summary()[0]["compared"] == 100
     finally:
         a.close()
         b.close()
@@ -389,9 +435,9 @@ def test_postgres_two_instances_add_up(pg_url: str) -> None:
             t.join(60)
         assert errors == []
         for store in (a, b):
-            [row] = store.summary()
+            [row] = Analysis(store).summary()
             assert (row["compared"], row["differing"], row["noise"]) == (120, 60, 60)
-            fields = {f["field"]: f for f in store.fields("orders", "v2")}
+            fields = {f["field"]: f for f in Analysis(store).fields("orders", "v2")}
             assert (fields["body.price"]["raw"], fields["body.uuid"]["noise"]) == (60, 120)
             # examples stay capped per field across both writers
             assert len(store.examples("orders", "v2", "body.price")) == 5
@@ -425,14 +471,14 @@ def test_postgres_reconnects_after_connection_loss(pg_url: str) -> None:
 
     with open_store(pg_url) as store:
         store.write(batch_of(traffic(2)))
-        store.summary()
+        Analysis(store).summary()
         with psycopg.connect(pg_url, autocommit=True) as admin:
             admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE application_name LIKE 'shadowlane-%'"
             )
         store.write(batch_of(traffic(2)))
-        assert store.summary()[0]["compared"] == 4
+        assert Analysis(store).summary()[0]["compared"] == 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,11 +502,16 @@ class SlowStore(Store):
     def sweep(self, now: float | None = None) -> int:
         return self.inner.sweep(now)
 
-    def summary(self) -> list[dict[str, Any]]:
-        return self.inner.summary()
+    def totals(self, route: str | None = None, target: str | None = None) -> list[TotalsRow]:
+        return self.inner.totals(route, target)
 
-    def fields(self, route: str, target: str) -> list[dict[str, Any]]:
-        return self.inner.fields(route, target)
+    def field_counts(self, route: str | None = None, target: str | None = None) -> list[FieldRow]:
+        return self.inner.field_counts(route, target)
+
+    def latency_counts(
+        self, route: str | None = None, target: str | None = None
+    ) -> list[LatencyRow]:
+        return self.inner.latency_counts(route, target)
 
     def examples(
         self, route: str, target: str, field: str | None = None, limit: int = 20

@@ -29,6 +29,7 @@ import orjson
 from shadowlane import __version__, build_kind
 from shadowlane.admin import AdminApp
 from shadowlane.admin.comparisons import install_comparison_api
+from shadowlane.compare.analysis import Analysis
 from shadowlane.compare.engine import Comparator
 from shadowlane.compare.settings import compile_settings
 from shadowlane.config import BackendConfig, Config, ConfigError, TlsConfig, load_config
@@ -162,18 +163,19 @@ def _tls_shape(cfg: Config) -> tuple[bool, str | None]:
 
 class _LiveStore:
     """The comparison API's view of whichever store the instance has now (a reload may open
-    the first one); empty answers while there is none."""
+    the first one), analysed with the thresholds it was opened with; empty answers while there
+    is none."""
 
     def __init__(self, inst: Instance) -> None:
         self._inst = inst
 
     def summary(self) -> list[dict[str, Any]]:
-        store = self._inst.store
-        return store.summary() if store is not None else []
+        analysis = self._inst.analysis
+        return analysis.summary() if analysis is not None else []
 
     def fields(self, route: str, target: str) -> list[dict[str, Any]]:
-        store = self._inst.store
-        return store.fields(route, target) if store is not None else []
+        analysis = self._inst.analysis
+        return analysis.fields(route, target) if analysis is not None else []
 
     def examples(
         self, route: str, target: str, field: str | None = None, limit: int = 20
@@ -251,6 +253,7 @@ class Instance:
         self.metrics = Metrics(multiprocess_dir=metrics_dir)
         self.loop = asyncio.get_running_loop()
         self.store: Store | None = None
+        self.analysis: Analysis | None = None
         self.comparator: Comparator | None = None
         self._ensure_comparator(cfg)
         self.access_log = AccessLogger(cfg.access_log) if cfg.access_log else None
@@ -283,6 +286,7 @@ class Instance:
             return
         if any(sc.compare_enabled for rc in cfg.routes for sc in rc.shadows):
             self.store = open_store(cfg.compare.store, cfg.compare)
+            self.analysis = Analysis(self.store, cfg.compare.thresholds)
             self.comparator = Comparator.from_config(self.store, self.metrics, cfg.compare)
             comparator = self.comparator
             self.metrics.set_gauge_provider(

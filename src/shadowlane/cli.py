@@ -60,19 +60,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     url = args.store
     options = None
+    thresholds = None
     if url is None:
         cfg = _load(args.config)
         if cfg is None:
             return EXIT_CONFIG
         url = cfg.compare.store
         options = cfg.compare
+        thresholds = cfg.compare.thresholds
     try:
         store = open_store(url, options)
     except Exception as err:  # any driver error is reported as one line
         print(f"shadowlane report: cannot open store {url}: {err}", file=sys.stderr)
         return 1
     try:
-        print(render_report(store, args.format))
+        print(render_report(store, args.format, thresholds))
     finally:
         store.close()
     return 0

@@ -4,16 +4,20 @@ The text form answers, per route and shadow target, the questions of a migration
 screen: how much was compared, how much really differs (beyond noise), whether the new backend is
 slower, and which fields differ, each shown beside its noise so a person can judge the threshold.
 The JSON form is the same data as the admin API's summary plus every field of each pair, for
-scripts (CI gates such as "no reported field on route X").
+scripts (CI gates such as "no reported field on route X"). Both come from the same `Analysis` as
+the API's, so a field reported on the dashboard is reported here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from shadowlane.store import Store
+from shadowlane.compare.analysis import Analysis, ComparisonRows
+
+if TYPE_CHECKING:
+    from shadowlane.config import CompareThresholds
 
 __all__ = ["render_report", "report_data"]
 
@@ -21,11 +25,17 @@ __all__ = ["render_report", "report_data"]
 TOP_FIELDS = 10
 
 
-def report_data(store: Store) -> list[dict[str, Any]]:
-    """The summary rows, each with its full `fields` list (reported or not)."""
-    rows = store.summary()
+def report_data(
+    store: ComparisonRows, thresholds: CompareThresholds | None = None
+) -> list[dict[str, Any]]:
+    """The summary rows, each with its full `fields` list (reported or not).
+
+    `thresholds` are the config's `compare.thresholds`; None means their defaults.
+    """
+    analysis = Analysis(store, thresholds)
+    rows = analysis.summary()
     for row in rows:
-        row["fields"] = store.fields(row["route"], row["target"])
+        row["fields"] = analysis.fields(row["route"], row["target"])
     return rows
 
 
@@ -114,9 +124,13 @@ def _render_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def render_report(store: Store, fmt: Literal["text", "json"] | str = "text") -> str:
+def render_report(
+    store: ComparisonRows,
+    fmt: Literal["text", "json"] | str = "text",
+    thresholds: CompareThresholds | None = None,
+) -> str:
     """The report of everything in `store`, as `text` (tables) or `json`."""
-    rows = report_data(store)
+    rows = report_data(store, thresholds)
     if fmt == "json":
         return orjson.dumps({"comparisons": rows}, option=orjson.OPT_INDENT_2).decode() + "\n"
     if fmt != "text":

@@ -7,6 +7,10 @@
 - `GET /api/comparisons/{route}/{target}/examples?field=F&limit=N`: example answer pairs,
 - `GET /` the dashboard page and `GET /static/{name}` its script and style sheet.
 
+`store` is the analysed view (`shadowlane.compare.Analysis` over a `Store`), not the store's rows:
+which field is reported is Diffy's rule with the configured thresholds, decided there once for the
+API, the dashboard (which only reads the API) and `report` alike. This module only serves it.
+
 Store queries may block (SQLite on a slow disk, PostgreSQL over the network), so each one runs in
 a worker thread; at most `MAX_CONCURRENT_QUERIES` run at once and each gets `QUERY_TIMEOUT`
 seconds before the client is told 503. The admin loop never waits on the store, so `/metrics`
@@ -73,7 +77,12 @@ _API_HEADERS: tuple[tuple[str, str], ...] = (
 
 
 class ComparisonQueries(Protocol):
-    """The read side of the comparison store, as the API uses it. Callable from any thread."""
+    """The analysed read side of the comparison store, as the API uses it (`Analysis` has it).
+
+    A protocol rather than `Analysis` itself, so the API can be tested with canned answers and
+    the application can hand it a view that follows store changes on reload. Callable from any
+    thread.
+    """
 
     def summary(self) -> list[dict[str, Any]]: ...
 
@@ -172,8 +181,9 @@ class _ComparisonApi:
 def install_comparison_api(admin: AdminApp, store: ComparisonQueries | None) -> None:
     """Serve the comparison API and the dashboard on `admin`.
 
-    `store` answers the queries (see `ComparisonQueries`); None means comparison is not
-    configured: the API answers empty lists and the dashboard says there is nothing to show.
+    `store` answers the queries (see `ComparisonQueries`), usually an `Analysis` of the store;
+    None means comparison is not configured: the API answers empty lists and the dashboard says
+    there is nothing to show.
     Call it once per AdminApp, before or after `admin.start()`.
     """
     api = _ComparisonApi(store, load_static())

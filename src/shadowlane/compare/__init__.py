@@ -1,9 +1,12 @@
-"""Response comparison: lifting answers to field paths, diffing, noise, aggregation.
+"""Response comparison: lifting answers to field paths, diffing, noise, aggregation, analysis.
 
 The proxy builds `CompareJob`s (see `model`) with a `CompareSettings` from `compile_settings`
 and hands them to `Comparator.submit`; everything else happens on the comparator's thread.
+Readers (admin API, dashboard, `report`) see the stored sums through `Analysis`, which applies
+Diffy's reporting rule.
 """
 
+from shadowlane.compare.analysis import Analysis, ComparisonRows, is_reported, percentile
 from shadowlane.compare.diff import Lifted, Multiset, diff, lift, same
 from shadowlane.compare.engine import Comparator, ComparisonCounter, Outcome, evaluate, record
 from shadowlane.compare.model import Captured, CompareJob
@@ -12,11 +15,13 @@ from shadowlane.compare.settings import DEFAULT_SETTINGS, CompareSettings, compi
 
 __all__ = [
     "DEFAULT_SETTINGS",
+    "Analysis",
     "Captured",
     "Comparator",
     "CompareJob",
     "CompareSettings",
     "ComparisonCounter",
+    "ComparisonRows",
     "Lifted",
     "Multiset",
     "Outcome",
@@ -24,7 +29,9 @@ __all__ = [
     "compile_settings",
     "diff",
     "evaluate",
+    "is_reported",
     "lift",
+    "percentile",
     "record",
     "same",
 ]

@@ -1,22 +1,24 @@
 """Comparison storage: SQLite (default, embedded) and PostgreSQL (shared by many instances).
 
 `open_store(url, options)` picks the driver from the URL; everything else codes against `Store`:
-the comparator writes `Batch`es from its own thread, the admin API, the dashboard and `report`
-query from theirs. See docs/comparison.md for the schema, retention and multi-instance notes.
+the comparator writes `Batch`es from its own thread; the analysis (`shadowlane.compare.analysis`)
+reads the rows from any thread for the admin API, the dashboard and `report`. See
+docs/comparison.md for the schema, retention and multi-instance notes.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from shadowlane.store.base import SCHEMA_VERSION, Store, StoreOptions, is_reported
-from shadowlane.store.batch import (
-    Batch,
-    Example,
-    bucket_value,
-    latency_bucket,
-    percentile,
+from shadowlane.store.base import (
+    SCHEMA_VERSION,
+    FieldRow,
+    LatencyRow,
+    Store,
+    StoreOptions,
+    TotalsRow,
 )
+from shadowlane.store.batch import Batch, Example, bucket_value, latency_bucket
 
 if TYPE_CHECKING:
     from shadowlane.config import CompareConfig
@@ -25,25 +27,21 @@ __all__ = [
     "SCHEMA_VERSION",
     "Batch",
     "Example",
+    "FieldRow",
+    "LatencyRow",
     "Store",
     "StoreOptions",
+    "TotalsRow",
     "bucket_value",
-    "is_reported",
     "latency_bucket",
     "open_store",
     "options_from_config",
-    "percentile",
 ]
 
 
 def options_from_config(cfg: CompareConfig) -> StoreOptions:
-    """The store-side part of the `compare:` config block."""
-    return StoreOptions(
-        examples_per_field=cfg.examples_per_field,
-        retention=cfg.retention,
-        relative=cfg.thresholds.relative,
-        absolute=cfg.thresholds.absolute,
-    )
+    """The store-side part of the `compare:` config block (`thresholds` are the analysis')."""
+    return StoreOptions(examples_per_field=cfg.examples_per_field, retention=cfg.retention)
 
 
 def open_store(url: str, options: StoreOptions | CompareConfig | None = None) -> Store:

@@ -9,6 +9,11 @@ Concurrency: writes come from one thread (the comparator's), on the writer conne
 come from any thread (admin API, dashboard, `report`) on a separate reader connection, each under
 its own lock, so a long query never waits for a flush and a flush never waits for a query.
 Aggregates are increments, so many writers (instances) add up instead of overwriting each other.
+
+Why queries return rows and not reports: which field is reported, and every rate and percentile,
+is Diffy's analysis step (`shadowlane.compare.analysis`), which applies the configured thresholds
+to these rows. The store keeps sums; it never decides what they mean, so a threshold lives in one
+place and the same rows can be judged by any thresholds.
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-from shadowlane.store.batch import Batch, Example, percentile
+from shadowlane.store.batch import Batch, Example
 
 log = logging.getLogger("shadowlane.store")
 
@@ -34,28 +39,43 @@ SCHEMA_VERSION = 1
 
 @dataclass(frozen=True, slots=True)
 class StoreOptions:
-    """Store-side rules: how many examples to keep, for how long, and when a field is reported."""
+    """Store-side rules: how many examples to keep, and for how long."""
 
     examples_per_field: int = 5
     retention: float = 7 * 86400.0
-    #: Diffy's thresholds, see `is_reported`
-    relative: float = 20.0
-    absolute: float = 0.03
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def is_reported(raw: int, noise: int, compared: int, relative: float, absolute: float) -> bool:
-    """Diffy's rule: a field's differences count only if they clearly exceed its noise.
+class TotalsRow(NamedTuple):
+    """Requests compared on one (route, target), by their result (`shadowlane_totals`)."""
 
-    raw, noise: requests where the field differed primary vs candidate / primary vs secondary;
-    compared: all compared requests of the (route, target). Reported iff raw > noise, and the
-    relative gap |raw-noise|/(raw+noise)*100 > relative, and the absolute gap
-    |raw-noise|/compared*100 > absolute.
-    """
-    if raw <= noise or compared <= 0:
-        return False
-    gap = abs(raw - noise)
-    return gap / (raw + noise) * 100 > relative and gap / compared * 100 > absolute
+    route: str
+    target: str
+    compared: int
+    matched: int
+    differing: int
+    noise: int
+
+
+class FieldRow(NamedTuple):
+    """One field of a (route, target): requests where it differed primary vs candidate (`raw`)
+    and primary vs secondary (`noise`), Diffy's raw and noise counters in one row."""
+
+    route: str
+    target: str
+    field: str
+    raw: int
+    noise: int
+
+
+class LatencyRow(NamedTuple):
+    """Answers of one side (`primary`/`shadow`) of a (route, target) in one latency bucket."""
+
+    route: str
+    target: str
+    side: str
+    bucket: int
+    n: int
 
 
 class Cursor(Protocol):
@@ -91,12 +111,19 @@ class Store(ABC):
     # -- queries (any thread) ------------------------------------------------------------------
 
     @abstractmethod
-    def summary(self) -> list[dict[str, Any]]:
-        """Per (route, target): counts, rates, latency percentiles and top reported fields."""
+    def totals(self, route: str | None = None, target: str | None = None) -> list[TotalsRow]:
+        """Totals per (route, target), ordered by route then target; optionally only those of
+        `route` and/or `target`."""
 
     @abstractmethod
-    def fields(self, route: str, target: str) -> list[dict[str, Any]]:
-        """Per field of one (route, target): raw and noise counts and rates, and `reported`."""
+    def field_counts(self, route: str | None = None, target: str | None = None) -> list[FieldRow]:
+        """Raw and noise counts per field, in no particular order; optionally filtered."""
+
+    @abstractmethod
+    def latency_counts(
+        self, route: str | None = None, target: str | None = None
+    ) -> list[LatencyRow]:
+        """Latency bucket counts per (route, target, side), in no particular order."""
 
     @abstractmethod
     def examples(
@@ -219,10 +246,6 @@ _SWEEP = "DELETE FROM shadowlane_example_fields WHERE ts < ?"
 
 def _text(data: str | bytes) -> str:
     return data if isinstance(data, str) else data.decode("utf-8", "replace")
-
-
-def _rate(n: int, total: int) -> float:
-    return n / total if total else 0.0
 
 
 class SqlStore(Store):
@@ -370,92 +393,43 @@ class SqlStore(Store):
             with self._transaction(self._reader()) as cur:
                 return work(cur)
 
-    def _field_rows(
-        self, totals: dict[tuple[str, str], int], route: str | None = None, target: str = ""
-    ) -> dict[tuple[str, str], list[dict[str, Any]]]:
-        if route is None:
-            rows = self._read("SELECT route, target, field, raw, noise FROM shadowlane_fields")
-        else:
-            rows = self._read(
-                "SELECT route, target, field, raw, noise FROM shadowlane_fields "
-                "WHERE route = ? AND target = ?",
-                (route, target),
-            )
-        opts = self.options
-        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for r, t, path, raw, noise in rows:
-            compared = totals.get((r, t), 0)
-            raw, noise = int(raw), int(noise)
-            out.setdefault((r, t), []).append(
-                {
-                    "field": path,
-                    "raw": raw,
-                    "noise": noise,
-                    "raw_rate": _rate(raw, compared),
-                    "noise_rate": _rate(noise, compared),
-                    "reported": is_reported(raw, noise, compared, opts.relative, opts.absolute),
-                }
-            )
-        for rows_of in out.values():
-            # reported first, then the most frequent differences, then by name for stable output
-            rows_of.sort(key=lambda f: (not f["reported"], -f["raw"], f["field"]))
-        return out
+    @staticmethod
+    def _where(route: str | None, target: str | None) -> tuple[str, tuple[str, ...]]:
+        clauses: list[str] = []
+        params: list[str] = []
+        for column, value in (("route", route), ("target", target)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
 
-    def summary(self) -> list[dict[str, Any]]:
-        totals_rows = self._read(
-            "SELECT route, target, compared, matched, differing, noise FROM shadowlane_totals "
-            "ORDER BY route, target"
-        )
-        totals = {(r, t): int(c) for r, t, c, *_ in totals_rows}
-        fields = self._field_rows(totals)
-        latency: dict[tuple[str, str, str], dict[int, int]] = {}
-        for r, t, side, bucket, n in self._read(
-            "SELECT route, target, side, bucket, n FROM shadowlane_latency"
-        ):
-            latency.setdefault((r, t, side), {})[int(bucket)] = int(n)
-        out: list[dict[str, Any]] = []
-        for r, t, compared, matched, differing, noise in totals_rows:
-            compared, matched, differing, noise = (
-                int(compared),
-                int(matched),
-                int(differing),
-                int(noise),
-            )
-            primary = latency.get((r, t, "primary"), {})
-            shadow = latency.get((r, t, "shadow"), {})
-            top = [
-                {"field": f["field"], "raw_rate": f["raw_rate"], "noise_rate": f["noise_rate"]}
-                for f in fields.get((r, t), [])
-                if f["reported"]
-            ][:5]
-            out.append(
-                {
-                    "route": r,
-                    "target": t,
-                    "compared": compared,
-                    "matched": matched,
-                    "differing": differing,
-                    "noise": noise,
-                    "diff_rate": _rate(differing, compared),
-                    "noise_rate": _rate(noise, compared),
-                    "latency": {
-                        "primary_p50": percentile(primary, 0.5),
-                        "primary_p99": percentile(primary, 0.99),
-                        "shadow_p50": percentile(shadow, 0.5),
-                        "shadow_p99": percentile(shadow, 0.99),
-                    },
-                    "top_fields": top,
-                }
-            )
-        return out
-
-    def fields(self, route: str, target: str) -> list[dict[str, Any]]:
+    def totals(self, route: str | None = None, target: str | None = None) -> list[TotalsRow]:
+        where, params = self._where(route, target)
         rows = self._read(
-            "SELECT compared FROM shadowlane_totals WHERE route = ? AND target = ?",
-            (route, target),
+            "SELECT route, target, compared, matched, differing, noise FROM shadowlane_totals"
+            f"{where} ORDER BY route, target",
+            params,
         )
-        compared = int(rows[0][0]) if rows else 0
-        return self._field_rows({(route, target): compared}, route, target).get((route, target), [])
+        return [
+            TotalsRow(r, t, int(compared), int(matched), int(differing), int(noise))
+            for r, t, compared, matched, differing, noise in rows
+        ]
+
+    def field_counts(self, route: str | None = None, target: str | None = None) -> list[FieldRow]:
+        where, params = self._where(route, target)
+        rows = self._read(
+            f"SELECT route, target, field, raw, noise FROM shadowlane_fields{where}", params
+        )
+        return [FieldRow(r, t, path, int(raw), int(noise)) for r, t, path, raw, noise in rows]
+
+    def latency_counts(
+        self, route: str | None = None, target: str | None = None
+    ) -> list[LatencyRow]:
+        where, params = self._where(route, target)
+        rows = self._read(
+            f"SELECT route, target, side, bucket, n FROM shadowlane_latency{where}", params
+        )
+        return [LatencyRow(r, t, side, int(bucket), int(n)) for r, t, side, bucket, n in rows]
 
     def examples(
         self, route: str, target: str, field: str | None = None, limit: int = 20

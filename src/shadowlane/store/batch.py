@@ -42,20 +42,6 @@ def bucket_value(index: int) -> float:
     return float(LATENCY_MIN * LATENCY_BASE ** (index - 0.5))
 
 
-def percentile(counts: dict[int, int], q: float) -> float | None:
-    """The q-quantile (0..1) of a bucketed distribution, or None when it is empty."""
-    total = sum(counts.values())
-    if total <= 0:
-        return None
-    rank = q * total
-    seen = 0
-    for index in sorted(counts):
-        seen += counts[index]
-        if seen >= rank:
-            return bucket_value(index)
-    return bucket_value(max(counts))
-
-
 # ---------------------------------------------------------------------------------------------
 # Batch
 
