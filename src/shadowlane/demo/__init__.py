@@ -101,16 +101,6 @@ async def _admin_get(admin: AdminApp, path: str) -> Any:
     return orjson.loads(response.body)
 
 
-async def _ensure_dashboard(inst: Any) -> None:
-    """Until `Instance` installs the comparison API itself, install it here."""
-    admin: AdminApp | None = inst.admin
-    if admin is None or await _admin_get(admin, "/api/comparisons/summary") is not None:
-        return
-    from shadowlane.admin.comparisons import install_comparison_api
-
-    install_comparison_api(admin, getattr(inst, "store", None))
-
-
 def _print_banner(out: TextIO, listen: str, admin: str, store: str, rate: float) -> None:
     proxy = f"http://{listen}"
     dash = f"http://{admin}"
@@ -218,7 +208,6 @@ async def _demo(
                 file=sys.stderr,
             )
             return 1
-        await _ensure_dashboard(inst)
         listen, admin = inst.listen_address, inst.admin_address
         if not quiet:
             _print_banner(out, listen, admin, store, rate)
