@@ -29,10 +29,11 @@ import orjson
 from shadowlane import __version__, build_kind
 from shadowlane.admin import AdminApp
 from shadowlane.admin.comparisons import install_comparison_api
+from shadowlane.admin.control_api import install_control_api
 from shadowlane.compare.engine import Comparator
 from shadowlane.compare.settings import compile_settings
 from shadowlane.config import BackendConfig, Config, ConfigError, TlsConfig, load_config
-from shadowlane.control import Control, install_control_api
+from shadowlane.control import Control
 from shadowlane.metrics import Metrics, mark_process_dead, reset_multiprocess_dir
 from shadowlane.proxy import Proxy, RouteRuntime
 from shadowlane.routing import RouteTable
@@ -313,8 +314,8 @@ class Instance:
             runtimes[route.name] = RouteRuntime(route, max_body, shadow.plan(route))
         return backends, routes, shadow, runtimes
 
-    def _live(self) -> tuple[Config, RouteTable, ShadowDispatcher]:
-        return self.cfg, self.routes, self.shadow
+    def _live(self) -> Instance:
+        return self
 
     def reload(self) -> list[str]:
         """Swap in the config file's current content; on any problem keep serving the old one.
