@@ -193,10 +193,12 @@ def demo() -> Iterator[Demo]:
 
 
 def _comparisons_wired() -> bool:
-    """Whether the assembly runs the compare engine (until it does, this test cannot pass)."""
-    import shadowlane.app
+    """Whether the assembly runs the compare engine (until it does, this test cannot pass).
 
-    return "Comparator" in inspect.getsource(shadowlane.app)
+    The instance is where the process-wide comparator is started and kept across reloads."""
+    import shadowlane.app.instance
+
+    return "Comparator" in inspect.getsource(shadowlane.app.instance)
 
 
 def _fields(demo: Demo, route: str) -> dict[str, dict[str, Any]]:

@@ -1,10 +1,16 @@
 """Runtime control: shadow percent, pause/resume, route weights, without a restart.
 
-Changes live in memory only (a `RuntimeState`); they are not written to the config file, so a
-reload (SIGHUP) or a restart goes back to what the file says. With `--workers N` the admin
-listener runs in worker 0, which writes the whole state to a small JSON file in the workers'
-shared directory; every worker polls that file (a `stat` every 250 ms) and applies a new
-version, so a change reaches all workers within about a quarter of a second.
+Changes live in memory only (a `RuntimeState`) and in the live objects they steer (samplers,
+lanes, balancers), never in the config file or its models: a reload (SIGHUP) or a restart goes
+back to what the file says, and `snapshot()` shows the effective config by overlaying the live
+values on the file's. With `--workers N` the
+admin listener runs in worker 0, which writes the whole state to a small JSON file in the
+workers' shared directory; every worker polls that file (a `stat` every 250 ms) and applies a
+new version, so a change reaches all workers within about a quarter of a second.
+
+The HTTP face of these operations is `shadowlane.admin.control_api`; this module knows nothing
+of HTTP beyond the status a refused change maps to, so other callers (a migration acting
+through control) use the same validated operations.
 """
 
 from __future__ import annotations
@@ -15,11 +21,9 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-
-from shadowlane.admin import AdminApp, AdminRequest, AdminResponse, error_response, json_response
 
 if TYPE_CHECKING:
     from shadowlane.config import Config
@@ -61,7 +65,21 @@ class RuntimeState:
         )
 
 
-Live = Callable[[], "tuple[Config, RouteTable, ShadowDispatcher]"]
+class LiveGeneration(Protocol):
+    """What control acts on: the config, routes and shadow lanes serving now. Asked for on
+    every operation, never kept, because a reload swaps in another one."""
+
+    @property
+    def cfg(self) -> Config: ...
+
+    @property
+    def routes(self) -> RouteTable: ...
+
+    @property
+    def shadow(self) -> ShadowDispatcher: ...
+
+
+Live = Callable[[], LiveGeneration]
 
 
 def _lane_plans(dispatcher: ShadowDispatcher, route: str, target: str) -> list[LanePlan]:
@@ -72,11 +90,20 @@ def _lane_plans(dispatcher: ShadowDispatcher, route: str, target: str) -> list[L
 
 def _set_percent(plans: list[LanePlan], percent: float) -> None:
     for p in plans:
-        p.sampler.percent = percent
-        p.cfg.percent = percent  # the plan keeps its config in step with its sampler
+        p.sampler.set_percent(percent)
+
+
+def _set_paused(plans: list[LanePlan], paused: bool) -> None:
+    for p in plans:
+        if paused:
+            p.lane.pause()
+        else:
+            p.lane.resume()
 
 
 class ControlError(Exception):
+    """A refused change; `status` is the HTTP status the control API answers with."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -96,8 +123,7 @@ class Control:
 
     # ----- the operations (validated, then applied and published) -----
     def set_weights(self, route_name: str, weights: object) -> dict[str, int]:
-        _, routes, _ = self._live()
-        route = routes.get(route_name)
+        route = self._live().routes.get(route_name)
         if route is None:
             raise ControlError(404, f"no route {route_name!r}")
         if not isinstance(weights, dict) or not all(
@@ -127,16 +153,15 @@ class Control:
         return float(percent)
 
     def set_paused(self, route: str, target: str, paused: bool) -> None:
-        for p in self._plans(route, target):
-            p.lane.paused = paused
+        _set_paused(self._plans(route, target), paused)
         self.state.paused[f"{route}/{target}"] = paused
         self._publish()
 
     def _plans(self, route: str, target: str) -> list[LanePlan]:
-        _, routes, dispatcher = self._live()
-        if routes.get(route) is None:
+        live = self._live()
+        if live.routes.get(route) is None:
             raise ControlError(404, f"no route {route!r}")
-        plans = _lane_plans(dispatcher, route, target)
+        plans = _lane_plans(live.shadow, route, target)
         if not plans:
             raise ControlError(404, f"route {route!r} has no shadow to {target!r}")
         return plans
@@ -144,15 +169,20 @@ class Control:
     # ----- views -----
     def snapshot(self) -> dict[str, Any]:
         """The effective config: the file's, with runtime changes applied and marked."""
-        cfg, routes, dispatcher = self._live()
+        live = self._live()
+        cfg, routes = live.cfg, live.routes
         out: dict[str, Any] = cfg.model_dump(mode="json", warnings=False)
         for name, backend in cfg.backends.items():  # endpoints as the URLs users wrote
             out["backends"][name]["endpoints"] = [ep.url for ep in backend.endpoints]
         for rc in out["routes"]:
             route = routes.get(rc["name"])
-            if route is not None and len(route.weights()) > 1:
-                rc["weights"] = route.weights()
-            shadows = dispatcher.plans.get(rc["name"])
+            if route is not None:
+                weights = route.weights()
+                if len(weights) > 1:
+                    rc["weights"] = weights
+                for leg in rc.get("backends") or ():  # the legs as they split traffic now
+                    leg["weight"] = weights.get(leg["backend"], 0)
+            shadows = live.shadow.plans.get(rc["name"])
             for sc, plan in zip(rc["shadows"], shadows.lanes if shadows else [], strict=False):
                 sc["percent"] = plan.sampler.percent
                 sc["paused"] = plan.lane.paused
@@ -176,7 +206,8 @@ class Control:
     def apply(self, state: RuntimeState) -> None:
         """Apply a state published by worker 0 (unknown names are skipped: configs may differ
         for a moment during a reload)."""
-        _, routes, dispatcher = self._live()
+        live = self._live()
+        routes, dispatcher = live.routes, live.shadow
         for name, weights in state.weights.items():
             route = routes.get(name)
             if route is not None:
@@ -187,8 +218,7 @@ class Control:
             _set_percent(_lane_plans(dispatcher, route_name, target), value)
         for key, paused in state.paused.items():
             route_name, _, target = key.partition("/")
-            for p in _lane_plans(dispatcher, route_name, target):
-                p.lane.paused = paused
+            _set_paused(_lane_plans(dispatcher, route_name, target), paused)
         self.state = state
 
     def _publish(self, bump: bool = True) -> None:
@@ -227,65 +257,3 @@ class Control:
     def stop(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
-
-
-def install_control_api(
-    admin: AdminApp, control: Control, reload: Callable[[], list[str]] | None = None
-) -> None:
-    """GET /api/config; mutating (bearer token): weights, percent, pause, resume, reload."""
-
-    async def get_config(_req: AdminRequest) -> AdminResponse:
-        return json_response(control.snapshot())
-
-    def body(req: AdminRequest) -> dict[str, Any]:
-        try:
-            data = req.json()
-        except ValueError:
-            raise ControlError(400, "body must be JSON") from None
-        if not isinstance(data, dict):
-            raise ControlError(400, "body must be a JSON object")
-        return data
-
-    def guarded(fn: Callable[[AdminRequest], dict[str, Any]]) -> Any:
-        async def handler(req: AdminRequest) -> AdminResponse:
-            try:
-                return json_response(fn(req))
-            except ControlError as err:
-                return error_response(err.status, str(err))
-
-        return handler
-
-    def weights(req: AdminRequest) -> dict[str, Any]:
-        route = req.params["route"]
-        return {"route": route, "weights": control.set_weights(route, body(req).get("weights"))}
-
-    def percent(req: AdminRequest) -> dict[str, Any]:
-        route, target = req.params["route"], req.params["target"]
-        value = control.set_percent(route, target, body(req).get("percent"))
-        return {"route": route, "target": target, "percent": value}
-
-    def pause(req: AdminRequest) -> dict[str, Any]:
-        route, target = req.params["route"], req.params["target"]
-        control.set_paused(route, target, True)
-        return {"route": route, "target": target, "paused": True}
-
-    def resume(req: AdminRequest) -> dict[str, Any]:
-        route, target = req.params["route"], req.params["target"]
-        control.set_paused(route, target, False)
-        return {"route": route, "target": target, "paused": False}
-
-    admin.route("GET", "/api/config", get_config)
-    admin.route("PUT", "/api/routes/{route}/weights", guarded(weights), mutating=True)
-    shadow = "/api/routes/{route}/shadows/{target}"
-    admin.route("PUT", shadow + "/percent", guarded(percent), mutating=True)
-    admin.route("POST", shadow + "/pause", guarded(pause), mutating=True)
-    admin.route("POST", shadow + "/resume", guarded(resume), mutating=True)
-    if reload is not None:
-
-        def do_reload(_req: AdminRequest) -> dict[str, Any]:
-            errors = reload()
-            if errors:
-                raise ControlError(422, "reload refused: " + "; ".join(errors))
-            return {"reloaded": True}
-
-        admin.route("POST", "/api/reload", guarded(do_reload), mutating=True)

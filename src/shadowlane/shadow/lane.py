@@ -272,6 +272,14 @@ class ShadowLane:
         #: half-open: the one probe copy is out
         self.probing = False
 
+    def pause(self) -> None:
+        """Runtime control: copy nothing, whatever the percent; the dispatcher still counts each
+        request (`sampled_out`), so a paused shadow accounts for all of them."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
     def full(self, key: str | None, body_len: int) -> bool:
         """Would a copy be dropped now? Checked before a copy is built, so an overloaded lane
         costs one comparison per request, not a head to build and throw away."""

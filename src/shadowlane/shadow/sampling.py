@@ -42,13 +42,18 @@ def bucket(key: str) -> int:
 
 
 class Sampler:
-    """Decides per request; `percent` may be changed at runtime (admin API)."""
+    """Decides per request; runtime control changes `percent` with `set_percent`."""
 
     __slots__ = ("_key", "percent")
 
     def __init__(self, percent: float, key: KeyFn | None = None) -> None:
         self.percent = percent
         self._key = key
+
+    def set_percent(self, percent: float) -> None:
+        """Runtime control's way in: the next request is decided on the new percent, while the
+        shadow's config keeps the file's value (a reload goes back to it)."""
+        self.percent = percent
 
     def sampled(self, req: Request) -> bool:
         percent = self.percent

@@ -1,0 +1,366 @@
+"""One worker's running instance: its listeners, the generation it serves, reload and drain.
+
+An `Instance` owns what lives as long as the process: the listener (and its TLS context), the
+admin listener, the metrics, the comparator and its store, the access log and runtime control.
+The routes, backends and shadow lanes are a `Generation`, which a reload replaces whole (see
+`shadowlane.app.generation`); the listener and every client connection stay open across it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import ssl
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from shadowlane import __version__, build_kind
+from shadowlane.admin import AdminApp
+from shadowlane.admin.comparisons import install_comparison_api
+from shadowlane.admin.control_api import install_control_api
+from shadowlane.app.access_log import AccessLogger
+from shadowlane.app.generation import Generation, build_generation
+from shadowlane.app.tls import build_tls, tls_shape
+from shadowlane.compare.analysis import Analysis
+from shadowlane.compare.engine import Comparator
+from shadowlane.config import Config, ConfigError, load_config
+from shadowlane.control import Control
+from shadowlane.metrics import Metrics
+from shadowlane.proxy import Proxy
+from shadowlane.store import Store, open_store
+from shadowlane.wire.server import ServerLimits, ServerState
+
+__all__ = ["Instance", "ListenError", "ReadyHook", "bound_address"]
+
+log = logging.getLogger("shadowlane")
+
+#: compare settings the running comparator and store keep until a restart (the ignore rules
+#: are compiled per shadow and do change on reload)
+_COMPARATOR_KEYS = (
+    "queue",
+    "flush_interval",
+    "batch",
+    "cpu_share",
+    "examples_per_field",
+    "retention",
+    "thresholds",
+)
+
+#: called once every listener of the process accepts connections: (listen, admin or None)
+ReadyHook = Callable[[str, str | None], None]
+
+
+def bound_address(server: asyncio.base_events.Server) -> str:
+    """`host:port` as the socket got it: port 0 in the config becomes the kernel's pick."""
+    host, port = server.sockets[0].getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ListenError(OSError):
+    """A listener could not bind; the message names the config key and the address."""
+
+    def __init__(self, key: str, host: str, port: int, err: OSError) -> None:
+        reason = "address already in use" if err.errno == errno.EADDRINUSE else str(err)
+        shown = f"[{host}]" if ":" in host else host
+        super().__init__(err.errno, f"{key} {shown}:{port}: {reason}")
+
+
+def _kept_until_restart(old: Config, new: Config) -> list[str]:
+    """The keys a reload cannot apply (they are what the process listens on, logs to or
+    stores in) and that differ: the reload keeps their old values and says so."""
+    old_cmp, new_cmp = old.compare, new.compare
+    return [
+        key
+        for key, before, after in (
+            ("listen", old.listen, new.listen),
+            ("admin", old.admin, new.admin),
+            ("access_log", old.access_log, new.access_log),
+            ("tls (on/off, client_ca)", tls_shape(old), tls_shape(new)),
+            ("compare.store", old_cmp.store, new_cmp.store),
+            *((f"compare.{k}", getattr(old_cmp, k), getattr(new_cmp, k)) for k in _COMPARATOR_KEYS),
+        )
+        if before != after
+    ]
+
+
+class _LiveStore:
+    """The comparison API's view of whichever store the instance has now (a reload may open
+    the first one), analysed with the thresholds it was opened with; empty answers while there
+    is none."""
+
+    def __init__(self, inst: Instance) -> None:
+        self._inst = inst
+
+    def summary(self) -> list[dict[str, Any]]:
+        analysis = self._inst.analysis
+        return analysis.summary() if analysis is not None else []
+
+    def fields(self, route: str, target: str) -> list[dict[str, Any]]:
+        analysis = self._inst.analysis
+        return analysis.fields(route, target) if analysis is not None else []
+
+    def examples(
+        self, route: str, target: str, field: str | None = None, limit: int = 20
+    ) -> list[dict[str, Any]]:
+        store = self._inst.store
+        return store.examples(route, target, field, limit) if store is not None else []
+
+
+class Instance:
+    """Everything one worker process runs."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        config_path: str | None,
+        worker_id: int = 0,
+        workers: int = 1,
+        metrics_dir: str | None = None,
+        watch: bool = False,
+        *,
+        listen_port: int | None = None,
+        on_ready: ReadyHook | None = None,
+    ):
+        self.watch = watch
+        # with --workers and `listen: ...:0`, the parent resolved the port for all of them
+        self.listen_port = listen_port
+        self.on_ready = on_ready
+        #: the bound addresses ("host:port"), known once start() has bound them
+        self.listen_address = ""
+        self.admin_address: str | None = None
+        self.config_path = config_path
+        self.worker_id = worker_id
+        self.workers = workers
+        # with several workers, counters live in files in metrics_dir and a scrape (served by
+        # worker 0) sums them over all workers
+        self.metrics = Metrics(multiprocess_dir=metrics_dir)
+        self.loop = asyncio.get_running_loop()
+        self.store: Store | None = None
+        self.analysis: Analysis | None = None
+        self.comparator: Comparator | None = None
+        self._ensure_comparator(cfg)
+        self.access_log = AccessLogger(cfg.access_log) if cfg.access_log else None
+        #: what serves now; a reload replaces it in one assignment
+        self.generation = self._build(cfg)
+        self.tls = build_tls(cfg.tls) if cfg.tls is not None else None
+        gen = self.generation
+        self.proxy = Proxy(
+            gen.routes,
+            gen.runtimes,
+            gen.backends,
+            self.metrics,
+            gen.proxy_shadow,
+            self.access_log,
+            proto=b"https" if self.tls is not None else b"http",
+        )
+        state_path = os.path.join(metrics_dir, "runtime.json") if metrics_dir else None
+        self.control = Control(self._live, state_path, writer=worker_id == 0)
+        limits = cfg.limits
+        self.state = ServerState(
+            self.proxy,
+            ServerLimits(limits.max_header_size, limits.header_timeout, limits.idle_timeout),
+        )
+        self.server: asyncio.base_events.Server | None = None
+        self.admin: AdminApp | None = None
+        self.stopped = asyncio.Event()
+        self._draining = False
+
+    @property
+    def cfg(self) -> Config:
+        """The config serving now (the last one a reload accepted)."""
+        return self.generation.cfg
+
+    # ----- the parts a reload replaces -----
+    def _ensure_comparator(self, cfg: Config) -> None:
+        if self.comparator is not None:
+            return
+        if any(sc.compare_enabled for rc in cfg.routes for sc in rc.shadows):
+            self.store = open_store(cfg.compare.store, cfg.compare)
+            self.analysis = Analysis(self.store, cfg.compare.thresholds)
+            self.comparator = Comparator.from_config(self.store, self.metrics, cfg.compare)
+            comparator = self.comparator
+            self.metrics.set_gauge_provider(
+                "shadowlane_compare_queued",
+                "Comparisons waiting for the comparison worker.",
+                (),
+                lambda: [((), float(comparator.queued))],
+            )
+
+    def _build(self, cfg: Config) -> Generation:
+        submit = self.comparator.submit if self.comparator is not None else None
+        return build_generation(cfg, self.metrics, submit)
+
+    def _live(self) -> Generation:
+        return self.generation
+
+    def reload(self) -> list[str]:
+        """Swap in the config file's current content; on any problem keep serving the old one.
+
+        In-flight requests finish on the objects they started with; keep-alive connections
+        stay (the listener is untouched). Returns the problems (empty when reloaded).
+        """
+        if self.config_path is None:
+            return ["no config file to reload"]
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as err:
+            problems = err.errors
+        except OSError as err:
+            problems = [f"{self.config_path}: {err.strerror or err}"]
+        else:
+            problems = []
+        if problems:
+            for line in problems:
+                log.error("reload refused, still serving the previous config: %s", line)
+            return problems
+        for key in _kept_until_restart(self.cfg, cfg):
+            log.warning("reload: %s changed; that takes a restart (keeping the old value)", key)
+        try:
+            had_comparator = self.comparator is not None
+            self._ensure_comparator(cfg)
+            if not had_comparator and self.comparator is not None:
+                self.comparator.start()  # compare turned on by this reload
+            gen = self._build(cfg)
+            if self.tls is not None and cfg.tls is not None:
+                self.tls.load_cert_chain(cfg.tls.cert, cfg.tls.key)  # new handshakes only
+        except (OSError, ValueError, ssl.SSLError) as err:
+            log.error("reload refused, still serving the previous config: %s", err)
+            return [str(err)]
+        old, self.generation = self.generation, gen
+        gen.serve_on(self.proxy)
+        # in place: every open connection reads the limits it was given at accept
+        limits = self.state.limits
+        limits.max_header_size = cfg.limits.max_header_size
+        limits.header_timeout = cfg.limits.header_timeout
+        limits.idle_timeout = cfg.limits.idle_timeout
+        self.control.reset()
+        old.retire(self.loop)
+        log.warning("reloaded %s: %d route(s)", self.config_path, len(cfg.routes))
+        return []
+
+    async def _watch(self) -> None:
+        """--watch: reload when the file's modification time changes (checked every second)."""
+        assert self.config_path is not None
+        last = os.stat(self.config_path).st_mtime_ns
+        while not self._draining:
+            await asyncio.sleep(1.0)
+            try:
+                now = os.stat(self.config_path).st_mtime_ns
+            except OSError:
+                continue
+            if now != last:
+                last = now
+                self.reload()
+
+    def _reload_all(self) -> list[str]:
+        """The admin API's reload: with workers, ask the parent to SIGHUP them all."""
+        if self.workers > 1:
+            # check the file here first, so the caller hears about a bad one; then every
+            # worker reloads it (the parent relays SIGHUP to all)
+            if self.config_path is None:
+                return ["no config file to reload"]
+            try:
+                load_config(self.config_path)
+            except ConfigError as err:
+                return err.errors
+            except OSError as err:
+                return [f"{self.config_path}: {err.strerror or err}"]
+            os.kill(os.getppid(), signal.SIGHUP)
+            return []
+        return self.reload()
+
+    async def start(self) -> None:
+        if self.comparator is not None:
+            self.comparator.start()
+        cfg = self.cfg
+        host, port = cfg.listen_addr
+        if self.listen_port is not None:
+            port = self.listen_port
+        try:
+            self.server = await self.loop.create_server(
+                self.state.protocol_factory,
+                host,
+                port,
+                reuse_port=self.workers > 1,
+                backlog=4096,
+                ssl=self.tls,
+                # a client that never answers the TLS close must not hold the drain
+                ssl_shutdown_timeout=2.0 if self.tls is not None else None,
+            )
+        except OSError as err:
+            raise ListenError("listen", host, port, err) from None
+        self.listen_address = bound_address(self.server)
+        if self.worker_id == 0:
+            token = os.environ.get(cfg.admin.token_env) if cfg.admin.token_env else None
+            self.admin = AdminApp(self.metrics, token=token)
+            install_comparison_api(self.admin, _LiveStore(self))
+            install_control_api(self.admin, self.control, self._reload_all)
+            ahost, aport = cfg.admin.listen_addr
+            try:
+                admin_server = await self.admin.start(ahost, aport)
+            except OSError as err:
+                self.server.close()
+                raise ListenError("admin.listen", ahost, aport, err) from None
+            self.admin_address = bound_address(admin_server)
+            self.admin.set_ready(True)
+        for sig, handler in ((signal.SIGTERM, self.drain), (signal.SIGINT, self.drain)):
+            self.loop.add_signal_handler(sig, handler)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.control.start_polling()
+        self.metrics.start_flushing(self.loop)
+        if self.watch and self.config_path is not None:
+            self._watcher: asyncio.Task[None] | None = self.loop.create_task(self._watch())
+        if self.worker_id == 0:
+            print(
+                f"shadowlane {__version__} ({build_kind()}): listening on "
+                f"{'https' if self.tls is not None else 'http'}://{self.listen_address} "
+                f"({self.workers} worker{'s' if self.workers > 1 else ''}), "
+                f"admin on http://{self.admin_address} (/metrics, /healthz), "
+                f"{len(cfg.routes)} route(s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        if self.on_ready is not None:
+            self.on_ready(self.listen_address, self.admin_address)
+
+    def drain(self) -> None:
+        """SIGTERM: stop accepting, finish in-flight requests (up to the deadline), exit 0."""
+        if self._draining:
+            return
+        self._draining = True
+        self.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        if self.admin is not None:
+            self.admin.set_ready(False)
+        if self.server is not None:
+            self.server.close()
+        self.state.start_drain()
+        deadline = self.loop.time() + self.cfg.limits.drain_timeout
+        while self.state.busy() and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.state.connections):
+            if conn.busy:
+                conn.abort()  # still busy at the deadline: cut, never pass off as complete
+            else:
+                conn.close()
+        self.control.stop()
+        await self.generation.shadow.drain(min(5.0, self.cfg.limits.drain_timeout))
+        if self.comparator is not None:
+            # compare what is queued and flush the store, off the loop
+            await asyncio.to_thread(self.comparator.stop, 10.0)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+        self.state.close()
+        for backend in self.generation.backends.values():
+            backend.close()
+        if self.admin is not None:
+            await self.admin.close()
+        if self.access_log is not None:
+            self.access_log.close()
+        self.metrics.stop_flushing()  # the last counts, into the shared files with workers
+        self.stopped.set()

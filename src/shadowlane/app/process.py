@@ -1,0 +1,278 @@
+"""The process model: serve in this process, or fork workers that share one port.
+
+`run()` serves one `Instance` on uvloop until it drained. `run_workers()` with `workers > 1`
+forks N workers that share the listen port through SO_REUSEPORT; the parent only supervises:
+it relays SIGTERM, SIGINT (drain) and SIGHUP (reload) to them, learns from a pipe when all of
+them accept connections (for `--ready-file`), stops the rest when one fails to start, and exits
+0 only when every worker did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from typing import Any
+
+import orjson
+
+from shadowlane.app.instance import Instance, ListenError, ReadyHook
+from shadowlane.config import Config
+from shadowlane.metrics import mark_process_dead, reset_multiprocess_dir
+
+__all__ = ["remove_ready_file", "run", "run_workers", "write_ready_file"]
+
+log = logging.getLogger("shadowlane")
+
+
+def write_ready_file(path: str, listen: str, admin: str | None, pid: int) -> None:
+    """Write the `--ready-file` in one step: a reader sees no file, or all of it, never half.
+
+    Why a file and not a port probe: with `listen: ...:0` the port is not known in advance,
+    and a probe that connects says nothing about the admin listener or about the other workers.
+    """
+    tmp = f"{path}.{pid}.tmp"
+    with open(tmp, "wb") as out:
+        out.write(orjson.dumps({"listen": listen, "admin": admin, "pid": pid}) + b"\n")
+    os.replace(tmp, path)
+
+
+def remove_ready_file(path: str | None) -> None:
+    """At exit: a ready file left behind would say a stopped process is serving."""
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _tune_gc() -> None:
+    """Objects made at start-up (config, routes, pools, modules) live for the whole process:
+    move them out of the collector's sight, and collect the young generation less often. A
+    full collection walks every tracked object; with thousands of shadow copies in flight, a
+    pause shows directly in the primary's p99."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 50)
+
+
+async def _serve(
+    cfg: Config,
+    config_path: str | None,
+    worker_id: int,
+    workers: int,
+    metrics_dir: str | None,
+    watch: bool,
+    listen_port: int | None,
+    on_ready: ReadyHook | None,
+) -> None:
+    inst = Instance(
+        cfg,
+        config_path,
+        worker_id,
+        workers,
+        metrics_dir,
+        watch,
+        listen_port=listen_port,
+        on_ready=on_ready,
+    )
+    await inst.start()
+    _tune_gc()
+    await inst.stopped.wait()
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep serving without it
+        log.warning("uvloop not available; using the default asyncio loop")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run(
+    cfg: Config,
+    config_path: str | None = None,
+    worker_id: int = 0,
+    workers: int = 1,
+    metrics_dir: str | None = None,
+    watch: bool = False,
+    *,
+    listen_port: int | None = None,
+    on_ready: ReadyHook | None = None,
+) -> int:
+    _install_uvloop()
+    asyncio.run(
+        _serve(cfg, config_path, worker_id, workers, metrics_dir, watch, listen_port, on_ready)
+    )
+    return 0
+
+
+def run_workers(
+    cfg: Config,
+    config_path: str | None,
+    workers: int,
+    *,
+    watch: bool = False,
+    ready_file: str | None = None,
+) -> int:
+    """Serve in this process, or fork `workers` processes sharing the port (SO_REUSEPORT);
+    relay signals; reap them. `ready_file` is written once every listener accepts."""
+    if workers <= 1:
+        try:
+            return run(
+                cfg,
+                config_path,
+                watch=watch,
+                on_ready=(
+                    (lambda listen, admin: write_ready_file(ready_file, listen, admin, os.getpid()))
+                    if ready_file is not None
+                    else None
+                ),
+            )
+        finally:
+            remove_ready_file(ready_file)
+    # Bound (not listening) for the parent's life: it fails here, with one clear message, when
+    # the port is taken; it turns port 0 into one port all workers share; and it keeps that
+    # port from being taken between the workers' binds.
+    reservation = _reserve_listen_port(cfg)
+    port = reservation.getsockname()[1]
+    metrics_dir = tempfile.mkdtemp(prefix="shadowlane-metrics-")
+    reset_multiprocess_dir(metrics_dir)
+    ready_r, ready_w = os.pipe()
+    pids: list[int] = []
+    for i in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            os.close(ready_r)
+            reservation.close()
+            os._exit(_worker(cfg, config_path, i, workers, metrics_dir, watch, port, ready_w))
+        pids.append(pid)
+    os.close(ready_w)
+    readiness = _Readiness(ready_r, workers, ready_file)
+    readiness.start()
+
+    def relay(signum: int, _frame: object) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, relay)
+    status = 0
+    remaining = set(pids)
+    while remaining:
+        try:
+            pid, code = os.wait()
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            break
+        if pid not in remaining:
+            continue
+        remaining.discard(pid)
+        # a worker that is gone must stop counting in the summed gauges (queue depth, ...)
+        mark_process_dead(pid, metrics_dir)
+        if os.waitstatus_to_exitcode(code) != 0:
+            status = 1
+            if not readiness.complete.is_set():
+                # a worker that fails before the whole set serves (its admin port is taken,
+                # say) fails the start: serving with a hole, or without admin, is worse
+                relay(signal.SIGTERM, None)
+    readiness.complete.set()  # nobody will report any more
+    reservation.close()
+    remove_ready_file(ready_file)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    return status
+
+
+def _worker(
+    cfg: Config,
+    config_path: str | None,
+    worker_id: int,
+    workers: int,
+    metrics_dir: str,
+    watch: bool,
+    port: int,
+    ready_w: int,
+) -> int:
+    """One forked worker's life; its exit code. A start-up error is printed here, since the
+    parent's CLI never sees a child's exception."""
+
+    def report(listen: str, admin: str | None) -> None:
+        line = orjson.dumps({"worker": worker_id, "listen": listen, "admin": admin}) + b"\n"
+        os.write(ready_w, line)  # one short write to a pipe: atomic (< PIPE_BUF)
+        os.close(ready_w)
+
+    try:
+        return run(
+            cfg,
+            config_path,
+            worker_id,
+            workers,
+            metrics_dir,
+            watch,
+            listen_port=port,
+            on_ready=report,
+        )
+    except OSError as err:
+        print(
+            f"shadowlane: worker {worker_id}: cannot listen: {err.strerror or err}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+
+
+class _Readiness(threading.Thread):
+    """The parent's side of the workers' ready reports: once every worker said it listens,
+    write the ready file (listen address and worker 0's admin address, the parent's PID)."""
+
+    def __init__(self, fd: int, workers: int, ready_file: str | None) -> None:
+        super().__init__(name="shadowlane-readiness", daemon=True)
+        self.fd = fd
+        self.workers = workers
+        self.ready_file = ready_file
+        self.complete = threading.Event()
+
+    def run(self) -> None:
+        reports: dict[int, dict[str, Any]] = {}
+        with os.fdopen(self.fd, "rb") as pipe:
+            for line in pipe:  # EOF once every worker wrote its line or died
+                report = orjson.loads(line)
+                reports[int(report["worker"])] = report
+                if len(reports) == self.workers:
+                    break
+        if len(reports) < self.workers or self.complete.is_set():
+            return
+        if self.ready_file is not None:
+            write_ready_file(
+                self.ready_file, reports[0]["listen"], reports[0]["admin"], os.getpid()
+            )
+        self.complete.set()
+
+
+def _reserve_listen_port(cfg: Config) -> socket.socket:
+    """Bind the listen address with SO_REUSEPORT, without listening: the workers bind the same
+    port beside it; nothing connects to a socket that does not listen."""
+    host, port = cfg.listen_addr
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        s.bind((host, port))
+    except OSError as err:
+        s.close()
+        raise ListenError("listen", host, port, err) from None
+    return s
