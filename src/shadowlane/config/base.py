@@ -9,9 +9,7 @@ A third rule: a model is not written once it is built. A loaded `Config` is shar
 layer of a generation (and compared with the next one on reload), so it must say what the file
 said; what the admin API changes at run time belongs in control state, which overlays the
 models (`control.Control.snapshot`) without touching them. `_Model` enforces this: frozen,
-checked by mypy as well as at run time. `_WrittenModel` is the exception left for two models
-that runtime code still writes to; it should shrink to nothing, and each class that uses it
-names its writer.
+checked by mypy as well as at run time.
 """
 
 from __future__ import annotations
@@ -37,11 +35,5 @@ _RULES = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 class _Model(BaseModel, frozen=True):
     """A frozen config model. Subclasses repeat `frozen=True` in their class line: that is how
     mypy sees it (a dataclass-like class may not drop its base's frozenness silently)."""
-
-    model_config = _RULES
-
-
-class _WrittenModel(BaseModel):
-    """Not frozen, only because runtime code assigns to instances (see each subclass)."""
 
     model_config = _RULES

@@ -11,17 +11,14 @@ from typing import Annotated
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from shadowlane.config.base import _Model, _none_to_empty, _WrittenModel
+from shadowlane.config.base import _Model, _none_to_empty
 from shadowlane.config.comparison import RouteCompare
 from shadowlane.config.matching import MatchConfig
 from shadowlane.config.shadows import ShadowConfig
 from shadowlane.config.units import Int, Name, Size
 
 
-# Not frozen yet: `routing.Route.set_weights` writes runtime weights back into `weight` (so
-# that dumps of the config show them), although control state already overlays them. Make it
-# `_Model` once that write is gone.
-class WeightedBackend(_WrittenModel):
+class WeightedBackend(_Model, frozen=True):
     """One leg of a weighted split; weight 0 keeps it listed (ready to flip) but idle."""
 
     backend: str

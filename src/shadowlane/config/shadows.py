@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
-from shadowlane.config.base import _Model, _none_to_empty, _WrittenModel
+from shadowlane.config.base import _Model, _none_to_empty
 from shadowlane.config.comparison import ShadowCompare, ShadowCompareField
 from shadowlane.config.matching import ShadowMatch, _compile_regex, _lower_header_names
 from shadowlane.config.units import _TOKEN, Int, Size, Timeout
@@ -158,9 +158,7 @@ def _check_host_suffix(value: str) -> str:
     return value
 
 
-# Not frozen yet: `control._set_percent` assigns `percent` when the admin API changes it,
-# although the sampler already holds the live value. Make it `_Model` once that write is gone.
-class ShadowConfig(_WrittenModel):
+class ShadowConfig(_Model, frozen=True):
     """One shadow target of a route: which copies go where, changed how, under which limits."""
 
     backend: str

@@ -1,7 +1,7 @@
 """Compiled routes and the table the proxy asks "which route serves this request?".
 
-A `Route` owns its `RouteConfig`: runtime weight changes are written back into
-`config.backends` too, so whoever shows the config (admin API, summary) sees the live weights.
+A `Route` keeps its `RouteConfig` as the file said it: a runtime weight change lives in the
+balancer only (`weights()`), and whoever shows the config (`GET /api/config`) overlays it.
 """
 
 from __future__ import annotations
@@ -76,11 +76,9 @@ class Route:
             raise ValueError(f"route {self.name!r}: weights may not all be 0")
         if self._single is not None:
             return  # the only backend keeps all traffic; nothing to change
-        assert self._balancer is not None and self.config.backends is not None
+        assert self._balancer is not None
         legs = [(name, checked.get(name, 0)) for name in current]
         self._balancer.reset(legs)
-        for leg in self.config.backends:
-            leg.weight = checked.get(leg.backend, 0)
 
 
 class RouteTable:
