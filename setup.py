@@ -32,6 +32,7 @@ from setuptools.command.build_ext import build_ext
 COMPILED = [
     "src/shadowlane/wire/messages.py",
     "src/shadowlane/wire/headers.py",
+    "src/shadowlane/wire/request_head.py",
     "src/shadowlane/wire/server.py",
     "src/shadowlane/wire/upstream.py",
     "src/shadowlane/routing/predicates.py",

@@ -5,15 +5,18 @@ Shaped like uvicorn's `httptools_impl`, with three differences that matter for a
 * Requests are dispatched to the application one at a time per connection, in order; later
   pipelined requests wait (bounded: reading pauses while one is queued), so answers go out in
   request order without reordering buffers.
-* A request is dispatched only once its head has been validated *and* the bytes that carried it
+* A request is dispatched only once its head has been accepted *and* the bytes that carried it
   parsed cleanly (for chunked bodies: once the first chunk size parsed), so a malformed request
   never reaches a backend. Later chunk errors abort the upstream request mid-body, so a backend
   never sees a complete request that the client did not send.
 * Timeouts (header read, keep-alive idle) are checked by one sweep per listener instead of a
   timer per request, so the per-request cost is two float stores.
 
-The application receives an `Exchange` and drives it: it consumes the body as it streams
-(`set_body_consumer`), and writes the response (`start_response`, `send_body`, `end_response`).
+Whether a head is acceptable and how its body is framed is decided by the pure
+`wire.request_head.decide_head`; this module only collects the head from the parser's
+callbacks and acts on the verdict. The application receives an `Exchange` and drives it: it
+consumes the body as it streams (`set_body_consumer`), and writes the response
+(`start_response`, `send_body`, `end_response`).
 """
 
 from __future__ import annotations
@@ -24,12 +27,29 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Final, Protocol, cast
 
 import httptools
 
 from shadowlane.wire.headers import serialize_headers
 from shadowlane.wire.messages import Headers, Request
+from shadowlane.wire.request_head import (
+    HEADER_TOO_LARGE,
+    Framing,
+    Rejection,
+    decide_head,
+    parser_rejection,
+)
+
+__all__ = [
+    "DISCARD_LIMIT",
+    "App",
+    "BadRequest",
+    "Exchange",
+    "ServerConnection",
+    "ServerLimits",
+    "ServerState",
+]
 
 _STATUS_TEXT = {
     100: b"Continue",
@@ -48,6 +68,8 @@ _STATUS_TEXT = {
 }
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LINGER_RST = struct.pack("ii", 1, 0)
+_BAD_REQUEST: Final = Rejection(400, "bad request")
+_HEADER_TIMEOUT: Final = Rejection(408, "request header timeout")
 
 #: an answered request's unread body is read and dropped up to this size, then we close
 DISCARD_LIMIT = 4 * 1024 * 1024
@@ -72,10 +94,12 @@ class ServerLimits:
 
 
 class BadRequest(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+    """Raised in a parser callback to refuse the message: llhttp stops there, and
+    `data_received` answers with the rejection (see `_fail`)."""
+
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(rejection.reason)
+        self.rejection = rejection
 
 
 class Exchange:
@@ -374,7 +398,7 @@ class ServerConnection(asyncio.Protocol):
         self._queue: deque[Exchange] = deque()
         self._paused_for: set[str] = set()
         self._closed = False
-        self._error: BadRequest | None = None
+        self._error: Rejection | None = None
         #: the answered exchange whose unread body is being read and dropped
         self._discarding: Exchange | None = None
         self.deadline = _INF
@@ -417,16 +441,10 @@ class ServerConnection(asyncio.Protocol):
             self._ready_close_after_upgrade()
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__ or exc.__cause__
-            if isinstance(cause, BadRequest):
-                self._fail(cause)
-            else:
-                self._fail(BadRequest(400, "bad request"))
+            self._fail(cause.rejection if isinstance(cause, BadRequest) else _BAD_REQUEST)
             return
         except httptools.HttpParserError as exc:
-            reason = _parser_reason(exc)
-            # "HTTP/1.2" is well-formed but unsupported (505); "HTTP/1.10" is malformed (400)
-            status = 505 if reason.startswith("Invalid HTTP version") else 400
-            self._fail(BadRequest(status, reason))
+            self._fail(parser_rejection(exc))
             return
         if self._in_head and was_in_head and seq == self._msg_seq:
             # The whole segment was head bytes of one unfinished head: bound them here, since
@@ -434,7 +452,7 @@ class ServerConnection(asyncio.Protocol):
             # is not counted: it may also hold the previous message's body.)
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_size:
-                self._fail(BadRequest(431, "request header too large"))
+                self._fail(HEADER_TOO_LARGE)
                 return
         if self._ready:
             ready = self._ready
@@ -484,69 +502,27 @@ class ServerConnection(asyncio.Protocol):
         self._in_head = False
         parser = self.parser
         version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise BadRequest(505, "HTTP version not supported")
-        method = parser.get_method().decode("ascii")
-        headers = self._headers
-        size = len(self._url)
-        host: bytes | None = None
-        host_count = 0
-        content_length: int | None = None
-        chunked = False
-        expect_continue = False
-        for name, value in headers:
-            size += len(name) + len(value) + 4
-            if name == b"host":
-                host_count += 1
-                host = value
-            elif name == b"content-length":
-                content_length = int(value)  # llhttp already rejected anything but digits
-            elif name == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    raise BadRequest(400, "unsupported transfer-encoding")
-                chunked = True
-            elif name == b"expect" and version == "1.1":
-                # RFC 9110 10.1.1: an HTTP/1.0 client's expectation is ignored
-                if value.strip().lower() != b"100-continue":
-                    raise BadRequest(417, "unsupported expectation")
-                expect_continue = True
-        if size > self.limits.max_header_size:
-            raise BadRequest(431, "request header too large")
-        if chunked and version == "1.0":
-            # RFC 9112 6.1: chunked framing from an HTTP/1.0 client is faulty
-            raise BadRequest(400, "chunked transfer coding in an HTTP/1.0 request")
-        if host_count > 1:
-            raise BadRequest(400, "duplicate Host header")
-        if host_count == 0 and version == "1.1":
-            raise BadRequest(400, "missing Host header")
-        if method == "CONNECT":
-            raise BadRequest(501, "CONNECT is not supported")
-        url = self._url
-        if not url.startswith(b"/") and url != b"*":
-            # absolute form (RFC 9112 3.2.2): the target's authority replaces any Host header
-            url, authority = _origin_form(url)
-            headers = [h for h in headers if h[0] != b"host"]
-            headers.append((b"host", authority))
-            host = authority
-        host_s = ""
-        if host:
-            host_name = _HOST_CACHE.get(host)
-            if host_name is None:
-                host_name = _host_name(host)
-                if host_name is None:
-                    raise BadRequest(400, "malformed Host header")
-                if len(_HOST_CACHE) < 1024:  # a few names repeat on every request
-                    _HOST_CACHE[host] = host_name
-            host_s = host_name
+        head = decide_head(
+            parser.get_method(), self._url, version, self._headers, self.limits.max_header_size
+        )
+        if isinstance(head, Rejection):
+            raise BadRequest(head)
         req = Request(
-            method, url, version, headers, host_s, self.client_addr, parser.should_keep_alive()
+            head.method,
+            head.target,
+            version,
+            head.headers,
+            head.host,
+            self.client_addr,
+            parser.should_keep_alive(),
         )
         ex = Exchange(self, req)
-        ex.content_length = content_length
+        chunked = head.framing is Framing.CHUNKED
+        ex.content_length = head.content_length
         ex.chunked = chunked
-        ex.expect_continue = expect_continue and (chunked or bool(content_length))
+        ex.expect_continue = head.expect_continue
         self._parsing = ex
-        if not chunked or ex.expect_continue:
+        if not chunked or head.expect_continue:
             # Chunked bodies wait for their first valid chunk size before dispatch, except
             # when the client waits for 100-continue before sending any.
             self._ready.append(ex)
@@ -654,7 +630,7 @@ class ServerConnection(asyncio.Protocol):
         )
 
     # ----- errors, timeouts, closing -----
-    def _fail(self, err: BadRequest) -> None:
+    def _fail(self, err: Rejection) -> None:
         """A malformed request: answer after the in-flight ones, then close. Nothing of it was
         dispatched, so no backend sees it; complete requests parsed before it in the same
         bytes are served first, in order."""
@@ -668,7 +644,7 @@ class ServerConnection(asyncio.Protocol):
         if self._active is None and not self._queue:
             self._send_error(err)
 
-    def _send_error(self, err: BadRequest) -> None:
+    def _send_error(self, err: Rejection) -> None:
         body = err.reason.encode() + b"\n"
         text = _STATUS_TEXT.get(err.status, b"Bad Request")
         self.write(
@@ -688,7 +664,7 @@ class ServerConnection(asyncio.Protocol):
         if self._active is not None or self._closed:
             return
         if self._in_head:
-            self._send_error(BadRequest(408, "request header timeout"))
+            self._send_error(_HEADER_TIMEOUT)
         else:
             self.close()
 
@@ -737,46 +713,4 @@ class ServerConnection(asyncio.Protocol):
         return self._active is not None or bool(self._queue) or bool(self._ready)
 
 
-_HOST_CACHE: dict[bytes, str] = {}
 _STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
-
-
-def _host_name(host: bytes) -> str | None:
-    """Host header to a lower-case name without port; None when malformed."""
-    h = host.strip().lower()
-    if not h or b" " in h or b"/" in h or b"@" in h:
-        return None
-    if h.startswith(b"["):
-        end = h.find(b"]")
-        if end < 0:
-            return None
-        rest = h[end + 1 :]
-        if rest and not (rest.startswith(b":") and rest[1:].isdigit()):
-            return None
-        return h[: end + 1].decode("latin-1")
-    name, sep, port = h.partition(b":")
-    if sep and not port.isdigit():
-        return None
-    return name.decode("latin-1")
-
-
-def _origin_form(url: bytes) -> tuple[bytes, bytes]:
-    """An absolute-form target (`http://host:port/path`) -> (`/path`, `host:port`)."""
-    try:
-        # Any, not httptools' stub type: the stub says `bytes` where the parser gives None
-        # (no query, no port), and compiled code enforces declared types
-        parsed: Any = httptools.parse_url(url)
-    except httptools.HttpParserInvalidURLError:
-        raise BadRequest(400, "malformed request target") from None
-    if not parsed.host:
-        raise BadRequest(400, "malformed request target")
-    out = parsed.path or b"/"
-    if parsed.query:
-        out += b"?" + parsed.query
-    authority = parsed.host if parsed.port is None else b"%s:%d" % (parsed.host, parsed.port)
-    return out, authority
-
-
-def _parser_reason(exc: Exception) -> str:
-    text = str(exc).strip() or "malformed request"
-    return text.splitlines()[0][:200]
