@@ -33,6 +33,7 @@ COMPILED = [
     "src/shadowlane/wire/messages.py",
     "src/shadowlane/wire/headers.py",
     "src/shadowlane/wire/request_head.py",
+    "src/shadowlane/wire/exchange.py",
     "src/shadowlane/wire/server.py",
     "src/shadowlane/wire/upstream.py",
     "src/shadowlane/routing/predicates.py",
