@@ -8,10 +8,11 @@ connection closes). The server calls it once per request, from the parser's head
 callback; tests call it directly with header lists (tests/test_request_head.py).
 
 llhttp rejects some heads before this is ever called: two Content-Length headers, one that is
-not digits, Content-Length with Transfer-Encoding, `chunked` twice, a Transfer-Encoding that
-does not end in `chunked`. Those rules are repeated here, at the cost of a branch on requests
-that carry such a header, so that the verdict is complete on its own and does not depend on the
-parser's strictness. `parser_rejection` maps what the parser itself refuses to the answer.
+not digits or over 2**64 - 1, Content-Length with Transfer-Encoding, `chunked` twice, a
+Transfer-Encoding that does not end in `chunked`. Those rules are repeated here, at the cost of
+a branch on requests that carry such a header, so that the verdict is complete on its own and
+does not depend on the parser's strictness. `parser_rejection` maps what the parser itself
+refuses to the answer.
 
 Keep-alive is not decided here: llhttp's `should_keep_alive()` reads the version and
 `Connection`, and the server closes after an `Upgrade` request.
@@ -111,8 +112,11 @@ MALFORMED_TARGET: Final = Rejection(400, "malformed request target")
 MALFORMED_HOST: Final = Rejection(400, "malformed Host header")
 
 
-#: Host header value -> `parse_host` of it, for the valid ones (a memo: the verdict stays pure)
-_HOST_CACHE: dict[bytes, str] = {}
+#: the largest Content-Length llhttp accepts (a uint64); 19 digits never exceed it
+_MAX_CONTENT_LENGTH: Final = 2**64 - 1
+#: Host header value -> `parse_host` of it, for the valid ones (a memo: the verdict stays pure);
+#: Final, so compiled code reaches it as a C static instead of a module-dict lookup
+_HOST_CACHE: Final[dict[bytes, str]] = {}
 
 
 def decide_head(
@@ -147,6 +151,8 @@ def decide_head(
                 if not value.isdigit():
                     return MALFORMED_CONTENT_LENGTH
             content_length = int(value)
+            if len(value) > 19 and content_length > _MAX_CONTENT_LENGTH:
+                return MALFORMED_CONTENT_LENGTH  # what llhttp calls an overflow
         elif name == b"transfer-encoding":
             if value.strip().lower() != b"chunked":
                 return UNSUPPORTED_TRANSFER_ENCODING
