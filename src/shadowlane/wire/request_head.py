@@ -66,7 +66,8 @@ class RequestHead:
         #: the headers as received, except that an absolute-form target's authority replaces
         #: any Host header (RFC 9112 3.2.2)
         self.headers = headers
-        #: the Host name, lower-cased, without the port; "" when there is none (HTTP/1.0)
+        #: the Host name, lower-cased, without the port; "" when there is none (HTTP/1.0) or
+        #: the header is empty
         self.host = host
         self.framing = framing
         #: the declared length with `Framing.LENGTH`, else None
