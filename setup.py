@@ -32,6 +32,8 @@ from setuptools.command.build_ext import build_ext
 COMPILED = [
     "src/shadowlane/wire/messages.py",
     "src/shadowlane/wire/headers.py",
+    "src/shadowlane/wire/request_head.py",
+    "src/shadowlane/wire/exchange.py",
     "src/shadowlane/wire/server.py",
     "src/shadowlane/wire/upstream.py",
     "src/shadowlane/routing/predicates.py",
@@ -109,9 +111,7 @@ def ext_modules() -> list[Any]:
         print("shadowlane: mypyc not available; installing pure Python", file=sys.stderr)
         return []
     try:
-        return list(
-            mypycify(COMPILED, opt_level="3", debug_level="0", group_name=GROUP)
-        )
+        return list(mypycify(COMPILED, opt_level="3", debug_level="0", group_name=GROUP))
     except BaseException as exc:  # mypy found an error, for example: fall back, loudly
         print(f"shadowlane: mypyc could not compile ({exc!r}); pure Python", file=sys.stderr)
         return []

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 
 import pytest
 
+from support import bad_requests as cases
 from support.backend import Recorded, RecordingBackend
+from support.bad_requests import MAX_HEADER, head
 from support.proxy import HttpResponse, ProxyProcess, ResponseReader, basic_config
 
 T = 5.0  # bound on every read in this file
-MAX_HEADER = 2048  # limits.max_header_size of the module's proxy
 SMALL_MAX_BODY = 1024  # max_body of the /small route
 SENTINEL = b"GET /__sentinel HTTP/1.1\r\nHost: sentinel.test\r\n\r\n"
 
@@ -167,11 +168,6 @@ def check_rejected(
     return resp
 
 
-def head(*lines: str, method: str = "POST", target: str = "/") -> bytes:
-    start = f"{method} {target} HTTP/1.1\r\nHost: example.test\r\n"
-    return (start + "".join(line + "\r\n" for line in lines) + "\r\n").encode("latin-1")
-
-
 # -- framing: Content-Length and Transfer-Encoding ---------------------------------------------
 
 
@@ -179,19 +175,19 @@ def test_content_length_and_transfer_encoding_together(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int
 ) -> None:
     # The classic request-smuggling shape (CL.TE / TE.CL): two framings, two possible bodies.
-    data = head("Content-Length: 5", "Transfer-Encoding: chunked") + b"5\r\nhello\r\n0\r\n\r\n"
-    check_rejected(proxy, backend, sentinel_size, data)
+    lines, body = cases.LENGTH_AND_CHUNKED["cl-then-te"]
+    check_rejected(proxy, backend, sentinel_size, head(*lines) + body)
 
 
 def test_transfer_encoding_then_content_length(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int
 ) -> None:
-    data = head("Transfer-Encoding: chunked", "Content-Length: 3") + b"3\r\nabc\r\n0\r\n\r\n"
-    check_rejected(proxy, backend, sentinel_size, data)
+    lines, body = cases.LENGTH_AND_CHUNKED["te-then-cl"]
+    check_rejected(proxy, backend, sentinel_size, head(*lines) + body)
 
 
 @pytest.mark.parametrize(
-    "values", [("3", "3"), ("3", "4")], ids=["same-values", "different-values"]
+    "values", cases.TWO_CONTENT_LENGTHS.values(), ids=cases.TWO_CONTENT_LENGTHS.keys()
 )
 def test_two_content_length_headers(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int, values: tuple[str, str]
@@ -202,8 +198,8 @@ def test_two_content_length_headers(
 
 @pytest.mark.parametrize(
     "value",
-    ["+3", "3, 3", "0x3", "-1", "abc", "", "3 3", "99999999999999999999999"],
-    ids=["plus", "list", "hex", "negative", "letters", "empty", "two-numbers", "overflow"],
+    cases.MALFORMED_CONTENT_LENGTHS.values(),
+    ids=cases.MALFORMED_CONTENT_LENGTHS.keys(),
 )
 def test_malformed_content_length(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int, value: str
@@ -214,36 +210,18 @@ def test_malformed_content_length(
 
 @pytest.mark.parametrize(
     "lines",
-    [
-        ["Transfer-Encoding: gzip"],
-        ["Transfer-Encoding: gzip, chunked"],
-        ["Transfer-Encoding: chunked, chunked"],
-        ["Transfer-Encoding: chunked", "Transfer-Encoding: chunked"],
-        ["Transfer-Encoding: gzip", "Transfer-Encoding: chunked"],
-        ["Transfer-Encoding: identity"],
-    ],
-    ids=["gzip", "gzip-chunked", "chunked-chunked", "two-headers", "two-headers-gzip", "identity"],
+    cases.TRANSFER_ENCODING_NOT_CHUNKED.values(),
+    ids=cases.TRANSFER_ENCODING_NOT_CHUNKED.keys(),
 )
 def test_transfer_encoding_not_exactly_chunked(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int, lines: list[str]
 ) -> None:
     # 400 rather than 501: the proxy cannot frame the body, so nothing after the head is safe.
-    data = head(*lines) + b"3\r\nabc\r\n0\r\n\r\n"
+    data = head(*lines) + cases.CHUNKED_BODY
     check_rejected(proxy, backend, sentinel_size, data)
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        b"zz\r\nabc\r\n0\r\n\r\n",
-        b"1ffffffffffffffff\r\nabc\r\n0\r\n\r\n",
-        b"-3\r\nabc\r\n0\r\n\r\n",
-        b"3\r\nabcXX0\r\n\r\n",
-        b"3 x\r\nabc\r\n0\r\n\r\n",
-        b"3;ext\rx\r\nabc\r\n0\r\n\r\n",
-    ],
-    ids=["non-hex", "overflow", "negative", "no-crlf-after-data", "junk-after-size", "bare-cr-ext"],
-)
+@pytest.mark.parametrize("body", cases.BAD_CHUNKS.values(), ids=cases.BAD_CHUNKS.keys())
 def test_bad_chunk(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int, body: bytes
 ) -> None:
@@ -255,14 +233,14 @@ def test_bad_second_chunk_after_a_good_one(
 ) -> None:
     # The first chunk is fine (the proxy may start forwarding once it parsed), the second size is
     # junk. Sent in one write, nothing may leave the proxy.
-    body = b"3\r\nabc\r\nzz\r\ndef\r\n0\r\n\r\n"
+    body = cases.BAD_SECOND_CHUNK
     check_rejected(proxy, backend, sentinel_size, head("Transfer-Encoding: chunked") + body)
 
 
 # -- head syntax -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fold", [" ", "\t"], ids=["space", "tab"])
+@pytest.mark.parametrize("fold", cases.LINE_FOLDS.values(), ids=cases.LINE_FOLDS.keys())
 def test_obsolete_line_folding(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int, fold: str
 ) -> None:
@@ -272,13 +250,8 @@ def test_obsolete_line_folding(
 
 @pytest.mark.parametrize(
     "data",
-    [
-        b"GET /a\rb HTTP/1.1\r\nHost: example.test\r\n\r\n",
-        b"GET / HTTP/1.1\rHost: example.test\r\n\r\n",
-        b"GET / HTTP/1.1\nHost: example.test\r\n\r\n",
-        b"GET /a\nb HTTP/1.1\r\nHost: example.test\r\n\r\n",
-    ],
-    ids=["bare-cr-in-target", "bare-cr-ends-line", "bare-lf-ends-line", "bare-lf-in-target"],
+    cases.BARE_CR_OR_LF_IN_REQUEST_LINE.values(),
+    ids=cases.BARE_CR_OR_LF_IN_REQUEST_LINE.keys(),
 )
 def test_bare_cr_or_lf_in_request_line(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int, data: bytes
@@ -287,14 +260,7 @@ def test_bare_cr_or_lf_in_request_line(
 
 
 @pytest.mark.parametrize(
-    "data",
-    [
-        b"GET / HTTP/1.1\r\nHost: example.test\r\nX-A: b\rc\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: example.test\r\nX-A: b\r\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: example.test\r\nX-A: b\nX-B: c\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: example.test\r\nX-A: b\r\n\n",
-    ],
-    ids=["bare-cr-in-value", "bare-cr-before-crlf", "bare-lf-ends-header", "bare-lf-ends-head"],
+    "data", cases.BARE_CR_OR_LF_IN_HEADERS.values(), ids=cases.BARE_CR_OR_LF_IN_HEADERS.keys()
 )
 def test_bare_cr_or_lf_in_headers(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int, data: bytes
@@ -305,17 +271,11 @@ def test_bare_cr_or_lf_in_headers(
 def test_nul_in_header_value(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int
 ) -> None:
-    check_rejected(proxy, backend, sentinel_size, head("X-A: b\x00c", method="GET"))
+    check_rejected(proxy, backend, sentinel_size, head(cases.NUL_IN_HEADER_VALUE, method="GET"))
 
 
 @pytest.mark.parametrize(
-    "data",
-    [
-        b"GET / HTTP/1.1\r\nHost : example.test\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: example.test\r\nX-A : b\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: example.test\r\nX-A\t: b\r\n\r\n",
-    ],
-    ids=["host", "other-header", "tab"],
+    "data", cases.WHITESPACE_BEFORE_COLON.values(), ids=cases.WHITESPACE_BEFORE_COLON.keys()
 )
 def test_whitespace_before_colon(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int, data: bytes
@@ -327,7 +287,7 @@ def test_whitespace_before_colon(
 def test_space_in_request_target(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int
 ) -> None:
-    check_rejected(proxy, backend, sentinel_size, head(method="GET", target="/a b"))
+    check_rejected(proxy, backend, sentinel_size, head(method="GET", target=cases.SPACE_IN_TARGET))
 
 
 # -- Host --------------------------------------------------------------------------------------
@@ -336,25 +296,22 @@ def test_space_in_request_target(
 def test_missing_host_on_http11(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int
 ) -> None:
-    check_rejected(proxy, backend, sentinel_size, b"GET / HTTP/1.1\r\nX-A: b\r\n\r\n")
+    check_rejected(proxy, backend, sentinel_size, cases.MISSING_HOST)
 
 
-@pytest.mark.parametrize("second", ["other.test", "example.test"], ids=["different", "same"])
+@pytest.mark.parametrize("second", cases.SECOND_HOSTS.values(), ids=cases.SECOND_HOSTS.keys())
 def test_duplicate_host(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int, second: str
 ) -> None:
-    data = f"GET / HTTP/1.1\r\nHost: example.test\r\nHost: {second}\r\n\r\n".encode()
+    data = cases.host_request("example.test", second)
     check_rejected(proxy, backend, sentinel_size, data)
 
 
-@pytest.mark.parametrize(
-    "value", ["a b", "a/b", "a:port", "user@a"], ids=["space", "slash", "bad-port", "userinfo"]
-)
+@pytest.mark.parametrize("value", cases.MALFORMED_HOSTS.values(), ids=cases.MALFORMED_HOSTS.keys())
 def test_malformed_host(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int, value: str
 ) -> None:
-    data = f"GET / HTTP/1.1\r\nHost: {value}\r\n\r\n".encode()
-    check_rejected(proxy, backend, sentinel_size, data)
+    check_rejected(proxy, backend, sentinel_size, cases.host_request(value))
 
 
 def test_empty_host_never_reaches_backend_as_two_hosts(
@@ -392,19 +349,17 @@ def _exchange_keepalive(proxy: ProxyProcess, data: bytes) -> tuple[HttpResponse,
 def test_http_2_0_request_line(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int
 ) -> None:
-    resp = check_rejected(
-        proxy, backend, sentinel_size, b"GET / HTTP/2.0\r\nHost: example.test\r\n\r\n", 505
-    )
+    resp = check_rejected(proxy, backend, sentinel_size, cases.HTTP_2_0, 505)
     assert resp.reason == "HTTP Version Not Supported"
 
 
-@pytest.mark.parametrize("version", ["1.2", "3.0", "0.9"])
+@pytest.mark.parametrize("version", cases.UNKNOWN_VERSIONS)
 def test_unknown_http_version(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int, version: str
 ) -> None:
     """docs/http.md: versions other than 1.0 and 1.1 get 505. (RFC 9110 2.5 would let a server
     treat HTTP/1.2 as 1.1; an ingress should not guess what an unknown version means.)"""
-    data = f"GET / HTTP/{version}\r\nHost: example.test\r\n\r\n".encode()
+    data = cases.unknown_version_request(version)
     resp = check_rejected(proxy, backend, sentinel_size, data, (400, 505))
     assert resp.status == 505, f"refused, but with {resp.status} {resp.body!r}"
 
@@ -412,24 +367,17 @@ def test_unknown_http_version(
 def test_http_0_9_simple_request(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int
 ) -> None:
-    check_rejected(proxy, backend, sentinel_size, b"GET /\r\n\r\n", (400, 505))
+    check_rejected(proxy, backend, sentinel_size, cases.HTTP_0_9_SIMPLE, (400, 505))
 
 
 def test_version_not_one_digit_dot_one_digit(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int
 ) -> None:
     # HTTP-version = "HTTP/" DIGIT "." DIGIT: `HTTP/1.10` is a malformed request line
-    check_rejected(proxy, backend, sentinel_size, b"GET / HTTP/1.10\r\nHost: example.test\r\n\r\n")
+    check_rejected(proxy, backend, sentinel_size, cases.VERSION_TWO_DIGITS)
 
 
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n",
-        b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n\x16\x03\x01\x00\x05",
-    ],
-    ids=["connect", "connect-with-tunnel-bytes"],
-)
+@pytest.mark.parametrize("data", cases.CONNECTS.values(), ids=cases.CONNECTS.keys())
 def test_connect_not_implemented(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int, data: bytes
 ) -> None:
@@ -440,13 +388,14 @@ def test_lowercase_method(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int
 ) -> None:
     # methods are case-sensitive (RFC 9110 9.1): `get` is not GET
-    check_rejected(proxy, backend, sentinel_size, b"get / HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    check_rejected(proxy, backend, sentinel_size, cases.LOWERCASE_METHOD)
 
 
 def test_unsupported_expectation(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int
 ) -> None:
-    check_rejected(proxy, backend, sentinel_size, head("Expect: teapot", method="GET"), 417)
+    data = head(cases.UNSUPPORTED_EXPECTATION, method="GET")
+    check_rejected(proxy, backend, sentinel_size, data, 417)
 
 
 # -- header size limit (limits.max_header_size = MAX_HEADER) -----------------------------------
@@ -455,19 +404,19 @@ def test_unsupported_expectation(
 def test_one_huge_header(
     proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int
 ) -> None:
-    data = head("X-Big: " + "a" * (2 * MAX_HEADER), method="GET")
+    data = head(cases.ONE_HUGE_HEADER, method="GET")
     check_rejected(proxy, backend, sentinel_size, data, 431)
 
 
 def test_many_headers(proxy: ProxyProcess, backend: RecordingBackend, sentinel_size: int) -> None:
-    lines = [f"X-H-{i:04d}: {'v' * 20}" for i in range(2 * MAX_HEADER // 30)]
+    lines = cases.MANY_HEADERS
     assert sum(len(line) + 2 for line in lines) > MAX_HEADER
     check_rejected(proxy, backend, sentinel_size, head(*lines, method="GET"), 431)
 
 
 def test_head_just_under_the_limit_passes(proxy: ProxyProcess, backend: RecordingBackend) -> None:
     """The other side of the 431 tests: the limit is not simply 'any header at all'."""
-    data = head("X-Big: " + "a" * (MAX_HEADER // 2), method="GET", target="/under")
+    data = head(cases.JUST_UNDER_THE_LIMIT, method="GET", target="/under")
     resp, _ = _exchange_keepalive(proxy, data)
     assert resp.status == 200, resp.body[:200]
     rec = backend.wait_for_requests(1)[-1]

@@ -5,15 +5,18 @@ Shaped like uvicorn's `httptools_impl`, with three differences that matter for a
 * Requests are dispatched to the application one at a time per connection, in order; later
   pipelined requests wait (bounded: reading pauses while one is queued), so answers go out in
   request order without reordering buffers.
-* A request is dispatched only once its head has been validated *and* the bytes that carried it
+* A request is dispatched only once its head has been accepted *and* the bytes that carried it
   parsed cleanly (for chunked bodies: once the first chunk size parsed), so a malformed request
   never reaches a backend. Later chunk errors abort the upstream request mid-body, so a backend
   never sees a complete request that the client did not send.
 * Timeouts (header read, keep-alive idle) are checked by one sweep per listener instead of a
   timer per request, so the per-request cost is two float stores.
 
-The application receives an `Exchange` and drives it: it consumes the body as it streams
-(`set_body_consumer`), and writes the response (`start_response`, `send_body`, `end_response`).
+Whether a head is acceptable and how its body is framed is decided by the pure
+`wire.request_head.decide_head`; this module only collects the head from the parser's
+callbacks and acts on the verdict. The application receives an `Exchange` (`wire.exchange`) and
+drives it: it consumes the body as it streams (`set_body_consumer`), and writes the response
+(`start_response`, `send_body`, `end_response`).
 """
 
 from __future__ import annotations
@@ -24,30 +27,33 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Final, Protocol, cast
 
 import httptools
 
-from shadowlane.wire.headers import serialize_headers
+from shadowlane.wire.exchange import STATUS_TEXT, Exchange
 from shadowlane.wire.messages import Headers, Request
+from shadowlane.wire.request_head import (
+    HEADER_TOO_LARGE,
+    Framing,
+    Rejection,
+    decide_head,
+    parser_rejection,
+)
 
-_STATUS_TEXT = {
-    100: b"Continue",
-    400: b"Bad Request",
-    404: b"Not Found",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    417: b"Expectation Failed",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-    505: b"HTTP Version Not Supported",
-}
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+__all__ = [
+    "DISCARD_LIMIT",
+    "App",
+    "BadRequest",
+    "Exchange",
+    "ServerConnection",
+    "ServerLimits",
+    "ServerState",
+]
+
 _LINGER_RST = struct.pack("ii", 1, 0)
+_BAD_REQUEST: Final = Rejection(400, "bad request")
+_HEADER_TIMEOUT: Final = Rejection(408, "request header timeout")
 
 #: an answered request's unread body is read and dropped up to this size, then we close
 DISCARD_LIMIT = 4 * 1024 * 1024
@@ -72,232 +78,12 @@ class ServerLimits:
 
 
 class BadRequest(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+    """Raised in a parser callback to refuse the message: llhttp stops there, and
+    `data_received` answers with the rejection (see `_fail`)."""
 
-
-class Exchange:
-    """One request and its response on a downstream connection.
-
-    Body side: chunks that arrive before the application subscribes are buffered and replayed.
-    Response side: the application calls `start_response` once, `send_body` any number of times
-    and `end_response` once; framing (Content-Length, chunked, or close-delimited for HTTP/1.0
-    clients) is chosen by `start_response`.
-    """
-
-    __slots__ = (
-        "_body_buffer",
-        "_chunked_out",
-        "_on_body",
-        "_on_body_end",
-        "_pending",
-        "body_done",
-        "body_size",
-        "chunked",
-        "conn",
-        "content_length",
-        "expect_continue",
-        "head_request",
-        "on_abort",
-        "on_body_lost",
-        "on_writable",
-        "request",
-        "response_done",
-        "response_started",
-        "status",
-    )
-
-    def __init__(self, conn: ServerConnection, request: Request) -> None:
-        self.conn = conn
-        self.request = request
-        self.content_length: int | None = None
-        self.chunked = False
-        self.expect_continue = False
-        self.head_request = request.method == "HEAD"
-        self.body_size = 0
-        self.body_done = False
-        self._body_buffer: list[bytes] | None = None
-        self._on_body: Callable[[bytes], None] | None = None
-        self._on_body_end: Callable[[], None] | None = None
-        self.response_started = False
-        self.response_done = False
-        self._chunked_out = False
-        self._pending = b""
-        self.status = 0
-        #: called with no argument when the client connection is lost mid-exchange
-        self.on_abort: Callable[[], None] | None = None
-        #: called with True/False when the client's write buffer fills/drains
-        self.on_writable: Callable[[bool], None] | None = None
-        #: the application still reads the body after its answer (see `_discard_rest`): called
-        #: when that body will never complete (the connection closed first)
-        self.on_body_lost: Callable[[], None] | None = None
-
-    # ----- request body -----
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
-
-    def set_body_consumer(
-        self, on_body: Callable[[bytes], None], on_end: Callable[[], None]
-    ) -> None:
-        """Subscribe to the body; buffered chunks (and the end, if seen) are replayed first."""
-        buffered = self._body_buffer
-        self._body_buffer = None
-        if buffered:
-            for chunk in buffered:
-                on_body(chunk)
-        if self.body_done:
-            on_end()
-        else:
-            self._on_body = on_body
-            self._on_body_end = on_end
-        if self.expect_continue and not self.body_done and not self.response_started:
-            self.expect_continue = False
-            self.conn.write(_CONTINUE)
-
-    def release_body(self) -> None:
-        """The application wants no more of the body (its answer is out): the rest is dropped."""
-        self._on_body = self._on_body_end = None
-
-    def _body_lost(self) -> None:
-        callback = self.on_body_lost
-        self.on_body_lost = None
-        if callback is not None and not self.body_done:
-            callback()
-
-    def pause_body(self) -> None:
-        self.conn.pause_reading_for("upstream")
-
-    def resume_body(self) -> None:
-        self.conn.resume_reading_for("upstream")
-
-    def _feed_body(self, chunk: bytes) -> None:
-        self.body_size += len(chunk)
-        if self._on_body is not None:
-            self._on_body(chunk)
-        elif self.response_done:
-            pass  # answered already: the rest of the body is read and dropped
-        elif self._body_buffer is None:
-            self._body_buffer = [chunk]
-        else:
-            self._body_buffer.append(chunk)
-
-    def _end_body(self) -> None:
-        self.body_done = True
-        end = self._on_body_end
-        self._on_body = self._on_body_end = None
-        if end is not None:
-            end()
-
-    # ----- response -----
-    def start_response(
-        self,
-        status: int,
-        reason: bytes,
-        headers: Headers,
-        content_length: int | None,
-        *,
-        close: bool = False,
-    ) -> None:
-        """Write the response head. `content_length` None means the length is unknown."""
-        self.start_response_fields(
-            status, reason, serialize_headers(headers), content_length, close=close
-        )
-
-    def start_response_fields(
-        self,
-        status: int,
-        reason: bytes,
-        fields: bytes,
-        content_length: int | None,
-        *,
-        close: bool = False,
-    ) -> None:
-        """`start_response` with the header fields already serialised (`name: value\r\n`...),
-        as the proxy builds them in the same pass that drops hop-by-hop headers."""
-        self.response_started = True
-        self.status = status
-        self.expect_continue = False
-        conn = self.conn
-        req = self.request
-        if close or not req.keep_alive or conn.draining:
-            req.keep_alive = False
-        no_body = self.head_request or status < 200 or status in (204, 304)
-        if content_length is not None or no_body:
-            framing = b""
-            if content_length is not None and status != 304 and status >= 200 and status != 204:
-                framing = b"content-length: " + str(content_length).encode() + b"\r\n"
-        elif req.http_version == "1.1":
-            framing = b"transfer-encoding: chunked\r\n"
-            self._chunked_out = True
-        else:
-            framing = b""
-            req.keep_alive = False  # HTTP/1.0: the body ends when we close
-        if req.keep_alive:
-            if req.http_version == "1.0":
-                framing += b"connection: keep-alive\r\n"
-        else:
-            framing += b"connection: close\r\n"
-        # held until the body, the end, or flush(): one write (one syscall) instead of two
-        line = _STATUS_LINES.get((status, reason))
-        if line is None:
-            line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-            if len(_STATUS_LINES) < 256:  # a handful of (status, reason) pairs repeat
-                _STATUS_LINES[(status, reason)] = line
-        self._pending = line + fields + framing + b"\r\n"
-
-    def send_body(self, data: bytes) -> None:
-        if not data or self.head_request:
-            return
-        if self._chunked_out:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        if self._pending:
-            data = self._pending + data
-            self._pending = b""
-        self.conn.write(data)
-
-    def flush(self) -> None:
-        """Write a held response head now (the body is not here yet)."""
-        if self._pending:
-            self.conn.write(self._pending)
-            self._pending = b""
-
-    def end_response(self) -> None:
-        if self.response_done:
-            return
-        self.response_done = True
-        if self._chunked_out and not self.head_request:
-            self.conn.write(self._pending + b"0\r\n\r\n")
-            self._pending = b""
-        elif self._pending:
-            self.conn.write(self._pending)
-            self._pending = b""
-        # break the exchange <-> application cycle so refcounting frees both now, not the GC
-        self.on_abort = self.on_writable = None
-        self.conn._exchange_done(self)
-
-    def respond(
-        self, status: int, body: bytes, *, close: bool = False, headers: Headers | None = None
-    ) -> None:
-        """A complete short response generated by the proxy itself (errors, 404)."""
-        hdrs: Headers = [(b"content-type", b"text/plain; charset=utf-8")]
-        if headers:
-            hdrs.extend(headers)
-        if not self.body_done:
-            close = True  # the unread rest of the body would be parsed as the next request
-        self.start_response(
-            status, _STATUS_TEXT.get(status, b"Unknown"), hdrs, len(body), close=close
-        )
-        self.send_body(body)
-        self.end_response()
-
-    def abort(self) -> None:
-        """Reset the client connection: a truncated response must never look complete."""
-        self.response_done = True
-        self.on_abort = self.on_writable = None
-        self.conn.abort()
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(rejection.reason)
+        self.rejection = rejection
 
 
 class ServerState:
@@ -374,7 +160,7 @@ class ServerConnection(asyncio.Protocol):
         self._queue: deque[Exchange] = deque()
         self._paused_for: set[str] = set()
         self._closed = False
-        self._error: BadRequest | None = None
+        self._error: Rejection | None = None
         #: the answered exchange whose unread body is being read and dropped
         self._discarding: Exchange | None = None
         self.deadline = _INF
@@ -417,16 +203,10 @@ class ServerConnection(asyncio.Protocol):
             self._ready_close_after_upgrade()
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__ or exc.__cause__
-            if isinstance(cause, BadRequest):
-                self._fail(cause)
-            else:
-                self._fail(BadRequest(400, "bad request"))
+            self._fail(cause.rejection if isinstance(cause, BadRequest) else _BAD_REQUEST)
             return
         except httptools.HttpParserError as exc:
-            reason = _parser_reason(exc)
-            # "HTTP/1.2" is well-formed but unsupported (505); "HTTP/1.10" is malformed (400)
-            status = 505 if reason.startswith("Invalid HTTP version") else 400
-            self._fail(BadRequest(status, reason))
+            self._fail(parser_rejection(exc))
             return
         if self._in_head and was_in_head and seq == self._msg_seq:
             # The whole segment was head bytes of one unfinished head: bound them here, since
@@ -434,7 +214,7 @@ class ServerConnection(asyncio.Protocol):
             # is not counted: it may also hold the previous message's body.)
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_size:
-                self._fail(BadRequest(431, "request header too large"))
+                self._fail(HEADER_TOO_LARGE)
                 return
         if self._ready:
             ready = self._ready
@@ -484,69 +264,27 @@ class ServerConnection(asyncio.Protocol):
         self._in_head = False
         parser = self.parser
         version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise BadRequest(505, "HTTP version not supported")
-        method = parser.get_method().decode("ascii")
-        headers = self._headers
-        size = len(self._url)
-        host: bytes | None = None
-        host_count = 0
-        content_length: int | None = None
-        chunked = False
-        expect_continue = False
-        for name, value in headers:
-            size += len(name) + len(value) + 4
-            if name == b"host":
-                host_count += 1
-                host = value
-            elif name == b"content-length":
-                content_length = int(value)  # llhttp already rejected anything but digits
-            elif name == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    raise BadRequest(400, "unsupported transfer-encoding")
-                chunked = True
-            elif name == b"expect" and version == "1.1":
-                # RFC 9110 10.1.1: an HTTP/1.0 client's expectation is ignored
-                if value.strip().lower() != b"100-continue":
-                    raise BadRequest(417, "unsupported expectation")
-                expect_continue = True
-        if size > self.limits.max_header_size:
-            raise BadRequest(431, "request header too large")
-        if chunked and version == "1.0":
-            # RFC 9112 6.1: chunked framing from an HTTP/1.0 client is faulty
-            raise BadRequest(400, "chunked transfer coding in an HTTP/1.0 request")
-        if host_count > 1:
-            raise BadRequest(400, "duplicate Host header")
-        if host_count == 0 and version == "1.1":
-            raise BadRequest(400, "missing Host header")
-        if method == "CONNECT":
-            raise BadRequest(501, "CONNECT is not supported")
-        url = self._url
-        if not url.startswith(b"/") and url != b"*":
-            # absolute form (RFC 9112 3.2.2): the target's authority replaces any Host header
-            url, authority = _origin_form(url)
-            headers = [h for h in headers if h[0] != b"host"]
-            headers.append((b"host", authority))
-            host = authority
-        host_s = ""
-        if host:
-            host_name = _HOST_CACHE.get(host)
-            if host_name is None:
-                host_name = _host_name(host)
-                if host_name is None:
-                    raise BadRequest(400, "malformed Host header")
-                if len(_HOST_CACHE) < 1024:  # a few names repeat on every request
-                    _HOST_CACHE[host] = host_name
-            host_s = host_name
+        head = decide_head(
+            parser.get_method(), self._url, version, self._headers, self.limits.max_header_size
+        )
+        if isinstance(head, Rejection):
+            raise BadRequest(head)
         req = Request(
-            method, url, version, headers, host_s, self.client_addr, parser.should_keep_alive()
+            head.method,
+            head.target,
+            version,
+            head.headers,
+            head.host,
+            self.client_addr,
+            parser.should_keep_alive(),
         )
         ex = Exchange(self, req)
-        ex.content_length = content_length
+        chunked = head.framing is Framing.CHUNKED
+        ex.content_length = head.content_length
         ex.chunked = chunked
-        ex.expect_continue = expect_continue and (chunked or bool(content_length))
+        ex.expect_continue = head.expect_continue
         self._parsing = ex
-        if not chunked or ex.expect_continue:
+        if not chunked or head.expect_continue:
             # Chunked bodies wait for their first valid chunk size before dispatch, except
             # when the client waits for 100-continue before sending any.
             self._ready.append(ex)
@@ -654,7 +392,7 @@ class ServerConnection(asyncio.Protocol):
         )
 
     # ----- errors, timeouts, closing -----
-    def _fail(self, err: BadRequest) -> None:
+    def _fail(self, err: Rejection) -> None:
         """A malformed request: answer after the in-flight ones, then close. Nothing of it was
         dispatched, so no backend sees it; complete requests parsed before it in the same
         bytes are served first, in order."""
@@ -668,9 +406,9 @@ class ServerConnection(asyncio.Protocol):
         if self._active is None and not self._queue:
             self._send_error(err)
 
-    def _send_error(self, err: BadRequest) -> None:
+    def _send_error(self, err: Rejection) -> None:
         body = err.reason.encode() + b"\n"
-        text = _STATUS_TEXT.get(err.status, b"Bad Request")
+        text = STATUS_TEXT.get(err.status, b"Bad Request")
         self.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
@@ -688,7 +426,7 @@ class ServerConnection(asyncio.Protocol):
         if self._active is not None or self._closed:
             return
         if self._in_head:
-            self._send_error(BadRequest(408, "request header timeout"))
+            self._send_error(_HEADER_TIMEOUT)
         else:
             self.close()
 
@@ -735,48 +473,3 @@ class ServerConnection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         return self._active is not None or bool(self._queue) or bool(self._ready)
-
-
-_HOST_CACHE: dict[bytes, str] = {}
-_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
-
-
-def _host_name(host: bytes) -> str | None:
-    """Host header to a lower-case name without port; None when malformed."""
-    h = host.strip().lower()
-    if not h or b" " in h or b"/" in h or b"@" in h:
-        return None
-    if h.startswith(b"["):
-        end = h.find(b"]")
-        if end < 0:
-            return None
-        rest = h[end + 1 :]
-        if rest and not (rest.startswith(b":") and rest[1:].isdigit()):
-            return None
-        return h[: end + 1].decode("latin-1")
-    name, sep, port = h.partition(b":")
-    if sep and not port.isdigit():
-        return None
-    return name.decode("latin-1")
-
-
-def _origin_form(url: bytes) -> tuple[bytes, bytes]:
-    """An absolute-form target (`http://host:port/path`) -> (`/path`, `host:port`)."""
-    try:
-        # Any, not httptools' stub type: the stub says `bytes` where the parser gives None
-        # (no query, no port), and compiled code enforces declared types
-        parsed: Any = httptools.parse_url(url)
-    except httptools.HttpParserInvalidURLError:
-        raise BadRequest(400, "malformed request target") from None
-    if not parsed.host:
-        raise BadRequest(400, "malformed request target")
-    out = parsed.path or b"/"
-    if parsed.query:
-        out += b"?" + parsed.query
-    authority = parsed.host if parsed.port is None else b"%s:%d" % (parsed.host, parsed.port)
-    return out, authority
-
-
-def _parser_reason(exc: Exception) -> str:
-    text = str(exc).strip() or "malformed request"
-    return text.splitlines()[0][:200]
