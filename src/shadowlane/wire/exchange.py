@@ -11,14 +11,11 @@ body; the application subscribes to the body (`set_body_consumer`) and writes th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from shadowlane.wire.headers import serialize_headers
 from shadowlane.wire.messages import Headers, Request
-
-if TYPE_CHECKING:
-    from shadowlane.wire.server import ServerConnection
 
 #: reason phrases of the statuses the server and the proxy answer themselves
 STATUS_TEXT: dict[int, bytes] = {
@@ -72,7 +69,7 @@ class Exchange:
         "status",
     )
 
-    def __init__(self, conn: ServerConnection, request: Request) -> None:
+    def __init__(self, conn: Connection, request: Request) -> None:
         self.conn = conn
         self.request = request
         self.content_length: int | None = None
@@ -261,3 +258,29 @@ class Exchange:
         self.response_done = True
         self.on_abort = self.on_writable = None
         self.conn.abort()
+
+
+class Connection(asyncio.Protocol):
+    """What an exchange needs of the connection it arrived on; `ServerConnection` is the one.
+
+    Declared here, as a concrete base class, so that this module need not import the server
+    (which imports this one): no import cycle, and the compiled calls stay direct vtable calls,
+    which a Protocol would turn into lookups by name on every request.
+    """
+
+    draining: bool
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def pause_reading_for(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def resume_reading_for(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _exchange_done(self, ex: Exchange) -> None:
+        raise NotImplementedError

@@ -31,7 +31,7 @@ from typing import Final, Protocol, cast
 
 import httptools
 
-from shadowlane.wire.exchange import STATUS_TEXT, Exchange
+from shadowlane.wire.exchange import STATUS_TEXT, Connection, Exchange
 from shadowlane.wire.messages import Headers, Request
 from shadowlane.wire.request_head import (
     HEADER_TOO_LARGE,
@@ -130,7 +130,7 @@ class ServerState:
             self._sweeper = None
 
 
-class ServerConnection(asyncio.Protocol):
+class ServerConnection(Connection):
     """One client connection: parse, validate, dispatch in order, write answers."""
 
     def __init__(self, state: ServerState) -> None:
