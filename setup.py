@@ -38,6 +38,7 @@ COMPILED = [
     "src/shadowlane/routing/balance.py",
     "src/shadowlane/routing/table.py",
     "src/shadowlane/proxy.py",
+    "src/shadowlane/shadow/outcomes.py",
     "src/shadowlane/shadow/sampling.py",
     "src/shadowlane/shadow/mutation.py",
     "src/shadowlane/shadow/join.py",

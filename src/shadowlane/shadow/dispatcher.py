@@ -22,6 +22,16 @@ from shadowlane.routing import Route, compile_match
 from shadowlane.shadow.join import EMPTY, EXAMPLE_REQUEST_BODY, CompareSlot, PrimaryCapture, Submit
 from shadowlane.shadow.lane import ShadowCopy, ShadowLane
 from shadowlane.shadow.mutation import MARKER, CopyBuilder
+from shadowlane.shadow.outcomes import (
+    COMPARISON_DROPPED,
+    DROPPED,
+    SAMPLED_OUT,
+    SENT,
+    SKIPPED_BODY,
+    SKIPPED_LOOP,
+    SKIPPED_STATUS,
+    Outcome,
+)
 from shadowlane.shadow.sampling import KeyFn, Sampler, key_function
 from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import BackendPool
@@ -29,9 +39,6 @@ from shadowlane.wire.upstream import BackendPool
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
     from shadowlane.proxy import ProxyCall
-
-OUTCOME_SKIPPED_LOOP = "skipped_loop"
-OUTCOME_SKIPPED_STATUS = "skipped_status"
 
 
 class LanePlan:
@@ -194,7 +201,7 @@ class ShadowDispatcher:
             if name == MARKER:
                 # loop detection: a copy (ours or another instance's) is never copied again
                 for p in shadows.lanes:
-                    metrics.shadow_outcome(shadows.route, p.lane.target, OUTCOME_SKIPPED_LOOP)
+                    metrics.shadow_outcome(shadows.route, p.lane.target, SKIPPED_LOOP)
                 return None
         sampled: list[LanePlan] = []
         capture = 0
@@ -207,7 +214,7 @@ class ShadowDispatcher:
                 if p.capture_limit > capture:
                     capture = p.capture_limit
             else:
-                metrics.shadow_outcome(shadows.route, p.lane.target, "sampled_out")
+                metrics.shadow_outcome(shadows.route, p.lane.target, SAMPLED_OUT)
         if capture:
             call.capture = PrimaryCapture(capture)
         return RequestShadows(sampled) if sampled else None
@@ -245,14 +252,14 @@ class ShadowDispatcher:
                     elif call.body_may_follow():
                         state.waiting_body.append(p)  # see late_body
                     else:
-                        self._outcome(state, p, "skipped_body")
+                        self._outcome(state, p, SKIPPED_BODY)
                 continue
             if status == 499 or (p.cfg.only_if_primary == "2xx" and not 200 <= status < 300):
                 # 499: the client left and the primary exchange was abandoned mid-way
-                self._outcome(state, p, OUTCOME_SKIPPED_STATUS)
+                self._outcome(state, p, SKIPPED_STATUS)
                 continue
             if call.body is None:
-                self._outcome(state, p, "skipped_body")
+                self._outcome(state, p, SKIPPED_BODY)
                 continue
             self._submit(call, p, state, base)
 
@@ -268,26 +275,26 @@ class ShadowDispatcher:
             if call.body is not None:
                 self._submit(call, p, state, base)
             else:
-                self._outcome(state, p, "skipped_body")
+                self._outcome(state, p, SKIPPED_BODY)
 
     def _submit(self, call: ProxyCall, p: LanePlan, state: RequestShadows, base: Headers) -> None:
         body = call.body
         if body is None or len(body) > p.cfg.max_body:
-            self._outcome(state, p, "skipped_body")
+            self._outcome(state, p, SKIPPED_BODY)
             return
         req = call.request
         key = p.order_key(req) if p.order_key is not None else None
         if p.lane.circuit_open():
             p.lane.fail_open()
-            state.outcomes[p.lane.target] = "dropped"
+            state.outcomes[p.lane.target] = DROPPED
             if p.compares:
-                self.metrics.comparison(p.lane.route, p.lane.target, "dropped")
+                self.metrics.comparison(p.lane.route, p.lane.target, COMPARISON_DROPPED)
             return
         if p.lane.full(key, len(body)):
             p.lane.drop()
-            state.outcomes[p.lane.target] = "dropped"
+            state.outcomes[p.lane.target] = DROPPED
             if p.compares:
-                self.metrics.comparison(p.lane.route, p.lane.target, "dropped")
+                self.metrics.comparison(p.lane.route, p.lane.target, COMPARISON_DROPPED)
             return
         endpoint = p.lane.pool.pick()
         head = p.builder.head(req, base, len(body), endpoint.authority)
@@ -295,9 +302,9 @@ class ShadowDispatcher:
         on_done = slot.on_candidate if slot else None
         copy = ShadowCopy(p.lane, req.method, head, body, key, on_done, endpoint)
         if p.lane.submit(copy):
-            state.outcomes[p.lane.target] = "sent"
+            state.outcomes[p.lane.target] = SENT
         else:
-            state.outcomes[p.lane.target] = "dropped"
+            state.outcomes[p.lane.target] = DROPPED
             if slot is not None:
                 slot.copy_dropped()
             return
@@ -333,7 +340,7 @@ class ShadowDispatcher:
         capture.attach(slot)
         return slot
 
-    def _outcome(self, state: RequestShadows, p: LanePlan, outcome: str) -> None:
+    def _outcome(self, state: RequestShadows, p: LanePlan, outcome: Outcome) -> None:
         state.outcomes[p.lane.target] = outcome
         self.metrics.shadow_outcome(p.lane.route, p.lane.target, outcome)
 

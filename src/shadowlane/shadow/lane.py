@@ -23,6 +23,17 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from shadowlane.shadow.outcomes import (
+    CIRCUIT_OPEN,
+    DROPPED,
+    ERROR,
+    OK,
+    PENDING,
+    SENT,
+    TIMEOUT,
+    CopyEnd,
+    Ended,
+)
 from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import (
     BackendPool,
@@ -35,9 +46,6 @@ from shadowlane.wire.upstream import (
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
 
-#: ShadowResult.outcome of a copy shed by an open circuit (metrics count it `dropped`);
-#: it says nothing about the target's answers, so it is never compared
-CIRCUIT_OPEN = "circuit_open"
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 BREAKER_FAILURES = 5
 BREAKER_OPEN_SECONDS = 1.0
@@ -56,7 +64,7 @@ class ShadowResult:
         self.headers: Headers = []
         self.body = b""
         self.body_truncated = False
-        self.outcome = ""
+        self.outcome: CopyEnd = PENDING
         self.seconds = 0.0
 
 
@@ -135,7 +143,7 @@ class ShadowCopy(ResponseSink):
         except UpstreamError as err:
             if self.done:
                 return
-            self._finish("timeout" if err.kind == "timeout" else "error")
+            self._finish(TIMEOUT if err.kind == "timeout" else ERROR)
             return
         if self.done:
             conn.close()
@@ -148,7 +156,7 @@ class ShadowCopy(ResponseSink):
         if self.body:
             conn.write_body(self.body)
         conn.end_request()
-        self.lane.metrics.shadow_outcome(self.lane.route, self.lane.target, "sent")
+        self.lane.metrics.shadow_outcome(self.lane.route, self.lane.target, SENT)
 
     # ResponseSink
     def on_response_head(
@@ -169,7 +177,7 @@ class ShadowCopy(ResponseSink):
         if self._chunks:
             self.result.body = b"".join(self._chunks)
             self._chunks = []
-        self._finish("ok")
+        self._finish(OK)
 
     def on_upstream_error(self, err: UpstreamError, retryable: bool) -> None:
         if self.done:
@@ -179,7 +187,7 @@ class ShadowCopy(ResponseSink):
             self.conn = None
             self.lane.loop.create_task(self._connect(fresh=True))
             return
-        self._finish("timeout" if err.kind == "timeout" else "error")
+        self._finish(TIMEOUT if err.kind == "timeout" else ERROR)
 
     def on_upstream_writable(self, writable: bool) -> None:
         """The body is already in memory: nothing to pause."""
@@ -192,9 +200,9 @@ class ShadowCopy(ResponseSink):
         if not self.done:
             if self.conn is not None:
                 self.conn.abandon()
-            self._finish("timeout")
+            self._finish(TIMEOUT)
 
-    def _finish(self, outcome: str) -> None:
+    def _finish(self, outcome: Ended) -> None:
         if self.done:
             return
         self.done = True
@@ -207,7 +215,7 @@ class ShadowCopy(ResponseSink):
         result.outcome = outcome
         result.seconds = seconds
         lane.metrics.shadow_outcome(lane.route, lane.target, outcome)
-        if outcome == "ok":
+        if outcome == OK:
             lane.metrics.observe_shadow(lane.route, lane.target, seconds)
             lane.succeeded()
         else:
@@ -219,7 +227,7 @@ class ShadowCopy(ResponseSink):
     def abandon(self) -> None:
         if self.conn is not None:
             self.conn.abandon()
-        self._finish("timeout")
+        self._finish(TIMEOUT)
 
     def fail_fast(self) -> None:
         """Not sent: the lane's circuit is open. Counted `dropped`; no connection is tried."""
@@ -227,7 +235,7 @@ class ShadowCopy(ResponseSink):
         result = self.result
         result.outcome = CIRCUIT_OPEN
         lane = self.lane
-        lane.metrics.shadow_outcome(lane.route, lane.target, "dropped")
+        lane.metrics.shadow_outcome(lane.route, lane.target, DROPPED)
         lane.copy_done(self)
         if self.on_done is not None:
             self.on_done(self, result)
@@ -314,7 +322,7 @@ class ShadowLane:
         return True
 
     def drop(self) -> bool:
-        self.metrics.shadow_outcome(self.route, self.target, "dropped")
+        self.metrics.shadow_outcome(self.route, self.target, DROPPED)
         return False
 
     def copy_done(self, copy: ShadowCopy) -> None:
@@ -340,7 +348,7 @@ class ShadowLane:
 
     def fail_open(self) -> None:
         """A copy not even built: the circuit is open (counted `dropped`, like a fast fail)."""
-        self.metrics.shadow_outcome(self.route, self.target, "dropped")
+        self.metrics.shadow_outcome(self.route, self.target, DROPPED)
 
     def admit(self) -> bool:
         """May a copy go to the target now? Closed: yes. Open: no. Half-open (the open time
@@ -385,7 +393,7 @@ class ShadowLane:
             copy.result.outcome = CIRCUIT_OPEN
             if copy.on_done is not None:
                 copy.on_done(copy, copy.result)
-        self.metrics.shadow_outcome(self.route, self.target, "dropped", len(waiting))
+        self.metrics.shadow_outcome(self.route, self.target, DROPPED, len(waiting))
 
     async def drain(self, deadline: float) -> None:
         """Give in-flight copies until `deadline` (loop time); then abandon what is left."""
@@ -395,7 +403,7 @@ class ShadowLane:
             self.waiting_count -= 1
             self.bytes -= len(copy.body)
             copy.done = True
-            self.metrics.shadow_outcome(self.route, self.target, "dropped")
+            self.metrics.shadow_outcome(self.route, self.target, DROPPED)
         self.waiting.clear()
         self.chains.clear()
         for copy in list(self.in_flight):
