@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, assert_never
 
 from shadowlane.routing import Route, RouteTable
 from shadowlane.wire.headers import (
@@ -27,6 +27,7 @@ from shadowlane.wire.upstream import (
     ResponseSink,
     UpstreamConnection,
     UpstreamError,
+    UpstreamErrorKind,
 )
 
 if TYPE_CHECKING:
@@ -41,6 +42,18 @@ RETRY_BODY_LIMIT = 64 * 1024
 
 #: (request, route, backend, status, seconds, shadow outcomes) -> None
 AccessLog = Callable[[Request, str, str, int, float, "dict[str, str] | None"], None]
+
+
+def gateway_status(kind: UpstreamErrorKind) -> int:
+    """The status a client gets when the primary failed before its answer started: 504 when
+    the backend was too slow, 503 when the pool had no connection to spare, 502 otherwise."""
+    if kind == "timeout":
+        return 504
+    if kind == "overflow":
+        return 503
+    if kind == "refused" or kind == "tls" or kind == "reset" or kind == "protocol":
+        return 502
+    assert_never(kind)  # a new kind must choose its status here (mypy checks)
 
 
 class RouteRuntime:
@@ -373,7 +386,7 @@ class ProxyCall(ResponseSink):
             if self.shadow_state is not None:
                 self.shadow.response_done(self)  # type: ignore[union-attr]
             return
-        status = 504 if err.kind == "timeout" else 503 if err.kind == "overflow" else 502
+        status = gateway_status(err.kind)
         msg = f"upstream {self.backend.name} ({self.endpoint.label}): {err}\n"
         ex.respond(status, msg.encode())
         self._observe(status)

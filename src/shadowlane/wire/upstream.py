@@ -16,7 +16,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Literal, cast
 
 import httptools
 
@@ -29,10 +29,22 @@ IDLE, BUSY, CLOSED = 0, 1, 2
 POOL_IDLE_TIMEOUT = 50.0
 
 
-class UpstreamError(Exception):
-    """Why an upstream exchange failed. `kind` is refused, timeout, reset or closed."""
+#: Why an upstream exchange failed, a closed set so that mypy checks every comparison with it
+#: (the proxy maps each to 502, 503 or 504). Each is raised here:
+#: - refused: the connect failed with an OSError (refused, unreachable, name not resolved);
+#: - timeout: the connect took longer than `connect_timeout`, or a busy connection heard no
+#:   byte for the exchange's `timeout`;
+#: - tls: the TLS handshake failed;
+#: - overflow: all `max_connections` stayed busy for `connect_timeout`;
+#: - reset: the connection closed before the response completed;
+#: - protocol: the answer was not HTTP/1.1 that httptools could parse.
+UpstreamErrorKind = Literal["refused", "timeout", "tls", "overflow", "reset", "protocol"]
 
-    def __init__(self, kind: str, detail: str = "") -> None:
+
+class UpstreamError(Exception):
+    """Why an upstream exchange failed; `kind` is one of UpstreamErrorKind."""
+
+    def __init__(self, kind: UpstreamErrorKind, detail: str = "") -> None:
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
         self.detail = detail
