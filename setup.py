@@ -39,6 +39,7 @@ COMPILED = [
     "src/shadowlane/routing/table.py",
     "src/shadowlane/proxy.py",
     "src/shadowlane/shadow/outcomes.py",
+    "src/shadowlane/shadow/breaker.py",
     "src/shadowlane/shadow/sampling.py",
     "src/shadowlane/shadow/mutation.py",
     "src/shadowlane/shadow/join.py",

@@ -9,11 +9,9 @@ Ordered lanes (`ordered_by`) keep one copy per key in flight: a copy whose key i
 that key's chain (counted against `queue`), and starts when the previous one for the key ended,
 in the order the copies were submitted (the order their primary answers completed).
 
-A target that fails trips a circuit breaker (Envoy's consecutive-failure outlier detection):
-after 5 copies in a row end in error or timeout, waiting copies and new ones are shed (counted
-`dropped`, no connection tried) for one second; then one probe copy decides whether the circuit
-closes or opens again. A hung or dead target so costs a few probes a second, not a connect and
-a timer for every copy, and its timeouts no longer come in bursts of `max_in_flight`.
+A target that fails trips the lane's circuit breaker (shadow/breaker.py): when it opens, the
+waiting copies are shed at once and new ones are not even built, so a hung or dead target costs
+a few probes a second, not a connect and a timer for every copy.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from shadowlane.shadow.breaker import CircuitBreaker
 from shadowlane.shadow.outcomes import (
     CIRCUIT_OPEN,
     DROPPED,
@@ -47,8 +46,6 @@ if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-BREAKER_FAILURES = 5
-BREAKER_OPEN_SECONDS = 1.0
 #: copies in flight and waiting may pin at most this many body bytes per lane (bodies are
 #: shared with the primary and other lanes, so this over-counts, which errs on the safe side)
 MAX_LANE_BYTES = 64 * 1024 * 1024
@@ -123,7 +120,7 @@ class ShadowCopy(ResponseSink):
         lane = self.lane
         loop = lane.loop
         self.t0 = loop.time()
-        if not lane.admit():
+        if not lane.breaker.admit():
             self.fail_fast()
             return
         self.timer = loop.call_later(lane.timeout, self._on_deadline)
@@ -217,9 +214,9 @@ class ShadowCopy(ResponseSink):
         lane.metrics.shadow_outcome(lane.route, lane.target, outcome)
         if outcome == OK:
             lane.metrics.observe_shadow(lane.route, lane.target, seconds)
-            lane.succeeded()
-        else:
-            lane.failed()
+            lane.breaker.succeeded()
+        elif lane.breaker.failed():
+            lane.shed_waiting()
         lane.copy_done(self)
         if self.on_done is not None:
             self.on_done(self, result)
@@ -275,10 +272,7 @@ class ShadowLane:
         self.bytes = 0
         self.chains: dict[str, deque[ShadowCopy]] = {}
         self.paused = False
-        self.breaker_failures = 0
-        self.breaker_open_until = 0.0
-        #: half-open: the one probe copy is out
-        self.probing = False
+        self.breaker = CircuitBreaker(self.loop.time)
 
     def full(self, key: str | None, body_len: int) -> bool:
         """Would a copy be dropped now? Checked before a copy is built, so an overloaded lane
@@ -342,43 +336,16 @@ class ShadowLane:
             self.in_flight.add(nxt)
             nxt.start()
 
-    # ----- the circuit breaker (Envoy's consecutive-failure outlier detection, per lane) -----
     def circuit_open(self) -> bool:
-        return bool(self.breaker_open_until) and self.loop.time() < self.breaker_open_until
+        """Is the breaker shedding copies now (the `shadowlane_shadow_circuit_open` gauge)?"""
+        return self.breaker.is_open()
 
     def fail_open(self) -> None:
         """A copy not even built: the circuit is open (counted `dropped`, like a fast fail)."""
         self.metrics.shadow_outcome(self.route, self.target, DROPPED)
 
-    def admit(self) -> bool:
-        """May a copy go to the target now? Closed: yes. Open: no. Half-open (the open time
-        is over): one probe copy at a time decides whether it closes or opens again."""
-        if not self.breaker_open_until:
-            return True
-        if self.loop.time() < self.breaker_open_until or self.probing:
-            return False
-        self.probing = True
-        return True
-
-    def failed(self) -> None:
-        """A copy ended in error or timeout: after 5 in a row (or a failed probe), open the
-        circuit for a second and fail what waits, at once, instead of letting every queued
-        copy pay a connect and a timeout against a target that is not answering."""
-        self.breaker_failures += 1
-        if self.probing or self.breaker_failures >= BREAKER_FAILURES:
-            self.breaker_open_until = self.loop.time() + BREAKER_OPEN_SECONDS
-            self.breaker_failures = 0
-            self.probing = False
-            self._fail_waiting()
-
-    def succeeded(self) -> None:
-        self.breaker_failures = 0
-        self.breaker_open_until = 0.0
-        #: half-open: the one probe copy is out
-        self.probing = False
-        self.probing = False
-
-    def _fail_waiting(self) -> None:
+    def shed_waiting(self) -> None:
+        """The circuit opened: the copies waiting for a slot or their key's turn end now."""
         waiting = [*self.waiting, *(c for chain in self.chains.values() for c in chain)]
         if not waiting:
             return
