@@ -299,3 +299,32 @@ def test_no_answer_within_the_timeout_closes_it(server: RecordingBackend) -> Non
         assert conn is not None and conn.state == ConnState.CLOSED and ep.open == 0
 
     run(main)
+
+
+def test_a_copy_whose_deadline_passes_mid_connect_gives_up_the_connect(
+    full_backlog: FullBacklog,
+) -> None:
+    """A target that drops SYNs: each copy's deadline (0.2 s) passes while it connects. The
+    lane frees the copy's slot then, so the connect must end then too, not at connect_timeout
+    (10 s): otherwise every slot freed adds a half-open socket, beyond max_in_flight."""
+
+    async def main() -> None:
+        port = full_backlog.port
+        fillers = syn_sent_to(port)
+        ep = endpoint(port, connect_timeout=10.0, max_connections=64)
+        lane = lane_to(ep, timeout=0.2, max_in_flight=2, queue=16)
+        copies = [Copy(lane, f"/c{i}") for i in range(6)]
+        for c in copies:
+            assert lane.submit(c.copy)
+        peak_open = peak_half_open = 0
+        while not all(c.ended.done() for c in copies):
+            peak_open = max(peak_open, ep.open)
+            peak_half_open = max(peak_half_open, syn_sent_to(port) - fillers)
+            await asyncio.sleep(0.01)
+        assert [c.ended.result().outcome for c in copies] == [TIMEOUT] * 6
+        assert peak_open <= 2 and peak_half_open <= 2
+        await until(lambda: ep.open == 0, timeout=1.0, what="every connect given up")
+        await until(lambda: syn_sent_to(port) == fillers, timeout=1.0, what="sockets closed")
+        assert all(c.copy.connecting is None for c in copies)
+
+    run(main)

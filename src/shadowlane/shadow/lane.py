@@ -76,6 +76,7 @@ class ShadowCopy(ResponseSink):
         "_size",
         "body",
         "conn",
+        "connecting",
         "done",
         "endpoint",
         "head",
@@ -108,6 +109,8 @@ class ShadowCopy(ResponseSink):
         self.key = key
         self.on_done = on_done
         self.conn: UpstreamConnection | None = None
+        #: the task getting this copy a connection, while it does
+        self.connecting: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.result = ShadowResult()
         self._chunks: list[bytes] = []
@@ -130,7 +133,7 @@ class ShadowCopy(ResponseSink):
         if conn is not None:
             self._send(conn)
         else:
-            loop.create_task(self._connect(fresh=False))
+            self.connecting = loop.create_task(self._connect(fresh=False))
 
     async def _connect(self, fresh: bool) -> None:
         ep = self.endpoint
@@ -138,10 +141,12 @@ class ShadowCopy(ResponseSink):
         try:
             conn = await (ep.connect() if fresh else ep.acquire())
         except UpstreamError as err:
+            self.connecting = None
             if self.done:
                 return
             self._finish(TIMEOUT if err.kind == "timeout" else ERROR)
             return
+        self.connecting = None
         if self.done:
             conn.close()
             return
@@ -182,7 +187,7 @@ class ShadowCopy(ResponseSink):
         if retryable and not self.retried and self.method in IDEMPOTENT:
             self.retried = True
             self.conn = None
-            self.lane.loop.create_task(self._connect(fresh=True))
+            self.connecting = self.lane.loop.create_task(self._connect(fresh=True))
             return
         self._finish(TIMEOUT if err.kind == "timeout" else ERROR)
 
@@ -206,6 +211,13 @@ class ShadowCopy(ResponseSink):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        connecting = self.connecting
+        if connecting is not None:
+            # the deadline passed (or the lane drains) mid-connect: a connect left running
+            # would hold a socket and a pool slot until connect_timeout after the lane freed
+            # the copy's slot, so a target that drops SYNs could pile up half-open sockets
+            self.connecting = None
+            connecting.cancel()
         lane = self.lane
         seconds = lane.loop.time() - self.t0
         result = self.result
