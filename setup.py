@@ -43,6 +43,8 @@ COMPILED = [
     "src/shadowlane/shadow/sampling.py",
     "src/shadowlane/shadow/mutation.py",
     "src/shadowlane/shadow/join.py",
+    "src/shadowlane/shadow/plan.py",
+    "src/shadowlane/shadow/ticket.py",
     "src/shadowlane/shadow/lane.py",
     "src/shadowlane/shadow/dispatcher.py",
     "src/shadowlane/compare/paths.py",
