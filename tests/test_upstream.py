@@ -9,7 +9,6 @@ the counters it asserts on (connections accepted, requests recorded) are its own
 from __future__ import annotations
 
 import contextlib
-import select
 import socket
 import struct
 import threading
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from support.backend import (
+    FullBacklog,
     HungServer,
     Recorded,
     RecordingBackend,
@@ -237,37 +237,6 @@ class AnswerThenClose:
         with self.cond:
             if not self.cond.wait_for(lambda: self.peer_closed >= n, T):
                 raise TimeoutError(f"the proxy did not close {n} connection(s) within {T}s")
-
-
-class FullBacklog:
-    """A listening socket whose accept queue is full and never drained: SYNs to it are
-    dropped, so connecting hangs (what a firewalled or overloaded host looks like), on
-    loopback. The queue is filled by connecting until one connect stays pending."""
-
-    def __init__(self) -> None:
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind((LOOPBACK, 0))
-        self._listener.listen(0)
-        self.port: int = self._listener.getsockname()[1]
-        self._fillers: list[socket.socket] = []
-        for _ in range(16):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setblocking(False)
-            s.connect_ex((LOOPBACK, self.port))
-            self._fillers.append(s)
-            _, writable, _ = select.select([], [s], [], 0.2)
-            if not writable:
-                return  # this SYN was dropped: the queue is full
-        raise RuntimeError("could not fill the accept queue")
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    def close(self) -> None:
-        for s in self._fillers:
-            s.close()
-        self._listener.close()
 
 
 def stale_handler() -> Any:

@@ -9,7 +9,9 @@ render, every FLUSH_INTERVAL seconds, and at shutdown. A scrape of the process i
 workers, another worker's counts are at most FLUSH_INTERVAL old.
 
 Label values are validated on a miss only (for example an outcome must be one of
-`SHADOW_OUTCOMES`): a typo fails loudly the first time, and costs nothing afterwards.
+`SHADOW_OUTCOMES`): a typo fails loudly the first time, and costs nothing afterwards. The shadow
+outcomes themselves are named in `shadow/outcomes.py` (re-exported here), where mypy checks every
+caller against them before anything runs.
 
 Multi-process (`--workers N`): prometheus_client's multiprocess mode keeps every counter and
 histogram value in a per-process mmap file under a shared directory, and a scrape sums the files.
@@ -43,6 +45,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from shadowlane import __version__
+from shadowlane.shadow.outcomes import SHADOW_OUTCOMES, Outcome
 
 __all__ = [
     "BUCKETS",
@@ -79,22 +82,6 @@ BUCKETS: tuple[float, ...] = (
     5.0,
     10.0,
     30.0,
-)
-
-#: What happened to one shadow copy; see docs/metrics.md for the meaning of each. The first
-#: seven are the DESIGN.md contract; the shadow dispatcher added the two `skipped_*` reasons
-#: (the contract is a floor), and they are listed here so that they are validated and
-#: pre-created like the rest.
-SHADOW_OUTCOMES: tuple[str, ...] = (
-    "sampled_out",
-    "sent",
-    "ok",
-    "error",
-    "timeout",
-    "dropped",
-    "skipped_body",
-    "skipped_loop",
-    "skipped_status",
 )
 
 #: What a comparison of a primary and a shadow answer found; see docs/metrics.md.
@@ -386,7 +373,7 @@ class Metrics:
         tally.n += 1
         tally.duration.observe(seconds)
 
-    def shadow_outcome(self, route: str, target: str, outcome: str, n: int = 1) -> None:
+    def shadow_outcome(self, route: str, target: str, outcome: Outcome, n: int = 1) -> None:
         """Count `n` shadow copies of `route` to `target` that ended in `outcome`."""
         tally = self._shadow_tallies.get((route, target, outcome))
         if tally is None:
@@ -484,10 +471,10 @@ class Metrics:
                 self._shadow_tallies[key] = _CounterTally(child)
         with self._comparison_lock:
             for result in COMPARISON_RESULTS:
-                key = (route, target, result)
-                if key not in self._comparison_tallies:
+                pair = (route, target, result)
+                if pair not in self._comparison_tallies:
                     child = self._comparisons.labels(route, target, result)
-                    self._comparison_tallies[key] = _CounterTally(child)
+                    self._comparison_tallies[pair] = _CounterTally(child)
 
     def set_gauge_provider(
         self,

@@ -1,18 +1,23 @@
 """The primary path: match a route, pick the backend, forward, stream the answer back.
 
 One `ProxyCall` per request carries it from the downstream `Exchange` to a pooled upstream
-connection and back, as callbacks (it is the upstream connection's `ResponseSink`). The shadow
-dispatcher is told about the request twice, never awaited: when the request body is complete
-(`send: with_request` copies go then) and when the primary answer ended (`after_response`).
+connection and back, as callbacks (it is the upstream connection's `ResponseSink`). A shadowed
+request carries the ticket the dispatcher gave it, and tells it, never awaiting anything, when
+the request body is complete (`send: with_request` copies go then), when the primary answer
+ended (`after_response`), and when the body of a request answered early is complete. Shadow
+imports nothing from here: the ticket is handed what it needs at each moment.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, assert_never
 
 from shadowlane.routing import Route, RouteTable
+from shadowlane.shadow.join import PrimaryCapture
+from shadowlane.shadow.plan import RouteShadows
+from shadowlane.shadow.ticket import ShadowTicket
 from shadowlane.wire.headers import (
     new_request_id,
     response_fields,
@@ -27,12 +32,12 @@ from shadowlane.wire.upstream import (
     ResponseSink,
     UpstreamConnection,
     UpstreamError,
+    UpstreamErrorKind,
 )
 
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
-    from shadowlane.shadow.dispatcher import RouteShadows, ShadowDispatcher
-    from shadowlane.shadow.join import PrimaryCapture
+    from shadowlane.shadow.dispatcher import ShadowDispatcher
 
 #: methods safe to resend after a stale keep-alive connection died under them (RFC 9110 9.2.2)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -41,6 +46,18 @@ RETRY_BODY_LIMIT = 64 * 1024
 
 #: (request, route, backend, status, seconds, shadow outcomes) -> None
 AccessLog = Callable[[Request, str, str, int, float, "dict[str, str] | None"], None]
+
+
+def gateway_status(kind: UpstreamErrorKind) -> int:
+    """The status a client gets when the primary failed before its answer started: 504 when
+    the backend was too slow, 503 when the pool had no connection to spare, 502 otherwise."""
+    if kind == "timeout":
+        return 504
+    if kind == "overflow":
+        return 503
+    if kind == "refused" or kind == "tls" or kind == "reset" or kind == "protocol":
+        return 502
+    assert_never(kind)  # a new kind must choose its status here (mypy checks)
 
 
 class RouteRuntime:
@@ -105,6 +122,23 @@ class Proxy:
             self.access_log(req, route, "", status, elapsed, None)
 
 
+class BodyState:
+    """Where a call's request body is, for the primary, a stale-connection retry and the
+    shadow copies (Final ints: compiled, each check is a C comparison).
+
+    READING: streaming in, and kept (up to the route's retain_limit) for a retry and copies.
+    LATE: the primary answered before the end; the rest is kept for the `with_request` copies.
+    COMPLETE: all of it is in `body` (b"" for a request without one).
+    UNKEPT: not kept, so neither a retry nor a copy can have it: it outgrew retain_limit, the
+        client left before its end, or once the primary answered nobody wanted the rest.
+    """
+
+    READING: Final = 0
+    LATE: Final = 1
+    COMPLETE: Final = 2
+    UNKEPT: Final = 3
+
+
 class ProxyCall(ResponseSink):
     """One request on the primary path; the upstream connection's ResponseSink."""
 
@@ -112,25 +146,22 @@ class ProxyCall(ResponseSink):
         "backend",
         "body",
         "body_size_seen",
+        "body_state",
         "capture",
-        "client_gone",
         "conn",
         "endpoint",
         "exchange",
         "finished",
         "head",
-        "late_body",
         "proxy",
         "request",
         "request_id",
         "retained",
         "retried",
         "rt",
-        "shadow",
-        "shadow_state",
         "status",
         "t0",
-        "upstream_headers",
+        "ticket",
     )
 
     def __init__(
@@ -144,28 +175,35 @@ class ProxyCall(ResponseSink):
         self.endpoint: EndpointPool = backend.pick()
         self.t0 = t0
         self.conn: UpstreamConnection | None = None
-        self.retained: list[bytes] | None = [] if exchange.has_body else None
-        self.body: bytes | None = None if exchange.has_body else b""
+        #: the body's chunks while READING or LATE; the whole body once COMPLETE
+        self.retained: list[bytes] = []
+        self.body = b""
+        self.body_state = BodyState.READING if exchange.has_body else BodyState.COMPLETE
         self.body_size_seen = 0
-        #: answered before the upload ended, the rest is still read for the shadow copies
-        self.late_body = False
         self.retried = False
-        self.client_gone = False
+        #: the primary exchange is over (answered, failed, refused, or the client left); a
+        #: client leaving later changes nothing for it
         self.finished = False
         self.status = 0
-        self.shadow_state: object = None
-        #: the dispatcher this request started with (a reload may swap the proxy's)
-        self.shadow = proxy.shadow
-        #: the primary's answer as it streams by, when a compared shadow needs it
-        self.capture: PrimaryCapture | None = None
         req = self.request
         headers, rid = upstream_request_headers(
             req.headers, req.client_addr.encode(), proxy.proto, self.endpoint.authority
         )
         self.request_id = rid
         req.request_id = rid.decode("latin-1")
-        #: the forwarded headers, kept only when shadow copies will be built from them
-        self.upstream_headers: Headers | None = headers if rt.shadows is not None else None
+        shadow = proxy.shadow
+        shadows = rt.shadows
+        #: this request's shadowing, from the dispatcher it started with (a reload may swap
+        #: the proxy's); None when no shadow of the route took it
+        self.ticket: ShadowTicket | None = (
+            shadow.begin(shadows, req, headers)
+            if shadow is not None and shadows is not None
+            else None
+        )
+        #: the primary's answer as it streams by, when a compared shadow needs it
+        self.capture: PrimaryCapture | None = (
+            self.ticket.capture if self.ticket is not None else None
+        )
         framing = b"transfer-encoding: chunked\r\n" if exchange.chunked else b""
         self.head = (
             req.method.encode() + b" " + req.target + b" HTTP/1.1\r\n"
@@ -177,12 +215,9 @@ class ProxyCall(ResponseSink):
         ex = self.exchange
         ex.on_abort = self._client_gone
         ex.on_writable = self._client_writable
-        shadow = self.shadow
-        if shadow is not None and self.rt.shadows is not None:
-            self.shadow_state = shadow.begin(self)
-            if self.shadow_state is not None and not ex.has_body:
-                # nothing to wait for: the copies go now, not after the primary connects
-                shadow.request_done(self)
+        if self.ticket is not None and not ex.has_body:
+            # nothing to wait for: the copies go now, not after the primary connects
+            self.ticket.request_done(b"")
         conn = self.endpoint.get_idle()
         if conn is not None:
             self._send(conn)
@@ -201,7 +236,7 @@ class ProxyCall(ResponseSink):
             self.exchange.resume_body()
             self._fail(err)
             return
-        if self.client_gone or self.finished:
+        if self.finished:
             conn.close()
             return
         self.exchange.resume_body()
@@ -215,9 +250,9 @@ class ProxyCall(ResponseSink):
             conn.end_request()
             self._request_complete()
         elif self.retried:
-            # resend the retained body of a retried request (only retried when it was whole)
-            for chunk in self.retained or ():
-                self._write_chunk(conn, chunk)
+            # resend the body of a retried request (only retried when it was COMPLETE)
+            if self.body:
+                self._write_chunk(conn, self.body)
             self._finish_body(conn)
         else:
             ex.set_body_consumer(self._on_body, self._on_body_end)
@@ -233,6 +268,7 @@ class ProxyCall(ResponseSink):
             if self.conn is not None:
                 self.conn.abandon()
             self.finished = True
+            self._unkept()
             if not ex.response_started:
                 ex.respond(413, b"request body too large\n", close=True)
             else:
@@ -246,11 +282,23 @@ class ProxyCall(ResponseSink):
 
     def _retain(self, chunk: bytes) -> None:
         """Keep the body for a retry and the shadow copies, while it is within retain_limit."""
-        retained = self.retained
-        if retained is not None:
-            retained.append(chunk)
-            if self.body_size_seen > self.rt.retain_limit:
-                self.retained = None
+        state = self.body_state
+        if state != BodyState.READING and state != BodyState.LATE:
+            return
+        self.retained.append(chunk)
+        if self.body_size_seen > self.rt.retain_limit:
+            self._unkept()
+            if state == BodyState.LATE:
+                # the copies waiting for it cannot have it: they are decided now, and the
+                # rest of the body is read and dropped by the server
+                self.exchange.release_body()
+                self.exchange.on_body_lost = None
+                if self.ticket is not None:
+                    self.ticket.late_body(None)
+
+    def _unkept(self) -> None:
+        self.body_state = BodyState.UNKEPT
+        self.retained = []
 
     def _write_chunk(self, conn: UpstreamConnection, chunk: bytes) -> None:
         if self.exchange.chunked:
@@ -259,13 +307,16 @@ class ProxyCall(ResponseSink):
             conn.write_body(chunk)
 
     def _on_body_end(self) -> None:
-        if self.finished and not self.late_body:
+        state = self.body_state
+        if self.finished and state != BodyState.LATE:
             return
-        if self.retained is not None:
+        if state == BodyState.READING or state == BodyState.LATE:
             self.body = b"".join(self.retained)
-            self.retained = [self.body]
+            self.retained = []
+            self.body_state = BodyState.COMPLETE
         if self.finished:  # answered early: the copies that waited for the body go now
-            self.shadow.late_body(self)  # type: ignore[union-attr]
+            if self.ticket is not None:
+                self.ticket.late_body(self.body)
             return
         conn = self.conn
         if conn is not None:
@@ -278,14 +329,24 @@ class ProxyCall(ResponseSink):
         self._request_complete()
 
     def _request_complete(self) -> None:
-        if self.shadow_state is not None:
-            self.shadow.request_done(self)  # type: ignore[union-attr]  # once per request
+        if self.ticket is not None:
+            self.ticket.request_done(self._whole_body())  # the ticket acts once
+
+    def _whole_body(self) -> bytes | None:
+        """The whole request body, or None when it is not (or will not be) complete."""
+        return self.body if self.body_state == BodyState.COMPLETE else None
+
+    def _shadow_response_done(self) -> None:
+        if self.ticket is not None:
+            self.ticket.response_done(
+                self.status, self._whole_body(), self.body_state == BodyState.LATE
+            )
 
     # ----- response side (ResponseSink) -----
     def on_response_head(
         self, status: int, reason: bytes, headers: Headers, content_length: int | None
     ) -> None:
-        if self.client_gone or self.finished:
+        if self.finished:
             return
         self.status = status
         self.exchange.start_response_fields(
@@ -295,49 +356,48 @@ class ProxyCall(ResponseSink):
             self.capture.head(status, headers)
 
     def on_response_body(self, data: bytes) -> None:
-        if not self.client_gone and not self.finished:
+        if not self.finished:
             self.exchange.send_body(data)
             if self.capture is not None:
                 self.capture.body(data)
 
     def on_response_end(self) -> None:
-        if self.client_gone or self.finished:
+        if self.finished:
             return
         self.finished = True
         ex = self.exchange
         if ex.has_body and not ex.body_done:
             # answered before the upload ended: the server reads the rest anyway, and the
             # `with_request` copies can still have it if it stays within what we retain
-            if self.shadow_state is not None and self.retained is not None:
-                self.late_body = True
+            if self.ticket is not None and self.body_state == BodyState.READING:
+                self.body_state = BodyState.LATE
                 ex.on_body_lost = self._body_lost
             else:
                 ex.release_body()
+                self._unkept()
         ex.end_response()
         self._observe(self.status)
         if self.capture is not None:
             self.capture.finish(self.proxy.time() - self.t0)
-        if self.shadow_state is not None:
-            self.shadow.response_done(self)  # type: ignore[union-attr]
+        self._shadow_response_done()
 
     def _body_lost(self) -> None:
         """The connection closed before the rest of the body came: it never will."""
-        self.retained = None
-        self.shadow.late_body(self)  # type: ignore[union-attr]
-
-    def body_may_follow(self) -> bool:
-        """The primary answered early and the rest of the body may still arrive."""
-        return self.late_body and self.retained is not None
+        if self.body_state == BodyState.LATE:
+            self._unkept()
+            if self.ticket is not None:
+                self.ticket.late_body(None)
 
     def on_upstream_error(self, err: UpstreamError, retryable: bool) -> None:
         ex = self.exchange
-        if self.client_gone or self.finished:
+        if self.finished:
             return
         if (
             retryable
             and not self.retried
             and not ex.response_started
-            and (not ex.has_body or (ex.body_done and self.retained is not None))
+            # the whole body is at hand to send again (or there is none)
+            and self.body_state == BodyState.COMPLETE
             # the request was written to the dead connection and may have been processed:
             # only an idempotent one may be sent again
             and self.request.method in IDEMPOTENT
@@ -359,7 +419,7 @@ class ProxyCall(ResponseSink):
 
     # ----- failures and flow control -----
     def _fail(self, err: UpstreamError) -> None:
-        if self.finished or self.client_gone:
+        if self.finished:
             return
         self.finished = True
         ex = self.exchange
@@ -370,20 +430,17 @@ class ProxyCall(ResponseSink):
             self._observe(self.status)
             if self.capture is not None:
                 self.capture.finish(self.proxy.time() - self.t0, err.kind)
-            if self.shadow_state is not None:
-                self.shadow.response_done(self)  # type: ignore[union-attr]
+            self._shadow_response_done()
             return
-        status = 504 if err.kind == "timeout" else 503 if err.kind == "overflow" else 502
+        status = gateway_status(err.kind)
         msg = f"upstream {self.backend.name} ({self.endpoint.label}): {err}\n"
         ex.respond(status, msg.encode())
         self._observe(status)
         if self.capture is not None:
             self.capture.finish(self.proxy.time() - self.t0, err.kind, status)
-        if self.shadow_state is not None:
-            self.shadow.response_done(self)  # type: ignore[union-attr]
+        self._shadow_response_done()
 
     def _client_gone(self) -> None:
-        self.client_gone = True
         if self.capture is not None:
             self.capture.abandon()
         if self.conn is not None:
@@ -391,8 +448,7 @@ class ProxyCall(ResponseSink):
         if not self.finished:
             self.finished = True
             self._observe(499)
-            if self.shadow_state is not None:
-                self.shadow.response_done(self)  # type: ignore[union-attr]
+            self._shadow_response_done()
 
     def _client_writable(self, writable: bool) -> None:
         conn = self.conn
@@ -408,7 +464,7 @@ class ProxyCall(ResponseSink):
         self.status = status
         proxy.metrics.observe_request(self.rt.name, self.backend.name, status, elapsed)
         if proxy.access_log is not None:
-            shadows = self.shadow.outcomes(self) if self.shadow is not None else None
+            shadows = self.ticket.outcomes if self.ticket is not None else None
             proxy.access_log(
                 self.request, self.rt.name, self.backend.name, status, elapsed, shadows
             )

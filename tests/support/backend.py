@@ -10,6 +10,8 @@ real loopback sockets exactly as it would talk to a production backend.
   request did *not* reach it.
 - :class:`HungServer` accepts connections and never reads: the "backend is stuck" case.
 - :func:`dead_port` gives a port that refuses connections: the "backend is down" case.
+- :class:`FullBacklog` is a port whose SYNs are dropped, so connecting hangs: the "firewalled
+  host" case.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import http
 import json
 import re
+import select
 import selectors
 import socket
 import struct
@@ -614,3 +617,34 @@ def dead_port(host: str = "127.0.0.1") -> int:
     _RESERVED.append(s)
     port: int = s.getsockname()[1]
     return port
+
+
+class FullBacklog:
+    """A listening socket whose accept queue is full and never drained: SYNs to it are
+    dropped, so connecting hangs (what a firewalled or overloaded host looks like), on
+    loopback. The queue is filled by connecting until one connect stays pending."""
+
+    def __init__(self) -> None:
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)
+        self.port: int = self._listener.getsockname()[1]
+        self._fillers: list[socket.socket] = []
+        for _ in range(16):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", self.port))
+            self._fillers.append(s)
+            _, writable, _ = select.select([], [s], [], 0.2)
+            if not writable:
+                return  # this SYN was dropped: the queue is full
+        raise RuntimeError("could not fill the accept queue")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        for s in self._fillers:
+            s.close()
+        self._listener.close()

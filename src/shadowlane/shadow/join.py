@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shadowlane.compare.model import Captured, CompareJob
-from shadowlane.shadow.lane import CIRCUIT_OPEN, ShadowCopy, ShadowResult
+from shadowlane.shadow.lane import ShadowCopy, ShadowResult
+from shadowlane.shadow.outcomes import CIRCUIT_OPEN, COMPARISON_DROPPED, OK
 from shadowlane.wire.messages import Headers
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def captured(result: ShadowResult) -> Captured:
         body=result.body,
         truncated=result.body_truncated,
         seconds=result.seconds,
-        failure="" if result.outcome == "ok" else result.outcome,
+        failure="" if result.outcome == OK else result.outcome,
     )
 
 
@@ -125,7 +126,7 @@ class CompareSlot:
         self._maybe_submit()
 
     def on_secondary(self, _copy: ShadowCopy, result: ShadowResult) -> None:
-        if result.outcome != "ok":
+        if result.outcome != OK:
             # without the secondary's answer the noise of this request is unknown: comparing
             # would report noise as differences, so the comparison is dropped (counted)
             self._drop()
@@ -143,7 +144,7 @@ class CompareSlot:
     def _drop(self) -> None:
         if not self.dead:
             self.dead = True
-            self.metrics.comparison(self.job.route, self.job.target, "dropped")
+            self.metrics.comparison(self.job.route, self.job.target, COMPARISON_DROPPED)
 
     def _maybe_submit(self) -> None:
         if self.dead or self.primary is None or self.candidate is None:

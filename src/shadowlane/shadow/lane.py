@@ -9,11 +9,9 @@ Ordered lanes (`ordered_by`) keep one copy per key in flight: a copy whose key i
 that key's chain (counted against `queue`), and starts when the previous one for the key ended,
 in the order the copies were submitted (the order their primary answers completed).
 
-A target that fails trips a circuit breaker (Envoy's consecutive-failure outlier detection):
-after 5 copies in a row end in error or timeout, waiting copies and new ones are shed (counted
-`dropped`, no connection tried) for one second; then one probe copy decides whether the circuit
-closes or opens again. A hung or dead target so costs a few probes a second, not a connect and
-a timer for every copy, and its timeouts no longer come in bursts of `max_in_flight`.
+A target that fails trips the lane's circuit breaker (shadow/breaker.py): when it opens, the
+waiting copies are shed at once and new ones are not even built, so a hung or dead target costs
+a few probes a second, not a connect and a timer for every copy.
 """
 
 from __future__ import annotations
@@ -23,6 +21,18 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from shadowlane.shadow.breaker import CircuitBreaker
+from shadowlane.shadow.outcomes import (
+    CIRCUIT_OPEN,
+    DROPPED,
+    ERROR,
+    OK,
+    PENDING,
+    SENT,
+    TIMEOUT,
+    CopyEnd,
+    Ended,
+)
 from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import (
     BackendPool,
@@ -35,12 +45,7 @@ from shadowlane.wire.upstream import (
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
 
-#: ShadowResult.outcome of a copy shed by an open circuit (metrics count it `dropped`);
-#: it says nothing about the target's answers, so it is never compared
-CIRCUIT_OPEN = "circuit_open"
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-BREAKER_FAILURES = 5
-BREAKER_OPEN_SECONDS = 1.0
 #: copies in flight and waiting may pin at most this many body bytes per lane (bodies are
 #: shared with the primary and other lanes, so this over-counts, which errs on the safe side)
 MAX_LANE_BYTES = 64 * 1024 * 1024
@@ -56,7 +61,7 @@ class ShadowResult:
         self.headers: Headers = []
         self.body = b""
         self.body_truncated = False
-        self.outcome = ""
+        self.outcome: CopyEnd = PENDING
         self.seconds = 0.0
 
 
@@ -71,6 +76,7 @@ class ShadowCopy(ResponseSink):
         "_size",
         "body",
         "conn",
+        "connecting",
         "done",
         "endpoint",
         "head",
@@ -103,6 +109,8 @@ class ShadowCopy(ResponseSink):
         self.key = key
         self.on_done = on_done
         self.conn: UpstreamConnection | None = None
+        #: the task getting this copy a connection, while it does
+        self.connecting: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.result = ShadowResult()
         self._chunks: list[bytes] = []
@@ -115,7 +123,7 @@ class ShadowCopy(ResponseSink):
         lane = self.lane
         loop = lane.loop
         self.t0 = loop.time()
-        if not lane.admit():
+        if not lane.breaker.admit():
             self.fail_fast()
             return
         self.timer = loop.call_later(lane.timeout, self._on_deadline)
@@ -125,7 +133,7 @@ class ShadowCopy(ResponseSink):
         if conn is not None:
             self._send(conn)
         else:
-            loop.create_task(self._connect(fresh=False))
+            self.connecting = loop.create_task(self._connect(fresh=False))
 
     async def _connect(self, fresh: bool) -> None:
         ep = self.endpoint
@@ -133,10 +141,12 @@ class ShadowCopy(ResponseSink):
         try:
             conn = await (ep.connect() if fresh else ep.acquire())
         except UpstreamError as err:
+            self.connecting = None
             if self.done:
                 return
-            self._finish("timeout" if err.kind == "timeout" else "error")
+            self._finish(TIMEOUT if err.kind == "timeout" else ERROR)
             return
+        self.connecting = None
         if self.done:
             conn.close()
             return
@@ -148,7 +158,7 @@ class ShadowCopy(ResponseSink):
         if self.body:
             conn.write_body(self.body)
         conn.end_request()
-        self.lane.metrics.shadow_outcome(self.lane.route, self.lane.target, "sent")
+        self.lane.metrics.shadow_outcome(self.lane.route, self.lane.target, SENT)
 
     # ResponseSink
     def on_response_head(
@@ -169,7 +179,7 @@ class ShadowCopy(ResponseSink):
         if self._chunks:
             self.result.body = b"".join(self._chunks)
             self._chunks = []
-        self._finish("ok")
+        self._finish(OK)
 
     def on_upstream_error(self, err: UpstreamError, retryable: bool) -> None:
         if self.done:
@@ -177,9 +187,9 @@ class ShadowCopy(ResponseSink):
         if retryable and not self.retried and self.method in IDEMPOTENT:
             self.retried = True
             self.conn = None
-            self.lane.loop.create_task(self._connect(fresh=True))
+            self.connecting = self.lane.loop.create_task(self._connect(fresh=True))
             return
-        self._finish("timeout" if err.kind == "timeout" else "error")
+        self._finish(TIMEOUT if err.kind == "timeout" else ERROR)
 
     def on_upstream_writable(self, writable: bool) -> None:
         """The body is already in memory: nothing to pause."""
@@ -192,26 +202,33 @@ class ShadowCopy(ResponseSink):
         if not self.done:
             if self.conn is not None:
                 self.conn.abandon()
-            self._finish("timeout")
+            self._finish(TIMEOUT)
 
-    def _finish(self, outcome: str) -> None:
+    def _finish(self, outcome: Ended) -> None:
         if self.done:
             return
         self.done = True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        connecting = self.connecting
+        if connecting is not None:
+            # the deadline passed (or the lane drains) mid-connect: a connect left running
+            # would hold a socket and a pool slot until connect_timeout after the lane freed
+            # the copy's slot, so a target that drops SYNs could pile up half-open sockets
+            self.connecting = None
+            connecting.cancel()
         lane = self.lane
         seconds = lane.loop.time() - self.t0
         result = self.result
         result.outcome = outcome
         result.seconds = seconds
         lane.metrics.shadow_outcome(lane.route, lane.target, outcome)
-        if outcome == "ok":
+        if outcome == OK:
             lane.metrics.observe_shadow(lane.route, lane.target, seconds)
-            lane.succeeded()
-        else:
-            lane.failed()
+            lane.breaker.succeeded()
+        elif lane.breaker.failed():
+            lane.shed_waiting()
         lane.copy_done(self)
         if self.on_done is not None:
             self.on_done(self, result)
@@ -219,7 +236,7 @@ class ShadowCopy(ResponseSink):
     def abandon(self) -> None:
         if self.conn is not None:
             self.conn.abandon()
-        self._finish("timeout")
+        self._finish(TIMEOUT)
 
     def fail_fast(self) -> None:
         """Not sent: the lane's circuit is open. Counted `dropped`; no connection is tried."""
@@ -227,7 +244,7 @@ class ShadowCopy(ResponseSink):
         result = self.result
         result.outcome = CIRCUIT_OPEN
         lane = self.lane
-        lane.metrics.shadow_outcome(lane.route, lane.target, "dropped")
+        lane.metrics.shadow_outcome(lane.route, lane.target, DROPPED)
         lane.copy_done(self)
         if self.on_done is not None:
             self.on_done(self, result)
@@ -267,10 +284,7 @@ class ShadowLane:
         self.bytes = 0
         self.chains: dict[str, deque[ShadowCopy]] = {}
         self.paused = False
-        self.breaker_failures = 0
-        self.breaker_open_until = 0.0
-        #: half-open: the one probe copy is out
-        self.probing = False
+        self.breaker = CircuitBreaker(self.loop.time)
 
     def pause(self) -> None:
         """Runtime control: copy nothing, whatever the percent; the dispatcher still counts each
@@ -322,7 +336,7 @@ class ShadowLane:
         return True
 
     def drop(self) -> bool:
-        self.metrics.shadow_outcome(self.route, self.target, "dropped")
+        self.metrics.shadow_outcome(self.route, self.target, DROPPED)
         return False
 
     def copy_done(self, copy: ShadowCopy) -> None:
@@ -342,43 +356,16 @@ class ShadowLane:
             self.in_flight.add(nxt)
             nxt.start()
 
-    # ----- the circuit breaker (Envoy's consecutive-failure outlier detection, per lane) -----
     def circuit_open(self) -> bool:
-        return bool(self.breaker_open_until) and self.loop.time() < self.breaker_open_until
+        """Is the breaker shedding copies now (the `shadowlane_shadow_circuit_open` gauge)?"""
+        return self.breaker.is_open()
 
     def fail_open(self) -> None:
         """A copy not even built: the circuit is open (counted `dropped`, like a fast fail)."""
-        self.metrics.shadow_outcome(self.route, self.target, "dropped")
+        self.metrics.shadow_outcome(self.route, self.target, DROPPED)
 
-    def admit(self) -> bool:
-        """May a copy go to the target now? Closed: yes. Open: no. Half-open (the open time
-        is over): one probe copy at a time decides whether it closes or opens again."""
-        if not self.breaker_open_until:
-            return True
-        if self.loop.time() < self.breaker_open_until or self.probing:
-            return False
-        self.probing = True
-        return True
-
-    def failed(self) -> None:
-        """A copy ended in error or timeout: after 5 in a row (or a failed probe), open the
-        circuit for a second and fail what waits, at once, instead of letting every queued
-        copy pay a connect and a timeout against a target that is not answering."""
-        self.breaker_failures += 1
-        if self.probing or self.breaker_failures >= BREAKER_FAILURES:
-            self.breaker_open_until = self.loop.time() + BREAKER_OPEN_SECONDS
-            self.breaker_failures = 0
-            self.probing = False
-            self._fail_waiting()
-
-    def succeeded(self) -> None:
-        self.breaker_failures = 0
-        self.breaker_open_until = 0.0
-        #: half-open: the one probe copy is out
-        self.probing = False
-        self.probing = False
-
-    def _fail_waiting(self) -> None:
+    def shed_waiting(self) -> None:
+        """The circuit opened: the copies waiting for a slot or their key's turn end now."""
         waiting = [*self.waiting, *(c for chain in self.chains.values() for c in chain)]
         if not waiting:
             return
@@ -393,7 +380,7 @@ class ShadowLane:
             copy.result.outcome = CIRCUIT_OPEN
             if copy.on_done is not None:
                 copy.on_done(copy, copy.result)
-        self.metrics.shadow_outcome(self.route, self.target, "dropped", len(waiting))
+        self.metrics.shadow_outcome(self.route, self.target, DROPPED, len(waiting))
 
     async def drain(self, deadline: float) -> None:
         """Give in-flight copies until `deadline` (loop time); then abandon what is left."""
@@ -403,7 +390,7 @@ class ShadowLane:
             self.waiting_count -= 1
             self.bytes -= len(copy.body)
             copy.done = True
-            self.metrics.shadow_outcome(self.route, self.target, "dropped")
+            self.metrics.shadow_outcome(self.route, self.target, DROPPED)
         self.waiting.clear()
         self.chains.clear()
         for copy in list(self.in_flight):

@@ -5,9 +5,12 @@ consumer: the proxy writes each piece to the client as it arrives, a shadow coll
 or future per request on the fast path (an idle pooled connection is taken synchronously); only
 opening a new connection is a coroutine.
 
-Connection life cycle: CONNECTING -> IDLE <-> BUSY -> CLOSED. A connection goes back to the pool
-only when its response ended cleanly, the server allowed keep-alive, and the whole request was
-written; anything else closes it, so a pooled connection never carries leftovers.
+A connection's life is `ConnState`: CONNECTING -> NEW -> BUSY <-> IDLE, and CLOSED from any of
+them (h11's and httpcore's explicit states). It goes back to the pool (IDLE) only when its
+response ended cleanly, the server allowed keep-alive, and the whole request was written;
+anything else closes it, so a pooled connection never carries leftovers. Within BUSY, the
+answer being read has its own phase (`ReadPhase`), orthogonal to whether the request is all
+written.
 """
 
 from __future__ import annotations
@@ -16,23 +19,66 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Final, Literal, cast
 
 import httptools
 
 from shadowlane.wire.messages import Headers
 
-IDLE, BUSY, CLOSED = 0, 1, 2
+
+class ConnState:
+    """An upstream connection's states. Final ints rather than an Enum: compiled, a check is a
+    C comparison of two constants, and the pool checks one per request.
+
+    CONNECTING: the TCP (and TLS) handshake is under way; counted against `max_connections`.
+    NEW: connected, never carried a request, held by whoever asked for it (not in the pool).
+    BUSY: carrying one exchange. IDLE: kept alive in the pool, ready for the next one.
+    CLOSED: for good; counted out of the pool exactly once, however it got here.
+    """
+
+    CONNECTING: Final = 0
+    NEW: Final = 1
+    BUSY: Final = 2
+    IDLE: Final = 3
+    CLOSED: Final = 4
+    NAMES: Final = ("connecting", "new", "busy", "idle", "closed")
+
+
+class ReadPhase:
+    """How far the answer to the current exchange has come (meaningful while BUSY).
+
+    WAITING: no byte yet, so a reused connection that closes now went stale under the request
+    (the one case a retry is safe). HEAD: bytes, but no final head (a 1xx, or a head in
+    pieces). BODY: the head was handed to the sink and the body streams. DONE: it ended.
+    """
+
+    WAITING: Final = 0
+    HEAD: Final = 1
+    BODY: Final = 2
+    DONE: Final = 3
+
 
 #: how long a pooled connection may sit idle; below the usual backend keep-alive timeouts
 #: (nginx 75 s, Node 5 s is the outlier; a stale one is retried when that is safe)
 POOL_IDLE_TIMEOUT = 50.0
 
 
-class UpstreamError(Exception):
-    """Why an upstream exchange failed. `kind` is refused, timeout, reset or closed."""
+#: Why an upstream exchange failed, a closed set so that mypy checks every comparison with it
+#: (the proxy maps each to 502, 503 or 504). Each is raised here:
+#: - refused: the connect failed with an OSError (refused, unreachable, name not resolved);
+#: - timeout: the connect took longer than `connect_timeout`, or a busy connection heard no
+#:   byte for the exchange's `timeout`;
+#: - tls: the TLS handshake failed;
+#: - overflow: all `max_connections` stayed busy for `connect_timeout`;
+#: - reset: the connection closed before the response completed;
+#: - protocol: the answer was not HTTP/1.1 that httptools could parse.
+UpstreamErrorKind = Literal["refused", "timeout", "tls", "overflow", "reset", "protocol"]
 
-    def __init__(self, kind: str, detail: str = "") -> None:
+
+class UpstreamError(Exception):
+    """Why an upstream exchange failed; `kind` is one of UpstreamErrorKind."""
+
+    def __init__(self, kind: UpstreamErrorKind, detail: str = "") -> None:
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
         self.detail = detail
@@ -70,14 +116,20 @@ class ResponseSink:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One keep-alive connection to one endpoint, carrying one exchange at a time."""
+    """One keep-alive connection to one endpoint, carrying one exchange at a time.
+
+    Made CONNECTING, and counted against the pool's `max_connections` from then until CLOSED
+    (so a handshake in progress holds a slot); `open()` connects it.
+    """
 
     def __init__(self, pool: EndpointPool) -> None:
         self.pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
-        self.state = IDLE
-        self.reused = False
+        self.state = ConnState.CONNECTING
+        pool.open += 1
+        #: exchanges started on this connection: from the second on, it may have gone stale
+        self.exchanges = 0
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         # bound once per connection: a call by name costs a method lookup every time
@@ -89,57 +141,92 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = 0
         self._reason = b""
         self._headers: Headers = []
-        self._head_seen = False
+        self._phase = ReadPhase.WAITING
+        #: the answer's body is delimited by the connection closing (no length, not chunked)
         self._until_close = False
-        self._response_done = False
+        #: the whole request (head and body) has been written
         self._request_done = False
-        self._got_bytes = False
         self._timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
-        self.counted_closed = False
+
+    @property
+    def state_name(self) -> str:
+        return ConnState.NAMES[self.state]
+
+    async def open(self) -> None:
+        """CONNECTING -> NEW; or CLOSED, raising UpstreamError (or the cancellation that
+        ended the connect: whoever gave up on it, the slot and the socket go with it)."""
+        pool = self.pool
+        try:
+            await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: self,
+                    pool.host,
+                    pool.port,
+                    ssl=pool.ssl_context,
+                    server_hostname=pool.server_hostname if pool.ssl_context else None,
+                ),
+                pool.connect_timeout,
+            )
+        except TimeoutError:
+            self.close()
+            raise UpstreamError(
+                "timeout", f"connect timed out after {pool.connect_timeout:g}s"
+            ) from None
+        except ssl.SSLError as exc:  # before OSError, of which it is a kind
+            self.close()
+            raise UpstreamError("tls", str(exc)) from None
+        except OSError as exc:
+            self.close()
+            raise UpstreamError("refused", exc.strerror or str(exc)) from None
+        except BaseException:
+            self.close()
+            raise
 
     # ----- asyncio callbacks -----
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
         self._write = self.transport.write
+        if self.state == ConnState.CONNECTING:
+            self.state = ConnState.NEW
 
     def connection_lost(self, exc: Exception | None) -> None:
         prev = self.state
-        self.state = CLOSED
-        self._cancel_timer()
-        self.pool._on_closed(self)
+        self._to_closed()
         sink = self._sink
-        if prev != BUSY or sink is None:
+        if prev != ConnState.BUSY or sink is None:
             return
         self._sink = None
-        if self._head_seen and self._until_close and exc is None and not self._response_done:
+        phase = self._phase
+        if phase == ReadPhase.BODY and self._until_close and exc is None:
             # a close-delimited body ends with the connection (httptools has no feed_eof)
-            self._response_done = True
+            self._phase = ReadPhase.DONE
             sink.on_response_end()
             return
-        if self._response_done:
+        if phase == ReadPhase.DONE:
             return
-        retryable = self.reused and not self._got_bytes
+        retryable = self.exchanges > 1 and phase == ReadPhase.WAITING
         sink.on_upstream_error(
             UpstreamError("reset", "connection closed before the response completed"), retryable
         )
 
     def data_received(self, data: bytes) -> None:
-        self._got_bytes = True
         self._last_activity = self._time()
-        if self.state != BUSY:
+        if self.state != ConnState.BUSY:
             # bytes with no request outstanding: the connection cannot be trusted any more
             self.close()
             return
+        if self._phase == ReadPhase.WAITING:
+            self._phase = ReadPhase.HEAD
         try:
             self._feed(data)
         except httptools.HttpParserError as exc:
             sink = self._sink
             self._sink = None
             self.close()
-            if sink is not None and not self._response_done:
+            if sink is not None and self._phase != ReadPhase.DONE:
                 sink.on_upstream_error(UpstreamError("protocol", str(exc)), False)
             return
         sink = self._sink
@@ -169,7 +256,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._reason = b""
             return
         self._status = status
-        self._head_seen = True
+        self._phase = ReadPhase.BODY
         content_length: int | None = None
         chunked = False
         for name, value in self._headers:
@@ -186,11 +273,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._finish_response()
 
     def on_body(self, body: bytes) -> None:
-        if self._sink is not None and not self._response_done:
+        if self._sink is not None and self._phase != ReadPhase.DONE:
             self._sink.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        if self._head_seen and not self._response_done:
+        if self._phase == ReadPhase.BODY:
             self._finish_response()
 
     # ----- used by the pool's clients -----
@@ -199,15 +286,15 @@ class UpstreamConnection(asyncio.Protocol):
     ) -> None:
         """Write a request head (and maybe a body) and stream the answer into `sink`."""
         assert self.transport is not None
-        self.state = BUSY
+        self.state = ConnState.BUSY
+        self.exchanges += 1
         self._sink = sink
         self._head_request = head_request
         self._status = 0
         self._reason = b""
         self._headers = []
-        self._head_seen = self._until_close = self._response_done = False
-        self._request_done = False
-        self._got_bytes = False
+        self._phase = ReadPhase.WAITING
+        self._until_close = self._request_done = False
         self._timeout = timeout
         self._last_activity = self._time()
         if self._timer is None:
@@ -217,14 +304,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._write(head)
 
     def write_body(self, data: bytes) -> None:
-        if self.state == BUSY and self.transport is not None:
+        if self.state == ConnState.BUSY and self.transport is not None:
             self._last_activity = self._time()
             self._write(data)
 
     def end_request(self) -> None:
         """The whole request (head and body) has been written."""
         self._request_done = True
-        if self._response_done:
+        if self._phase == ReadPhase.DONE:
             self._release()
 
     def pause_reading(self) -> None:
@@ -233,11 +320,15 @@ class UpstreamConnection(asyncio.Protocol):
         A pause asked for once the connection is back in the pool (the client's buffer filled
         on the answer's last bytes) would stall whichever request uses the connection next.
         """
-        if self.transport is not None and self.state == BUSY and not self._response_done:
+        if (
+            self.transport is not None
+            and self.state == ConnState.BUSY
+            and self._phase != ReadPhase.DONE
+        ):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and self.state != CLOSED:
+        if self.transport is not None and self.state != ConnState.CLOSED:
             self.transport.resume_reading()
 
     def abandon(self) -> None:
@@ -246,15 +337,22 @@ class UpstreamConnection(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        self._cancel_timer()
-        if self.transport is not None and self.state != CLOSED:
-            self.state = CLOSED
+        if self._to_closed() and self.transport is not None:
             self.transport.close()
-            self.pool._on_closed(self)
 
     # ----- internals -----
+    def _to_closed(self) -> bool:
+        """The one way into CLOSED, whichever side ends the connection (and both may):
+        the pool counts each connection out once. False when it was closed already."""
+        self._cancel_timer()
+        if self.state == ConnState.CLOSED:
+            return False
+        self.state = ConnState.CLOSED
+        self.pool._on_closed(self)
+        return True
+
     def _finish_response(self) -> None:
-        self._response_done = True
+        self._phase = ReadPhase.DONE
         keep_alive = self._parser.should_keep_alive() and not self._until_close
         if self._head_request:
             # the parser still expects the body the HEAD answer announced; the next answer on
@@ -277,9 +375,8 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_response_end()
 
     def _release(self) -> None:
-        if self.state == BUSY:
-            self.state = IDLE
-            self.reused = True
+        if self.state == ConnState.BUSY:
+            self.state = ConnState.IDLE
             self._sink = None
             # the last bytes of the answer may have paused reading (the client was slow to
             # take them) and the pause belongs to that client: an idle connection must read,
@@ -290,7 +387,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self.state != BUSY or self._response_done:
+        if self.state != ConnState.BUSY or self._phase == ReadPhase.DONE:
             return  # idle in the pool: the next request arms a new one
         idle = self.loop.time() - self._last_activity
         if idle < self._timeout:
@@ -299,7 +396,7 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self._sink
         self._sink = None
         self.close()
-        if sink is not None and not self._response_done:
+        if sink is not None and self._phase != ReadPhase.DONE:
             sink.on_upstream_error(
                 UpstreamError("timeout", f"no answer in {self._timeout:g}s"), False
             )
@@ -333,6 +430,7 @@ class EndpointPool:
         self.server_hostname = server_hostname
         self.loop = asyncio.get_running_loop()
         self.idle: list[UpstreamConnection] = []
+        #: connections from CONNECTING until CLOSED: what `max_connections` bounds
         self.open = 0
         self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -351,7 +449,7 @@ class EndpointPool:
         while idle:
             conn = idle.pop()
             if (
-                conn.state == IDLE
+                conn.state == ConnState.IDLE
                 and conn.transport is not None
                 and not conn.transport.is_closing()
             ):
@@ -378,32 +476,11 @@ class EndpointPool:
         return await self.connect()
 
     async def connect(self) -> UpstreamConnection:
+        """A new connection (NEW), counted in `open` from the start of its handshake."""
         # a closed (retired) pool still connects for requests already bound to it, e.g. across
         # a reload; it only stops keeping connections idle
-        self.open += 1
         conn = UpstreamConnection(self)
-        try:
-            await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: conn,
-                    self.host,
-                    self.port,
-                    ssl=self.ssl_context,
-                    server_hostname=self.server_hostname if self.ssl_context else None,
-                ),
-                self.connect_timeout,
-            )
-        except TimeoutError:
-            self._on_closed(conn)
-            raise UpstreamError(
-                "timeout", f"connect timed out after {self.connect_timeout:g}s"
-            ) from None
-        except ssl.SSLError as exc:  # before OSError, of which it is a kind
-            self._on_closed(conn)
-            raise UpstreamError("tls", str(exc)) from None
-        except OSError as exc:
-            self._on_closed(conn)
-            raise UpstreamError("refused", exc.strerror or str(exc)) from None
+        await conn.open()
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(POOL_IDLE_TIMEOUT / 5, self._sweep)
         return conn
@@ -421,9 +498,7 @@ class EndpointPool:
         self.idle.append(conn)
 
     def _on_closed(self, conn: UpstreamConnection) -> None:
-        if conn.counted_closed:
-            return
-        conn.counted_closed = True
+        """`conn` went CLOSED (called once per connection)."""
         self.open -= 1
         # a waiter may now open its own connection
         while self._waiters:

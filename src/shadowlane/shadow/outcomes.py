@@ -1,0 +1,65 @@
+"""The names of what happens to a shadow copy, in one place.
+
+They are label values of `shadowlane_shadow_requests_total{outcome}` (DESIGN.md's contract),
+written by the ticket, the lanes and the copies and validated by metrics, so a name spelt two
+ways would silently split a series. Each is a `Final` literal: mypy checks every call of
+`Metrics.shadow_outcome` against `Outcome`, and mypyc inlines them as constants.
+
+This module imports nothing, so metrics can take the vocabulary from here without importing
+the rest of the shadow package.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+SAMPLED_OUT: Final = "sampled_out"
+SENT: Final = "sent"
+OK: Final = "ok"
+ERROR: Final = "error"
+TIMEOUT: Final = "timeout"
+DROPPED: Final = "dropped"
+SKIPPED_BODY: Final = "skipped_body"
+SKIPPED_LOOP: Final = "skipped_loop"
+SKIPPED_STATUS: Final = "skipped_status"
+
+#: a value of the `outcome` label; tests check it lists exactly SHADOW_OUTCOMES
+Outcome = Literal[
+    "sampled_out",
+    "sent",
+    "ok",
+    "error",
+    "timeout",
+    "dropped",
+    "skipped_body",
+    "skipped_loop",
+    "skipped_status",
+]
+
+#: every outcome, in the order docs/metrics.md lists them. The first seven are the DESIGN.md
+#: contract; the two `skipped_*` reasons were added by the dispatcher (the contract is a floor)
+SHADOW_OUTCOMES: Final[tuple[Outcome, ...]] = (
+    SAMPLED_OUT,
+    SENT,
+    OK,
+    ERROR,
+    TIMEOUT,
+    DROPPED,
+    SKIPPED_BODY,
+    SKIPPED_LOOP,
+    SKIPPED_STATUS,
+)
+
+#: How one copy that was handed to a lane ended (`ShadowResult.outcome`), which is what a
+#: comparison hears: one of OK, ERROR, TIMEOUT, or CIRCUIT_OPEN for a copy the breaker shed.
+#: CIRCUIT_OPEN is not a label value (it is counted DROPPED): it says nothing about the
+#: target's answers, so such a copy is never compared. PENDING is the value before the end.
+CIRCUIT_OPEN: Final = "circuit_open"
+PENDING: Final = ""
+CopyEnd = Literal["", "ok", "error", "timeout", "circuit_open"]
+#: how a copy that went to the target ended
+Ended = Literal["ok", "error", "timeout"]
+
+#: the comparison result counted for a request whose comparison cannot happen (a copy not
+#: sent, a secondary that failed); the other results are the comparator's
+COMPARISON_DROPPED: Final = "dropped"

@@ -1,0 +1,70 @@
+"""What the dispatcher precomputes per route: one `LanePlan` per shadow, in a `RouteShadows`.
+
+Built once per (re)load, read per request by the dispatcher and the ticket, so everything a
+request would otherwise derive from the config (the sampler, the extra match, the order key,
+whether copies wait for the answer) is decided here. A module of its own so that the ticket
+and the dispatcher both use it without importing each other.
+"""
+
+from __future__ import annotations
+
+from shadowlane.config import ShadowConfig
+from shadowlane.routing import compile_match
+from shadowlane.shadow.lane import ShadowLane
+from shadowlane.shadow.mutation import CopyBuilder
+from shadowlane.shadow.sampling import KeyFn, Sampler, key_function
+
+
+def _key(spec: tuple[str, str] | None) -> KeyFn | None:
+    return key_function(*spec) if spec is not None else None
+
+
+class LanePlan:
+    """One shadow of a route: how to choose, build and send its copies."""
+
+    __slots__ = (
+        "after_response",
+        "builder",
+        "capture_limit",
+        "cfg",
+        "compare_settings",
+        "compares",
+        "lane",
+        "match",
+        "order_key",
+        "sampler",
+        "secondary",
+    )
+
+    def __init__(
+        self,
+        cfg: ShadowConfig,
+        lane: ShadowLane,
+        builder: CopyBuilder,
+        secondary: ShadowLane | None = None,
+        compare_settings: object = None,
+    ) -> None:
+        self.cfg = cfg
+        self.lane = lane
+        self.builder = builder
+        #: with noise cancellation: the lane to the secondary (same version as the primary)
+        self.secondary = secondary
+        self.compares = lane.capture_limit > 0
+        self.capture_limit = lane.capture_limit
+        #: compiled by compare/ and only handed back to it (so opaque here)
+        self.compare_settings = compare_settings
+        self.sampler = Sampler(cfg.percent, _key(cfg.sample_key))
+        self.match = compile_match(cfg.match) if cfg.match is not None else None
+        self.order_key: KeyFn | None = _key(cfg.order_key)
+        self.after_response = cfg.send == "after_response" or self.order_key is not None
+
+
+class RouteShadows:
+    """All shadows of one route."""
+
+    __slots__ = ("lanes", "max_body", "route")
+
+    def __init__(self, route: str, lanes: list[LanePlan]) -> None:
+        self.route = route
+        self.lanes = lanes
+        self.max_body = max(p.cfg.max_body for p in lanes)

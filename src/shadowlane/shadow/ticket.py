@@ -1,0 +1,202 @@
+"""The ticket: one request's shadowing, handed to the proxy by `ShadowDispatcher.begin`.
+
+The proxy holds the ticket and tells it about the request's moments, passing what each moment
+needs; the ticket never reads the proxy's call, and shadow/ imports nothing of the proxy:
+  `request_done(body)`                    the body is complete (or there is none): the
+                                          `send: with_request` copies go now;
+  `response_done(status, body, may_follow)` the primary answered, failed or the client left:
+                                          `after_response` (and ordered) copies go now;
+  `late_body(body)`                       the body of a request answered early is complete,
+                                          or lost for good: the copies that waited for it.
+It holds `capture` (the primary's answer, when a compared shadow needs it) for the proxy to
+feed, and `outcomes` (target -> what became of the copy) for the access log.
+
+Every lane the request was sampled into gets exactly one outcome here: `sent` or `dropped`
+when the copy was handed to its lane (the lane counts what happens next), `skipped_body` or
+`skipped_status` when no copy was built. Lanes not sampled were counted `sampled_out` by the
+dispatcher and have no ticket entry. Each copy is built once, from the shared body bytes, and
+handed to its lane, which starts, queues or drops it without waiting.
+
+A concrete class, not a Protocol: compiled, the proxy's calls into it are direct C calls.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shadowlane.compare.model import CompareJob
+from shadowlane.shadow.join import EMPTY, EXAMPLE_REQUEST_BODY, CompareSlot, PrimaryCapture, Submit
+from shadowlane.shadow.lane import ShadowCopy
+from shadowlane.shadow.outcomes import (
+    COMPARISON_DROPPED,
+    DROPPED,
+    SENT,
+    SKIPPED_BODY,
+    SKIPPED_STATUS,
+    Outcome,
+)
+from shadowlane.shadow.plan import LanePlan
+from shadowlane.wire.messages import Headers, Request
+
+if TYPE_CHECKING:
+    from shadowlane.metrics import Metrics
+
+
+class ShadowTicket:
+    """The lanes one request was sampled into, and what became of each."""
+
+    __slots__ = (
+        "_base",
+        "_compare_submit",
+        "_metrics",
+        "_request",
+        "_requested",
+        "_sampled",
+        "_waiting_body",
+        "capture",
+        "outcomes",
+    )
+
+    def __init__(
+        self,
+        request: Request,
+        base: Headers,
+        sampled: list[LanePlan],
+        capture: PrimaryCapture | None,
+        metrics: Metrics,
+        compare_submit: Submit | None,
+    ) -> None:
+        self._request = request
+        #: the headers as forwarded to the primary; each copy is built from them
+        self._base = base
+        self._sampled = sampled
+        self._metrics = metrics
+        self._compare_submit = compare_submit
+        #: the primary's answer as it streams by, when a compared shadow needs it
+        self.capture = capture
+        #: target -> outcome, for the access log line
+        self.outcomes: dict[str, str] = {}
+        #: the `with_request` copies have been decided (sent, dropped or skipped)
+        self._requested = False
+        #: `with_request` copies waiting for the rest of a body the primary answered early
+        self._waiting_body: list[LanePlan] = []
+
+    # ----- the proxy's moments -----
+    def request_done(self, body: bytes | None) -> None:
+        """The request body is complete, or there is none (`body` is None when it was too big
+        to keep): `with_request` copies go now, whatever becomes of the primary."""
+        if self._requested:
+            return
+        self._requested = True
+        for p in self._sampled:
+            if not p.after_response:
+                self._submit(p, body)
+
+    def response_done(self, status: int, body: bytes | None, body_may_follow: bool) -> None:
+        """The primary answered with `status`, failed, or the client left (499). `body` is the
+        whole request body, or None when it is not (or will not be) complete; `body_may_follow`
+        when the primary answered early and the rest is still being read for the copies.
+
+        `with_request` copies not decided yet wait for that rest (see `late_body`), or are
+        skipped; `after_response` copies go now, or are skipped for the status or the body."""
+        requested = self._requested
+        self._requested = True
+        for p in self._sampled:
+            if not p.after_response:
+                if not requested:
+                    if body is not None:
+                        self._submit(p, body)
+                    elif body_may_follow:
+                        self._waiting_body.append(p)
+                    else:
+                        self._outcome(p, SKIPPED_BODY)
+                continue
+            if status == 499 or (p.cfg.only_if_primary == "2xx" and not 200 <= status < 300):
+                # 499: the client left and the primary exchange was abandoned mid-way
+                self._outcome(p, SKIPPED_STATUS)
+                continue
+            if body is None:
+                self._outcome(p, SKIPPED_BODY)
+                continue
+            self._submit(p, body)
+
+    def late_body(self, body: bytes | None) -> None:
+        """The body of a request the primary answered early is complete, or (None) lost for
+        good: the `with_request` copies that waited for it go now, or are `skipped_body`."""
+        waiting, self._waiting_body = self._waiting_body, []
+        for p in waiting:
+            if body is not None:
+                self._submit(p, body)
+            else:
+                self._outcome(p, SKIPPED_BODY)
+
+    # ----- building and handing over copies -----
+    def _submit(self, p: LanePlan, body: bytes | None) -> None:
+        if body is None or len(body) > p.cfg.max_body:
+            self._outcome(p, SKIPPED_BODY)
+            return
+        lane = p.lane
+        req = self._request
+        key = p.order_key(req) if p.order_key is not None else None
+        if lane.breaker.is_open():
+            lane.fail_open()
+            self._dropped(p)
+            return
+        if lane.full(key, len(body)):
+            lane.drop()
+            self._dropped(p)
+            return
+        base = self._base
+        endpoint = lane.pool.pick()
+        head = p.builder.head(req, base, len(body), endpoint.authority)
+        slot = self._slot(p, body) if p.compares else None
+        on_done = slot.on_candidate if slot else None
+        copy = ShadowCopy(lane, req.method, head, body, key, on_done, endpoint)
+        if lane.submit(copy):
+            self.outcomes[lane.target] = SENT
+        else:
+            self.outcomes[lane.target] = DROPPED
+            if slot is not None:
+                slot.copy_dropped()
+            return
+        if slot is not None and p.secondary is not None:
+            sep = p.secondary.pool.pick()
+            shead = (
+                head
+                if not p.builder.host_is_endpoint
+                else p.builder.head(req, base, len(body), sep.authority)
+            )
+            second = ShadowCopy(p.secondary, req.method, shead, body, key, slot.on_secondary, sep)
+            if not p.secondary.submit(second):
+                slot.copy_dropped()
+
+    def _dropped(self, p: LanePlan) -> None:
+        """Not handed over (circuit open, lane full): the lane counted it; no comparison."""
+        self.outcomes[p.lane.target] = DROPPED
+        if p.compares:
+            self._metrics.comparison(p.lane.route, p.lane.target, COMPARISON_DROPPED)
+
+    def _slot(self, p: LanePlan, body: bytes) -> CompareSlot | None:
+        capture = self.capture
+        if capture is None or self._compare_submit is None:
+            return None
+        req = self._request
+        job = CompareJob(
+            route=p.lane.route,
+            target=p.lane.target,
+            request_id=req.request_id,
+            method=req.method,
+            uri=req.target.decode("latin-1"),
+            request_body=body[:EXAMPLE_REQUEST_BODY],
+            primary=EMPTY,
+            candidate=EMPTY,
+            secondary=None,
+            settings=p.compare_settings,
+        )
+        slot = CompareSlot(job, p.secondary is not None, self._compare_submit, self._metrics)
+        capture.attach(slot)
+        return slot
+
+    def _outcome(self, p: LanePlan, outcome: Outcome) -> None:
+        self.outcomes[p.lane.target] = outcome
+        self._metrics.shadow_outcome(p.lane.route, p.lane.target, outcome)
