@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import signal
 import socket
 import subprocess
@@ -34,6 +33,7 @@ import pytest
 import requests
 
 from support.backend import HungServer, Recorded, RecordingBackend, Reply, dead_port
+from support.metrics import scrape
 from support.procfs import socket_inodes, tcp_sockets
 from support.proxy import HttpResponse, ProxyProcess, read_http_response
 from support.wait import wait_until
@@ -176,31 +176,6 @@ def route_of(doc: dict[str, Any], name: str) -> dict[str, Any]:
         if rc["name"] == name:
             return dict(rc)
     raise AssertionError(f"no route {name!r} in {[rc['name'] for rc in doc['routes']]}")
-
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels` (Prometheus text format)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line.strip())
-        if m is None or m.group(1) != name:
-            continue
-        have = dict(_LABEL.findall(m.group(2) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
-
-
-def scrape(proxy: ProxyProcess) -> str:
-    r = requests.get(proxy.admin_url + "/metrics", timeout=T)
-    assert r.status_code == 200, r.status_code
-    return r.text
 
 
 def two_workers_listening(proxy: ProxyProcess) -> list[int]:
@@ -442,7 +417,7 @@ def test_reload_that_turns_on_compare_records_comparisons(
     candidate.wait_for_requests(6)
 
     def compared() -> float:
-        return metric_sum(scrape(proxy), "shadowlane_comparisons_total", route="api", target="s")
+        return scrape(proxy).sum("shadowlane_comparisons_total", route="api", target="s")
 
     try:
         wait_until(lambda: compared() >= 5, T, "5 comparisons counted in /metrics")
@@ -784,7 +759,7 @@ def test_runtime_percent_and_pause_resume_are_not_persisted(
     shadow_base = "/api/routes/api/shadows/s"
 
     def sent() -> float:
-        return metric_sum(scrape(proxy), "shadowlane_shadow_requests_total", outcome="sent")
+        return scrape(proxy).sum("shadowlane_shadow_requests_total", outcome="sent")
 
     def burst(tag: str, n: int = 10) -> None:
         for i in range(n):
@@ -809,8 +784,8 @@ def test_runtime_percent_and_pause_resume_are_not_persisted(
     assert doc["runtime"]["percent"] == {"api/s": 0}
     burst("zero")
     assert sent() == 10
-    text = scrape(proxy)
-    assert metric_sum(text, "shadowlane_shadow_requests_total", outcome="sampled_out") == 10
+    now = scrape(proxy)
+    assert now.sum("shadowlane_shadow_requests_total", outcome="sampled_out") == 10
 
     r = admin_call(proxy, "POST", shadow_base + "/pause")
     assert r.status_code == 200 and r.json()["paused"] is True, r.text
@@ -860,13 +835,13 @@ def test_paused_shadow_still_accounts_for_every_request(
     admin_call(proxy, "POST", "/api/routes/api/shadows/s/pause").raise_for_status()
     for i in range(10):
         assert get(proxy.port, f"/p/{i}").status == 200
-    text = scrape(proxy)
+    now = scrape(proxy)
     decided = sum(
-        metric_sum(text, "shadowlane_shadow_requests_total", route="api", target="s", outcome=o)
+        now.sum("shadowlane_shadow_requests_total", route="api", target="s", outcome=o)
         for o in ("sampled_out", "skipped_loop", "skipped_status", "skipped_body", "dropped")
     )
     copies_started = sum(
-        metric_sum(text, "shadowlane_shadow_requests_total", route="api", target="s", outcome=o)
+        now.sum("shadowlane_shadow_requests_total", route="api", target="s", outcome=o)
         for o in ("ok", "error", "timeout")
     )
     assert copies_started == 0 and s.requests == []
@@ -914,15 +889,15 @@ def test_workers_metrics_add_up_to_the_requests_sent(
     s.wait_for(lambda b: len(b.requests) == n, T)
 
     def totals() -> tuple[float, ...]:
-        text = scrape(proxy)
+        now = scrape(proxy)
         shadow = "shadowlane_shadow_requests_total"
         return (
-            metric_sum(text, "shadowlane_requests_total"),
-            metric_sum(text, "shadowlane_requests_total", route="api", backend="p", code="200"),
-            metric_sum(text, shadow, route="api", target="s", outcome="sent"),
-            metric_sum(text, shadow, route="api", target="s", outcome="ok"),
-            metric_sum(text, shadow, route="api", target="p", outcome="sampled_out"),
-            metric_sum(text, shadow, route="api", target="p", outcome="sent"),
+            now.sum("shadowlane_requests_total"),
+            now.sum("shadowlane_requests_total", route="api", backend="p", code="200"),
+            now.sum(shadow, route="api", target="s", outcome="sent"),
+            now.sum(shadow, route="api", target="s", outcome="ok"),
+            now.sum(shadow, route="api", target="p", outcome="sampled_out"),
+            now.sum(shadow, route="api", target="p", outcome="sent"),
         )
 
     want = (n, n, n, n, n, 0)
@@ -930,7 +905,7 @@ def test_workers_metrics_add_up_to_the_requests_sent(
         wait_until(lambda: totals() == want, T, "metrics to add up")
     except TimeoutError:
         assert totals() == want  # shows the numbers
-    assert metric_sum(scrape(proxy), "shadowlane_build_info") == 1
+    assert scrape(proxy).sum("shadowlane_build_info") == 1
 
 
 def test_workers_gauges_add_up_over_workers(
@@ -957,7 +932,7 @@ def test_workers_gauges_add_up_over_workers(
         hung.wait_for_connections(n, T)  # every copy is in flight, in one worker or the other
 
         def in_flight() -> float:
-            return metric_sum(scrape(proxy), "shadowlane_shadow_in_flight", route="api", target="h")
+            return scrape(proxy).sum("shadowlane_shadow_in_flight", route="api", target="h")
 
         try:
             wait_until(lambda: in_flight() == n, T, "in-flight copies summed over workers")

@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from support import metrics
 from support.backend import (
     Recorded,
     RecordingBackend,
@@ -35,23 +35,12 @@ from support.backend import (
     echo_reply,
     pattern_bytes,
 )
+from support.metrics import SHADOW_TERMINAL, outcomes
 from support.proxy import ProxyProcess, read_http_response
 from support.wait import wait_until
 
 T = 5.0  # client timeout for every request in this file
 MARKER = "x-shadowlane-shadow"
-#: every outcome that ends a request's story for one target ("sent" is an attempt, not an end)
-TERMINAL = (
-    "sampled_out",
-    "skipped_body",
-    "skipped_loop",
-    "skipped_status",
-    "dropped",
-    "ok",
-    "error",
-    "timeout",
-)
-OUTCOMES = ("sent", *TERMINAL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,33 +90,10 @@ def shadow_reply(rec: Recorded) -> Reply:
 # Clients and metrics
 
 
-def scrape(proxy: ProxyProcess) -> str:
-    return proxy.metrics_text(T)
-
-
-def all_outcomes(proxy: ProxyProcess) -> dict[tuple[str, str], dict[str, float]]:
-    """(route, target) -> outcome -> count, as parsed by prometheus_client's own parser."""
-    out: dict[tuple[str, str], dict[str, float]] = {}
-    for fam in text_string_to_metric_families(scrape(proxy)):
-        if fam.name != "shadowlane_shadow_requests":
-            continue
-        for s in fam.samples:
-            if s.name == "shadowlane_shadow_requests_total":
-                key = (s.labels["route"], s.labels["target"])
-                out.setdefault(key, {})[s.labels["outcome"]] = s.value
-    return out
-
-
-def outcomes(proxy: ProxyProcess, route: str, target: str) -> dict[str, float]:
-    found = all_outcomes(proxy).get((route, target))
-    assert found is not None, f"no shadow_requests_total series for {route}/{target}"
-    assert set(found) >= set(OUTCOMES), f"missing outcomes: {set(OUTCOMES) - set(found)}"
-    return found
-
-
 def snapshot(proxy: ProxyProcess, route: str, target: str) -> dict[str, float]:
-    """The outcome counts now, to subtract later (tests share a proxy; counters only grow)."""
-    return outcomes(proxy, route, target)
+    """The outcome counts now, to subtract later (tests share a proxy; counters only grow).
+    Every outcome series must exist: the proxy declares a pair's series all at once."""
+    return outcomes(proxy, route, target, complete=True)
 
 
 def settle(
@@ -138,26 +104,9 @@ def settle(
     since: dict[str, float] | None = None,
     timeout: float = 10.0,
 ) -> dict[str, float]:
-    """Wait until ``n`` more requests of (route, target) than in ``since`` have a terminal
-    outcome; return the counts since ``since``. More than ``n`` fails: something was counted
-    twice, or a request the test did not send was seen."""
-    base = since or dict.fromkeys(OUTCOMES, 0.0)
-
-    def delta() -> dict[str, float]:
-        got = outcomes(proxy, route, target)
-        return {o: got[o] - base.get(o, 0.0) for o in got}
-
-    def done() -> dict[str, float] | None:
-        d = delta()
-        return d if sum(d[o] for o in TERMINAL) >= n else None
-
-    try:
-        got = wait_until(done, timeout, f"{n} terminal shadow outcomes for {route}/{target}")
-    except TimeoutError as err:
-        now = {o: v for o, v in delta().items() if v}
-        raise TimeoutError(f"{err}; counted since: {now or 'nothing'}") from None
-    assert sum(got[o] for o in TERMINAL) == n, f"more outcomes than requests: {got}"
-    return got
+    """:func:`support.metrics.settle` with every outcome series required, as in
+    :func:`snapshot`."""
+    return metrics.settle(proxy, route, target, n, since, timeout, complete=True)
 
 
 class Client:
@@ -918,7 +867,7 @@ def test_outcome_counters_add_up(px: ProxyProcess, sa: TimedBackend, sb: TimedBa
     a, b, d = (settle(px, "acct", t, n, snaps[t]) for t in ("sa", "sb", "dead"))
     for got in (a, b, d):
         assert got["skipped_loop"] == n_loop
-        assert sum(got[o] for o in TERMINAL) == n
+        assert sum(got[o] for o in SHADOW_TERMINAL) == n
         assert got["timeout"] == got["skipped_status"] == 0
     assert a["dropped"] == b["dropped"] == 0
     # sa: random half of the non-loop requests, all answered

@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from support.backend import HungServer, dead_port, pattern_bytes
+from support.metrics import outcomes, scrape, settle
 from support.proxy import ProxyProcess
-from support.wait import wait_until
 
 T = 10.0
 N_REQUESTS = 300
@@ -53,16 +52,6 @@ SHADOW_TIMEOUT = 1.0
 #: shorter in the latency test, so the 600 copies that pile up at a slow or hung shadow end soon
 LATENCY_SHADOW_TIMEOUT = 0.5
 ROUNDS = 2
-TERMINAL = (
-    "sampled_out",
-    "skipped_body",
-    "skipped_loop",
-    "skipped_status",
-    "dropped",
-    "ok",
-    "error",
-    "timeout",
-)
 
 
 #: Servers whose timing is measured run in their own processes: in the test process they would
@@ -131,45 +120,7 @@ class ServerProcess:
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics and process state
-
-
-def scrape(proxy: ProxyProcess) -> str:
-    conn = http.client.HTTPConnection(proxy.admin_host, proxy.admin_port, timeout=T)
-    try:
-        conn.request("GET", "/metrics")
-        resp = conn.getresponse()
-        text = resp.read().decode()
-        assert resp.status == 200
-        return text
-    finally:
-        conn.close()
-
-
-def samples(proxy: ProxyProcess, name: str, **labels: str) -> dict[str, float]:
-    """Values of metric ``name`` with ``labels`` (a subset), keyed by the remaining label."""
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(scrape(proxy)):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                rest = {k: v for k, v in s.labels.items() if k not in labels}
-                out[",".join(rest.values())] = s.value
-    return out
-
-
-def outcomes(proxy: ProxyProcess, target: str) -> dict[str, float]:
-    return samples(proxy, "shadowlane_shadow_requests_total", route="shadowed", target=target)
-
-
-def settle(proxy: ProxyProcess, target: str, n: int, timeout: float) -> dict[str, float]:
-    """Wait until all ``n`` copies have ended (answered, failed, timed out or dropped)."""
-    got = wait_until(
-        lambda: (o := outcomes(proxy, target)) and sum(o[t] for t in TERMINAL) >= n and o,
-        timeout,
-        f"{n} terminal shadow outcomes for {target}",
-    )
-    assert sum(got[t] for t in TERMINAL) == n, got
-    return got
+# Process state
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -339,7 +290,7 @@ def test_sick_shadow_changes_nothing_for_clients(
         # every copy ended the way this kind of shadow makes it end, and was counted so
         n = ROUNDS * N_REQUESTS
         rounds = math.ceil(n / 64) + 1  # default max_in_flight 64, each copy times out
-        got = settle(proxy, "sick", n, timeout=rounds * LATENCY_SHADOW_TIMEOUT + 10)
+        got = settle(proxy, "shadowed", "sick", n, timeout=rounds * LATENCY_SHADOW_TIMEOUT + 10)
         expected = EXPECTED_OUTCOME[kind]
         # the first failures are observed; then the lane's circuit opens and sheds copies
         # (counted dropped) except one probe a second: every copy is accounted for either way
@@ -347,7 +298,9 @@ def test_sick_shadow_changes_nothing_for_clients(
         assert got[expected] >= 5, got
         assert got["ok"] == 0
         # the primary answered every request
-        answered = samples(proxy, "shadowlane_requests_total", backend="primary", code="200")
+        answered = scrape(proxy, T).by(
+            "route", "shadowlane_requests_total", backend="primary", code="200"
+        )
         assert answered == {"plain": (ROUNDS + 1) * N_REQUESTS, "shadowed": n}
 
 
@@ -395,14 +348,15 @@ def test_hung_shadow_holds_at_most_max_in_flight_connections_and_drops_overflow(
                 assert statuses == [200] * n
 
                 # the proxy's own view agrees: bounded in flight and queued
-                in_flight = samples(proxy, "shadowlane_shadow_in_flight", route="shadowed")
-                queued = samples(proxy, "shadowlane_shadow_queued", route="shadowed")
+                now = scrape(proxy, T)
+                in_flight = now.by("target", "shadowlane_shadow_in_flight", route="shadowed")
+                queued = now.by("target", "shadowlane_shadow_queued", route="shadowed")
                 assert 0 < in_flight["sick"] <= max_in_flight
                 assert queued["sick"] <= queue
 
                 # every copy ends: the admitted ones time out, the rest were dropped
                 rounds = math.ceil((max_in_flight + queue) / max_in_flight) + 1
-                got = settle(proxy, "sick", n, timeout=rounds * SHADOW_TIMEOUT + 10)
+                got = settle(proxy, "shadowed", "sick", n, timeout=rounds * SHADOW_TIMEOUT + 10)
             finally:
                 stop.set()
                 watcher.join(5)
@@ -441,7 +395,7 @@ def test_proxy_memory_stays_bounded_with_a_hung_shadow(primary: ServerProcess) -
             with ThreadPoolExecutor(N_CONNS) as pool:
                 list(pool.map(worker, range(N_CONNS)))
             elapsed = time.monotonic() - t0
-            got = outcomes(proxy, "sick")
+            got = outcomes(proxy, "shadowed", "sick", timeout=T)
             peak_kib = rss_kib(proxy.pid, "VmHWM")
             print(f"RSS before {rss_before / 1024:.1f} MiB, peak {peak_kib / 1024:.1f} MiB")
             assert peak_kib < 150 * 1024, f"proxy peak RSS {peak_kib / 1024:.1f} MiB"
@@ -475,9 +429,10 @@ def test_queued_body_bytes_are_capped_per_lane(primary: ServerProcess) -> None:
 
             with ThreadPoolExecutor(4) as pool:
                 list(pool.map(worker, range(4)))
-            got = outcomes(proxy, "sick")
-            in_flight = samples(proxy, "shadowlane_shadow_in_flight", route="shadowed")["sick"]
-            queued = samples(proxy, "shadowlane_shadow_queued", route="shadowed")["sick"]
+            got = outcomes(proxy, "shadowed", "sick", timeout=T)
+            now = scrape(proxy, T)
+            in_flight = now.by("target", "shadowlane_shadow_in_flight", route="shadowed")["sick"]
+            queued = now.by("target", "shadowlane_shadow_queued", route="shadowed")["sick"]
             peak_mib = rss_kib(proxy.pid, "VmHWM") / 1024
             print(f"queued {queued:.0f} x 1 MiB, peak RSS {peak_mib:.1f} MiB")
             assert in_flight == 1

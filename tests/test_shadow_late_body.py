@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, Self
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from support.backend import RecordingBackend, pattern_bytes
+from support.metrics import outcomes
 from support.proxy import ProxyProcess, read_http_response
 from support.wait import wait_until
 
@@ -111,16 +111,6 @@ def setup(
         yield proxy_factory(config), primary, backend
 
 
-def outcomes(proxy: ProxyProcess) -> dict[str, float]:
-    text = proxy.metrics_text()
-    return {
-        s.labels["outcome"]: s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == "shadowlane_shadow_requests_total" and s.labels.get("route") == "up"
-    }
-
-
 def head(n: int) -> bytes:
     return (
         b"POST /upload?x=1 HTTP/1.1\r\nHost: api.example.com\r\n"
@@ -145,8 +135,8 @@ def test_copy_of_an_upload_answered_early_gets_the_whole_body(
         # and the client's connection is still good for the next request
         sock.sendall(head(2) + b"ok")
         assert read_http_response(sock, "POST", timeout=T).status == 401
-    wait_until(lambda: outcomes(proxy).get("ok") == 2, T, "both copies counted ok")
-    assert outcomes(proxy).get("skipped_body") == 0
+    wait_until(lambda: outcomes(proxy, "up", "s").get("ok") == 2, T, "both copies counted ok")
+    assert outcomes(proxy, "up", "s").get("skipped_body") == 0
 
 
 def test_copy_of_an_upload_abandoned_after_the_answer_is_skipped_body(
@@ -157,6 +147,8 @@ def test_copy_of_an_upload_abandoned_after_the_answer_is_skipped_body(
         sock.sendall(head(300_000) + pattern_bytes(1000))
         assert read_http_response(sock, "POST", timeout=T).status == 401
     # the client left with the upload unfinished: counted, not left waiting
-    wait_until(lambda: outcomes(proxy).get("skipped_body") == 1, T, "the copy accounted for")
-    assert outcomes(proxy).get("sent") == 0
+    wait_until(
+        lambda: outcomes(proxy, "up", "s").get("skipped_body") == 1, T, "the copy accounted for"
+    )
+    assert outcomes(proxy, "up", "s").get("sent") == 0
     assert shadow.requests == []

@@ -26,26 +26,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from support.backend import Recorded, RecordingBackend, Reply
+from support.metrics import outcomes, settle
 from support.proxy import ProxyProcess
-from support.wait import wait_until
 
 T = 10.0
 N_UPDATES = 200
 N_KEYS = 10
 N_THREADS = 20
-TERMINAL = (
-    "sampled_out",
-    "skipped_body",
-    "skipped_loop",
-    "skipped_status",
-    "dropped",
-    "ok",
-    "error",
-    "timeout",
-)
 
 
 class KVBackend(RecordingBackend):
@@ -112,37 +101,6 @@ def get_history(backend: KVBackend, target: str, account: str | None = None) -> 
         return result
     finally:
         conn.close()
-
-
-def outcomes(proxy: ProxyProcess, route: str, target: str) -> dict[str, float]:
-    text = proxy.metrics_text(T)
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if (
-                s.name == "shadowlane_shadow_requests_total"
-                and s.labels["route"] == route
-                and s.labels["target"] == target
-            ):
-                out[s.labels["outcome"]] = s.value
-    return out
-
-
-def wait_all_answered(
-    proxy: ProxyProcess, route: str, n: int, since: dict[str, float] | None = None
-) -> dict[str, float]:
-    """Wait until ``n`` more copies of the route than in ``since`` ended (answered, or not);
-    return the outcome counts since then."""
-    base = since or {}
-
-    def delta() -> dict[str, float] | None:
-        now = outcomes(proxy, route, "shadow")
-        d = {o: v - base.get(o, 0.0) for o, v in now.items()}
-        return d if d and sum(d[t] for t in TERMINAL) >= n else None
-
-    got = wait_until(delta, T * 3, f"{n} shadow outcomes on {route}")
-    assert sum(got[t] for t in TERMINAL) == n, got
-    return got
 
 
 @pytest.fixture(scope="module")
@@ -251,9 +209,9 @@ def assert_same_state(primary: KVBackend, shadow: KVBackend, prefix: str) -> Non
 def test_ordered_by_path_shadow_ends_in_primary_state(
     px: ProxyProcess, primary: KVBackend, shadow: KVBackend
 ) -> None:
-    since = outcomes(px, "by-path", "shadow")
+    since = outcomes(px, "by-path", "shadow", timeout=T)
     concurrent_updates(px, lambda k, i: (f"/kv/key-{k}", None), seed=1)
-    got = wait_all_answered(px, "by-path", N_UPDATES, since)
+    got = settle(px, "by-path", "shadow", N_UPDATES, since, timeout=T * 3)
     assert got["ok"] == N_UPDATES, got  # nothing dropped: a drop would break a key's sequence
     # one at a time per key: a key's next copy only left after the previous one was answered
     assert set(_max_pending(shadow, "/kv/").values()) == {1}
@@ -266,7 +224,7 @@ def test_ordered_by_path_shadow_ends_in_primary_state(
 def test_ordered_by_header(px: ProxyProcess, primary: KVBackend, shadow: KVBackend) -> None:
     """Each update has its own path; only the X-Account header ties a key's updates together."""
     concurrent_updates(px, lambda k, i: (f"/acct/op-{i}", f"acct-{k}"), seed=2)
-    got = wait_all_answered(px, "by-account", N_UPDATES)
+    got = settle(px, "by-account", "shadow", N_UPDATES, timeout=T * 3)
     assert got["ok"] == N_UPDATES, got
     assert set(_max_pending(shadow, "account:").values()) == {1}
     assert_same_state(primary, shadow, "account:")
@@ -282,7 +240,7 @@ def test_without_ordered_by_copies_arrive_but_order_is_not_promised(
     """The same load without `ordered_by`: every update still reaches the shadow, but a key's
     copies overlap and land in any order (with this shadow they usually do; not asserted)."""
     concurrent_updates(px, lambda k, i: (f"/free/key-{k}", None), seed=3)
-    got = wait_all_answered(px, "unordered", N_UPDATES)
+    got = settle(px, "unordered", "shadow", N_UPDATES, timeout=T * 3)
     assert got["ok"] == N_UPDATES, got
     want = _histories(primary, "/free/")
     have = _histories(shadow, "/free/")
@@ -305,9 +263,9 @@ def test_ordered_by_with_overlapping_updates_of_one_key(
     copies reach the shadow one at a time, in the order the proxy saw the answers complete.
     (The histories usually match, and differ by swaps of near-simultaneous updates when
     they do not; see docs/shadowing.md.)"""
-    since = outcomes(px, "by-path", "shadow")
+    since = outcomes(px, "by-path", "shadow", timeout=T)
     concurrent_updates(px, lambda k, i: (f"/kv/overlap-{k}", None), seed=4, per_key_lock=False)
-    got = wait_all_answered(px, "by-path", N_UPDATES, since)
+    got = settle(px, "by-path", "shadow", N_UPDATES, since, timeout=T * 3)
     assert got["ok"] == N_UPDATES, got
     assert set(_max_pending(shadow, "/kv/overlap-").values()) == {1}
     want = _histories(primary, "/kv/overlap-")

@@ -24,6 +24,7 @@ from support.backend import (
     dead_port,
     pattern_bytes,
 )
+from support.metrics import Scrape, fetch_text
 from support.procfs import established_from
 from support.proxy import ProxyProcess, raw_request, read_http_response
 from support.wait import wait_until
@@ -251,6 +252,42 @@ def test_established_from_counts_each_connection_once() -> None:
     assert established_from([*asked, 0xA542], 0x8783, table) == 3
     assert established_from(asked, 0x1F90, table) == 1
     assert established_from([], 0x8783, table) == 0
+
+
+def test_scrape_queries_samples_by_name_and_a_subset_of_labels() -> None:
+    """The parser behind every metrics assertion: label subsets sum, escapes are undone,
+    the full sample name is what counts (``_total``, not the family name)."""
+    text = "\n".join(
+        [
+            "# HELP shadowlane_shadow_requests_total Shadow copies.",
+            "# TYPE shadowlane_shadow_requests_total counter",
+            'shadowlane_shadow_requests_total{route="api",target="s",outcome="ok"} 3.0',
+            'shadowlane_shadow_requests_total{route="api",target="s",outcome="error"} 1.0',
+            'shadowlane_shadow_requests_total{route="api",target="t",outcome="ok"} 5.0',
+            'shadowlane_shadow_requests_total{route="a\\"q",target="s",outcome="ok"} 7.0',
+            "# TYPE shadowlane_build_info gauge",
+            'shadowlane_build_info{version="0.1.0"} 1.0',
+            "",
+        ]
+    )
+    m = Scrape(text)
+    name = "shadowlane_shadow_requests_total"
+    assert m.sum(name) == 16
+    assert m.sum(name, route="api") == 9
+    assert m.sum(name, route="api", target="s", outcome="ok") == 3
+    assert m.sum(name, route="nope") == 0
+    assert m.sum("shadowlane_shadow_requests") == 0
+    assert m.by("target", name, route="api") == {"s": 4, "t": 5}
+    assert m.outcomes("api", "s") == {"ok": 3, "error": 1}
+    assert m.outcomes('a"q', "s") == {"ok": 7}
+    assert [s.labels for s in m.select("shadowlane_build_info")] == [{"version": "0.1.0"}]
+
+
+def test_fetch_text_fails_on_a_non_200_answer() -> None:
+    with RecordingBackend(lambda _req: Reply(status=503, body=b"draining")) as b:
+        with pytest.raises(AssertionError, match="503"):
+            fetch_text(b.url)
+        assert [r.target for r in b.requests] == ["/metrics"]
 
 
 def test_dead_port_refuses() -> None:

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from support.processes import end_process_group
+
+from .metrics import scrape
 
 CACHE = Path(os.environ.get("SHADOWLANE_TEST_CACHE", Path.home() / ".cache" / "shadowlane-tests"))
 
@@ -169,19 +170,12 @@ def get_json(url: str, timeout: float = 5.0) -> Any:
         return json.loads(r.read())
 
 
-_SAMPLE = re.compile(r"^shadowlane_comparisons_total\{([^}]*)\}\s+(\S+)$", re.M)
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
 def comparison_results(admin_url: str, timeout: float = 5.0) -> dict[tuple[str, str, str], int]:
     """``shadowlane_comparisons_total`` from the admin ``/metrics``: (route, target, result)
     -> count."""
-    with urllib.request.urlopen(admin_url + "/metrics", timeout=timeout) as r:
-        text = r.read().decode()
     out: dict[tuple[str, str, str], int] = {}
-    for labels, value in _SAMPLE.findall(text):
-        lab = dict(_LABEL.findall(labels))
-        out[(lab["route"], lab["target"], lab["result"])] = int(float(value))
+    for s in scrape(admin_url, timeout).select("shadowlane_comparisons_total"):
+        out[(s.labels["route"], s.labels["target"], s.labels["result"])] = int(s.value)
     return out
 
 

@@ -8,7 +8,6 @@ every wait here has a deadline.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -26,6 +25,8 @@ from typing import Any, Self
 import yaml
 
 from support.processes import end_process_group
+
+from .metrics import fetch_text
 
 LOOPBACK = "127.0.0.1"
 
@@ -138,16 +139,9 @@ class ProxyProcess:
         return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
 
     def metrics_text(self, timeout: float = 5.0) -> str:
-        """The admin listener's `/metrics` exposition (fails the test on a non-200 answer)."""
-        conn = http.client.HTTPConnection(self.admin_host, self.admin_port, timeout=timeout)
-        try:
-            conn.request("GET", "/metrics")
-            resp = conn.getresponse()
-            body = resp.read()
-            assert resp.status == 200, body
-            return body.decode()
-        finally:
-            conn.close()
+        """The admin listener's `/metrics` exposition (fails the test on a non-200 answer);
+        parsed, it is :func:`support.metrics.scrape`."""
+        return fetch_text(self.admin_url, timeout)
 
     def stderr_text(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
