@@ -18,7 +18,8 @@ import pytest
 
 import shadowlane.metrics
 from inproc import run, until
-from shadowlane.config import BackendConfig, parse_config
+from shadowlane.app import build_backend
+from shadowlane.config import parse_config
 from shadowlane.metrics import Metrics
 from shadowlane.routing import RouteTable
 from shadowlane.shadow.breaker import FAILURES
@@ -27,7 +28,6 @@ from shadowlane.shadow.outcomes import SHADOW_OUTCOMES, Outcome
 from shadowlane.shadow.ticket import ShadowTicket
 from shadowlane.wire.headers import upstream_request_headers
 from shadowlane.wire.messages import Headers, Request
-from shadowlane.wire.upstream import BackendPool, EndpointPool
 from support.backend import RecordingBackend
 
 ROUTE = "orders"
@@ -39,20 +39,6 @@ def target() -> Iterator[RecordingBackend]:
     with RecordingBackend() as b:
         yield b
     assert b.errors == []
-
-
-def build_pool(name: str, cfg: BackendConfig) -> BackendPool:
-    endpoints = [
-        EndpointPool(
-            ep.host,
-            ep.port,
-            connect_timeout=cfg.connect_timeout,
-            max_connections=cfg.max_connections,
-            max_idle=cfg.max_idle,
-        )
-        for ep in cfg.endpoints
-    ]
-    return BackendPool(name, endpoints, cfg.timeout)
 
 
 class Setup:
@@ -68,7 +54,7 @@ class Setup:
         }
         cfg = parse_config(json.dumps(doc))
         self.metrics = Metrics()
-        self.dispatcher = ShadowDispatcher(self.metrics, cfg, build_pool)
+        self.dispatcher = ShadowDispatcher(self.metrics, cfg, build_backend)
         plan = self.dispatcher.plan(RouteTable(cfg.routes).routes[0])
         assert plan is not None
         self.shadows: RouteShadows = plan
