@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from support.backend import RecordingBackend, dead_port
-from support.procfs import socket_inodes
+from support.procfs import connected_to, tcp_sockets, workers_listening
 from support.proxy import HttpResponse, ProxyProcess, basic_config, read_http_response
 from support.wait import wait_until
 
@@ -158,41 +158,16 @@ def test_drain_timeout_bounds_the_shutdown(
 # -- --workers ----------------------------------------------------------------------------------
 
 
-def established_to(port: int) -> dict[str, int]:
-    """inode -> remote port, for ESTABLISHED IPv4 TCP sockets connected to `port`."""
-    out = {}
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        remote, state, inode = fields[2], fields[3], fields[9]
-        if state == "01" and int(remote.split(":")[1], 16) == port:
-            out[inode] = port
-    return out
-
-
-def listening_on(port: int) -> set[str]:
-    """Inodes of IPv4 TCP sockets listening on `port`."""
-    out = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
-            out.add(fields[9])
-    return out
-
-
 def test_workers_all_serve_and_sigterm_stops_them_all(
     backend: RecordingBackend, proxy_factory: ProxyFactory
 ) -> None:
     proxy = proxy_factory(basic_config(backend.url), workers=2)
-    workers = wait_until(lambda: len(proxy.worker_pids()) == 2 and proxy.worker_pids(), T, "2")
+    # wait for each worker to have its own SO_REUSEPORT listener, or the first requests all
+    # go to the quicker one
+    workers = workers_listening(proxy, 2, T)
     assert proxy.pid not in workers
-    # the proxy counts as ready once one worker listens; wait for each to have its own
-    # SO_REUSEPORT listener, or the first requests all go to the quicker one
-    wait_until(
-        lambda: all(socket_inodes(pid) & listening_on(proxy.port) for pid in workers),
-        T,
-        "both workers to listen",
-    )
-    assert len(listening_on(proxy.port)) == 2
+    # union of three reads: /proc/net/tcp is read a page at a time and can skip a row
+    assert len(tcp_sockets(proxy.port, listening=True, reads=3)) == 2
 
     (line,) = wait_until(lambda: startup_lines(proxy), T, "the startup line on stderr")
     assert "2 workers" in line, line
@@ -202,9 +177,9 @@ def test_workers_all_serve_and_sigterm_stops_them_all(
         statuses = list(ex.map(lambda i: get(proxy.port, f"/w/{i}").status, range(64)))
     assert statuses == [200] * 64
     # each worker served some of them: each holds a pooled connection to the backend
-    upstream = established_to(backend.port)
+    served = connected_to(workers, backend.port)
     for pid in workers:
-        assert socket_inodes(pid) & upstream.keys(), f"worker {pid} has no upstream connection"
+        assert served[pid], f"worker {pid} has no upstream connection"
 
     slow = InFlight(proxy.port, "/delay/1")
     slow.start()

@@ -34,7 +34,7 @@ import requests
 
 from support.backend import HungServer, Recorded, RecordingBackend, Reply, dead_port
 from support.metrics import scrape
-from support.procfs import socket_inodes, tcp_sockets
+from support.procfs import connected_to, workers_listening
 from support.proxy import HttpResponse, ProxyProcess, read_http_response
 from support.wait import wait_until
 
@@ -176,25 +176,6 @@ def route_of(doc: dict[str, Any], name: str) -> dict[str, Any]:
         if rc["name"] == name:
             return dict(rc)
     raise AssertionError(f"no route {name!r} in {[rc['name'] for rc in doc['routes']]}")
-
-
-def two_workers_listening(proxy: ProxyProcess) -> list[int]:
-    """Wait until both workers have their own SO_REUSEPORT listener; return their pids."""
-    pids = wait_until(
-        lambda: len(proxy.worker_pids()) == 2 and proxy.worker_pids(), T, "two worker processes"
-    )
-    wait_until(
-        lambda: all(socket_inodes(pid) & tcp_sockets(proxy.port, listening=True) for pid in pids),
-        T,
-        "both workers to listen",
-    )
-    return list(pids)
-
-
-def workers_connected_to(pids: list[int], backend: RecordingBackend) -> dict[int, bool]:
-    """Which workers hold a (pooled) connection to `backend`: proof that each one served it."""
-    upstream = tcp_sockets(backend.port, listening=False)
-    return {pid: bool(socket_inodes(pid) & upstream) for pid in pids}
 
 
 def stderr_lines(proxy: ProxyProcess, needle: str) -> list[str]:
@@ -503,11 +484,11 @@ def test_runtime_weight_flip_reaches_every_worker(
     answer comes from v2, and both workers are seen talking to v2."""
     v1, v2 = backends(named("v1")), backends(named("v2"))
     proxy = started(proxy_factory, canary_config(v1, v2), workers=2, env=ENV)
-    pids = two_workers_listening(proxy)
+    pids = workers_listening(proxy, 2, T)
     with ThreadPoolExecutor(8) as ex:
         before = list(ex.map(lambda i: get(proxy.port, f"/before/{i}").body, range(64)))
     assert set(before) == {b"v1"}
-    assert all(workers_connected_to(pids, v1).values()), "only one worker served (test setup)"
+    assert all(connected_to(pids, v1.port).values()), "only one worker served (test setup)"
 
     answers: list[tuple[float, float, bytes]] = []  # (sent, answered, body), from the flip
     lock = threading.Lock()
@@ -535,7 +516,7 @@ def test_runtime_weight_flip_reaches_every_worker(
     assert len([a for a in answers if a[0] >= 1.0]) >= 240
     last_v1 = max((answered for _, answered, body in answers if body == b"v1"), default=0.0)
     assert last_v1 < 1.0, f"a v1 answer {last_v1:.3f}s after the flip"
-    served_v2 = workers_connected_to(pids, v2)
+    served_v2 = connected_to(pids, v2.port)
     assert all(served_v2.values()), f"workers without a connection to v2: {served_v2}"
 
 
@@ -623,7 +604,7 @@ def test_api_reload_with_workers_reaches_both_and_refuses_a_bad_config(
         "routes": [{"name": "main", "match": {"path_prefix": "/"}, "backend": "one"}],
     }
     proxy = started(proxy_factory, cfg, workers=2, env=ENV)
-    pids = two_workers_listening(proxy)
+    pids = workers_listening(proxy, 2, T)
     to_two = copy.deepcopy(proxy.config)
     to_two["routes"][0]["backend"] = "two"
     proxy.write_config(to_two)
@@ -633,7 +614,7 @@ def test_api_reload_with_workers_reaches_both_and_refuses_a_bad_config(
     with ThreadPoolExecutor(8) as ex:
         bodies = list(ex.map(lambda i: get(proxy.port, f"/after/{i}").body, range(64)))
     assert set(bodies) == {b"two"}
-    served = workers_connected_to(pids, two)
+    served = connected_to(pids, two.port)
     assert all(served.values()), f"not every worker served (test setup): {served}"
 
     bad = copy.deepcopy(to_two)
@@ -856,11 +837,11 @@ def two_workers_served(
 ) -> ProxyProcess:
     """A 2-worker proxy that has answered `n` GETs (12 at a time), both workers taking part."""
     proxy = started(proxy_factory, cfg, workers=2)
-    pids = two_workers_listening(proxy)
+    pids = workers_listening(proxy, 2, T)
     with ThreadPoolExecutor(12) as ex:
         statuses = list(ex.map(lambda i: get(proxy.port, f"/w/{i}").status, range(n)))
     assert statuses == [200] * n
-    served = workers_connected_to(pids, primary)
+    served = connected_to(pids, primary.port)
     assert all(served.values()), f"not every worker served (test setup): {served}"
     return proxy
 

@@ -7,6 +7,7 @@ that trust by talking to them directly with ``requests`` and raw sockets — no 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -25,7 +26,7 @@ from support.backend import (
     pattern_bytes,
 )
 from support.metrics import Scrape, fetch_text
-from support.procfs import established_from
+from support.procfs import connected_to, established_from, socket_inodes, tcp_sockets
 from support.proxy import ProxyProcess, raw_request, read_http_response
 from support.wait import wait_until
 
@@ -288,6 +289,25 @@ def test_fetch_text_fails_on_a_non_200_answer() -> None:
         with pytest.raises(AssertionError, match="503"):
             fetch_text(b.url)
         assert [r.target for r in b.requests] == ["/metrics"]
+
+
+def test_tcp_sockets_finds_listeners_and_connections_by_inode() -> None:
+    """What tests use to tell which process owns a socket: the inodes /proc/net/tcp lists
+    for a port are the ones this process holds (a bound, non-listening socket is not there)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        mine = socket_inodes(os.getpid())
+        assert tcp_sockets(port, listening=True, reads=3) <= mine
+        assert len(tcp_sockets(port, listening=True, reads=3)) == 1
+        with socket.create_connection(("127.0.0.1", port), timeout=T):
+            accepted, _ = server.accept()
+            with accepted:
+                connected = wait_until(
+                    lambda: tcp_sockets(port, listening=False), T, "the connection"
+                )
+                assert connected <= socket_inodes(os.getpid())
+                assert connected_to([os.getpid()], port) == {os.getpid(): True}
+    assert tcp_sockets(dead_port(), listening=True, reads=3) == set()
 
 
 def test_dead_port_refuses() -> None:
