@@ -356,15 +356,17 @@ def test_a_running_instance_judges_by_its_configured_thresholds(
     instance analyses them with the thresholds it started with."""
     from shadowlane.compare import is_reported
     from support.backend import RecordingBackend, Reply
+    from support.configs import shadow_config
     from support.migration import wait_for_stored
-    from support.proxy import basic_config
 
     def answer(version: bytes) -> Any:
         return lambda req: Reply(headers=[("content-type", "application/json")], body=version)
 
     with RecordingBackend(answer(b'{"v": 1}')) as b1, RecordingBackend(answer(b'{"v": 2}')) as b2:
-        config = basic_config(
-            b1.url,
+        config = shadow_config(
+            {"b1": b1.url, "b2": {"endpoints": [b2.url], "timeout": "5s"}},
+            primary="b1",
+            shadows=[{"backend": "b2", "compare": True}],
             compare={
                 "store": f"sqlite:///{tmp_path}/t.db",
                 "flush_interval": "50ms",
@@ -372,8 +374,6 @@ def test_a_running_instance_judges_by_its_configured_thresholds(
                 "thresholds": {"absolute": 100},
             },
         )
-        config["backends"]["b2"] = {"endpoints": [b2.url], "timeout": "5s"}
-        config["routes"][0]["shadows"] = [{"backend": "b2", "compare": True}]
         proxy = proxy_factory(config)
         for n in range(3):
             assert requests.get(f"{proxy.url}/x/{n}", timeout=TIMEOUT).status_code == 200

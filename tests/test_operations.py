@@ -33,6 +33,7 @@ import pytest
 import requests
 
 from support.backend import HungServer, Recorded, RecordingBackend, Reply, dead_port
+from support.configs import backend_entry, basic_config, shadow_config
 from support.metrics import scrape
 from support.procfs import connected_to, workers_listening
 from support.proxy import HttpResponse, ProxyProcess, read_http_response
@@ -43,6 +44,8 @@ LOOPBACK = "127.0.0.1"
 TOKEN_ENV = "SHADOWLANE_TEST_ADMIN_TOKEN"
 TOKEN = "ops-test-token-5f1c"
 ENV = {TOKEN_ENV: TOKEN}
+#: the admin section that makes the control API check the bearer token TOKEN
+ADMIN = {"token_env": TOKEN_ENV}
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ProxyFactory = Callable[..., ProxyProcess]
 
@@ -90,30 +93,6 @@ def backends() -> Iterator[Callable[..., RecordingBackend]]:
         b.stop()
     for b in made:
         assert b.errors == [], f"RecordingBackend raised: {b.errors!r}"
-
-
-def backend_cfg(b: RecordingBackend) -> dict[str, Any]:
-    return {"endpoints": [b.url], "timeout": "5s", "connect_timeout": "1s"}
-
-
-def one_shadow_config(
-    primary: RecordingBackend, shadow: RecordingBackend, *, route: str, token: bool
-) -> dict[str, Any]:
-    """One route (everything) to backend `p`, copied at 100% to backend `s`."""
-    cfg: dict[str, Any] = {
-        "backends": {"p": backend_cfg(primary), "s": backend_cfg(shadow)},
-        "routes": [
-            {
-                "name": route,
-                "match": {"path_prefix": "/"},
-                "backend": "p",
-                "shadows": [{"backend": "s", "percent": 100}],
-            }
-        ],
-    }
-    if token:
-        cfg["admin"] = {"token_env": TOKEN_ENV}
-    return cfg
 
 
 def get(port: int, target: str, headers: list[tuple[str, str]] | None = None) -> HttpResponse:
@@ -271,14 +250,14 @@ def test_reload_under_load_loses_no_request_and_drops_no_connection(
         return {
             "listen": proxy.config["listen"],
             "admin": proxy.config["admin"],
-            "backends": {"p": backend_cfg(primary), "s": backend_cfg(shadow)},
+            "backends": {"p": backend_entry(primary.url), "s": backend_entry(shadow.url)},
             "routes": [
                 {"name": f"gen-{gen}", "match": {"path": f"/gen-{gen}"}, "backend": "p"},
                 catch_all,
             ],
         }
 
-    start_cfg = one_shadow_config(primary, shadow, route="main", token=False)
+    start_cfg = shadow_config({"p": primary.url, "s": shadow.url}, route="main")
     proxy = started(proxy_factory, start_cfg)
     progress = Progress()
     clients = [LoadClient(proxy.port, i, progress, cap=2000) for i in range(8)]
@@ -348,7 +327,7 @@ def test_reload_does_not_fail_a_request_waiting_for_an_upstream_connection(
     cfg: dict[str, Any] = {
         "backends": {
             "p": {"endpoints": [primary.url], "max_connections": 1, "connect_timeout": "5s"},
-            "q": backend_cfg(probe),
+            "q": backend_entry(probe.url),
         },
         "routes": [
             {"name": "probe", "match": {"path": "/probe"}, "backend": "q"},
@@ -383,7 +362,7 @@ def test_reload_that_turns_on_compare_records_comparisons(
     at start (counted in /metrics, written to the store, shown by `shadowlane report`)."""
     primary, candidate = backends(), backends()
     store = f"sqlite:///{tmp_path / 'compare.db'}"
-    cfg = one_shadow_config(primary, candidate, route="api", token=False)
+    cfg = shadow_config({"p": primary.url, "s": candidate.url}, route="api")
     cfg["compare"] = {"store": store, "flush_interval": "200ms"}
     proxy = started(proxy_factory, cfg)
     assert get(proxy.port, "/before").status == 200
@@ -428,7 +407,7 @@ def compared_in_report(store: str) -> int:
 def canary_config(v1: RecordingBackend, v2: RecordingBackend) -> dict[str, Any]:
     return {
         "admin": {"token_env": TOKEN_ENV},
-        "backends": {"v1": backend_cfg(v1), "v2": backend_cfg(v2)},
+        "backends": {"v1": backend_entry(v1.url), "v2": backend_entry(v2.url)},
         "routes": [
             {
                 "name": "api",
@@ -527,18 +506,9 @@ def test_bad_reload_keeps_serving_and_a_good_one_takes_effect(
     backends: Callable[..., RecordingBackend], proxy_factory: ProxyFactory
 ) -> None:
     one, two, shadow = backends(named("one")), backends(named("two")), backends()
-    good: dict[str, Any] = {
-        "admin": {"token_env": TOKEN_ENV},
-        "backends": {"one": backend_cfg(one), "two": backend_cfg(two), "s": backend_cfg(shadow)},
-        "routes": [
-            {
-                "name": "main",
-                "match": {"path_prefix": "/"},
-                "backend": "one",
-                "shadows": [{"backend": "s", "percent": 100}],
-            }
-        ],
-    }
+    good = shadow_config(
+        {"one": one.url, "two": two.url, "s": shadow.url}, route="main", primary="one", admin=ADMIN
+    )
     proxy = started(proxy_factory, good, env=ENV)
     good = copy.deepcopy(proxy.config)
     client = KeepAlive(proxy.port)
@@ -600,7 +570,7 @@ def test_api_reload_with_workers_reaches_both_and_refuses_a_bad_config(
     one, two = backends(named("one")), backends(named("two"))
     cfg: dict[str, Any] = {
         "admin": {"token_env": TOKEN_ENV},
-        "backends": {"one": backend_cfg(one), "two": backend_cfg(two)},
+        "backends": {"one": backend_entry(one.url), "two": backend_entry(two.url)},
         "routes": [{"name": "main", "match": {"path_prefix": "/"}, "backend": "one"}],
     }
     proxy = started(proxy_factory, cfg, workers=2, env=ENV)
@@ -631,13 +601,7 @@ def test_reload_keeps_restart_only_keys_with_a_warning(
 ) -> None:
     """`listen` (and admin, access_log, compare.store) only change on restart: a reload that
     changes them keeps the old value, says so, and applies the rest of the file."""
-    proxy = started(
-        proxy_factory,
-        {
-            "backends": {"b1": backend_cfg(backend)},
-            "routes": [{"name": "r1", "match": {"path_prefix": "/"}, "backend": "b1"}],
-        },
-    )
+    proxy = started(proxy_factory, basic_config(backend.url))
     new = copy.deepcopy(proxy.config)
     new_port = dead_port()  # bound by this test, never listening: a refused connect proves it
     new["listen"] = f"{LOOPBACK}:{new_port}"
@@ -667,7 +631,7 @@ MUTATING: list[tuple[str, str, Any]] = [
 
 def guarded_config(v1: RecordingBackend, v2: RecordingBackend, s: RecordingBackend) -> Any:
     cfg = canary_config(v1, v2)
-    cfg["backends"]["s"] = backend_cfg(s)
+    cfg["backends"]["s"] = backend_entry(s.url)
     cfg["routes"][0]["shadows"] = [{"backend": "s", "percent": 100}]
     return cfg
 
@@ -733,7 +697,7 @@ def test_runtime_percent_and_pause_resume_are_not_persisted(
     backends: Callable[..., RecordingBackend], proxy_factory: ProxyFactory
 ) -> None:
     primary, s = backends(), backends()
-    cfg = one_shadow_config(primary, s, route="api", token=True)
+    cfg = shadow_config({"p": primary.url, "s": s.url}, route="api", admin=ADMIN)
     proxy = started(proxy_factory, cfg, env=ENV)
     file_before = proxy.config_path.read_text()
     client = KeepAlive(proxy.port)
@@ -811,7 +775,7 @@ def test_paused_shadow_still_accounts_for_every_request(
     sampled_out, skipped_*, dropped or a started copy. A paused shadow copies nothing, but the
     requests it did not copy must still be counted, or the copy ratio lies during a pause."""
     primary, s = backends(), backends()
-    cfg = one_shadow_config(primary, s, route="api", token=True)
+    cfg = shadow_config({"p": primary.url, "s": s.url}, route="api", admin=ADMIN)
     proxy = started(proxy_factory, cfg, env=ENV)
     admin_call(proxy, "POST", "/api/routes/api/shadows/s/pause").raise_for_status()
     for i in range(10):
@@ -850,20 +814,9 @@ def test_workers_metrics_add_up_to_the_requests_sent(
     backends: Callable[..., RecordingBackend], proxy_factory: ProxyFactory
 ) -> None:
     primary, s = backends(), backends()
-    cfg: dict[str, Any] = {
-        "backends": {"p": backend_cfg(primary), "s": backend_cfg(s)},
-        "routes": [
-            {
-                "name": "api",
-                "match": {"path_prefix": "/"},
-                "backend": "p",
-                "shadows": [
-                    {"backend": "s", "percent": 100},
-                    {"backend": "p", "percent": 0},
-                ],
-            }
-        ],
-    }
+    cfg = shadow_config(
+        {"p": primary.url, "s": s.url}, route="api", shadows=["s", {"backend": "p", "percent": 0}]
+    )
     n = 300
     proxy = two_workers_served(proxy_factory, cfg, primary, n)
 
@@ -895,19 +848,11 @@ def test_workers_gauges_add_up_over_workers(
     """Per-worker state (copies in flight) is summed over workers, not worker 0's share."""
     primary = backends()
     with HungServer() as hung:
-        cfg: dict[str, Any] = {
-            "backends": {"p": backend_cfg(primary), "h": {"endpoints": [hung.url]}},
-            "routes": [
-                {
-                    "name": "api",
-                    "match": {"path_prefix": "/"},
-                    "backend": "p",
-                    "shadows": [
-                        {"backend": "h", "percent": 100, "timeout": "60s", "max_in_flight": 200}
-                    ],
-                }
-            ],
-        }
+        cfg = shadow_config(
+            {"p": primary.url, "h": {"endpoints": [hung.url]}},
+            route="api",
+            shadows=[{"backend": "h", "percent": 100, "timeout": "60s", "max_in_flight": 200}],
+        )
         n = 60
         proxy = two_workers_served(proxy_factory, cfg, primary, n)
         hung.wait_for_connections(n, T)  # every copy is in flight, in one worker or the other
@@ -929,7 +874,7 @@ def test_sigterm_finishes_primaries_and_shadow_copies_and_flushes_comparisons(
 ) -> None:
     primary, candidate = backends(), backends()
     store = f"sqlite:///{tmp_path / 'compare.db'}"
-    cfg = one_shadow_config(primary, candidate, route="api", token=False)
+    cfg = shadow_config({"p": primary.url, "s": candidate.url}, route="api")
     cfg["routes"][0]["shadows"][0]["compare"] = True
     cfg["compare"] = {"store": store, "flush_interval": "1m", "batch": 1000}
     proxy = started(proxy_factory, cfg)
@@ -960,21 +905,12 @@ def test_sigterm_gives_hung_shadow_copies_a_short_deadline(
     (`min(5s, drain_timeout)`); primaries in flight still finish; exit 0."""
     primary = backends()
     hung = backends(lambda _req: Reply(action="hang"))
-    cfg: dict[str, Any] = {
-        "limits": {"drain_timeout": "1s"},
-        "backends": {
-            "p": backend_cfg(primary),
-            "h": {"endpoints": [hung.url], "timeout": "30s"},
-        },
-        "routes": [
-            {
-                "name": "api",
-                "match": {"path_prefix": "/"},
-                "backend": "p",
-                "shadows": [{"backend": "h", "percent": 100, "timeout": "30s"}],
-            }
-        ],
-    }
+    cfg = shadow_config(
+        {"p": primary.url, "h": {"endpoints": [hung.url], "timeout": "30s"}},
+        route="api",
+        shadows=[{"backend": "h", "percent": 100, "timeout": "30s"}],
+        limits={"drain_timeout": "1s"},
+    )
     proxy = started(proxy_factory, cfg)
     flights = [InFlight(proxy.port, f"/delay/0.3?i={i}") for i in range(3)]
     for f in flights:
@@ -1000,7 +936,7 @@ def test_access_log_line_lists_shadow_outcomes(
     primary, s = backends(), backends()
     cfg: dict[str, Any] = {
         "access_log": True,
-        "backends": {"p": backend_cfg(primary), "s": backend_cfg(s)},
+        "backends": {"p": backend_entry(primary.url), "s": backend_entry(s.url)},
         "routes": [
             {
                 "name": "never",

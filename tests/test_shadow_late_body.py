@@ -14,11 +14,12 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Self
+from typing import Self
 
 import pytest
 
 from support.backend import RecordingBackend, pattern_bytes
+from support.configs import shadow_config
 from support.metrics import outcomes
 from support.proxy import ProxyProcess, read_http_response
 from support.wait import wait_until
@@ -97,17 +98,11 @@ def setup(
     backend: RecordingBackend, proxy_factory: Callable[..., ProxyProcess]
 ) -> Iterator[tuple[ProxyProcess, EarlyAnswerBackend, RecordingBackend]]:
     with EarlyAnswerBackend() as primary:
-        config: dict[str, Any] = {
-            "backends": {"p": {"endpoints": [primary.url]}, "s": {"endpoints": [backend.url]}},
-            "routes": [
-                {
-                    "name": "up",
-                    "match": {"path_prefix": "/"},
-                    "backend": "p",
-                    "shadows": [{"backend": "s", "percent": 100, "max_body": "1MiB"}],
-                }
-            ],
-        }
+        config = shadow_config(
+            {"p": {"endpoints": [primary.url]}, "s": {"endpoints": [backend.url]}},
+            route="up",
+            shadows=[{"backend": "s", "percent": 100, "max_body": "1MiB"}],
+        )
         yield proxy_factory(config), primary, backend
 
 

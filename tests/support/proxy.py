@@ -26,25 +26,10 @@ import yaml
 
 from support.processes import end_process_group
 
+from .configs import basic_config as basic_config  # re-exported: its old home
 from .metrics import fetch_text
 
 LOOPBACK = "127.0.0.1"
-
-
-def basic_config(*endpoints: str, timeout: str = "5s", **extra: Any) -> dict[str, Any]:
-    """The smallest useful config: one backend ``b1`` with ``endpoints``, one route ``/`` to it.
-
-    ``extra`` keys are merged at the top level (e.g. ``compare=...``); ``listen`` and
-    ``admin.listen`` are filled in by :class:`ProxyProcess` (port 0).
-    """
-    config: dict[str, Any] = {
-        "backends": {
-            "b1": {"endpoints": list(endpoints), "timeout": timeout, "connect_timeout": "1s"}
-        },
-        "routes": [{"name": "r1", "match": {"path_prefix": "/"}, "backend": "b1"}],
-    }
-    config.update(extra)
-    return config
 
 
 def _split_hostport(value: str) -> tuple[str, int]:
