@@ -131,6 +131,17 @@ _BYTES_RE = re.compile(r"/bytes/(\d+)")
 _CHUNKED_RE = re.compile(r"/chunked/(\d+)")
 
 
+def named(name: str) -> Handler:
+    """A handler answering ``name`` as a text/plain body: which backend served a request, at
+    a glance (canary weights, reloads that switch backends)."""
+    body = name.encode()
+
+    def handler(_req: Recorded) -> Reply:
+        return Reply(headers=[("Content-Type", "text/plain")], body=body)
+
+    return handler
+
+
 def default_handler(req: Recorded) -> Reply:
     """Path conventions, so most tests need no handler of their own.
 

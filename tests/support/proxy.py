@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -130,6 +131,15 @@ class ProxyProcess:
 
     def stderr_text(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def stderr_lines(self, needle: str) -> list[str]:
+        """The lines of stderr so far that contain ``needle`` (the proxy logs there what it
+        did: "listening on", "reloaded", "reload refused", warnings)."""
+        return [line for line in self.stderr_text().splitlines() if needle in line]
+
+    def access_log(self) -> list[dict[str, Any]]:
+        """The access log so far: one JSON object per stdout line (``access_log: true``)."""
+        return [json.loads(line) for line in self.stdout_text().splitlines() if line.strip()]
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -253,6 +263,10 @@ class ProxyProcess:
         if self.proc is not None and self.returncode is None:
             self.stop()
         self._tmp.cleanup()
+
+
+#: the type of conftest's ``proxy_factory`` fixture: ``make(config, workers=1, **kw)``, started
+ProxyFactory = Callable[..., ProxyProcess]
 
 
 # -- raw HTTP -------------------------------------------------------------------------------
