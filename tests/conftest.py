@@ -1,4 +1,4 @@
-"""Shared fixtures: a real recording backend and real proxy subprocesses.
+"""Shared fixtures: real recording backends and real proxy subprocesses.
 
 The helpers live in ``tests/support`` (imported as ``support``, see its docstring); the
 fixtures here only tie their life cycles to pytest's, so a failing test never leaks a server or
@@ -14,10 +14,8 @@ from typing import Any
 import pytest
 
 from shadowlane import build_kind, stale_compiled_modules
-from support.backend import RecordingBackend
-from support.proxy import ProxyProcess
-
-ProxyFactory = Callable[..., ProxyProcess]
+from support.backend import Handler, RecordingBackend
+from support.proxy import ProxyFactory, ProxyProcess
 
 _CALL_REPORT = pytest.StashKey[pytest.TestReport]()
 
@@ -61,6 +59,25 @@ def backend() -> Iterator[RecordingBackend]:
     with RecordingBackend() as b:
         yield b
     assert b.errors == [], f"RecordingBackend raised: {b.errors!r}"
+
+
+@pytest.fixture
+def backends() -> Iterator[Callable[..., RecordingBackend]]:
+    """``make(handler=None) -> RecordingBackend``, started: for tests that need several
+    backends (a primary, a shadow, two canary versions). All are stopped at teardown, then
+    checked for server errors, as with ``backend``."""
+    made: list[RecordingBackend] = []
+
+    def make(handler: Handler | None = None) -> RecordingBackend:
+        b = RecordingBackend(handler)
+        made.append(b)
+        return b.start()
+
+    yield make
+    for b in made:
+        b.stop()
+    for b in made:
+        assert b.errors == [], f"RecordingBackend raised: {b.errors!r}"
 
 
 @pytest.fixture

@@ -12,39 +12,21 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import orjson
 import pytest
 import requests
-import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from shadowlane import __version__
 from shadowlane.admin import AdminApp, AdminRequest, AdminResponse, json_response
 from shadowlane.metrics import Metrics
+from support.servers import LoopThread
 
 T = TypeVar("T")
 TIMEOUT = 5.0
-
-
-class LoopThread:
-    """An event loop running in a daemon thread; `run()` executes a coroutine on it."""
-
-    def __init__(self, kind: str) -> None:
-        self.loop = uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(TIMEOUT)
-        assert not self._thread.is_alive()
-        self.loop.close()
 
 
 class Admin:
@@ -123,9 +105,8 @@ def get_request(path: str, extra: str = "") -> bytes:
 
 @pytest.fixture(params=["asyncio", "uvloop"])
 def loop_thread(request: pytest.FixtureRequest) -> Iterator[LoopThread]:
-    lt = LoopThread(request.param)
-    yield lt
-    lt.stop()
+    with LoopThread(request.param, timeout=TIMEOUT) as lt:
+        yield lt
 
 
 @pytest.fixture

@@ -19,13 +19,13 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import shadowlane
 from shadowlane import build_kind, stale_compiled_modules
 from support.backend import RecordingBackend
+from support.configs import shadow_config
 from support.proxy import ProxyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,17 +78,12 @@ def test_pure_python_fallback_proxies_and_shadows(
         package, copy / "shadowlane", ignore=shutil.ignore_patterns("*.so", "__pycache__")
     )
     with RecordingBackend() as shadow:
-        config: dict[str, Any] = {
-            "backends": {"v1": {"endpoints": [backend.url]}, "v2": {"endpoints": [shadow.url]}},
-            "routes": [
-                {
-                    "name": "r",
-                    "match": {"path_prefix": "/"},
-                    "backend": "v1",
-                    "shadows": [{"backend": "v2", "percent": 100}],
-                }
-            ],
-        }
+        config = shadow_config(
+            {"v1": {"endpoints": [backend.url]}, "v2": {"endpoints": [shadow.url]}},
+            route="r",
+            primary="v1",
+            shadows=["v2"],
+        )
         proxy = proxy_factory(config, env={"PYTHONPATH": str(copy)})
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
         try:

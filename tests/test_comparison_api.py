@@ -8,7 +8,6 @@ so a failure points at the API layer, not at the store.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -16,7 +15,6 @@ from typing import Any, TypeVar
 
 import pytest
 import requests
-import uvloop
 
 from shadowlane.admin import AdminApp
 from shadowlane.admin.comparisons import (
@@ -25,6 +23,7 @@ from shadowlane.admin.comparisons import (
     install_comparison_api,
 )
 from shadowlane.metrics import Metrics
+from support.servers import LoopThread
 
 T = TypeVar("T")
 TIMEOUT = 5.0
@@ -113,25 +112,21 @@ class Server:
     """An AdminApp with the comparison API, on a uvloop loop in a daemon thread."""
 
     def __init__(self, store: ComparisonQueries | None) -> None:
-        self.loop = uvloop.new_event_loop()
-        self.loop_thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.loop_thread.start()
+        self.loop_thread = LoopThread("uvloop", timeout=TIMEOUT * 3).start()
         self.app = AdminApp(Metrics())
         install_comparison_api(self.app, store)
         server = self.run(self.app.start("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT * 3)
+        return self.loop_thread.run(coro)
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return requests.get(self.url + path, timeout=TIMEOUT, **kwargs)
 
     def close(self) -> None:
         self.run(self.app.close(grace=1.0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.loop_thread.join(TIMEOUT)
-        self.loop.close()
+        self.loop_thread.stop(TIMEOUT)
 
 
 @pytest.fixture
@@ -356,15 +351,17 @@ def test_a_running_instance_judges_by_its_configured_thresholds(
     instance analyses them with the thresholds it started with."""
     from shadowlane.compare import is_reported
     from support.backend import RecordingBackend, Reply
+    from support.configs import shadow_config
     from support.migration import wait_for_stored
-    from support.proxy import basic_config
 
     def answer(version: bytes) -> Any:
         return lambda req: Reply(headers=[("content-type", "application/json")], body=version)
 
     with RecordingBackend(answer(b'{"v": 1}')) as b1, RecordingBackend(answer(b'{"v": 2}')) as b2:
-        config = basic_config(
-            b1.url,
+        config = shadow_config(
+            {"b1": b1.url, "b2": {"endpoints": [b2.url], "timeout": "5s"}},
+            primary="b1",
+            shadows=[{"backend": "b2", "compare": True}],
             compare={
                 "store": f"sqlite:///{tmp_path}/t.db",
                 "flush_interval": "50ms",
@@ -372,8 +369,6 @@ def test_a_running_instance_judges_by_its_configured_thresholds(
                 "thresholds": {"absolute": 100},
             },
         )
-        config["backends"]["b2"] = {"endpoints": [b2.url], "timeout": "5s"}
-        config["routes"][0]["shadows"] = [{"backend": "b2", "compare": True}]
         proxy = proxy_factory(config)
         for n in range(3):
             assert requests.get(f"{proxy.url}/x/{n}", timeout=TIMEOUT).status_code == 200

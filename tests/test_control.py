@@ -1,7 +1,7 @@
 """Runtime control in process: a change steers the live generation, never the config models,
 and the admin API maps refused changes to their statuses.
 
-The end-to-end behaviour (every worker, reload forgets) is test_operations.py's; these tests pin
+The end-to-end behaviour (every worker, reload forgets) is test_control_api.py's; these pin
 the seams: `Control` acts on whatever `Generation` serves now, `GET /api/config` is the file's
 config with the live values overlaid, and `admin.control_api` needs nothing but the
 `RuntimeControl` operations.

@@ -10,10 +10,8 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,45 +19,13 @@ from typing import Any
 import pytest
 
 from support.backend import RecordingBackend, dead_port
-from support.procfs import socket_inodes
-from support.proxy import HttpResponse, ProxyProcess, basic_config, read_http_response
+from support.client import InFlight, get
+from support.procfs import connected_to, tcp_sockets, workers_listening
+from support.proxy import ProxyFactory, basic_config, read_http_response
 from support.wait import wait_until
 
 T = 5.0
 LOOPBACK = "127.0.0.1"
-ProxyFactory = Callable[..., ProxyProcess]
-
-
-def get(
-    port: int, target: str, headers: list[tuple[str, str]] | None = None, method: str = "GET"
-) -> HttpResponse:
-    head = f"{method} {target} HTTP/1.1\r\nHost: life.test\r\n"
-    head += "".join(f"{k}: {v}\r\n" for k, v in headers or [])
-    with socket.create_connection((LOOPBACK, port), timeout=T) as sock:
-        sock.sendall(head.encode() + b"\r\n")
-        return read_http_response(sock, method, timeout=T)
-
-
-class InFlight(threading.Thread):
-    """A request sent from its own thread; `result` is the response or the exception."""
-
-    def __init__(self, port: int, target: str) -> None:
-        super().__init__(daemon=True)
-        self.port = port
-        self.target = target
-        self.result: HttpResponse | BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = get(self.port, self.target)
-        except BaseException as e:
-            self.result = e
-
-    def response(self) -> HttpResponse:
-        self.join(T)
-        assert not self.is_alive(), f"{self.target}: no answer within {T}s"
-        assert isinstance(self.result, HttpResponse), f"{self.target}: {self.result!r}"
-        return self.result
 
 
 def refuses_connections(port: int) -> bool:
@@ -75,15 +41,13 @@ def refuses_connections(port: int) -> bool:
 # -- startup ------------------------------------------------------------------------------------
 
 
-def startup_lines(proxy: ProxyProcess) -> list[str]:
-    return [line for line in proxy.stderr_text().splitlines() if "listening on" in line]
-
-
 def test_startup_line_says_what_listens_where(
     backend: RecordingBackend, proxy_factory: ProxyFactory
 ) -> None:
     proxy = proxy_factory(basic_config(backend.url))
-    (line,) = wait_until(lambda: startup_lines(proxy), T, "the startup line on stderr")
+    (line,) = wait_until(
+        lambda: proxy.stderr_lines("listening on"), T, "the startup line on stderr"
+    )
     assert f"http://127.0.0.1:{proxy.port}" in line, line
     assert f"127.0.0.1:{proxy.admin_port}" in line, line
     assert "1 route" in line, line
@@ -158,43 +122,20 @@ def test_drain_timeout_bounds_the_shutdown(
 # -- --workers ----------------------------------------------------------------------------------
 
 
-def established_to(port: int) -> dict[str, int]:
-    """inode -> remote port, for ESTABLISHED IPv4 TCP sockets connected to `port`."""
-    out = {}
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        remote, state, inode = fields[2], fields[3], fields[9]
-        if state == "01" and int(remote.split(":")[1], 16) == port:
-            out[inode] = port
-    return out
-
-
-def listening_on(port: int) -> set[str]:
-    """Inodes of IPv4 TCP sockets listening on `port`."""
-    out = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
-            out.add(fields[9])
-    return out
-
-
 def test_workers_all_serve_and_sigterm_stops_them_all(
     backend: RecordingBackend, proxy_factory: ProxyFactory
 ) -> None:
     proxy = proxy_factory(basic_config(backend.url), workers=2)
-    workers = wait_until(lambda: len(proxy.worker_pids()) == 2 and proxy.worker_pids(), T, "2")
+    # wait for each worker to have its own SO_REUSEPORT listener, or the first requests all
+    # go to the quicker one
+    workers = workers_listening(proxy, 2, T)
     assert proxy.pid not in workers
-    # the proxy counts as ready once one worker listens; wait for each to have its own
-    # SO_REUSEPORT listener, or the first requests all go to the quicker one
-    wait_until(
-        lambda: all(socket_inodes(pid) & listening_on(proxy.port) for pid in workers),
-        T,
-        "both workers to listen",
-    )
-    assert len(listening_on(proxy.port)) == 2
+    # union of three reads: /proc/net/tcp is read a page at a time and can skip a row
+    assert len(tcp_sockets(proxy.port, listening=True, reads=3)) == 2
 
-    (line,) = wait_until(lambda: startup_lines(proxy), T, "the startup line on stderr")
+    (line,) = wait_until(
+        lambda: proxy.stderr_lines("listening on"), T, "the startup line on stderr"
+    )
     assert "2 workers" in line, line
     assert f"http://127.0.0.1:{proxy.port}" in line, line
 
@@ -202,9 +143,9 @@ def test_workers_all_serve_and_sigterm_stops_them_all(
         statuses = list(ex.map(lambda i: get(proxy.port, f"/w/{i}").status, range(64)))
     assert statuses == [200] * 64
     # each worker served some of them: each holds a pooled connection to the backend
-    upstream = established_to(backend.port)
+    served = connected_to(workers, backend.port)
     for pid in workers:
-        assert socket_inodes(pid) & upstream.keys(), f"worker {pid} has no upstream connection"
+        assert served[pid], f"worker {pid} has no upstream connection"
 
     slow = InFlight(proxy.port, "/delay/1")
     slow.start()
@@ -220,10 +161,6 @@ def test_workers_all_serve_and_sigterm_stops_them_all(
 
 
 # -- access log ---------------------------------------------------------------------------------
-
-
-def log_lines(proxy: ProxyProcess) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in proxy.stdout_text().splitlines() if line.strip()]
 
 
 def access_log_config(backend: RecordingBackend) -> dict[str, Any]:
@@ -248,7 +185,7 @@ def test_access_log_one_json_line_per_request(
     assert get(proxy.port, "/status/418").status == 418
     assert get(proxy.port, "/delay/0.2").status == 200
     assert get(proxy.port, "/down/x").status == 502
-    lines = wait_until(lambda: len(log_lines(proxy)) >= 4 and log_lines(proxy), T, "4 lines")
+    lines = wait_until(lambda: len(proxy.access_log()) >= 4 and proxy.access_log(), T, "4 lines")
     assert len(lines) == 4, lines
     a, teapot, slow, down = lines
 
@@ -276,8 +213,8 @@ def test_access_log_records_requests_that_match_no_route(
     proxy = proxy_factory(config)
     assert get(proxy.port, "/nowhere").status == 404
     assert get(proxy.port, "/only").status == 200  # logged after the 404, if that is logged
-    wait_until(lambda: len(log_lines(proxy)) >= 2, T, "two access log lines")
-    lines = log_lines(proxy)
+    wait_until(lambda: len(proxy.access_log()) >= 2, T, "two access log lines")
+    lines = proxy.access_log()
     assert [x["status"] for x in lines] == [404, 200], lines
     assert lines[0]["request_id"], lines[0]
 
@@ -290,8 +227,8 @@ def test_access_log_lines_are_written_as_requests_happen(
     proxy = proxy_factory(access_log_config(backend), env={"PYTHONUNBUFFERED": ""})
     assert get(proxy.port, "/prompt").status == 200
     try:
-        wait_until(lambda: log_lines(proxy), 3.0, "the access log line")
+        wait_until(lambda: proxy.access_log(), 3.0, "the access log line")
     except TimeoutError:
         proxy.stop()
-        later = "appeared at exit" if log_lines(proxy) else "never appeared"
+        later = "appeared at exit" if proxy.access_log() else "never appeared"
         pytest.fail(f"access log line not written within 3s of the request ({later})")

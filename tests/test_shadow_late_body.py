@@ -12,71 +12,35 @@ The primary here is a real socket server that answers as soon as it has the requ
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Self
 
 import pytest
 
 from support.backend import RecordingBackend, pattern_bytes
+from support.configs import shadow_config
 from support.metrics import outcomes
 from support.proxy import ProxyProcess, read_http_response
+from support.servers import SocketServer
 from support.wait import wait_until
 
 T = 5.0
 EARLY = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 3\r\n\r\nno\n"
 
 
-class EarlyAnswerBackend:
+class EarlyAnswerBackend(SocketServer):
     """Answers 401 once it has a request head, then reads and drops whatever follows."""
 
     def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
+        super().__init__()
         self.heads: list[bytes] = []
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._stop = threading.Event()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Self:
-        t = threading.Thread(target=self._accept, daemon=True)
-        t.start()
-        self._threads.append(t)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._listener.close()
-        for t in self._threads:
-            t.join(T)
-
-    def _accept(self) -> None:
-        self._listener.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(0.1)
+    def handle(self, conn: socket.socket) -> None:
         buf = b""
         answered = False
         with conn:
-            while not self._stop.is_set():
+            while True:
                 try:
-                    chunk = conn.recv(65536)
-                except TimeoutError:
-                    continue
+                    chunk = conn.recv(65536)  # stop() shuts the connection down: b""
                 except OSError:
                     return
                 if not chunk:
@@ -86,7 +50,7 @@ class EarlyAnswerBackend:
                 buf += chunk
                 end = buf.find(b"\r\n\r\n")
                 if end >= 0:
-                    with self._lock:
+                    with self._cond:
                         self.heads.append(buf[:end])
                     conn.sendall(EARLY)
                     answered = True
@@ -97,17 +61,11 @@ def setup(
     backend: RecordingBackend, proxy_factory: Callable[..., ProxyProcess]
 ) -> Iterator[tuple[ProxyProcess, EarlyAnswerBackend, RecordingBackend]]:
     with EarlyAnswerBackend() as primary:
-        config: dict[str, Any] = {
-            "backends": {"p": {"endpoints": [primary.url]}, "s": {"endpoints": [backend.url]}},
-            "routes": [
-                {
-                    "name": "up",
-                    "match": {"path_prefix": "/"},
-                    "backend": "p",
-                    "shadows": [{"backend": "s", "percent": 100, "max_body": "1MiB"}],
-                }
-            ],
-        }
+        config = shadow_config(
+            {"p": {"endpoints": [primary.url]}, "s": {"endpoints": [backend.url]}},
+            route="up",
+            shadows=[{"backend": "s", "percent": 100, "max_body": "1MiB"}],
+        )
         yield proxy_factory(config), primary, backend
 
 

@@ -6,11 +6,14 @@ that trust by talking to them directly with ``requests`` and raw sockets — no 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Literal
 
 import pytest
 import requests
@@ -25,8 +28,9 @@ from support.backend import (
     pattern_bytes,
 )
 from support.metrics import Scrape, fetch_text
-from support.procfs import established_from
+from support.procfs import connected_to, established_from, socket_inodes, tcp_sockets
 from support.proxy import ProxyProcess, raw_request, read_http_response
+from support.servers import LoopThread, ServerThread, SocketServer
 from support.wait import wait_until
 
 T = 5.0  # client timeout for every request in this file
@@ -288,6 +292,76 @@ def test_fetch_text_fails_on_a_non_200_answer() -> None:
         with pytest.raises(AssertionError, match="503"):
             fetch_text(b.url)
         assert [r.target for r in b.requests] == ["/metrics"]
+
+
+def test_tcp_sockets_finds_listeners_and_connections_by_inode() -> None:
+    """What tests use to tell which process owns a socket: the inodes /proc/net/tcp lists
+    for a port are the ones this process holds (a bound, non-listening socket is not there)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        mine = socket_inodes(os.getpid())
+        assert tcp_sockets(port, listening=True, reads=3) <= mine
+        assert len(tcp_sockets(port, listening=True, reads=3)) == 1
+        with socket.create_connection(("127.0.0.1", port), timeout=T):
+            accepted, _ = server.accept()
+            with accepted:
+                connected = wait_until(
+                    lambda: tcp_sockets(port, listening=False), T, "the connection"
+                )
+                assert connected <= socket_inodes(os.getpid())
+                assert connected_to([os.getpid()], port) == {os.getpid(): True}
+    assert tcp_sockets(dead_port(), listening=True, reads=3) == set()
+
+
+class _Echo(SocketServer):
+    """Echoes what it reads, one blocking recv at a time, until the peer or stop() ends it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended = threading.Event()
+
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
+            while chunk := conn.recv(65536):
+                conn.sendall(chunk)
+        self.ended.set()
+
+
+def test_socket_server_stop_wakes_a_handler_blocked_in_recv() -> None:
+    server = _Echo()
+    port = server.port  # bound before start
+    with server, socket.create_connection(("127.0.0.1", port), timeout=T) as client:
+        client.sendall(b"ping")
+        assert client.recv(4) == b"ping"
+        start = time.monotonic()
+        server.stop()
+        assert server.ended.is_set(), "the handler thread was not joined"
+        assert time.monotonic() - start < 2
+        assert client.recv(1) == b""  # our side sees the server's shutdown
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=T).close()
+
+
+def test_server_thread_start_raises_what_stopped_it() -> None:
+    class Broken(ServerThread):
+        def _run(self) -> None:
+            raise OSError("cannot bind")
+
+    with pytest.raises(OSError, match="cannot bind"):
+        Broken().start()
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_loop_thread_runs_coroutines_off_the_test_thread(
+    kind: Literal["asyncio", "uvloop"],
+) -> None:
+    async def where() -> int | None:
+        await asyncio.sleep(0)
+        return threading.get_ident()
+
+    with LoopThread(kind) as lt:
+        assert lt.run(where()) == lt.ident != threading.get_ident()
+    assert lt.loop.is_closed()
 
 
 def test_dead_port_refuses() -> None:

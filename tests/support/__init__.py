@@ -13,13 +13,8 @@ the harness.
 from __future__ import annotations
 
 from .backend import HungServer, Recorded, RecordingBackend, Reply, dead_port, pattern_bytes
-from .proxy import (
-    HttpResponse,
-    ProxyProcess,
-    basic_config,
-    raw_request,
-    read_http_response,
-)
+from .configs import backend_entry, basic_config, shadow_config
+from .proxy import HttpResponse, ProxyProcess, raw_request, read_http_response
 
 __all__ = [
     "HttpResponse",
@@ -28,9 +23,11 @@ __all__ = [
     "Recorded",
     "RecordingBackend",
     "Reply",
+    "backend_entry",
     "basic_config",
     "dead_port",
     "pattern_bytes",
     "raw_request",
     "read_http_response",
+    "shadow_config",
 ]

@@ -22,18 +22,18 @@ import http
 import json
 import re
 import select
-import selectors
 import socket
 import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 import h11
 
 from support.procfs import established_from
+
+from .servers import ServerThread, SocketServer
 
 Action = Literal["reset_mid_body", "hang", "close"]
 
@@ -134,6 +134,17 @@ _BYTES_RE = re.compile(r"/bytes/(\d+)")
 _CHUNKED_RE = re.compile(r"/chunked/(\d+)")
 
 
+def named(name: str) -> Handler:
+    """A handler answering ``name`` as a text/plain body: which backend served a request, at
+    a glance (canary weights, reloads that switch backends)."""
+    body = name.encode()
+
+    def handler(_req: Recorded) -> Reply:
+        return Reply(headers=[("Content-Type", "text/plain")], body=body)
+
+    return handler
+
+
 def default_handler(req: Recorded) -> Reply:
     """Path conventions, so most tests need no handler of their own.
 
@@ -182,12 +193,13 @@ class _Stats:
                 raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
-class RecordingBackend:
+class RecordingBackend(ServerThread):
     """A real HTTP/1.1 server on 127.0.0.1 (port 0) that records every request.
 
-    Use as a context manager (or ``start()``/``stop()``). Keep-alive, pipelining, Content-Length
-    and chunked request bodies and ``Expect: 100-continue`` are handled by h11. The handler runs
-    on the server's loop thread; it must not block (use ``Reply.delay`` to be slow).
+    Use as a context manager (or ``start()``/``stop()``, see :class:`support.servers.
+    ThreadRunner`). Keep-alive, pipelining, Content-Length and chunked request bodies and
+    ``Expect: 100-continue`` are handled by h11. The handler runs on the server's loop thread;
+    it must not block (use ``Reply.delay`` to be slow).
     """
 
     def __init__(
@@ -198,67 +210,16 @@ class RecordingBackend:
         port: int = 0,
         max_header_bytes: int = 64 * 1024,
     ) -> None:
+        super().__init__(host)
         self.handler: Handler = handler or default_handler
-        self.host = host
         self._requested_port = port
         self._max_header_bytes = max_header_bytes
         self._stats = _Stats()
-        self._port: int | None = None
-        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._start_error: BaseException | None = None
         self._conn_tasks: set[asyncio.Task[None]] = set()
 
-    # -- life cycle ---------------------------------------------------------------------------
-
-    def start(self, timeout: float = 5.0) -> Self:
-        """Start the server thread; returns once the port is listening."""
-        self._thread = threading.Thread(target=self._run, name="RecordingBackend", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"RecordingBackend did not start within {timeout}s")
-        if self._start_error is not None:
-            raise self._start_error
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Close the listener and every connection (hung ones too), then join the thread."""
-        loop, stopping, thread = self._loop, self._stopping, self._thread
-        if thread is None:
-            return
-        if loop is not None and stopping is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # loop already finished
-                loop.call_soon_threadsafe(stopping.set)
-        thread.join(timeout)
-        if thread.is_alive():
-            raise TimeoutError(f"RecordingBackend thread did not stop within {timeout}s")
-        self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # -- what tests read ----------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("RecordingBackend is not started")
-        return self._port
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT`` (no trailing slash): what goes into ``endpoints``."""
-        return f"http://{self.host}:{self.port}"
 
     @property
     def requests(self) -> list[Recorded]:
@@ -311,11 +272,15 @@ class RecordingBackend:
         self._loop = loop
         try:
             loop.run_until_complete(self._main())
-        except BaseException as e:  # surfaced to start() if it happened before ready
-            self._start_error = e
-            self._ready.set()
         finally:
             loop.close()
+
+    def _wake(self) -> None:
+        """Close the listener and every connection (hung ones too): see ``_main``."""
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # loop already finished
+                loop.call_soon_threadsafe(stopping.set)
 
     async def _main(self) -> None:
         self._stopping = asyncio.Event()
@@ -510,37 +475,33 @@ class RecordingBackend:
         transport.abort()
 
 
-class HungServer:
+class HungServer(SocketServer):
     """Accepts TCP connections and never reads from or answers them, until stopped.
 
     The "backend is stuck" case: connect succeeds, the request goes into the kernel buffer,
-    nothing ever comes back. Context manager; ``.port``, ``.url``, ``.connections_accepted``.
+    nothing ever comes back. Context manager; ``.port`` (known before start), ``.url``,
+    ``.connections_accepted``. Stop closes every accepted socket.
     """
 
     def __init__(self, host: str = "127.0.0.1") -> None:
-        self.host = host
-        self._listener = socket.create_server((host, 0), backlog=128)
-        self.port: int = self._listener.getsockname()[1]
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._accepted: list[socket.socket] = []
+        super().__init__(host, backlog=128)
         #: the client's port of each accepted connection (kept: getpeername fails after a RST)
         self._peer_ports: list[int] = []
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="HungServer", daemon=True)
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def _on_accept(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        with self._cond:  # held, never read: no thread per connection
+            self._peer_ports.append(addr[1])
+            self._keep(conn)
 
     @property
     def connections_accepted(self) -> int:
         with self._cond:
-            return len(self._accepted)
+            return len(self._conns)
 
     def wait_for_connections(self, n: int, timeout: float = 5.0) -> None:
         """Block until ``n`` connections were accepted (bounded)."""
         with self._cond:
-            if not self._cond.wait_for(lambda: len(self._accepted) >= n, timeout=timeout):
+            if not self._cond.wait_for(lambda: len(self._conns) >= n, timeout=timeout):
                 raise TimeoutError(f"HungServer: fewer than {n} connections after {timeout}s")
 
     def clients_established(self) -> int:
@@ -559,47 +520,6 @@ class HungServer:
         with self._cond:
             ports = list(self._peer_ports)
         return established_from(ports, self.port)
-
-    def start(self) -> Self:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Wake the accept thread, join it, close every socket."""
-        if self._thread.is_alive():
-            self._wake_w.send(b"x")
-            self._thread.join(timeout)
-        with self._cond:
-            for s in self._accepted:
-                s.close()
-        self._listener.close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._listener, selectors.EVENT_READ)
-            sel.register(self._wake_r, selectors.EVENT_READ)
-            while True:
-                for key, _ in sel.select():
-                    if key.fileobj is self._wake_r:
-                        return
-                    conn, addr = self._listener.accept()
-                    with self._cond:
-                        self._accepted.append(conn)
-                        self._peer_ports.append(addr[1])
-                        self._cond.notify_all()
 
 
 #: sockets bound (never listening) for the life of the test process, see dead_port()

@@ -225,10 +225,22 @@ def run_report(store_url: str, fmt: str = "text", timeout: float = 60.0) -> str:
     return done.stdout
 
 
+def compared_in_report(store_url: str, route: str, target: str) -> int:
+    """How many comparisons of (route, target) ``shadowlane report --format json`` finds in the
+    store (fails if the report has no row for them)."""
+    rows = {
+        (r["route"], r["target"]): r
+        for r in json.loads(run_report(store_url, "json"))["comparisons"]
+    }
+    assert (route, target) in rows, rows
+    return int(rows[(route, target)]["compared"])
+
+
 __all__ = [
     "CACHE",
     "InstallError",
     "WerkzeugService",
+    "compared_in_report",
     "comparison_results",
     "get_json",
     "install",

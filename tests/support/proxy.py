@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,25 +27,10 @@ import yaml
 
 from support.processes import end_process_group
 
+from .configs import basic_config as basic_config  # re-exported: its old home
 from .metrics import fetch_text
 
 LOOPBACK = "127.0.0.1"
-
-
-def basic_config(*endpoints: str, timeout: str = "5s", **extra: Any) -> dict[str, Any]:
-    """The smallest useful config: one backend ``b1`` with ``endpoints``, one route ``/`` to it.
-
-    ``extra`` keys are merged at the top level (e.g. ``compare=...``); ``listen`` and
-    ``admin.listen`` are filled in by :class:`ProxyProcess` (port 0).
-    """
-    config: dict[str, Any] = {
-        "backends": {
-            "b1": {"endpoints": list(endpoints), "timeout": timeout, "connect_timeout": "1s"}
-        },
-        "routes": [{"name": "r1", "match": {"path_prefix": "/"}, "backend": "b1"}],
-    }
-    config.update(extra)
-    return config
 
 
 def _split_hostport(value: str) -> tuple[str, int]:
@@ -145,6 +131,15 @@ class ProxyProcess:
 
     def stderr_text(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def stderr_lines(self, needle: str) -> list[str]:
+        """The lines of stderr so far that contain ``needle`` (the proxy logs there what it
+        did: "listening on", "reloaded", "reload refused", warnings)."""
+        return [line for line in self.stderr_text().splitlines() if needle in line]
+
+    def access_log(self) -> list[dict[str, Any]]:
+        """The access log so far: one JSON object per stdout line (``access_log: true``)."""
+        return [json.loads(line) for line in self.stdout_text().splitlines() if line.strip()]
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -268,6 +263,10 @@ class ProxyProcess:
         if self.proc is not None and self.returncode is None:
             self.stop()
         self._tmp.cleanup()
+
+
+#: the type of conftest's ``proxy_factory`` fixture: ``make(config, workers=1, **kw)``, started
+ProxyFactory = Callable[..., ProxyProcess]
 
 
 # -- raw HTTP -------------------------------------------------------------------------------
