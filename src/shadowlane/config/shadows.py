@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 from shadowlane.config.base import _Model, _none_to_empty
 from shadowlane.config.comparison import ShadowCompare, ShadowCompareField
 from shadowlane.config.matching import ShadowMatch, _compile_regex, _lower_header_names
-from shadowlane.config.units import _TOKEN, Int, Size, Timeout
+from shadowlane.config.units import _TOKEN, Int, Name, Size, Timeout
 
 #: headers the shadow copy's framing, Host handling and loop detection depend on
 _RESERVED_HEADERS = frozenset(
@@ -127,6 +127,45 @@ def _check_ordered_by(value: str | None) -> str | None:
     return _key_spec(value, ("header", "query"), ("path",), "path, header:NAME or query:NAME")
 
 
+def _check_order_key(value: str) -> str:
+    """One key extractor of `order.keys`: the `ordered_by` forms plus regex captures of the path
+    and a JSON pointer into the body; checked here so a bad one never reaches a request."""
+    kind, sep, name = value.partition(":")
+    if sep and kind == "path_regex" and name:
+        _compile_regex(name)
+        return value
+    if sep and kind == "json":
+        if not name.startswith("/"):
+            raise ValueError(f"json:POINTER needs a JSON pointer starting with '/', not {name!r}")
+        return value
+    return _key_spec(
+        value,
+        ("header", "query"),
+        ("path",),
+        "path, header:NAME, query:NAME, path_regex:RE or json:/POINTER",
+    )
+
+
+OrderKeySpec = Annotated[str, AfterValidator(_check_order_key)]
+
+
+class OrderConfig(_Model, frozen=True):
+    """Ordering of a shadow's copies: the scope they share with other shadows, and their keys.
+
+    Copies of one scope (by name, per target backend) that share a key are sent one after the
+    other, in the order their primaries answered; copies with disjoint keys go in parallel.
+    """
+
+    #: shadows naming the same scope and target are ordered together, across routes; without a
+    #: name the shadow has a scope of its own (what `ordered_by` always was)
+    scope: Name | None = None
+    #: `elasticsearch` (documents, `_bulk` actions, index-level barriers), or a list of key
+    #: extractors whose keys together are the copy's key set
+    keys: Literal["elasticsearch"] | Annotated[list[OrderKeySpec], Field(min_length=1)]
+    #: every copy of this shadow is a barrier for its whole scope (templates, cluster settings)
+    barrier: bool = False
+
+
 def _split_key(value: str | None) -> tuple[str, str] | None:
     if value is None:
         return None
@@ -174,6 +213,8 @@ class ShadowConfig(_Model, frozen=True):
     send: Literal["with_request", "after_response"] = "with_request"
     only_if_primary: Literal["2xx"] | None = None
     ordered_by: Annotated[str | None, AfterValidator(_check_ordered_by)] = None
+    order: OrderConfig | None = None
+    ids_from_primary: Literal["elasticsearch"] | None = None
     timeout: Timeout = 5.0
     max_in_flight: Annotated[Int, Field(ge=1)] = 64
     queue: Annotated[Int, Field(ge=0)] = 1024
@@ -197,6 +238,16 @@ class ShadowConfig(_Model, frozen=True):
         return data
 
     @model_validator(mode="after")
+    def _one_ordering_form(self) -> ShadowConfig:
+        if self.ordered_by is not None and self.order is not None:
+            raise ValueError("set either ordered_by or order, not both (ordered_by: K is "
+                             "order: {keys: [K]})")
+        if self.ids_from_primary is not None and self.send == "with_request":
+            raise ValueError("ids_from_primary needs the primary's answer: it cannot be "
+                             "combined with send: with_request")
+        return self
+
+    @model_validator(mode="after")
     def _only_if_primary_needs_after_response(self) -> ShadowConfig:
         """Writing `send: with_request` explicitly next to only_if_primary is a contradiction."""
         if self.only_if_primary is not None and self.send == "with_request":
@@ -211,9 +262,23 @@ class ShadowConfig(_Model, frozen=True):
         return _split_key(self.sample_by)
 
     @property
-    def order_key(self) -> tuple[str, str] | None:
-        """`ordered_by` split as (kind, name): ("path", ""), ("query", "account")."""
-        return _split_key(self.ordered_by)
+    def ordering(self) -> OrderConfig | None:
+        """The resolved ordering: `order`, or `ordered_by: K` as a one-key scope of its own."""
+        if self.order is not None:
+            return self.order
+        if self.ordered_by is not None:
+            return OrderConfig(keys=[self.ordered_by])
+        return None
+
+    @property
+    def waits_for_primary(self) -> bool:
+        """Copies go after the primary answered: asked for, ordered (the order is the order of
+        the primary's answers), or rewritten from the primary's answer."""
+        return (
+            self.send == "after_response"
+            or self.ordering is not None
+            or self.ids_from_primary is not None
+        )
 
     @property
     def compare_enabled(self) -> ShadowCompare | None:

@@ -63,3 +63,46 @@ Ended = Literal["ok", "error", "timeout"]
 #: the comparison result counted for a request whose comparison cannot happen (a copy not
 #: sent, a secondary that failed); the other results are the comparator's
 COMPARISON_DROPPED: Final = "dropped"
+
+#: Why a copy of an ordered scope may have left the target in another state than the primary:
+#: the `reason` of a divergence ledger entry and of `shadowlane_divergences_total{reason}`.
+#:   dropped             not sent: the lane's queue or byte bound was full, or its circuit open
+#:   skipped_body        not sent: the body was too big to keep or never complete
+#:   error, timeout      sent, but no answer (the write may or may not have been applied)
+#:   status_mismatch     one side answered 2xx and the other did not
+#:   bulk_item           a `_bulk` item succeeded on one side and failed on the other
+#:   primary_unusable    the primary's answer was needed (ids) but was cut, not JSON, or did
+#:                       not match the request; the copy was not guessed at, not sent
+#:   primary_incomplete  the client left mid-exchange: whether the primary applied it is unknown
+#:   answer_unusable     the target's answer was needed to check items but was cut or not JSON
+DIV_DROPPED: Final = "dropped"
+DIV_SKIPPED_BODY: Final = "skipped_body"
+DIV_ERROR: Final = "error"
+DIV_TIMEOUT: Final = "timeout"
+DIV_STATUS: Final = "status_mismatch"
+DIV_BULK_ITEM: Final = "bulk_item"
+DIV_PRIMARY_UNUSABLE: Final = "primary_unusable"
+DIV_PRIMARY_INCOMPLETE: Final = "primary_incomplete"
+DIV_ANSWER_UNUSABLE: Final = "answer_unusable"
+DivergenceReason = Literal[
+    "dropped",
+    "skipped_body",
+    "error",
+    "timeout",
+    "status_mismatch",
+    "bulk_item",
+    "primary_unusable",
+    "primary_incomplete",
+    "answer_unusable",
+]
+DIVERGENCE_REASONS: Final[tuple[DivergenceReason, ...]] = (
+    DIV_DROPPED,
+    DIV_SKIPPED_BODY,
+    DIV_ERROR,
+    DIV_TIMEOUT,
+    DIV_STATUS,
+    DIV_BULK_ITEM,
+    DIV_PRIMARY_UNUSABLE,
+    DIV_PRIMARY_INCOMPLETE,
+    DIV_ANSWER_UNUSABLE,
+)
