@@ -45,7 +45,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from shadowlane import __version__
-from shadowlane.shadow.outcomes import SHADOW_OUTCOMES, Outcome
+from shadowlane.shadow.outcomes import (
+    DIVERGENCE_REASONS,
+    SHADOW_OUTCOMES,
+    DivergenceReason,
+    Outcome,
+)
 
 __all__ = [
     "BUCKETS",
@@ -333,6 +338,13 @@ class Metrics:
             ("route", "target", "outcome"),
             registry=self.registry,
         )
+        self._divergences = Counter(
+            "shadowlane_divergences",
+            "Ordered shadow copies that may have left the target unlike the primary, by reason.",
+            ("route", "target", "reason"),
+            registry=self.registry,
+        )
+        self._divergence_tallies: dict[tuple[str, str, str], _CounterTally] = {}
         self._shadow_duration = Histogram(
             "shadowlane_shadow_duration_seconds",
             "Time from shadow request sent to shadow response fully read.",
@@ -383,6 +395,24 @@ class Metrics:
             tally = self._shadow_tallies[(route, target, outcome)]
         tally.n += n
 
+    def divergence(self, route: str, target: str, reason: DivergenceReason, n: int = 1) -> None:
+        """Count `n` divergence ledger entries of `route` to `target` for `reason`."""
+        tally = self._divergence_tallies.get((route, target, reason))
+        if tally is None:
+            if reason not in DIVERGENCE_REASONS:
+                raise ValueError(f"unknown divergence {reason!r}; one of {DIVERGENCE_REASONS}")
+            self.declare_ordered(route, target)
+            tally = self._divergence_tallies[(route, target, reason)]
+        tally.n += n
+
+    def declare_ordered(self, route: str, target: str) -> None:
+        """Create the divergence series of an ordered (route, target) pair at zero."""
+        for reason in DIVERGENCE_REASONS:
+            key = (route, target, reason)
+            if key not in self._divergence_tallies:
+                child = self._divergences.labels(route, target, reason)
+                self._divergence_tallies[key] = _CounterTally(child)
+
     def observe_shadow(self, route: str, target: str, seconds: float) -> None:
         """Record how long one shadow request to `target` took."""
         tally = self._shadow_duration_tallies.get((route, target))
@@ -411,6 +441,8 @@ class Metrics:
         for counter in list(self._request_tallies.values()):
             counter.flush()
         for counter in list(self._shadow_tallies.values()):
+            counter.flush()
+        for counter in list(self._divergence_tallies.values()):
             counter.flush()
         with self._comparison_lock:
             pending = [(c, c.take()) for c in self._comparison_tallies.values()]
