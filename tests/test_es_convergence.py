@@ -35,7 +35,7 @@ import pytest
 
 from support.metrics import settle
 from support.migration import get_json
-from support.opensearch import NEW, OLD, OpenSearchServer
+from support.opensearch import NEW, OLD, FaultyRelay, OpenSearchServer
 from support.proxy import ProxyProcess
 
 T = 15.0
@@ -219,7 +219,7 @@ def settle_all(proxy: ProxyProcess, sent: dict[str, int], since: dict[str, int])
 def verify(old: str, new: str, *extra: str) -> tuple[int, dict[str, Any]]:
     done = subprocess.run(
         [sys.executable, "-m", "shadowlane", "verify", "--kind", "elasticsearch",
-         "--primary", old, "--shadow", new, "--index", "conv-*", "--format", "json", *extra],
+         "--primary", old, "--shadow", new, "--format", "json", *extra],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode in (0, 1), done.stderr
@@ -257,7 +257,7 @@ def test_scoped_writes_with_primary_ids_converge(
     }
     assert new.request("GET", f"/_index_template/{TEMPLATE}").get("index_templates")
     assert ledger["open"] == 0, ledger
-    code, result = verify(old.url, new.url)
+    code, result = verify(old.url, new.url, "--index", "conv-*")
     assert code == 0 and result["equal"] is True, result
     assert result["compared"] == len(primary)
 
@@ -275,7 +275,78 @@ def test_per_path_ordering_drifts(
     shadow = new.documents(INDEX)
     assert len(primary) > DOCS // 2
     assert shadow != primary
-    code, result = verify(old.url, new.url)
+    code, result = verify(old.url, new.url, "--index", "conv-*")
     assert code == 1 and result["equal"] is False
     # every id-less write got another id on each cluster
     assert result["only_in_primary"] > 0 and result["only_in_shadow"] > 0, result
+
+
+def _put(conn: http.client.HTTPConnection, method: str, path: str, body: Any) -> int:
+    if isinstance(body, list):
+        data = "".join(json.dumps(line) + "\n" for line in body).encode()
+        ctype = "application/x-ndjson"
+    else:
+        data = json.dumps(body).encode()
+        ctype = "application/json"
+    conn.request(method, path, body=data, headers={"Content-Type": ctype})
+    resp = conn.getresponse()
+    resp.read()
+    return resp.status
+
+
+def test_breaks_are_in_the_ledger_and_verify_repair_heals_them(
+    clusters: tuple[OpenSearchServer, OpenSearchServer], tmp_path: Any
+) -> None:
+    """A shadow that rejects writes, one that times out, a full queue and a `_bulk` item that
+    fails on the shadow only: each is in the ledger with its documents; `verify --suspects`
+    finds them differing; `--repair` heals them; a second verify finds the clusters equal."""
+    old, new = clusters
+    for server in (old, new):
+        assert "acknowledged" in server.request("PUT", "/brk", {})
+    # a document the shadow has and the primary does not: a `create` of it fails on the
+    # shadow only (409), a real per-item failure of a real server
+    new.request("PUT", "/brk/_doc/taken?refresh=true", {"v": "only on the shadow"})
+    db = tmp_path / "ledger.db"
+    store = f"sqlite:///{db}"
+    with FaultyRelay(new.url, hold=3.0, slow=0.4) as relay:
+        cfg = config(old.url, relay.url, converging=True, store=store)
+        for route in cfg["routes"]:
+            for sc in route.get("shadows", []):
+                sc.update(timeout="1s", max_in_flight=1, queue=2)
+        with ProxyProcess(cfg) as px:
+            conn = http.client.HTTPConnection(px.host, px.port, timeout=T)
+            # rejected by the shadow: status_mismatch
+            assert _put(conn, "PUT", "/brk/_doc/rej", {"v": "REJECT me"}) == 201
+            # a bulk whose create of `taken` fails on the shadow: bulk_item
+            bulk = [{"create": {"_id": "taken"}}, {"v": "primary's"},
+                    {"index": {"_id": "fine"}}, {"v": "both"}]  # fmt: skip
+            assert _put(conn, "POST", "/brk/_bulk", bulk) == 200
+            # held past the copy's timeout and never applied: timeout
+            assert _put(conn, "PUT", "/brk/_doc/held", {"v": "HOLD"}) == 201
+            settle(px, "es-docs", TARGET, 2, timeout=T)
+            settle(px, "es-bulk", TARGET, 1, timeout=T)
+            # a burst to one document while the shadow is slow: the queue of 2 overflows
+            for i in range(8):
+                assert _put(conn, "PUT", "/brk/_doc/burst", {"v": f"SLOW {i}"}) in (200, 201)
+            conn.close()
+            settle(px, "es-docs", TARGET, 10, timeout=T)
+            ledger = get_json(f"{px.admin_url}/api/ledger?limit=100")
+    by_reason: dict[str, set[str]] = {}
+    for entry in ledger["entries"]:
+        by_reason.setdefault(entry["reason"], set()).update(entry["keys"])
+    assert by_reason.get("status_mismatch") == {"brk/rej"}, ledger
+    assert by_reason.get("bulk_item") == {"brk/taken"}, ledger
+    assert by_reason.get("timeout") == {"brk/held"}, ledger
+    assert by_reason.get("dropped") == {"brk/burst"}, ledger
+    assert relay.rejected == 1 and relay.held == 1
+
+    code, result = verify(old.url, new.url, "--suspects", "--store", store)
+    assert code == 1, result
+    assert result["differing"] + result["only_in_primary"] >= 3, result
+    code, result = verify(old.url, new.url, "--suspects", "--store", store, "--repair")
+    assert code == 0, result
+    code, result = verify(old.url, new.url, "--index", "brk")
+    assert code == 0 and result["equal"], result
+    assert old.documents("brk") == new.documents("brk")
+    code, result = verify(old.url, new.url, "--suspects", "--store", store)
+    assert code == 0 and result["compared"] == 0, result  # repaired keys left the ledger
