@@ -9,7 +9,10 @@ and checks that the shadow accepts them and ends up with the primary's documents
 
 from __future__ import annotations
 
+import http.client
+import os
 import random
+import urllib.parse
 from typing import Any
 
 import orjson
@@ -761,3 +764,138 @@ def test_malformed_bulk_sent_unchanged_compares_items_one_to_one_as_scope() -> N
     assert req.divergences(400, b"{}", False, 400, b"{}", False) == []
     short = req.divergences(200, primary, False, 200, answer(), False)
     assert [(d.label, d.reason) for d in short] == [("*", "answer_unusable")]
+
+
+# --- against real servers ------------------------------------------------------------------
+
+
+def send(url: str, method: str, target: bytes, body: bytes) -> tuple[int, bytes]:
+    """One request with exactly these bytes (urllib would re-encode the path)."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=30)
+    try:
+        ctype = "application/x-ndjson" if b"_bulk" in target else "application/json"
+        conn.putrequest(method, target.decode("ascii"), skip_accept_encoding=True)
+        conn.putheader("Content-Type", ctype)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_rewritten_copies_are_accepted_by_a_real_shadow_and_divergences_are_real() -> None:
+    """osmem-server 0.1.1 (OpenSearch 2.19) as primary, 0.1.6 (3.8) as shadow: a POST _doc and
+    a _bulk with id-less actions (one fails on the primary: a mapping conflict) are sent to the
+    primary, rewritten from its real answers and sent to the shadow, which must then hold the
+    same documents under the same ids. Then a shadow index with a stricter mapping rejects
+    items the primary took, and `divergences` must name exactly those documents."""
+    from support.migration import InstallError
+    from support.opensearch import NEW, OLD, OpenSearchServer, binary
+
+    try:
+        binary(OLD), binary(NEW)
+    except InstallError as e:
+        if os.environ.get("CI"):
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    with OpenSearchServer(OLD) as a, OpenSearchServer(NEW) as b:
+        books = {"mappings": {"properties": {"n": {"type": "integer"}, "tag": {"type": "keyword"}}}}
+        for server in (a, b):
+            assert server.request("PUT", "/books", books).get("acknowledged") is True
+
+        def mirror(
+            method: str, target: bytes, body: bytes
+        ) -> tuple[EsRequest, int, bytes, int, bytes]:
+            p_status, p_answer = send(a.url, method, target, body)
+            copy = parse_request(method, target, body).with_primary_ids(p_status, p_answer, False)
+            assert isinstance(copy, EsRequest), (copy, p_answer)
+            s_status, s_answer = send(b.url, copy.method, copy.target, copy.body())
+            return copy, p_status, p_answer, s_status, s_answer
+
+        single = b'{"n": 1, "tag": "single"}'
+        copy, p_status, p_answer, s_status, s_answer = mirror(
+            "POST", b"/books/_doc?refresh=true", single
+        )
+        assert p_status == 201 and s_status == 201, s_answer
+        assert copy.target.startswith(b"/books/_create/")
+        assert orjson.loads(s_answer)["_id"] == orjson.loads(p_answer)["_id"]
+        assert copy.divergences(p_status, p_answer, False, s_status, s_answer, False) == []
+
+        bulk = ndjson(
+            b'{"index":{"_index":"books"}}',
+            b'{"n": 2, "tag": "gen-index"}',
+            b'{"create":{}}',
+            b'{"n": "two", "tag": "conflict"}',  # fails on the primary: n is an integer
+            b'{"create":{"_index":"books"}}',
+            b'{"n":3,"tag":"gen-\xc3\xa9"}',
+            b'{"index":{"_index":"books","_id":"a/b c"}}',
+            b'{"n":4}',
+            b'{"update":{"_id":"a/b c"}}',
+            b'{"doc":{"tag":"updated"}}',
+            b'{"create":{"_id":"gone"}}',
+            b'{"n":5}',
+            b'{"delete":{"_id":"gone"}}',
+        )
+        copy, p_status, p_answer, s_status, s_answer = mirror(
+            "POST", b"/books/_bulk?refresh=true", bulk
+        )
+        p_items = orjson.loads(p_answer)["items"]
+        assert [next(iter(i.values()))["status"] for i in p_items] == [
+            201,
+            400,
+            201,
+            201,
+            200,
+            201,
+            200,
+        ]
+        assert p_items[1]["create"]["error"]["type"] == "mapper_parsing_exception"
+        assert (
+            b'"conflict"' not in copy.body() and copy.body().count(b"\n") == bulk.count(b"\n") - 2
+        )
+        assert s_status == 200 and orjson.loads(s_answer)["errors"] is False, s_answer
+        assert copy.divergences(p_status, p_answer, False, s_status, s_answer, False) == []
+        on_a = a.documents("books")
+        assert len(on_a) == 4 and on_a["a/b c"] == {"n": 4, "tag": "updated"}
+        assert b.documents("books") == on_a
+
+        # the shadow's index is stricter: it rejects what the primary takes
+        assert a.request("PUT", "/tight", {"mappings": {"properties": {"n": {"type": "integer"}}}})
+        strict = {"mappings": {"dynamic": "strict", "properties": {"n": {"type": "integer"}}}}
+        assert b.request("PUT", "/tight", strict).get("acknowledged") is True
+        bulk = ndjson(
+            b'{"index":{"_index":"tight"}}',
+            b'{"n":1}',
+            b'{"index":{"_index":"tight"}}',
+            b'{"n":2,"extra":"x"}',
+            b'{"create":{"_index":"tight","_id":"k"}}',
+            b'{"n":3,"extra":"y"}',
+        )
+        copy, p_status, p_answer, s_status, s_answer = mirror("POST", b"/_bulk?refresh=true", bulk)
+        assert p_status == 200 and s_status == 200 and orjson.loads(s_answer)["errors"] is True
+        second = orjson.loads(p_answer)["items"][1]["index"]["_id"]
+        assert copy.divergences(p_status, p_answer, False, s_status, s_answer, False) == [
+            Divergent(
+                f"tight/{second}",
+                "bulk_item",
+                "primary 201, shadow 400 strict_dynamic_mapping_exception",
+            ),
+            Divergent(
+                "tight/k", "bulk_item", "primary 201, shadow 400 strict_dynamic_mapping_exception"
+            ),
+        ]
+        missing = set(a.documents("tight")) - set(b.documents("tight"))
+        assert missing == {second, "k"}
+
+        copy, p_status, p_answer, s_status, s_answer = mirror(
+            "PUT", b"/tight/_doc/solo%20one", b'{"n":4,"extra":"z"}'
+        )
+        assert copy.divergences(p_status, p_answer, False, s_status, s_answer, False) == [
+            Divergent(
+                "tight/solo one",
+                "status_mismatch",
+                "primary 201, shadow 400 strict_dynamic_mapping_exception",
+            )
+        ]
