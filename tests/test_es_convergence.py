@@ -27,7 +27,7 @@ import random
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,7 +40,7 @@ from support.proxy import ProxyProcess
 
 T = 15.0
 CLIENTS = 6
-ROUNDS = 8
+ROUNDS = 12
 DOCS = 25
 INDEX = "conv-a"
 TEMPLATE = "conv-template"
@@ -263,7 +263,9 @@ def test_scoped_writes_with_primary_ids_converge(
 
 
 def test_per_path_ordering_drifts(
-    clusters: tuple[OpenSearchServer, OpenSearchServer], tmp_path: Any
+    clusters: tuple[OpenSearchServer, OpenSearchServer],
+    tmp_path: Any,
+    record_property: Callable[[str, object], None],
 ) -> None:
     """The same load, ordered per path and without ids from the primary: the shadow differs."""
     old, new = clusters
@@ -275,6 +277,11 @@ def test_per_path_ordering_drifts(
     shadow = new.documents(INDEX)
     assert len(primary) > DOCS // 2
     assert shadow != primary
+    # beyond the generated ids, documents written by id on both routes may end reordered
+    # (a race, so counted, not asserted)
+    by_id = {k for k in primary.keys() | shadow.keys() if k.startswith("d")}
+    reordered = sum(1 for k in by_id if primary.get(k) != shadow.get(k))
+    record_property("documents_by_id_differing_per_path", reordered)
     code, result = verify(old.url, new.url, "--index", "conv-*")
     assert code == 1 and result["equal"] is False
     # every id-less write got another id on each cluster
