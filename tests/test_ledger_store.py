@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from shadowlane.compare import Analysis
+from shadowlane.compare import Analysis, Comparator
+from shadowlane.metrics import Metrics
 from shadowlane.store import (
     SCHEMA_VERSION,
     Batch,
@@ -420,3 +423,77 @@ def test_a_new_store_records_the_current_schema(empty_db: RawDb) -> None:
     assert empty_db.query("SELECT value FROM shadowlane_meta WHERE key = 'schema'") == [
         (str(SCHEMA_VERSION),)
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the comparator's thread
+
+
+def metric(metrics: Metrics, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(metrics.render()[0].decode()):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    raise AssertionError(f"no sample {name}{labels}")
+
+
+def test_recorded_entries_reach_the_store_off_the_loop(store_url: str) -> None:
+    metrics = Metrics()
+    with make_store(store_url) as store:
+        comp = Comparator(store, metrics, 100, flush_interval=10.0).start()
+        try:
+            started = time.perf_counter()
+            for i in range(20):
+                assert comp.record_divergence(div(i, (f"k/{i}",)))
+            assert time.perf_counter() - started < 0.1  # appends, nothing waits for the store
+            for j in traffic(3):
+                comp.submit(j)
+            # long before the flush interval: wait_idle asks for a flush and covers the ledger
+            assert comp.wait_idle(10)
+            assert len(store.ledger(limit=1000)) == 20
+            assert Analysis(store).summary()[0]["compared"] == 3
+            assert comp.stats["ledger_recorded"] == 20 and comp.stats["ledger_dropped"] == 0
+            assert comp.record_divergence(div(99, ("last/1",)))
+        finally:
+            assert comp.stop(10)
+        # stop() flushes what was recorded last
+        assert "last/1" in store.suspect_keys()
+        assert not comp.record_divergence(div(100, ("after/stop",)))  # stopped: dropped
+        assert comp.stats["ledger_dropped"] == 1
+    assert metric(metrics, "shadowlane_ledger_dropped_total", route="es-bulk", target="es8") == 1
+
+
+def test_a_full_ledger_queue_drops_and_counts(tmp_path: Path) -> None:
+    metrics = Metrics()
+    with open_store(f"sqlite:///{tmp_path}/full.db") as store:
+        # not started: nothing takes the queue, so it fills at queue_size
+        comp = Comparator(store, metrics, 5, flush_interval=10.0)
+        results = [comp.record_divergence(div(i, (f"k/{i}",), target="t1")) for i in range(8)]
+        results.append(comp.record_divergence(div(8, ("k/8",), target="t2")))
+        assert results == [True] * 5 + [False] * 4
+        assert comp.ledger_queued == 5
+        assert comp.stats["ledger_dropped"] == 4
+        comp.start()
+        try:
+            assert comp.wait_idle(10)
+        finally:
+            assert comp.stop(10)
+        assert store.suspect_keys() == [f"k/{i}" for i in range(5)]
+    assert metric(metrics, "shadowlane_ledger_dropped_total", route="es-bulk", target="t1") == 3
+    assert metric(metrics, "shadowlane_ledger_dropped_total", route="es-bulk", target="t2") == 1
+
+
+def test_entries_of_a_failed_write_are_counted_as_dropped(tmp_path: Path) -> None:
+    metrics = Metrics()
+    store = open_store(f"sqlite:///{tmp_path}/gone.db")
+    comp = Comparator(store, metrics, 10, flush_interval=10.0).start()
+    try:
+        store.close()  # every write fails from now on
+        assert comp.record_divergence(div(1, ("a/1",)))
+        assert comp.record_divergence(div(2, ("a/2",)))
+        assert comp.wait_idle(10)  # given up on: wait_idle does not hang on a dead store
+        assert comp.stats["write_errors"] >= 1
+        assert comp.stats["ledger_dropped"] == 2
+    finally:
+        comp.stop(10)
+    assert metric(metrics, "shadowlane_ledger_dropped_total", route="es-bulk", target="es8") == 2
