@@ -27,6 +27,7 @@ from shadowlane.wire.upstream import BackendPool
 
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
+    from shadowlane.store import Divergence
 
 __all__ = ["LanePlan", "RouteShadows", "ShadowDispatcher", "ShadowTicket"]
 
@@ -42,9 +43,14 @@ class ShadowDispatcher:
         build_pool: BuildPool,
         compare_submit: Submit | None = None,
         compile_settings: CompileSettings | None = None,
+        *,
+        record_divergence: Callable[[Divergence], bool] | None = None,
     ) -> None:
         self.metrics = metrics
         self.cfg = cfg
+        #: the divergence ledger's recorder (`Comparator.record_divergence`): non-blocking,
+        #: False when the entry was dropped; None when the instance keeps no store
+        self.record_divergence = record_divergence
         self._build_pool = build_pool
         self._compare_submit = compare_submit
         self._compile_settings = compile_settings
