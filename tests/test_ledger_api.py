@@ -1,4 +1,4 @@
-"""The divergence ledger read from outside: `GET /api/ledger`.
+"""The divergence ledger read from outside: `GET /api/ledger` and `shadowlane report`.
 
 The ledger is seeded through the Store API into a real SQLite file (`seed_ledger`): these tests
 are about everything from the record on; which copies diverge is the shadow pipeline's, tested
@@ -8,16 +8,20 @@ there. Two layers:
   validation, the empty ledger without a store, a failing store;
 - the real proxy process (`python -m shadowlane run`) with ordered shadows and that store file
   in its config: it opens the store although nothing compares, serves the ledger, declares the
-  divergence series at zero.
+  divergence series at zero; and `python -m shadowlane report` prints the ledger, as text and
+  as JSON.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import requests
 
@@ -325,3 +329,90 @@ def test_a_proxy_without_a_store_has_an_empty_ledger(
         assert r.status_code == 200
         assert r.json()["entries"] == [] and r.json()["open"] == 0
         assert list(proxy.dir.glob("*.db")) == []  # and it opened no store to say so
+
+
+def report(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shadowlane", "report", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_report_prints_the_ledger(seeded: tuple[str, float], tmp_path: Path) -> None:
+    url, _ = seeded
+    config = tmp_path / "c.yaml"
+    unused = "http://127.0.0.1:9"  # report reads the store only
+    config.write_text(orjson.dumps(ordered_config(url, unused, unused)).decode())
+    done = report("-c", str(config))
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert text.startswith("no comparisons recorded yet\n")
+    lines = text.splitlines()
+    assert "divergence ledger: 4 open entries" in lines
+    bulk = lines.index("es-bulk -> es8: 3 open entries, 4 suspect key(s), 1 resolved")
+    assert [line.split() for line in lines[bulk + 1 : bulk + 6]] == [
+        ["reason", "entries"],
+        ["---------", "-------"],
+        ["bulk_item", "1"],
+        ["dropped", "1"],
+        ["timeout", "1"],
+    ]
+    assert lines[bulk + 6 : bulk + 11] == [
+        "  suspect keys:",
+        "    logs/7",
+        "    orders/1",
+        "    orders/2",
+        "    orders/3",
+    ]
+    index = lines.index("es-index -> es8: 1 open entry, 1 suspect key(s), 0 resolved")
+    assert "    logs" in lines[index:]
+
+    done = report("--store", url, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    ledger = orjson.loads(done.stdout)["ledger"]
+    assert ledger == {
+        "open": 4,
+        "targets": [
+            {
+                "route": "es-bulk",
+                "target": "es8",
+                "open": 3,
+                "resolved": 1,
+                "reasons": {"bulk_item": 1, "dropped": 1, "timeout": 1},
+                "suspect_keys": ["logs/7", "orders/1", "orders/2", "orders/3"],
+            },
+            {
+                "route": "es-index",
+                "target": "es8",
+                "open": 1,
+                "resolved": 0,
+                "reasons": {"status_mismatch": 1},
+                "suspect_keys": ["logs"],
+            },
+        ],
+    }
+
+
+def test_report_shows_a_fully_resolved_target_and_caps_keys(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/r.db"
+    keys = tuple(f"idx/{i:02d}" for i in range(13))
+    batch = Batch()
+    batch.divergences += [
+        Divergence(time.time(), "bulk", "v2", "s", "error", keys, "a", "POST", "/_bulk"),
+        Divergence(time.time(), "other", "v2", "s", "timeout", ("x/1",), "b", "PUT", "/x/_doc/1"),
+    ]
+    with open_store(url) as store:
+        store.write(batch)
+        store.resolve_keys(["x/1"])
+    done = report("--store", url)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "divergence ledger: 1 open entry" in lines
+    start = lines.index("bulk -> v2: 1 open entry, 13 suspect key(s), 0 resolved")
+    shown = lines[start + 5 : start + 15]
+    assert shown == [f"    idx/{i:02d}" for i in range(10)]
+    assert lines[start + 15] == "    ... and 3 more (--format json)"
+    assert "other -> v2: no divergences open (1 resolved)" in lines
