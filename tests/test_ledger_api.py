@@ -14,6 +14,7 @@ there. Two layers:
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from support.configs import backend_entry, basic_config
 from support.metrics import scrape
 from support.proxy import ProxyProcess
 from support.servers import LoopThread
+from support.wait import wait_until
 
 TIMEOUT = 5.0
 
@@ -329,6 +331,31 @@ def test_a_proxy_without_a_store_has_an_empty_ledger(
         assert r.status_code == 200
         assert r.json()["entries"] == [] and r.json()["open"] == 0
         assert list(proxy.dir.glob("*.db")) == []  # and it opened no store to say so
+
+
+def test_a_reload_that_orders_a_shadow_opens_the_store_for_its_ledger(
+    seeded: tuple[str, float], proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    url, _ = seeded
+    with RecordingBackend() as es7, RecordingBackend() as es8:
+        config = ordered_config(url, es7.url, es8.url)
+        unordered = copy.deepcopy(config)
+        for route in unordered["routes"]:
+            route["shadows"] = [{"backend": "es8"}]
+        proxy = proxy_factory(unordered)
+        assert requests.get(f"{proxy.admin_url}/api/ledger", timeout=TIMEOUT).json()["open"] == 0
+        assert scrape(proxy).select("shadowlane_divergences_total") == []
+
+        proxy.write_config(config)
+        proxy.reload()
+
+        def ledger_open() -> int:
+            doc = requests.get(f"{proxy.admin_url}/api/ledger", timeout=TIMEOUT).json()
+            return int(doc["open"])
+
+        wait_until(lambda: ledger_open() == 4, TIMEOUT, "the reloaded proxy to serve the ledger")
+        reasons = scrape(proxy).by("reason", "shadowlane_divergences_total", route="es-bulk")
+        assert reasons == dict.fromkeys(DIVERGENCE_REASONS, 0.0)
 
 
 def report(*args: str) -> subprocess.CompletedProcess[str]:
