@@ -218,6 +218,9 @@ class Comparator:
         #: the same for ledger entries: recorded / written or given up on (by the worker)
         self._div_accepted = 0
         self._div_written = 0
+        #: `stats["ledger_dropped"]` is counted by both threads (a full queue on the loop, a
+        #: failed write on the worker): a `+=` on a dict item is not atomic across threads
+        self._ledger_stats_lock = threading.Lock()
         self._wake = threading.Event()
         self._written_cond = threading.Condition()
         self._flush_asked = False
@@ -295,7 +298,8 @@ class Comparator:
         stopped. Counting the divergence itself (`Metrics.divergence`) is the caller's: it
         knows what happened, this only keeps the record."""
         if self._stopping or len(self._divergences) >= self.queue_size:
-            self.stats["ledger_dropped"] += 1
+            with self._ledger_stats_lock:
+                self.stats["ledger_dropped"] += 1
             if self.metrics is not None:
                 self.metrics.ledger_dropped(d.route, d.target)
             return False
@@ -459,7 +463,8 @@ class Comparator:
                 self._written_cond.notify_all()
 
     def _lost_divergences(self, entries: list[Divergence]) -> None:
-        self.stats["ledger_dropped"] += len(entries)
+        with self._ledger_stats_lock:
+            self.stats["ledger_dropped"] += len(entries)
         if self.metrics is None:
             return
         per_pair: dict[tuple[str, str], int] = {}
