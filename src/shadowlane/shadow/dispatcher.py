@@ -31,7 +31,6 @@ from shadowlane.wire.upstream import BackendPool
 
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
-    from shadowlane.store import Divergence
 
 __all__ = ["LanePlan", "RouteShadows", "ShadowDispatcher", "ShadowTicket"]
 
