@@ -186,8 +186,9 @@ def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATTERN",
-        help="indices to compare (repeatable; wildcards; -PATTERN excludes); "
-        "default: every index not starting with '.'",
+        help="indices to compare (repeatable, or comma-separated; * wildcards; a later "
+        "-PATTERN excludes, written --index=-PATTERN or 'a-*,-a-old'); default: every index "
+        "not starting with '.'",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("-c", "--config", help="YAML config file (its compare.store holds the ledger)")

@@ -217,9 +217,11 @@ class Cluster:
 
     def indices(self) -> dict[str, str]:
         """Every index the cluster has, hidden and closed ones included: `{name: status}`."""
-        _, answer = self.request(
-            "GET", "/_cat/indices?format=json&h=index,status&expand_wildcards=all"
+        status, answer = self.request(
+            "GET", "/_cat/indices?format=json&h=index,status&expand_wildcards=all", allow=(400,)
         )
+        if status == 400:  # a version without expand_wildcards here: hidden ones are not listed
+            _, answer = self.request("GET", "/_cat/indices?format=json&h=index,status")
         if not isinstance(answer, list):
             raise self._fail("GET", "/_cat/indices", "answered something that is not a list")
         return {str(row["index"]): str(row.get("status", "open")) for row in answer}

@@ -108,7 +108,7 @@ def render_text(result: VerifyResult) -> str:
         )
     if result.examples:
         out.append("")
-        out.append("examples:")
+        out.append("examples (primary -> shadow):")
         out += [_example(e) for e in result.examples]
     if result.repair is not None:
         r = result.repair
@@ -126,18 +126,19 @@ def render_text(result: VerifyResult) -> str:
             f"ledger: {s.resolved_labels} key(s) resolved, {s.resolved_entries} entr(y/ies) closed"
         )
     differences = sum(i.differences for i in result.indices)
-    out.append("")
-    if result.equal:
-        verdict = "EQUAL"
-        if differences:
-            verdict += f" after repair ({differences} difference(s) found and repaired)"
-        else:
-            verdict += f" ({result.total('compared')} document(s) compared)"
+    compared = result.total("compared")
+    if result.equal and not differences:
+        verdict = f"EQUAL: {compared} document(s) compared"
+    elif result.equal:
+        verdict = (
+            f"EQUAL after repair: {differences} of {compared} document(s) differed, all repaired"
+        )
     else:
-        verdict = f"DIFFERENT: {differences} of {result.total('compared')} document(s)"
+        verdict = f"DIFFERENT: {differences} of {compared} document(s)"
         if result.repair is not None:
-            verdict += f", {result.repair.remaining} still after the repair"
-    out.append(f"{verdict} in {result.seconds:.1f}s")
+            verdict += f" differed; {result.repair.remaining} still after the repair"
+    out.append("")
+    out.append(f"{verdict} ({result.seconds:.1f}s)")
     return "\n".join(out) + "\n"
 
 

@@ -38,8 +38,9 @@ traffic, or a second run, tells the two apart.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -56,7 +57,7 @@ from shadowlane.verify.model import (
 )
 from shadowlane.verify.suspects import SCOPE_LABEL, Ledger, Suspects, matches, parse_labels
 
-__all__ = ["Progress", "VerifyOptions", "verify"]
+__all__ = ["OrderBroken", "Progress", "VerifyOptions", "ascending", "verify"]
 
 Strategy = Literal["auto", "merge", "lookup"]
 #: the kinds of cluster `--kind` accepts (one client speaks to both)
@@ -104,8 +105,25 @@ class _NoProgress:
         pass
 
 
-class _OrderBroken(Exception):
+class OrderBroken(Exception):
     """A sorted stream was not strictly ascending in Python's string order."""
+
+
+def ascending(docs: Iterable[Doc], side: str) -> Iterator[Doc]:
+    """`docs`, checked strictly ascending by id as they pass: what the merge-join relies on.
+
+    Strictly, because an id seen twice is one id under two routings (two documents), which a
+    merge by id cannot pair.
+    """
+    last: str | None = None
+    for doc in docs:
+        if last is not None and doc.id <= last:
+            raise OrderBroken(
+                f"the {side} sorts _id {last!r} before {doc.id!r} (an order verify cannot "
+                "merge by, or one id under two routings)"
+            )
+        last = doc.id
+        yield doc
 
 
 @dataclass(slots=True)
@@ -361,7 +379,7 @@ class _Run:
                     raise
                 self.warn(f"{err}; comparing by scroll and _mget instead")
                 carried = walk.abandon()
-            except _OrderBroken as err:
+            except OrderBroken as err:
                 if self.options.strategy == "merge":
                     raise VerifyError(f"{name}: {err}: use --strategy lookup") from None
                 self.warn(f"{name}: {err}; comparing by scroll and _mget instead")
@@ -375,17 +393,12 @@ class _Run:
         return walk.result
 
     def _sorted(self, cluster: Cluster, index: str, source: bool) -> Iterator[Doc]:
-        last: str | None = None
-        for page in cluster.sorted_pages(index, self.options.batch, source=source):
-            self.progress.advance(len(page))
-            for doc in page:
-                if last is not None and doc.id <= last:
-                    raise _OrderBroken(
-                        f"the {cluster.name} sorts _id {last!r} before {doc.id!r} (an order "
-                        "verify cannot merge by, or one id under two routings)"
-                    )
-                last = doc.id
-                yield doc
+        def docs() -> Iterator[Doc]:
+            for page in cluster.sorted_pages(index, self.options.batch, source=source):
+                self.progress.advance(len(page))
+                yield from page
+
+        return ascending(docs(), cluster.name)
 
     def _merge(self, walk: _Walk, p_has: bool, s_has: bool) -> None:
         index = walk.result.name
@@ -543,6 +556,9 @@ def verify(
         raise VerifyError("--timeout: must be positive")
     if options.suspects and ledger is None:
         raise VerifyError("--suspects needs the store holding the divergence ledger")
+    # `--index 'logs-*,-logs-old'`, as Elasticsearch writes index expressions
+    patterns = tuple(p.strip() for text in options.indices for p in text.split(",") if p.strip())
+    options = dataclasses.replace(options, indices=patterns)
     try:
         run = _Run(options, progress or _NoProgress(), warn or (lambda _m: None))
     except ValueError as err:
