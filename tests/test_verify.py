@@ -19,10 +19,9 @@ import json
 import os
 import pty
 import select
-import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import pytest
 from shadowlane.verify import Doc, VerifyError, VerifyOptions, parse_labels, verify
 from shadowlane.verify.run import OrderBroken, ascending
 from shadowlane.verify.suspects import matches
+from support.backend import HungServer, Recorded, RecordingBackend, Reply, dead_port
 from support.opensearch import NEW, OLD, OpenSearchServer
 
 TIMEOUT = 60.0
@@ -398,13 +398,6 @@ def test_a_switch_of_strategy_mid_index_keeps_the_repairs_counted(
 # could not run
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 def assert_exit_2(res: subprocess.CompletedProcess[str]) -> str:
     assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
     assert res.stdout == ""
@@ -418,7 +411,7 @@ def test_unreachable_shadow_exits_2_naming_it(
     clusters: tuple[OpenSearchServer, OpenSearchServer],
 ) -> None:
     primary, _ = clusters
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{dead_port()}"
     line = assert_exit_2(run_verify(primary.url, url))
     assert line.startswith(f"shadowlane verify: shadow {url}: GET /_cat/indices")
     assert "cannot connect" in line
@@ -430,6 +423,39 @@ def test_http_error_exits_2_naming_the_request(
     primary, shadow = clusters
     line = assert_exit_2(run_verify(primary.url, shadow.url + "/not-a-cluster"))
     assert "shadow" in line and "/not-a-cluster/_cat/indices" in line and "answered 4" in line
+
+
+def test_a_cluster_that_never_answers_is_cut_at_the_timeout() -> None:
+    with HungServer() as hung:
+        res = run_verify(hung.url, hung.url, "--timeout", "300ms")
+    line = assert_exit_2(res)
+    assert line.startswith(f"shadowlane verify: primary {hung.url}:") and "within 0.3s" in line
+
+
+def test_headers_and_url_credentials_reach_both_clusters(
+    backends: Callable[..., RecordingBackend],
+) -> None:
+    def no_indices(req: Recorded) -> Reply:
+        if req.path == "/_cat/indices":
+            return Reply(headers=[("Content-Type", "application/json")], body=b"[]")
+        return Reply(status=404)
+
+    primary, shadow = backends(no_indices), backends(no_indices)
+    res = run_verify(
+        f"http://ann:p%40ss@127.0.0.1:{primary.port}",
+        shadow.url,
+        "--header",
+        "X-Api-Key: k1",
+        "--header",
+        "X-Tenant:acme",
+    )
+    assert res.returncode == 0, res.stderr
+    assert "EQUAL: 0 document(s) compared" in res.stdout
+    for backend in (primary, shadow):
+        [req] = backend.requests
+        assert req.header("x-api-key") == "k1" and req.header("x-tenant") == "acme"
+    assert primary.requests[0].header("authorization") == "Basic YW5uOnBAc3M="
+    assert shadow.requests[0].header("authorization") is None
 
 
 def test_no_matching_index_exits_2(
@@ -679,6 +705,16 @@ def test_suspects_from_the_store(
     code, out, _ = verify_json(primary, shadow, "--suspects", "--store", url)
     assert code == 1
     assert out["compared"] == 2 and out["differing"] == 1
+    # the same store named by a config's compare.store
+    config = tmp_path / "shadowlane.yaml"
+    config.write_text(
+        "listen: 127.0.0.1:0\n"
+        "backends: {es7: {endpoints: [http://127.0.0.1:9200]}}\n"
+        "routes: [{name: es, match: {path_prefix: /}, backend: es7}]\n"
+        f"compare: {{store: '{url}'}}\n"
+    )
+    code, out, _ = verify_json(primary, shadow, "--suspects", "-c", str(config))
+    assert code == 1 and out["suspects"]["labels"] == 2
     code, out, _ = verify_json(primary, shadow, "--suspects", "--store", url, "--repair")
     assert code == 0, out
     assert out["suspects"]["resolved_entries"] == 1
