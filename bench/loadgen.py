@@ -25,9 +25,13 @@ class Load:
     body_bytes: int = 0  # 0: GET; otherwise a POST with a body of this size
     rate: int | None = None  # fixed offered load (h2load --rps), requests/s in total
     path: str = "/"
+    #: PUT a small body to a new path per request (`/w/<n>`): writes with disjoint keys
+    distinct_writes: bool = False
 
     def describe(self) -> str:
         what = f"POST {fmt_size(self.body_bytes)}" if self.body_bytes else "GET"
+        if self.distinct_writes:
+            what = "PUT 16 B to distinct paths"
         if self.rate:
             return f"{what}, {self.rate} req/s offered, {self.connections} clients"
         return f"{what}, {self.connections} connections"
@@ -111,6 +115,21 @@ def post_script(work_dir: Path, body_bytes: int) -> Path:
     return path
 
 
+def writes_script(work_dir: Path) -> Path:
+    """A wrk Lua script PUTting 16 bytes to `/w/<thread>-<n>`: every request its own key."""
+    path = work_dir / "distinct-writes.lua"
+    path.write_text(
+        "local n = 0\n"
+        "local id = tostring(math.random(1, 1000000000))\n"
+        "request = function()\n"
+        "  n = n + 1\n"
+        '  return wrk.format("PUT", "/w/" .. id .. "-" .. n, '
+        '{["Content-Type"] = "application/octet-stream"}, "0123456789abcdef")\n'
+        "end\n"
+    )
+    return path
+
+
 def run_wrk(url: str, load: Load, duration: float, work_dir: Path) -> RunResult:
     threads = min(WRK_THREADS, load.connections)
     argv = [
@@ -122,7 +141,9 @@ def run_wrk(url: str, load: Load, duration: float, work_dir: Path) -> RunResult:
         "--timeout",
         "5s",
     ]
-    if load.body_bytes:
+    if load.distinct_writes:
+        argv += ["-s", str(writes_script(work_dir))]
+    elif load.body_bytes:
         argv += ["-s", str(post_script(work_dir, load.body_bytes))]
     argv.append(url + load.path.lstrip("/"))
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30, check=False)

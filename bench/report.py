@@ -190,6 +190,31 @@ def evaluate_targets(ms: list[Measurement]) -> list[Target]:
         )
     )
 
+    # the write-convergence issue: ordering copies by key (disjoint keys) beside plain shadowing
+    parts = []
+    for proxy in ("shadowlane-1w", "shadowlane-2w"):
+        plain = find(ms, "writes-unordered", proxy)
+        ordered = find(ms, "writes-ordered", proxy)
+        parts.append(
+            (ratio(ordered.rps if ordered else None, plain.rps if plain else None), plain, ordered)
+        )
+    (o1, wplain1, word1), (o2, _, _) = parts
+    measured = "-"
+    if o1 is not None and wplain1 and word1:
+        measured = (
+            f"{o1:.2f}x ({word1.rps:,.0f} vs {wplain1.rps:,.0f} req/s; p99 "
+            f"{_ms(word1.p99_ms)} vs {_ms(wplain1.p99_ms)} ms)" + _noise(wplain1, word1)
+        )
+    targets.append(
+        Target(
+            "Ordered writes (disjoint keys): req/s vs unordered shadowing",
+            ">= 0.8x",
+            measured,
+            _verdict(o1, (o1 or 0) >= 0.8, _errors(wplain1, word1)),
+            f"{o2:.2f}x" if o2 else "-",
+        )
+    )
+
     mem = find(ms, "memory-hung", "shadowlane-1w")
     rss = mem.peak_rss_mb if mem else None
     targets.append(

@@ -103,6 +103,22 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "body-1MiB", "body", "POST 1 MiB, shadow to fast", ("fast",), load=Load(body_bytes=1 << 20)
     ),
+    # Writes with disjoint keys (a new path each): ordering by key in a scope beside plain
+    # shadowing of the same load; what it costs the primary path (req/s, p99)
+    Scenario(
+        "writes-unordered",
+        "writes",
+        "PUT distinct paths, shadow to fast",
+        ("fast",),
+        load=Load(distinct_writes=True),
+    ),
+    Scenario(
+        "writes-ordered",
+        "writes",
+        "PUT distinct paths, shadow to fast ordered by path",
+        ("fast-ordered",),
+        load=Load(distinct_writes=True),
+    ),
     # Memory: hung shadow, 60 s of wrk load, one run.
     Scenario(
         "memory-hung",

@@ -46,6 +46,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 SHADOW_TIMEOUT_S = 1
 SHADOW_MAX_IN_FLIGHT = 256
 SHADOW_QUEUE = 1024
+#: a shadow target name: the fast shadow, ordered by path in one scope (see shadowlane_conf)
+ORDERED = "fast-ordered"
 SHADOW_MAX_BODY = "2MiB"  # above the 1 MiB POST scenario: nginx mirrors any body too
 FAST_BODY = "ok fast backend\\n"  # nginx string escape: 16 bytes on the wire
 
@@ -71,7 +73,8 @@ class Backends:
         return f"http://{LOOPBACK}:{self.ports[name]}"
 
     def shadow_port(self, target: str) -> int:
-        return self.ports["fast-shadow" if target == "fast" else target]
+        # "fast-ordered" is the fast shadow with `order:` (nginx cannot order: a plain mirror)
+        return self.ports["fast-shadow" if target in ("fast", ORDERED) else target]
 
 
 def nginx_conf(work: Path, name: str, http_inner: str, error_level: str = "error") -> str:
@@ -263,10 +266,11 @@ def shadowlane_conf(
         lines.append("    shadows:")
         extra = f", max_body: {SHADOW_MAX_BODY}" + (", compare: true" if compare else "")
         for i, target in enumerate(shadows, 1):
+            order = ", order: {scope: writes, keys: [path]}" if target == ORDERED else ""
             lines.append(
                 f"      - {{backend: shadow{i}_{target}, percent: 100, "
                 f"timeout: {SHADOW_TIMEOUT_S}s, max_in_flight: {SHADOW_MAX_IN_FLIGHT}, "
-                f"queue: {SHADOW_QUEUE}{extra}}}"
+                f"queue: {SHADOW_QUEUE}{extra}{order}}}"
             )
     if compare:
         lines.append(f"compare: {{store: 'sqlite:///{work}/compare.db'}}")

@@ -20,11 +20,13 @@ RANKS: dict[str, int] = {
     "admin": 6,
     "control": 6,
     "report": 6,
+    "replay": 6,
     # verify may use store, compare and config; only cli imports it
     "verify": 6,
     "proxy": 5,
     "routing": 4,
     "shadow": 4,
+    "record": 4,
     "compare": 3,
     "store": 2,
     # everything may use these

@@ -143,7 +143,8 @@ def test_full_example_types_and_units() -> None:
     assert s.rewrite_path is not None and s.rewrite_path.replacement == "/v2/orders/\\1"
     assert s.only_if_primary == "2xx"
     assert s.send == "after_response"  # implied by only_if_primary
-    assert s.order_key == ("query", "account")
+    assert s.ordering is not None and s.ordering.keys == ["query:account"]
+    assert s.ordering.scope is None and s.waits_for_primary
     assert (s.timeout, s.max_in_flight, s.queue, s.max_body, s.compare) == (1.5, 8, 0, 2**20, True)
 
     assert canary.backend is None and canary.backends is not None
@@ -531,3 +532,52 @@ def test_docs_full_example_is_valid() -> None:
     cfg = parse_config(example, "docs/config.md")
     assert [r.name for r in cfg.routes] == ["orders-read", "orders-write", "search", "default"]
     assert cfg.routes[1].shadows[0].send == "after_response"
+
+
+def test_order_and_ids_from_primary() -> None:
+    cfg = parse_config(
+        one_route(
+            """name: r
+backend: a
+shadows:
+  - backend: b
+    order: {scope: es-writes, keys: elasticsearch}
+    ids_from_primary: elasticsearch
+  - backend: a
+    order: {keys: [path, "header:X-Account", 'path_regex:^/o/(\\d+)', "json:/ids"], barrier: true}
+"""
+        )
+    )
+    es, generic = cfg.routes[0].shadows
+    assert es.ordering is not None and es.ordering.scope == "es-writes"
+    assert es.ordering.keys == "elasticsearch" and es.ids_from_primary == "elasticsearch"
+    assert es.send == "with_request" and es.waits_for_primary
+    assert generic.ordering is not None and generic.ordering.barrier
+    keys = ["path", "header:x-account", "path_regex:^/o/(\\d+)", "json:/ids"]
+    assert generic.ordering.keys == keys
+
+
+def test_order_errors_name_the_key() -> None:
+    route = """name: r
+backend: a
+shadows:
+  - backend: b
+    {opts}
+"""
+    cases = {
+        "ordered_by: path\n    order: {keys: [path]}": "routes[0].shadows[0]: set either "
+        "ordered_by or order, not both",
+        "order: {keys: [cookie:x]}": "routes[0].shadows[0].order.keys",
+        "order: {keys: ['path_regex:(']}": "routes[0].shadows[0].order.keys",
+        "order: {keys: ['json:ids']}": "routes[0].shadows[0].order.keys",
+        "order: {keys: []}": "routes[0].shadows[0].order.keys",
+        "order: {keys: opensearch}": "routes[0].shadows[0].order.keys",
+        "order: {scope: 'a b', keys: [path]}": "routes[0].shadows[0].order.scope",
+        "order: {keys: [path], stray: 1}": "routes[0].shadows[0].order.stray",
+        "ids_from_primary: mongodb": "routes[0].shadows[0].ids_from_primary",
+        "ids_from_primary: elasticsearch\n    send: with_request": "routes[0].shadows[0]: "
+        "ids_from_primary needs the primary's answer",
+    }
+    for opts, want in cases.items():
+        errors = errors_of(one_route(route.replace("{opts}", opts)))
+        assert len(errors) >= 1 and errors[0].startswith(want), (opts, errors)

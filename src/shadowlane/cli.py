@@ -274,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, help="YAML config file")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("report", help="print the comparison summary per route and field")
+    p = sub.add_parser(
+        "report", help="print the comparison summary per route and field, and the divergence ledger"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-c", "--config", help="YAML config file (its compare.store is read)")
     src.add_argument("--store", help="store URL: sqlite:///PATH or postgresql://...")

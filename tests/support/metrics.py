@@ -37,6 +37,7 @@ SHADOW_TERMINAL = (
     "skipped_body",
     "skipped_loop",
     "skipped_status",
+    "skipped_answer",
     "dropped",
     "ok",
     "error",

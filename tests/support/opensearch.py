@@ -156,3 +156,90 @@ class OpenSearchServer:
     ) -> None:
         self.stop()
         self._tmp.cleanup()
+
+
+class FaultyRelay:
+    """A real HTTP server in front of a cluster, for the breaks a shadow can have.
+
+    Requests are forwarded to `upstream` as they are, except that a body containing
+    `b"REJECT"` is answered 500 without forwarding (a shadow that refuses a write), one
+    containing `b"HOLD"` is held for `hold` seconds and then answered 504 without forwarding
+    (a shadow that times out and never applies it), and one containing `b"SLOW"` is forwarded
+    after `slow` seconds (a shadow that falls behind). Threaded, port 0, stopped by `close`.
+    """
+
+    def __init__(self, upstream: str, hold: float = 3.0, slow: float = 0.3) -> None:
+        import http.client
+        import http.server
+        import urllib.parse
+
+        parsed = urllib.parse.urlsplit(upstream)
+        host, port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        stop = self._stop = threading.Event()
+        self.forwarded = 0
+        self.rejected = 0
+        self.held = 0
+        counts = self
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def _answer(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                if b"REJECT" in body:
+                    with lock:
+                        counts.rejected += 1
+                    self._answer(500, b'{"error":"rejected by the relay","status":500}')
+                    return
+                if b"HOLD" in body:
+                    with lock:
+                        counts.held += 1
+                    stop.wait(hold)
+                    self._answer(504, b'{"error":"held by the relay","status":504}')
+                    return
+                if b"SLOW" in body:
+                    stop.wait(slow)
+                conn = http.client.HTTPConnection(host, port, timeout=30)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    with lock:
+                        counts.forwarded += 1
+                    ctype = resp.getheader("Content-Type") or "application/json"
+                    self._answer(resp.status, data, ctype)
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -162,6 +162,10 @@ def _decode_body(c: Captured, cap: int) -> tuple[bytes, bool]:
     return c.body, c.truncated
 
 
+#: the public name, for the shadow pipeline's write checks (shadow/writes.py)
+decoded_body = _decode_body
+
+
 def _is_json(head: dict[str, Any], body: bytes) -> bool:
     ctype = head.get("headers.content-type")
     if isinstance(ctype, str):

@@ -42,6 +42,12 @@ def _describe_shadow(s: ShadowConfig) -> str:
         parts.append(f"send {s.send}")
     if s.ordered_by:
         parts.append(f"ordered by {s.ordered_by}")
+    elif s.order is not None:
+        keys = s.order.keys if isinstance(s.order.keys, str) else ",".join(s.order.keys)
+        scope = f" in scope {s.order.scope}" if s.order.scope else ""
+        parts.append(f"ordered by {keys}{scope}" + (" (barrier)" if s.order.barrier else ""))
+    if s.ids_from_primary:
+        parts.append(f"ids from primary ({s.ids_from_primary})")
     if s.host is not None:
         parts.append(f"host {s.host}")
     elif s.host_suffix != "-shadow":

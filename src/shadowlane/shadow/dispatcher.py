@@ -6,7 +6,9 @@ sampling). What follows for that request is the ticket's (shadow/ticket.py), whi
 holds and calls at its moments; the dispatcher keeps no per-request state.
 
 Ordered lanes always send after the primary answered, because their order is defined as the
-order in which the primary answers completed.
+order in which the primary answers completed. Their ordering scopes (shadow/ordering.py) are
+the dispatcher's too: one per (scope name, target), shared by the lanes of every route that
+names it, so a generation's routes order their copies together.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from shadowlane.routing import Route
 from shadowlane.shadow.join import PrimaryCapture, Submit
 from shadowlane.shadow.lane import ShadowLane
 from shadowlane.shadow.mutation import MARKER, CopyBuilder
+from shadowlane.shadow.ordering import OrderScope
 from shadowlane.shadow.outcomes import SAMPLED_OUT, SKIPPED_LOOP
 from shadowlane.shadow.plan import LanePlan, RouteShadows
 from shadowlane.shadow.ticket import ShadowTicket
+from shadowlane.shadow.writes import ANSWER_LIMIT, Record, WritePlan
 from shadowlane.wire.messages import Headers, Request
 from shadowlane.wire.upstream import BackendPool
 
@@ -42,9 +46,16 @@ class ShadowDispatcher:
         build_pool: BuildPool,
         compare_submit: Submit | None = None,
         compile_settings: CompileSettings | None = None,
+        *,
+        record_divergence: Record | None = None,
     ) -> None:
         self.metrics = metrics
+        #: (scope name, target) -> the scope its lanes order their copies in
+        self.scopes: dict[tuple[str, str], OrderScope] = {}
         self.cfg = cfg
+        #: the divergence ledger's recorder (`Comparator.record_divergence`): non-blocking,
+        #: False when the entry was dropped; None when the instance keeps no store
+        self.record_divergence = record_divergence
         self._build_pool = build_pool
         self._compare_submit = compare_submit
         self._compile_settings = compile_settings
@@ -78,23 +89,51 @@ class ShadowDispatcher:
         if not route.config.shadows:
             return None
         plans = []
-        for sc in route.config.shadows:
+        for index, sc in enumerate(route.config.shadows):
             opts = sc.compare_enabled if self._compare_submit is not None else None
             capture = opts.max_body if opts is not None else 0
-            lane = self._lane(route, sc, sc.backend, capture)
+            writes = self._writes(route, index, sc)
+            if writes is not None and writes.needs_answer:
+                capture = max(capture, ANSWER_LIMIT)  # the target's answer is checked too
+            scope = None
+            if writes is not None and sc.ordering is not None:
+                key = (writes.scope, sc.backend)
+                scope = self.scopes.get(key)
+                if scope is None:
+                    scope = self.scopes[key] = OrderScope(writes.scope, sc.backend)
+            lane = self._lane(route, sc, sc.backend, capture, scope)
             secondary = None
             if opts is not None and opts.secondary:
-                secondary = self._lane(route, sc, opts.secondary, capture)
+                # the secondary answers reads for noise: its copies are not ordered
+                secondary = self._lane(route, sc, opts.secondary, opts.max_body)
             settings = None
             if opts is not None and self._compile_settings is not None:
                 settings = self._compile_settings(sc, route)
             builder = CopyBuilder(sc, route.name)
-            plans.append(LanePlan(sc, lane, builder, secondary, settings))
+            plans.append(
+                LanePlan(sc, lane, builder, secondary, settings, writes, compares=opts is not None)
+            )
         shadows = RouteShadows(route.name, plans)
         self.plans[route.name] = shadows
         return shadows
 
-    def _lane(self, route: Route, sc: ShadowConfig, backend: str, capture: int) -> ShadowLane:
+    def _writes(self, route: Route, index: int, sc: ShadowConfig) -> WritePlan | None:
+        """The write steps of an ordered or id-rewriting shadow; its scope's name is the one
+        configured, or one of its own (`ordered_by`, `order` without a scope)."""
+        order = sc.ordering
+        if order is None and sc.ids_from_primary is None:
+            return None
+        name = order.scope if order is not None and order.scope else f"{route.name}#{index}"
+        return WritePlan(sc, route.name, name, self.metrics, self.record_divergence)
+
+    def _lane(
+        self,
+        route: Route,
+        sc: ShadowConfig,
+        backend: str,
+        capture: int,
+        scope: OrderScope | None = None,
+    ) -> ShadowLane:
         lane = ShadowLane(
             route.name,
             backend,
@@ -104,8 +143,8 @@ class ShadowDispatcher:
             timeout=sc.timeout,
             max_in_flight=sc.max_in_flight,
             queue=sc.queue,
-            ordered=sc.ordered_by is not None,
             capture_limit=capture,
+            scope=scope,
         )
         self.lanes.append(lane)
         self.metrics.declare_shadow(route.name, backend)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from shadowlane.compare.model import Captured, CompareJob
 from shadowlane.shadow.lane import ShadowCopy, ShadowResult
-from shadowlane.shadow.outcomes import CIRCUIT_OPEN, COMPARISON_DROPPED, OK
+from shadowlane.shadow.outcomes import CIRCUIT_OPEN, COMPARISON_DROPPED, COPY_DROPPED, OK
 from shadowlane.wire.messages import Headers
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class CompareSlot:
         self._maybe_submit()
 
     def on_candidate(self, _copy: ShadowCopy, result: ShadowResult) -> None:
-        if result.outcome == CIRCUIT_OPEN:
+        if result.outcome == CIRCUIT_OPEN or result.outcome == COPY_DROPPED:
             self._drop()  # not sent: nothing about the candidate to compare
             return
         self.candidate = captured(result)

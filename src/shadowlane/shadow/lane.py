@@ -5,9 +5,10 @@ starts at once if fewer than `max_in_flight` copies are running, waits in a boun
 otherwise, and is dropped (counted) when the queue is full. Every copy has a deadline
 (`timeout`), so a hung target holds at most `max_in_flight` connections and `queue` copies.
 
-Ordered lanes (`ordered_by`) keep one copy per key in flight: a copy whose key is busy waits in
-that key's chain (counted against `queue`), and starts when the previous one for the key ended,
-in the order the copies were submitted (the order their primary answers completed).
+Ordered copies (`order`, `ordered_by`) first wait in their ordering scope (shadow/ordering.py)
+until no earlier copy with a conflicting key is pending; that wait counts against `queue` and
+the byte bound like a wait for a slot, and the copy is "parked" meanwhile. When the scope lets
+it go it takes a slot or waits for one like any copy. Its end releases its keys.
 
 A target that fails trips the lane's circuit breaker (shadow/breaker.py): when it opens, the
 waiting copies are shed at once and new ones are not even built, so a hung or dead target costs
@@ -22,8 +23,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shadowlane.shadow.breaker import CircuitBreaker
+from shadowlane.shadow.keys import OrderKeys
+from shadowlane.shadow.ordering import OrderScope, Waiter
 from shadowlane.shadow.outcomes import (
     CIRCUIT_OPEN,
+    COPY_DROPPED,
     DROPPED,
     ERROR,
     OK,
@@ -80,14 +84,15 @@ class ShadowCopy(ResponseSink):
         "done",
         "endpoint",
         "head",
-        "key",
         "lane",
         "method",
         "on_done",
         "result",
         "retried",
+        "size",
         "t0",
         "timer",
+        "waiter",
     )
 
     def __init__(
@@ -96,9 +101,9 @@ class ShadowCopy(ResponseSink):
         method: str,
         head: bytes,
         body: bytes,
-        key: str | None,
         on_done: OnDone | None,
         endpoint: EndpointPool | None = None,
+        extra_bytes: int = 0,
     ) -> None:
         self.lane = lane
         #: chosen when the copy is built (its Host may name it); else at start
@@ -106,7 +111,11 @@ class ShadowCopy(ResponseSink):
         self.method = method
         self.head = head
         self.body = body
-        self.key = key
+        #: bytes this copy pins while it waits or runs: its body, and what its end still needs
+        #: (the primary's answer, to check a `_bulk` item by item)
+        self.size = len(body) + extra_bytes
+        #: its place in its ordering scope, while it holds or waits for keys
+        self.waiter: Waiter | None = None
         self.on_done = on_done
         self.conn: UpstreamConnection | None = None
         #: the task getting this copy a connection, while it does
@@ -263,8 +272,8 @@ class ShadowLane:
         timeout: float,
         max_in_flight: int,
         queue: int,
-        ordered: bool,
         capture_limit: int = 0,
+        scope: OrderScope | None = None,
     ) -> None:
         self.route = route
         self.target = target
@@ -273,16 +282,22 @@ class ShadowLane:
         self.timeout = timeout
         self.max_in_flight = max_in_flight
         self.queue_limit = queue
-        self.ordered = ordered
+        #: the ordering scope this lane's copies are admitted to (None: unordered)
+        self.scope = scope
         self.capture_limit = capture_limit
         self.loop = asyncio.get_running_loop()
         self.in_flight: set[ShadowCopy] = set()
         self.waiting: deque[ShadowCopy] = deque()
-        #: copies waiting: in `waiting` (for an in-flight slot) or in a key's chain
+        #: copies waiting: in `waiting` (for an in-flight slot) or `parked` (for their keys)
         self.waiting_count = 0
-        #: body bytes pinned by the copies in flight and waiting
+        #: bytes pinned by the copies in flight and waiting
         self.bytes = 0
-        self.chains: dict[str, deque[ShadowCopy]] = {}
+        #: ordered copies waiting in the scope for an earlier conflicting copy to end
+        self.parked: set[ShadowCopy] = set()
+        #: draining past its deadline: nothing new starts
+        self.closing = False
+        #: the copy `submit` is admitting to the scope right now
+        self._admitting: ShadowCopy | None = None
         self.paused = False
         self.breaker = CircuitBreaker(self.loop.time)
 
@@ -294,46 +309,76 @@ class ShadowLane:
     def resume(self) -> None:
         self.paused = False
 
-    def full(self, key: str | None, body_len: int) -> bool:
+    def full(self, size: int) -> bool:
         """Would a copy be dropped now? Checked before a copy is built, so an overloaded lane
         costs one comparison per request, not a head to build and throw away."""
-        if self.bytes + body_len > MAX_LANE_BYTES:
+        if self.bytes + size > MAX_LANE_BYTES:
             return True
-        if len(self.in_flight) < self.max_in_flight and (
-            key is None or not self.ordered or key not in self.chains
-        ):
-            return False
+        if len(self.in_flight) < self.max_in_flight:
+            return False  # an ordered copy that must wait for its keys is checked at submit
         return self.waiting_count >= self.queue_limit
 
-    def submit(self, copy: ShadowCopy) -> bool:
-        """Start, queue or drop a copy; never waits. Returns False when dropped."""
-        size = len(copy.body)
-        if self.bytes + size > MAX_LANE_BYTES:
+    def submit(self, copy: ShadowCopy, keys: OrderKeys | None = None) -> bool:
+        """Start, queue or drop a copy; never waits. Returns False when dropped.
+
+        An ordered lane admits the copy to its scope with `keys` first; the copy is parked
+        there until its keys are free (at once, mostly)."""
+        size = copy.size
+        if self.bytes + size > MAX_LANE_BYTES or self.closing:
             return self.drop()
-        key = copy.key if self.ordered else None
-        if key is not None:
-            chain = self.chains.get(key)
-            if chain is not None:  # a copy with this key is in flight or waiting
-                if self.waiting_count >= self.queue_limit:
-                    return self.drop()
-                chain.append(copy)
-                self.waiting_count += 1
-                self.bytes += size
-                return True
-            self.chains[key] = deque()
+        scope = self.scope
+        if scope is not None and keys is not None:
+            waiter = copy.waiter = scope.waiter(keys, lambda: self._unpark(copy))
+            self._admitting = copy
+            scope.admit(waiter)  # calls _unpark at once when nothing conflicts
+            self._admitting = None
+            if copy.waiter is None:  # it was free to go: a slot or the queue, as any copy
+                copy.waiter = waiter
+                if self._start_or_queue(copy):
+                    return True
+                copy.waiter = None
+                scope.release(waiter)
+                return False
+            if self.waiting_count >= self.queue_limit:
+                copy.waiter = None
+                scope.release(waiter)  # no room to wait for its keys: it leaves the scope
+                return self.drop()
+            self.waiting_count += 1
+            self.bytes += size
+            self.parked.add(copy)
+            return True
+        return self._start_or_queue(copy)
+
+    def _start_or_queue(self, copy: ShadowCopy) -> bool:
+        size = copy.size
         if len(self.in_flight) < self.max_in_flight:
             self.bytes += size
             self.in_flight.add(copy)
             copy.start()
             return True
         if self.waiting_count >= self.queue_limit:
-            if key is not None:
-                del self.chains[key]
             return self.drop()
         self.waiting.append(copy)
         self.waiting_count += 1
         self.bytes += size
         return True
+
+    def _unpark(self, copy: ShadowCopy) -> None:
+        """The scope let a copy go. At its admission: `submit` goes on (marked by clearing its
+        waiter). Later: a slot now, or the front of the slot queue (it has waited longer than
+        the copies queued behind it)."""
+        if copy is self._admitting:
+            copy.waiter = None
+            return
+        if self.closing:  # the drain ends every copy it took out of `parked`
+            return
+        self.parked.discard(copy)
+        if len(self.in_flight) < self.max_in_flight:
+            self.waiting_count -= 1
+            self.in_flight.add(copy)
+            copy.start()
+        else:
+            self.waiting.appendleft(copy)
 
     def drop(self) -> bool:
         self.metrics.shadow_outcome(self.route, self.target, DROPPED)
@@ -341,20 +386,31 @@ class ShadowLane:
 
     def copy_done(self, copy: ShadowCopy) -> None:
         self.in_flight.discard(copy)
-        self.bytes -= len(copy.body)
-        key = copy.key if self.ordered else None
-        if key is not None:
-            chain = self.chains.get(key)
-            if chain:
-                # the next copy of this key goes first among waiting copies (it waited longest)
-                self.waiting.appendleft(chain.popleft())
-            else:
-                self.chains.pop(key, None)
-        while self.waiting and len(self.in_flight) < self.max_in_flight:
+        self.bytes -= copy.size
+        waiter = copy.waiter
+        if waiter is not None:
+            copy.waiter = None
+            assert self.scope is not None
+            self.scope.release(waiter)  # may unpark copies of this lane or of others
+        while self.waiting and len(self.in_flight) < self.max_in_flight and not self.closing:
             nxt = self.waiting.popleft()
             self.waiting_count -= 1
             self.in_flight.add(nxt)
             nxt.start()
+
+    def _end_unsent(self, copy: ShadowCopy, end: CopyEnd) -> None:
+        """A copy that waited ends without being sent (circuit open, drain): it gives back its
+        bytes and keys, and its owner hears why."""
+        copy.done = True
+        copy.result.outcome = end
+        self.bytes -= copy.size
+        waiter = copy.waiter
+        if waiter is not None:
+            copy.waiter = None
+            assert self.scope is not None
+            self.scope.release(waiter)
+        if copy.on_done is not None:
+            copy.on_done(copy, copy.result)
 
     def circuit_open(self) -> bool:
         """Is the breaker shedding copies now (the `shadowlane_shadow_circuit_open` gauge)?"""
@@ -365,34 +421,29 @@ class ShadowLane:
         self.metrics.shadow_outcome(self.route, self.target, DROPPED)
 
     def shed_waiting(self) -> None:
-        """The circuit opened: the copies waiting for a slot or their key's turn end now."""
-        waiting = [*self.waiting, *(c for chain in self.chains.values() for c in chain)]
+        """The circuit opened: the copies waiting for a slot end now. Parked copies stay in
+        their scope (their order still matters); they fail fast when their turn comes."""
+        waiting = list(self.waiting)
         if not waiting:
             return
         self.waiting.clear()
-        # a key stays busy only while a copy of it is in flight (its end frees the key)
-        busy = {c.key for c in self.in_flight}
-        self.chains = {k: deque() for k in self.chains if k in busy}
+        self.waiting_count -= len(waiting)
         for copy in waiting:
-            self.waiting_count -= 1
-            self.bytes -= len(copy.body)
-            copy.done = True
-            copy.result.outcome = CIRCUIT_OPEN
-            if copy.on_done is not None:
-                copy.on_done(copy, copy.result)
+            self._end_unsent(copy, CIRCUIT_OPEN)
         self.metrics.shadow_outcome(self.route, self.target, DROPPED, len(waiting))
 
     async def drain(self, deadline: float) -> None:
         """Give in-flight copies until `deadline` (loop time); then abandon what is left."""
-        while (self.in_flight or self.waiting) and self.loop.time() < deadline:
+        while (self.in_flight or self.waiting_count) and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
-        for copy in [*self.waiting, *(c for chain in self.chains.values() for c in chain)]:
-            self.waiting_count -= 1
-            self.bytes -= len(copy.body)
-            copy.done = True
-            self.metrics.shadow_outcome(self.route, self.target, DROPPED)
+        self.closing = True
+        left = [*self.waiting, *self.parked]
         self.waiting.clear()
-        self.chains.clear()
+        self.parked.clear()
+        self.waiting_count -= len(left)
+        for copy in left:
+            self.metrics.shadow_outcome(self.route, self.target, DROPPED)
+            self._end_unsent(copy, COPY_DROPPED)
         for copy in list(self.in_flight):
             copy.abandon()
         self.pool.close()

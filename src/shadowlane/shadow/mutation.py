@@ -54,18 +54,34 @@ class CopyBuilder:
         if cfg.rewrite_path is not None:
             self._rewrite = (re.compile(cfg.rewrite_path.regex), cfg.rewrite_path.replacement)
 
-    def target(self, req: Request) -> bytes:
+    def target(self, req: Request, target: bytes | None = None) -> bytes:
+        """The copy's path and query: the request's (or `target`, a write step's rewrite of
+        it), then `rewrite_path`."""
         if self._rewrite is None:
-            return req.target
+            return req.target if target is None else target
+        if target is None:
+            path, query = req.path, req.query
+        else:
+            raw_path, _, raw_query = target.decode("latin-1").partition("?")
+            path, query = raw_path, raw_query
         regex, repl = self._rewrite
-        path = regex.sub(repl, req.path, count=1)
-        if req.query:
-            return f"{path}?{req.query}".encode("latin-1")
+        path = regex.sub(repl, path, count=1)
+        if query:
+            return f"{path}?{query}".encode("latin-1")
         return path.encode("latin-1")
 
     def head(
-        self, req: Request, base: Headers, body_len: int, endpoint_authority: bytes = b""
+        self,
+        req: Request,
+        base: Headers,
+        body_len: int,
+        endpoint_authority: bytes = b"",
+        method: str | None = None,
+        target: bytes | None = None,
     ) -> bytes:
+        """The copy's request head; `method` and `target` when a write step changed them
+        (`POST /i/_doc` sent as `PUT /i/_create/<the primary's id>`)."""
+        method = req.method if method is None else method
         drop = self._drop
         host = endpoint_authority if self.host_is_endpoint else self._host
         out: Headers = []
@@ -88,10 +104,10 @@ class CopyBuilder:
             out.append((b"host", host))
         out.extend(self._set)
         out.append(self._marker)
-        if body_len or req.method in ("POST", "PUT", "PATCH"):
+        if body_len or method in ("POST", "PUT", "PATCH"):
             out.append((b"content-length", str(body_len).encode()))
         return b"%s %s HTTP/1.1\r\n%s\r\n" % (
-            req.method.encode(),
-            self.target(req),
+            method.encode(),
+            self.target(req, target),
             serialize_headers(out),
         )

@@ -22,6 +22,8 @@ DROPPED: Final = "dropped"
 SKIPPED_BODY: Final = "skipped_body"
 SKIPPED_LOOP: Final = "skipped_loop"
 SKIPPED_STATUS: Final = "skipped_status"
+#: not sent: the copy is built from the primary's answer (ids), and that answer is unusable
+SKIPPED_ANSWER: Final = "skipped_answer"
 
 #: a value of the `outcome` label; tests check it lists exactly SHADOW_OUTCOMES
 Outcome = Literal[
@@ -34,10 +36,12 @@ Outcome = Literal[
     "skipped_body",
     "skipped_loop",
     "skipped_status",
+    "skipped_answer",
 ]
 
 #: every outcome, in the order docs/metrics.md lists them. The first seven are the DESIGN.md
-#: contract; the two `skipped_*` reasons were added by the dispatcher (the contract is a floor)
+#: contract; the `skipped_*` reasons were added by the dispatcher and the write steps (the
+#: contract is a floor)
 SHADOW_OUTCOMES: Final[tuple[Outcome, ...]] = (
     SAMPLED_OUT,
     SENT,
@@ -48,6 +52,7 @@ SHADOW_OUTCOMES: Final[tuple[Outcome, ...]] = (
     SKIPPED_BODY,
     SKIPPED_LOOP,
     SKIPPED_STATUS,
+    SKIPPED_ANSWER,
 )
 
 #: How one copy that was handed to a lane ended (`ShadowResult.outcome`), which is what a
@@ -56,7 +61,9 @@ SHADOW_OUTCOMES: Final[tuple[Outcome, ...]] = (
 #: target's answers, so such a copy is never compared. PENDING is the value before the end.
 CIRCUIT_OPEN: Final = "circuit_open"
 PENDING: Final = ""
-CopyEnd = Literal["", "ok", "error", "timeout", "circuit_open"]
+#: COPY_DROPPED: a copy that waited (for a slot or its keys) and was dropped at a drain's end
+COPY_DROPPED: Final = "dropped"
+CopyEnd = Literal["", "ok", "error", "timeout", "circuit_open", "dropped"]
 #: how a copy that went to the target ended
 Ended = Literal["ok", "error", "timeout"]
 

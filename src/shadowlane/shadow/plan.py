@@ -1,7 +1,7 @@
 """What the dispatcher precomputes per route: one `LanePlan` per shadow, in a `RouteShadows`.
 
 Built once per (re)load, read per request by the dispatcher and the ticket, so everything a
-request would otherwise derive from the config (the sampler, the extra match, the order key,
+request would otherwise derive from the config (the sampler, the extra match, the write steps,
 whether copies wait for the answer) is decided here. A module of its own so that the ticket
 and the dispatcher both use it without importing each other.
 """
@@ -13,6 +13,7 @@ from shadowlane.routing import compile_match
 from shadowlane.shadow.lane import ShadowLane
 from shadowlane.shadow.mutation import CopyBuilder
 from shadowlane.shadow.sampling import KeyFn, Sampler, key_function
+from shadowlane.shadow.writes import ANSWER_LIMIT, WritePlan
 
 
 def _key(spec: tuple[str, str] | None) -> KeyFn | None:
@@ -31,9 +32,9 @@ class LanePlan:
         "compares",
         "lane",
         "match",
-        "order_key",
         "sampler",
         "secondary",
+        "writes",
     )
 
     def __init__(
@@ -43,20 +44,26 @@ class LanePlan:
         builder: CopyBuilder,
         secondary: ShadowLane | None = None,
         compare_settings: object = None,
+        writes: WritePlan | None = None,
+        compares: bool = False,
     ) -> None:
         self.cfg = cfg
         self.lane = lane
         self.builder = builder
         #: with noise cancellation: the lane to the secondary (same version as the primary)
         self.secondary = secondary
-        self.compares = lane.capture_limit > 0
+        self.compares = compares
+        #: ordered or id-rewriting: the write steps around each copy (shadow/writes.py)
+        self.writes = writes
+        #: how much of the primary's answer this shadow needs captured
         self.capture_limit = lane.capture_limit
+        if writes is not None and writes.needs_answer:
+            self.capture_limit = max(self.capture_limit, ANSWER_LIMIT)
         #: compiled by compare/ and only handed back to it (so opaque here)
         self.compare_settings = compare_settings
         self.sampler = Sampler(cfg.percent, _key(cfg.sample_key))
         self.match = compile_match(cfg.match) if cfg.match is not None else None
-        self.order_key: KeyFn | None = _key(cfg.order_key)
-        self.after_response = cfg.send == "after_response" or self.order_key is not None
+        self.after_response = cfg.waits_for_primary
 
 
 class RouteShadows:

@@ -29,13 +29,20 @@ from shadowlane.shadow.join import EMPTY, EXAMPLE_REQUEST_BODY, CompareSlot, Pri
 from shadowlane.shadow.lane import ShadowCopy
 from shadowlane.shadow.outcomes import (
     COMPARISON_DROPPED,
+    DIV_DROPPED,
+    DIV_PRIMARY_INCOMPLETE,
+    DIV_PRIMARY_UNUSABLE,
+    DIV_SKIPPED_BODY,
     DROPPED,
     SENT,
+    SKIPPED_ANSWER,
     SKIPPED_BODY,
     SKIPPED_STATUS,
+    DivergenceReason,
     Outcome,
 )
 from shadowlane.shadow.plan import LanePlan
+from shadowlane.shadow.writes import Unsent, WriteEnd, WritePlan
 from shadowlane.wire.messages import Headers, Request
 
 if TYPE_CHECKING:
@@ -52,6 +59,7 @@ class ShadowTicket:
         "_request",
         "_requested",
         "_sampled",
+        "_status",
         "_waiting_body",
         "capture",
         "outcomes",
@@ -80,6 +88,8 @@ class ShadowTicket:
         self._requested = False
         #: `with_request` copies waiting for the rest of a body the primary answered early
         self._waiting_body: list[LanePlan] = []
+        #: the primary's status, once it answered (write copies are built from the answer)
+        self._status = 0
 
     # ----- the proxy's moments -----
     def request_done(self, body: bytes | None) -> None:
@@ -101,6 +111,7 @@ class ShadowTicket:
         skipped; `after_response` copies go now, or are skipped for the status or the body."""
         requested = self._requested
         self._requested = True
+        self._status = status
         for p in self._sampled:
             if not p.after_response:
                 if not requested:
@@ -111,12 +122,18 @@ class ShadowTicket:
                     else:
                         self._outcome(p, SKIPPED_BODY)
                 continue
-            if status == 499 or (p.cfg.only_if_primary == "2xx" and not 200 <= status < 300):
-                # 499: the client left and the primary exchange was abandoned mid-way
+            if status == 499:
+                # the client left and the primary exchange was abandoned mid-way: whether the
+                # primary applied a write is unknown
+                self._outcome(p, SKIPPED_STATUS)
+                self._unsent_write(p, body, DIV_PRIMARY_INCOMPLETE, "client left")
+                continue
+            if p.cfg.only_if_primary == "2xx" and not 200 <= status < 300:
                 self._outcome(p, SKIPPED_STATUS)
                 continue
             if body is None:
                 self._outcome(p, SKIPPED_BODY)
+                self._unsent_write(p, None, DIV_SKIPPED_BODY, "body not kept")
                 continue
             self._submit(p, body)
 
@@ -134,15 +151,18 @@ class ShadowTicket:
     def _submit(self, p: LanePlan, body: bytes | None) -> None:
         if body is None or len(body) > p.cfg.max_body:
             self._outcome(p, SKIPPED_BODY)
+            self._unsent_write(p, None, DIV_SKIPPED_BODY, "body too big to keep")
+            return
+        if p.writes is not None:
+            self._submit_write(p, p.writes, body)
             return
         lane = p.lane
         req = self._request
-        key = p.order_key(req) if p.order_key is not None else None
         if lane.breaker.is_open():
             lane.fail_open()
             self._dropped(p)
             return
-        if lane.full(key, len(body)):
+        if lane.full(len(body)):
             lane.drop()
             self._dropped(p)
             return
@@ -151,7 +171,7 @@ class ShadowTicket:
         head = p.builder.head(req, base, len(body), endpoint.authority)
         slot = self._slot(p, body) if p.compares else None
         on_done = slot.on_candidate if slot else None
-        copy = ShadowCopy(lane, req.method, head, body, key, on_done, endpoint)
+        copy = ShadowCopy(lane, req.method, head, body, on_done, endpoint)
         if lane.submit(copy):
             self.outcomes[lane.target] = SENT
         else:
@@ -166,9 +186,67 @@ class ShadowTicket:
                 if not p.builder.host_is_endpoint
                 else p.builder.head(req, base, len(body), sep.authority)
             )
-            second = ShadowCopy(p.secondary, req.method, shead, body, key, slot.on_secondary, sep)
+            second = ShadowCopy(p.secondary, req.method, shead, body, slot.on_secondary, sep)
             if not p.secondary.submit(second):
                 slot.copy_dropped()
+
+    def _submit_write(self, p: LanePlan, w: WritePlan, body: bytes) -> None:
+        """A copy of an ordered or id-rewriting shadow: built from the primary's answer, sent
+        in its scope's order, checked at its end; whatever may leave the target unlike the
+        primary is written to the divergence ledger."""
+        lane = p.lane
+        req = self._request
+        capture = self.capture
+        answer = capture.result if capture is not None else None
+        prep = w.prepare(req, body, self._status, answer)
+        if isinstance(prep, Unsent):
+            self._outcome(p, SKIPPED_ANSWER if prep.divergent else SKIPPED_STATUS)
+            if prep.divergent:
+                w.diverged(prep.keys, DIV_PRIMARY_UNUSABLE, req.request_id, req.method,
+                           self._uri(), prep.reason)  # fmt: skip
+            return
+        if lane.breaker.is_open():
+            lane.fail_open()
+            self._dropped(p)
+            w.diverged(prep.keys, DIV_DROPPED, req.request_id, prep.method, self._uri(),
+                       "circuit open")  # fmt: skip
+            return
+        size = len(prep.body) + prep.kept
+        if lane.full(size):
+            lane.drop()
+            self._dropped(p)
+            w.diverged(prep.keys, DIV_DROPPED, req.request_id, prep.method, self._uri(),
+                       "queue full")  # fmt: skip
+            return
+        endpoint = lane.pool.pick()
+        head = p.builder.head(
+            req, self._base, len(prep.body), endpoint.authority, prep.method, prep.target
+        )
+        slot = self._slot(p, prep.body) if p.compares else None
+        end = WriteEnd(w, prep, req.request_id, self._uri(), slot)
+        copy = ShadowCopy(lane, prep.method, head, prep.body, end.on_done, endpoint, prep.kept)
+        if lane.submit(copy, prep.keys):
+            self.outcomes[lane.target] = SENT
+            return
+        self.outcomes[lane.target] = DROPPED
+        if slot is not None:
+            slot.copy_dropped()
+        w.diverged(prep.keys, DIV_DROPPED, req.request_id, prep.method, self._uri(),
+                   "queue full")  # fmt: skip
+
+    def _unsent_write(
+        self, p: LanePlan, body: bytes | None, reason: DivergenceReason, detail: str
+    ) -> None:
+        """A write copy that will not be built: the ledger marks its keys suspect."""
+        w = p.writes
+        if w is None:
+            return
+        req = self._request
+        w.diverged(w.unsent_keys(req, body), reason, req.request_id, req.method, self._uri(),
+                   detail)  # fmt: skip
+
+    def _uri(self) -> str:
+        return self._request.target.decode("latin-1")
 
     def _dropped(self, p: LanePlan) -> None:
         """Not handed over (circuit open, lane full): the lane counted it; no comparison."""
