@@ -4,8 +4,9 @@ The primary runs the old version (answers as OpenSearch 2.19) and the shadow the
 the shape of a migration; the main scenarios also run the other way round, so that neither
 version's answers are only ever read on one side. The command runs as a subprocess
 (`python -m shadowlane verify`), as a user runs it: its exit status, stdout and stderr are
-what is judged. The suspect-key walk also runs in process with a ledger object of its own,
-until the store's ledger (another branch) lands; see `test_suspects_from_the_store`.
+what is judged. The suspect-key walk runs both from a real store (SQLite, seeded the way the
+comparator writes the ledger) and in process with a small ledger of the test's own, whose
+entries are easier to shape.
 
 Each test writes its own indices (a fresh prefix) on the module's two servers and names them
 with `--index`, so tests do not see each other's documents.
@@ -672,10 +673,7 @@ def test_suspects_from_the_store(
     clusters: tuple[OpenSearchServer, OpenSearchServer], prefix: str, tmp_path: Path
 ) -> None:
     """The CLI reads the ledger the proxy wrote into the comparison store (SQLite file)."""
-    from shadowlane.store import Store, open_store
-
-    if not hasattr(Store, "suspect_keys"):
-        pytest.skip("the store's divergence ledger (Store.suspect_keys) is not merged yet")
+    from shadowlane.store import open_store
     from shadowlane.store.ledger import Divergence
 
     primary, shadow = clusters
@@ -698,7 +696,7 @@ def test_suspects_from_the_store(
             uri="/_bulk",
         )
         _write_divergences(store, [record])
-        assert sorted(store.suspect_keys()) == [f"{index}/00002", f"{index}/00003"]  # type: ignore[attr-defined]
+        assert store.suspect_keys() == [f"{index}/00002", f"{index}/00003"]
     finally:
         store.close()
 
@@ -720,7 +718,7 @@ def test_suspects_from_the_store(
     assert out["suspects"]["resolved_entries"] == 1
     store = open_store(url)
     try:
-        assert store.suspect_keys() == []  # type: ignore[attr-defined]
+        assert store.suspect_keys() == []
     finally:
         store.close()
     res = run_verify(primary.url, shadow.url, "--suspects", "--store", url)
@@ -728,7 +726,7 @@ def test_suspects_from_the_store(
 
 
 def _write_divergences(store: Any, records: list[Any]) -> None:
-    """Seed the ledger the way the proxy's comparator does (its write path, once merged)."""
+    """Seed the ledger the way the proxy's comparator does: records riding on a batch."""
     from shadowlane.store import Batch
 
     batch = Batch()

@@ -132,9 +132,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
             store = open_store(url)
         except Exception as err:  # any driver error is reported as one line
             return fail(f"cannot open store {url}: {err}")
-        if not isinstance(store, Ledger):
-            store.close()
-            return fail(f"store {url}: this version of shadowlane has no divergence ledger")
         ledger = store
     options = VerifyOptions(
         primary=args.primary,

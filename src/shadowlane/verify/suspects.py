@@ -6,8 +6,8 @@ split at the first `/`: index names cannot hold `/`, ids can (`orders/a/b` is id
 Anything else (a generic extractor's key such as `/accounts/9`, or a word that cannot be an
 index name) did not come from an Elasticsearch route, so verify leaves it alone and says so.
 
-The ledger is read through `Ledger`, the two calls verify needs, so that verify depends only
-on them and a store without a ledger is refused with a sentence rather than an AttributeError.
+The ledger is read through `Ledger`, the two calls verify needs (`Store` has them), so that
+verify depends on those two and nothing else of the store's.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 __all__ = ["SCOPE_LABEL", "Ledger", "Suspects", "index_name_ok", "matches", "parse_labels"]
 
@@ -25,7 +25,6 @@ SCOPE_LABEL = "*"
 _BAD_INDEX_CHARS = frozenset('\\/*?"<>| ,#:')
 
 
-@runtime_checkable
 class Ledger(Protocol):
     """The divergence ledger as the store offers it (`Store.suspect_keys/resolve_keys`)."""
 
