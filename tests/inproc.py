@@ -63,7 +63,6 @@ def lane_to(
     timeout: float = 2.0,
     max_in_flight: int = 4,
     queue: int = 16,
-    ordered: bool = False,
     route: str = "r",
     target: str = "t",
 ) -> ShadowLane:
@@ -76,7 +75,6 @@ def lane_to(
         timeout=timeout,
         max_in_flight=max_in_flight,
         queue=queue,
-        ordered=ordered,
     )
 
 
@@ -88,11 +86,9 @@ def head(method: str, path: str, body_len: int = 0) -> bytes:
 class Copy:
     """A ShadowCopy of `method path`, with a future that resolves when it ended."""
 
-    def __init__(
-        self, lane: ShadowLane, path: str, method: str = "GET", key: str | None = None
-    ) -> None:
+    def __init__(self, lane: ShadowLane, path: str, method: str = "GET") -> None:
         self.ended: asyncio.Future[ShadowResult] = asyncio.get_running_loop().create_future()
-        self.copy = ShadowCopy(lane, method, head(method, path), b"", key, self._done)
+        self.copy = ShadowCopy(lane, method, head(method, path), b"", self._done)
 
     def _done(self, _copy: ShadowCopy, result: ShadowResult) -> None:
         if not self.ended.done():
