@@ -1,4 +1,4 @@
-"""The `shadowlane` command: run, check (and, as they land, report and demo)."""
+"""The `shadowlane` command: run, check, report, replay and demo."""
 
 from __future__ import annotations
 
@@ -80,6 +80,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from shadowlane.replay import main as replay_main
+
+    return replay_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shadowlane",
@@ -114,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--store", help="store URL: sqlite:///PATH or postgresql://...")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_report)
+
+    from shadowlane.replay import add_arguments as add_replay_arguments
+
+    p = sub.add_parser(
+        "replay",
+        help="send recorded traffic (GoReplay files) again: paced, filtered, compared",
+        description="Replay recorded requests (GoReplay's file format) to a target, at the "
+        "recorded pace or another, and compare the answers. See docs/replay.md.",
+    )
+    add_replay_arguments(p)
+    p.set_defaults(func=cmd_replay)
 
     from shadowlane.demo import add_demo_arguments, run_demo_from_args
 
