@@ -552,3 +552,74 @@ def test_to_backend_and_route_from_a_config(tmp_path: Path) -> None:
                           "--route", "api", "--speed", "max", "--concurrency", "1")  # fmt: skip
         assert [r.target for r in server.requests] == ["/api/1", "/api/2"]
     assert doc["skipped"] == {"not_routed": 1} and doc["target"] == "v2"
+
+
+def test_as_a_configured_shadow_requests_are_routed_and_changed_like_its_copies(
+    tmp_path: Path,
+) -> None:
+    cfg = tmp_path / "c.yaml"
+    dead = f"http://127.0.0.1:{dead_port()}"
+    with RecordingBackend() as server:
+        cfg.write_text(
+            "backends:\n"
+            f"  v1: {{endpoints: ['{dead}']}}\n"
+            f"  s: {{endpoints: ['{server.url}']}}\n"
+            "routes:\n"
+            "  - name: api\n"
+            "    match: {path_prefix: /api}\n"
+            "    backend: v1\n"
+            "    shadows:\n"
+            "      - backend: s\n"
+            "        rewrite_path: {regex: '^/api/(.*)', replacement: '/v2/\\1'}\n"
+            "        headers: {set: {x-shadow-env: staging}, remove: [authorization]}\n"
+            "        max_body: 10\n"
+            "  - name: web\n"
+            "    match: {path_prefix: /web}\n"
+            "    backend: v1\n"
+            "    shadows: [{backend: s, match: {methods: [POST]}, host_suffix: ''}]\n"
+            "  - {name: other, backend: v1}\n"
+        )
+        big = b"POST /api/big HTTP/1.1\r\nhost: prod.example.com\r\ncontent-length: 11\r\n\r\n"
+        record(
+            tmp_path / "a.gor",
+            [
+                get("/api/x", extra="authorization: secret\r\n"),
+                get("/web/a"),
+                b"POST /web/b HTTP/1.1\r\nhost: prod.example.com\r\ncontent-length: 1\r\n\r\nb",
+                get("/other"),
+                big + b"hello world",
+            ],
+        )
+        doc = replay_json(str(tmp_path / "a.gor"), "-c", str(cfg), "--shadow", "s",
+                          "--speed", "max", "--concurrency", "1")  # fmt: skip
+        api, web = server.requests
+    assert doc["skipped"] == {"not_routed": 2, "skipped_body": 1} and doc["target"] == "s"
+    assert api.target == "/v2/x" and api.header("x-shadowlane-shadow") == "api"
+    assert api.header("host") == "prod.example.com-shadow" and api.header("authorization") is None
+    assert api.header("x-shadow-env") == "staging"
+    assert web.target == "/web/b" and web.header("x-shadowlane-shadow") == "web"
+    assert web.header("host") == "prod.example.com"
+
+
+def test_compare_settings_come_from_the_config(tmp_path: Path) -> None:
+    def answer(req: Recorded) -> Reply:
+        body = {"path": req.target, "nonce": os.urandom(4).hex()}
+        return Reply(headers=[("Content-Type", "application/json")], body=json.dumps(body).encode())
+
+    with RecordingBackend(answer) as server:
+        record(tmp_path / "a.gor", [get(f"/api/{i}", server.port) for i in range(5)],
+               port=server.port)  # fmt: skip
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(
+            f"backends: {{v1: {{endpoints: ['{server.url}']}}}}\n"
+            "routes:\n"
+            "  - name: api\n"
+            "    backend: v1\n"
+            "    compare: {ignore: [body.nonce]}\n"
+        )
+        base = (str(tmp_path / "a.gor"), "--to", server.url, "--compare", "recorded")
+        plain = replay_json(*base, code=1)
+        configured = replay_json(*base, "-c", str(cfg), "--route", "api",
+                                 "--store", f"sqlite:///{tmp_path / 'r.db'}")  # fmt: skip
+    assert (plain["compared"], plain["differing"]) == (5, 5)
+    assert (configured["compared"], configured["matched"], configured["differing"]) == (5, 5, 0)
