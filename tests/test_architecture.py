@@ -21,6 +21,8 @@ RANKS: dict[str, int] = {
     "control": 6,
     "report": 6,
     "replay": 6,
+    # verify may use store, compare and config; only cli imports it
+    "verify": 6,
     "proxy": 5,
     "routing": 4,
     "shadow": 4,

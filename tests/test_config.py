@@ -553,7 +553,8 @@ shadows:
     assert es.ordering.keys == "elasticsearch" and es.ids_from_primary == "elasticsearch"
     assert es.send == "with_request" and es.waits_for_primary
     assert generic.ordering is not None and generic.ordering.barrier
-    assert generic.ordering.keys == ["path", "header:x-account", "path_regex:^/o/(\\d+)", "json:/ids"]
+    keys = ["path", "header:x-account", "path_regex:^/o/(\\d+)", "json:/ids"]
+    assert generic.ordering.keys == keys
 
 
 def test_order_errors_name_the_key() -> None:

@@ -30,10 +30,12 @@ from typing import Any
 import pytest
 import requests
 
+from shadowlane.store import open_store
 from support.backend import Recorded, RecordingBackend, Reply
 from support.migration import comparison_results, wait_for_stored
 from support.proxy import ProxyProcess, basic_config
 from support.wait import wait_until
+from test_ledger_api import OPEN_COUNTS, OPEN_IDS, SUSPECT_KEYS, ordered_config, seed_ledger
 
 try:
     from selenium import webdriver
@@ -487,3 +489,65 @@ def test_dashboard_with_no_comparisons_says_so(
         assert empty.is_displayed()
         assert "No comparisons yet" in empty.text
         assert browser.find_elements(By.CSS_SELECTOR, ".card") == []
+        # no store at all: the ledger panel says there is nothing open, and is no error
+        assert browser.find_element(By.ID, "ledger-open").text == "No open divergences"
+        assert not browser.find_element(By.ID, "ledger-body").is_displayed()
+        assert not browser.find_element(By.ID, "ledger-error").is_displayed()
+
+
+def test_dashboard_shows_the_divergence_ledger(
+    browser: WebDriver, proxy_factory: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
+    """A store holding a ledger (seeded through the Store API), the real proxy with ordered
+    shadows serving it: the panel lists open entries by route, target and reason, the suspect
+    keys and the newest entries, and follows resolutions live."""
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    seed_ledger(url)
+    with RecordingBackend() as es7, RecordingBackend() as es8:
+        proxy = proxy_factory(ordered_config(url, es7.url, es8.url))
+        browser.get(proxy.admin_url + "/")
+        wait_for(browser, "#ledger tr.ledger-count")
+        panel = browser.find_element(By.ID, "ledger")
+        assert panel.get_attribute("data-open") == "4"
+        assert panel.find_element(By.ID, "ledger-open").text == "4 open entries · 5 suspect keys"
+        counts = [
+            {
+                "route": row.get_attribute("data-route"),
+                "target": row.get_attribute("data-target"),
+                "reason": row.get_attribute("data-reason"),
+                "n": int(row.find_element(By.CSS_SELECTOR, ".count").text),
+            }
+            for row in panel.find_elements(By.CSS_SELECTOR, "tr.ledger-count")
+        ]
+        assert counts == OPEN_COUNTS
+        first = panel.find_element(By.CSS_SELECTOR, "tr.ledger-count")
+        assert first.find_element(By.CSS_SELECTOR, ".pair").text == "es-bulk → es8"
+        assert first.find_element(By.CSS_SELECTOR, ".badge").text == "bulk_item"
+        keys = [k.text for k in panel.find_elements(By.CSS_SELECTOR, ".suspect-key")]
+        assert keys == SUSPECT_KEYS
+        entries = panel.find_elements(By.CSS_SELECTOR, "tr.ledger-entry")
+        assert [e.get_attribute("data-request-id") for e in entries] == OPEN_IDS
+        oldest = entries[-1]
+        assert oldest.find_element(By.CSS_SELECTOR, ".request").text == "POST /_bulk"
+        assert oldest.find_element(By.CSS_SELECTOR, ".keys").text == "orders/1, orders/2"
+        assert oldest.find_element(By.CSS_SELECTOR, ".scope").text == "es-writes"
+        assert oldest.find_element(By.CSS_SELECTOR, ".detail").text == "lane queue full"
+        assert re.fullmatch(r"\d\d:\d\d:\d\d", oldest.find_element(By.CSS_SELECTOR, ".time").text)
+        # nothing compares: the comparison part says so beside the ledger
+        assert browser.find_element(By.ID, "empty").is_displayed()
+
+        # a repair resolves keys in the store: the panel follows at its next refresh
+        with open_store(url) as store:
+            assert store.resolve_keys(["logs"]) == 1
+        WebDriverWait(browser, 10).until(lambda d: panel.get_attribute("data-open") == "3")
+        keys = [k.text for k in panel.find_elements(By.CSS_SELECTOR, ".suspect-key")]
+        assert keys == SUSPECT_KEYS[1:]
+        with open_store(url) as store:
+            assert store.resolve_keys(SUSPECT_KEYS) == 3
+        WebDriverWait(browser, 10).until(
+            lambda d: d.find_element(By.ID, "ledger-open").text == "No open divergences"
+        )
+        assert not browser.find_element(By.ID, "ledger-body").is_displayed()
+        assert browser.find_elements(By.CSS_SELECTOR, "tr.ledger-entry") == []
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == []

@@ -111,10 +111,12 @@ class Client:
         touched: set[int] = set()
         for a in range(6):
             tag = f"c{self.n}-r{r}-b{a}"
-            kind = self.rng.choice(["index", "index_noid", "create", "update", "delete"])
+            kind = self.rng.choice(
+                ["index", "index_noid", "create", "create_noid", "update", "delete"]
+            )
             doc = self.rng.randrange(DOCS)
-            if kind == "index_noid":
-                lines += [{"index": {}}, {"v": tag}]
+            if kind in ("index_noid", "create_noid"):  # the primary chooses the id
+                lines += [{kind.split("_")[0]: {}}, {"v": tag}]
                 continue
             if doc in touched:
                 continue  # one action per document and batch keeps each batch unambiguous

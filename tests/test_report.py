@@ -107,8 +107,13 @@ def test_json_report(store: Store) -> None:
 
 def test_empty_store_and_bad_format(tmp_path: Path) -> None:
     with open_store("sqlite:///:memory:") as store:
-        assert render_report(store) == "no comparisons recorded yet\n"
-        assert orjson.loads(render_report(store, "json")) == {"comparisons": []}
+        assert render_report(store) == (
+            "no comparisons recorded yet\n\ndivergence ledger: no divergences\n"
+        )
+        assert orjson.loads(render_report(store, "json")) == {
+            "comparisons": [],
+            "ledger": {"open": 0, "targets": []},
+        }
         with pytest.raises(ValueError, match="unknown report format"):
             render_report(store, "yaml")
 

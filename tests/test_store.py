@@ -18,7 +18,7 @@ import threading
 import time
 import tracemalloc
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ from shadowlane.store import (
     Batch,
     FieldRow,
     LatencyRow,
+    LedgerCountRow,
+    LedgerRow,
     Store,
     StoreOptions,
     TotalsRow,
@@ -520,6 +522,50 @@ class SlowStore(Store):
 
     def clear(self) -> None:
         self.inner.clear()
+
+    def ledger(
+        self,
+        route: str | None = None,
+        target: str | None = None,
+        scope: str | None = None,
+        reason: str | None = None,
+        include_resolved: bool = False,
+        limit: int = 100,
+    ) -> list[LedgerRow]:
+        return self.inner.ledger(route, target, scope, reason, include_resolved, limit)
+
+    def ledger_counts(
+        self,
+        route: str | None = None,
+        target: str | None = None,
+        include_resolved: bool = False,
+        *,
+        scope: str | None = None,
+    ) -> list[LedgerCountRow]:
+        return self.inner.ledger_counts(route, target, include_resolved, scope=scope)
+
+    def suspect_keys(
+        self,
+        route: str | None = None,
+        target: str | None = None,
+        scope: str | None = None,
+        *,
+        limit: int | None = None,
+    ) -> list[str]:
+        return self.inner.suspect_keys(route, target, scope, limit=limit)
+
+    def resolve_keys(
+        self,
+        keys: Iterable[str],
+        route: str | None = None,
+        target: str | None = None,
+        scope: str | None = None,
+        ts: float | None = None,
+    ) -> int:
+        return self.inner.resolve_keys(keys, route, target, scope, ts)
+
+    def clear_ledger(self) -> None:
+        self.inner.clear_ledger()
 
     def close(self) -> None:
         self.inner.close()

@@ -1,4 +1,4 @@
-"""The `shadowlane` command: run, check, report, replay and demo."""
+"""The `shadowlane` command: run, check, report, verify, replay and demo."""
 
 from __future__ import annotations
 
@@ -80,6 +80,169 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _header(text: str) -> tuple[str, str]:
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip() or any(c.isspace() for c in name.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r}: use 'Name: value'")
+    return name.strip(), value.strip()
+
+
+def _duration(text: str) -> float:
+    from shadowlane.config import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    return seconds
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from shadowlane.verify import (
+        Ledger,
+        TerminalProgress,
+        VerifyError,
+        VerifyOptions,
+        render,
+        verify,
+    )
+
+    def fail(message: str) -> int:
+        print(f"shadowlane verify: {message}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    if not args.suspects and (args.route or args.target or args.scope):
+        return fail("--route, --target and --scope choose ledger entries: they need --suspects")
+    store = None
+    ledger: Ledger | None = None
+    if args.suspects:
+        url = args.store
+        if url is None:
+            if args.config is None:
+                return fail("--suspects reads the divergence ledger: give -c FILE or --store URL")
+            cfg = _load(args.config)
+            if cfg is None:
+                return EXIT_CONFIG
+            url = cfg.compare.store
+        from shadowlane.store import open_store
+
+        try:
+            store = open_store(url)
+        except Exception as err:  # any driver error is reported as one line
+            return fail(f"cannot open store {url}: {err}")
+        ledger = store
+    options = VerifyOptions(
+        primary=args.primary,
+        shadow=args.shadow,
+        kind=args.kind,
+        indices=tuple(args.index),
+        ignore=tuple(args.ignore),
+        batch=args.batch,
+        timeout=args.timeout,
+        examples=args.examples,
+        headers=tuple(args.header),
+        strategy=args.strategy,
+        repair=args.repair,
+        suspects=args.suspects,
+        route=args.route,
+        target=args.target,
+        scope=args.scope,
+    )
+    progress = TerminalProgress(sys.stderr)
+    try:
+        result = verify(
+            options,
+            ledger=ledger,
+            progress=progress,
+            warn=lambda message: progress.say(f"shadowlane verify: warning: {message}"),
+        )
+    except VerifyError as err:
+        return fail(str(err))
+    except KeyboardInterrupt:
+        return fail("interrupted")
+    finally:
+        if store is not None:
+            store.close()
+    sys.stdout.write(render(result, args.format))
+    return 0 if result.equal else 1
+
+
+def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kind",
+        required=True,
+        choices=("elasticsearch", "opensearch"),
+        help="what the clusters are (one client speaks to both)",
+    )
+    p.add_argument("--primary", required=True, metavar="URL", help="the cluster that is right")
+    p.add_argument("--shadow", required=True, metavar="URL", help="the cluster checked against it")
+    p.add_argument(
+        "--index",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="indices to compare (repeatable, or comma-separated; * wildcards; a later "
+        "-PATTERN excludes, written --index=-PATTERN or 'a-*,-a-old'); default: every index "
+        "not starting with '.'",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("-c", "--config", help="YAML config file (its compare.store holds the ledger)")
+    src.add_argument(
+        "--store", help="store URL holding the ledger: sqlite:///PATH or postgresql://"
+    )
+    p.add_argument(
+        "--suspects",
+        action="store_true",
+        help="verify only the keys in the divergence ledger (needs -c or --store)",
+    )
+    p.add_argument("--route", help="with --suspects: only ledger entries of this route")
+    p.add_argument("--target", help="with --suspects: only ledger entries of this shadow target")
+    p.add_argument("--scope", help="with --suspects: only ledger entries of this ordering scope")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="copy the primary's differing and missing documents to the shadow, delete what "
+        "only the shadow holds, re-check; with --suspects, resolve the keys now equal",
+    )
+    p.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="field path inside _source left out of the comparison (repeatable; the syntax of "
+        "compare.ignore: a.b, items[*].price, **.updated_at)",
+    )
+    p.add_argument("--batch", type=int, default=500, metavar="N", help="page size (default 500)")
+    p.add_argument(
+        "--timeout",
+        type=_duration,
+        default=30.0,
+        metavar="DURATION",
+        help="per HTTP request: 30s, 2m, 500ms (default 30s)",
+    )
+    p.add_argument(
+        "--examples", type=int, default=10, metavar="N", help="differences shown (default 10)"
+    )
+    p.add_argument(
+        "--header",
+        action="append",
+        type=_header,
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="sent to both clusters on every request (repeatable), e.g. an Authorization",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=("auto", "merge", "lookup"),
+        default="auto",
+        help="merge: both sides sorted by _id; lookup: scroll + _mget; auto (default): merge, "
+        "falling back to lookup where _id sorting is refused or disagrees",
+    )
+    p.add_argument("--format", choices=("text", "json"), default="text")
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from shadowlane.replay import main as replay_main
 
@@ -114,12 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, help="YAML config file")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("report", help="print the comparison summary per route and field")
+    p = sub.add_parser(
+        "report", help="print the comparison summary per route and field, and the divergence ledger"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-c", "--config", help="YAML config file (its compare.store is read)")
     src.add_argument("--store", help="store URL: sqlite:///PATH or postgresql://...")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "verify",
+        help="compare what two Elasticsearch/OpenSearch clusters hold; exit 0 equal, 1 not",
+    )
+    _add_verify_arguments(p)
+    p.set_defaults(func=cmd_verify)
 
     from shadowlane.replay import add_arguments as add_replay_arguments
 

@@ -55,6 +55,7 @@ from shadowlane.shadow.outcomes import (
 __all__ = [
     "BUCKETS",
     "COMPARISON_RESULTS",
+    "DIVERGENCE_REASONS",
     "NO_ROUTE",
     "SHADOW_OUTCOMES",
     "GaugeProvider",
@@ -100,6 +101,7 @@ GaugeProvider = Callable[[], Iterable[tuple[tuple[str, ...], float]]]
 
 _SHADOW_OUTCOME_SET = frozenset(SHADOW_OUTCOMES)
 _COMPARISON_RESULT_SET = frozenset(COMPARISON_RESULTS)
+_DIVERGENCE_REASON_SET = frozenset(DIVERGENCE_REASONS)
 
 
 class _CounterTally:
@@ -338,13 +340,6 @@ class Metrics:
             ("route", "target", "outcome"),
             registry=self.registry,
         )
-        self._divergences = Counter(
-            "shadowlane_divergences",
-            "Ordered shadow copies that may have left the target unlike the primary, by reason.",
-            ("route", "target", "reason"),
-            registry=self.registry,
-        )
-        self._divergence_tallies: dict[tuple[str, str, str], _CounterTally] = {}
         self._shadow_duration = Histogram(
             "shadowlane_shadow_duration_seconds",
             "Time from shadow request sent to shadow response fully read.",
@@ -356,6 +351,20 @@ class Metrics:
             "shadowlane_comparisons",
             "Comparisons of primary and shadow answers by route, target and result.",
             ("route", "target", "result"),
+            registry=self.registry,
+        )
+        self._divergences = Counter(
+            "shadowlane_divergences",
+            "Copies of ordered writes that may have left the target unlike the primary, by "
+            "route, target and reason (each is a divergence ledger entry).",
+            ("route", "target", "reason"),
+            registry=self.registry,
+        )
+        self._ledger_dropped = Counter(
+            "shadowlane_ledger_dropped",
+            "Divergence ledger entries not stored: the ledger queue was full or the store "
+            "write failed.",
+            ("route", "target"),
             registry=self.registry,
         )
         self._render_registry.register(_BuildInfoCollector())
@@ -370,6 +379,10 @@ class Metrics:
         #: (uncontended almost always), so that no increment is lost to the flush's reset
         self._comparison_tallies: dict[tuple[str, str, str], _CounterTally] = {}
         self._comparison_lock = threading.Lock()
+        #: divergences and ledger drops: rare, counted from the loop and from the comparator
+        #: thread, so under `_comparison_lock` too
+        self._divergence_tallies: dict[tuple[str, str, str], _CounterTally] = {}
+        self._ledger_dropped_tallies: dict[tuple[str, str], _CounterTally] = {}
         self._providers: dict[str, _GaugeProviderCollector] = {}
         #: multiprocess mode: providers published through file-backed gauges (see _SharedGauge)
         self._shared_gauges: dict[str, _SharedGauge] = {}
@@ -394,24 +407,6 @@ class Metrics:
             self.declare_shadow(route, target)
             tally = self._shadow_tallies[(route, target, outcome)]
         tally.n += n
-
-    def divergence(self, route: str, target: str, reason: DivergenceReason, n: int = 1) -> None:
-        """Count `n` divergence ledger entries of `route` to `target` for `reason`."""
-        tally = self._divergence_tallies.get((route, target, reason))
-        if tally is None:
-            if reason not in DIVERGENCE_REASONS:
-                raise ValueError(f"unknown divergence {reason!r}; one of {DIVERGENCE_REASONS}")
-            self.declare_ordered(route, target)
-            tally = self._divergence_tallies[(route, target, reason)]
-        tally.n += n
-
-    def declare_ordered(self, route: str, target: str) -> None:
-        """Create the divergence series of an ordered (route, target) pair at zero."""
-        for reason in DIVERGENCE_REASONS:
-            key = (route, target, reason)
-            if key not in self._divergence_tallies:
-                child = self._divergences.labels(route, target, reason)
-                self._divergence_tallies[key] = _CounterTally(child)
 
     def observe_shadow(self, route: str, target: str, seconds: float) -> None:
         """Record how long one shadow request to `target` took."""
@@ -442,10 +437,10 @@ class Metrics:
             counter.flush()
         for counter in list(self._shadow_tallies.values()):
             counter.flush()
-        for counter in list(self._divergence_tallies.values()):
-            counter.flush()
         with self._comparison_lock:
             pending = [(c, c.take()) for c in self._comparison_tallies.values()]
+            pending += [(c, c.take()) for c in self._divergence_tallies.values()]
+            pending += [(c, c.take()) for c in self._ledger_dropped_tallies.values()]
         for counter, n in pending:
             if n:
                 counter.child.inc(n)
@@ -487,6 +482,31 @@ class Metrics:
         with self._comparison_lock:
             self._comparison_tallies[(route, target, result)].n += 1
 
+    def divergence(self, route: str, target: str, reason: DivergenceReason, n: int = 1) -> None:
+        """Count `n` copies of `route` to `target` that diverged for `reason` (one of
+        `DIVERGENCE_REASONS`); callable from any thread."""
+        with self._comparison_lock:
+            tally = self._divergence_tallies.get((route, target, reason))
+            if tally is not None:
+                tally.n += n
+                return
+        if reason not in _DIVERGENCE_REASON_SET:
+            raise ValueError(f"unknown divergence reason {reason!r}; one of {DIVERGENCE_REASONS}")
+        self.declare_ordered(route, target)
+        with self._comparison_lock:
+            self._divergence_tallies[(route, target, reason)].n += n
+
+    def ledger_dropped(self, route: str, target: str, n: int = 1) -> None:
+        """Count `n` ledger entries of `route` to `target` that were not stored; any thread."""
+        with self._comparison_lock:
+            tally = self._ledger_dropped_tallies.get((route, target))
+            if tally is not None:
+                tally.n += n
+                return
+        self.declare_ordered(route, target)
+        with self._comparison_lock:
+            self._ledger_dropped_tallies[(route, target)].n += n
+
     # -- setup and scrape -----------------------------------------------------------------------
 
     def declare_shadow(self, route: str, target: str) -> None:
@@ -507,6 +527,20 @@ class Metrics:
                 if pair not in self._comparison_tallies:
                     child = self._comparisons.labels(route, target, result)
                     self._comparison_tallies[pair] = _CounterTally(child)
+
+    def declare_ordered(self, route: str, target: str) -> None:
+        """Create the divergence series of an ordered (or id-rewriting) shadow, every reason
+        at zero, and its ledger drop series, as `declare_shadow` does for outcomes. Called for
+        each such shadow when a config is loaded, and by the counting methods on a miss."""
+        with self._comparison_lock:
+            for reason in DIVERGENCE_REASONS:
+                key = (route, target, reason)
+                if key not in self._divergence_tallies:
+                    child = self._divergences.labels(route, target, reason)
+                    self._divergence_tallies[key] = _CounterTally(child)
+            if (route, target) not in self._ledger_dropped_tallies:
+                child = self._ledger_dropped.labels(route, target)
+                self._ledger_dropped_tallies[(route, target)] = _CounterTally(child)
 
     def set_gauge_provider(
         self,

@@ -6,23 +6,34 @@ slower, and which fields differ, each shown beside its noise so a person can jud
 The JSON form is the same data as the admin API's summary plus every field of each pair, for
 scripts (CI gates such as "no reported field on route X"). Both come from the same `Analysis` as
 the API's, so a field reported on the dashboard is reported here.
+
+The divergence ledger follows: per route and target, the open entries by reason and the keys
+now suspect (the first `TOP_KEYS` in text, all of them in JSON), so a migration review sees
+whether the new backend's data can be trusted before anyone reads a diff rate.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
 
 from shadowlane.compare.analysis import Analysis, ComparisonRows
+from shadowlane.store import LedgerQueries
 
 if TYPE_CHECKING:
     from shadowlane.config import CompareThresholds
 
-__all__ = ["render_report", "report_data"]
+__all__ = ["ReportRows", "ledger_data", "render_report", "report_data"]
 
 #: reported fields listed per route/target in the text form
 TOP_FIELDS = 10
+#: suspect keys listed per route/target in the text form
+TOP_KEYS = 10
+
+
+class ReportRows(ComparisonRows, LedgerQueries, Protocol):
+    """What the report reads: the comparison rows and the ledger (a `Store` has both)."""
 
 
 def report_data(
@@ -37,6 +48,38 @@ def report_data(
     for row in rows:
         row["fields"] = analysis.fields(row["route"], row["target"])
     return rows
+
+
+def ledger_data(store: LedgerQueries) -> dict[str, Any]:
+    """The ledger per (route, target): open and resolved entry counts, open entries by reason,
+    and every suspect key; `open` is the total of open entries."""
+    pairs: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def pair(route: str, target: str) -> dict[str, Any]:
+        row = pairs.get((route, target))
+        if row is None:
+            row = pairs[(route, target)] = {
+                "route": route,
+                "target": target,
+                "open": 0,
+                "resolved": 0,
+                "reasons": {},
+                "suspect_keys": [],
+            }
+        return row
+
+    for c in store.ledger_counts():
+        row = pair(c.route, c.target)
+        row["open"] += c.n
+        row["reasons"][c.reason] = c.n
+    for c in store.ledger_counts(include_resolved=True):
+        pair(c.route, c.target)["resolved"] += c.n
+    rows = [pairs[k] for k in sorted(pairs)]
+    for row in rows:
+        row["resolved"] -= row["open"]
+        if row["open"]:
+            row["suspect_keys"] = store.suspect_keys(row["route"], row["target"])
+    return {"open": sum(r["open"] for r in rows), "targets": rows}
 
 
 def _pct(rate: float) -> str:
@@ -124,15 +167,42 @@ def _render_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _render_ledger(ledger: dict[str, Any]) -> str:
+    targets = ledger["targets"]
+    if not targets:
+        return "divergence ledger: no divergences\n"
+    out = [f"divergence ledger: {ledger['open']} open entr{'y' if ledger['open'] == 1 else 'ies'}"]
+    for t in targets:
+        out.append("")
+        head = f"{t['route']} -> {t['target']}: "
+        if not t["open"]:
+            out.append(head + f"no divergences open ({t['resolved']} resolved)")
+            continue
+        keys = t["suspect_keys"]
+        out.append(
+            head + f"{t['open']} open entr{'y' if t['open'] == 1 else 'ies'}, "
+            f"{len(keys)} suspect key(s), {t['resolved']} resolved"
+        )
+        reason_rows = [[reason, str(n)] for reason, n in sorted(t["reasons"].items())]
+        out += ["  " + s for s in _table(["reason", "entries"], reason_rows, right={1})]
+        out.append("  suspect keys:")
+        out += [f"    {key}" for key in keys[:TOP_KEYS]]
+        if len(keys) > TOP_KEYS:
+            out.append(f"    ... and {len(keys) - TOP_KEYS} more (--format json)")
+    return "\n".join(out) + "\n"
+
+
 def render_report(
-    store: ComparisonRows,
+    store: ReportRows,
     fmt: Literal["text", "json"] | str = "text",
     thresholds: CompareThresholds | None = None,
 ) -> str:
     """The report of everything in `store`, as `text` (tables) or `json`."""
-    rows = report_data(store, thresholds)
-    if fmt == "json":
-        return orjson.dumps({"comparisons": rows}, option=orjson.OPT_INDENT_2).decode() + "\n"
-    if fmt != "text":
+    if fmt not in ("text", "json"):
         raise ValueError(f"unknown report format {fmt!r}: use text or json")
-    return _render_text(rows)
+    rows = report_data(store, thresholds)
+    ledger = ledger_data(store)
+    if fmt == "json":
+        doc = {"comparisons": rows, "ledger": ledger}
+        return orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n"
+    return _render_text(rows) + "\n" + _render_ledger(ledger)

@@ -5,6 +5,7 @@
 - `GET /api/comparisons/summary`: one entry per route and target (`store.summary()`),
 - `GET /api/comparisons/{route}/{target}/fields`: per-field difference and noise rates,
 - `GET /api/comparisons/{route}/{target}/examples?field=F&limit=N`: example answer pairs,
+- `GET /api/ledger`: the divergence ledger (`admin/ledger.py`: parameters and shape),
 - `GET /` the dashboard page and `GET /static/{name}` its script and style sheet.
 
 `store` is the analysed view (`shadowlane.compare.Analysis` over a `Store`), not the store's rows:
@@ -30,7 +31,9 @@ from importlib import resources
 from typing import Any, Protocol, TypeVar
 
 from shadowlane.admin.app import AdminApp
+from shadowlane.admin.ledger import LedgerParamError, ledger_document, parse_ledger_query
 from shadowlane.admin.messages import AdminRequest, AdminResponse, error_response, json_response
+from shadowlane.store import LedgerQueries
 
 __all__ = [
     "DEFAULT_EXAMPLE_LIMIT",
@@ -103,10 +106,26 @@ def load_static() -> dict[str, bytes]:
     return {name: folder.joinpath(name).read_bytes() for name in _STATIC_TYPES}
 
 
+#: the ledger's answer without a store: empty, not an error
+_EMPTY_LEDGER: dict[str, Any] = {
+    "entries": [],
+    "counts": [],
+    "suspect_keys": [],
+    "suspect_keys_truncated": False,
+    "open": 0,
+}
+
+
 class _ComparisonApi:
-    def __init__(self, store: ComparisonQueries | None, static: dict[str, bytes]) -> None:
+    def __init__(
+        self,
+        store: ComparisonQueries | None,
+        static: dict[str, bytes],
+        ledger: LedgerQueries | None = None,
+    ) -> None:
         self._store = store
         self._static = static
+        self._ledger = ledger
         # Created on first use, so it belongs to the loop the admin server runs on.
         self._slots: asyncio.Semaphore | None = None
 
@@ -161,6 +180,18 @@ class _ComparisonApi:
         route, target = request.params["route"], request.params["target"]
         return await self._answer(lambda: store.examples(route, target, field, limit))
 
+    async def ledger(self, request: AdminRequest) -> AdminResponse:
+        try:
+            f = parse_ledger_query(request.query)
+        except LedgerParamError as err:
+            return error_response(
+                400, str(err), headers=_API_HEADERS, param=err.param, value=err.value
+            )
+        queries = self._ledger
+        if queries is None:
+            return json_response(_EMPTY_LEDGER, headers=_API_HEADERS)
+        return await self._answer(lambda: ledger_document(queries, f))
+
     # -- dashboard ------------------------------------------------------------------------------
 
     async def index(self, request: AdminRequest) -> AdminResponse:
@@ -178,17 +209,21 @@ class _ComparisonApi:
         )
 
 
-def install_comparison_api(admin: AdminApp, store: ComparisonQueries | None) -> None:
-    """Serve the comparison API and the dashboard on `admin`.
+def install_comparison_api(
+    admin: AdminApp, store: ComparisonQueries | None, *, ledger: LedgerQueries | None = None
+) -> None:
+    """Serve the comparison API, the ledger API and the dashboard on `admin`.
 
     `store` answers the queries (see `ComparisonQueries`), usually an `Analysis` of the store;
     None means comparison is not configured: the API answers empty lists and the dashboard says
-    there is nothing to show.
+    there is nothing to show. `ledger` answers `/api/ledger` (a `Store`, or the instance's view
+    of it); None is an empty ledger. Both share the bound on concurrent store queries.
     Call it once per AdminApp, before or after `admin.start()`.
     """
-    api = _ComparisonApi(store, load_static())
+    api = _ComparisonApi(store, load_static(), ledger)
     admin.route("GET", "/api/comparisons/summary", api.summary)
     admin.route("GET", "/api/comparisons/{route}/{target}/fields", api.fields)
     admin.route("GET", "/api/comparisons/{route}/{target}/examples", api.examples)
+    admin.route("GET", "/api/ledger", api.ledger)
     admin.route("GET", "/", api.index)
     admin.route("GET", "/static/{name}", api.static)

@@ -15,18 +15,26 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from shadowlane.compare.settings import compile_settings
-from shadowlane.config import BackendConfig, Config
+from shadowlane.config import BackendConfig, Config, ShadowConfig
 from shadowlane.metrics import Metrics
 from shadowlane.proxy import Proxy, RouteRuntime
 from shadowlane.routing import RouteTable
 from shadowlane.shadow.dispatcher import ShadowDispatcher
 from shadowlane.shadow.join import Submit
+from shadowlane.store import Divergence
 from shadowlane.wire.upstream import BackendPool, EndpointPool
 
-__all__ = ["RETIRE_SHADOW_SECONDS", "Generation", "build_backend", "build_generation"]
+__all__ = [
+    "RETIRE_SHADOW_SECONDS",
+    "Generation",
+    "build_backend",
+    "build_generation",
+    "keeps_ledger",
+]
 
 #: seconds a replaced generation's lanes get to finish their copies
 RETIRE_SHADOW_SECONDS = 5.0
@@ -55,6 +63,12 @@ def build_backend(name: str, cfg: BackendConfig) -> BackendPool:
             )
         )
     return BackendPool(name, endpoints, cfg.timeout)
+
+
+def keeps_ledger(sc: ShadowConfig) -> bool:
+    """Copies of this shadow can diverge in a way the divergence ledger records: they are
+    ordered writes, or rewritten with ids from the primary's answer."""
+    return sc.ordering is not None or sc.ids_from_primary is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +106,16 @@ class Generation:
         loop.create_task(self.shadow.drain(RETIRE_SHADOW_SECONDS))
 
 
-def build_generation(cfg: Config, metrics: Metrics, compare_submit: Submit | None) -> Generation:
+def build_generation(
+    cfg: Config,
+    metrics: Metrics,
+    compare_submit: Submit | None,
+    *,
+    record_divergence: Callable[[Divergence], bool] | None = None,
+) -> Generation:
     """Build every pool, route and lane `cfg` describes. `compare_submit` is the comparator's
-    queue, None while no shadow compares (lanes then capture nothing)."""
+    queue, None while no shadow compares (lanes then capture nothing); `record_divergence`
+    its divergence ledger queue, None while the instance has no store."""
     backends = {name: build_backend(name, b) for name, b in cfg.backends.items()}
     routes = RouteTable(cfg.routes)
     compare_cfg = cfg.compare
@@ -104,7 +125,14 @@ def build_generation(cfg: Config, metrics: Metrics, compare_submit: Submit | Non
         build_pool=build_backend,
         compare_submit=compare_submit,
         compile_settings=lambda sc, route: compile_settings(sc, route.config, compare_cfg),
+        record_divergence=record_divergence,
     )
+    for rc in cfg.routes:
+        for sc in rc.shadows:
+            if keeps_ledger(sc):
+                # every reason's series at zero from the start, so rate() and alerts on
+                # `shadowlane_divergences_total` see the first divergence
+                metrics.declare_ordered(rc.name, sc.backend)
     runtimes = {}
     for route in routes.routes:
         max_body = route.config.max_body

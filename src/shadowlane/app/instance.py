@@ -23,7 +23,7 @@ from shadowlane.admin import AdminApp
 from shadowlane.admin.comparisons import install_comparison_api
 from shadowlane.admin.control_api import install_control_api
 from shadowlane.app.access_log import AccessLogger
-from shadowlane.app.generation import Generation, build_generation
+from shadowlane.app.generation import Generation, build_generation, keeps_ledger
 from shadowlane.app.tls import build_tls, tls_shape
 from shadowlane.compare.analysis import Analysis
 from shadowlane.compare.engine import Comparator
@@ -31,7 +31,7 @@ from shadowlane.config import Config, ConfigError, load_config
 from shadowlane.control import Control
 from shadowlane.metrics import Metrics
 from shadowlane.proxy import Proxy
-from shadowlane.store import Store, open_store
+from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
 from shadowlane.wire.server import ServerLimits, ServerState
 
 __all__ = ["Instance", "ListenError", "ReadyHook", "bound_address"]
@@ -109,6 +109,46 @@ class _LiveStore:
         store = self._inst.store
         return store.examples(route, target, field, limit) if store is not None else []
 
+    # the divergence ledger: the store's rows as they are (an empty ledger without a store)
+
+    def ledger(
+        self,
+        route: str | None = None,
+        target: str | None = None,
+        scope: str | None = None,
+        reason: str | None = None,
+        include_resolved: bool = False,
+        limit: int = 100,
+    ) -> list[LedgerRow]:
+        store = self._inst.store
+        if store is None:
+            return []
+        return store.ledger(route, target, scope, reason, include_resolved, limit)
+
+    def ledger_counts(
+        self,
+        route: str | None = None,
+        target: str | None = None,
+        include_resolved: bool = False,
+        *,
+        scope: str | None = None,
+    ) -> list[LedgerCountRow]:
+        store = self._inst.store
+        if store is None:
+            return []
+        return store.ledger_counts(route, target, include_resolved, scope=scope)
+
+    def suspect_keys(
+        self,
+        route: str | None = None,
+        target: str | None = None,
+        scope: str | None = None,
+        *,
+        limit: int | None = None,
+    ) -> list[str]:
+        store = self._inst.store
+        return [] if store is None else store.suspect_keys(route, target, scope, limit=limit)
+
 
 class Instance:
     """Everything one worker process runs."""
@@ -176,9 +216,12 @@ class Instance:
 
     # ----- the parts a reload replaces -----
     def _ensure_comparator(self, cfg: Config) -> None:
+        """Open the store and start a comparator once a shadow compares, or keeps a ledger
+        (ordered writes, ids from the primary): the ledger's entries are written by the
+        comparator's thread, off the loop, whether or not anything is compared."""
         if self.comparator is not None:
             return
-        if any(sc.compare_enabled for rc in cfg.routes for sc in rc.shadows):
+        if any(sc.compare_enabled or keeps_ledger(sc) for rc in cfg.routes for sc in rc.shadows):
             self.store = open_store(cfg.compare.store, cfg.compare)
             self.analysis = Analysis(self.store, cfg.compare.thresholds)
             self.comparator = Comparator.from_config(self.store, self.metrics, cfg.compare)
@@ -189,10 +232,20 @@ class Instance:
                 (),
                 lambda: [((), float(comparator.queued))],
             )
+            self.metrics.set_gauge_provider(
+                "shadowlane_ledger_queued",
+                "Divergence ledger entries waiting for the comparison worker to store them.",
+                (),
+                lambda: [((), float(comparator.ledger_queued))],
+            )
 
     def _build(self, cfg: Config) -> Generation:
-        submit = self.comparator.submit if self.comparator is not None else None
-        return build_generation(cfg, self.metrics, submit)
+        comparator = self.comparator
+        if comparator is None:
+            return build_generation(cfg, self.metrics, None)
+        return build_generation(
+            cfg, self.metrics, comparator.submit, record_divergence=comparator.record_divergence
+        )
 
     def _live(self) -> Generation:
         return self.generation
@@ -297,7 +350,8 @@ class Instance:
         if self.worker_id == 0:
             token = os.environ.get(cfg.admin.token_env) if cfg.admin.token_env else None
             self.admin = AdminApp(self.metrics, token=token)
-            install_comparison_api(self.admin, _LiveStore(self))
+            live = _LiveStore(self)
+            install_comparison_api(self.admin, live, ledger=live)
             install_control_api(self.admin, self.control, self._reload_all)
             ahost, aport = cfg.admin.listen_addr
             try:

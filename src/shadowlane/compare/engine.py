@@ -7,6 +7,11 @@ is dropped and counted (`dropped`), so memory stays bounded by `queue_size` jobs
 whatever the store does. The worker decides
 each job (match / noise / diff), counts it in the metrics at once, adds it to a `Batch`, and
 writes the batch every `flush_interval` or every `batch` jobs.
+
+The divergence ledger takes the same road: `record_divergence` is a non-blocking append to a
+second bounded deque (a full one drops the entry, counted as `ledger_dropped`), and every flush
+takes what is there into the batch, so entries reach the store off the event loop, in the same
+transaction as the comparison sums, within a `flush_interval`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 from shadowlane.compare.diff import Lifted, answer_doc, diff, lift, values_of
 from shadowlane.compare.model import CompareJob
 from shadowlane.compare.settings import DEFAULT_SETTINGS, CompareSettings
-from shadowlane.store import Batch, Example, Store
+from shadowlane.store import Batch, Divergence, Example, Store
 from shadowlane.store.batch import latency_bucket
 
 if TYPE_CHECKING:
@@ -39,9 +44,12 @@ POLL_INTERVAL = 0.02
 
 
 class ComparisonCounter(Protocol):
-    """What the engine needs of `shadowlane.metrics.Metrics`."""
+    """What the engine needs of `shadowlane.metrics.Metrics`. Called from the event loop and
+    from the worker thread."""
 
     def comparison(self, route: str, target: str, result: str) -> None: ...
+
+    def ledger_dropped(self, route: str, target: str, n: int = 1) -> None: ...
 
 
 @dataclass(slots=True)
@@ -201,9 +209,18 @@ class Comparator:
         #: them (`_take_matches` swaps the dict under the lock)
         self._matches: dict[tuple[str, str], _MatchTally] = {}
         self._matches_lock = threading.Lock()
+        #: divergence ledger entries waiting for the next flush: the same lock-free deque as
+        #: `_jobs`, bounded by `queue_size` too
+        self._divergences: deque[Divergence] = deque()
         #: accepted by submit (loop thread only) / decided and written (worker only)
         self._accepted = 0
         self._written = 0
+        #: the same for ledger entries: recorded / written or given up on (by the worker)
+        self._div_accepted = 0
+        self._div_written = 0
+        #: `stats["ledger_dropped"]` is counted by both threads (a full queue on the loop, a
+        #: failed write on the worker): a `+=` on a dict item is not atomic across threads
+        self._ledger_stats_lock = threading.Lock()
         self._wake = threading.Event()
         self._written_cond = threading.Condition()
         self._flush_asked = False
@@ -218,6 +235,9 @@ class Comparator:
             "flushes": 0,
             "write_errors": 0,
             "swept": 0,
+            #: ledger entries taken / not stored (queue full, stopped, or their write failed)
+            "ledger_recorded": 0,
+            "ledger_dropped": 0,
         }
 
     @classmethod
@@ -272,10 +292,31 @@ class Comparator:
             self.metrics.comparison(job.route, job.target, "dropped")
         return False
 
+    def record_divergence(self, d: Divergence) -> bool:
+        """Queue a ledger entry for the next flush without blocking; False (and
+        `ledger_dropped` counted) when the queue holds `queue_size` entries or the comparator
+        stopped. Counting the divergence itself (`Metrics.divergence`) is the caller's: it
+        knows what happened, this only keeps the record."""
+        if self._stopping or len(self._divergences) >= self.queue_size:
+            with self._ledger_stats_lock:
+                self.stats["ledger_dropped"] += 1
+            if self.metrics is not None:
+                self.metrics.ledger_dropped(d.route, d.target)
+            return False
+        self._div_accepted += 1
+        self.stats["ledger_recorded"] += 1
+        self._divergences.append(d)
+        return True
+
     @property
     def queued(self) -> int:
         """Jobs waiting to be compared (for a gauge)."""
         return len(self._jobs)
+
+    @property
+    def ledger_queued(self) -> int:
+        """Ledger entries waiting for the next flush (for a gauge)."""
+        return len(self._divergences)
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -298,13 +339,15 @@ class Comparator:
         return not thread.is_alive()
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Block until every accepted job is compared and written (tests, `report` after a run)."""
+        """Block until every accepted job is compared and written, and every recorded ledger
+        entry written (tests, `report` after a run)."""
         target = self._accepted
+        div_target = self._div_accepted
         if self._worker is None:
-            return self._written >= target
+            return self._written >= target and self._div_written >= div_target
         deadline = time.monotonic() + timeout
         with self._written_cond:
-            while self._written < target:
+            while self._written < target or self._div_written < div_target:
                 self._flush_asked = True
                 self._wake.set()
                 remaining = deadline - time.monotonic()
@@ -340,7 +383,12 @@ class Comparator:
                     time.sleep(self._owed)
                     self._owed = 0.0
             stopping = self._stopping
-            if self._flush_asked or stopping or time.monotonic() >= next_flush:
+            if (
+                self._flush_asked
+                or stopping
+                or time.monotonic() >= next_flush
+                or len(self._divergences) >= self.batch_size
+            ):
                 self._flush_asked = False
                 self._flush(batch)
                 batch = self._new_batch()
@@ -380,23 +428,50 @@ class Comparator:
         if self.metrics is not None:
             self.metrics.comparison(job.route, job.target, out.result)
 
+    def _take_divergences(self, batch: Batch) -> None:
+        entries = self._divergences
+        # popleft until empty: the loop may append meanwhile, and those wait for the next flush
+        while entries:
+            batch.divergences.append(entries.popleft())
+
     def _flush(self, batch: Batch) -> None:
         # every write includes the identical answers decided on the loop since the last one
-        # (after stop() no more can come, so the last flush has them all)
+        # and the ledger entries recorded since (after stop() no more can come, so the last
+        # flush has them all)
         self._take_matches(batch)
+        self._take_divergences(batch)
         try:
             if batch:
                 self.store.write(batch)
                 self.stats["flushes"] += 1
         except Exception as exc:
             # The store is down or refused the batch: these sums are lost (logged), the next
-            # batch tries again. Keeping failed batches would let memory grow with the outage.
+            # batch tries again. Keeping failed batches would let memory grow with the outage,
+            # and retrying ledger entries would make a batch the store refuses fail forever.
             self.stats["write_errors"] += 1
-            log.warning("comparison store write failed, %d results lost: %s", batch.jobs, exc)
+            log.warning(
+                "comparison store write failed, %d results and %d ledger entries lost: %s",
+                batch.jobs,
+                len(batch.divergences),
+                exc,
+            )
+            self._lost_divergences(batch.divergences)
         finally:
             with self._written_cond:
                 self._written += batch.jobs
+                self._div_written += len(batch.divergences)
                 self._written_cond.notify_all()
+
+    def _lost_divergences(self, entries: list[Divergence]) -> None:
+        with self._ledger_stats_lock:
+            self.stats["ledger_dropped"] += len(entries)
+        if self.metrics is None:
+            return
+        per_pair: dict[tuple[str, str], int] = {}
+        for d in entries:
+            per_pair[(d.route, d.target)] = per_pair.get((d.route, d.target), 0) + 1
+        for (route, target), n in per_pair.items():
+            self.metrics.ledger_dropped(route, target, n)
 
     def _sweep(self) -> None:
         try:

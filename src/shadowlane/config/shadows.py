@@ -240,12 +240,15 @@ class ShadowConfig(_Model, frozen=True):
     @model_validator(mode="after")
     def _one_ordering_form(self) -> ShadowConfig:
         if self.ordered_by is not None and self.order is not None:
-            raise ValueError("set either ordered_by or order, not both (ordered_by: K is "
-                             "order: {keys: [K]})")
+            raise ValueError(
+                "set either ordered_by or order, not both (ordered_by: K is order: {keys: [K]})"
+            )
         sent_with_request = "send" in self.model_fields_set and self.send == "with_request"
         if self.ids_from_primary is not None and sent_with_request:
-            raise ValueError("ids_from_primary needs the primary's answer: it cannot be "
-                             "combined with send: with_request")
+            raise ValueError(
+                "ids_from_primary needs the primary's answer: it cannot be "
+                "combined with send: with_request"
+            )
         return self
 
     @model_validator(mode="after")

@@ -46,14 +46,16 @@ class ShadowDispatcher:
         build_pool: BuildPool,
         compare_submit: Submit | None = None,
         compile_settings: CompileSettings | None = None,
+        *,
         record_divergence: Record | None = None,
     ) -> None:
         self.metrics = metrics
-        #: hands a divergence ledger entry to the store's writer (never blocks)
-        self.record_divergence = record_divergence
         #: (scope name, target) -> the scope its lanes order their copies in
         self.scopes: dict[tuple[str, str], OrderScope] = {}
         self.cfg = cfg
+        #: the divergence ledger's recorder (`Comparator.record_divergence`): non-blocking,
+        #: False when the entry was dropped; None when the instance keeps no store
+        self.record_divergence = record_divergence
         self._build_pool = build_pool
         self._compare_submit = compare_submit
         self._compile_settings = compile_settings
@@ -122,7 +124,6 @@ class ShadowDispatcher:
         if order is None and sc.ids_from_primary is None:
             return None
         name = order.scope if order is not None and order.scope else f"{route.name}#{index}"
-        self.metrics.declare_ordered(route.name, sc.backend)
         return WritePlan(sc, route.name, name, self.metrics, self.record_divergence)
 
     def _lane(

@@ -1,8 +1,11 @@
-"""Comparison storage: SQLite (default, embedded) and PostgreSQL (shared by many instances).
+"""Comparison and divergence ledger storage: SQLite (default, embedded) and PostgreSQL (shared
+by many instances).
 
 `open_store(url, options)` picks the driver from the URL; everything else codes against `Store`:
-the comparator writes `Batch`es from its own thread; the analysis (`shadowlane.compare.analysis`)
-reads the rows from any thread for the admin API, the dashboard and `report`. See
+the comparator writes `Batch`es (comparison sums and `Divergence` records) from its own thread;
+the analysis (`shadowlane.compare.analysis`) reads the comparison rows from any thread for the
+admin API, the dashboard and `report`, which also read the ledger (`ledger`, `ledger_counts`,
+`suspect_keys`); `verify` reads the suspect keys and resolves them (`resolve_keys`). See
 docs/comparison.md for the schema, retention and multi-instance notes.
 """
 
@@ -19,16 +22,28 @@ from shadowlane.store.base import (
     TotalsRow,
 )
 from shadowlane.store.batch import Batch, Example, bucket_value, latency_bucket
+from shadowlane.store.ledger import (
+    SCOPE_KEY,
+    Divergence,
+    LedgerCountRow,
+    LedgerQueries,
+    LedgerRow,
+)
 
 if TYPE_CHECKING:
     from shadowlane.config import CompareConfig
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SCOPE_KEY",
     "Batch",
+    "Divergence",
     "Example",
     "FieldRow",
     "LatencyRow",
+    "LedgerCountRow",
+    "LedgerQueries",
+    "LedgerRow",
     "Store",
     "StoreOptions",
     "TotalsRow",

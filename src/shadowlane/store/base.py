@@ -1,4 +1,5 @@
-"""The store: comparison aggregates and example pairs in SQL, the same schema on SQLite and PG.
+"""The store: comparison aggregates, example pairs and the divergence ledger in SQL, the same
+schema on SQLite and PostgreSQL.
 
 Why one SQL implementation with two thin drivers: the schema and every statement are plain
 portable SQL (UPSERT with `ON CONFLICT ... DO UPDATE SET n = t.n + excluded.n`, `RETURNING`,
@@ -14,6 +15,13 @@ Why queries return rows and not reports: which field is reported, and every rate
 is Diffy's analysis step (`shadowlane.compare.analysis`), which applies the configured thresholds
 to these rows. The store keeps sums; it never decides what they mean, so a threshold lives in one
 place and the same rows can be judged by any thresholds.
+
+The divergence ledger (`Divergence` records, written with the batch that carries them) is the
+other half: not sums but evidence, one row per copy that may have left a shadow unlike its
+primary and one row per (entry, key) with `resolved_at` NULL while the key is suspect. It is
+appended to and resolved, never summed; `open_keys` on the entry counts its unresolved keys, so
+many resolvers (instances, `verify --repair` runs) decrement it atomically and exactly one of
+them sees it reach 0. Retention never sweeps an open entry.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -30,11 +38,18 @@ from typing import Any, NamedTuple, Protocol
 import orjson
 
 from shadowlane.store.batch import Batch, Example
+from shadowlane.store.ledger import SCOPE_KEY, Divergence, LedgerCountRow, LedgerRow
 
 log = logging.getLogger("shadowlane.store")
 
-#: bumped when the schema changes incompatibly; stored in shadowlane_meta
-SCHEMA_VERSION = 1
+#: bumped when the schema changes; stored in shadowlane_meta (`schema`). Every change so far
+#: only added tables (`CREATE ... IF NOT EXISTS`), so opening an older store upgrades it in
+#: place and an older shadowlane still reads a newer one (it ignores the tables it does not
+#: know). 1: comparisons; 2: + the divergence ledger.
+SCHEMA_VERSION = 2
+
+#: keys per statement of `resolve_keys` (an IN list; SQLite allows 32766 parameters)
+RESOLVE_CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +100,7 @@ class Cursor(Protocol):
     def rowcount(self) -> int: ...
 
     def execute(self, sql: Any, params: Any = ..., /) -> Any: ...
+    def executemany(self, sql: Any, params_seq: Any, /) -> Any: ...
     def fetchall(self) -> list[Any]: ...
     def fetchone(self) -> Any: ...
 
@@ -106,7 +122,25 @@ class Store(ABC):
 
     @abstractmethod
     def sweep(self, now: float | None = None) -> int:
-        """Delete examples older than the retention; returns how many went."""
+        """Delete examples older than the retention, and ledger entries resolved longer ago
+        than it (never an open one); returns how many examples and entries went."""
+
+    @abstractmethod
+    def resolve_keys(
+        self,
+        keys: Iterable[str],
+        route: str | None = None,
+        target: str | None = None,
+        scope: str | None = None,
+        ts: float | None = None,
+    ) -> int:
+        """Mark the suspect (entry, key) rows of `keys` resolved at `ts` (now by default),
+        optionally only those of `route`/`target`/`scope`; returns how many entries became
+        fully resolved (their last open key was among `keys`). Any thread; it writes."""
+
+    @abstractmethod
+    def clear_ledger(self) -> None:
+        """Forget every divergence ledger entry, open or resolved (`clear()` keeps them)."""
 
     # -- queries (any thread) ------------------------------------------------------------------
 
@@ -132,8 +166,47 @@ class Store(ABC):
         """Newest example pairs of a (route, target), optionally only those showing `field`."""
 
     @abstractmethod
+    def ledger(
+        self,
+        route: str | None = None,
+        target: str | None = None,
+        scope: str | None = None,
+        reason: str | None = None,
+        include_resolved: bool = False,
+        limit: int = 100,
+    ) -> list[LedgerRow]:
+        """Ledger entries, newest first (ts, then id): open ones only unless
+        `include_resolved`; each filter narrows when given."""
+
+    @abstractmethod
+    def ledger_counts(
+        self,
+        route: str | None = None,
+        target: str | None = None,
+        include_resolved: bool = False,
+        *,
+        scope: str | None = None,
+    ) -> list[LedgerCountRow]:
+        """Entries per (route, target, reason), open ones only unless `include_resolved`,
+        ordered by route, target, reason."""
+
+    @abstractmethod
+    def suspect_keys(
+        self,
+        route: str | None = None,
+        target: str | None = None,
+        scope: str | None = None,
+        *,
+        limit: int | None = None,
+    ) -> list[str]:
+        """The distinct labels still suspect (an open (entry, key) row), sorted; at most
+        `limit` of them when given."""
+
+    @abstractmethod
     def clear(self) -> None:
-        """Forget every result (a new migration attempt starts from zero)."""
+        """Forget every comparison result (a new migration attempt starts from zero). The
+        divergence ledger is kept: it is evidence about the shadow's data, which a reset of
+        the comparison counts does not repair (`clear_ledger()` forgets it)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -149,6 +222,7 @@ class Store(ABC):
 # ---------------------------------------------------------------------------------------------
 # SQL shared by both drivers
 
+#: the comparison tables (what `clear()` empties, but for shadowlane_meta)
 TABLES = (
     "shadowlane_totals",
     "shadowlane_fields",
@@ -157,6 +231,8 @@ TABLES = (
     "shadowlane_examples",
     "shadowlane_meta",
 )
+#: the divergence ledger's tables (schema 2; what `clear_ledger()` empties)
+LEDGER_TABLES = ("shadowlane_ledger_keys", "shadowlane_ledger")
 
 
 def schema(id_column: str) -> list[str]:
@@ -191,6 +267,42 @@ def schema(id_column: str) -> list[str]:
         "CREATE INDEX IF NOT EXISTS shadowlane_example_fields_ts ON shadowlane_example_fields (ts)",
         "CREATE INDEX IF NOT EXISTS shadowlane_examples_route "
         "ON shadowlane_examples (route, target, ts)",
+        *ledger_schema(id_column),
+    ]
+
+
+def ledger_schema(id_column: str) -> list[str]:
+    """The divergence ledger (schema 2): entries, and their keys with a resolution time each.
+
+    The key rows repeat route, target and scope so that "which keys are suspect here" and
+    "resolve these keys there" read one table through one index. The partial indexes cover
+    only what is open, which is what every frequent query asks for; the ledger's resolved
+    history then costs them nothing.
+    """
+    return [
+        f"""CREATE TABLE IF NOT EXISTS shadowlane_ledger (
+            id {id_column},
+            ts DOUBLE PRECISION NOT NULL,
+            route TEXT NOT NULL, target TEXT NOT NULL, scope TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            request_id TEXT NOT NULL, method TEXT NOT NULL, uri TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            open_keys INTEGER NOT NULL,
+            resolved_at DOUBLE PRECISION)""",
+        """CREATE TABLE IF NOT EXISTS shadowlane_ledger_keys (
+            entry_id BIGINT NOT NULL, pos INTEGER NOT NULL, key TEXT NOT NULL,
+            route TEXT NOT NULL, target TEXT NOT NULL, scope TEXT NOT NULL,
+            resolved_at DOUBLE PRECISION,
+            PRIMARY KEY (entry_id, key))""",
+        "CREATE INDEX IF NOT EXISTS shadowlane_ledger_open "
+        "ON shadowlane_ledger (route, target, ts) WHERE resolved_at IS NULL",
+        "CREATE INDEX IF NOT EXISTS shadowlane_ledger_ts ON shadowlane_ledger (ts)",
+        "CREATE INDEX IF NOT EXISTS shadowlane_ledger_resolved "
+        "ON shadowlane_ledger (resolved_at) WHERE resolved_at IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS shadowlane_ledger_keys_open "
+        "ON shadowlane_ledger_keys (key, route, target, scope) WHERE resolved_at IS NULL",
+        "CREATE INDEX IF NOT EXISTS shadowlane_ledger_keys_suspect "
+        "ON shadowlane_ledger_keys (route, target, scope, key) WHERE resolved_at IS NULL",
     ]
 
 
@@ -243,9 +355,50 @@ DELETE FROM shadowlane_examples WHERE NOT EXISTS (
 
 _SWEEP = "DELETE FROM shadowlane_example_fields WHERE ts < ?"
 
+_INSERT_LEDGER = """
+INSERT INTO shadowlane_ledger
+    (ts, route, target, scope, reason, request_id, method, uri, detail, open_keys, resolved_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL) RETURNING id
+"""
+
+_INSERT_LEDGER_KEY = """
+INSERT INTO shadowlane_ledger_keys (entry_id, pos, key, route, target, scope, resolved_at)
+VALUES (?, ?, ?, ?, ?, ?, NULL)
+"""
+
+# Resolved entries past the retention go, keys first (nothing else references an entry).
+_SWEEP_LEDGER_KEYS = """
+DELETE FROM shadowlane_ledger_keys WHERE entry_id IN (
+    SELECT id FROM shadowlane_ledger WHERE resolved_at IS NOT NULL AND resolved_at < ?)
+"""
+_SWEEP_LEDGER = "DELETE FROM shadowlane_ledger WHERE resolved_at IS NOT NULL AND resolved_at < ?"
+
+# One decrement per entry: concurrent resolvers (instances, verify runs) each subtract the keys
+# they resolved, the row lock orders them, and the one that brings it to 0 stamps resolved_at.
+_RESOLVE_ENTRY = """
+UPDATE shadowlane_ledger SET
+    open_keys = open_keys - ?,
+    resolved_at = CASE WHEN open_keys - ? <= 0 THEN ? ELSE resolved_at END
+WHERE id = ? AND resolved_at IS NULL
+RETURNING open_keys
+"""
+
 
 def _text(data: str | bytes) -> str:
     return data if isinstance(data, str) else data.decode("utf-8", "replace")
+
+
+def _clean(value: str) -> str:
+    """Text PostgreSQL can store: it refuses NUL in TEXT, and one such key (a document id is
+    anybody's string) must not fail the whole batch with it. Both drivers do the same, so a
+    key reads back the same from either."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def ledger_keys(d: Divergence) -> list[str]:
+    """An entry's keys as stored: cleaned, each once, in order; `*` when it names none."""
+    keys = list(dict.fromkeys(_clean(k) for k in d.keys))
+    return keys or [SCOPE_KEY]
 
 
 class SqlStore(Store):
@@ -285,6 +438,39 @@ class SqlStore(Store):
     def _q(self, sql: str) -> str:
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
 
+    def _create_schema(self, cur: Cursor, id_column: str) -> None:
+        """Create what is missing and record the schema version, inside the driver's opening
+        transaction. An older store gets the new tables and its version raised; a newer one
+        (written by a later shadowlane) is used as it is, its version left alone."""
+        for statement in schema(id_column):
+            cur.execute(statement)
+        cur.execute(self._q("SELECT value FROM shadowlane_meta WHERE key = 'schema'"))
+        row = cur.fetchone()
+        if row is None:
+            cur.execute(
+                self._q("INSERT INTO shadowlane_meta (key, value) VALUES ('schema', ?)"),
+                (str(SCHEMA_VERSION),),
+            )
+            return
+        try:
+            found = int(row[0])
+        except ValueError:
+            found = 0
+        if found < SCHEMA_VERSION:
+            log.info("store %s: schema %s upgraded to %d", self.kind, row[0], SCHEMA_VERSION)
+            cur.execute(
+                self._q("UPDATE shadowlane_meta SET value = ? WHERE key = 'schema'"),
+                (str(SCHEMA_VERSION),),
+            )
+        elif found > SCHEMA_VERSION:
+            log.warning(
+                "store %s has schema %d, newer than this shadowlane's %d: using the tables "
+                "it knows",
+                self.kind,
+                found,
+                SCHEMA_VERSION,
+            )
+
     # -- writing -------------------------------------------------------------------------------
 
     def write(self, batch: Batch) -> None:
@@ -321,6 +507,8 @@ class SqlStore(Store):
             cur.execute(self._q(_UPSERT_FIELDS), (route, target, path, raw, noise))
         for (route, target, side, bucket), n in sorted(batch.latency.items()):
             cur.execute(self._q(_UPSERT_LATENCY), (route, target, side, bucket, n))
+        for d in batch.divergences:
+            self._write_divergence(cur, d)
         if self.options.examples_per_field <= 0 or not examples:
             return
         touched: set[tuple[str, str, str]] = set()
@@ -350,14 +538,41 @@ class SqlStore(Store):
             cur.execute(self._q(_TRIM_FIELD), (route, target, path, route, target, path, keep))
         cur.execute(self._q(_DELETE_ORPHANS))
 
+    def _write_divergence(self, cur: Cursor, d: Divergence) -> None:
+        keys = ledger_keys(d)
+        route, target, scope = _clean(d.route), _clean(d.target), _clean(d.scope)
+        cur.execute(
+            self._q(_INSERT_LEDGER),
+            (
+                d.ts,
+                route,
+                target,
+                scope,
+                _clean(d.reason),
+                _clean(d.request_id),
+                _clean(d.method),
+                _clean(d.uri),
+                _clean(d.detail),
+                len(keys),
+            ),
+        )
+        entry_id = cur.fetchone()[0]
+        cur.executemany(
+            self._q(_INSERT_LEDGER_KEY),
+            [(entry_id, pos, key, route, target, scope) for pos, key in enumerate(keys)],
+        )
+
     def sweep(self, now: float | None = None) -> int:
         cutoff = (time.time() if now is None else now) - self.options.retention
 
         def work(cur: Cursor) -> int:
             cur.execute(self._q(_SWEEP), (cutoff,))
-            deleted = cur.rowcount or 0
+            deleted = max(0, cur.rowcount or 0)
             cur.execute(self._q(_DELETE_ORPHANS))
-            return max(0, int(deleted))
+            # open entries are evidence until a repair resolves them: never swept
+            cur.execute(self._q(_SWEEP_LEDGER_KEYS), (cutoff,))
+            cur.execute(self._q(_SWEEP_LEDGER), (cutoff,))
+            return int(deleted) + max(0, cur.rowcount or 0)
 
         with self._write_lock:
             return int(self._with_retries("writer", work) or 0)
@@ -371,6 +586,62 @@ class SqlStore(Store):
         with self._write_lock:
             self._with_retries("writer", work)
 
+    def clear_ledger(self) -> None:
+        def work(cur: Cursor) -> None:
+            for table in LEDGER_TABLES:
+                cur.execute(f"DELETE FROM {table}")
+
+        with self._write_lock:
+            self._with_retries("writer", work)
+
+    def resolve_keys(
+        self,
+        keys: Iterable[str],
+        route: str | None = None,
+        target: str | None = None,
+        scope: str | None = None,
+        ts: float | None = None,
+    ) -> int:
+        wanted = sorted({_clean(k) for k in keys})
+        if not wanted:
+            return 0
+        when = time.time() if ts is None else ts
+        narrow = ""
+        narrow_params: list[str] = []
+        for column, value in (("route", route), ("target", target), ("scope", scope)):
+            if value is not None:
+                narrow += f" AND {column} = ?"
+                narrow_params.append(value)
+
+        def work(cur: Cursor) -> int:
+            resolved_per_entry: dict[int, int] = {}
+            for start in range(0, len(wanted), RESOLVE_CHUNK):
+                chunk = wanted[start : start + RESOLVE_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                # `resolved_at IS NULL` is checked again on the locked row, so a key that two
+                # resolvers race for is resolved (and counted) once
+                cur.execute(
+                    self._q(
+                        "UPDATE shadowlane_ledger_keys SET resolved_at = ? "
+                        f"WHERE resolved_at IS NULL AND key IN ({marks}){narrow} "
+                        "RETURNING entry_id"
+                    ),
+                    (when, *chunk, *narrow_params),
+                )
+                for (entry_id,) in cur.fetchall():
+                    resolved_per_entry[int(entry_id)] = resolved_per_entry.get(int(entry_id), 0) + 1
+            closed = 0
+            # in id order: two resolvers lock shared entries in the same order
+            for entry_id, n in sorted(resolved_per_entry.items()):
+                cur.execute(self._q(_RESOLVE_ENTRY), (n, n, when, entry_id))
+                row = cur.fetchone()
+                if row is not None and int(row[0]) <= 0:
+                    closed += 1
+            return closed
+
+        with self._write_lock:
+            return int(self._with_retries("writer", work) or 0)
+
     # -- queries -------------------------------------------------------------------------------
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -381,6 +652,11 @@ class SqlStore(Store):
         with self._read_lock:
             result = self._read_retrying(work)
         return list(result or [])
+
+    def _read_work(self, work: Any) -> Any:
+        """Several statements in one read transaction (one snapshot on PostgreSQL)."""
+        with self._read_lock:
+            return self._read_retrying(work)
 
     def _read_retrying(self, work: Any) -> Any:
         try:
@@ -470,3 +746,107 @@ class SqlStore(Store):
                 }
             )
         return out
+
+    # -- the divergence ledger -----------------------------------------------------------------
+
+    @staticmethod
+    def _filters(
+        prefix: str, include_resolved: bool, **columns: str | None
+    ) -> tuple[str, list[Any]]:
+        clauses = [] if include_resolved else [f"{prefix}resolved_at IS NULL"]
+        params: list[Any] = []
+        for column, value in columns.items():
+            if value is not None:
+                clauses.append(f"{prefix}{column} = ?")
+                params.append(value)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+    def ledger(
+        self,
+        route: str | None = None,
+        target: str | None = None,
+        scope: str | None = None,
+        reason: str | None = None,
+        include_resolved: bool = False,
+        limit: int = 100,
+    ) -> list[LedgerRow]:
+        where, params = self._filters(
+            "", include_resolved, route=route, target=target, scope=scope, reason=reason
+        )
+        limit = max(0, int(limit))
+
+        def work(cur: Cursor) -> list[LedgerRow]:
+            cur.execute(
+                self._q(
+                    "SELECT id, ts, route, target, scope, reason, request_id, method, uri, "
+                    f"detail, resolved_at FROM shadowlane_ledger{where} "
+                    "ORDER BY ts DESC, id DESC LIMIT ?"
+                ),
+                (*params, limit),
+            )
+            entries = list(cur.fetchall())
+            if not entries:
+                return []
+            ids = [int(e[0]) for e in entries]
+            keys: dict[int, list[str]] = {i: [] for i in ids}
+            cur.execute(
+                self._q(
+                    "SELECT entry_id, key FROM shadowlane_ledger_keys "
+                    f"WHERE entry_id IN ({', '.join('?' * len(ids))}) ORDER BY entry_id, pos"
+                ),
+                tuple(ids),
+            )
+            for entry_id, key in cur.fetchall():
+                keys[int(entry_id)].append(key)
+            return [
+                LedgerRow(
+                    int(ident),
+                    float(ts),
+                    r,
+                    t,
+                    sc,
+                    why,
+                    tuple(keys[int(ident)]),
+                    request_id,
+                    method,
+                    uri,
+                    detail,
+                    None if resolved_at is None else float(resolved_at),
+                )
+                for ident, ts, r, t, sc, why, request_id, method, uri, detail, resolved_at in (
+                    entries
+                )
+            ]
+
+        return list(self._read_work(work) or [])
+
+    def ledger_counts(
+        self,
+        route: str | None = None,
+        target: str | None = None,
+        include_resolved: bool = False,
+        *,
+        scope: str | None = None,
+    ) -> list[LedgerCountRow]:
+        where, params = self._filters("", include_resolved, route=route, target=target, scope=scope)
+        rows = self._read(
+            f"SELECT route, target, reason, COUNT(*) FROM shadowlane_ledger{where} "
+            "GROUP BY route, target, reason ORDER BY route, target, reason",
+            params,
+        )
+        return [LedgerCountRow(r, t, why, int(n)) for r, t, why, n in rows]
+
+    def suspect_keys(
+        self,
+        route: str | None = None,
+        target: str | None = None,
+        scope: str | None = None,
+        *,
+        limit: int | None = None,
+    ) -> list[str]:
+        where, params = self._filters("", False, route=route, target=target, scope=scope)
+        sql = f"SELECT DISTINCT key FROM shadowlane_ledger_keys{where} ORDER BY key"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(max(0, int(limit)))
+        return [key for (key,) in self._read(sql, params)]

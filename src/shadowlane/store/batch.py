@@ -4,6 +4,9 @@ The comparator decides each job on its own thread and adds it here; only the sum
 database. A batch of 500 jobs on one route with a few differing fields therefore becomes a few
 UPSERTs, not 500 row writes, which is what keeps a slow or remote store from being the bottleneck
 (and lets many instances add their sums into one PostgreSQL without coordinating).
+
+Divergence ledger entries ride along (`divergences`): they are not sums but records, each
+written as it is, in the same transaction as the comparison sums of the same flush.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from shadowlane.store.ledger import Divergence
 
 # ---------------------------------------------------------------------------------------------
 # Latency buckets: fixed and logarithmic, so any two instances' counts can simply be added.
@@ -104,6 +109,8 @@ class Batch:
     _next_id: int = 0
     #: jobs added since the last flush
     jobs: int = 0
+    #: divergence ledger entries recorded since the last flush, in the order they came
+    divergences: list[Divergence] = field(default_factory=list)
 
     def add_total(self, route: str, target: str, result: str) -> None:
         row = self.totals.get((route, target))
@@ -182,4 +189,6 @@ class Batch:
         return out
 
     def __bool__(self) -> bool:
-        return bool(self.totals or self.fields or self.latency or self.example_refs)
+        return bool(
+            self.totals or self.fields or self.latency or self.example_refs or self.divergences
+        )

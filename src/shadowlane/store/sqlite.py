@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from shadowlane.store.base import SCHEMA_VERSION, Cursor, SqlStore, StoreOptions, schema
+from shadowlane.store.base import Cursor, SqlStore, StoreOptions
 
 #: how long a writer waits for another process's write transaction before giving up
 BUSY_TIMEOUT = 10.0
@@ -37,13 +37,7 @@ class SqliteStore(SqlStore):
             self._write_conn.execute("PRAGMA synchronous=NORMAL")
             self._read_conn = self._connect()
         with self._write_lock, self._transaction(self._write_conn) as cur:
-            for statement in schema("INTEGER PRIMARY KEY AUTOINCREMENT"):
-                cur.execute(statement)
-            cur.execute(
-                "INSERT INTO shadowlane_meta (key, value) VALUES ('schema', ?) "
-                "ON CONFLICT (key) DO NOTHING",
-                (str(SCHEMA_VERSION),),
-            )
+            self._create_schema(cur, "INTEGER PRIMARY KEY AUTOINCREMENT")
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: transactions are explicit (BEGIN ... COMMIT) in _transaction.

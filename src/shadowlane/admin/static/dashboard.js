@@ -1,5 +1,6 @@
 // shadowlane dashboard: polls the comparison API every 2 s and renders one card per
-// (route, target). Vanilla JS, no dependencies, no build step.
+// (route, target), and the divergence ledger panel from /api/ledger. Vanilla JS, no
+// dependencies, no build step.
 //
 // Everything that comes from the API (field names, bodies, URIs) is inserted as text
 // (textContent / text nodes), never as HTML: answers are written by backends, not by us.
@@ -9,6 +10,9 @@
   const POLL_MS = 2000;
   const EXAMPLE_LIMIT = 10;
   const MAX_FIELD_ROWS = 60;
+  const LEDGER_ENTRIES = 20;
+  const LEDGER_KEYS = 200;
+  const ENTRY_KEYS = 5;
 
   const state = {
     paused: false,
@@ -78,6 +82,17 @@
     if (t === null) return "";
     const d = new Date(t * 1000);
     return d.toLocaleTimeString("en-GB", { hour12: false });
+  }
+
+  // A ledger entry may be days old: the date too, unless it is today.
+  function fmtStamp(ts) {
+    const t = num(ts);
+    if (t === null) return "";
+    const d = new Date(t * 1000);
+    const time = d.toLocaleTimeString("en-GB", { hour12: false });
+    if (d.toDateString() === new Date().toDateString()) return time;
+    const pad = (n) => String(n).padStart(2, "0");
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${time}`;
   }
 
   async function getJSON(url) {
@@ -567,9 +582,83 @@
     return `${route}\u0000${target}`;
   }
 
+  // ---- the divergence ledger ------------------------------------------------------------------
+  // Entries are copies of ordered writes that may have left a shadow in another state than the
+  // primary; their keys stay suspect until `shadowlane verify --repair` resolves them.
+
+  function pairCell(route, target) {
+    return h("td", { class: "pair" }, h("span", { class: "route", text: route }), h("span", { class: "arrow", text: " → " }), h("span", { class: "target", text: target }));
+  }
+
+  function renderLedger(doc) {
+    const counts = Array.isArray(doc.counts) ? doc.counts : [];
+    const keys = Array.isArray(doc.suspect_keys) ? doc.suspect_keys : [];
+    const entries = Array.isArray(doc.entries) ? doc.entries : [];
+    const open = num(doc.open) || 0;
+    const panel = document.getElementById("ledger");
+    panel.dataset.open = String(open);
+    document.getElementById("ledger-error").hidden = true;
+    document.getElementById("ledger-open").textContent =
+      open === 0 ? "No open divergences" : `${fmtCount(open)} open entr${open === 1 ? "y" : "ies"} · ${fmtCount(keys.length)}${doc.suspect_keys_truncated ? "+" : ""} suspect key${keys.length === 1 ? "" : "s"}`;
+    document.getElementById("ledger-body").hidden = open === 0;
+    document.getElementById("ledger-entries-box").hidden = entries.length === 0;
+
+    document.getElementById("ledger-counts").replaceChildren(
+      ...counts.map((c) =>
+        h(
+          "tr",
+          { class: "ledger-count", "data-route": c.route, "data-target": c.target, "data-reason": c.reason },
+          pairCell(c.route, c.target),
+          h("td", null, h("span", { class: "badge reason", text: c.reason })),
+          h("td", { class: "num count", text: fmtCount(c.n) }),
+        ),
+      ),
+    );
+
+    const shown = keys.slice(0, LEDGER_KEYS);
+    document.getElementById("ledger-keys").replaceChildren(...shown.map((k) => h("span", { class: "suspect-key", "data-key": k, text: k })));
+    const note = document.getElementById("ledger-keys-note");
+    const more = keys.length - shown.length;
+    note.hidden = !(more > 0 || doc.suspect_keys_truncated);
+    note.textContent = doc.suspect_keys_truncated || more > 0 ? `and more: shadowlane verify --suspects lists them all` : "";
+
+    document.getElementById("ledger-entries").replaceChildren(
+      ...entries.map((e) => {
+        const entryKeys = Array.isArray(e.keys) ? e.keys : [];
+        const keyText = entryKeys.slice(0, ENTRY_KEYS).join(", ") + (entryKeys.length > ENTRY_KEYS ? ` (+${entryKeys.length - ENTRY_KEYS})` : "");
+        return h(
+          "tr",
+          { class: "ledger-entry", "data-request-id": e.request_id, "data-reason": e.reason },
+          h("td", { class: "time", text: fmtStamp(e.ts) }),
+          pairCell(e.route, e.target),
+          h("td", { class: "scope", text: e.scope }),
+          h("td", null, h("span", { class: "badge reason", text: e.reason })),
+          h("td", { class: "mono request", text: `${e.method || ""} ${e.uri || ""}` }),
+          h("td", { class: "mono keys", title: entryKeys.join("\n"), text: keyText }),
+          h("td", { class: "detail", text: e.detail || "" }),
+        );
+      }),
+    );
+  }
+
+  async function refreshLedger() {
+    try {
+      renderLedger(await getJSON(`api/ledger?limit=${LEDGER_ENTRIES}`));
+    } catch (error) {
+      const line = document.getElementById("ledger-error");
+      line.hidden = false;
+      line.textContent = `Could not load the ledger: ${error.message || error}`;
+    }
+  }
+
   // ---- refresh loop ---------------------------------------------------------------------------
 
   async function refresh() {
+    // the ledger's errors are shown in its panel: they do not stop the comparison cards
+    await Promise.all([refreshLedger(), refreshComparisons()]);
+  }
+
+  async function refreshComparisons() {
     const summary = await getJSON("api/comparisons/summary");
     const entries = Array.isArray(summary) ? summary : [];
     const fieldLists = await Promise.all(entries.map((s) => getJSON(`${apiBase(s.route, s.target)}/fields`)));
