@@ -55,14 +55,18 @@ def record(
     gz: bool = False,
 ) -> list[Payload]:
     """A recording of `requests`, `spacing` seconds apart from `start`; with `port`, each was
-    sent to that server and its answer is recorded too (type 2, after the request)."""
+    sent to that server and its answer is recorded too (type 2, after the request). The
+    requests were sent one after the other, so none starts before the previous one's answer
+    ended (start + latency), as in a real recording: the write order depends on it."""
     out: list[Payload] = []
+    ended = 0
     for i, raw in enumerate(requests):
-        ts = start + int(i * spacing * S)
+        ts = max(start + int(i * spacing * S), ended)
         out.append(Payload(REQUEST, f"{prefix}{i:04d}", ts, 0, raw))
         if port is not None:
             answer, latency = exchange(port, raw)
             out.append(Payload(RESPONSE, f"{prefix}{i:04d}", ts, latency, answer))
+            ended = ts + latency
     data = b"".join(encode(p) for p in out)
     path.write_bytes(gzip.compress(data) if gz else data)
     return out
