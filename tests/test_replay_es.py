@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def _workload(port: int) -> list[bytes]:
     return out
 
 
-def _config(old: str, new: str) -> str:
+def _config(old: str, new: str, store: Path) -> str:
     shadow = (
         "{backend: es-new, order: {scope: es-writes, keys: elasticsearch}, "
         "ids_from_primary: elasticsearch, host_suffix: ''}"
@@ -81,6 +82,7 @@ def _config(old: str, new: str) -> str:
         "    match: {path_regex: '^/[^_/][^/]*/?$', methods: [PUT, DELETE]}\n"
         f"    backend: es-old\n    shadows: [{shadow}]\n"
         "  - {name: es-read, match: {path_prefix: /}, backend: es-old}\n"
+        f"compare: {{store: 'sqlite:///{store}'}}\n"  # where the write steps keep the ledger
     )
 
 
@@ -122,7 +124,7 @@ def test_replayed_writes_end_with_the_primarys_documents_and_ids(
     assert "fixed-1" not in primary_docs and "fixed-3" not in primary_docs
     with OpenSearchServer(NEW) as new:
         cfg = tmp_path / "shadowlane.yaml"
-        cfg.write_text(_config("http://127.0.0.1:9", new.url))
+        cfg.write_text(_config("http://127.0.0.1:9", new.url, tmp_path / "s.db"))
         res = subprocess.run(
             [*REPLAY, str(rec), "-c", str(cfg), "--shadow", "es-new", "--speed", "max",
              "--concurrency", "16", "--format", "json", "--no-progress"],
@@ -165,7 +167,7 @@ def test_a_write_the_target_refuses_is_a_divergence_and_fails_the_replay(tmp_pat
         record(rec, writes, port=port, spacing=0.001)
     with OpenSearchServer(NEW) as new, FaultyRelay(new.url) as relay:
         cfg = tmp_path / "shadowlane.yaml"
-        cfg.write_text(_config("http://127.0.0.1:9", relay.url))
+        cfg.write_text(_config("http://127.0.0.1:9", relay.url, tmp_path / "ledger.db"))
         res = subprocess.run(
             [*REPLAY, str(rec), "-c", str(cfg), "--shadow", "es-new", "--speed", "max",
              "--format", "json", "--no-progress"],
@@ -178,20 +180,32 @@ def test_a_write_the_target_refuses_is_a_divergence_and_fails_the_replay(tmp_pat
     (example,) = doc["examples"]
     assert example["uri"] == f"/{INDEX}/_doc/bad" and example["why"].startswith("divergence")
     assert relay.rejected == 1 and set(shadow_docs) >= {"good"} and "bad" not in shadow_docs
+    # the divergence is in the config's store, as a live copy's would be: report shows it
+    rep = subprocess.run(
+        [sys.executable, "-m", "shadowlane", "report", "-c", str(cfg), "--format", "json"],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert rep.returncode == 0, rep.stderr
+    (entry,) = json.loads(rep.stdout)["ledger"]["targets"]
+    assert (entry["route"], entry["target"], entry["open"]) == ("es-docs", "es-new", 1)
+    assert entry["reasons"] == {"status_mismatch": 1}
+    assert entry["suspect_keys"] == [f"{INDEX}/bad"]
 
 
 def test_with_a_live_primary_the_ids_come_from_its_answers(
     recorded: tuple[Path, dict[str, Any], str], tmp_path: Path
 ) -> None:
     """`--primary URL`: each write goes to the primary first and the copy is built from its
-    answer, as live shadowing does; both fresh clusters end equal, with ids neither recorded."""
+    answer, as live shadowing does; both fresh clusters end equal, with ids neither recorded.
+    One at a time: concurrent writes of one document would race on the live primary, whose
+    answers need not come back in the order it applied them (docs/replay.md, section 7)."""
     rec, recorded_docs, _ = recorded
     with OpenSearchServer(OLD) as primary, OpenSearchServer(NEW) as new:
         cfg = tmp_path / "shadowlane.yaml"
-        cfg.write_text(_config("http://127.0.0.1:9", new.url))
+        cfg.write_text(_config("http://127.0.0.1:9", new.url, tmp_path / "s.db"))
         res = subprocess.run(
             [*REPLAY, str(rec), "-c", str(cfg), "--shadow", "es-new", "--primary", primary.url,
-             "--speed", "max", "--concurrency", "16", "--format", "json", "--no-progress",
+             "--speed", "max", "--concurrency", "1", "--format", "json", "--no-progress",
              "--max-failures", "100%"],
             capture_output=True, text=True, timeout=TIMEOUT,
         )  # fmt: skip

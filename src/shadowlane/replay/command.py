@@ -406,7 +406,9 @@ def build_setup(args: argparse.Namespace) -> Setup:
         keep_host=args.keep_host,
         threshold=Threshold(value, percent),
     )
-    if setup.comparing and not args.dry_run:
+    if (setup.comparing or setup.writes) and not args.dry_run:
+        # comparisons go to the store, and so do the write steps' ledger entries (as an
+        # instance with an ordered shadow opens its store whether or not it compares)
         url = args.store or (cfg.compare.store if cfg is not None else None)
         if url is not None:
             try:
@@ -415,7 +417,10 @@ def build_setup(args: argparse.Namespace) -> Setup:
                 raise Refused(f"cannot open store {url}: {exc}") from None
             setup.store_url = url
     elif args.store is not None:
-        raise Refused("--store: nothing to compare (add --compare recorded or --primary URL)")
+        raise Refused(
+            "--store: nothing to store (add --compare recorded or --primary URL, or replay as "
+            "a shadow with write steps)"
+        )
     return setup
 
 

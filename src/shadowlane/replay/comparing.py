@@ -1,4 +1,5 @@
-"""Comparing replayed answers: the engine's `evaluate` and `record`, on one thread, batched.
+"""Comparing replayed answers (the engine's `evaluate` and `record`) and keeping the ledger's
+entries, on one thread, batched into the store.
 
 Why not the proxy's `Comparator`: it is built for a server, where a comparison must never cost
 a request, so it drops jobs when its queue is full and rests to stay under a CPU share; and it
@@ -11,7 +12,9 @@ queue to overflow: a request holds its slot of `--concurrency` until its compari
 so when comparing is the bottleneck the replay slows down instead of dropping results.
 
 The rows are the comparator's (same tables, same sums, same examples), so `shadowlane report`
-and the dashboard read a replay's comparisons like live ones.
+and the dashboard read a replay's comparisons like live ones. Divergence ledger entries of the
+write steps ride in the same batches (`Batch.divergences`), as the comparator's do, so
+`report`, `GET /api/ledger` and `verify --suspects` see a replay's suspects like live ones.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from shadowlane.compare import CompareJob, CompareSettings, evaluate, record
 from shadowlane.store import Batch, Store
+from shadowlane.store.ledger import Divergence
 
 log = logging.getLogger("shadowlane.replay")
 
@@ -71,6 +75,19 @@ class Comparisons:
                 self._flush()
         return Decided(out.result, out.differing, out.noise)
 
+    def record_divergence(self, d: Divergence) -> bool:
+        """Keep a ledger entry for the store (never blocks: it is written on the worker)."""
+        if self.store is None:
+            return False
+        self._pool.submit(self._divergence, d)
+        return True
+
+    def _divergence(self, d: Divergence) -> None:
+        batch = self._batch
+        batch.divergences.append(d)
+        if len(batch.divergences) >= BATCH or time.monotonic() - self._last_flush >= FLUSH_INTERVAL:
+            self._flush()
+
     def _flush(self) -> None:
         batch, self._batch = self._batch, self._new_batch()
         self._last_flush = time.monotonic()
@@ -81,7 +98,12 @@ class Comparisons:
             self.written += batch.jobs
         except Exception as exc:  # a store that fails loses these sums, logged and counted
             self.write_errors += 1
-            log.warning("comparison store write failed, %d results lost: %s", batch.jobs, exc)
+            log.warning(
+                "comparison store write failed, %d results and %d ledger entries lost: %s",
+                batch.jobs,
+                len(batch.divergences),
+                exc,
+            )
 
     async def close(self) -> None:
         """Write what is left and stop the thread."""

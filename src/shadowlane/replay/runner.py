@@ -27,7 +27,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import TextIO
@@ -161,8 +161,6 @@ class Setup:
     store_url: str | None = None
     threshold: Threshold = field(default_factory=Threshold)
     progress: TextIO | None = None
-    #: ledger entries go here too (the store's ledger, once it has one)
-    record: Callable[[Divergence], None] | None = None
 
     @property
     def live(self) -> bool:
@@ -171,6 +169,11 @@ class Setup:
     @property
     def comparing(self) -> bool:
         return self.live or self.compare_recorded
+
+    @property
+    def writes(self) -> bool:
+        """Some lane has write steps: they keep a divergence ledger (in the store)."""
+        return any(ln.cfg.ordering or ln.cfg.ids_from_primary for ln in self.lanes.all())
 
     @property
     def needs_recorded_answers(self) -> bool:
@@ -233,7 +236,8 @@ class Runner:
         self.fatal = ""
         #: set when the replay ends: the background count (a thread) gives up
         self._ended = threading.Event()
-        self.comparisons = Comparisons(setup.store) if setup.comparing else None
+        #: comparisons and the ledger's entries, written to the store on one thread
+        self.comparisons = Comparisons(setup.store) if setup.comparing or setup.writes else None
         lanes = setup.lanes.all()
         scopes: dict[tuple[str, str], OrderScope] = {}
         for ln in lanes:
@@ -270,8 +274,8 @@ class Runner:
     def _divergence(self, d: Divergence) -> bool:
         t = self.tally
         t.divergences[d.reason] = t.divergences.get(d.reason, 0) + 1
-        if self.s.record is not None:
-            self.s.record(d)
+        if self.comparisons is not None:
+            self.comparisons.record_divergence(d)
         return True
 
     def _diverged(self) -> int:
@@ -610,7 +614,8 @@ class Runner:
             settings=lane.settings,
             ts=time.time(),
         )
-        assert self.comparisons is not None
+        if self.comparisons is None:
+            return
         decided = await self.comparisons.decide(job, lane.settings)
         t.compared += 1
         if decided.result == "match":
