@@ -24,7 +24,8 @@ class Run:
     def admit(self, n: int, keys: OrderKeys) -> None:
         w = self.scope.waiter(keys, lambda: self.ready.append(n))
         self.waiters[n] = w
-        self.scope.admit(w)
+        if self.scope.admit(w):
+            self.ready.append(n)
 
     def release(self, n: int) -> None:
         self.scope.release(self.waiters.pop(n))

@@ -296,8 +296,6 @@ class ShadowLane:
         self.parked: set[ShadowCopy] = set()
         #: draining past its deadline: nothing new starts
         self.closing = False
-        #: the copy `submit` is admitting to the scope right now
-        self._admitting: ShadowCopy | None = None
         self.paused = False
         self.breaker = CircuitBreaker(self.loop.time)
 
@@ -328,12 +326,9 @@ class ShadowLane:
             return self.drop()
         scope = self.scope
         if scope is not None and keys is not None:
-            waiter = copy.waiter = scope.waiter(keys, lambda: self._unpark(copy))
-            self._admitting = copy
-            scope.admit(waiter)  # calls _unpark at once when nothing conflicts
-            self._admitting = None
-            if copy.waiter is None:  # it was free to go: a slot or the queue, as any copy
-                copy.waiter = waiter
+            waiter = scope.waiter(keys, lambda: self._unpark(copy))
+            copy.waiter = waiter
+            if scope.admit(waiter):  # free to go: a slot or the queue, as any copy
                 if self._start_or_queue(copy):
                     return True
                 copy.waiter = None
@@ -364,12 +359,8 @@ class ShadowLane:
         return True
 
     def _unpark(self, copy: ShadowCopy) -> None:
-        """The scope let a copy go. At its admission: `submit` goes on (marked by clearing its
-        waiter). Later: a slot now, or the front of the slot queue (it has waited longer than
-        the copies queued behind it)."""
-        if copy is self._admitting:
-            copy.waiter = None
-            return
+        """The scope let a parked copy go: a slot now, or the front of the slot queue (it has
+        waited longer than the copies queued behind it)."""
         if self.closing:  # the drain ends every copy it took out of `parked`
             return
         self.parked.discard(copy)

@@ -98,13 +98,13 @@ class OrderScope:
         self.pending = 0
 
     def waiter(self, keys: OrderKeys, on_ready: Callable[[], None]) -> Waiter:
-        """A copy's place in this scope, to `admit` once the copy holds it (`on_ready` may run
-        inside `admit`, and may end the copy at once, which releases it)."""
+        """A copy's place in this scope, to `admit`."""
         return Waiter(needs(keys, self.with_scope), on_ready)
 
-    def admit(self, w: Waiter) -> None:
-        """Enqueue a copy; `on_ready` is called (at once, or when the copies before it that
-        conflict have been released) when it may be sent. Never waits."""
+    def admit(self, w: Waiter) -> bool:
+        """Enqueue a copy. True: nothing before it conflicts, it may be sent now (`on_ready` is
+        not called). False: it waits; `on_ready` is called when the copies before it that
+        conflict have been released. Never waits itself."""
         resources = self._resources
         for name, exclusive in w.needs:
             res = resources.get(name)
@@ -117,8 +117,7 @@ class OrderScope:
                 res.waiting.append((w, exclusive))
                 w.blocked += 1
         self.pending += 1
-        if w.blocked == 0:
-            w.on_ready()
+        return w.blocked == 0
 
     def release(self, w: Waiter) -> None:
         """The copy ended (answered, failed, timed out, dropped): what waited for it may go.
