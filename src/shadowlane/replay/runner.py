@@ -479,9 +479,9 @@ class Runner:
         scope = lane.scope
         if scope is not None:
             ready: asyncio.Future[None] = self.loop.create_future()
-            f.ready = ready
             f.waiter = scope.waiter(prep.keys, lambda: _set(ready))
-            scope.admit(f.waiter)
+            if not scope.admit(f.waiter):
+                f.ready = ready  # an earlier write with a common key is pending: its turn comes
         return True
 
     async def _fly(self, f: _Flight) -> None:
