@@ -1,4 +1,4 @@
-"""The `shadowlane` command: run, check, report, verify and demo."""
+"""The `shadowlane` command: run, check, report, verify, replay and demo."""
 
 from __future__ import annotations
 
@@ -243,6 +243,12 @@ def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("text", "json"), default="text")
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from shadowlane.replay import main as replay_main
+
+    return replay_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shadowlane",
@@ -286,6 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_verify_arguments(p)
     p.set_defaults(func=cmd_verify)
+
+    from shadowlane.replay import add_arguments as add_replay_arguments
+
+    p = sub.add_parser(
+        "replay",
+        help="send recorded traffic (GoReplay files) again: paced, filtered, compared",
+        description="Replay recorded requests (GoReplay's file format) to a target, at the "
+        "recorded pace or another, and compare the answers. See docs/replay.md.",
+    )
+    add_replay_arguments(p)
+    p.set_defaults(func=cmd_replay)
 
     from shadowlane.demo import add_demo_arguments, run_demo_from_args
 

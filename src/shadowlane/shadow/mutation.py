@@ -3,8 +3,10 @@
 Starts from the headers the primary was sent (hop-by-hop removed, X-Forwarded-*, the shared
 X-Request-Id), then: the Host gets a suffix (`-shadow` by default, inserted before the port
 as Envoy does) or an explicit value, configured headers are removed and set, the marker
-`X-Shadowlane-Shadow: <route>` is added (always, and it cannot be removed), the path may be
-rewritten by regex, and the body is framed with Content-Length (the copy has all its bytes).
+`X-Shadowlane-Shadow: <route>` is added (always on a copy, and it cannot be removed), the path
+may be rewritten by regex, and the body is framed with Content-Length (the copy has all its
+bytes). `shadowlane replay` builds its requests here too (without the marker when it replays
+to a URL rather than as a configured shadow).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ class CopyBuilder:
 
     __slots__ = ("_drop", "_host", "_marker", "_rewrite", "_set", "_suffix", "host_is_endpoint")
 
-    def __init__(self, cfg: ShadowConfig, route_name: str) -> None:
-        self._marker = (MARKER, route_name.encode())
+    def __init__(self, cfg: ShadowConfig, route_name: str, *, marker: bool = True) -> None:
+        #: `X-Shadowlane-Shadow: <route>` on every copy; `shadowlane replay --to URL` sends the
+        #: recorded request itself, not a shadow's copy, and builds without it
+        self._marker: tuple[bytes, bytes] | None = (MARKER, route_name.encode()) if marker else None
         self._set = [(k.encode(), v.encode()) for k, v in cfg.headers.set.items()]
         self._drop = (
             frozenset(k.encode() for k in cfg.headers.remove)
@@ -103,7 +107,8 @@ class CopyBuilder:
         if not saw_host and host is not None:
             out.append((b"host", host))
         out.extend(self._set)
-        out.append(self._marker)
+        if self._marker is not None:
+            out.append(self._marker)
         if body_len or method in ("POST", "PUT", "PATCH"):
             out.append((b"content-length", str(body_len).encode()))
         return b"%s %s HTTP/1.1\r\n%s\r\n" % (
