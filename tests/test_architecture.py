@@ -140,3 +140,41 @@ def test_no_import_cycle() -> None:
         if node not in state:
             visit(node)
     assert cycles == []
+
+
+def _compiled_modules() -> set[str]:
+    """The modules setup.py compiles with mypyc (its COMPILED list, read as text)."""
+    tree = ast.parse((SRC.parent / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "COMPILED" for t in node.targets
+        ):
+            paths = ast.literal_eval(node.value)
+            return {_module_name(SRC.parent / p) for p in paths}
+    raise AssertionError("setup.py has no COMPILED list")
+
+
+def test_no_interpreted_class_inherits_from_a_compiled_one() -> None:
+    """mypyc refuses it at import time ("interpreted classes cannot inherit from compiled"),
+    so an interpreted subclass of, say, wire.upstream.ResponseSink works in the pure-Python
+    build the helpers develop with and fails only in the compiled one CI runs."""
+    compiled = _compiled_modules()
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        module = _module_name(path)
+        if module in compiled:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        imported: dict[str, str] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:
+                    imported[alias.asname or alias.name] = node.module
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for base in node.bases:
+                name = base.id if isinstance(base, ast.Name) else None
+                if name is not None and imported.get(name) in compiled:
+                    wrong.append(f"{module}.{node.name}({imported[name]}.{name})")
+    assert wrong == [], "compile these modules too (setup.py COMPILED): " + ", ".join(wrong)
