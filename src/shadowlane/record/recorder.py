@@ -1,0 +1,179 @@
+"""The event loop's half of a recording: sample, bound, and hand over; never wait, never encode.
+
+One `Recorder` per recorded route (or shadow) and generation. The proxy (or the shadow ticket)
+calls it once per request with what it already holds: the parsed `Request` (or the copy's head
+bytes), the body bytes it retained anyway, and, with `answers`, the answer it captured. Nothing
+is serialised, redacted, encoded or compressed here: that is the writer thread's work
+(record/writer.py). What the loop pays is a few comparisons, one small object and a deque
+append; `deque.append` and `popleft` are atomic under the GIL, so the two threads share no lock
+and the writer is never woken per record (it polls, as the comparator does).
+
+Bounded by bytes: a record counts the body and answer bytes it pins. `queued` only grows on the
+loop and `done` only on the writer, so each is written by one thread; their difference is what
+is pending. A record that would take the pending bytes past `queue_limit` is dropped and counted
+(`dropped`), never waited for: a slow or full disk costs records, not requests.
+
+Compiled (setup.py): the proxy calls into it per request.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from shadowlane.compare.model import Captured
+from shadowlane.wire.messages import Request
+
+if TYPE_CHECKING:
+    from shadowlane.metrics import Metrics
+
+#: decides per request whether it is recorded (a shadow `Sampler`'s bound `sampled`)
+SampleFn = Callable[[Request], bool]
+
+#: what a record costs beside its bodies: the head, the item, the deque slot (a guess that
+#: keeps a flood of bodiless requests bounded too)
+RECORD_OVERHEAD: Final = 512
+
+
+class RecordItem:
+    """One request (and maybe its answer) waiting for the writer."""
+
+    __slots__ = ("answer", "body", "head", "latency_ns", "request", "request_id", "size", "ts_ns")
+
+    def __init__(
+        self,
+        request: Request | None,
+        head: bytes,
+        body: bytes,
+        answer: Captured | None,
+        request_id: str,
+        ts_ns: int,
+        size: int,
+        latency_ns: int = 0,
+    ) -> None:
+        #: the client's request as parsed (its head is serialised by the writer), or None for a
+        #: shadow copy, whose head is already the bytes that were sent (`head`)
+        self.request = request
+        self.head = head
+        self.body = body
+        #: the answer (status, headers, body up to max_body, seconds from the request's start);
+        #: None when answers are not recorded, or there was none
+        self.answer = answer
+        self.request_id = request_id
+        #: when the request started, nanoseconds since the epoch
+        self.ts_ns = ts_ns
+        #: the bytes this item counts against the queue
+        self.size = size
+        #: from the request's start to the end of its answer (wall clock: the loop's clock
+        #: has millisecond steps under uvloop)
+        self.latency_ns = latency_ns
+
+
+class Recorder:
+    """One recording of one route (target "") or of one shadow of a route."""
+
+    __slots__ = (
+        "answers",
+        "closed",
+        "done",
+        "items",
+        "max_body",
+        "metrics",
+        "queue_limit",
+        "queued",
+        "route",
+        "sampled",
+        "target",
+    )
+
+    def __init__(
+        self,
+        route: str,
+        target: str,
+        *,
+        max_body: int,
+        queue_limit: int,
+        answers: bool,
+        metrics: Metrics,
+        sampled: SampleFn | None = None,
+    ) -> None:
+        self.route = route
+        self.target = target
+        self.max_body = max_body
+        self.queue_limit = queue_limit
+        self.answers = answers
+        self.metrics = metrics
+        #: None records every request (percent 100): no call per request
+        self.sampled = sampled
+        #: the writer takes from the left; only the loop appends
+        self.items: deque[RecordItem] = deque()
+        #: bytes handed over (loop only) / bytes the writer is done with (writer only)
+        self.queued = 0
+        self.done = 0
+        #: the generation was replaced: nothing more is taken
+        self.closed = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes waiting for the writer (the `shadowlane_record_pending_bytes` gauge)."""
+        return self.queued - self.done
+
+    def wants(self, req: Request) -> bool:
+        """Is this request recorded? Counted `sampled_out` when not."""
+        sampled = self.sampled
+        if sampled is None or sampled(req):
+            return True
+        self.metrics.record_outcome(self.route, self.target, "sampled_out")
+        return False
+
+    def request(
+        self,
+        req: Request,
+        ts_ns: int,
+        body: bytes | None,
+        answer: Captured | None,
+        latency_ns: int = 0,
+    ) -> None:
+        """The client's request is over: its body (None when it was not kept whole) and, with
+        `answers`, the primary's answer (None when there was none)."""
+        if body is None or len(body) > self.max_body:
+            self.metrics.record_outcome(self.route, self.target, "skipped_body")
+            return
+        size = RECORD_OVERHEAD + len(body)
+        if answer is not None:
+            if answer.failure:
+                answer = None  # no answer came: the request alone is recorded
+            else:
+                size += len(answer.body)
+        item = RecordItem(req, b"", body, answer, req.request_id, ts_ns, size, latency_ns)
+        self._push(item)
+
+    def copy(
+        self,
+        head: bytes,
+        body: bytes,
+        request_id: str,
+        ts_ns: int,
+        answer: Captured | None,
+        latency_ns: int = 0,
+    ) -> None:
+        """A shadow copy as it was sent (`head` serialised, Content-Length framed) and, with
+        `answers`, the shadow's answer."""
+        if len(body) > self.max_body:
+            self.metrics.record_outcome(self.route, self.target, "skipped_body")
+            return
+        size = RECORD_OVERHEAD + len(head) + len(body)
+        if answer is not None:
+            if answer.failure:
+                answer = None
+            else:
+                size += len(answer.body)
+        self._push(RecordItem(None, head, body, answer, request_id, ts_ns, size, latency_ns))
+
+    def _push(self, item: RecordItem) -> None:
+        if self.closed or self.queued + item.size - self.done > self.queue_limit:
+            self.metrics.record_outcome(self.route, self.target, "dropped")
+            return
+        self.queued += item.size
+        self.items.append(item)
