@@ -49,6 +49,7 @@ COMPILED = [
     "src/shadowlane/shadow/ticket.py",
     "src/shadowlane/shadow/lane.py",
     "src/shadowlane/shadow/dispatcher.py",
+    "src/shadowlane/record/recorder.py",
     "src/shadowlane/compare/paths.py",
     "src/shadowlane/compare/diff.py",
     "src/shadowlane/compare/engine.py",
