@@ -92,7 +92,7 @@ def payload_id(request_id: str) -> str:
 
 
 def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", text) or "_"
+    return re.sub(r"[^A-Za-z0-9_.@-]", "_", text) or "_"
 
 
 class _File:
