@@ -343,18 +343,31 @@ class RecordWriter:
             self._wake.clear()
 
     def _drain(self, s: _Sink, final: bool) -> None:
+        """Take what the loop handed over, in slices of YIELD_EVERY: each slice is encoded,
+        written, and only then given back to the loop's byte bound (`done`), so the bound
+        covers what the writer holds too, and a disk that blocks holds the pending bytes at
+        `queue` rather than letting them pile up here."""
         items = s.recorder.items
-        done = 0
+        took = False
         while items:
-            item = items.popleft()
-            try:
+            size = 0
+            for _ in range(YIELD_EVERY):
+                if not items:
+                    break
+                item = items.popleft()
+                size += item.size
                 self._write(s, item)
-            finally:
-                s.recorder.done += item.size
-            done += 1
-            if done % YIELD_EVERY == 0 and not final:
+            f = s.file
+            if f is not None:
+                try:
+                    f.write_out()
+                except OSError as err:
+                    self._failed(s, err, 0)
+            s.recorder.done += size
+            took = True
+            if not final:
                 time.sleep(0)  # let the event loop have the GIL between small slices
-        if done:
+        if took:
             s.last_item = time.monotonic()
 
     def _tick(self, s: _Sink, now: float, flush: bool) -> None:
