@@ -201,3 +201,22 @@ def test_redaction_of_messages_and_bodies() -> None:
         redact_body(red, b"\x00\x01", [(b"content-encoding", b"br")])
     # not JSON at all: left as it is
     assert red.json_body(b"password=pw") == b"password=pw"
+
+
+def test_compiled_fast_path_encodes_as_the_general_one() -> None:
+    """The writer's no-redaction path (`encode_item`, one join) gives the bytes the general
+    path (message builders + `goreplay.encode`) gives."""
+    from shadowlane.record import RecordItem, encode, encode_item, payload_id
+    from shadowlane.record.goreplay import Payload
+    from shadowlane.record.redact import answer_message
+
+    body = b'{"a": 1}'
+    req = request(7, body)
+    ans = Captured(404, [(b"content-type", b"application/json"), (b"transfer-encoding",
+                   b"chunked")], b"nope", False, 0.25)  # fmt: skip
+    item = RecordItem(req, b"", body, ans, req.request_id, 1234, 0, 5678)
+    pid = payload_id(req.request_id)
+    want = encode(Payload(REQUEST, pid, 1234, 0, request_message(
+        req.method, req.target, req.http_version, req.headers, body, None)))  # fmt: skip
+    want += encode(Payload(RESPONSE, pid, 1234, 5678, answer_message(ans, None, False)))
+    assert encode_item(item) == want

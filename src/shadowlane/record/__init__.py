@@ -23,9 +23,9 @@ from shadowlane.record.goreplay import (
     recording_files,
 )
 from shadowlane.record.index import Block, iter_since, read_index, seek_offset
-from shadowlane.record.recorder import Recorder, RecordItem
+from shadowlane.record.recorder import Recorder, RecordItem, encode_item, payload_id
 from shadowlane.record.redact import KEY_FILE, build_redaction, load_secret
-from shadowlane.record.writer import RecordWriter, payload_id
+from shadowlane.record.writer import RecordWriter
 
 __all__ = [
     "KEY_FILE",
@@ -43,6 +43,7 @@ __all__ = [
     "build_redaction",
     "decode",
     "encode",
+    "encode_item",
     "iter_file",
     "iter_file_from",
     "iter_merged",

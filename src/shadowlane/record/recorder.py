@@ -18,6 +18,7 @@ Compiled (setup.py): the proxy calls into it per request.
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
@@ -30,6 +31,11 @@ if TYPE_CHECKING:
 
 #: decides per request whether it is recorded (a shadow `Sampler`'s bound `sampled`)
 SampleFn = Callable[[Request], bool]
+
+#: GoReplay's payload separator (record/goreplay.py SEPARATOR; repeated here so that this
+#: compiled module imports nothing interpreted on the writer's fast path)
+SEPARATOR: Final = "\n🐵🙈🙉\n".encode()
+_FRAMING: Final = (b"content-length", b"transfer-encoding")
 
 #: what a record costs beside its bodies: the head, the item, the deque slot (a guess that
 #: keeps a flood of bodiless requests bounded too)
@@ -177,3 +183,87 @@ class Recorder:
             return
         self.queued += item.size
         self.items.append(item)
+
+
+def payload_id(request_id: str) -> str:
+    """GoReplay's 24 hex digits, derived from the request's X-Request-Id (so a recorded
+    request can be found from a log line: the same function gives its id)."""
+    raw = request_id.encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(raw, digest_size=12).hexdigest()
+
+
+class Unencodable(ValueError):
+    """A message holding GoReplay's payload separator: neither tool could read it back."""
+
+
+def encode_item(item: RecordItem) -> bytes:
+    """The GoReplay payloads of one record without redaction (the writer's common case):
+    the request (type 1) and, when there is one, its answer (type 2), separators included.
+
+    Compiled, and built in one join: it runs on the writer's thread for every record, and
+    holding the GIL for less time is what keeps the event loop's latency flat."""
+    pid = payload_id(item.request_id).encode()
+    ts = b"%d" % item.ts_ns
+    parts: list[bytes] = [b"1 ", pid, b" ", ts, b" 0\n"]
+    req = item.request
+    body = item.body
+    head_request = False
+    if req is not None:
+        head_request = req.method == "HEAD"
+        parts += (req.method.encode("latin-1"), b" ", req.target, b" HTTP/",
+                  req.http_version.encode(), b"\r\n")  # fmt: skip
+        framed = len(body) > 0
+        for name, value in req.headers:
+            if name == b"content-length" or name == b"transfer-encoding":
+                framed = True
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        if framed:
+            parts.append(b"content-length: %d\r\n" % len(body))
+        parts.append(b"\r\n")
+    else:
+        head_request = item.head.startswith(b"HEAD ")
+        parts.append(item.head)
+    if SEPARATOR in body:
+        raise Unencodable("request body contains the payload separator")
+    parts += (body, SEPARATOR)
+    ans = item.answer
+    if ans is not None:
+        latency = item.latency_ns or int(ans.seconds * 1e9)
+        parts += (b"2 ", pid, b" ", ts, b" %d\n" % latency)
+        parts += (b"HTTP/1.1 %d " % ans.status, reason(ans.status), b"\r\n")
+        status = ans.status
+        if head_request or status < 200 or status == 204 or status == 304:
+            for name, value in ans.headers:
+                parts += (name, b": ", value, b"\r\n")
+            parts += (b"\r\n", SEPARATOR)
+        else:
+            abody = ans.body
+            if SEPARATOR in abody:
+                raise Unencodable("answer body contains the payload separator")
+            for name, value in ans.headers:
+                if name == b"content-length" or name == b"transfer-encoding":
+                    continue
+                parts += (name, b": ", value, b"\r\n")
+            if ans.truncated:
+                parts.append(b"x-shadowlane-truncated: 1\r\n")
+            parts += (b"content-length: %d\r\n\r\n" % len(abody), abody, SEPARATOR)
+    return b"".join(parts)
+
+
+_REASONS: dict[int, bytes] = {}
+
+
+def reason(status: int) -> bytes:
+    """The standard reason phrase of a status code (`Unknown` for codes without one)."""
+    phrase = _REASONS.get(status)
+    if phrase is None:
+        from http import HTTPStatus
+
+        try:
+            phrase = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            phrase = b"Unknown"
+        if len(_REASONS) < 1024:
+            _REASONS[status] = phrase
+    return phrase

@@ -30,7 +30,6 @@ writer holds at most one block's compressor state per file besides.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -46,7 +45,13 @@ from typing import IO, Protocol
 from shadowlane.compare.redact import Redaction, Unredactable
 from shadowlane.config import RecordConfig
 from shadowlane.record.goreplay import REQUEST, RESPONSE, FormatError, Payload, encode
-from shadowlane.record.recorder import Recorder, RecordItem
+from shadowlane.record.recorder import (
+    Recorder,
+    RecordItem,
+    Unencodable,
+    encode_item,
+    payload_id,
+)
 from shadowlane.record.redact import answer_message, redact_copy_head, request_message
 
 log = logging.getLogger("shadowlane.record")
@@ -84,13 +89,6 @@ class RecordCounter(Protocol):
     ) -> None: ...
 
 
-def payload_id(request_id: str) -> str:
-    """GoReplay's 24 hex digits, derived from the request's X-Request-Id (so a recorded
-    request can be found from a log line: the same function gives its id)."""
-    raw = request_id.encode("utf-8", "surrogateescape")
-    return hashlib.blake2b(raw, digest_size=12).hexdigest()
-
-
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@-]", "_", text) or "_"
 
@@ -110,6 +108,10 @@ class _File:
         self.opened = time.monotonic()
         self.size = 0
         self._comp: zlib._Compress | None = None
+        #: records added since the last compress (one compress call per slice, not per
+        #: record: each call gives up the GIL, and a hand-over per record costs the loop)
+        self._raw: list[bytes] = []
+        self._raw_size = 0
         self._out: list[bytes] = []
         self.block_offset = 0
         self.block_started = 0.0
@@ -133,6 +135,20 @@ class _File:
             self.block_min = min(self.block_min, ts_ns)
             self.block_max = max(self.block_max, ts_ns)
         self.block_records += 1
+        self._raw.append(data)
+        self._raw_size += len(data)
+
+    @property
+    def approx_size(self) -> int:
+        """Bytes on disk once what is buffered is written (uncompressed: exactly)."""
+        return self.size + (0 if self.gz else self._raw_size)
+
+    def _pack(self) -> None:
+        if not self._raw:
+            return
+        data = b"".join(self._raw)
+        self._raw = []
+        self._raw_size = 0
         if self._comp is not None:
             data = self._comp.compress(data)
         if data:
@@ -141,6 +157,7 @@ class _File:
 
     def write_out(self) -> None:
         """Hand what is buffered to the kernel (one write)."""
+        self._pack()
         if self._out:
             data = b"".join(self._out)
             self._out = []
@@ -154,6 +171,7 @@ class _File:
         n = self.block_records
         if n == 0:
             return 0
+        self._pack()
         if self._comp is not None:
             tail = self._comp.flush()
             self._comp = None
@@ -178,6 +196,8 @@ class _File:
         n = self.block_records
         self.block_records = 0
         self._comp = None
+        self._raw = []
+        self._raw_size = 0
         self._out = []
         with contextlib.suppress(OSError):
             self.fh.truncate(self.block_offset)
@@ -361,6 +381,8 @@ class RecordWriter:
             if f is not None:
                 try:
                     f.write_out()
+                    if f.size >= s.cfg.max_file_size:
+                        self._close(s)
                 except OSError as err:
                     self._failed(s, err, 0)
             s.recorder.done += size
@@ -403,6 +425,8 @@ class RecordWriter:
 
     def _message(self, s: _Sink, item: RecordItem) -> bytes:
         red = s.redaction
+        if red is None:
+            return encode_item(item)  # compiled, one join
         req = item.request
         if req is not None:
             data = request_message(req.method, req.target, req.http_version, req.headers,
@@ -427,7 +451,7 @@ class RecordWriter:
     def _write(self, s: _Sink, item: RecordItem) -> None:
         try:
             data = self._message(s, item)
-        except (Unredactable, FormatError) as err:
+        except (Unredactable, FormatError, Unencodable) as err:
             self._count(s, "error", 1)
             self._log(s, f"request not recorded: {err}")
             return
@@ -448,7 +472,7 @@ class RecordWriter:
             f.add(data, item.ts_ns)
             if f.block_records >= self.index_records:
                 self._count(s, "written", f.end_block())
-            if f.size >= s.cfg.max_file_size:
+            if f.approx_size >= s.cfg.max_file_size:
                 self._close(s)
         except OSError as err:
             self._failed(s, err, 1 if s.file is None else 0)
