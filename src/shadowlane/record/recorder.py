@@ -267,3 +267,51 @@ def reason(status: int) -> bytes:
         if len(_REASONS) < 1024:
             _REASONS[status] = phrase
     return phrase
+
+
+class Slice:
+    """Records taken from a recorder and encoded together (the writer's fast path)."""
+
+    __slots__ = ("count", "data", "errors", "first_ts", "max_ts", "min_ts", "size")
+
+    def __init__(self) -> None:
+        #: the records' GoReplay payloads, joined
+        self.data = b""
+        #: records encoded, and records that could not be (holding the separator)
+        self.count = 0
+        self.errors = 0
+        #: the queue bytes of every record taken (written or not)
+        self.size = 0
+        self.first_ts = 0
+        self.min_ts = 0
+        self.max_ts = 0
+
+
+def take_encoded(rec: Recorder, n: int) -> Slice:
+    """Take up to `n` records from `rec` (writer's thread) and encode them without redaction.
+
+    The writer's per-record loop, compiled: popping, encoding and the block's timestamps cost
+    the GIL for about a microsecond a record instead of several interpreted ones."""
+    out = Slice()
+    items = rec.items
+    parts: list[bytes] = []
+    while n > 0 and items:
+        n -= 1
+        item = items.popleft()
+        out.size += item.size
+        try:
+            data = encode_item(item)
+        except Unencodable:
+            out.errors += 1
+            continue
+        parts.append(data)
+        ts = item.ts_ns
+        if out.count == 0:
+            out.first_ts = out.min_ts = out.max_ts = ts
+        elif ts < out.min_ts:
+            out.min_ts = ts
+        elif ts > out.max_ts:
+            out.max_ts = ts
+        out.count += 1
+    out.data = b"".join(parts)
+    return out
