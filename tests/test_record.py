@@ -219,3 +219,33 @@ def test_gzip_files_are_gzip_members(
     text = gzip.decompress(raw)  # every member, concatenated
     assert text.count(b"GET /g/") == 10
     assert (rec_dir / (name + ".idx")).exists()
+
+
+def test_reload_moves_recording_to_the_new_rules(
+    backend: RecordingBackend, proxy_factory: Any, tmp_path: Path
+) -> None:
+    """A reload builds new recorders: requests after it go to the new directory with the new
+    rules; the old files are closed complete (every request before the reload is in them)."""
+    from support.wait import wait_until
+
+    old_dir, new_dir = tmp_path / "old", tmp_path / "new"
+    cfg = record_config(backend.url, {"dir": str(old_dir)})
+    proxy = proxy_factory(cfg)
+    for i in range(5):
+        send(proxy.port, f"GET /before/{i} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+    cfg["routes"][0]["record"] = {"dir": str(new_dir), "gzip": False,
+                                  "redact": {"headers": ["x-secret"]}}  # fmt: skip
+    proxy.write_config(cfg)
+    proxy.reload()
+    wait_until(lambda: proxy.stderr_lines("reloaded"), 10, "the reload")
+    for i in range(5):
+        raw = f"GET /after/{i} HTTP/1.1\r\nHost: h\r\nX-Secret: s{i}\r\n\r\n".encode()
+        send(proxy.port, raw)
+    assert proxy.stop() == 0
+    before = [split(p.data)[0] for p in payloads(old_dir)]
+    after = payloads(new_dir)
+    assert before == [f"GET /before/{i} HTTP/1.1".encode() for i in range(5)]
+    assert [split(p.data)[0] for p in after] == [
+        f"GET /after/{i} HTTP/1.1".encode() for i in range(5)
+    ]
+    assert all(b"x-secret" not in p.data for p in after)
