@@ -65,7 +65,7 @@ def measure(python: str, scenario: str, n: int, work: Path) -> float:
     try:
         backends = start_backends(sup, work)
         conf = work / f"{scenario}.yaml"
-        record = scenario in RECORDED
+        record = "gzip" if scenario in RECORDED else ""
         conf.write_text(shadowlane_conf(work, backends, SCENARIOS[scenario], False, record))
         ready = work / f"{scenario}.ready.json"
         ready.unlink(missing_ok=True)

@@ -33,15 +33,16 @@ class Scenario:
     title: str
     shadows: tuple[str, ...] = ()
     compare: bool = False
-    #: the route records every request (`record: {dir: ...}`, defaults: gzip, requests only)
-    record: bool = False
+    #: the route records every request: "gzip" (`record: {dir: ...}`, the defaults) or "plain"
+    #: (`gzip: false`); "" records nothing
+    record: str = ""
     load: Load = field(default_factory=Load)
     proxies: tuple[str, ...] = PROXIES
     duration: float | None = None  # seconds per run; None: the run's --duration
     runs: int | None = None  # None: the run's --runs
 
     @property
-    def setup(self) -> tuple[tuple[str, ...], bool, bool]:
+    def setup(self) -> tuple[tuple[str, ...], bool, str]:
         return self.shadows, self.compare, self.record
 
 
@@ -69,7 +70,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         "record-100",
         "throughput",
         "no shadow, 100% recorded (gzip files)",
-        record=True,
+        record="gzip",
+        proxies=SHADOWLANE,
+    ),
+    Scenario(
+        "record-100-plain",
+        "throughput",
+        "no shadow, 100% recorded (gzip: false)",
+        record="plain",
         proxies=SHADOWLANE,
     ),
     # Latency at a fixed offered load (h2load --rps).
@@ -179,7 +187,7 @@ def run_time(s: Scenario, settings: Settings) -> float:
 def estimate_seconds(scenarios: list[Scenario], settings: Settings) -> float:
     """Wall time: warm-up + runs per figure, tool start-up, plus a proxy start per setup."""
     total = 0.0
-    setups: set[tuple[tuple[tuple[str, ...], bool, bool], str]] = set()
+    setups: set[tuple[tuple[tuple[str, ...], bool, str], str]] = set()
     for s in scenarios:
         runs = s.runs or settings.runs
         per = settings.warmup + 0.1 + runs * (run_time(s, settings) + 0.15)
@@ -320,7 +328,7 @@ def run_all(
 ) -> dict[str, str]:
     """Run every scenario, setup by setup; returns the proxy configs used (name -> text)."""
     configs: dict[str, str] = {}
-    setups: list[tuple[tuple[str, ...], bool, bool]] = []
+    setups: list[tuple[tuple[str, ...], bool, str]] = []
     for s in scenarios:
         if s.setup not in setups:
             setups.append(s.setup)
@@ -331,7 +339,7 @@ def run_all(
 
 
 def _run_setup(
-    setup: tuple[tuple[str, ...], bool, bool],
+    setup: tuple[tuple[str, ...], bool, str],
     members: list[Scenario],
     settings: Settings,
     sup: Supervisor,
@@ -360,7 +368,7 @@ def _run_setup(
                 )
                 continue
             name = f"{kind} shadows={'+'.join(shadows) or '-'}{' compare' if compare else ''}"
-            name += " record" if record else ""
+            name += f" record={record}" if record else ""
             configs[name] = running[kind].config
         for s in members:
             live = [running[k] for k in s.proxies if k in running]
