@@ -56,6 +56,7 @@ COMPILED = [
     # subclasses wire.upstream.ResponseSink, and an interpreted class cannot inherit from a
     # compiled one
     "src/shadowlane/replay/client.py",
+    "src/shadowlane/record/recorder.py",
     "src/shadowlane/compare/paths.py",
     "src/shadowlane/compare/diff.py",
     "src/shadowlane/compare/engine.py",

@@ -35,7 +35,11 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "no-shadow": (),
     "shadow-fast": ("fast",),
     "writes-ordered": (ORDERED,),
+    "record-100": (),
 }
+#: scenarios whose route records every request (`record:` with its defaults, gzip files); the
+#: writer thread's instructions are in the count too (callgrind counts every thread)
+RECORDED = {"record-100"}
 
 
 def _shadow_done(admin: str) -> float:
@@ -61,7 +65,8 @@ def measure(python: str, scenario: str, n: int, work: Path) -> float:
     try:
         backends = start_backends(sup, work)
         conf = work / f"{scenario}.yaml"
-        conf.write_text(shadowlane_conf(work, backends, SCENARIOS[scenario], False))
+        record = "gzip" if scenario in RECORDED else ""
+        conf.write_text(shadowlane_conf(work, backends, SCENARIOS[scenario], False, record))
         ready = work / f"{scenario}.ready.json"
         ready.unlink(missing_ok=True)
         out = work / f"callgrind.{scenario}.out"

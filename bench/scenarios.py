@@ -33,14 +33,17 @@ class Scenario:
     title: str
     shadows: tuple[str, ...] = ()
     compare: bool = False
+    #: the route records every request: "gzip" (`record: {dir: ...}`, the defaults) or "plain"
+    #: (`gzip: false`); "" records nothing
+    record: str = ""
     load: Load = field(default_factory=Load)
     proxies: tuple[str, ...] = PROXIES
     duration: float | None = None  # seconds per run; None: the run's --duration
     runs: int | None = None  # None: the run's --runs
 
     @property
-    def setup(self) -> tuple[tuple[str, ...], bool]:
-        return self.shadows, self.compare
+    def setup(self) -> tuple[tuple[str, ...], bool, str]:
+        return self.shadows, self.compare, self.record
 
 
 RATE_LOAD = Load(connections=50, rate=FIXED_RATE)  # h2load: 50 clients x 100 req/s
@@ -59,6 +62,22 @@ SCENARIOS: tuple[Scenario, ...] = (
         "100% shadow to fast, compare: true",
         ("fast",),
         compare=True,
+        proxies=SHADOWLANE,
+    ),
+    # Recording (issue 13): the no-shadow load with every request recorded to gzip files;
+    # judged against shadowlane's own no-shadow figure (nginx's proxy_pass sits beside it)
+    Scenario(
+        "record-100",
+        "throughput",
+        "no shadow, 100% recorded (gzip files)",
+        record="gzip",
+        proxies=SHADOWLANE,
+    ),
+    Scenario(
+        "record-100-plain",
+        "throughput",
+        "no shadow, 100% recorded (gzip: false)",
+        record="plain",
         proxies=SHADOWLANE,
     ),
     # Latency at a fixed offered load (h2load --rps).
@@ -168,7 +187,7 @@ def run_time(s: Scenario, settings: Settings) -> float:
 def estimate_seconds(scenarios: list[Scenario], settings: Settings) -> float:
     """Wall time: warm-up + runs per figure, tool start-up, plus a proxy start per setup."""
     total = 0.0
-    setups: set[tuple[tuple[tuple[str, ...], bool], str]] = set()
+    setups: set[tuple[tuple[tuple[str, ...], bool, str], str]] = set()
     for s in scenarios:
         runs = s.runs or settings.runs
         per = settings.warmup + 0.1 + runs * (run_time(s, settings) + 0.15)
@@ -309,7 +328,7 @@ def run_all(
 ) -> dict[str, str]:
     """Run every scenario, setup by setup; returns the proxy configs used (name -> text)."""
     configs: dict[str, str] = {}
-    setups: list[tuple[tuple[str, ...], bool]] = []
+    setups: list[tuple[tuple[str, ...], bool, str]] = []
     for s in scenarios:
         if s.setup not in setups:
             setups.append(s.setup)
@@ -320,7 +339,7 @@ def run_all(
 
 
 def _run_setup(
-    setup: tuple[tuple[str, ...], bool],
+    setup: tuple[tuple[str, ...], bool, str],
     members: list[Scenario],
     settings: Settings,
     sup: Supervisor,
@@ -329,14 +348,16 @@ def _run_setup(
     configs: dict[str, str],
 ) -> None:
     """Start every proxy this setup needs side by side, measure its scenarios, stop them."""
-    shadows, compare = setup
+    shadows, compare, record = setup
     kinds = [k for k in PROXIES_ALL if any(k in s.proxies for s in members)]
     running: dict[str, RunningProxy] = {}
     broken: dict[str, Measurement] = {}
     try:
         for kind in kinds:
             try:
-                running[kind] = start_proxy(sup, settings.work, kind, backends, shadows, compare)
+                running[kind] = start_proxy(
+                    sup, settings.work, kind, backends, shadows, compare, record
+                )
             except StartError as exc:
                 text = str(exc)
                 na = compare and "compare" in text.lower()
@@ -347,6 +368,7 @@ def _run_setup(
                 )
                 continue
             name = f"{kind} shadows={'+'.join(shadows) or '-'}{' compare' if compare else ''}"
+            name += f" record={record}" if record else ""
             configs[name] = running[kind].config
         for s in members:
             live = [running[k] for k in s.proxies if k in running]

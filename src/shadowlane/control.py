@@ -171,7 +171,7 @@ class Control:
         """The effective config: the file's, with runtime changes applied and marked."""
         live = self._live()
         cfg, routes = live.cfg, live.routes
-        out: dict[str, Any] = cfg.model_dump(mode="json", warnings=False)
+        out: dict[str, Any] = cfg.model_dump(mode="json", warnings=False, by_alias=True)
         for name, backend in cfg.backends.items():  # endpoints as the URLs users wrote
             out["backends"][name]["endpoints"] = [ep.url for ep in backend.endpoints]
         for rc in out["routes"]:

@@ -57,6 +57,7 @@ __all__ = [
     "COMPARISON_RESULTS",
     "DIVERGENCE_REASONS",
     "NO_ROUTE",
+    "RECORD_OUTCOMES",
     "SHADOW_OUTCOMES",
     "GaugeProvider",
     "Metrics",
@@ -92,6 +93,13 @@ BUCKETS: tuple[float, ...] = (
 
 #: What a comparison of a primary and a shadow answer found; see docs/metrics.md.
 COMPARISON_RESULTS: tuple[str, ...] = ("match", "diff", "noise", "dropped")
+
+#: What became of a request a recording saw; see docs/metrics.md and docs/recording.md.
+#: `sampled_out`, `skipped_body` and `dropped` are counted on the event loop; `written` and
+#: `error` by the record writer's thread.
+RECORD_OUTCOMES: tuple[str, ...] = ("written", "dropped", "sampled_out", "skipped_body", "error")
+_RECORD_LOOP_OUTCOMES = frozenset(("dropped", "sampled_out", "skipped_body"))
+_RECORD_THREAD_OUTCOMES = frozenset(("written", "error"))
 
 #: Route and backend label value for requests that matched no route (answered 404).
 NO_ROUTE = ""
@@ -367,6 +375,18 @@ class Metrics:
             ("route", "target"),
             registry=self.registry,
         )
+        self._records = Counter(
+            "shadowlane_record",
+            'Requests a recording saw, by route, shadow target ("" for the route\'s own) and '
+            "outcome.",
+            ("route", "target", "outcome"),
+            registry=self.registry,
+        )
+        #: counted on the loop (no lock: the loop also flushes them)
+        self._record_tallies: dict[tuple[str, str, str], _CounterTally] = {}
+        #: counted by the record writer's thread: under `_record_lock`, as comparisons are
+        self._record_thread_tallies: dict[tuple[str, str, str], _CounterTally] = {}
+        self._record_lock = threading.Lock()
         self._render_registry.register(_BuildInfoCollector())
 
         # Label tuple -> tally of the labelled child. Plain dicts: a hit is the hot-path cost.
@@ -408,6 +428,42 @@ class Metrics:
             tally = self._shadow_tallies[(route, target, outcome)]
         tally.n += n
 
+    def record_outcome(self, route: str, target: str, outcome: str, n: int = 1) -> None:
+        """Count `n` requests of a recording (on the event loop): sampled_out, skipped_body,
+        dropped."""
+        tally = self._record_tallies.get((route, target, outcome))
+        if tally is None:
+            if outcome not in _RECORD_LOOP_OUTCOMES:
+                raise ValueError(f"not a record outcome counted on the loop: {outcome!r}")
+            self.declare_record(route, target)
+            tally = self._record_tallies[(route, target, outcome)]
+        tally.n += n
+
+    def record_written(self, route: str, target: str, outcome: str, n: int) -> None:
+        """Count `n` records from the writer's thread: written, error."""
+        if outcome not in _RECORD_THREAD_OUTCOMES:
+            raise ValueError(f"not a record outcome counted by the writer: {outcome!r}")
+        with self._record_lock:
+            tally = self._record_thread_tallies.get((route, target, outcome))
+            if tally is None:
+                child = self._records.labels(route, target, outcome)
+                tally = self._record_thread_tallies[(route, target, outcome)] = _CounterTally(child)
+            tally.n += n
+
+    def declare_record(self, route: str, target: str) -> None:
+        """Create every outcome series of a recording at zero (at config load)."""
+        for outcome in RECORD_OUTCOMES:
+            key = (route, target, outcome)
+            if outcome in _RECORD_LOOP_OUTCOMES:
+                if key not in self._record_tallies:
+                    child = self._records.labels(route, target, outcome)
+                    self._record_tallies[key] = _CounterTally(child)
+            else:
+                with self._record_lock:
+                    if key not in self._record_thread_tallies:
+                        child = self._records.labels(route, target, outcome)
+                        self._record_thread_tallies[key] = _CounterTally(child)
+
     def observe_shadow(self, route: str, target: str, seconds: float) -> None:
         """Record how long one shadow request to `target` took."""
         tally = self._shadow_duration_tallies.get((route, target))
@@ -441,6 +497,10 @@ class Metrics:
             pending = [(c, c.take()) for c in self._comparison_tallies.values()]
             pending += [(c, c.take()) for c in self._divergence_tallies.values()]
             pending += [(c, c.take()) for c in self._ledger_dropped_tallies.values()]
+        for counter in list(self._record_tallies.values()):
+            counter.flush()
+        with self._record_lock:
+            pending += [(c, c.take()) for c in self._record_thread_tallies.values()]
         for counter, n in pending:
             if n:
                 counter.child.inc(n)

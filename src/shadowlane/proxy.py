@@ -11,9 +11,11 @@ imports nothing from here: the ticket is handed what it needs at each moment.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, assert_never
 
+from shadowlane.record.recorder import Recorder
 from shadowlane.routing import Route, RouteTable
 from shadowlane.shadow.join import PrimaryCapture
 from shadowlane.shadow.plan import RouteShadows
@@ -61,16 +63,28 @@ def gateway_status(kind: UpstreamErrorKind) -> int:
 
 
 class RouteRuntime:
-    """What the proxy precomputes per route: limits and the shadow plan."""
+    """What the proxy precomputes per route: limits, the shadow plan and the recording."""
 
-    __slots__ = ("max_body", "name", "retain_limit", "route", "shadows")
+    __slots__ = ("max_body", "name", "recorder", "retain_limit", "route", "shadows")
 
-    def __init__(self, route: Route, max_body: int, shadows: RouteShadows | None) -> None:
+    def __init__(
+        self,
+        route: Route,
+        max_body: int,
+        shadows: RouteShadows | None,
+        recorder: Recorder | None = None,
+    ) -> None:
         self.route = route
         self.name = route.name
         self.max_body = max_body
         self.shadows = shadows
-        self.retain_limit = max(RETRY_BODY_LIMIT, shadows.max_body if shadows else 0)
+        #: `record:` of the route (None: not recorded, one test per request)
+        self.recorder = recorder
+        self.retain_limit = max(
+            RETRY_BODY_LIMIT,
+            shadows.max_body if shadows else 0,
+            recorder.max_body if recorder is not None else 0,
+        )
 
 
 class Proxy:
@@ -154,6 +168,9 @@ class ProxyCall(ResponseSink):
         "finished",
         "head",
         "proxy",
+        "rec_capture",
+        "rec_ts",
+        "recorder",
         "request",
         "request_id",
         "retained",
@@ -204,6 +221,17 @@ class ProxyCall(ResponseSink):
         self.capture: PrimaryCapture | None = (
             self.ticket.capture if self.ticket is not None else None
         )
+        #: this request's recording (only while it is owed a record), the primary's answer as
+        #: it streams by when answers are recorded, and when the request started (wall clock)
+        self.recorder: Recorder | None = None
+        self.rec_capture: PrimaryCapture | None = None
+        self.rec_ts = 0
+        rec = rt.recorder
+        if rec is not None and rec.wants(req):
+            self.recorder = rec
+            self.rec_ts = time.time_ns()
+            if rec.answers:
+                self.rec_capture = PrimaryCapture(rec.max_body)
         framing = b"transfer-encoding: chunked\r\n" if exchange.chunked else b""
         self.head = (
             req.method.encode() + b" " + req.target + b" HTTP/1.1\r\n"
@@ -274,6 +302,8 @@ class ProxyCall(ResponseSink):
             else:
                 ex.abort()
             self._observe(413)
+            if self.recorder is not None:
+                self._record(None)
             return
         self._retain(chunk)
         conn = self.conn
@@ -295,6 +325,8 @@ class ProxyCall(ResponseSink):
                 self.exchange.on_body_lost = None
                 if self.ticket is not None:
                     self.ticket.late_body(None)
+                if self.recorder is not None:
+                    self._record(None)
 
     def _unkept(self) -> None:
         self.body_state = BodyState.UNKEPT
@@ -317,6 +349,8 @@ class ProxyCall(ResponseSink):
         if self.finished:  # answered early: the copies that waited for the body go now
             if self.ticket is not None:
                 self.ticket.late_body(self.body)
+            if self.recorder is not None:
+                self._record(self.body)
             return
         conn = self.conn
         if conn is not None:
@@ -337,10 +371,26 @@ class ProxyCall(ResponseSink):
         return self.body if self.body_state == BodyState.COMPLETE else None
 
     def _shadow_response_done(self) -> None:
+        """The primary exchange is over: the shadow ticket and the recording hear of it."""
         if self.ticket is not None:
             self.ticket.response_done(
                 self.status, self._whole_body(), self.body_state == BodyState.LATE
             )
+        if self.recorder is not None and self.body_state != BodyState.LATE:
+            self._record(self._whole_body())
+
+    def _record(self, body: bytes | None) -> None:
+        """Hand the request (and its answer, when recorded) to the recording, once."""
+        rec = self.recorder
+        if rec is None:
+            return
+        self.recorder = None
+        cap = self.rec_capture
+        if cap is None:
+            rec.request(self.request, self.rec_ts, body, None)
+        else:
+            latency = time.time_ns() - self.rec_ts
+            rec.request(self.request, self.rec_ts, body, cap.result, latency)
 
     # ----- response side (ResponseSink) -----
     def on_response_head(
@@ -354,12 +404,16 @@ class ProxyCall(ResponseSink):
         )
         if self.capture is not None:
             self.capture.head(status, headers)
+        if self.rec_capture is not None:
+            self.rec_capture.head(status, headers)
 
     def on_response_body(self, data: bytes) -> None:
         if not self.finished:
             self.exchange.send_body(data)
             if self.capture is not None:
                 self.capture.body(data)
+            if self.rec_capture is not None:
+                self.rec_capture.body(data)
 
     def on_response_end(self) -> None:
         if self.finished:
@@ -368,8 +422,11 @@ class ProxyCall(ResponseSink):
         ex = self.exchange
         if ex.has_body and not ex.body_done:
             # answered before the upload ended: the server reads the rest anyway, and the
-            # `with_request` copies can still have it if it stays within what we retain
-            if self.ticket is not None and self.body_state == BodyState.READING:
+            # `with_request` copies (and the recording) can still have it if it stays within
+            # what we retain
+            if (
+                self.ticket is not None or self.recorder is not None
+            ) and self.body_state == BodyState.READING:
                 self.body_state = BodyState.LATE
                 ex.on_body_lost = self._body_lost
             else:
@@ -379,6 +436,8 @@ class ProxyCall(ResponseSink):
         self._observe(self.status)
         if self.capture is not None:
             self.capture.finish(self.proxy.time() - self.t0)
+        if self.rec_capture is not None:
+            self.rec_capture.finish(self.proxy.time() - self.t0)
         self._shadow_response_done()
 
     def _body_lost(self) -> None:
@@ -387,6 +446,8 @@ class ProxyCall(ResponseSink):
             self._unkept()
             if self.ticket is not None:
                 self.ticket.late_body(None)
+            if self.recorder is not None:
+                self._record(None)
 
     def on_upstream_error(self, err: UpstreamError, retryable: bool) -> None:
         ex = self.exchange

@@ -8,7 +8,9 @@ are retired, not torn down: idle connections close at once, busy ones when relea
 few seconds to finish their copies.
 
 What outlives generations (the listener and its TLS context, the metrics, the comparator and
-its store, the access log, runtime control) is the instance's, not the generation's.
+its store, the record writer thread, the access log, runtime control) is the instance's, not
+the generation's. The recorders are the generation's: a reload builds new ones (new files, the
+new rules) and the writer closes the old ones' files once their last requests are in.
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from shadowlane.compare.redact import Redaction
 from shadowlane.compare.settings import compile_settings
-from shadowlane.config import BackendConfig, Config, ShadowConfig
+from shadowlane.config import BackendConfig, Config, RecordConfig, ShadowConfig
 from shadowlane.metrics import Metrics
 from shadowlane.proxy import Proxy, RouteRuntime
-from shadowlane.routing import RouteTable
+from shadowlane.record import RecordWriter, build_redaction
+from shadowlane.record.recorder import Recorder
+from shadowlane.routing import Route, RouteTable
 from shadowlane.shadow.dispatcher import ShadowDispatcher
 from shadowlane.shadow.join import Submit
+from shadowlane.shadow.sampling import Sampler, key_function
 from shadowlane.store import Divergence
 from shadowlane.wire.upstream import BackendPool, EndpointPool
 
@@ -80,6 +86,9 @@ class Generation:
     routes: RouteTable
     shadow: ShadowDispatcher
     runtimes: dict[str, RouteRuntime]
+    #: every recorder of this generation (routes' and shadows'), and the writer they feed
+    recorders: list[Recorder] = field(default_factory=list)
+    writer: RecordWriter | None = None
 
     @property
     def proxy_shadow(self) -> ShadowDispatcher | None:
@@ -104,28 +113,92 @@ class Generation:
         for backend in self.backends.values():
             backend.close()
         loop.create_task(self.shadow.drain(RETIRE_SHADOW_SECONDS))
+        if self.writer is not None:
+            self.writer.retire(self.recorders)
+
+
+def records(cfg: Config) -> bool:
+    """Does any route or shadow of `cfg` record (so the instance needs a writer)?"""
+    return any(
+        rc.record is not None or any(sc.record is not None for sc in rc.shadows)
+        for rc in cfg.routes
+    )
+
+
+class _Recordings:
+    """The recorders and redaction rules of one generation, built before its routes' plans
+    (a compared shadow's stored examples get its recording's rules)."""
+
+    def __init__(self, cfg: Config, metrics: Metrics, writer: RecordWriter | None) -> None:
+        self.metrics = metrics
+        self.writer = writer
+        self.recorders: list[Recorder] = []
+        #: (route, target) -> rules; target "" for the route's own recording
+        self.redactions: dict[tuple[str, str], Redaction | None] = {}
+        for rc in cfg.routes:
+            own = build_redaction(rc.record) if rc.record is not None else None
+            self.redactions[(rc.name, "")] = own
+            for sc in rc.shadows:
+                if sc.record is not None:
+                    self.redactions[(rc.name, sc.backend)] = build_redaction(sc.record, own)
+
+    def examples_redaction(self, route: str, target: str) -> Redaction | None:
+        """The rules for a compared shadow's stored examples: its recording's (which include
+        the route's), else the route's."""
+        red = self.redactions.get((route, target))
+        return red if red is not None else self.redactions.get((route, ""))
+
+    def build(self, route: str, target: str, rcfg: RecordConfig) -> Recorder:
+        assert self.writer is not None  # the instance makes one for any config that records
+        sampled = None
+        if rcfg.percent < 100.0:
+            spec = rcfg.sample_key
+            sampled = Sampler(rcfg.percent, key_function(*spec) if spec else None).sampled
+        rec = Recorder(
+            route,
+            target,
+            max_body=rcfg.max_body,
+            queue_limit=rcfg.queue,
+            answers=rcfg.answers,
+            metrics=self.metrics,
+            sampled=sampled,
+        )
+        self.metrics.declare_record(route, target)
+        self.writer.add(rec, rcfg, self.redactions.get((route, target)))
+        self.recorders.append(rec)
+        return rec
+
+    def for_shadow(self, route: Route, sc: ShadowConfig) -> Recorder:
+        assert sc.record is not None
+        return self.build(route.name, sc.backend, sc.record)
 
 
 def build_generation(
     cfg: Config,
     metrics: Metrics,
     compare_submit: Submit | None,
+    writer: RecordWriter | None = None,
     *,
     record_divergence: Callable[[Divergence], bool] | None = None,
 ) -> Generation:
-    """Build every pool, route and lane `cfg` describes. `compare_submit` is the comparator's
-    queue, None while no shadow compares (lanes then capture nothing); `record_divergence`
-    its divergence ledger queue, None while the instance has no store."""
+    """Build every pool, route, lane and recorder `cfg` describes. `compare_submit` is the
+    comparator's queue, None while no shadow compares (lanes then capture nothing); `writer`
+    the record writer, needed when anything records (see `records`); `record_divergence` the
+    divergence ledger's queue, None while the instance has no store."""
     backends = {name: build_backend(name, b) for name, b in cfg.backends.items()}
     routes = RouteTable(cfg.routes)
     compare_cfg = cfg.compare
+    rec = _Recordings(cfg, metrics, writer)
     shadow = ShadowDispatcher(
         metrics,
         cfg,
         build_pool=build_backend,
         compare_submit=compare_submit,
-        compile_settings=lambda sc, route: compile_settings(sc, route.config, compare_cfg),
+        compile_settings=lambda sc, route: compile_settings(
+            sc, route.config, compare_cfg, rec.examples_redaction(route.name, sc.backend)
+        ),
         record_divergence=record_divergence,
+        build_recorder=rec.for_shadow,
     )
     for rc in cfg.routes:
         for sc in rc.shadows:
@@ -134,9 +207,16 @@ def build_generation(
                 # `shadowlane_divergences_total` see the first divergence
                 metrics.declare_ordered(rc.name, sc.backend)
     runtimes = {}
-    for route in routes.routes:
-        max_body = route.config.max_body
-        if max_body is None:
-            max_body = cfg.limits.max_body
-        runtimes[route.name] = RouteRuntime(route, max_body, shadow.plan(route))
-    return Generation(cfg, backends, routes, shadow, runtimes)
+    try:
+        for route in routes.routes:
+            max_body = route.config.max_body
+            if max_body is None:
+                max_body = cfg.limits.max_body
+            rcfg = route.config.record
+            recorder = rec.build(route.name, "", rcfg) if rcfg is not None else None
+            runtimes[route.name] = RouteRuntime(route, max_body, shadow.plan(route), recorder)
+    except BaseException:
+        if writer is not None:  # a half-built generation never serves: its files go now
+            writer.retire(rec.recorders, at_once=True)
+        raise
+    return Generation(cfg, backends, routes, shadow, runtimes, rec.recorders, writer)

@@ -23,7 +23,7 @@ from shadowlane.admin import AdminApp
 from shadowlane.admin.comparisons import install_comparison_api
 from shadowlane.admin.control_api import install_control_api
 from shadowlane.app.access_log import AccessLogger
-from shadowlane.app.generation import Generation, build_generation, keeps_ledger
+from shadowlane.app.generation import Generation, build_generation, keeps_ledger, records
 from shadowlane.app.tls import build_tls, tls_shape
 from shadowlane.compare.analysis import Analysis
 from shadowlane.compare.engine import Comparator
@@ -31,6 +31,7 @@ from shadowlane.config import Config, ConfigError, load_config
 from shadowlane.control import Control
 from shadowlane.metrics import Metrics
 from shadowlane.proxy import Proxy
+from shadowlane.record import RecordWriter
 from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
 from shadowlane.wire.server import ServerLimits, ServerState
 
@@ -183,6 +184,9 @@ class Instance:
         self.analysis: Analysis | None = None
         self.comparator: Comparator | None = None
         self._ensure_comparator(cfg)
+        #: the thread that writes every recording of this process (made when one records)
+        self.record_writer: RecordWriter | None = None
+        self._ensure_writer(cfg)
         self.access_log = AccessLogger(cfg.access_log) if cfg.access_log else None
         #: what serves now; a reload replaces it in one assignment
         self.generation = self._build(cfg)
@@ -239,12 +243,20 @@ class Instance:
                 lambda: [((), float(comparator.ledger_queued))],
             )
 
+    def _ensure_writer(self, cfg: Config) -> None:
+        if self.record_writer is None and records(cfg):
+            self.record_writer = RecordWriter(self.metrics)
+
     def _build(self, cfg: Config) -> Generation:
         comparator = self.comparator
         if comparator is None:
-            return build_generation(cfg, self.metrics, None)
+            return build_generation(cfg, self.metrics, None, self.record_writer)
         return build_generation(
-            cfg, self.metrics, comparator.submit, record_divergence=comparator.record_divergence
+            cfg,
+            self.metrics,
+            comparator.submit,
+            self.record_writer,
+            record_divergence=comparator.record_divergence,
         )
 
     def _live(self) -> Generation:
@@ -277,6 +289,9 @@ class Instance:
             self._ensure_comparator(cfg)
             if not had_comparator and self.comparator is not None:
                 self.comparator.start()  # compare turned on by this reload
+            self._ensure_writer(cfg)
+            if self.record_writer is not None:
+                self.record_writer.start()  # no-op when it runs already
             gen = self._build(cfg)
             if self.tls is not None and cfg.tls is not None:
                 self.tls.load_cert_chain(cfg.tls.cert, cfg.tls.key)  # new handshakes only
@@ -329,6 +344,8 @@ class Instance:
     async def start(self) -> None:
         if self.comparator is not None:
             self.comparator.start()
+        if self.record_writer is not None:
+            self.record_writer.start()
         cfg = self.cfg
         host, port = cfg.listen_addr
         if self.listen_port is not None:
@@ -404,6 +421,10 @@ class Instance:
                 conn.close()
         self.control.stop()
         await self.generation.shadow.drain(min(5.0, self.cfg.limits.drain_timeout))
+        if self.record_writer is not None:
+            # write what is queued and close the files, off the loop (bounded: a disk that
+            # takes no writes costs what is queued, not the exit)
+            await asyncio.to_thread(self.record_writer.stop, 5.0)
         if self.comparator is not None:
             # compare what is queued and flush the store, off the loop
             await asyncio.to_thread(self.comparator.stop, 10.0)

@@ -23,6 +23,7 @@ import orjson
 
 from shadowlane.compare.model import Captured
 from shadowlane.compare.paths import key_segment
+from shadowlane.compare.redact import WITHHELD, Redaction, Unredactable, looks_json
 from shadowlane.compare.settings import CompareSettings
 
 #: example bodies are cut to this (the comparison itself uses everything captured)
@@ -512,14 +513,25 @@ def values_of(a: Lifted, b: Lifted, paths: list[str]) -> dict[str, list[Any]]:
     return out
 
 
-def answer_doc(c: Captured, lifted: Lifted) -> dict[str, Any]:
-    """One answer as stored with an example: status, all headers, the body as text."""
+def answer_doc(c: Captured, lifted: Lifted, redact: Redaction | None = None) -> dict[str, Any]:
+    """One answer as stored with an example: status, all headers, the body as text; with
+    `redact`, its headers removed and its JSON fields masked before the body is cut."""
     headers: dict[str, str] = {}
     for raw_name, raw_value in c.headers:
+        if redact is not None and redact.removes(raw_name.lower()):
+            continue
         name = raw_name.decode("latin-1").lower()
         value = raw_value.decode("latin-1")
         headers[name] = headers[name] + ", " + value if name in headers else value
     body = lifted.body if lifted.kind != "failed" else c.body
+    if redact is not None and redact.json and body:
+        if lifted.truncated and looks_json(body):
+            body = WITHHELD.encode()  # cut at the capture cap: its fields cannot all be found
+        else:
+            try:
+                body = redact.json_body(body)
+            except Unredactable:
+                body = WITHHELD.encode()
     cut = len(body) > EXAMPLE_BODY_CAP
     return {
         "status": c.status,

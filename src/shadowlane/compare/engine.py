@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shadowlane.compare.diff import Lifted, answer_doc, diff, lift, values_of
 from shadowlane.compare.model import CompareJob
@@ -111,20 +111,31 @@ def evaluate(job: CompareJob, settings: CompareSettings | None = None) -> Outcom
 
 
 def make_example(job: CompareJob, out: Outcome, ts: float) -> Example:
-    """The example pair of one job, as the store keeps it."""
+    """The example pair of one job, as the store keeps it; with redaction rules (the route's
+    `record.redact`), removed headers and masked fields never reach it."""
+    red = settings_of(job).redact
+    values = values_of(out.primary, out.candidate, out.differing)
+    uri = job.uri
+    request_body = job.request_body.decode("utf-8", "replace")
+    if red is not None:
+        uri = red.target(uri.encode("latin-1")).decode("latin-1")
+        request_body = red.json_text(request_body)
+        kept: dict[str, list[Any]] = {}
+        for path, pair in values.items():
+            keep, _ = red.field_value(path, None)
+            if keep:
+                kept[path] = [red.field_value(path, v)[1] for v in pair]
+        values = kept
     return Example(
         route=job.route,
         target=job.target,
         ts=ts,
         request_id=job.request_id,
         method=job.method,
-        uri=job.uri,
-        request_body=job.request_body.decode("utf-8", "replace"),
-        primary=answer_doc(job.primary, out.primary),
-        candidate={
-            **answer_doc(job.candidate, out.candidate),
-            "values": values_of(out.primary, out.candidate, out.differing),
-        },
+        uri=uri,
+        request_body=request_body,
+        primary=answer_doc(job.primary, out.primary, red),
+        candidate={**answer_doc(job.candidate, out.candidate, red), "values": values},
         differing=out.differing,
         noise=out.noise,
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shadowlane.compare.paths import PathMatcher
+from shadowlane.compare.redact import Redaction
 from shadowlane.config import (
     DEFAULT_IGNORE_HEADERS,
     CompareConfig,
@@ -38,6 +39,9 @@ class CompareSettings:
     max_body: int = 1024**2
     #: the secondary backend's name, when noise is measured
     secondary: str | None = None
+    #: what is removed or masked in the examples kept in the store (the route's `record.redact`
+    #: and the shadow's); comparing happens before, on the answers as captured
+    redact: Redaction | None = None
 
 
 DEFAULT_SETTINGS = CompareSettings()
@@ -47,12 +51,14 @@ def compile_settings(
     shadow_cfg: ShadowConfig | ShadowCompare | None = None,
     route_cfg: RouteConfig | RouteCompare | None = None,
     compare_cfg: CompareConfig | None = None,
+    redact: Redaction | None = None,
 ) -> CompareSettings:
     """Merge global, route and shadow rules into one compiled `CompareSettings`.
 
     Each argument may be left out (defaults). `shadow_cfg` may be the shadow's config (its
     `compare_enabled` is used; a shadow that does not compare gets the defaults) or a
-    `ShadowCompare` directly; `route_cfg` likewise a route or its `RouteCompare`.
+    `ShadowCompare` directly; `route_cfg` likewise a route or its `RouteCompare`. `redact`: the
+    rules applied to stored examples (compiled with their secret by the recording's builder).
     """
     if isinstance(shadow_cfg, ShadowConfig):
         shadow = shadow_cfg.compare_enabled or ShadowCompare()
@@ -72,4 +78,5 @@ def compile_settings(
         ignore_headers=headers,
         max_body=shadow.max_body,
         secondary=shadow.secondary,
+        redact=redact if redact else None,
     )

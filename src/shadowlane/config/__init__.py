@@ -18,6 +18,7 @@ from shadowlane.config.comparison import (
 from shadowlane.config.document import AdminConfig, Config, LimitsConfig, TlsConfig
 from shadowlane.config.loading import ConfigError, load_config, parse_config
 from shadowlane.config.matching import MatchConfig, ShadowMatch
+from shadowlane.config.recording import RecordConfig, RedactConfig
 from shadowlane.config.routes import RouteConfig, WeightedBackend
 from shadowlane.config.shadows import HeaderMutation, PathRewrite, ShadowConfig
 from shadowlane.config.summary import summarize
@@ -45,6 +46,8 @@ __all__ = [
     "LimitsConfig",
     "MatchConfig",
     "PathRewrite",
+    "RecordConfig",
+    "RedactConfig",
     "RouteCompare",
     "RouteConfig",
     "ShadowCompare",

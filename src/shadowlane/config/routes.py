@@ -14,6 +14,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 from shadowlane.config.base import _Model, _none_to_empty
 from shadowlane.config.comparison import RouteCompare
 from shadowlane.config.matching import MatchConfig
+from shadowlane.config.recording import RecordConfig
 from shadowlane.config.shadows import ShadowConfig
 from shadowlane.config.units import Int, Name, Size
 
@@ -39,6 +40,8 @@ class RouteConfig(_Model, frozen=True):
         default_factory=list
     )
     compare: Annotated[RouteCompare | None, BeforeValidator(_none_to_empty(dict))] = None
+    #: record this route's requests (and, with `answers`, the primary's answers)
+    record: Annotated[RecordConfig | None, BeforeValidator(_none_to_empty(dict))] = None
 
     @field_validator("backends")
     @classmethod

@@ -10,7 +10,6 @@ without checking them again on the hot path.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
@@ -18,6 +17,8 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 from shadowlane.config.base import _Model, _none_to_empty
 from shadowlane.config.comparison import ShadowCompare, ShadowCompareField
 from shadowlane.config.matching import ShadowMatch, _compile_regex, _lower_header_names
+from shadowlane.config.recording import RecordConfig
+from shadowlane.config.sampling import Percent, _check_sample_by, _key_spec
 from shadowlane.config.units import _TOKEN, Int, Name, Size, Timeout
 
 #: headers the shadow copy's framing, Host handling and loop detection depend on
@@ -100,27 +101,6 @@ class PathRewrite(_Model, frozen=True):
         return self
 
 
-def _key_spec(value: str, kinds: Iterable[str], bare: Iterable[str], what: str) -> str:
-    """Validate `kind:NAME` / bare keywords; header names are lower-cased (case-insensitive)."""
-    if value in bare:
-        return value
-    kind, sep, name = value.partition(":")
-    if sep and kind in kinds and name:
-        return f"{kind}:{name.lower()}" if kind == "header" else value
-    raise ValueError(f"must be {what}, not {value!r}")
-
-
-def _check_sample_by(value: str | None) -> str | None:
-    if value is None:
-        return None
-    return _key_spec(
-        value,
-        ("header", "cookie", "query"),
-        ("client_ip",),
-        "header:NAME, cookie:NAME, query:NAME or client_ip",
-    )
-
-
 def _check_ordered_by(value: str | None) -> str | None:
     if value is None:
         return None
@@ -173,24 +153,6 @@ def _split_key(value: str | None) -> tuple[str, str] | None:
     return kind, name
 
 
-def _parse_percent(value: object) -> object:
-    """Accept `10%` as well as `10`: people write percent signs in percent fields."""
-    if isinstance(value, bool):
-        raise ValueError("must be a number 0..100")
-    if isinstance(value, str) and value.strip().endswith("%"):
-        return value.strip()[:-1]
-    return value
-
-
-def _check_percent(value: float) -> float:
-    if not 0.0 <= value <= 100.0:
-        raise ValueError("must be 0..100")
-    return value
-
-
-Percent = Annotated[float, BeforeValidator(_parse_percent), AfterValidator(_check_percent)]
-
-
 def _check_host_suffix(value: str) -> str:
     if value and not re.fullmatch(r"[A-Za-z0-9.-]+", value):
         raise ValueError(f"not a host name suffix: {value!r}")
@@ -220,6 +182,8 @@ class ShadowConfig(_Model, frozen=True):
     queue: Annotated[Int, Field(ge=0)] = 1024
     max_body: Size = 1024**2
     compare: ShadowCompareField = False
+    #: record the copies sent to this shadow (and, with `answers`, its answers)
+    record: Annotated[RecordConfig | None, BeforeValidator(_none_to_empty(dict))] = None
 
     @model_validator(mode="before")
     @classmethod

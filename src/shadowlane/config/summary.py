@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from shadowlane.config.document import Config
 from shadowlane.config.matching import MatchConfig, ShadowMatch
+from shadowlane.config.recording import RecordConfig
 from shadowlane.config.shadows import ShadowConfig
 from shadowlane.config.units import format_duration, format_size
 
@@ -27,6 +28,30 @@ def _describe_match(m: MatchConfig | ShadowMatch) -> str:
     if query:
         parts.extend(f"query {k}={v}" for k, v in query.items())
     return " ".join(parts) or "everything"
+
+
+def _describe_record(r: RecordConfig) -> str:
+    """`record -> DIR (...)`: what is recorded where; bounds only where they differ."""
+    parts = [f"{r.percent:g}%"]
+    if r.sample_by:
+        parts.append(f"by {r.sample_by}")
+    parts.append("with answers" if r.answers else "requests only")
+    parts.append("gzip" if r.gzip else "plain")
+    defaults = RecordConfig.model_fields
+    if r.max_file_size != defaults["max_file_size"].default:
+        parts.append(f"files <= {format_size(r.max_file_size)}")
+    if r.max_file_age != defaults["max_file_age"].default:
+        parts.append(f"files <= {format_duration(r.max_file_age)}")
+    if r.max_body != defaults["max_body"].default:
+        parts.append(f"body <= {format_size(r.max_body)}")
+    if r.queue != defaults["queue"].default:
+        parts.append(f"queue {format_size(r.queue)}")
+    red = r.redact
+    if red:
+        what = [f"{len(v)} {k}" for k, v in (("headers", red.headers), ("json", red.json_),
+                                             ("query", red.query)) if v]  # fmt: skip
+        parts.append("redact " + ", ".join(what))
+    return f"record -> {r.dir}  " + ", ".join(parts)
 
 
 def _describe_shadow(s: ShadowConfig) -> str:
@@ -75,7 +100,10 @@ def _describe_shadow(s: ShadowConfig) -> str:
         if opts.ignore:
             how.append(f"{len(opts.ignore)} ignore rules")
         parts.append("compare " + ", ".join(how))
-    return f"shadow -> {s.backend}  " + ", ".join(parts)
+    line = f"shadow -> {s.backend}  " + ", ".join(parts)
+    if s.record is not None:
+        line += f"\n      {_describe_record(s.record)}"
+    return line
 
 
 def summarize(cfg: Config) -> str:
@@ -121,5 +149,7 @@ def summarize(cfg: Config) -> str:
             lines.append(f"    -> {route.backend}")
         if route.max_body is not None:
             lines.append(f"    body <= {format_size(route.max_body)}")
+        if route.record is not None:
+            lines.append(f"    {_describe_record(route.record)}")
         lines.extend(f"    {_describe_shadow(s)}" for s in route.shadows)
     return "\n".join(lines)

@@ -95,29 +95,47 @@ def _open(path: str | os.PathLike[str]) -> BinaryIO:
 
 def iter_file(path: str | os.PathLike[str]) -> Iterator[Payload]:
     """Every record of one file, in file order; memory bounded by the largest record."""
-    where = os.fspath(path)
     with _open(path) as f:
-        buf = b""
-        n = 0
+        yield from _records(f, os.fspath(path))
+
+
+def iter_file_from(path: str | os.PathLike[str], offset: int) -> Iterator[Payload]:
+    """The records of one file from byte `offset` on: a record boundary of a plain file, or
+    the start of a gzip member (what the `.idx` beside our recordings lists, record/index.py)."""
+    where = os.fspath(path)
+    with open(path, "rb") as raw:
+        raw.seek(offset)
+        magic = raw.read(2)
+        raw.seek(offset)
+        if magic == _GZIP_MAGIC:
+            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                yield from _records(f, f"{where}@{offset}")  # type: ignore[arg-type]
+        else:
+            yield from _records(raw, f"{where}@{offset}")
+
+
+def _records(f: BinaryIO, where: str) -> Iterator[Payload]:
+    buf = b""
+    n = 0
+    while True:
+        chunk = f.read(_READ_CHUNK)
+        if chunk:
+            buf += chunk
+        start = 0
         while True:
-            chunk = f.read(_READ_CHUNK)
-            if chunk:
-                buf += chunk
-            start = 0
-            while True:
-                i = buf.find(SEPARATOR, start)
-                if i < 0:
-                    break
-                n += 1
-                yield decode(buf[start:i], f"{where}: record {n}")
-                start = i + len(SEPARATOR)
-            buf = buf[start:]
-            if not chunk:
+            i = buf.find(SEPARATOR, start)
+            if i < 0:
                 break
-        if buf.strip():
-            # GoReplay's scanner takes a last record without a separator too
             n += 1
-            yield decode(buf, f"{where}: record {n}")
+            yield decode(buf[start:i], f"{where}: record {n}")
+            start = i + len(SEPARATOR)
+        buf = buf[start:]
+        if not chunk:
+            break
+    if buf.strip():
+        # GoReplay's scanner takes a last record without a separator too
+        n += 1
+        yield decode(buf, f"{where}: record {n}")
 
 
 def iter_merged(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Payload]:

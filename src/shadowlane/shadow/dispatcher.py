@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shadowlane.config import BackendConfig, Config, ShadowConfig
+from shadowlane.record.recorder import Recorder
 from shadowlane.routing import Route
 from shadowlane.shadow.join import PrimaryCapture, Submit
 from shadowlane.shadow.lane import ShadowLane
@@ -36,6 +37,8 @@ __all__ = ["LanePlan", "RouteShadows", "ShadowDispatcher", "ShadowTicket"]
 
 BuildPool = Callable[[str, BackendConfig], BackendPool]
 CompileSettings = Callable[[ShadowConfig, Route], object]
+#: the recorder of a shadow with `record:` (the app's: it owns the writer thread)
+BuildRecorder = Callable[[Route, ShadowConfig], Recorder]
 
 
 class ShadowDispatcher:
@@ -48,8 +51,10 @@ class ShadowDispatcher:
         compile_settings: CompileSettings | None = None,
         *,
         record_divergence: Record | None = None,
+        build_recorder: BuildRecorder | None = None,
     ) -> None:
         self.metrics = metrics
+        self._build_recorder = build_recorder
         #: (scope name, target) -> the scope its lanes order their copies in
         self.scopes: dict[tuple[str, str], OrderScope] = {}
         self.cfg = cfg
@@ -110,9 +115,17 @@ class ShadowDispatcher:
             if opts is not None and self._compile_settings is not None:
                 settings = self._compile_settings(sc, route)
             builder = CopyBuilder(sc, route.name)
-            plans.append(
-                LanePlan(sc, lane, builder, secondary, settings, writes, compares=opts is not None)
+            recorder = None
+            if sc.record is not None and self._build_recorder is not None:
+                recorder = self._build_recorder(route, sc)
+            plan = LanePlan(
+                sc, lane, builder, secondary, settings, writes, opts is not None, recorder
             )
+            if recorder is not None and recorder.answers:
+                # the shadow's answers are kept up to the recording's cap; set after the plan,
+                # whose capture_limit says how much of the *primary's* answer is needed
+                lane.capture_limit = max(lane.capture_limit, recorder.max_body)
+            plans.append(plan)
         shadows = RouteShadows(route.name, plans)
         self.plans[route.name] = shadows
         return shadows

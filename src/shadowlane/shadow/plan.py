@@ -9,6 +9,7 @@ and the dispatcher both use it without importing each other.
 from __future__ import annotations
 
 from shadowlane.config import ShadowConfig
+from shadowlane.record.recorder import Recorder
 from shadowlane.routing import compile_match
 from shadowlane.shadow.lane import ShadowLane
 from shadowlane.shadow.mutation import CopyBuilder
@@ -32,6 +33,7 @@ class LanePlan:
         "compares",
         "lane",
         "match",
+        "recorder",
         "sampler",
         "secondary",
         "writes",
@@ -46,6 +48,7 @@ class LanePlan:
         compare_settings: object = None,
         writes: WritePlan | None = None,
         compares: bool = False,
+        recorder: Recorder | None = None,
     ) -> None:
         self.cfg = cfg
         self.lane = lane
@@ -64,6 +67,8 @@ class LanePlan:
         self.sampler = Sampler(cfg.percent, _key(cfg.sample_key))
         self.match = compile_match(cfg.match) if cfg.match is not None else None
         self.after_response = cfg.waits_for_primary
+        #: `record:` of this shadow: the copies sent (and, with answers, the shadow's answers)
+        self.recorder = recorder
 
 
 class RouteShadows:

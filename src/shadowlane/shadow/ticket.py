@@ -22,13 +22,24 @@ A concrete class, not a Protocol: compiled, the proxy's calls into it are direct
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from shadowlane.compare.model import CompareJob
-from shadowlane.shadow.join import EMPTY, EXAMPLE_REQUEST_BODY, CompareSlot, PrimaryCapture, Submit
-from shadowlane.shadow.lane import ShadowCopy
+from shadowlane.record.recorder import Recorder
+from shadowlane.shadow.join import (
+    EMPTY,
+    EXAMPLE_REQUEST_BODY,
+    CompareSlot,
+    PrimaryCapture,
+    Submit,
+    captured,
+)
+from shadowlane.shadow.lane import OnDone, ShadowCopy, ShadowResult
 from shadowlane.shadow.outcomes import (
+    CIRCUIT_OPEN,
     COMPARISON_DROPPED,
+    COPY_DROPPED,
     DIV_DROPPED,
     DIV_PRIMARY_INCOMPLETE,
     DIV_PRIMARY_UNUSABLE,
@@ -170,10 +181,17 @@ class ShadowTicket:
         endpoint = lane.pool.pick()
         head = p.builder.head(req, base, len(body), endpoint.authority)
         slot = self._slot(p, body) if p.compares else None
-        on_done = slot.on_candidate if slot else None
+        on_done: OnDone | None = slot.on_candidate if slot else None
+        tap: CopyRecording | None = None
+        if p.recorder is not None and p.recorder.wants(req):
+            tap = CopyRecording(p.recorder, head, body, req.request_id, on_done)
+            if p.recorder.answers:
+                on_done = tap.on_done
         copy = ShadowCopy(lane, req.method, head, body, on_done, endpoint)
         if lane.submit(copy):
             self.outcomes[lane.target] = SENT
+            if tap is not None and not tap.recorder.answers:
+                tap.sent()
         else:
             self.outcomes[lane.target] = DROPPED
             if slot is not None:
@@ -224,9 +242,17 @@ class ShadowTicket:
         )
         slot = self._slot(p, prep.body) if p.compares else None
         end = WriteEnd(w, prep, req.request_id, self._uri(), slot)
-        copy = ShadowCopy(lane, prep.method, head, prep.body, end.on_done, endpoint, prep.kept)
+        on_done: OnDone = end.on_done
+        tap: CopyRecording | None = None
+        if p.recorder is not None and p.recorder.wants(req):
+            tap = CopyRecording(p.recorder, head, prep.body, req.request_id, on_done)
+            if p.recorder.answers:
+                on_done = tap.on_done
+        copy = ShadowCopy(lane, prep.method, head, prep.body, on_done, endpoint, prep.kept)
         if lane.submit(copy, prep.keys):
             self.outcomes[lane.target] = SENT
+            if tap is not None and not tap.recorder.answers:
+                tap.sent()
             return
         self.outcomes[lane.target] = DROPPED
         if slot is not None:
@@ -278,3 +304,33 @@ class ShadowTicket:
     def _outcome(self, p: LanePlan, outcome: Outcome) -> None:
         self.outcomes[p.lane.target] = outcome
         self._metrics.shadow_outcome(p.lane.route, p.lane.target, outcome)
+
+
+class CopyRecording:
+    """A shadow's recording of one copy: recorded when sent, or, with `answers`, when its
+    answer is in (then it sits in front of the copy's own `on_done`, which it calls)."""
+
+    __slots__ = ("body", "head", "next", "recorder", "request_id", "ts_ns")
+
+    def __init__(
+        self, recorder: Recorder, head: bytes, body: bytes, request_id: str, nxt: OnDone | None
+    ) -> None:
+        self.recorder = recorder
+        self.head = head
+        self.body = body
+        self.request_id = request_id
+        self.ts_ns = time.time_ns()
+        self.next = nxt
+
+    def sent(self) -> None:
+        self.recorder.copy(self.head, self.body, self.request_id, self.ts_ns, None)
+
+    def on_done(self, copy: ShadowCopy, result: ShadowResult) -> None:
+        outcome = result.outcome
+        # not sent at all (circuit open, dropped from the queue): nothing to record
+        if outcome != CIRCUIT_OPEN and outcome != COPY_DROPPED:
+            latency = time.time_ns() - self.ts_ns
+            self.recorder.copy(self.head, self.body, self.request_id, self.ts_ns,
+                               captured(result), latency)  # fmt: skip
+        if self.next is not None:
+            self.next(copy, result)

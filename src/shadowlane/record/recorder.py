@@ -1,0 +1,317 @@
+"""The event loop's half of a recording: sample, bound, and hand over; never wait, never encode.
+
+One `Recorder` per recorded route (or shadow) and generation. The proxy (or the shadow ticket)
+calls it once per request with what it already holds: the parsed `Request` (or the copy's head
+bytes), the body bytes it retained anyway, and, with `answers`, the answer it captured. Nothing
+is serialised, redacted, encoded or compressed here: that is the writer thread's work
+(record/writer.py). What the loop pays is a few comparisons, one small object and a deque
+append; `deque.append` and `popleft` are atomic under the GIL, so the two threads share no lock
+and the writer is never woken per record (it polls, as the comparator does).
+
+Bounded by bytes: a record counts the body and answer bytes it pins. `queued` only grows on the
+loop and `done` only on the writer, so each is written by one thread; their difference is what
+is pending. A record that would take the pending bytes past `queue_limit` is dropped and counted
+(`dropped`), never waited for: a slow or full disk costs records, not requests.
+
+Compiled (setup.py): the proxy calls into it per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from shadowlane.compare.model import Captured
+from shadowlane.wire.messages import Request
+
+if TYPE_CHECKING:
+    from shadowlane.metrics import Metrics
+
+#: decides per request whether it is recorded (a shadow `Sampler`'s bound `sampled`)
+SampleFn = Callable[[Request], bool]
+
+#: GoReplay's payload separator (record/goreplay.py SEPARATOR; repeated here so that this
+#: compiled module imports nothing interpreted on the writer's fast path)
+SEPARATOR: Final = "\n🐵🙈🙉\n".encode()
+_FRAMING: Final = (b"content-length", b"transfer-encoding")
+
+#: what a record costs beside its bodies: the head, the item, the deque slot (a guess that
+#: keeps a flood of bodiless requests bounded too)
+RECORD_OVERHEAD: Final = 512
+
+
+class RecordItem:
+    """One request (and maybe its answer) waiting for the writer."""
+
+    __slots__ = ("answer", "body", "head", "latency_ns", "request", "request_id", "size", "ts_ns")
+
+    def __init__(
+        self,
+        request: Request | None,
+        head: bytes,
+        body: bytes,
+        answer: Captured | None,
+        request_id: str,
+        ts_ns: int,
+        size: int,
+        latency_ns: int = 0,
+    ) -> None:
+        #: the client's request as parsed (its head is serialised by the writer), or None for a
+        #: shadow copy, whose head is already the bytes that were sent (`head`)
+        self.request = request
+        self.head = head
+        self.body = body
+        #: the answer (status, headers, body up to max_body, seconds from the request's start);
+        #: None when answers are not recorded, or there was none
+        self.answer = answer
+        self.request_id = request_id
+        #: when the request started, nanoseconds since the epoch
+        self.ts_ns = ts_ns
+        #: the bytes this item counts against the queue
+        self.size = size
+        #: from the request's start to the end of its answer (wall clock: the loop's clock
+        #: has millisecond steps under uvloop)
+        self.latency_ns = latency_ns
+
+
+class Recorder:
+    """One recording of one route (target "") or of one shadow of a route."""
+
+    __slots__ = (
+        "answers",
+        "closed",
+        "done",
+        "items",
+        "max_body",
+        "metrics",
+        "queue_limit",
+        "queued",
+        "route",
+        "sampled",
+        "target",
+    )
+
+    def __init__(
+        self,
+        route: str,
+        target: str,
+        *,
+        max_body: int,
+        queue_limit: int,
+        answers: bool,
+        metrics: Metrics,
+        sampled: SampleFn | None = None,
+    ) -> None:
+        self.route = route
+        self.target = target
+        self.max_body = max_body
+        self.queue_limit = queue_limit
+        self.answers = answers
+        self.metrics = metrics
+        #: None records every request (percent 100): no call per request
+        self.sampled = sampled
+        #: the writer takes from the left; only the loop appends
+        self.items: deque[RecordItem] = deque()
+        #: bytes handed over (loop only) / bytes the writer is done with (writer only)
+        self.queued = 0
+        self.done = 0
+        #: the generation was replaced: nothing more is taken
+        self.closed = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes waiting for the writer (the `shadowlane_record_pending_bytes` gauge)."""
+        return self.queued - self.done
+
+    def wants(self, req: Request) -> bool:
+        """Is this request recorded? Counted `sampled_out` when not."""
+        sampled = self.sampled
+        if sampled is None or sampled(req):
+            return True
+        self.metrics.record_outcome(self.route, self.target, "sampled_out")
+        return False
+
+    def request(
+        self,
+        req: Request,
+        ts_ns: int,
+        body: bytes | None,
+        answer: Captured | None,
+        latency_ns: int = 0,
+    ) -> None:
+        """The client's request is over: its body (None when it was not kept whole) and, with
+        `answers`, the primary's answer (None when there was none)."""
+        if body is None or len(body) > self.max_body:
+            self.metrics.record_outcome(self.route, self.target, "skipped_body")
+            return
+        size = RECORD_OVERHEAD + len(body)
+        if answer is not None:
+            if answer.failure:
+                answer = None  # no answer came: the request alone is recorded
+            else:
+                size += len(answer.body)
+        item = RecordItem(req, b"", body, answer, req.request_id, ts_ns, size, latency_ns)
+        self._push(item)
+
+    def copy(
+        self,
+        head: bytes,
+        body: bytes,
+        request_id: str,
+        ts_ns: int,
+        answer: Captured | None,
+        latency_ns: int = 0,
+    ) -> None:
+        """A shadow copy as it was sent (`head` serialised, Content-Length framed) and, with
+        `answers`, the shadow's answer."""
+        if len(body) > self.max_body:
+            self.metrics.record_outcome(self.route, self.target, "skipped_body")
+            return
+        size = RECORD_OVERHEAD + len(head) + len(body)
+        if answer is not None:
+            if answer.failure:
+                answer = None
+            else:
+                size += len(answer.body)
+        self._push(RecordItem(None, head, body, answer, request_id, ts_ns, size, latency_ns))
+
+    def _push(self, item: RecordItem) -> None:
+        if self.closed or self.queued + item.size - self.done > self.queue_limit:
+            self.metrics.record_outcome(self.route, self.target, "dropped")
+            return
+        self.queued += item.size
+        self.items.append(item)
+
+
+def payload_id(request_id: str) -> str:
+    """GoReplay's 24 hex digits, derived from the request's X-Request-Id (so a recorded
+    request can be found from a log line: the same function gives its id)."""
+    raw = request_id.encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(raw, digest_size=12).hexdigest()
+
+
+class Unencodable(ValueError):
+    """A message holding GoReplay's payload separator: neither tool could read it back."""
+
+
+def encode_item(item: RecordItem) -> bytes:
+    """The GoReplay payloads of one record without redaction (the writer's common case):
+    the request (type 1) and, when there is one, its answer (type 2), separators included.
+
+    Compiled, and built in one join: it runs on the writer's thread for every record, and
+    holding the GIL for less time is what keeps the event loop's latency flat."""
+    pid = payload_id(item.request_id).encode()
+    ts = b"%d" % item.ts_ns
+    parts: list[bytes] = [b"1 ", pid, b" ", ts, b" 0\n"]
+    req = item.request
+    body = item.body
+    head_request = False
+    if req is not None:
+        head_request = req.method == "HEAD"
+        parts += (req.method.encode("latin-1"), b" ", req.target, b" HTTP/",
+                  req.http_version.encode(), b"\r\n")  # fmt: skip
+        framed = len(body) > 0
+        for name, value in req.headers:
+            if name == b"content-length" or name == b"transfer-encoding":
+                framed = True
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        if framed:
+            parts.append(b"content-length: %d\r\n" % len(body))
+        parts.append(b"\r\n")
+    else:
+        head_request = item.head.startswith(b"HEAD ")
+        parts.append(item.head)
+    if SEPARATOR in body:
+        raise Unencodable("request body contains the payload separator")
+    parts += (body, SEPARATOR)
+    ans = item.answer
+    if ans is not None:
+        latency = item.latency_ns or int(ans.seconds * 1e9)
+        parts += (b"2 ", pid, b" ", ts, b" %d\n" % latency)
+        parts += (b"HTTP/1.1 %d " % ans.status, reason(ans.status), b"\r\n")
+        status = ans.status
+        if head_request or status < 200 or status == 204 or status == 304:
+            for name, value in ans.headers:
+                parts += (name, b": ", value, b"\r\n")
+            parts += (b"\r\n", SEPARATOR)
+        else:
+            abody = ans.body
+            if SEPARATOR in abody:
+                raise Unencodable("answer body contains the payload separator")
+            for name, value in ans.headers:
+                if name == b"content-length" or name == b"transfer-encoding":
+                    continue
+                parts += (name, b": ", value, b"\r\n")
+            if ans.truncated:
+                parts.append(b"x-shadowlane-truncated: 1\r\n")
+            parts += (b"content-length: %d\r\n\r\n" % len(abody), abody, SEPARATOR)
+    return b"".join(parts)
+
+
+_REASONS: dict[int, bytes] = {}
+
+
+def reason(status: int) -> bytes:
+    """The standard reason phrase of a status code (`Unknown` for codes without one)."""
+    phrase = _REASONS.get(status)
+    if phrase is None:
+        from http import HTTPStatus
+
+        try:
+            phrase = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            phrase = b"Unknown"
+        if len(_REASONS) < 1024:
+            _REASONS[status] = phrase
+    return phrase
+
+
+class Slice:
+    """Records taken from a recorder and encoded together (the writer's fast path)."""
+
+    __slots__ = ("count", "data", "errors", "first_ts", "max_ts", "min_ts", "size")
+
+    def __init__(self) -> None:
+        #: the records' GoReplay payloads, joined
+        self.data = b""
+        #: records encoded, and records that could not be (holding the separator)
+        self.count = 0
+        self.errors = 0
+        #: the queue bytes of every record taken (written or not)
+        self.size = 0
+        self.first_ts = 0
+        self.min_ts = 0
+        self.max_ts = 0
+
+
+def take_encoded(rec: Recorder, n: int) -> Slice:
+    """Take up to `n` records from `rec` (writer's thread) and encode them without redaction.
+
+    The writer's per-record loop, compiled: popping, encoding and the block's timestamps cost
+    the GIL for about a microsecond a record instead of several interpreted ones."""
+    out = Slice()
+    items = rec.items
+    parts: list[bytes] = []
+    while n > 0 and items:
+        n -= 1
+        item = items.popleft()
+        out.size += item.size
+        try:
+            data = encode_item(item)
+        except Unencodable:
+            out.errors += 1
+            continue
+        parts.append(data)
+        ts = item.ts_ns
+        if out.count == 0:
+            out.first_ts = out.min_ts = out.max_ts = ts
+        elif ts < out.min_ts:
+            out.min_ts = ts
+        elif ts > out.max_ts:
+            out.max_ts = ts
+        out.count += 1
+    out.data = b"".join(parts)
+    return out
