@@ -313,7 +313,7 @@ def _status_cells(m: Measurement, width: int) -> list[str]:
 
 
 #: scenarios nginx cannot run, compared with the nginx figure of another one
-NGINX_BESIDE = {"record-100": "no-shadow", "record-100-plain": "no-shadow"}
+NGINX_BESIDE = {"record-100": "no-shadow", "record-100-gzip": "no-shadow"}
 
 
 def _throughput_rows(ms: list[Measurement], scenario_ids: list[str]) -> list[list[str]]:

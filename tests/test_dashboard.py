@@ -61,9 +61,10 @@ NOISE_BG_RGB = (0xF4, 0xEC, 0xD2)
 
 #: backend answer delays. The proxy measures real durations, and p99 of 60 requests is their
 #: slowest: on a busy machine one primary request can take tens of ms however fast its backend
-#: is. The shadow (v2) is so much slower that "shadow p99 > 2 x primary p99" still holds then.
+#: is (121 ms seen once under a full suite). The shadow (v2) is so much slower that "shadow p99 >
+#: 2 x primary p99" still holds then.
 PRIMARY_DELAY = 0.003
-SHADOW_DELAY = 0.200
+SHADOW_DELAY = 0.400
 #: the newest requests of each kind are sent one at a time (see `Comparisons.add`)
 IN_ORDER = 5
 
@@ -356,7 +357,7 @@ def test_dashboard_shows_comparisons(
     badge = total.find_element(By.CSS_SELECTOR, ".badge").value_of_css_property("color")
     assert badge != uuid_row.find_element(By.CSS_SELECTOR, ".badge").value_of_css_property("color")
 
-    # Latency side by side: the shadow (200 ms) is slower than the primary (3 ms).
+    # Latency side by side: the shadow (400 ms) is slower than the primary (3 ms).
     for quantile in ("p50", "p99"):
         row = card.find_element(By.CSS_SELECTOR, f'tr[data-quantile="{quantile}"]')
         primary_ms = row.find_element(By.CSS_SELECTOR, '[data-latency="primary"]').text

@@ -209,7 +209,7 @@ def test_gzip_files_are_gzip_members(
     backend: RecordingBackend, proxy_factory: Any, tmp_path: Path
 ) -> None:
     rec_dir = tmp_path / "rec"
-    proxy = proxy_factory(record_config(backend.url, {"dir": str(rec_dir)}))
+    proxy = proxy_factory(record_config(backend.url, {"dir": str(rec_dir), "gzip": True}))
     for i in range(10):
         send(proxy.port, f"GET /g/{i} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
     proxy.stop()

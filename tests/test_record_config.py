@@ -32,7 +32,7 @@ def test_defaults_and_keys(tmp_path: Path) -> None:
     cfg = parse_config(BASE % (f"{{dir: {tmp_path}}}", "{dir: /tmp/y, answers: true}"))
     rec = cfg.routes[0].record
     assert rec is not None
-    assert (rec.answers, rec.percent, rec.sample_by, rec.gzip) == (False, 100.0, None, True)
+    assert (rec.answers, rec.percent, rec.sample_by, rec.gzip) == (False, 100.0, None, False)
     assert (rec.max_file_size, rec.max_file_age) == (256 * 1024**2, 3600.0)
     assert (rec.max_body, rec.queue) == (1024**2, 64 * 1024**2)
     assert not rec.redact and rec.redact.secret_env is None
@@ -51,7 +51,7 @@ def test_defaults_and_keys(tmp_path: Path) -> None:
     text = summarize(full)
     assert "record -> /tmp/x  12.5%, by header:x-user, requests only, plain" in text
     assert "redact 1 headers, 2 json, 1 query" in text
-    assert "      record -> /tmp/x  100%, requests only, gzip" in text  # the shadow's
+    assert "      record -> /tmp/x  100%, requests only, plain" in text  # the shadow's
 
 
 def test_errors_name_the_key(tmp_path: Path) -> None:

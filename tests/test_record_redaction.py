@@ -63,6 +63,7 @@ def test_masked_fields_never_reach_files_or_store(
                 "record": {
                     "dir": str(rec_dir),
                     "answers": True,
+                    "gzip": True,  # the secrets must not be in the compressed bytes either
                     "redact": {"headers": ["x-api-key"], "json": ["body.password"],
                                "query": ["token"]},
                 },

@@ -110,8 +110,10 @@ class RecordConfig(_Model, frozen=True):
     max_file_size: Annotated[Size, AfterValidator(_positive_size)] = 256 * 1024**2
     #: ... or this age
     max_file_age: Timeout = 3600.0
-    #: gzip the files (`.gor.gz`, one gzip member per index block)
-    gzip: bool = True
+    #: gzip the files (`.gor.gz`, one gzip member per index block). Off by default, as in
+    #: GoReplay (which compresses only a file named `.gz`): compressing costs the proxy's cores
+    #: more than the recording itself (bench: record-100 vs record-100-gzip)
+    gzip: bool = False
     #: a request whose body is bigger is not recorded (`skipped_body`); an answer's body is cut
     #: here (and marked, see docs/recording.md)
     max_body: Size = 1024**2
