@@ -16,23 +16,22 @@ new rules) and the writer closes the old ones' files once their last requests ar
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shadowlane.compare.redact import Redaction
 from shadowlane.compare.settings import compile_settings
-from shadowlane.config import BackendConfig, Config, RecordConfig, ShadowConfig
+from shadowlane.config import Config, RecordConfig, ShadowConfig
 from shadowlane.metrics import Metrics
 from shadowlane.proxy import Proxy, RouteRuntime
 from shadowlane.record import RecordWriter, build_redaction
 from shadowlane.record.recorder import Recorder
-from shadowlane.routing import Route, RouteTable
+from shadowlane.routing import Route, RouteTable, build_backend
 from shadowlane.shadow.dispatcher import ShadowDispatcher
 from shadowlane.shadow.join import Submit
 from shadowlane.shadow.sampling import Sampler, key_function
 from shadowlane.store import Divergence
-from shadowlane.wire.upstream import BackendPool, EndpointPool
+from shadowlane.wire.upstream import BackendPool
 
 __all__ = [
     "RETIRE_SHADOW_SECONDS",
@@ -44,31 +43,6 @@ __all__ = [
 
 #: seconds a replaced generation's lanes get to finish their copies
 RETIRE_SHADOW_SECONDS = 5.0
-
-
-def build_backend(name: str, cfg: BackendConfig) -> BackendPool:
-    """A backend's pool, one endpoint pool per URL. Shadow lanes call it too: each lane gets
-    its own pool, so a slow shadow cannot take the primary's connections."""
-    endpoints = []
-    for ep in cfg.endpoints:
-        ctx: ssl.SSLContext | None = None
-        if ep.scheme == "https":
-            ctx = ssl.create_default_context(cafile=cfg.ca_file)
-            if not cfg.verify:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-        endpoints.append(
-            EndpointPool(
-                ep.host,
-                ep.port,
-                connect_timeout=cfg.connect_timeout,
-                max_connections=cfg.max_connections,
-                max_idle=cfg.max_idle,
-                ssl_context=ctx,
-                server_hostname=ep.host if ctx else None,
-            )
-        )
-    return BackendPool(name, endpoints, cfg.timeout)
 
 
 def keeps_ledger(sc: ShadowConfig) -> bool:

@@ -20,10 +20,10 @@ replay talks to a backend exactly as live shadowing does. What is the replay's o
 from __future__ import annotations
 
 import asyncio
-import ssl
 
 from shadowlane.compare import Captured
 from shadowlane.config import BackendConfig
+from shadowlane.routing import build_backend
 from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import (
     BackendPool,
@@ -39,28 +39,9 @@ STALE_IDLE = 2.0
 
 
 def build_pool(name: str, cfg: BackendConfig, connections: int) -> BackendPool:
-    """A pool for one replay target: one endpoint pool per URL (round robin), TLS as the
-    backend's config says, at most `connections` connections to each endpoint."""
-    endpoints = []
-    for ep in cfg.endpoints:
-        ctx: ssl.SSLContext | None = None
-        if ep.scheme == "https":
-            ctx = ssl.create_default_context(cafile=cfg.ca_file)
-            if not cfg.verify:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-        endpoints.append(
-            EndpointPool(
-                ep.host,
-                ep.port,
-                connect_timeout=cfg.connect_timeout,
-                max_connections=connections,
-                max_idle=connections,
-                ssl_context=ctx,
-                server_hostname=ep.host if ctx else None,
-            )
-        )
-    return BackendPool(name, endpoints, cfg.timeout)
+    """A pool for one replay target, as the proxy builds one (`routing.build_backend`), with
+    at most `connections` connections to each endpoint."""
+    return build_backend(name, cfg, connections)
 
 
 class Answer:

@@ -238,9 +238,18 @@ class ShadowCopy(ResponseSink):
             lane.breaker.succeeded()
         elif lane.breaker.failed():
             lane.shed_waiting()
-        lane.copy_done(self)
+        if connecting is not None and not connecting.done():
+            # the cancelled connect closes its socket when its task next runs: the slot is
+            # given back then, so the next copy's connect never overlaps this one's and the
+            # lane holds at most max_in_flight sockets, half-open ones included
+            connecting.add_done_callback(self._connect_ended)
+        else:
+            lane.copy_done(self)
         if self.on_done is not None:
             self.on_done(self, result)
+
+    def _connect_ended(self, _task: asyncio.Task[None]) -> None:
+        self.lane.copy_done(self)
 
     def abandon(self) -> None:
         if self.conn is not None:

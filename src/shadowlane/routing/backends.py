@@ -1,0 +1,38 @@
+"""A backend as a pool of endpoint pools: what the proxy, each shadow lane and replay send to.
+
+One place turns a `backends:` entry into connections (TLS as configured, bounds per endpoint),
+so the primary, the shadows and `shadowlane replay` reach a backend the same way.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from shadowlane.config import BackendConfig
+from shadowlane.wire.upstream import BackendPool, EndpointPool
+
+
+def build_backend(name: str, cfg: BackendConfig, connections: int | None = None) -> BackendPool:
+    """A backend's pool, one endpoint pool per URL (round robin). Shadow lanes call it too:
+    each lane gets its own pool, so a slow shadow cannot take the primary's connections.
+    `connections` replaces the backend's own bounds (replay sizes its pools by --concurrency)."""
+    endpoints = []
+    for ep in cfg.endpoints:
+        ctx: ssl.SSLContext | None = None
+        if ep.scheme == "https":
+            ctx = ssl.create_default_context(cafile=cfg.ca_file)
+            if not cfg.verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+        endpoints.append(
+            EndpointPool(
+                ep.host,
+                ep.port,
+                connect_timeout=cfg.connect_timeout,
+                max_connections=cfg.max_connections if connections is None else connections,
+                max_idle=cfg.max_idle if connections is None else connections,
+                ssl_context=ctx,
+                server_hostname=ep.host if ctx else None,
+            )
+        )
+    return BackendPool(name, endpoints, cfg.timeout)
