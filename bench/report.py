@@ -413,6 +413,11 @@ def render_markdown(doc: dict[str, Any], ms: list[Measurement], targets: list[Ta
     add(_table(THROUGHPUT_HEAD, _throughput_rows(ms, _ids(ms, "throughput"))))
     add("")
 
+    if _ids(ms, "writes"):
+        add("## Ordered writes (wrk, 50 connections, PUT to a new path per request)\n")
+        add(_table(THROUGHPUT_HEAD, _throughput_rows(ms, _ids(ms, "writes"))))
+        add("")
+
     add(f"## Latency at a fixed offered load ({FIXED_RATE:,} req/s)\n")
     rows = []
     for sid in _ids(ms, "fixed-load"):
