@@ -38,17 +38,10 @@ __all__ = [
     "Generation",
     "build_backend",
     "build_generation",
-    "keeps_ledger",
 ]
 
 #: seconds a replaced generation's lanes get to finish their copies
 RETIRE_SHADOW_SECONDS = 5.0
-
-
-def keeps_ledger(sc: ShadowConfig) -> bool:
-    """Copies of this shadow can diverge in a way the divergence ledger records: they are
-    ordered writes, or rewritten with ids from the primary's answer."""
-    return sc.ordering is not None or sc.ids_from_primary is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +169,7 @@ def build_generation(
     )
     for rc in cfg.routes:
         for sc in rc.shadows:
-            if keeps_ledger(sc):
+            if sc.keeps_ledger:
                 # every reason's series at zero from the start, so rate() and alerts on
                 # `shadowlane_divergences_total` see the first divergence
                 metrics.declare_ordered(rc.name, sc.backend)

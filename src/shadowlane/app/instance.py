@@ -23,7 +23,7 @@ from shadowlane.admin import AdminApp
 from shadowlane.admin.comparisons import install_comparison_api
 from shadowlane.admin.control_api import install_control_api
 from shadowlane.app.access_log import AccessLogger
-from shadowlane.app.generation import Generation, build_generation, keeps_ledger, records
+from shadowlane.app.generation import Generation, build_generation, records
 from shadowlane.app.tls import build_tls, tls_shape
 from shadowlane.compare.analysis import Analysis
 from shadowlane.compare.engine import Comparator
@@ -225,7 +225,7 @@ class Instance:
         comparator's thread, off the loop, whether or not anything is compared."""
         if self.comparator is not None:
             return
-        if any(sc.compare_enabled or keeps_ledger(sc) for rc in cfg.routes for sc in rc.shadows):
+        if any(sc.compare_enabled or sc.keeps_ledger for rc in cfg.routes for sc in rc.shadows):
             self.store = open_store(cfg.compare.store, cfg.compare)
             self.analysis = Analysis(self.store, cfg.compare.thresholds)
             self.comparator = Comparator.from_config(self.store, self.metrics, cfg.compare)

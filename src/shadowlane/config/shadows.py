@@ -239,14 +239,16 @@ class ShadowConfig(_Model, frozen=True):
         return None
 
     @property
+    def keeps_ledger(self) -> bool:
+        """Copies go through the write steps (shadow/writes.py) and may diverge in a way the
+        divergence ledger records: they are ordered, or rebuilt from the primary's answer."""
+        return self.ordering is not None or self.ids_from_primary is not None
+
+    @property
     def waits_for_primary(self) -> bool:
         """Copies go after the primary answered: asked for, ordered (the order is the order of
         the primary's answers), or rewritten from the primary's answer."""
-        return (
-            self.send == "after_response"
-            or self.ordering is not None
-            or self.ids_from_primary is not None
-        )
+        return self.send == "after_response" or self.keeps_ledger
 
     @property
     def compare_enabled(self) -> ShadowCompare | None:

@@ -241,7 +241,7 @@ class Runner:
         lanes = setup.lanes.all()
         scopes: dict[tuple[str, str], OrderScope] = {}
         for ln in lanes:
-            if ln.cfg.ordering is None and ln.cfg.ids_from_primary is None:
+            if not ln.cfg.keeps_ledger:
                 continue
             name = ln.scope_name or f"{ln.route}#replay"
             ln.plan = WritePlan(ln.cfg, ln.route, name, self.metrics, self._divergence)

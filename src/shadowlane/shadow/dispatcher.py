@@ -133,9 +133,9 @@ class ShadowDispatcher:
     def _writes(self, route: Route, index: int, sc: ShadowConfig) -> WritePlan | None:
         """The write steps of an ordered or id-rewriting shadow; its scope's name is the one
         configured, or one of its own (`ordered_by`, `order` without a scope)."""
-        order = sc.ordering
-        if order is None and sc.ids_from_primary is None:
+        if not sc.keeps_ledger:
             return None
+        order = sc.ordering
         name = order.scope if order is not None and order.scope else f"{route.name}#{index}"
         return WritePlan(sc, route.name, name, self.metrics, self.record_divergence)
 

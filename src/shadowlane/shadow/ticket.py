@@ -53,7 +53,7 @@ from shadowlane.shadow.outcomes import (
     Outcome,
 )
 from shadowlane.shadow.plan import LanePlan
-from shadowlane.shadow.writes import Unsent, WriteEnd, WritePlan
+from shadowlane.shadow.writes import Prepared, Unsent, WriteEnd, WritePlan
 from shadowlane.wire.messages import Headers, Request
 
 if TYPE_CHECKING:
@@ -167,52 +167,24 @@ class ShadowTicket:
         if p.writes is not None:
             self._submit_write(p, p.writes, body)
             return
-        lane = p.lane
+        dropped, slot, head = self._hand_over(p, body)
+        if dropped or slot is None or p.secondary is None:
+            return
         req = self._request
-        if lane.breaker.is_open():
-            lane.fail_open()
-            self._dropped(p)
-            return
-        if lane.full(len(body)):
-            lane.drop()
-            self._dropped(p)
-            return
-        base = self._base
-        endpoint = lane.pool.pick()
-        head = p.builder.head(req, base, len(body), endpoint.authority)
-        slot = self._slot(p, body) if p.compares else None
-        on_done: OnDone | None = slot.on_candidate if slot else None
-        tap: CopyRecording | None = None
-        if p.recorder is not None and p.recorder.wants(req):
-            tap = CopyRecording(p.recorder, head, body, req.request_id, on_done)
-            if p.recorder.answers:
-                on_done = tap.on_done
-        copy = ShadowCopy(lane, req.method, head, body, on_done, endpoint)
-        if lane.submit(copy):
-            self.outcomes[lane.target] = SENT
-            if tap is not None and not tap.recorder.answers:
-                tap.sent()
-        else:
-            self.outcomes[lane.target] = DROPPED
-            if slot is not None:
-                slot.copy_dropped()
-            return
-        if slot is not None and p.secondary is not None:
-            sep = p.secondary.pool.pick()
-            shead = (
-                head
-                if not p.builder.host_is_endpoint
-                else p.builder.head(req, base, len(body), sep.authority)
-            )
-            second = ShadowCopy(p.secondary, req.method, shead, body, slot.on_secondary, sep)
-            if not p.secondary.submit(second):
-                slot.copy_dropped()
+        sep = p.secondary.pool.pick()
+        shead = (
+            head
+            if not p.builder.host_is_endpoint
+            else p.builder.head(req, self._base, len(body), sep.authority)
+        )
+        second = ShadowCopy(p.secondary, req.method, shead, body, slot.on_secondary, sep)
+        if not p.secondary.submit(second):
+            slot.copy_dropped()
 
     def _submit_write(self, p: LanePlan, w: WritePlan, body: bytes) -> None:
         """A copy of an ordered or id-rewriting shadow: built from the primary's answer, sent
         in its scope's order, checked at its end; whatever may leave the target unlike the
         primary is written to the divergence ledger."""
-        lane = p.lane
         req = self._request
         capture = self.capture
         answer = capture.result if capture is not None else None
@@ -223,42 +195,51 @@ class ShadowTicket:
                 w.diverged(prep.keys, DIV_PRIMARY_UNUSABLE, req.request_id, req.method,
                            self._uri(), prep.reason)  # fmt: skip
             return
+        dropped, _, _ = self._hand_over(p, prep.body, w, prep)
+        if dropped:
+            w.diverged(prep.keys, DIV_DROPPED, req.request_id, prep.method, self._uri(), dropped)
+
+    def _hand_over(
+        self, p: LanePlan, body: bytes, w: WritePlan | None = None, prep: Prepared | None = None
+    ) -> tuple[str, CompareSlot | None, bytes]:
+        """Build one copy (of the request, or of a write step's `prep`) and give it to its
+        lane: the circuit and the lane's bounds first, then the head, the comparison slot,
+        the recording tap. Returns why it was dropped ("" when the lane took it), its slot and
+        its head."""
+        lane = p.lane
+        req = self._request
+        kept = prep.kept if prep is not None else 0
         if lane.breaker.is_open():
             lane.fail_open()
             self._dropped(p)
-            w.diverged(prep.keys, DIV_DROPPED, req.request_id, prep.method, self._uri(),
-                       "circuit open")  # fmt: skip
-            return
-        size = len(prep.body) + prep.kept
-        if lane.full(size):
+            return "circuit open", None, b""
+        if lane.full(len(body) + kept):
             lane.drop()
             self._dropped(p)
-            w.diverged(prep.keys, DIV_DROPPED, req.request_id, prep.method, self._uri(),
-                       "queue full")  # fmt: skip
-            return
+            return "queue full", None, b""
         endpoint = lane.pool.pick()
-        head = p.builder.head(
-            req, self._base, len(prep.body), endpoint.authority, prep.method, prep.target
-        )
-        slot = self._slot(p, prep.body) if p.compares else None
-        end = WriteEnd(w, prep, req.request_id, self._uri(), slot)
-        on_done: OnDone = end.on_done
+        method = prep.method if prep is not None else req.method
+        target = prep.target if prep is not None else None
+        head = p.builder.head(req, self._base, len(body), endpoint.authority, method, target)
+        slot = self._slot(p, body) if p.compares else None
+        on_done: OnDone | None = slot.on_candidate if slot else None
+        if w is not None and prep is not None:
+            on_done = WriteEnd(w, prep, req.request_id, self._uri(), slot).on_done
         tap: CopyRecording | None = None
         if p.recorder is not None and p.recorder.wants(req):
-            tap = CopyRecording(p.recorder, head, prep.body, req.request_id, on_done)
+            tap = CopyRecording(p.recorder, head, body, req.request_id, on_done)
             if p.recorder.answers:
                 on_done = tap.on_done
-        copy = ShadowCopy(lane, prep.method, head, prep.body, on_done, endpoint, prep.kept)
-        if lane.submit(copy, prep.keys):
+        copy = ShadowCopy(lane, method, head, body, on_done, endpoint, kept)
+        if lane.submit(copy, prep.keys if prep is not None else None):
             self.outcomes[lane.target] = SENT
             if tap is not None and not tap.recorder.answers:
                 tap.sent()
-            return
+            return "", slot, head
         self.outcomes[lane.target] = DROPPED
         if slot is not None:
             slot.copy_dropped()
-        w.diverged(prep.keys, DIV_DROPPED, req.request_id, prep.method, self._uri(),
-                   "queue full")  # fmt: skip
+        return "queue full", None, head
 
     def _unsent_write(
         self, p: LanePlan, body: bytes | None, reason: DivergenceReason, detail: str

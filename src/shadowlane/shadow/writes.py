@@ -134,7 +134,6 @@ class WritePlan:
         "barrier",
         "es",
         "ids",
-        "needs_answer",
         "route",
         "scope",
         "target",
@@ -160,8 +159,12 @@ class WritePlan:
         self._keys: KeysFn | None = None
         if order is not None and isinstance(order.keys, list):
             self._keys = key_extractor(order.keys)
-        #: the primary's answer is read (ids; `_bulk` items are checked against it)
-        self.needs_answer = self.es
+
+    @property
+    def needs_answer(self) -> bool:
+        """The primary's answer is read (ids; `_bulk` items are checked against it), and the
+        target's too: both are captured for these copies."""
+        return self.es
 
     # ----- before the copy -----
     def prepare(
