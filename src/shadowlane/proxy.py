@@ -386,11 +386,13 @@ class ProxyCall(ResponseSink):
             return
         self.recorder = None
         cap = self.rec_capture
+        rid = self.request.request_id
+        chunked = self.exchange.chunked
         if cap is None:
-            rec.request(self.request, self.rec_ts, body, None)
+            rec.request(self.head, rid, self.rec_ts, body, None, 0, chunked)
         else:
             latency = time.time_ns() - self.rec_ts
-            rec.request(self.request, self.rec_ts, body, cap.result, latency)
+            rec.request(self.head, rid, self.rec_ts, body, cap.result, latency, chunked)
 
     # ----- response side (ResponseSink) -----
     def on_response_head(
