@@ -18,8 +18,13 @@ from typing import Any
 
 import yaml
 
+import shadowlane.importers.emissary as emissary
+import shadowlane.importers.envoy as envoy
+import shadowlane.importers.gateway as gateway
+import shadowlane.importers.gloo as gloo
+import shadowlane.importers.istio as istio
+import shadowlane.importers.skipper as skipper
 from shadowlane.config import ConfigError
-from shadowlane.importers import emissary, envoy, gateway, gloo, istio, skipper
 from shadowlane.importers.eskip import EskipError, parse_routes
 from shadowlane.importers.model import Doc, Note, Translation, as_dict, object_name
 from shadowlane.importers.services import ServiceMap
