@@ -126,7 +126,13 @@ def _mirrors(ctx: _Ctx, action: dict[str, Any], obj: str, path: str) -> list[dic
             obj,
             ppath,
             pol,
-            {"cluster", "runtime_fraction", "disable_shadow_host_suffix_append", "trace_sampled"},
+            {
+                "cluster",
+                "cluster_header",
+                "runtime_fraction",
+                "disable_shadow_host_suffix_append",
+                "trace_sampled",
+            },
         )
         if "cluster" not in pol:
             ctx.tr.note(
@@ -258,7 +264,15 @@ def _translate_config(ctx: _Ctx, rc: dict[str, Any], obj: str) -> None:
                 obj,
                 rpath,
                 route,
-                {"name", "match", "route", "request_headers_to_add", "request_headers_to_remove"},
+                {
+                    "name",
+                    "match",
+                    "route",
+                    "request_headers_to_add",
+                    "request_headers_to_remove",
+                    "redirect",
+                    "direct_response",
+                },
             )
             action = as_dict(route.get("route"))
             if not action:

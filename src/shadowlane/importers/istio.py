@@ -169,7 +169,7 @@ def _translate(tr: Translation, services: ServiceMap, doc: Doc) -> None:
     obj = object_name(doc)
     ns = namespace_of(doc)
     spec = as_dict(doc.get("spec"))
-    leftover(tr, obj, "spec", spec, {"hosts", "gateways", "http", "exportTo"})
+    leftover(tr, obj, "spec", spec, {"hosts", "gateways", "http", "exportTo", "tcp", "tls"})
     for key in ("tcp", "tls"):
         if key in spec:
             tr.unsupported(obj, f"spec.{key}", "TCP/TLS routes are not translated")
