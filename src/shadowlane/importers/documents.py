@@ -125,7 +125,11 @@ def _merge_native(
 
 def translate_paths(paths: list[str], services: ServiceMap) -> Loaded:
     """Every document under `paths`, translated and merged; raises ConfigError on unreadable
-    or unparsable input (never on a field it cannot translate: that is a note)."""
+    or unparsable input (never on a field it cannot translate: that is a note).
+
+    The `--services` file is skipped when a directory holds it too (one ConfigMap may carry
+    the routes and the services map side by side)."""
+    skip = {os.path.realpath(services.source)} if services.source else set()
     native: dict[str, Any] = {}
     errors: list[str] = []
     by_format: dict[str, list[Any]] = {}
@@ -142,6 +146,8 @@ def translate_paths(paths: list[str], services: ServiceMap) -> Loaded:
         if not os.path.exists(path):
             raise ConfigError([f"{path}: cannot read: No such file or directory"])
         for file in files_of(path):
+            if os.path.realpath(file) in skip:
+                continue
             text = _read(file)
             source = str(file)
             if file.suffix == ".eskip":
