@@ -25,6 +25,7 @@ from shadowlane.importers.model import (
     as_dict,
     as_list,
     leftover,
+    no_traffic,
     percent_of,
 )
 from shadowlane.importers.services import ServiceMap
@@ -308,8 +309,7 @@ def _translate_config(ctx: _Ctx, rc: dict[str, Any], obj: str) -> None:
                             "weight": int(cl.get("weight", 0)),
                         }
                     )
-            if not legs:
-                tr.note(obj, apath, "no cluster: route skipped")
+            if no_traffic(tr, obj, apath, legs):
                 continue
             mirrors = _mirrors(ctx, action, obj, apath)
             if mirrors is None:

@@ -127,7 +127,7 @@ class _Parser:
     def take(self, kind: str, value: str | None = None) -> _Tok:
         tok = self.tok
         if tok.kind != kind or (value is not None and tok.value != value):
-            raise self.fail(value or kind)
+            raise self.fail(repr(value) if value else kind)
         self.i += 1
         return tok
 
@@ -156,6 +156,8 @@ class _Parser:
     def backend(self) -> tuple[str, ...]:
         if self.at("string"):
             return ("network", self.take("string").value)
+        if not self.at("sym", "<"):
+            raise self.fail('a backend ("url" or <...>)')
         self.take("sym", "<")
         if self.at("ident"):
             word = self.take("ident").value

@@ -27,6 +27,7 @@ from shadowlane.importers.model import (
     leftover,
     name_of,
     namespace_of,
+    no_traffic,
     object_name,
     percent_of,
     segment_prefix_match,
@@ -150,8 +151,7 @@ def _translate_route(
             label, endpoints, how = got
             name = tr.backend(label, endpoints, f"{obj} {bpath} ({how})")
             legs.append({"backend": name, "weight": int(ref.get("weight", 1))})
-        if not legs:
-            tr.note(obj, f"{rpath}.backendRefs", "no usable backendRefs: rule not translated")
+        if no_traffic(tr, obj, f"{rpath}.backendRefs", legs):
             continue
         shadows: list[dict[str, Any]] = []
         comments: list[str] = []

@@ -24,6 +24,7 @@ from shadowlane.importers.model import (
     leftover,
     name_of,
     namespace_of,
+    no_traffic,
     object_name,
     percent_of,
 )
@@ -136,7 +137,7 @@ def _translate(tr: Translation, services: ServiceMap, doc: Doc) -> None:
                     legs.append({"backend": name, "weight": int(dest.get("weight", 1))})
         else:
             tr.unsupported(obj, f"{path}.routeAction", "only single and multi are translated")
-        if not legs:
+        if no_traffic(tr, obj, f"{path}.routeAction", legs):
             continue
         options_key = "options" if "options" in route else "routePlugins"
         options = as_dict(route.get(options_key))

@@ -162,6 +162,18 @@ def segment_prefix_match(prefix: str) -> dict[str, str]:
     return {"path_regex": prefix_regex(prefix)}
 
 
+def no_traffic(tr: Translation, obj: str, path: str, legs: list[dict[str, Any]]) -> bool:
+    """True (and a note) when the legs can carry no request: none, or every weight 0, which
+    the peers answer with an error and the native config refuses."""
+    if not legs:
+        tr.note(obj, path, "no usable backend: not translated")
+        return True
+    if all(leg.get("weight", 1) == 0 for leg in legs):
+        tr.note(obj, path, "every weight is 0 (the peer answers with an error): not translated")
+        return True
+    return False
+
+
 def percent_of(numerator: object, denominator: object = 100) -> float:
     try:
         num = float(numerator)  # type: ignore[arg-type]
