@@ -111,3 +111,31 @@ def test_sighup_reloads_a_multi_document_file(stack: contextlib.ExitStack) -> No
     path.write_text(listen + "---\n" + MAPPING.format(service="b"))
     proxy.send_signal(signal.SIGHUP)
     wait_until(lambda: _served_by(client, b), 10.0, "SIGHUP to load the rewritten file")
+
+
+def test_workers_reload_peers_documents_on_sighup(stack: contextlib.ExitStack) -> None:
+    """With --workers, each forked worker loads through the same source (and --services)."""
+    a, b = (stack.enter_context(RecordingBackend()) for _ in range(2))
+    proxy = PeerProxy(
+        {"app.yaml": MAPPING.format(service="a")}, services_for({"a": a, "b": b}), workers=2
+    )
+    stack.callback(proxy.close)
+    proxy.start()
+    assert len(proxy.worker_pids()) == 2
+
+    # fresh connections, so both workers' listeners are reached over the loop below
+    def all_to(backend: RecordingBackend) -> bool:
+        before = len(backend.requests)
+        for _ in range(20):
+            c = Client(proxy.port)
+            try:
+                if c.request("/app/x").status != 200:
+                    return False
+            finally:
+                c.close()
+        return len(backend.requests) - before == 20
+
+    assert all_to(a)
+    (proxy.routes_dir / "app.yaml").write_text(MAPPING.format(service="b"))
+    proxy.send_signal(signal.SIGHUP)
+    wait_until(lambda: all_to(b), 10.0, "every worker to load the rewritten Mapping")
