@@ -189,3 +189,39 @@ virtual_hosts:
         ("m1-mirror", 25.0),
         ("m2-mirror", 1.0),
     ]
+
+
+@pytest.mark.parametrize(
+    ("replace", "path", "want"),
+    [
+        ("/", "/api/x", "/x"),
+        ("/", "/api", "/"),
+        ("/v2", "/api/x", "/v2/x"),
+        ("/v2/", "/api", "/v2"),
+    ],
+)
+def test_gateway_replace_prefix_match_on_the_mirror(
+    tmp_path: Any, replace: str, path: str, want: str
+) -> None:
+    import re
+
+    loaded = translate(
+        tmp_path,
+        "r.yaml",
+        f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: r, namespace: n}}
+spec:
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /api}}}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite:
+        path: {{type: ReplacePrefixMatch, replacePrefixMatch: "{replace}"}}
+    - {{type: RequestMirror, requestMirror: {{backendRef: {{name: m, port: 80}}}}}}
+    backendRefs: [{{name: api, port: 80}}]
+""",
+    )
+    rw = loaded.config["routes"][0]["shadows"][0]["rewrite_path"]
+    assert re.sub(rw["regex"], rw["replacement"], path, count=1) == want

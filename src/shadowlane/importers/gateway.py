@@ -213,11 +213,14 @@ def _translate_route(
                 elif p.get("type") == "ReplacePrefixMatch":
                     prefix = _first_prefix(rule)
                     if prefix is not None:
-                        repl = str(p.get("replacePrefixMatch", "/"))
-                        rewrite = {
-                            "regex": f"^{re.escape(prefix.rstrip('/'))}",
-                            "replacement": repl.rstrip("/") if repl != "/" else "",
-                        }
+                        repl = str(p.get("replacePrefixMatch", "/")).rstrip("/")
+                        base = re.escape(prefix.rstrip("/"))
+                        # `/api` -> `/`: `/api/x` becomes `/x` and `/api` becomes `/`
+                        rewrite = (
+                            {"regex": f"^{base}/?", "replacement": "/"}
+                            if not repl
+                            else {"regex": f"^{base}", "replacement": repl}
+                        )
                     else:
                         tr.note(obj, f"{fpath}.urlRewrite.path", "needs a PathPrefix match")
                 tr.note(
