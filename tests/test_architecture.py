@@ -23,6 +23,8 @@ RANKS: dict[str, int] = {
     "replay": 6,
     # verify may use store, compare and config; only cli imports it
     "verify": 6,
+    # peers' configs -> native config: uses config only; cli and app use it
+    "importers": 2,
     "proxy": 5,
     "routing": 4,
     "shadow": 4,

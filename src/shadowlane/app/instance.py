@@ -27,8 +27,9 @@ from shadowlane.app.generation import Generation, build_generation, records
 from shadowlane.app.tls import build_tls, tls_shape
 from shadowlane.compare.analysis import Analysis
 from shadowlane.compare.engine import Comparator
-from shadowlane.config import Config, ConfigError, load_config
+from shadowlane.config import Config, ConfigError
 from shadowlane.control import Control
+from shadowlane.importers import ConfigSource
 from shadowlane.metrics import Metrics
 from shadowlane.proxy import Proxy
 from shadowlane.record import RecordWriter
@@ -165,8 +166,13 @@ class Instance:
         *,
         listen_port: int | None = None,
         on_ready: ReadyHook | None = None,
+        source: ConfigSource | None = None,
     ):
         self.watch = watch
+        #: how a reload reads the config (peers' documents and --services included)
+        self.source = (
+            source if source is not None or config_path is None else ConfigSource(config_path)
+        )
         # with --workers and `listen: ...:0`, the parent resolved the port for all of them
         self.listen_port = listen_port
         self.on_ready = on_ready
@@ -268,16 +274,18 @@ class Instance:
         In-flight requests finish on the objects they started with; keep-alive connections
         stay (the listener is untouched). Returns the problems (empty when reloaded).
         """
-        if self.config_path is None:
+        if self.source is None:
             return ["no config file to reload"]
         try:
-            cfg = load_config(self.config_path)
+            cfg, notes = self.source.load_with_notes()
         except ConfigError as err:
             problems = err.errors
         except OSError as err:
             problems = [f"{self.config_path}: {err.strerror or err}"]
         else:
             problems = []
+            for note in notes:
+                log.warning("reload: %s", note)
         if problems:
             for line in problems:
                 log.error("reload refused, still serving the previous config: %s", line)
@@ -311,15 +319,13 @@ class Instance:
         return []
 
     async def _watch(self) -> None:
-        """--watch: reload when the file's modification time changes (checked every second)."""
-        assert self.config_path is not None
-        last = os.stat(self.config_path).st_mtime_ns
+        """--watch: reload when the file (or a file of the directory) changes, checked every
+        second; a mounted ConfigMap's `..data` swap changes the inodes, which count too."""
+        assert self.source is not None
+        last = self.source.fingerprint()
         while not self._draining:
             await asyncio.sleep(1.0)
-            try:
-                now = os.stat(self.config_path).st_mtime_ns
-            except OSError:
-                continue
+            now = self.source.fingerprint()
             if now != last:
                 last = now
                 self.reload()
@@ -329,10 +335,10 @@ class Instance:
         if self.workers > 1:
             # check the file here first, so the caller hears about a bad one; then every
             # worker reloads it (the parent relays SIGHUP to all)
-            if self.config_path is None:
+            if self.source is None:
                 return ["no config file to reload"]
             try:
-                load_config(self.config_path)
+                self.source.load()
             except ConfigError as err:
                 return err.errors
             except OSError as err:
@@ -383,7 +389,7 @@ class Instance:
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.control.start_polling()
         self.metrics.start_flushing(self.loop)
-        if self.watch and self.config_path is not None:
+        if self.watch and self.source is not None:
             self._watcher: asyncio.Task[None] | None = self.loop.create_task(self._watch())
         if self.worker_id == 0:
             print(
