@@ -24,6 +24,8 @@ RANKS: dict[str, int] = {
     # verify may use store, compare and config; only cli imports it
     "verify": 6,
     "proxy": 5,
+    # upgrade requests beside the primary path: it uses the proxy, the proxy never it
+    "upgrades": 5,
     "routing": 4,
     "shadow": 4,
     "record": 4,

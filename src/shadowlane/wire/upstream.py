@@ -222,6 +222,15 @@ class UpstreamConnection(asyncio.Protocol):
             self._phase = ReadPhase.HEAD
         try:
             self._feed(data)
+        except httptools.HttpParserUpgrade:
+            # after a `101` the bytes are another protocol's: only a shadow's handshake copy
+            # gets one here (its answer ended with the head), and the connection is done
+            sink = self._sink
+            self._sink = None
+            self.close()
+            if sink is not None and self._phase != ReadPhase.DONE:
+                sink.on_upstream_error(UpstreamError("protocol", "unexpected upgrade"), False)
+            return
         except httptools.HttpParserError as exc:
             sink = self._sink
             self._sink = None
@@ -250,7 +259,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if status < 200:
+        if status < 200 and status != 101:
             # 1xx interim answers (we never forward Expect) are skipped
             self._headers = []
             self._reason = b""
@@ -266,6 +275,12 @@ class UpstreamConnection(asyncio.Protocol):
                 chunked = True
         no_body = self._head_request or status in (204, 304)
         self._until_close = not no_body and not chunked and content_length is None
+        if status == 101:
+            # Switching Protocols (a shadow's handshake copy): a final answer without a body,
+            # and the connection is never reused; `_until_close` makes `_finish_response`
+            # close it
+            content_length = None
+            self._until_close = True
         sink = self._sink
         if sink is not None:
             sink.on_response_head(status, self._reason or b"OK", self._headers, content_length)
