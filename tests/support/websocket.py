@@ -51,6 +51,8 @@ class WebSocketServer(ServerThread):
         self.open = 0
         #: how each connection ended: the close code the server saw (None: no close frame)
         self.closes: list[int | None] = []
+        #: flood bytes whose `send` completed (websockets waits while its buffer is full)
+        self.flood_sent = 0
 
     scheme = "http"
 
@@ -128,6 +130,7 @@ class WebSocketServer(ServerThread):
                 n = min(left, CHUNK)
                 await ws.send(block[:n])
                 left -= n
+                self.flood_sent += n
             await ws.send("done")
         message: Any
         async for message in ws:
