@@ -259,7 +259,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if status < 200 and status != 101:
+        if status < 200:
+            if status == 101:
+                self._switched()
+                return
             # 1xx interim answers (we never forward Expect) are skipped
             self._headers = []
             self._reason = b""
@@ -275,17 +278,22 @@ class UpstreamConnection(asyncio.Protocol):
                 chunked = True
         no_body = self._head_request or status in (204, 304)
         self._until_close = not no_body and not chunked and content_length is None
-        if status == 101:
-            # Switching Protocols (a shadow's handshake copy): a final answer without a body,
-            # and the connection is never reused; `_until_close` makes `_finish_response`
-            # close it
-            content_length = None
-            self._until_close = True
         sink = self._sink
         if sink is not None:
             sink.on_response_head(status, self._reason or b"OK", self._headers, content_length)
         if self._head_request:
             self._finish_response()
+
+    def _switched(self) -> None:
+        """`101 Switching Protocols` (only a shadow's handshake copy asks for one): a final
+        answer without a body, after which the connection speaks another protocol, so it is
+        never reused (`_until_close` makes `_finish_response` close it)."""
+        self._status = 101
+        self._phase = ReadPhase.BODY
+        self._until_close = True
+        sink = self._sink
+        if sink is not None:
+            sink.on_response_head(101, self._reason or b"Switching Protocols", self._headers, None)
 
     def on_body(self, body: bytes) -> None:
         if self._sink is not None and self._phase != ReadPhase.DONE:
