@@ -15,8 +15,11 @@ import asyncio
 import hashlib
 import os
 import signal
+import ssl
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -473,3 +476,40 @@ def test_bad_upgrades_name_the_key(value: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(yaml.safe_dump(cfg))
     assert any("routes[0].upgrades" in e and message in e for e in info.value.errors), info.value
+
+
+# ----- TLS listener ----------------------------------------------------------------------------
+
+
+def test_wss_through_a_tls_listener(ws_server: WebSocketServer, tmp_path: Path) -> None:
+    """The tunnel takes over a TLS client connection as well: wss:// to the proxy, ws:// on."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    args = "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1"
+    args += " -addext subjectAltName=IP:127.0.0.1"
+    out = subprocess.run(
+        ["openssl", *args.split(), "-keyout", str(key), "-out", str(cert)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    ctx = ssl.create_default_context(cafile=str(cert))
+    cfg = basic_config(ws_server.url, tls={"cert": str(cert), "key": str(key)})
+    with ProxyProcess(cfg) as proxy:
+
+        async def run() -> list[Any]:
+            url = f"wss://127.0.0.1:{proxy.port}/greet"
+            async with connect(url, ssl=ctx, max_size=MAX_MESSAGE, open_timeout=10) as ws:
+                got = [await ws.recv()]
+                await ws.send(os.urandom(256 * 1024))
+                got.append(len(await ws.recv()))
+                await ws.close(4003, "tls bye")
+                return got
+
+        assert asyncio.run(run()) == ["hello", 256 * 1024]
+        wait_until(lambda: 4003 in ws_server.closes, 10, "the close code at the server")
+        m = wait_until(
+            lambda: (s := scrape(proxy)).sum(CLOSED, route="r1") == 1 and s, 10, "tunnel closed"
+        )
+        assert m.sum(UPGRADES, route="r1", outcome="tunnelled") == 1
