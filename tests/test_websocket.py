@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -513,3 +514,28 @@ def test_wss_through_a_tls_listener(ws_server: WebSocketServer, tmp_path: Path) 
             lambda: (s := scrape(proxy)).sum(CLOSED, route="r1") == 1 and s, 10, "tunnel closed"
         )
         assert m.sum(UPGRADES, route="r1", outcome="tunnelled") == 1
+
+
+def test_an_upgrade_pipelined_after_a_plain_request_is_tunnelled(
+    ws_server: WebSocketServer,
+) -> None:
+    """A request pipelined before the upgrade is answered first (keep-alive), then the 101 and
+    the tunnel on the same connection."""
+    with ProxyProcess(basic_config(ws_server.url)) as proxy:
+        plain = f"GET /first HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\n\r\n".encode()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(plain + _upgrade_head(proxy.port, "/greet"))
+            buf = b""
+            deadline = time.monotonic() + 10
+            while b"HTTP/1.1 101 " not in buf or not buf.endswith(b"hello"):
+                assert time.monotonic() < deadline, buf
+                chunk = sock.recv(65536)
+                assert chunk, buf
+                buf += chunk
+        first, _, rest = buf.partition(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 4")  # the WebSocket server refuses a plain GET
+        assert b"connection: close" not in first.lower()
+        assert b"HTTP/1.1 101 " in rest
+        assert b"sec-websocket-accept: " in rest.lower()
+        # the server's first frame: FIN + text, unmasked, length 5, "hello"
+        assert rest.endswith(b"\x81\x05hello")

@@ -428,14 +428,14 @@ class ServerConnection(Connection):
         was refused instead: llhttp does not read an upgrade request's body, so one that
         announces a body cannot be forwarded as sent."""
         self.pause_reading_for("upgrade")
-        for parsed in self._ready:
-            parsed.request.keep_alive = False
         ex = self._ready[-1] if self._ready else None
         if ex is None or ex.has_body:
             if ex is not None:
                 self._ready.pop()
             self._fail(_UPGRADE_WITH_BODY)
             return True
+        # requests pipelined before it are served as usual; the connection ends with it
+        ex.request.keep_alive = False
         value = b""
         for name, v in ex.request.headers:
             if name == b"upgrade":
