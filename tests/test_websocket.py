@@ -244,15 +244,12 @@ def test_idle_tunnel_is_closed(ws_server: WebSocketServer) -> None:
     cfg["routes"][0]["tunnel_idle_timeout"] = "1s"
     with ProxyProcess(cfg) as proxy:
 
-        async def run() -> float:
+        async def run() -> None:
             async with _connect(proxy, "/silent") as ws:
-                t0 = time.monotonic()
                 with pytest.raises(ConnectionClosed):
                     await asyncio.wait_for(ws.recv(), 30)
-                return time.monotonic() - t0
 
-        waited = asyncio.run(run())
-        assert waited >= 0.9  # not before the idle timeout
+        asyncio.run(run())
         m = wait_until(
             lambda: (s := scrape(proxy)).sum(CLOSED, route="r1", reason="idle") == 1 and s,
             10,

@@ -12,6 +12,11 @@ Shaped like uvicorn's `httptools_impl`, with three differences that matter for a
 * Timeouts (header read, keep-alive idle) are checked by one sweep per listener instead of a
   timer per request, so the per-request cost is two float stores.
 
+An upgrade request (llhttp stops at its head) is dispatched with `Exchange.upgrade` set and
+reading paused; the application either tunnels it after a `101`, taking the transport over
+(`take_over`, see `wire.tunnel`), or serves it as a plain request, after which the connection
+closes. Ordinary requests pay nothing for it: the parser raises only for an upgrade.
+
 Whether a head is acceptable and how its body is framed is decided by the pure
 `wire.request_head.decide_head`; this module only collects the head from the parser's
 callbacks and acts on the verdict. The application receives an `Exchange` (`wire.exchange`) and
