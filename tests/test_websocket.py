@@ -536,3 +536,24 @@ def test_an_upgrade_pipelined_after_a_plain_request_is_tunnelled(
         assert b"sec-websocket-accept: " in rest.lower()
         # the server's first frame: FIN + text, unmasked, length 5, "hello"
         assert rest.endswith(b"\x81\x05hello")
+
+
+def test_offered_protocols_are_names_without_versions() -> None:
+    from shadowlane.wire.tunnel import offered_protocols
+
+    assert offered_protocols(b"websocket") == ["websocket"]
+    assert offered_protocols(b"WebSocket, foo/2 , ,bar") == ["websocket", "foo", "bar"]
+    assert offered_protocols(b" , ") == []
+
+
+def test_an_offer_naming_a_protocol_the_route_does_not_list_is_served_plain(
+    backend: RecordingBackend,
+) -> None:
+    with ProxyProcess(basic_config(backend.url)) as proxy:
+        head = _upgrade_head(proxy.port, "/mixed").replace(
+            b"Upgrade: websocket", b"Upgrade: websocket, irc/6.9"
+        )
+        raw = raw_request(proxy.port, head, timeout=10)
+        assert raw.startswith(b"HTTP/1.1 200 "), raw[:100]
+        assert backend.requests[-1].header("upgrade") is None
+        assert scrape(proxy).sum(UPGRADES, route="r1", outcome="not_allowed") == 1
