@@ -29,6 +29,7 @@ connection and per chunk a tunnel carries, not per request, and it subclasses no
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Final, cast
@@ -173,6 +174,10 @@ class Handshake(asyncio.Protocol):
         if self.phase != HandshakePhase.CONNECTING:
             self.transport.close()  # the client left while we connected
             return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # a tunnel carries small interactive messages: no Nagle delay on them
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.phase = HandshakePhase.WAITING
         self._last = self.loop.time()
         self._timer = self.loop.call_later(self.timeout, self._on_timer)
@@ -431,10 +436,12 @@ class Tunnel:
         upstream.set_protocol(self.upstream)
         self.upstream.received += len(rest)
         self.client.received += len(early)
+        # the server paused reading at the upgrade request; from here on only the backend's
+        # buffer (`pause_writing` below) decides
+        client.resume_reading()
         client.write(head + rest)
         if early:
             upstream.write(early)
-        client.resume_reading()
         self._timer = self.loop.call_later(self.idle_timeout, self._on_timer)
 
     def close(self, reason: str) -> None:
