@@ -12,6 +12,7 @@ does not allow the upgrade serves it as plain HTTP; shadows never get the tunnel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -557,3 +558,27 @@ def test_an_offer_naming_a_protocol_the_route_does_not_list_is_served_plain(
         assert raw.startswith(b"HTTP/1.1 200 "), raw[:100]
         assert backend.requests[-1].header("upgrade") is None
         assert scrape(proxy).sum(UPGRADES, route="r1", outcome="not_allowed") == 1
+
+
+def test_tunnels_with_workers(ws_server: WebSocketServer) -> None:
+    """With --workers 2, the tunnels spread over the workers and the gauge sums them."""
+    n = 12
+    with ProxyProcess(basic_config(ws_server.url), workers=2) as proxy:
+
+        async def run() -> float:
+            async with contextlib.AsyncExitStack() as stack:
+                conns = [
+                    await stack.enter_async_context(_connect(proxy, f"/echo?w={i}"))
+                    for i in range(n)
+                ]
+                for i, ws in enumerate(conns):
+                    await ws.send(f"w{i}")
+                    assert await ws.recv() == f"w{i}"
+
+                def all_open() -> float:
+                    return scrape(proxy).sum(ACTIVE) == n and n
+
+                return await asyncio.to_thread(wait_until, all_open, 15, "the summed gauge")
+
+        assert asyncio.run(run()) == n
+        wait_until(lambda: scrape(proxy).sum(CLOSED) == n, 15, "every tunnel counted closed")
