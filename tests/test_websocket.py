@@ -34,7 +34,7 @@ from support.configs import backend_entry, basic_config
 from support.metrics import scrape
 from support.proxy import ProxyProcess, raw_request
 from support.wait import wait_until
-from support.websocket import MAX_MESSAGE, WebSocketServer
+from support.websocket import MAX_MESSAGE, StalledUpgradeServer, WebSocketServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -238,6 +238,45 @@ def test_slow_reader_back_pressures_the_sender(ws_server: WebSocketServer) -> No
         assert at_stall < total // 2, f"the server was not held back: {at_stall} bytes sent"
         growth_mib = (peak - baseline) / 1024
         assert growth_mib < 24, f"proxy grew {growth_mib:.1f} MiB for a stalled 96 MiB flood"
+
+
+def test_a_slow_backend_back_pressures_the_client() -> None:
+    """The other direction: the client sends 96 MiB to a backend that reads nothing; the
+    client's sends stall (the proxy stops reading it) and the proxy does not grow; once the
+    backend reads, every byte arrives."""
+    total, block = 96 * 1024 * 1024, os.urandom(1024 * 1024)
+    with StalledUpgradeServer() as slow, ProxyProcess(basic_config(slow.url)) as proxy:
+        baseline = _rss_kib(proxy.pid)
+        sent = [0]
+
+        async def run() -> int:
+            async with _connect(proxy, "/up", compression=None) as ws:
+
+                async def pump() -> None:
+                    while sent[0] < total:
+                        await ws.send(block)
+                        sent[0] += len(block)
+
+                task = asyncio.create_task(pump())
+
+                def stalled() -> bool:
+                    before = sent[0]
+                    time.sleep(0.5)
+                    return 0 < before == sent[0]
+
+                await asyncio.to_thread(wait_until, stalled, 30, "the client's sends to stall")
+                peak, at_stall = _rss_kib(proxy.pid), sent[0]
+                slow.release()
+                await asyncio.wait_for(task, 60)
+                assert at_stall < total // 2, f"the client was not held back: {at_stall} sent"
+                return peak
+            return 0
+
+        peak = asyncio.run(run())
+        assert slow.finished.wait(30)
+        assert slow.received > total  # every payload byte, plus frame headers
+        growth_mib = (peak - baseline) / 1024
+        assert growth_mib < 24, f"proxy grew {growth_mib:.1f} MiB for a stalled 96 MiB upload"
 
 
 def test_idle_tunnel_is_closed(ws_server: WebSocketServer) -> None:

@@ -22,6 +22,9 @@ can tell a shadow received one. Nothing here imports shadowlane.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import socket
 import threading
 from http import HTTPStatus
 from typing import Any
@@ -31,7 +34,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from .servers import ServerThread
+from .servers import ServerThread, SocketServer
 
 CHUNK = 1024 * 1024
 MAX_MESSAGE = 32 * 1024 * 1024
@@ -137,4 +140,47 @@ class WebSocketServer(ServerThread):
             await ws.send(message)
 
 
-__all__ = ["CHUNK", "MAX_MESSAGE", "WebSocketServer"]
+class StalledUpgradeServer(SocketServer):
+    """Accepts one WebSocket handshake (a valid `101`) on a plain socket, then reads nothing
+    until :meth:`release`, then counts every byte until the peer closes: a backend that is a
+    slow reader, for the client-to-backend direction of back-pressure."""
+
+    GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._go = threading.Event()
+        self.received = 0
+        self.finished = threading.Event()
+
+    def release(self) -> None:
+        self._go.set()
+
+    def handle(self, conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        accept = base64.b64encode(hashlib.sha1(key + self.GUID).digest())
+        conn.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        self._go.wait(60)
+        while True:
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                break
+            with self._cond:
+                self.received += len(chunk)
+        self.finished.set()
+
+
+__all__ = ["CHUNK", "MAX_MESSAGE", "StalledUpgradeServer", "WebSocketServer"]
