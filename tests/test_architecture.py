@@ -26,6 +26,8 @@ RANKS: dict[str, int] = {
     # peers' configs -> native config: uses config only; cli and app use it
     "importers": 2,
     "proxy": 5,
+    # upgrade requests beside the primary path: it uses the proxy, the proxy never it
+    "upgrades": 5,
     "routing": 4,
     "shadow": 4,
     "record": 4,

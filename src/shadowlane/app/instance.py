@@ -34,7 +34,9 @@ from shadowlane.metrics import Metrics
 from shadowlane.proxy import Proxy
 from shadowlane.record import RecordWriter
 from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
+from shadowlane.upgrades import UpgradeCall, Upgrades
 from shadowlane.wire.server import ServerLimits, ServerState
+from shadowlane.wire.tunnel import TunnelSet
 
 __all__ = ["Instance", "ListenError", "ReadyHook", "bound_address"]
 
@@ -87,6 +89,20 @@ def _kept_until_restart(old: Config, new: Config) -> list[str]:
         )
         if before != after
     ]
+
+
+def _keeps_tunnel(cfg: Config, call: UpgradeCall) -> bool:
+    """A tunnel survives a reload when the new config still routes it the same way: its
+    route is there, still allows its protocol, and its backend still lists its endpoint."""
+    route = next((rc for rc in cfg.routes if rc.name == call.route), None)
+    if route is None or not all(p in route.upgrades for p in call.protocols):
+        return False
+    if call.backend.name not in route.backend_names:
+        return False
+    backend = cfg.backends.get(call.backend.name)
+    return backend is not None and any(
+        ep.authority == call.endpoint.label for ep in backend.endpoints
+    )
 
 
 class _LiveStore:
@@ -207,6 +223,21 @@ class Instance:
             self.access_log,
             proto=b"https" if self.tls is not None else b"http",
         )
+        #: the open tunnels (upgraded connections): they outlive a reload's generation
+        self.tunnels = TunnelSet()
+        self.upgrades = Upgrades(
+            self.proxy,
+            self.metrics,
+            self.tunnels,
+            self.access_log.tunnel if self.access_log is not None else None,
+        )
+        self.proxy.on_upgrade = self.upgrades.handle
+        self.metrics.set_gauge_provider(
+            "shadowlane_tunnels_active",
+            "Tunnels (upgraded connections, WebSocket) open now, per route.",
+            ("route",),
+            self.upgrades.gauge,
+        )
         state_path = os.path.join(metrics_dir, "runtime.json") if metrics_dir else None
         self.control = Control(self._live, state_path, writer=worker_id == 0)
         limits = cfg.limits
@@ -315,6 +346,14 @@ class Instance:
         limits.idle_timeout = cfg.limits.idle_timeout
         self.control.reset()
         old.retire(self.loop)
+        grace = cfg.limits.tunnel_drain_timeout
+        closing = self.upgrades.retire(lambda call: _keeps_tunnel(cfg, call), grace)
+        if closing:
+            log.warning(
+                "reload: %d tunnel(s) lost their route or backend; closing them in %gs",
+                closing,
+                grace,
+            )
         log.warning("reloaded %s: %d route(s)", self.config_path, len(cfg.routes))
         return []
 
@@ -417,7 +456,10 @@ class Instance:
         if self.server is not None:
             self.server.close()
         self.state.start_drain()
-        deadline = self.loop.time() + self.cfg.limits.drain_timeout
+        now = self.loop.time()
+        deadline = now + self.cfg.limits.drain_timeout
+        # tunnels run on for their own grace (they never end by themselves), counted from now
+        tunnels_deadline = now + self.cfg.limits.tunnel_drain_timeout
         while self.state.busy() and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.state.connections):
@@ -425,6 +467,7 @@ class Instance:
                 conn.abort()  # still busy at the deadline: cut, never pass off as complete
             else:
                 conn.close()
+        await self.tunnels.drain(tunnels_deadline)
         self.control.stop()
         await self.generation.shadow.drain(min(5.0, self.cfg.limits.drain_timeout))
         if self.record_writer is not None:
