@@ -12,6 +12,7 @@ from shadowlane.config.comparison import (
     DEFAULT_IGNORE_HEADERS,
     CompareConfig,
     CompareThresholds,
+    GrpcCompare,
     RouteCompare,
     ShadowCompare,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "ConfigError",
     "Duration",
     "Endpoint",
+    "GrpcCompare",
     "HeaderMutation",
     "LimitsConfig",
     "MatchConfig",

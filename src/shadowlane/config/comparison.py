@@ -9,7 +9,9 @@ the only copy of them: another layer that needs a default reads it from a model 
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -19,6 +21,7 @@ from pydantic import (
     Field,
     PlainValidator,
     Tag,
+    model_validator,
 )
 
 from shadowlane.config.base import _Model, _none_to_empty
@@ -55,9 +58,9 @@ def _check_field_path(value: str) -> str:
         pos = m.end()
         first = False
     root = re.split(r"[.\[]", text, maxsplit=1)[0]
-    if root not in ("status", "headers", "body", "**", "*"):
+    if root not in ("status", "headers", "trailers", "body", "**", "*"):
         raise ValueError(
-            f"bad field path {value!r}: must start with status, headers, body, * or **"
+            f"bad field path {value!r}: must start with status, headers, trailers, body, * or **"
         )
     return text
 
@@ -87,6 +90,71 @@ HeaderNames = Annotated[
 ]
 
 
+def _service_names(path: str) -> list[str]:
+    """The services of a FileDescriptorSet file, after checking that it is one whose imports are
+    all in it (the comparator builds its descriptor pool from this file alone)."""
+    from google.protobuf import descriptor_pb2
+    from google.protobuf.message import DecodeError
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    fds = descriptor_pb2.FileDescriptorSet()
+    try:
+        fds.ParseFromString(data)
+    except DecodeError:
+        raise ValueError(
+            f"{path} is not a FileDescriptorSet (write one with protoc --include_imports "
+            "--descriptor_set_out=FILE)"
+        ) from None
+    if not fds.file:
+        raise ValueError(f"{path} holds no .proto files")
+    names = {f.name for f in fds.file}
+    services: list[str] = []
+    for f in fds.file:
+        for dep in f.dependency:
+            if dep not in names:
+                raise ValueError(
+                    f"{path}: {f.name} imports {dep}, which is not in the set "
+                    "(write it with protoc --include_imports)"
+                )
+        services.extend(f"{f.package}.{s.name}" if f.package else s.name for s in f.service)
+    return services
+
+
+def _descriptor_file(value: str) -> str:
+    if not os.path.isfile(value):
+        raise ValueError(f"no such file: {value}")
+    return value
+
+
+class GrpcCompare(_Model, frozen=True):
+    """Proto names for gRPC answers (`compare.grpc`): a descriptor set and, optionally, which of
+    its services to decode with it. Without it gRPC messages are still compared, by field
+    number."""
+
+    #: `protoc --include_imports --descriptor_set_out=FILE`; relative to the working directory
+    descriptor_set: Annotated[str, AfterValidator(_descriptor_file)]
+    #: full service names (`pkg.Users`); empty = every service in the set
+    services: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _services_exist(self) -> GrpcCompare:
+        # a missing file is reported on its own key; the services are checked against its
+        # contents only when it could be read
+        if not os.path.isfile(self.descriptor_set):
+            return self
+        known = _service_names(self.descriptor_set)
+        for name in self.services:
+            if name not in known:
+                raise ValueError(
+                    f"unknown service {name!r} in {self.descriptor_set} "
+                    f"(it has: {', '.join(known) or 'no services'})"
+                )
+        return self
+
+
 class ShadowCompare(_Model, frozen=True):
     """How one shadow's answers are compared with the primary's (`compare:` on a shadow)."""
 
@@ -103,6 +171,8 @@ class ShadowCompare(_Model, frozen=True):
     ignore_headers: HeaderNames = Field(default_factory=list)
     #: capture cap per answer; a longer body is cut and compared as far as captured
     max_body: Size = 1024**2
+    #: proto names for gRPC answers; replaces the route's and the global `grpc` for this shadow
+    grpc: GrpcCompare | None = None
 
 
 def _compare_flag(value: object) -> bool:
@@ -134,6 +204,8 @@ class RouteCompare(_Model, frozen=True):
     """Per-route comparison rules (`routes[].compare`), applied to every compared shadow."""
 
     ignore: FieldPaths = Field(default_factory=list)
+    #: proto names for gRPC answers of this route's shadows (unless a shadow names its own)
+    grpc: GrpcCompare | None = None
 
 
 #: Headers that differ between any two servers or any two answers of one server, so comparing
@@ -209,3 +281,5 @@ class CompareConfig(_Model, frozen=True):
     #: share of wall time (0..1] the comparator may spend comparing; it holds the GIL meanwhile,
     #: so this bounds what comparisons can take from the event loop (past it, jobs drop)
     cpu_share: Annotated[float, Field(gt=0, le=1)] = 0.25
+    #: proto names for gRPC answers on every route (unless a route or shadow names its own)
+    grpc: GrpcCompare | None = None
