@@ -574,15 +574,10 @@ def values_of(a: Lifted, b: Lifted, paths: list[str]) -> dict[str, list[Any]]:
 
 
 def answer_doc(c: Captured, lifted: Lifted, redact: Redaction | None = None) -> dict[str, Any]:
-    """One answer as stored with an example: status, all headers, the body as text; with
-    `redact`, its headers removed and its JSON fields masked before the body is cut."""
-    headers: dict[str, str] = {}
-    for raw_name, raw_value in c.headers:
-        if redact is not None and redact.removes(raw_name.lower()):
-            continue
-        name = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
-        headers[name] = headers[name] + ", " + value if name in headers else value
+    """One answer as stored with an example: status, all headers, the body as text (a gRPC
+    body: its decoded messages as JSON), the trailers when there are any; with `redact`, its
+    headers (and trailers) removed and its JSON fields masked before the body is cut."""
+    headers = _joined(c.headers, redact)
     body = lifted.body if lifted.kind != "failed" else c.body
     if lifted.kind == "grpc":
         # the decoded messages as JSON: the framed protobuf bytes mean nothing to a reader
@@ -596,7 +591,7 @@ def answer_doc(c: Captured, lifted: Lifted, redact: Redaction | None = None) -> 
             except Unredactable:
                 body = WITHHELD.encode()
     cut = len(body) > EXAMPLE_BODY_CAP
-    return {
+    doc: dict[str, Any] = {
         "status": c.status,
         "failure": c.failure,
         "headers": headers,
@@ -606,3 +601,18 @@ def answer_doc(c: Captured, lifted: Lifted, redact: Redaction | None = None) -> 
         "compared_truncated": lifted.truncated,
         "seconds": c.seconds,
     }
+    if c.trailers:
+        doc["trailers"] = _joined(c.trailers, redact)
+    return doc
+
+
+def _joined(headers: list[tuple[bytes, bytes]], redact: Redaction | None) -> dict[str, str]:
+    """Headers as `{name: values joined with ", "}`, lower-case names, minus redacted ones."""
+    out: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        if redact is not None and redact.removes(raw_name.lower()):
+            continue
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        out[name] = out[name] + ", " + value if name in out else value
+    return out

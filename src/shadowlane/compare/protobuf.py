@@ -135,6 +135,15 @@ _TYPE_BYTES = 12
 _TYPE_ENUM = 14
 
 
+_LABEL_REPEATED = 3
+
+
+def _is_repeated(fd: Any) -> bool:
+    """`is_repeated` from protobuf 6.31 on (7 dropped `label`), `label` before it."""
+    flag = getattr(fd, "is_repeated", None)
+    return bool(flag) if flag is not None else bool(fd.label == _LABEL_REPEATED)
+
+
 def _map_key(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -175,7 +184,7 @@ class _Walker:
             if fd.type == _TYPE_MESSAGE and fd.message_type.GetOptions().map_entry:
                 vfd = fd.message_type.fields_by_name["value"]
                 out[name] = {_map_key(k): self.scalar(vfd, value[k]) for k in value}
-            elif fd.is_repeated:
+            elif _is_repeated(fd):
                 out[name] = [self.scalar(fd, v) for v in value]
             else:
                 out[name] = self.scalar(fd, value)
