@@ -18,11 +18,11 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 from shadowlane.compare.protobuf import _bytes_value, decode_top, decode_with
+from shadowlane.config import build_descriptor_set, read_descriptor_set
 
 #: the codes of grpc/status.h, by number; `status.grpc` holds the name
 STATUS_NAMES: dict[int, str] = {
@@ -169,12 +169,9 @@ class GrpcSchema:
 
     @classmethod
     def load(cls, path: str, services: tuple[str, ...] = ()) -> GrpcSchema:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise ValueError(f"cannot read descriptor set {path}: {exc}") from None
-        schema = cls(data, services, path)
-        schema.pool()  # fail now, at start or reload, not on the first answer
+        found = read_descriptor_set(path)  # ValueError now, at start or reload
+        schema = cls(found.data, services, path)
+        schema._pool = found.pool
         return schema
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -195,7 +192,7 @@ class GrpcSchema:
         """The descriptor pool, built once; raises ValueError naming what is wrong."""
         with self._lock:
             if self._pool is None:
-                self._pool = build_pool(self.data)
+                self._pool = build_descriptor_set(self.data, self.source or "descriptor set").pool
             return self._pool
 
     def message_class(self, path: str) -> Any:
@@ -230,41 +227,3 @@ class GrpcSchema:
         from google.protobuf import message_factory
 
         return message_factory.GetMessageClass(m.output_type)
-
-
-def build_pool(data: bytes) -> Any:
-    """A DescriptorPool holding every file of a serialized FileDescriptorSet, dependencies first."""
-    from google.protobuf import descriptor_pb2, descriptor_pool
-    from google.protobuf.message import DecodeError
-
-    fds = descriptor_pb2.FileDescriptorSet()
-    try:
-        fds.ParseFromString(data)
-    except DecodeError as exc:
-        raise ValueError(f"not a FileDescriptorSet: {exc}") from None
-    files = {f.name: f for f in fds.file}
-    pool = descriptor_pool.DescriptorPool()
-    added: set[str] = set()
-
-    def add(name: str, chain: tuple[str, ...]) -> None:
-        if name in added:
-            return
-        if name in chain:
-            raise ValueError(f"import cycle through {name}")
-        f = files.get(name)
-        if f is None:
-            raise ValueError(
-                f"{chain[-1]} imports {name}, which is not in the set "
-                "(write it with protoc --include_imports)"
-            )
-        for dep in f.dependency:
-            add(dep, (*chain, name))
-        try:
-            pool.AddSerializedFile(f.SerializeToString())
-        except Exception as exc:  # upb raises TypeError, the pure-Python pool others
-            raise ValueError(f"{name}: {exc}") from None
-        added.add(name)
-
-    for name in files:
-        add(name, ())
-    return pool

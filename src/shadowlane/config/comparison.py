@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -25,6 +24,7 @@ from pydantic import (
 )
 
 from shadowlane.config.base import _Model, _none_to_empty
+from shadowlane.config.descriptors import read_descriptor_set
 from shadowlane.config.units import _TOKEN, Duration, Int, Size, Timeout, _positive
 
 _PATH_SEGMENT = re.compile(r"\*\*|[^.\[\]]+|\[(?:\*|\d+)\]")
@@ -90,39 +90,6 @@ HeaderNames = Annotated[
 ]
 
 
-def _service_names(path: str) -> list[str]:
-    """The services of a FileDescriptorSet file, after checking that it is one whose imports are
-    all in it (the comparator builds its descriptor pool from this file alone)."""
-    from google.protobuf import descriptor_pb2
-    from google.protobuf.message import DecodeError
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    fds = descriptor_pb2.FileDescriptorSet()
-    try:
-        fds.ParseFromString(data)
-    except DecodeError:
-        raise ValueError(
-            f"{path} is not a FileDescriptorSet (write one with protoc --include_imports "
-            "--descriptor_set_out=FILE)"
-        ) from None
-    if not fds.file:
-        raise ValueError(f"{path} holds no .proto files")
-    names = {f.name for f in fds.file}
-    services: list[str] = []
-    for f in fds.file:
-        for dep in f.dependency:
-            if dep not in names:
-                raise ValueError(
-                    f"{path}: {f.name} imports {dep}, which is not in the set "
-                    "(write it with protoc --include_imports)"
-                )
-        services.extend(f"{f.package}.{s.name}" if f.package else s.name for s in f.service)
-    return services
-
-
 def _descriptor_file(value: str) -> str:
     if not os.path.isfile(value):
         raise ValueError(f"no such file: {value}")
@@ -145,7 +112,7 @@ class GrpcCompare(_Model, frozen=True):
         # contents only when it could be read
         if not os.path.isfile(self.descriptor_set):
             return self
-        known = _service_names(self.descriptor_set)
+        known = read_descriptor_set(self.descriptor_set).services
         for name in self.services:
             if name not in known:
                 raise ValueError(
