@@ -461,13 +461,15 @@ def test_raw_decoding_rules() -> None:
             decode_raw(bad)
 
 
-def test_settings_with_a_schema_pickle(pb: ModuleType, proto: CompiledProto) -> None:
+def test_a_schema_pickles(pb: ModuleType, proto: CompiledProto) -> None:
     """A comparator in another process receives the settings pickled: the schema travels as
-    the descriptor set's bytes and is rebuilt there."""
-    settings = named(proto)
-    copy = pickle.loads(pickle.dumps(settings))
-    assert copy.grpc == settings.grpc
-    assert "body[0].user.id" in lift(answer(grpc_body(user_response(pb))), copy, GET_USER).fields
+    the descriptor set's bytes and its pool is rebuilt there."""
+    schema = named(proto).grpc
+    assert schema is not None
+    copy = pickle.loads(pickle.dumps(schema))
+    assert copy == schema and copy is not schema
+    settings = CompareSettings(grpc=copy)
+    assert "body[0].user.id" in lift(answer(grpc_body(user_response(pb))), settings, GET_USER).fields
 
 
 # ---------------------------------------------------------------------------------------------
