@@ -469,7 +469,9 @@ def test_a_schema_pickles(pb: ModuleType, proto: CompiledProto) -> None:
     copy = pickle.loads(pickle.dumps(schema))
     assert copy == schema and copy is not schema
     settings = CompareSettings(grpc=copy)
-    assert "body[0].user.id" in lift(answer(grpc_body(user_response(pb))), settings, GET_USER).fields
+    assert (
+        "body[0].user.id" in lift(answer(grpc_body(user_response(pb))), settings, GET_USER).fields
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,3 +547,57 @@ def test_trailers_is_a_field_path_root() -> None:
     )
     sc = cfg.routes[0].shadows[0].compare_enabled
     assert sc is not None and sc.ignore == ["trailers.x-cost"]
+
+
+def test_unordered_repeated_field_by_proto_name(pb: ModuleType, proto: CompiledProto) -> None:
+    a = answer(grpc_body(user_response(pb, tags=["a", "b"])))
+    b = answer(grpc_body(user_response(pb, tags=["b", "a"])))
+    assert evaluate(job(a, b, named(proto))).differing == [
+        "body[0].user.tags[0]",
+        "body[0].user.tags[1]",
+    ]
+    assert evaluate(job(a, b, named(proto, unordered=["body[*].user.tags"]))).result == "match"
+    c = answer(grpc_body(user_response(pb, tags=["b", "a", "a"])))
+    unordered = named(proto, unordered=["body[*].user.tags"])
+    assert evaluate(job(a, c, unordered)).differing == ["body[0].user.tags"]
+
+
+def test_a_message_that_is_not_its_type_is_decoded_by_number(
+    pb: ModuleType, proto: CompiledProto
+) -> None:
+    # field 1 of GetUserResponse is a message (User); here it is a varint
+    wrong = b"\x08\x05"
+    lifted = lift(answer(grpc_body(wrong)), named(proto), GET_USER)
+    assert lifted.kind == "grpc"
+    assert {p: v for p, v in lifted.fields.items() if p.startswith("body")} == {"body[0].1": 5}
+
+
+def test_shadowlane_check_with_a_descriptor_set(proto: CompiledProto, tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        _config(
+            f"{{descriptor_set: {proto.descriptor_set}, services: [shadowlane.test.users.Users]}}"
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "shadowlane", "check", "-c", str(good)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"gRPC fields named by {proto.descriptor_set}" in done.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_config("{descriptor_set: missing.pb}"))
+    done = subprocess.run(
+        [sys.executable, "-m", "shadowlane", "check", "-c", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "routes[0].shadows[0].compare.grpc.descriptor_set: no such file: missing.pb" in (
+        done.stdout + done.stderr
+    )
