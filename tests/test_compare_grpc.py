@@ -419,6 +419,18 @@ def test_trailers_are_fields_beside_headers(pb: ModuleType) -> None:
     assert evaluate(job(a, failed, no_status)).differing == ["trailers.x-cost", "trailers.x-debug"]
 
 
+def test_an_ignored_grpc_status_leaves_the_rest_compared(
+    pb: ModuleType, proto: CompiledProto
+) -> None:
+    settings = named(proto, ignore=["status.grpc", "status.grpc_message"])
+    a = answer(grpc_body(user_response(pb, "Ada")))
+    b = answer(grpc_body(user_response(pb, "Grace")), trailers=[(b"grpc-status", b"13")])
+    out = evaluate(job(a, b, settings))
+    # the status is ignored; the message is still decoded by its proto names
+    assert out.differing == ["body[0].user.display_name"]
+    assert out.primary.fields["status"] == 200
+
+
 def test_schema_mode_compares_shapes_but_grpc_status_by_value(
     pb: ModuleType, proto: CompiledProto
 ) -> None:

@@ -361,8 +361,8 @@ def lift(c: Captured, s: CompareSettings, path: str = "") -> Lifted:
             headers_in = [h for h in headers_in if h[0].lower() not in STATUS_HEADERS]
             trailers_in = [h for h in trailers_in if h[0].lower() not in STATUS_HEADERS]
             if s.ignore:
-                for path in [p for p in grpc_status if s.ignore.matches(p)]:
-                    del grpc_status[path]
+                for ignored in [p for p in grpc_status if s.ignore.matches(p)]:
+                    del grpc_status[ignored]
     if ctype is not None and is_grpc(ctype):
         schema = s.grpc
         grpc = GrpcAnswer(
