@@ -21,7 +21,7 @@ import zlib
 from typing import Any
 from urllib.parse import unquote
 
-from shadowlane.compare.protobuf import _bytes_value, decode_top, decode_with
+from shadowlane.compare.protobuf import base64_text, decode_top, decode_with
 from shadowlane.config import build_descriptor_set, read_descriptor_set
 
 #: the codes of grpc/status.h, by number; `status.grpc` holds the name
@@ -135,7 +135,7 @@ class GrpcAnswer:
                 gzipped = self.encoding in (b"gzip", b"x-gzip")
                 plain = _gunzip(payload, self.cap) if gzipped else None
                 if plain is None:
-                    out.append(_bytes_value(payload))
+                    out.append(base64_text(payload))
                     continue
                 payload = plain
             if self.message_class is not None:

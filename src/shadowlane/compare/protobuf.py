@@ -61,7 +61,8 @@ def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
     raise NotProtobuf("bad varint")
 
 
-def _bytes_value(chunk: bytes) -> str:
+def base64_text(chunk: bytes) -> str:
+    """Bytes as a leaf value: base64, as protobuf's JSON mapping writes `bytes` fields."""
     return base64.b64encode(chunk).decode("ascii")
 
 
@@ -79,7 +80,7 @@ def _length_delimited(chunk: bytes, depth: int) -> Any:
             return decode_raw(chunk, depth + 1)
         except NotProtobuf:
             pass
-    return text if text is not None else _bytes_value(chunk)
+    return text if text is not None else base64_text(chunk)
 
 
 def _collapse(fields: dict[str, list[Any]]) -> dict[str, Any]:
@@ -121,7 +122,7 @@ def decode_top(data: bytes) -> Any:
     try:
         return decode_raw(data)
     except NotProtobuf:
-        return _bytes_value(data)
+        return base64_text(data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def _unknown_value(wire: int, data: Any) -> Any:
         return _length_delimited(bytes(data), 1)
     if wire in (0, 1, 5):
         return int(data)
-    return _bytes_value(b"")  # a group in the unknown fields: kept as present, not decoded
+    return base64_text(b"")  # a group in the unknown fields: kept as present, not decoded
 
 
 class _Walker:
@@ -174,7 +175,7 @@ class _Walker:
             known = fd.enum_type.values_by_number.get(value)
             return known.name if known is not None else value
         if kind == _TYPE_BYTES:
-            return _bytes_value(value)
+            return base64_text(value)
         return value
 
     def message(self, msg: Any) -> dict[str, Any]:
