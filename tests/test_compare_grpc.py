@@ -45,6 +45,8 @@ GET_USER = "/shadowlane.test.users.Users/GetUser"
 LIST_USERS = "/shadowlane.test.users.Users/ListUsers"
 GRPC = [(b"content-type", b"application/grpc")]
 OK = [(b"grpc-status", b"0")]
+#: a GetUserRequest(id=7) as protoc's runtime writes it (field 1, varint 7)
+GET_USER_7 = b"\x08\x07"
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,7 @@ def job(
         f"r{i}",
         "POST",
         uri,
-        b"",
+        grpc_body(GET_USER_7),
         primary,
         candidate,
         None,
@@ -190,7 +192,8 @@ def test_changed_field_by_proto_name_with_descriptor(
     assert "body[0].user.display_name" in reported
     (example,) = store.examples("users", "users-v2", field="body[0].user.display_name", limit=1)
     assert example["candidate"]["values"]["body[0].user.display_name"] == ["Ada", "Grace"]
-    # the stored answers show the decoded messages, by name, not framed protobuf bytes
+    # the request is shown decoded by its type (GetUserRequest), the answers by theirs
+    assert orjson.loads(example["request_body"]) == [{"id": 7}]
     shown = orjson.loads(example["candidate"]["body"])
     assert shown[0]["user"]["display_name"] == "Grace"
     assert shown[0]["user"]["role"] == "ADMIN"

@@ -573,6 +573,19 @@ def values_of(a: Lifted, b: Lifted, paths: list[str]) -> dict[str, list[Any]]:
     return out
 
 
+def request_text(body: bytes, path: str, primary: Lifted) -> str:
+    """The request body as stored with an example: when the answer is gRPC, the request's
+    messages decoded as JSON (by the method's request type with a descriptor set; a compressed
+    one stays base64, as the request's grpc-encoding is not kept); else the bytes as text."""
+    if primary.kind == "grpc":
+        schema = primary.settings.grpc
+        cls = schema.message_class(path, request=True) if schema is not None and path else None
+        messages = GrpcAnswer(cls, b"identity", primary.settings.max_body).decode(body)
+        if messages is not None:
+            return orjson.dumps(messages).decode()
+    return body.decode("utf-8", "replace")
+
+
 def answer_doc(c: Captured, lifted: Lifted, redact: Redaction | None = None) -> dict[str, Any]:
     """One answer as stored with an example: status, all headers, the body as text (a gRPC
     body: its decoded messages as JSON), the trailers when there are any; with `redact`, its

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from shadowlane.compare.diff import Lifted, answer_doc, diff, lift, values_of
+from shadowlane.compare.diff import Lifted, answer_doc, diff, lift, request_text, values_of
 from shadowlane.compare.model import CompareJob
 from shadowlane.compare.settings import DEFAULT_SETTINGS, CompareSettings
 from shadowlane.store import Batch, Divergence, Example, Store
@@ -123,7 +123,7 @@ def make_example(job: CompareJob, out: Outcome, ts: float) -> Example:
     red = settings_of(job).redact
     values = values_of(out.primary, out.candidate, out.differing)
     uri = job.uri
-    request_body = job.request_body.decode("utf-8", "replace")
+    request_body = request_text(job.request_body, job.uri, out.primary)
     if red is not None:
         uri = red.target(uri.encode("latin-1")).decode("latin-1")
         request_body = red.json_text(request_body)

@@ -165,7 +165,8 @@ class GrpcSchema:
         self.source = source
         self._lock = threading.Lock()
         self._pool: Any = None
-        self._classes: dict[str, Any] = {}
+        #: (request class, response class) per path
+        self._classes: dict[str, tuple[Any, Any]] = {}
 
     @classmethod
     def load(cls, path: str, services: tuple[str, ...] = ()) -> GrpcSchema:
@@ -195,35 +196,39 @@ class GrpcSchema:
                 self._pool = build_descriptor_set(self.data, self.source or "descriptor set").pool
             return self._pool
 
-    def message_class(self, path: str) -> Any:
-        """The response message class of the call at `path`, or None (not a gRPC path, a
-        service not in the set or not named, an unknown method): then fields go by number."""
+    def message_class(self, path: str, *, request: bool = False) -> Any:
+        """The response (or, with `request`, the request) message class of the call at `path`,
+        or None (not a gRPC path, a service not in the set or not named, an unknown method):
+        then fields go by number."""
         key = path.split("?", 1)[0]
         with self._lock:
-            if key in self._classes:
-                return self._classes[key]
-        found = self._find(key)
-        with self._lock:
-            if len(self._classes) >= 4096:
-                self._classes.clear()
-            self._classes[key] = found
-        return found
+            found = self._classes.get(key)
+        if found is None:
+            found = self._find(key)
+            with self._lock:
+                if len(self._classes) >= 4096:
+                    self._classes.clear()
+                self._classes[key] = found
+        return found[0] if request else found[1]
 
-    def _find(self, path: str) -> Any:
+    def _find(self, path: str) -> tuple[Any, Any]:
         method = method_of(path)
         if method is None:
-            return None
+            return (None, None)
         service_name, method_name = method
         if self.services and service_name not in self.services:
-            return None
+            return (None, None)
         pool = self.pool()
         try:
             service = pool.FindServiceByName(service_name)
         except KeyError:
-            return None
+            return (None, None)
         m = service.methods_by_name.get(method_name)
         if m is None:
-            return None
+            return (None, None)
         from google.protobuf import message_factory
 
-        return message_factory.GetMessageClass(m.output_type)
+        return (
+            message_factory.GetMessageClass(m.input_type),
+            message_factory.GetMessageClass(m.output_type),
+        )
