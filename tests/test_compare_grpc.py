@@ -432,6 +432,9 @@ def test_an_ignored_grpc_status_leaves_the_rest_compared(
     # the status is ignored; the message is still decoded by its proto names
     assert out.differing == ["body[0].user.display_name"]
     assert out.primary.fields["status"] == 200
+    # naming the headers in ignore_headers does the same
+    by_name = named(proto, ignore_headers=["grpc-status", "grpc-message"])
+    assert evaluate(job(a, b, by_name)).differing == ["body[0].user.display_name"]
 
 
 def test_schema_mode_compares_shapes_but_grpc_status_by_value(

@@ -360,6 +360,11 @@ def lift(c: Captured, s: CompareSettings, path: str = "") -> Lifted:
         if grpc_status:
             headers_in = [h for h in headers_in if h[0].lower() not in STATUS_HEADERS]
             trailers_in = [h for h in trailers_in if h[0].lower() not in STATUS_HEADERS]
+            # ignored by the path rules (`status.grpc`, `status`) or by header name
+            if "grpc-status" in s.ignore_headers:
+                grpc_status.pop("status.grpc", None)
+            if "grpc-message" in s.ignore_headers:
+                grpc_status.pop("status.grpc_message", None)
             if s.ignore:
                 for ignored in [p for p in grpc_status if s.ignore.matches(p)]:
                     del grpc_status[ignored]
