@@ -474,6 +474,8 @@ def test_raw_decoding_rules() -> None:
     assert decode_raw(b"\x12\x02\xff\xfe") == {"2": "//4="}
     assert decode_raw(b"\x08\x01\x08\x02\x08\x03") == {"1": [1, 2, 3]}
     assert decode_raw(b"\x0d\x01\x00\x00\x00") == {"1": 1}  # fixed32
+    assert decode_raw(b"\xe0\x12\x96\x01") == {"300": 150}  # two-byte tag and value
+    assert decode_raw(b"\x08\x01\x10\x02\x08\x03") == {"1": [1, 3], "2": 2}
     for bad in (b"\x00\x01", b"\x0b", b"\x0f\x00", b"\x12\x05ab", b"\x08\xff\xff\xff"):
         with pytest.raises(ValueError):
             decode_raw(bad)
