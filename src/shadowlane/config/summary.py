@@ -102,6 +102,8 @@ def _describe_shadow(s: ShadowConfig) -> str:
             how.append(f"noise from {opts.secondary}")
         if opts.ignore:
             how.append(f"{len(opts.ignore)} ignore rules")
+        if opts.grpc is not None:
+            how.append(f"gRPC fields named by {opts.grpc.descriptor_set}")
         parts.append("compare " + ", ".join(how))
     line = f"shadow -> {s.backend}  " + ", ".join(parts)
     if s.record is not None:
