@@ -203,36 +203,37 @@ class Store(ABC):
         """The distinct labels still suspect (an open (entry, key) row), sorted; at most
         `limit` of them when given."""
 
-    # -- shared state (schema 3; any thread, blocking: call it off the event loop) -----------
+    # -- shared state (schema 3; any thread, blocking: call it off the event loop; a
+    # store without it, like a test's wrapper, refuses) ---
 
-    @abstractmethod
     def read_states(self, prefix: str = "") -> list[StateRow]:
         """Every shared document whose name starts with `prefix`."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared state")
 
-    @abstractmethod
     def state_versions(self, prefix: str = "") -> dict[str, int]:
         """name -> version of the shared documents under `prefix` (the cheap poll)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared state")
 
-    @abstractmethod
     def write_state(self, name: str, data: str, expect: int | None = None) -> int | None:
         """Write a document; its new version, or None when `expect` (the version the writer
         read; 0 for "must not exist yet") is not the stored one any more."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared state")
 
-    @abstractmethod
     def append_audit(self, record: AuditRecord) -> int:
         """Add one audit record; its id."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared state")
 
-    @abstractmethod
     def audit(self, migration: str | None = None, limit: int = 100) -> list[AuditRecord]:
         """Audit records, newest first, optionally of one migration."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared state")
 
-    @abstractmethod
     def acquire_lease(self, name: str, holder: str, ttl: float, now: float | None = None) -> bool:
         """Take or renew the lease `name` for `holder` until now + `ttl`; True when held."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared state")
 
-    @abstractmethod
     def release_lease(self, name: str, holder: str) -> None:
         """Give the lease up if `holder` has it (a clean stop hands over at once)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared state")
 
     @abstractmethod
     def clear(self) -> None:
