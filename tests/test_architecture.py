@@ -23,6 +23,8 @@ RANKS: dict[str, int] = {
     "replay": 6,
     # verify may use store, compare and config; only cli imports it
     "verify": 6,
+    # migration plans: read store and metrics, act through control, run verify; app wires them
+    "migrate": 6,
     "proxy": 5,
     "routing": 4,
     "shadow": 4,
