@@ -13,16 +13,29 @@ being flipped) are checked by `check_migrations`, called from the loader's whole
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Annotated, Literal
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Literal, Protocol
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
+from shadowlane.config.backends import BackendConfig
 from shadowlane.config.base import _Model, _none_to_empty
+from shadowlane.config.routes import RouteConfig
 from shadowlane.config.sampling import Percent
 from shadowlane.config.units import Duration, Name
 
-if TYPE_CHECKING:
-    from shadowlane.config.document import Config
+
+class Config(Protocol):
+    """The parts of the whole file these rules read (the root model imports this module)."""
+
+    @property
+    def backends(self) -> Mapping[str, BackendConfig]: ...
+
+    @property
+    def routes(self) -> Sequence[RouteConfig]: ...
+
+    @property
+    def migrations(self) -> Sequence[MigrationConfig]: ...
 
 
 class StageShadow(_Model, frozen=True):

@@ -33,10 +33,10 @@ from typing import Any
 
 import orjson
 
+import shadowlane.migrate.figures as figures
 from shadowlane.config import Config, MigrationConfig
 from shadowlane.control import Control, RuntimeState
 from shadowlane.metrics import Metrics
-from shadowlane.migrate import figures
 from shadowlane.migrate.gates import (
     BackendFigures,
     GateResult,
