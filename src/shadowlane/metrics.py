@@ -655,16 +655,16 @@ class Metrics:
         """
         wanted = set(backends)
         on = set(routes) if routes is not None else None
-        out: dict[str, tuple[dict[str, float], dict[float, float]]] = {
-            b: ({}, {}) for b in wanted
-        }
+        out: dict[str, tuple[dict[str, float], dict[float, float]]] = {b: ({}, {}) for b in wanted}
         self.flush()
         for metric in self._render_registry.collect():
             if metric.name not in ("shadowlane_requests", "shadowlane_request_duration_seconds"):
                 continue
             for sample in metric.samples:
                 backend = sample.labels.get("backend", "")
-                if backend not in wanted or (on is not None and sample.labels.get("route") not in on):
+                if backend not in wanted or (
+                    on is not None and sample.labels.get("route") not in on
+                ):
                     continue
                 codes, buckets = out[backend]
                 if sample.name == "shadowlane_requests_total":
