@@ -79,7 +79,7 @@ class Outline:
 @dataclass(frozen=True, slots=True)
 class MigrationState:
     stage: int = 0
-    #: weight step in a flip stage (0 elsewhere)
+    #: weight step in a flip stage (0 elsewhere; -1: rolled back before its first step)
     step: int = 0
     phase: Phase = Phase.RUNNING
     #: when the stage, and the step, began (wall clock, shared by the fleet)
@@ -116,7 +116,9 @@ def position(st: MigrationState, plan: Outline) -> str:
         return str(st.phase.value)
     steps = plan.steps[st.stage]
     name = plan.stages[st.stage]
-    return f"{name}@{steps[st.step]}%" if steps is not None else name
+    if steps is None:
+        return name
+    return f"{name}@{steps[st.step] if st.step >= 0 else 0}%"
 
 
 def start(now: float, baseline: dict[str, Any]) -> MigrationState:
@@ -170,7 +172,8 @@ def rollback(
     if st.phase in (Phase.REVERSE, Phase.DONE):
         last = len(plan.stages) - 1
         return replace(_enter(last, _last_step(plan, last), now, baseline), phase=Phase.HALTED)
-    if plan.steps[st.stage] is not None and st.step > 0:
+    if plan.steps[st.stage] is not None and st.step >= 0:
+        # the last good step; before the first one, the flip's weight 0 (step -1)
         return replace(st, step=st.step - 1, phase=Phase.HALTED, step_entered=now)
     if st.stage == 0:
         raise TransitionError(f"{position(st, plan)} is the first stage: nothing to go back to")
@@ -197,7 +200,10 @@ def flip_weight(st: MigrationState, plan: Outline) -> int:
     weight = 0
     for i, steps in enumerate(plan.steps[: st.stage + 1]):
         if steps is not None:
-            weight = steps[st.step] if i == st.stage else steps[-1]
+            if i < st.stage:
+                weight = steps[-1]
+            elif st.step >= 0:
+                weight = steps[st.step]
     return weight
 
 
