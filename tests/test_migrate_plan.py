@@ -409,3 +409,33 @@ def test_a_schema_2_store_gains_the_shared_state_in_place(tmp_path: Path) -> Non
         assert store.write_state("x", "{}", expect=0) == 1
         assert store.totals()[0].compared == 7  # what was there stays
     assert raw.query("SELECT value FROM shadowlane_meta WHERE key = 'schema'") == [("3",)]
+
+
+def test_a_changed_plan_keeps_the_position_when_its_stage_still_exists(tmp_path: Path) -> None:
+    doc = base()
+    cfg = parse_config(doc)
+    with open_store(f"sqlite:///{tmp_path}/s.db") as store:
+        ensure(store, cfg.migrations[0], cfg, now=1.0)
+        transition(store, "m", advance_op, actor="a", action="advance", now=2.0)
+        transition(store, "m", advance_op, actor="a", action="advance", now=3.0)
+        assert load(store, "m").position == "flip@10%"  # type: ignore[union-attr]
+        # a step added at the end: same stage, same step index
+        doc["migrations"][0]["stages"][1]["weights"] = [1, 10, 50, 90, 100]
+        cfg2 = parse_config(doc)
+        kept = ensure(store, cfg2.migrations[0], cfg2)
+        assert kept.position == "flip@10%" and kept.state.phase is Phase.RUNNING
+        assert kept.outline.steps[1] == (1, 10, 50, 90, 100)
+        # the stage renamed: it starts over, halted, for a person to look at
+        doc["migrations"][0]["stages"][1]["name"] = "cutover"
+        cfg3 = parse_config(doc)
+        again = ensure(store, cfg3.migrations[0], cfg3)
+        assert again.position == "reads" and again.state.phase is Phase.HALTED
+
+
+def test_check_summarizes_the_migrations() -> None:
+    from shadowlane.config import summarize
+
+    text = summarize(parse_config(base(auto=True, reverse_shadow={"window": "30m"})))
+    assert "migrations (1)" in text and "m: v1 -> v2 (auto, every 5s)" in text
+    assert "reads: shadow search at 10%" in text and "flip: flip 1% 10% 50% 100%" in text
+    assert "then reverse shadowing for 30m" in text

@@ -301,6 +301,9 @@ class MigrationRuntime:
         if doc is None:
             return
         self.shared[mig.name] = doc
+        last = self.last_gates.get(mig.name)
+        if doc.state.phase is Phase.DONE and last is not None and last["version"] == doc.version:
+            return  # nothing left to judge, and its report is written already
         results = await self._measure(mig, cfg, doc)
         st = doc.state
         now = time.time()
