@@ -152,3 +152,45 @@ def test_an_instance_that_loses_its_store_keeps_serving_on_its_last_state(tmp_pa
     finally:
         if not stopped:
             cluster.stop()
+
+
+def test_the_other_instance_takes_over_driving_when_the_driver_stops(pg_url: str) -> None:  # noqa: F811
+    with RecordingBackend() as primary, RecordingBackend() as shadow:
+        cfg = shadow_config(primary.url, shadow.url, pg_url)
+        cfg["migrations"] = [
+            {
+                "name": "m",
+                "old": "p",
+                "new": "s",
+                "interval": "300ms",
+                "stages": [
+                    {"name": "hold", "gates": {"min_time": "1h"}},
+                    {"name": "flip", "weights": [100]},
+                ],
+            }
+        ]
+        a = ProxyProcess(cfg, env=ENV).start()
+        try:
+            with ProxyProcess(cfg, env=ENV) as b:
+                driver = wait_until(
+                    lambda: next((p for p in (a, b) if p.stderr_lines("drives it now")), None),
+                    10.0,
+                    "one instance driving",
+                )
+                other = b if driver is a else a
+                assert not other.stderr_lines("drives it now")
+                driver.stop()  # a clean stop hands the lease over at once
+                wait_until(lambda: other.stderr_lines("drives it now"), 5.0, "the takeover")
+                # and the survivor still moves it
+                code, body = admin_call(other, "POST", "/api/migrations/m/advance")
+                assert code == 200 and body["to"] == "flip@100%"
+                wait_until(
+                    lambda: (
+                        admin_json(other, "/api/config")["routes"][0]["weights"]
+                        == {"p": 0, "s": 100}
+                    ),
+                    IN_FORCE,
+                    "the flip in force",
+                )
+        finally:
+            a.close()

@@ -190,3 +190,35 @@ def test_a_person_resumes_a_halted_flip_and_rolls_back_with_to(tmp_path: Path) -
             assert code == 200 and (body["from"], body["to"]) == ("warm", "warm")
             assert migration(proxy, "api-flip")["phase"] == "running"
             assert admin_call(proxy, "POST", "/api/migrations/nope/advance")[0] == 404
+
+
+def test_with_workers_every_worker_applies_the_migration(tmp_path: Path) -> None:
+    """Worker 0 follows the shared state; the other workers get it through control's state
+    file: after an advance to 100%, every answer on fresh connections (spread over the workers
+    by the kernel) comes from the new backend."""
+    from support.backend import named
+
+    with RecordingBackend(named("old")) as old, RecordingBackend(named("new")) as new:
+        cfg = flip_config(old.url, new.url, f"sqlite:///{tmp_path}/store.db")
+        cfg["migrations"][0]["auto"] = False
+        cfg["migrations"][0]["stages"] = [
+            {"name": "hold", "gates": {"min_time": "1h"}},
+            {"name": "flip", "weights": [100]},
+        ]
+        with ProxyProcess(cfg, env=ENV, workers=2) as proxy:
+            assert len(proxy.worker_pids()) == 2
+            code, body = admin_call(proxy, "POST", "/api/migrations/api-flip/advance")
+            assert code == 200 and body["to"] == "flip@100%"
+            import urllib.request
+
+            def answers() -> set[bytes]:
+                seen = set()
+                for i in range(40):  # a new connection each: both workers answer some
+                    with urllib.request.urlopen(f"{proxy.url}/w/{i}", timeout=5) as r:
+                        seen.add(r.read())
+                return seen
+
+            wait_until(lambda: answers() == {b"new"}, 3.0, "every worker on the new backend")
+            code, body = admin_call(proxy, "POST", "/api/migrations/api-flip/rollback")
+            assert code == 200 and body["to"] == "flip@0%"
+            wait_until(lambda: answers() == {b"old"}, 3.0, "every worker back on the old one")

@@ -136,7 +136,6 @@ class MigrationRuntime:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._push_lock = asyncio.Lock()
-        self._manual_version = -1
         control.on_reset = self._after_reset
         if share_control:
             control.on_manual_change = self._push_manual
@@ -240,7 +239,6 @@ class MigrationRuntime:
             manual = (
                 RuntimeState.from_json(row.data.encode()) if row is not None else RuntimeState()
             )
-            self._manual_version = row.version if row is not None else 0
         if mig_changed:
             moved: list[Shared] = []
             for name, row in rows.items():
