@@ -119,7 +119,19 @@ def test_an_instance_that_loses_its_store_keeps_serving_on_its_last_state(tmp_pa
         url = cluster.create_db()
         with RecordingBackend() as primary, RecordingBackend() as shadow:
             cfg = shadow_config(primary.url, shadow.url, url)
+            cfg["migrations"] = [
+                {
+                    "name": "m",
+                    "old": "p",
+                    "new": "s",
+                    "interval": "300ms",
+                    "stages": [{"name": "hold", "gates": {"min_time": "1h"}}],
+                }
+            ]
             with ProxyProcess(cfg, env=ENV) as proxy:
+                wait_until(
+                    lambda: admin_json(proxy, "/api/migrations")["migrations"], 5.0, "migration m"
+                )
                 code, _ = admin_call(
                     proxy, "PUT", "/api/routes/api/weights", {"weights": {"p": 0, "s": 100}}
                 )
@@ -149,6 +161,12 @@ def test_an_instance_that_loses_its_store_keeps_serving_on_its_last_state(tmp_pa
                     "s": 100,
                 }
                 assert proxy.stderr_lines("store unreachable")
+                # the migration's last known state is still shown, marked stale; moving it
+                # needs the store, and says so
+                (m,) = admin_json(proxy, "/api/migrations")["migrations"]
+                assert (m["position"], m["stale"]) == ("hold", True)
+                code, body = admin_call(proxy, "POST", "/api/migrations/m/advance")
+                assert code == 503 and "store unreachable" in body["error"]
     finally:
         if not stopped:
             cluster.stop()

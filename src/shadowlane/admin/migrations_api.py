@@ -55,7 +55,7 @@ def install_migrations_api(
     """Serve the migrations API and page; `refused` is the error type a transition that does
     not apply raises (answered 409 with its message)."""
 
-    async def listing(_req: AdminRequest) -> AdminResponse:
+    async def listing(_req: AdminRequest) -> AdminResponse:  # stale copies while the store is away
         return json_response({"migrations": await migrations.status()}, headers=_NO_CACHE)
 
     async def one(req: AdminRequest) -> AdminResponse:
@@ -81,6 +81,8 @@ def install_migrations_api(
                 return json_response(await act(name, body))
             except refused as err:
                 return error_response(409, str(err))
+            except Exception as err:  # the store's driver errors: it is not reachable
+                return error_response(503, f"store unreachable, nothing changed: {err}")
 
         return handler
 

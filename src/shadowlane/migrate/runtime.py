@@ -462,7 +462,13 @@ class MigrationRuntime:
         ]
         return out
 
+    async def _gates_now(self, name: str) -> list[dict[str, Any]]:
+        """The last evaluation, whoever drives, for the audit record of a person's call."""
+        report = await asyncio.to_thread(gates_doc, self.store, name)
+        return _gate_list(report or self.last_gates.get(name))
+
     async def advance(self, name: str, actor: str) -> dict[str, Any]:
+        gates = await self._gates_now(name)
         before, after = await asyncio.to_thread(
             transition,
             self.store,
@@ -471,12 +477,13 @@ class MigrationRuntime:
             actor=actor,
             action="advance",
             reason="asked by " + actor,
-            gates=_gate_list(self.last_gates.get(name)),
+            gates=gates,
         )
         self.wake()
         return {"migration": name, "from": before.position, "to": after.position}
 
     async def rollback(self, name: str, actor: str, to: str | None) -> dict[str, Any]:
+        gates = await self._gates_now(name)
         before, after = await asyncio.to_thread(
             transition,
             self.store,
@@ -485,7 +492,7 @@ class MigrationRuntime:
             actor=actor,
             action="rollback",
             reason="asked by " + actor,
-            gates=_gate_list(self.last_gates.get(name)),
+            gates=gates,
         )
         self.wake()
         return {"migration": name, "from": before.position, "to": after.position}
