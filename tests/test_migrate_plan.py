@@ -439,3 +439,40 @@ def test_check_summarizes_the_migrations() -> None:
     assert "migrations (1)" in text and "m: v1 -> v2 (auto, every 5s)" in text
     assert "reads: shadow search at 10%" in text and "flip: flip 1% 10% 50% 100%" in text
     assert "then reverse shadowing for 30m" in text
+
+
+def _cli(*args: str) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "shadowlane", "migrate", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_cli_moves_a_migration_on_the_store_alone(tmp_path: Path) -> None:
+    cfg = parse_config(base())
+    url = f"sqlite:///{tmp_path}/s.db"
+    with open_store(url) as store:
+        ensure(store, cfg.migrations[0], cfg)
+    done = _cli("advance", "m", "--store", url, "--by", "ann")
+    assert (done.returncode, done.stdout.split("(")[0].strip()) == (0, "m: reads -> flip@1%")
+    done = _cli("advance", "m", "--store", url, "--format", "json")
+    assert done.returncode == 0 and '"to":"flip@10%"' in done.stdout
+    done = _cli("rollback", "m", "--to", "reads", "--store", url)
+    assert done.returncode == 0 and "flip@10% -> reads" in done.stdout
+    refused = _cli("rollback", "m", "--store", url)
+    assert refused.returncode == 1 and "first stage" in refused.stderr
+    assert _cli("advance", "nope", "--store", url).returncode == 1
+    status = _cli("status", "m", "--store", url, "--format", "json")
+    import json
+
+    st = json.loads(status.stdout)
+    assert (st["position"], st["phase"]) == ("reads", "halted")
+    audit = st["audit"]
+    assert [a["action"] for a in audit] == ["rollback", "advance", "advance", "start"]
+    assert audit[2]["actor"] == "cli:ann" and all(a["actor"].startswith("cli:") for a in audit[:3])
+    assert _cli("status", "--store", "nope://x").returncode == 2
