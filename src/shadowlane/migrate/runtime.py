@@ -230,7 +230,11 @@ class MigrationRuntime:
         for mig in cfg.migrations:
             if time.monotonic() >= self._next_eval.get(mig.name, 0.0):
                 self._next_eval[mig.name] = time.monotonic() + mig.interval
-                await self._drive(mig, cfg)
+                try:
+                    await self._drive(mig, cfg)
+                except Exception as err:
+                    # judged again at the next interval; a lost store shows at the next poll
+                    log.error("migration %s: evaluating the gates failed: %s", mig.name, err)
 
     def _follow(self, cfg: Config, rows: dict[str, Any], mig_changed: bool, ctl: bool) -> None:
         manual: RuntimeState | None = None
@@ -532,7 +536,7 @@ def _run_verify(mig: MigrationConfig, cfg: Config) -> tuple[bool | None, str]:
     )
     try:
         result = verify(options)
-    except VerifyError as err:
+    except (VerifyError, OSError, ValueError) as err:
         return None, f"verify could not run: {err}"
     j = result.as_json()
     detail = (
