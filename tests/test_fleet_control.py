@@ -11,6 +11,7 @@ keeps serving, and says so in `/healthz` (200, JSON with `store: unreachable`) a
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import urllib.request
@@ -107,6 +108,37 @@ def test_percent_and_pause_made_on_one_instance_apply_on_the_other(pg_url: str) 
                 IN_FORCE,
                 "50/50 on a",
             )
+            # two changes of different keys at once, one on each instance: both hold on both
+            import threading
+
+            calls = [
+                threading.Thread(
+                    target=admin_call,
+                    args=(a, "PUT", "/api/routes/api/shadows/s/percent", {"percent": 30}),
+                ),
+                threading.Thread(
+                    target=admin_call,
+                    args=(b, "PUT", "/api/routes/api/weights", {"weights": {"p": 70, "s": 30}}),
+                ),
+            ]
+            for t in calls:
+                t.start()
+            for t in calls:
+                t.join(10)
+            for proxy in (a, b):
+                wait_until(
+                    functools.partial(
+                        lambda p: (
+                            admin_json(p, "/api/config")["routes"][0]["weights"]
+                            == {"p": 70, "s": 30}
+                            and live_shadow(p)["percent"] == 30.0
+                            and live_shadow(p)["paused"] is True
+                        ),
+                        proxy,
+                    ),
+                    IN_FORCE,
+                    f"both changes (and the earlier pause) on {proxy.admin_url}",
+                )
             assert load.sent > 100 and not load.errors and set(load.statuses) == {200}
 
 

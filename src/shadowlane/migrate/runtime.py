@@ -136,6 +136,8 @@ class MigrationRuntime:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._push_lock = asyncio.Lock()
+        #: a person's overrides as last followed or pushed: what a local change is diffed with
+        self._followed_manual = RuntimeState()
         control.on_reset = self._after_reset
         if share_control:
             control.on_manual_change = self._push_manual
@@ -268,6 +270,7 @@ class MigrationRuntime:
                 manual = kept
         if manual is not None:
             self.control.set_manual(manual)
+            self._followed_manual = manual.copy()
 
     def _after_reset(self) -> None:
         """A reload built new routes: the fleet's overrides apply to them again."""
@@ -275,17 +278,21 @@ class MigrationRuntime:
         self.wake()
 
     def _push_manual(self, state: RuntimeState) -> None:
+        """A person changed something here: merge the keys that changed into the fleet's
+        document (compare-and-set, so two instances changing different keys at once both
+        land; the same key: the later write wins)."""
+        changed = _diff(self._followed_manual, state)
+        self._followed_manual = state.copy()
+
         async def push() -> None:
             async with self._push_lock:
                 try:
-                    version = await asyncio.to_thread(
-                        self.store.write_state, CONTROL, state.to_json().decode()
-                    )
+                    await asyncio.to_thread(_merge_into_store, self.store, changed)
                 except Exception as err:
                     log.error("store unreachable: a runtime change stays on this instance: %s", err)
                     return
-                if version is not None:
-                    self._versions[CONTROL] = version
+                # the next poll reads the merged document back: others' keys included
+                self.wake()
 
         asyncio.get_running_loop().create_task(push())
 
@@ -511,6 +518,32 @@ class MigrationRuntime:
             "error": why,
             "serving": "the last shared state read",
         }
+
+
+def _diff(before: RuntimeState, after: RuntimeState) -> RuntimeState:
+    """The overrides `after` sets differently from `before` (a removed key cannot happen: a
+    person's call sets a value, only a transition clears)."""
+    return RuntimeState(
+        0,
+        {r: w for r, w in after.weights.items() if before.weights.get(r) != w},
+        {k: v for k, v in after.percent.items() if before.percent.get(k) != v},
+        {k: v for k, v in after.paused.items() if before.paused.get(k) != v},
+    )
+
+
+def _merge_into_store(store: Store, changed: RuntimeState, attempts: int = 5) -> int | None:
+    for _ in range(attempts):
+        rows = [r for r in store.read_states(CONTROL) if r.name == CONTROL]
+        current = RuntimeState.from_json(rows[0].data.encode()) if rows else RuntimeState()
+        current.weights.update(changed.weights)
+        current.percent.update(changed.percent)
+        current.paused.update(changed.paused)
+        version = store.write_state(
+            CONTROL, current.to_json().decode(), expect=rows[0].version if rows else 0
+        )
+        if version is not None:
+            return version
+    return None
 
 
 def _gate_list(report: dict[str, Any] | None) -> list[dict[str, Any]]:
