@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +30,7 @@ except ImportError:
     if os.environ.get("CI"):
         raise
     pytest.skip("selenium missing: pip install -e '.[test]'", allow_module_level=True)
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
@@ -79,28 +81,55 @@ def wait_css(driver: WebDriver, css: str, timeout: float = 15.0) -> WebElement:
     return found
 
 
+def fresh(driver: WebDriver, action: Any, timeout: float = 10.0) -> Any:
+    """Run `action(driver)`, again if the page re-rendered under it (it refreshes every 2 s
+    and rebuilds its cards, so an element found a moment ago may be gone)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return action(driver)
+        except StaleElementReferenceException:
+            if time.monotonic() > deadline:
+                raise
+
+
+def click(driver: WebDriver, css: str) -> None:
+    fresh(driver, lambda d: d.find_element(By.CSS_SELECTOR, css).click())
+
+
+def text(driver: WebDriver, css: str) -> str:
+    found: str = fresh(driver, lambda d: d.find_element(By.CSS_SELECTOR, css).text)
+    return found
+
+
 def assert_dashboard_names_failing_gate(
     proxy: ProxyProcess, tmp_path: Path, route: str, field_part: str
 ) -> None:
-    with chromium(tmp_path) as driver:
-        driver.get(proxy.admin_url + "/migrations")
-        row = wait_css(driver, 'tr.gate-fail[data-gate="max_diff_rate"]')
+    row_css = 'tr.gate-fail[data-gate="max_diff_rate"]'
+
+    def read_row(driver: WebDriver) -> tuple[dict[str, str], str]:
+        row = driver.find_element(By.CSS_SELECTOR, row_css)
         cells = {
             next(
                 k for k in (c.get_attribute("class") or "").split() if k.startswith("gate-")
             ): c.text
             for c in row.find_elements(By.TAG_NAME, "td")
         }
+        return cells, row.value_of_css_property("background-color")
+
+    with chromium(tmp_path) as driver:
+        driver.get(proxy.admin_url + "/migrations")
+        wait_css(driver, row_css)
+        cells, bg = fresh(driver, read_row)
         assert cells["gate-route"] == route
         assert field_part in cells["gate-field"]
         assert float(cells["gate-value"]) > float(cells["gate-threshold"])
         assert "differ on" in cells["gate-detail"]
-        blocking = driver.find_element(By.CSS_SELECTOR, ".migration .blocking").text
+        blocking = text(driver, ".migration .blocking")
         assert "max_diff_rate" in blocking and route in blocking
         # red: the failing row's background is the page's diff colour
-        bg = row.value_of_css_property("background-color")
         assert bg in ("rgba(253, 226, 228, 1)", "rgb(253, 226, 228)"), bg
-        current = driver.find_element(By.CSS_SELECTOR, ".timeline .stage-current").text
+        current = text(driver, ".timeline .stage-current")
         assert current.startswith("reads"), current
 
 
@@ -140,16 +169,19 @@ def test_page_moves_a_manual_migration_with_its_buttons(tmp_path: Path) -> None:
         }
         with ProxyProcess(cfg, env=ENV) as proxy, chromium(tmp_path) as driver:
             driver.get(proxy.admin_url + "/migrations")
-            card = wait_css(driver, '.migration[data-position="shadow"]')
-            stages = [
-                s.get_attribute("data-stage")
-                for s in card.find_elements(By.CSS_SELECTOR, ".timeline .stage")
-            ]
+            wait_css(driver, '.migration[data-position="shadow"]')
+            stages = fresh(
+                driver,
+                lambda d: [
+                    s.get_attribute("data-stage")
+                    for s in d.find_elements(By.CSS_SELECTOR, ".migration .timeline .stage")
+                ],
+            )
             assert stages == ["shadow", "flip", "reverse"]
-            row = wait_css(driver, 'tr.gate-wait[data-gate="min_time"]')
-            assert row.find_element(By.CSS_SELECTOR, ".gate-threshold").text == "3600"
+            wait_css(driver, 'tr.gate-wait[data-gate="min_time"]')
+            assert text(driver, 'tr.gate-wait[data-gate="min_time"] .gate-threshold') == "3600"
             driver.find_element(By.ID, "token").send_keys(TOKEN)
-            driver.find_element(By.CSS_SELECTOR, ".migration button.advance").click()
+            click(driver, ".migration button.advance")
             wait_css(driver, '.migration[data-position="flip@25%"]')
             result = driver.find_element(By.ID, "action-result").text
             assert "shadow → flip@25%" in result
@@ -159,7 +191,7 @@ def test_page_moves_a_manual_migration_with_its_buttons(tmp_path: Path) -> None:
             wait_until(
                 lambda: '"new":25' in proxy_config(proxy).replace(" ", ""), 3.0, "weights 75/25"
             )
-            driver.find_element(By.CSS_SELECTOR, ".migration button.rollback").click()
+            click(driver, ".migration button.rollback")
             wait_css(driver, '.migration[data-phase="halted"][data-position="flip@0%"]')
             st = migration(proxy, "api-v2")
             assert [a["action"] for a in st["audit"][:2]] == ["rollback", "advance"]
@@ -167,7 +199,7 @@ def test_page_moves_a_manual_migration_with_its_buttons(tmp_path: Path) -> None:
             box = driver.find_element(By.ID, "token")
             box.clear()
             box.send_keys("wrong")
-            driver.find_element(By.CSS_SELECTOR, ".migration button.advance").click()
+            click(driver, ".migration button.advance")
             wait_until(
                 lambda: "refused (401)" in driver.find_element(By.ID, "action-result").text,
                 5.0,

@@ -9,6 +9,7 @@ The routes, backends and shadow lanes are a `Generation`, which a reload replace
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -420,6 +421,10 @@ class Instance:
             install_control_api(self.admin, self.control, self._reload_all)
             install_migrations_api(self.admin, _LiveMigrations(self), TransitionError)
             self._ensure_migrations(cfg)
+            if self.migrations is not None:
+                # serve the first request on the fleet's position, not the file's
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.migrations.primed.wait(), 15.0)
             ahost, aport = cfg.admin.listen_addr
             try:
                 admin_server = await self.admin.start(ahost, aport)

@@ -136,6 +136,8 @@ class MigrationRuntime:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._push_lock = asyncio.Lock()
+        #: set once the shared state was read (or found unreachable) at start
+        self.primed = asyncio.Event()
         #: a person's overrides as last followed or pushed: what a local change is diffed with
         self._followed_manual = RuntimeState()
         control.on_reset = self._after_reset
@@ -194,6 +196,8 @@ class MigrationRuntime:
         self._wake.set()
 
     async def _run(self) -> None:
+        await self.prime()
+        self.primed.set()
         while True:
             try:
                 await self._tick()
@@ -211,8 +215,31 @@ class MigrationRuntime:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL)
 
+    async def prime(self) -> None:
+        """Before the instance says it is ready: create the migrations' documents and apply
+        the shared state, so the first request is served on the fleet's position (a restart
+        mid-flip must not send everything to the old backend for a moment). A store that does
+        not answer is reported and the instance starts on the file's values."""
+        try:
+            await self._sync(self._cfg())
+        except Exception as err:
+            log.error("store unreachable at start, serving the file's values: %s", err)
+            self.store_lost = (time.time(), str(err) or type(err).__name__)
+
     async def _tick(self) -> None:
         cfg = self._cfg()
+        await self._sync(cfg)
+        for mig in cfg.migrations:
+            if time.monotonic() >= self._next_eval.get(mig.name, 0.0):
+                self._next_eval[mig.name] = time.monotonic() + mig.interval
+                try:
+                    await self._drive(mig, cfg)
+                except Exception as err:
+                    # judged again at the next interval; a lost store shows at the next poll
+                    log.error("migration %s: evaluating the gates failed: %s", mig.name, err)
+
+    async def _sync(self, cfg: Config) -> None:
+        """Follow the shared state: documents created for the config, changes applied."""
         if self._ensured is not cfg:
             for mig in cfg.migrations:
                 await asyncio.to_thread(ensure, self.store, mig, cfg)
@@ -229,14 +256,6 @@ class MigrationRuntime:
             rows = await asyncio.to_thread(self.store.read_states)
             self._follow(cfg, {r.name: r for r in rows}, mig_changed, control_changed)
             self._versions = versions
-        for mig in cfg.migrations:
-            if time.monotonic() >= self._next_eval.get(mig.name, 0.0):
-                self._next_eval[mig.name] = time.monotonic() + mig.interval
-                try:
-                    await self._drive(mig, cfg)
-                except Exception as err:
-                    # judged again at the next interval; a lost store shows at the next poll
-                    log.error("migration %s: evaluating the gates failed: %s", mig.name, err)
 
     def _follow(self, cfg: Config, rows: dict[str, Any], mig_changed: bool, ctl: bool) -> None:
         manual: RuntimeState | None = None
