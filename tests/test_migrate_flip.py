@@ -222,3 +222,29 @@ def test_with_workers_every_worker_applies_the_migration(tmp_path: Path) -> None
             code, body = admin_call(proxy, "POST", "/api/migrations/api-flip/rollback")
             assert code == 200 and body["to"] == "flip@0%"
             wait_until(lambda: answers() == {b"old"}, 3.0, "every worker back on the old one")
+
+
+def test_a_reload_keeps_the_migrations_position_and_forgets_a_persons_override(
+    tmp_path: Path,
+) -> None:
+    """The file declares the plan, the store holds the position: after SIGHUP the weights of
+    the position are in force again on the new routes, while a person's override (SQLite: per
+    instance) goes, as every runtime change does at a reload."""
+    with RecordingBackend() as old, RecordingBackend() as new:
+        cfg = flip_config(old.url, new.url, f"sqlite:///{tmp_path}/store.db")
+        cfg["migrations"][0]["auto"] = False
+        cfg["routes"][0]["shadows"] = [{"backend": "new", "percent": 5}]
+        with ProxyProcess(cfg, env=ENV) as proxy:
+            assert weights(proxy) == {"old": 80, "new": 20}  # the first step, before ready
+            code, _ = admin_call(
+                proxy, "PUT", "/api/routes/api/shadows/new/percent", {"percent": 50}
+            )
+            assert code == 200
+            proxy.reload()
+            wait_until(lambda: proxy.stderr_lines("reloaded"), 10.0, "the reload")
+            wait_until(lambda: weights(proxy) == {"old": 80, "new": 20}, 2.0, "80/20 after reload")
+            shadow = admin_json(proxy, "/api/config")["routes"][0]["shadows"][0]
+            assert shadow["percent"] == 5.0
+            code, body = admin_call(proxy, "POST", "/api/migrations/api-flip/advance")
+            assert code == 200 and body["to"] == "flip@50%"
+            wait_until(lambda: weights(proxy) == {"old": 50, "new": 50}, 2.0, "50/50")
