@@ -25,6 +25,8 @@ RANKS: dict[str, int] = {
     "verify": 6,
     # peers' configs -> native config: uses config only; cli and app use it
     "importers": 2,
+    # migration plans: read store and metrics, act through control, run verify; app wires them
+    "migrate": 6,
     "proxy": 5,
     # upgrade requests beside the primary path: it uses the proxy, the proxy never it
     "upgrades": 5,

@@ -334,6 +334,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify_arguments(p)
     p.set_defaults(func=cmd_verify)
 
+    from shadowlane.migrate.command import add_arguments as add_migrate_arguments
+    from shadowlane.migrate.command import run as run_migrate
+
+    p = sub.add_parser(
+        "migrate",
+        help="migration plans: status, advance, rollback (on the store the fleet shares)",
+        description="See and move the migrations declared under `migrations:`. Changes are "
+        "written to the store; every instance applies them within about a second. See "
+        "docs/migrations.md.",
+    )
+    add_migrate_arguments(p)
+    p.set_defaults(func=run_migrate)
+
     from shadowlane.replay import add_arguments as add_replay_arguments
 
     p = sub.add_parser(

@@ -705,6 +705,38 @@ class Metrics:
         if old is not None:
             self._render_registry.unregister(old)
 
+    def primary_figures(
+        self, backends: Iterable[str], routes: Iterable[str] | None = None
+    ) -> dict[str, tuple[dict[str, float], dict[float, float]]]:
+        """Per primary backend (summed over routes and, with workers, over processes): answers
+        by status code, and the duration histogram's cumulative bucket counts by upper bound.
+
+        For the migration driver's flip gates, off the hot path: it reads what a scrape reads
+        (so it runs on the loop, which owns the tallies). Counters only grow; the caller keeps
+        the figures of a window's start and subtracts.
+        """
+        wanted = set(backends)
+        on = set(routes) if routes is not None else None
+        out: dict[str, tuple[dict[str, float], dict[float, float]]] = {b: ({}, {}) for b in wanted}
+        self.flush()
+        for metric in self._render_registry.collect():
+            if metric.name not in ("shadowlane_requests", "shadowlane_request_duration_seconds"):
+                continue
+            for sample in metric.samples:
+                backend = sample.labels.get("backend", "")
+                if backend not in wanted or (
+                    on is not None and sample.labels.get("route") not in on
+                ):
+                    continue
+                codes, buckets = out[backend]
+                if sample.name == "shadowlane_requests_total":
+                    code = sample.labels.get("code", "")
+                    codes[code] = codes.get(code, 0.0) + sample.value
+                elif sample.name == "shadowlane_request_duration_seconds_bucket":
+                    le = float(sample.labels.get("le", "+Inf"))
+                    buckets[le] = buckets.get(le, 0.0) + sample.value
+        return out
+
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every metric, and its content type."""
         self.flush()

@@ -9,6 +9,7 @@ The routes, backends and shadow lanes are a `Generation`, which a reload replace
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -22,6 +23,7 @@ from shadowlane import __version__, build_kind
 from shadowlane.admin import AdminApp
 from shadowlane.admin.comparisons import install_comparison_api
 from shadowlane.admin.control_api import install_control_api
+from shadowlane.admin.migrations_api import install_migrations_api
 from shadowlane.app.access_log import AccessLogger
 from shadowlane.app.generation import Generation, build_generation, records
 from shadowlane.app.tls import build_tls, tls_shape
@@ -31,6 +33,7 @@ from shadowlane.config import Config, ConfigError
 from shadowlane.control import Control
 from shadowlane.importers import ConfigSource
 from shadowlane.metrics import Metrics
+from shadowlane.migrate import MigrationRuntime, TransitionError
 from shadowlane.proxy import Proxy
 from shadowlane.record import RecordWriter
 from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
@@ -168,6 +171,29 @@ class _LiveStore:
         return [] if store is None else store.suspect_keys(route, target, scope, limit=limit)
 
 
+class _LiveMigrations:
+    """The migrations API's view of the instance's runtime: none without migrations."""
+
+    def __init__(self, inst: Instance) -> None:
+        self._inst = inst
+
+    async def status(self, name: str | None = None) -> list[dict[str, Any]]:
+        runtime = self._inst.migrations
+        return [] if runtime is None else await runtime.status(name)
+
+    async def advance(self, name: str, actor: str) -> dict[str, Any]:
+        runtime = self._inst.migrations
+        if runtime is None:
+            raise TransitionError("no migrations here")
+        return await runtime.advance(name, actor)
+
+    async def rollback(self, name: str, actor: str, to: str | None) -> dict[str, Any]:
+        runtime = self._inst.migrations
+        if runtime is None:
+            raise TransitionError("no migrations here")
+        return await runtime.rollback(name, actor, to)
+
+
 class Instance:
     """Everything one worker process runs."""
 
@@ -249,6 +275,8 @@ class Instance:
         self.admin: AdminApp | None = None
         self.stopped = asyncio.Event()
         self._draining = False
+        #: follows (and may drive) the fleet's migrations and shared control; worker 0 only
+        self.migrations: MigrationRuntime | None = None
 
     @property
     def cfg(self) -> Config:
@@ -262,7 +290,10 @@ class Instance:
         comparator's thread, off the loop, whether or not anything is compared."""
         if self.comparator is not None:
             return
-        if any(sc.compare_enabled or sc.keeps_ledger for rc in cfg.routes for sc in rc.shadows):
+        # migrations keep their state, the audit log and their leases in the store
+        if cfg.migrations or any(
+            sc.compare_enabled or sc.keeps_ledger for rc in cfg.routes for sc in rc.shadows
+        ):
             self.store = open_store(cfg.compare.store, cfg.compare)
             self.analysis = Analysis(self.store, cfg.compare.thresholds)
             self.comparator = Comparator.from_config(self.store, self.metrics, cfg.compare)
@@ -279,6 +310,22 @@ class Instance:
                 (),
                 lambda: [((), float(comparator.ledger_queued))],
             )
+
+    def _ensure_migrations(self, cfg: Config) -> None:
+        """Follow the shared state once there are migrations, or a store shared by a fleet
+        (PostgreSQL: runtime control is the fleet's then). SQLite without migrations keeps
+        control local, as before."""
+        store = self.store
+        if self.migrations is not None or store is None or self.admin is None:
+            return
+        shared = store.kind == "postgresql"
+        if not (cfg.migrations or shared):
+            return
+        self.migrations = MigrationRuntime(
+            store, lambda: self.cfg, self.control, self.metrics, share_control=shared
+        )
+        self.migrations.start()
+        self.admin.set_health_detail(self.migrations.health)
 
     def _ensure_writer(self, cfg: Config) -> None:
         if self.record_writer is None and records(cfg):
@@ -345,6 +392,8 @@ class Instance:
         limits.header_timeout = cfg.limits.header_timeout
         limits.idle_timeout = cfg.limits.idle_timeout
         self.control.reset()
+        if self.admin is not None:
+            self._ensure_migrations(cfg)
         old.retire(self.loop)
         grace = cfg.limits.tunnel_drain_timeout
         closing = self.upgrades.retire(lambda call: _keeps_tunnel(cfg, call), grace)
@@ -415,6 +464,12 @@ class Instance:
             live = _LiveStore(self)
             install_comparison_api(self.admin, live, ledger=live)
             install_control_api(self.admin, self.control, self._reload_all)
+            install_migrations_api(self.admin, _LiveMigrations(self), TransitionError)
+            self._ensure_migrations(cfg)
+            if self.migrations is not None:
+                # serve the first request on the fleet's position, not the file's
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.migrations.primed.wait(), 15.0)
             ahost, aport = cfg.admin.listen_addr
             try:
                 admin_server = await self.admin.start(ahost, aport)
@@ -469,6 +524,8 @@ class Instance:
                 conn.close()
         await self.tunnels.drain(tunnels_deadline)
         self.control.stop()
+        if self.migrations is not None:
+            await self.migrations.stop()  # hands its leases over at once
         await self.generation.shadow.drain(min(5.0, self.cfg.limits.drain_timeout))
         if self.record_writer is not None:
             # write what is queued and close the files, off the loop (bounded: a disk that

@@ -20,6 +20,14 @@ from shadowlane.config.descriptors import DescriptorSet, build_descriptor_set, r
 from shadowlane.config.document import AdminConfig, Config, LimitsConfig, TlsConfig
 from shadowlane.config.loading import ConfigError, load_config, parse_config
 from shadowlane.config.matching import MatchConfig, ShadowMatch
+from shadowlane.config.migrations import (
+    MigrationConfig,
+    MigrationVerify,
+    ReverseShadow,
+    StageConfig,
+    StageGates,
+    StageShadow,
+)
 from shadowlane.config.recording import RecordConfig, RedactConfig
 from shadowlane.config.routes import RouteConfig, WeightedBackend
 from shadowlane.config.shadows import HeaderMutation, PathRewrite, ShadowConfig
@@ -49,15 +57,21 @@ __all__ = [
     "HeaderMutation",
     "LimitsConfig",
     "MatchConfig",
+    "MigrationConfig",
+    "MigrationVerify",
     "PathRewrite",
     "RecordConfig",
     "RedactConfig",
+    "ReverseShadow",
     "RouteCompare",
     "RouteConfig",
     "ShadowCompare",
     "ShadowConfig",
     "ShadowMatch",
     "Size",
+    "StageConfig",
+    "StageGates",
+    "StageShadow",
     "TlsConfig",
     "WeightedBackend",
     "build_descriptor_set",

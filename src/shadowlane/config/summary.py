@@ -166,4 +166,28 @@ def summarize(cfg: Config) -> str:
                 tunnels += f", idle {format_duration(idle)}"
             lines.append(f"    upgrades {tunnels}")
         lines.extend(f"    {_describe_shadow(s)}" for s in route.shadows)
+    if cfg.migrations:
+        lines.append(f"migrations ({len(cfg.migrations)})")
+    for mig in cfg.migrations:
+        how = "auto" if mig.auto else "manual"
+        lines.append(
+            f"  {mig.name}: {mig.old} -> {mig.new} ({how}, every {format_duration(mig.interval)})"
+        )
+        for stage in mig.stages:
+            if stage.weights is not None:
+                what = "flip " + " ".join(f"{w}%" for w in stage.weights)
+            elif stage.shadow is not None:
+                what = f"shadow {', '.join(stage.shadow.routes)} at {stage.shadow.percent:g}%"
+            else:
+                what = "hold"
+            gates = [
+                k
+                for k, v in stage.gates.model_dump().items()
+                if v not in (None, False, 0, 0.0, []) and k != "min_requests"
+            ]
+            lines.append(f"    {stage.name}: {what}; gates: {', '.join(gates) or 'none'}")
+        if mig.reverse_shadow is not None:
+            lines.append(
+                f"    then reverse shadowing for {format_duration(mig.reverse_shadow.window)}"
+            )
     return "\n".join(lines)
