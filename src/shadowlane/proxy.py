@@ -226,7 +226,7 @@ class ProxyCall(ResponseSink):
         #: this request's shadowing, from the dispatcher it started with (a reload may swap
         #: the proxy's); None when no shadow of the route took it
         self.ticket: ShadowTicket | None = (
-            shadow.begin(shadows, req, headers)
+            shadow.begin(shadows, req, headers, backend.name)
             if shadow is not None and shadows is not None
             else None
         )

@@ -39,6 +39,7 @@ SHADOW_TERMINAL = (
     "skipped_status",
     "skipped_answer",
     "skipped_upgrade",
+    "skipped_primary",
     "dropped",
     "ok",
     "error",

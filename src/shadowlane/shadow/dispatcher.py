@@ -28,6 +28,7 @@ from shadowlane.shadow.outcomes import (
     SAMPLED_OUT,
     SENT,
     SKIPPED_LOOP,
+    SKIPPED_PRIMARY,
     SKIPPED_UPGRADE,
     Outcome,
 )
@@ -172,10 +173,13 @@ class ShadowDispatcher:
 
     # ----- per request -----
     def begin(
-        self, shadows: RouteShadows, request: Request, headers: Headers
+        self, shadows: RouteShadows, request: Request, headers: Headers, primary: str = ""
     ) -> ShadowTicket | None:
         """Decide which of the route's shadows get a copy of `request` (forwarded to the
-        primary with `headers`): a ticket for the proxy to carry, or None when none does."""
+        primary backend named `primary` with `headers`): a ticket for the proxy to carry, or
+        None when none does. A shadow whose backend is that primary gets no copy
+        (`skipped_primary`): during a weighted split or a migration's flip, the requests the
+        new backend answers itself must not be copied to it again."""
         metrics = self.metrics
         for name, _ in request.headers:
             if name == MARKER:
@@ -187,6 +191,9 @@ class ShadowDispatcher:
         capture = 0
         for p in shadows.lanes:
             if p.match is not None and not p.match(request):
+                continue
+            if p.lane.target == primary:
+                metrics.shadow_outcome(shadows.route, primary, SKIPPED_PRIMARY)
                 continue
             # paused counts as percent 0: the request was not sampled (the percent is kept)
             if not p.lane.paused and p.sampler.sampled(request):

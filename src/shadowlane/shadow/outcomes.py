@@ -27,6 +27,9 @@ SKIPPED_ANSWER: Final = "skipped_answer"
 #: not sent: an `Upgrade` request (WebSocket) is never tunnelled to a shadow, and this shadow
 #: does not take the handshake alone (`upgrades: handshake`)
 SKIPPED_UPGRADE: Final = "skipped_upgrade"
+#: not sent: this shadow's backend answered the request as its primary (a weighted split, a
+#: migration's flip): a copy would compare the backend with itself, or write twice
+SKIPPED_PRIMARY: Final = "skipped_primary"
 
 #: a value of the `outcome` label; tests check it lists exactly SHADOW_OUTCOMES
 Outcome = Literal[
@@ -41,6 +44,7 @@ Outcome = Literal[
     "skipped_status",
     "skipped_answer",
     "skipped_upgrade",
+    "skipped_primary",
 ]
 
 #: every outcome, in the order docs/metrics.md lists them. The first seven are the DESIGN.md
@@ -58,6 +62,7 @@ SHADOW_OUTCOMES: Final[tuple[Outcome, ...]] = (
     SKIPPED_STATUS,
     SKIPPED_ANSWER,
     SKIPPED_UPGRADE,
+    SKIPPED_PRIMARY,
 )
 
 #: How one copy that was handed to a lane ended (`ShadowResult.outcome`), which is what a
