@@ -183,3 +183,36 @@ def percent_of(numerator: object, denominator: object = 100) -> float:
     if den <= 0:
         return 100.0
     return max(0.0, min(100.0, num * 100.0 / den))
+
+
+def literal_replacement(text: str) -> str:
+    """`text` as an `re.sub` replacement that inserts it as written (backslashes doubled)."""
+    return text.replace("\\", "\\\\")
+
+
+def prefix_rewrite(match: dict[str, Any], value: str) -> dict[str, str]:
+    """Envoy's `prefix_rewrite` (Emissary `rewrite`, Gloo `prefixRewrite`, Istio `uri`) for the
+    native `match` it goes with: it swaps what the route matched, so the matched prefix (or the
+    whole path of an exact match) is replaced (`rewrite_path.prefix`); a regex route matched
+    the whole path, which is replaced; a route with no path match is Envoy's prefix `/`."""
+    if "path_prefix" in match or "path" in match:
+        return {"prefix": value if value.startswith("/") else "/" + value}
+    if "path_regex" in match:
+        return {"regex": "^.*$", "replacement": literal_replacement(value)}
+    return {"regex": "^/", "replacement": literal_replacement(value)}
+
+
+def regex_rewrite(
+    tr: Translation, obj: str, path: str, regex: str, substitution: str
+) -> dict[str, str]:
+    """A peer's regex rewrite (RE2, `\\1` groups, as Python's): ours replaces the first match;
+    Envoy's `regex_rewrite`, Gloo's and Skipper's `modPath` replace every one, which differs
+    only for a pattern that can match twice (not anchored with `^`): that is noted."""
+    if not regex.startswith("^"):
+        tr.note(
+            obj,
+            path,
+            "the peer replaces every match of this unanchored pattern; shadowlane replaces the "
+            "first (anchor it with ^ to silence this)",
+        )
+    return {"regex": regex, "replacement": substitution}
