@@ -13,8 +13,9 @@ gets `-shadow` appended, as Envoy does for it.
 
 Emissary's `rewrite` (default `/`: the matched prefix is replaced by `/`; `""` turns it off),
 `add_request_headers`, `remove_request_headers` and `host_rewrite` become the route's
-`rewrite_path`, `headers` and `host`: the primary is sent the changed request, and the shadow copy starts from it, as
-Envoy mirrors after the route's changes (the shadow Mapping's own rewrite does not apply).
+`rewrite_path`, `headers` and `host`: the primary is sent the changed request, and the shadow
+copy starts from it, as Envoy mirrors after the route's changes (the shadow Mapping's own
+rewrite does not apply).
 """
 
 from __future__ import annotations
