@@ -200,7 +200,7 @@ virtual_hosts:
         ("/v2/", "/api", "/v2"),
     ],
 )
-def test_gateway_replace_prefix_match_on_the_mirror(
+def test_gateway_replace_prefix_match_on_the_route(
     tmp_path: Any, replace: str, path: str, want: str
 ) -> None:
     import re
@@ -223,5 +223,8 @@ spec:
     backendRefs: [{{name: api, port: 80}}]
 """,
     )
-    rw = loaded.config["routes"][0]["shadows"][0]["rewrite_path"]
+    (route,) = loaded.config["routes"]
+    # the route's rewrite: the primary is sent it, and the mirror copy starts from it
+    assert "rewrite_path" not in route["shadows"][0]
+    rw = route["rewrite_path"]
     assert re.sub(rw["regex"], rw["replacement"], path, count=1) == want
