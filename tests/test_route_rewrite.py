@@ -8,6 +8,7 @@ access log keeps the client's path. Config errors name the key path.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import subprocess
 import sys
@@ -15,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
 
 from support.backend import Recorded, RecordingBackend
 from support.configs import backend_entry
 from support.metrics import settle
 from support.proxy import ProxyProcess, raw_request
 from support.wait import wait_until
+from support.websocket import WebSocketServer
 
 T = 5.0
 MARKER = "x-shadowlane-shadow"
@@ -287,3 +290,27 @@ def test_prefix_form_needs_a_matched_prefix(tmp_path: Path) -> None:
     result = check(path)
     assert result.returncode == 2
     assert "routes[0]: rewrite_path.prefix replaces the matched match.path_prefix" in result.stderr
+
+
+def test_a_websocket_handshake_is_rewritten_as_any_request() -> None:
+    """An upgrade request on a rewriting route: the backend sees the rewritten handshake (path
+    and headers), and the tunnel works through it."""
+    with WebSocketServer() as ws:
+        cfg = {
+            "backends": {"w": backend_entry(ws.url)},
+            "routes": [
+                {"name": "ws", "match": {"path_prefix": "/live/"}, "backend": "w",
+                 "rewrite_path": {"prefix": "/"}, "headers": {"set": {"x-via": "route"}}},
+            ],
+        }  # fmt: skip
+        with ProxyProcess(cfg) as proxy:
+
+            async def talk() -> str:
+                url = f"ws://{proxy.host}:{proxy.port}/live/greet"
+                async with connect(url, open_timeout=10, close_timeout=10) as conn:
+                    return str(await asyncio.wait_for(conn.recv(), 10))
+
+            assert asyncio.run(talk()) == "hello"
+            path, headers = ws.handshakes[0]
+            assert path == "/greet"
+            assert headers.get("x-via") == "route"
