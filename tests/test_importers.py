@@ -407,3 +407,33 @@ def test_skipper_filters_before_the_tee_are_the_routes_and_after_it_are_noted(
         "so its copies do not get it; here the copies start from the changed request (put it "
         "before the tee to match)"
     ]
+
+
+def test_a_host_header_becomes_the_host_and_managed_headers_are_noted(tmp_path: Any) -> None:
+    loaded = translate(
+        tmp_path,
+        "r.yaml",
+        """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: n}
+spec:
+  rules:
+  - filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: Host, value: inner.example}, {name: Connection, value: close}]
+        add: [{name: x-ok, value: "1"}]
+        remove: [Content-Length]
+    backendRefs: [{name: api, port: 80}]
+""",
+    )
+    (route,) = loaded.config["routes"]
+    assert route["host"] == "inner.example"
+    assert route["headers"] == {"add": {"x-ok": "1"}}
+    assert _notes(loaded) == [
+        "HTTPRoute n/r: spec.rules[0].filters: header 'connection' is managed by shadowlane: "
+        "not changed",
+        "HTTPRoute n/r: spec.rules[0].filters: header 'content-length' is managed by "
+        "shadowlane: not removed",
+    ]

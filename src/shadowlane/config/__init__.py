@@ -21,7 +21,7 @@ from shadowlane.config.document import AdminConfig, Config, LimitsConfig, TlsCon
 from shadowlane.config.loading import ConfigError, load_config, parse_config
 from shadowlane.config.matching import MatchConfig, ShadowMatch
 from shadowlane.config.recording import RecordConfig, RedactConfig
-from shadowlane.config.rewrites import RouteHeaders, RoutePathRewrite
+from shadowlane.config.rewrites import ROUTE_RESERVED_HEADERS, RouteHeaders, RoutePathRewrite
 from shadowlane.config.routes import RouteConfig, WeightedBackend
 from shadowlane.config.shadows import HeaderMutation, PathRewrite, ShadowConfig
 from shadowlane.config.summary import summarize
@@ -37,6 +37,7 @@ from shadowlane.config.units import (
 
 __all__ = [
     "DEFAULT_IGNORE_HEADERS",
+    "ROUTE_RESERVED_HEADERS",
     "AdminConfig",
     "BackendConfig",
     "CompareConfig",

@@ -32,6 +32,7 @@ from shadowlane.importers.model import (
     object_name,
     percent_of,
     prefix_rewrite,
+    route_headers,
 )
 from shadowlane.importers.services import ServiceMap, split_host_port
 
@@ -133,9 +134,7 @@ def _changes(
         else:
             heads["add"][str(name).lower()] = str(value)
     heads["remove"] = [str(r).lower() for r in spec.get("remove_request_headers") or []]
-    kept = {k: v for k, v in heads.items() if v}
-    if kept:
-        out["headers"] = kept
+    route_headers(tr, obj, "spec.add_request_headers", heads, out)
     return out
 
 

@@ -33,6 +33,7 @@ from shadowlane.importers.model import (
     percent_of,
     prefix_rewrite,
     regex_rewrite,
+    route_headers,
 )
 from shadowlane.importers.services import ServiceMap
 
@@ -188,9 +189,7 @@ def _mirrors(ctx: _Ctx, action: dict[str, Any], obj: str, path: str) -> list[dic
 _OPERATOR = re.compile(r"%[A-Z_]+(\(.*?\))?%")
 
 
-def _headers(
-    ctx: _Ctx, scopes: list[tuple[dict[str, Any], str]], obj: str
-) -> dict[str, Any] | None:
+def _headers(ctx: _Ctx, scopes: list[tuple[dict[str, Any], str]], obj: str) -> dict[str, Any]:
     """`request_headers_to_add/remove` of the route configuration, virtual host and route, as
     the route's `headers` (the primary is sent them; the mirror copies start from them). An
     addition appends (`append: true`, `APPEND_IF_EXISTS_OR_ADD`, Envoy's default) or replaces
@@ -220,8 +219,9 @@ def _headers(
                 )
             heads[how][str(header["key"]).lower()] = value
         heads["remove"] += [str(h).lower() for h in as_list(scope.get("request_headers_to_remove"))]
-    kept = {k: v for k, v in heads.items() if v}
-    return kept or None
+    out: dict[str, Any] = {}
+    route_headers(ctx.tr, obj, scopes[-1][1] + ".request_headers_to_add", heads, out)
+    return out
 
 
 def _rewrites(
@@ -390,9 +390,11 @@ def _translate_config(ctx: _Ctx, rc: dict[str, Any], obj: str) -> None:
                 ctx, [(rc, "(route configuration)"), (vhost, vpath), (route, rpath)], obj
             )
             native = _match(ctx, as_dict(route.get("match")), obj, f"{rpath}.match")
-            changes = _rewrites(ctx, action, as_dict(route.get("match")), native, obj, apath)
-            if heads is not None:
-                changes["headers"] = heads
+            # the route's own Host rewrite wins over a Host set as a header
+            changes = {
+                **heads,
+                **_rewrites(ctx, action, as_dict(route.get("match")), native, obj, apath),
+            }
             for domain in domains:
                 if domain.endswith("*") and domain != "*":
                     tr.note(

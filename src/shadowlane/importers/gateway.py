@@ -30,6 +30,7 @@ from shadowlane.importers.model import (
     no_traffic,
     object_name,
     percent_of,
+    route_headers,
     segment_prefix_match,
 )
 from shadowlane.importers.services import ServiceMap
@@ -234,9 +235,7 @@ def _translate_route(
         mutations: dict[str, Any] = {}
         if host is not None:
             mutations["host"] = host
-        kept = {k: v for k, v in heads.items() if v}
-        if kept:
-            mutations["headers"] = kept
+        route_headers(tr, obj, f"{rpath}.filters", heads, mutations)
         if shadows:
             comments.append(
                 "Envoy-based gateways append -shadow to the mirror's Host: kept (host_suffix)"

@@ -31,6 +31,7 @@ from shadowlane.importers.model import (
     percent_of,
     prefix_rewrite,
     regex_rewrite,
+    route_headers,
 )
 from shadowlane.importers.services import ServiceMap
 
@@ -140,9 +141,7 @@ def _route_changes(
             how = "add" if item.get("append", True) is not False else "set"
             heads[how][str(header["key"]).lower()] = str(header.get("value", ""))
         heads["remove"] = [str(h).lower() for h in as_list(manip.get("requestHeadersToRemove"))]
-        kept = {k: v for k, v in heads.items() if v}
-        if kept:
-            out["headers"] = kept
+        route_headers(tr, obj, mpath, heads, out)
     if options.get("hostRewrite"):
         out["host"] = str(options["hostRewrite"])
     elif options.get("autoHostRewrite") is True:

@@ -31,6 +31,7 @@ from shadowlane.importers.model import (
     percent_of,
     prefix_rewrite,
     regex_rewrite,
+    route_headers,
 )
 from shadowlane.importers.services import ServiceMap, split_service
 
@@ -152,9 +153,7 @@ def _route_changes(tr: Translation, http: dict[str, Any], obj: str, path: str) -
         "remove": [str(n).lower() for n in as_list(request.get("remove"))],
     }
     out: dict[str, Any] = {}
-    kept = {k: v for k, v in heads.items() if v}
-    if kept:
-        out["headers"] = kept
+    route_headers(tr, obj, f"{path}.headers.request", heads, out)
     rewrite = as_dict(http.get("rewrite"))
     leftover(tr, obj, f"{path}.rewrite", rewrite, {"uri", "authority", "uriRegexRewrite"})
     if rewrite.get("authority"):

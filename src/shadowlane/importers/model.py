@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from shadowlane.config import ROUTE_RESERVED_HEADERS
+
 #: one peer object: what `metadata` says, and its fields
 Doc = dict[str, Any]
 
@@ -216,3 +218,30 @@ def regex_rewrite(
             "first (anchor it with ^ to silence this)",
         )
     return {"regex": regex, "replacement": substitution}
+
+
+def route_headers(
+    tr: Translation, obj: str, path: str, heads: dict[str, Any], out: dict[str, Any]
+) -> None:
+    """A peer's header changes into the route's `headers` in `out`: a Host set as a header
+    becomes the route's `host` (unless `out` has one already, from the peer's own Host
+    rewrite, which wins); a header shadowlane manages on the forwarded request (framing,
+    hop-by-hop, the request id, HTTP/2 pseudo-headers) is noted and left alone, so one such
+    field does not make the whole config fail."""
+    for verb in ("set", "add"):
+        for name in list(heads.get(verb, {})):
+            if name == "host" or name == ":authority":
+                out.setdefault("host", heads[verb].pop(name))
+            elif name in ROUTE_RESERVED_HEADERS or name.startswith(":"):
+                heads[verb].pop(name)
+                tr.note(obj, path, f"header {name!r} is managed by shadowlane: not changed")
+    kept_remove = []
+    for name in heads.get("remove", []):
+        if name in ROUTE_RESERVED_HEADERS or name.startswith(":"):
+            tr.note(obj, path, f"header {name!r} is managed by shadowlane: not removed")
+        else:
+            kept_remove.append(name)
+    heads["remove"] = kept_remove
+    kept = {k: v for k, v in heads.items() if v}
+    if kept:
+        out["headers"] = kept

@@ -35,6 +35,7 @@ from shadowlane.importers.model import (
     namespace_of,
     object_name,
     regex_rewrite,
+    route_headers,
     segment_prefix_match,
 )
 from shadowlane.importers.services import ServiceMap
@@ -247,13 +248,11 @@ def _route_changes(tr: Translation, group: list[_Route]) -> dict[str, Any]:
         "add": dict(first.add_headers),
         "remove": list(first.drop_headers),
     }
-    kept = {k: v for k, v in heads.items() if v}
-    if kept:
-        out["headers"] = kept
-    if first.rewrite is not None:
-        out["rewrite_path"] = dict(first.rewrite)
     if first.host is not None:
         out["host"] = first.host
+    route_headers(tr, first.obj, first.path or "filters", heads, out)
+    if first.rewrite is not None:
+        out["rewrite_path"] = dict(first.rewrite)
     return out
 
 
