@@ -79,7 +79,8 @@ def test_gateway_api_httproutes(stack: contextlib.ExitStack) -> None:
     n = 200
     for i in range(n):
         assert run.get(f"/cart/{i}", host="shop.example.com") == 200
-        assert run.get(f"/api/orders/{i}", headers=[("X-Tenant", "acme")]) == 200
+        tenant = [("X-Tenant", "acme"), ("X-Debug", "1"), ("X-Trace", "client")]
+        assert run.get(f"/api/orders/{i}", headers=tenant) == 200
     for i in range(100):
         assert run.get(f"/search/shoes?lang=en&i={i}") == 200
     px = run.proxy
@@ -95,9 +96,17 @@ def test_gateway_api_httproutes(stack: contextlib.ExitStack) -> None:
     assert within(run.n("api-shadow.shop"), n, 0.25)
     assert run.n("tenant-acme.shop") == n
     assert run.n("search-v2.shop") == 100 and within(run.n("search-v3.shop"), 100, 0.2)
-    # the header modifier reaches the mirror copies; the primary is forwarded unchanged
-    assert {r.header("x-mirrored-by") for r in run.b["api-shadow.shop"].requests} == {"gateway"}
-    assert {r.header("x-mirrored-by") for r in run.b["tenant-acme.shop"].requests} == {None}
+    # the header modifier and URLRewrite change the primary request, and the mirror copies
+    # start from it (with -shadow on the rewritten Host)
+    primary = run.b["tenant-acme.shop"].requests
+    assert sorted(r.target for r in primary) == sorted(f"/v1/orders/{i}" for i in range(n))
+    mirrored = run.b["api-shadow.shop"].requests
+    assert {r.target for r in mirrored} <= {r.target for r in primary}
+    for got, host in ((primary, "api.internal"), (mirrored, "api.internal-shadow")):
+        assert {r.header("x-mirrored-by") for r in got} == {"gateway"}
+        assert {tuple(r.header_values("x-trace")) for r in got} == {("client", "gw")}
+        assert {r.header("x-debug") for r in got} == {None}
+        assert {r.header("host") for r in got} == {host}
     assert {r.header("host") for r in run.b["cart-next.shop"].requests} == {
         "shop.example.com-shadow"
     }
@@ -120,6 +129,10 @@ def test_istio_virtualservices(stack: contextlib.ExitStack) -> None:
     for i in range(10):
         assert run.get(f"/reviews/{i}", host=host, headers=[("end-user", "jason")]) == 200
     assert run.n("reviews-v2.bookinfo") == 10
+    # `rewrite.uri` swaps the matched prefix; `headers.request.add` appends
+    pinned = run.b["reviews-v2.bookinfo"].requests
+    assert sorted(r.target for r in pinned) == sorted(f"/v2/reviews/{i}" for i in range(10))
+    assert {r.header("x-pinned") for r in pinned} == {"v2"}
     n = 200
     for i in range(n):
         assert run.get(f"/reviews/{i}", host=host) == 200
@@ -137,12 +150,15 @@ def test_istio_virtualservices(stack: contextlib.ExitStack) -> None:
     assert within(run.n("reviews-next.bookinfo"), n, 0.3)
     assert run.n("ratings.bookinfo") == n and run.n("ratings-a.bookinfo") == n
     assert within(run.n("ratings-b.bookinfo"), n, 0.5)
+    # headers.request goes on the primary, and so on the mirror copies
     assert {r.header("x-env") for r in run.b["ratings-a.bookinfo"].requests} == {"shadow"}
-    assert {r.header("x-env") for r in run.b["ratings.bookinfo"].requests} == {None}
+    assert {r.header("x-env") for r in run.b["ratings.bookinfo"].requests} == {"shadow"}
     assert run.n("details-v2.bookinfo") == 20
     assert {r.header("host") for r in run.b["details-v2.bookinfo"].requests} == {"details-shadow"}
+    # rewrite.authority: the primary's Host, and the mirror's with -shadow
+    assert {r.header("host") for r in run.b["reviews-v1.bookinfo"].requests} == {"reviews.internal"}
     assert {r.header("host") for r in run.b["reviews-next.bookinfo"].requests} == {
-        "reviews.example.com-shadow"
+        "reviews.internal-shadow"
     }
 
 
@@ -175,7 +191,17 @@ def test_emissary_mappings(stack: contextlib.ExitStack) -> None:
     assert {r.header("host") for r in run.b["quote-shadow.apps"].requests} == {
         "quote.example.com-shadow"
     }
+    # rewrite /quote/ -> /q/ and the added header, on the primaries and the shadow copy
+    for name in ("quote.apps", "quote-v2.apps", "quote-shadow.apps"):
+        got = run.b[name].requests
+        assert {r.path.rpartition("/")[0] for r in got} == {"/q"}, name
+        assert {r.header("x-via") for r in got} == {"emissary"}, name
     assert run.n("orders-eu.apps") == 10 and run.n("orders.apps") == 20
+    # Emissary's default rewrite: the prefix /orders/ becomes /
+    assert sorted(r.target for r in run.b["orders-eu.apps"].requests) == sorted(
+        f"/{i}" for i in range(10)
+    )
+    assert "spec.rewrite" not in run.proxy.stderr_text()
 
 
 def test_gloo_virtualservices(stack: contextlib.ExitStack) -> None:
@@ -192,7 +218,7 @@ def test_gloo_virtualservices(stack: contextlib.ExitStack) -> None:
     run = Run(stack, docs("gloo.yaml"), names)
     n = 200
     for i in range(n):
-        assert run.get(f"/api/{i}", host="shop.example.com") == 200
+        assert run.get(f"/api/{i}", host="shop.example.com", headers=[("X-Internal", "1")]) == 200
         assert run.get(f"/catalog/{i}", host="catalog.example.com") == 200
     assert run.get("/api/1", host="shop.example.com", method="POST") == 404
     assert run.get("/status") == 200 and run.n("status.ops") == 1
@@ -207,7 +233,15 @@ def test_gloo_virtualservices(stack: contextlib.ExitStack) -> None:
     assert within(run.n("api-v1.gloo-system"), n, 0.75)
     assert run.n("api-v1.gloo-system") + run.n("api-v2.gloo-system") == n
     assert within(run.n("api-next.gloo-system"), n, 0.25)
-    assert {r.header("x-gloo") for r in run.b["api-next.gloo-system"].requests} == {"shadow-copy"}
+    # headerManipulation, prefixRewrite and hostRewrite: on the primaries, and so on the copy
+    primaries = run.b["api-v1.gloo-system"].requests + run.b["api-v2.gloo-system"].requests
+    copies = run.b["api-next.gloo-system"].requests
+    assert sorted(r.target for r in primaries) == sorted(f"/v1/api/{i}" for i in range(n))
+    for got, host in ((primaries, "api.internal"), (copies, "api.internal-shadow")):
+        assert {r.header("x-gloo") for r in got} == {"shadow-copy"}
+        assert {r.header("x-internal") for r in got} == {None}
+        assert {r.header("host") for r in got} == {host}
+    assert {r.target for r in copies} <= {r.target for r in primaries}
     assert within(run.n("catalog-v2.gloo-system"), n, 0.1)
     assert run.n("debug.gloo-system") == 10 and run.n("debug-next.gloo-system") == 10
 
@@ -244,11 +278,21 @@ def test_skipper_eskip_and_routegroup(stack: contextlib.ExitStack) -> None:
     assert {(c.header("x-shadow"), c.header("x-tee-loopback-key")) for c in copies} == {("1", "co")}
     assert run.n("users") == 10 and run.n("users-beta") == 10
     assert {c.header("host") for c in run.b["users-beta"].requests} == {"users-beta:8080"}
+    # the header and path filters before tee(): on the primary and on its copy
+    for name in ("users", "users-beta"):
+        got = run.b[name].requests
+        assert sorted(c.target for c in got) == sorted(f"/v2/users/{i}" for i in range(10))
+        assert {c.header("x-beta-seen") for c in got} == {"yes"}
     assert within(run.n("blue"), n, 0.25) and run.n("blue") + run.n("green") == n
     assert within(run.n("orders-v1.shop") - 10, n, 0.8)
     assert run.n("orders-v1.shop") - 10 + run.n("orders-v2.shop") == n
     assert run.n("audit") == 10
     assert {c.header("x-audit") for c in run.b["audit"].requests} == {"yes"}
+    # setRequestHeader before teeLoopback: the primary has it, and the clone too
+    submits = [r for r in run.b["orders-v1.shop"].requests if r.target == "/orders/submit"]
+    assert len(submits) == 10
+    assert {c.header("x-order-source") for c in submits} == {"skipper"}
+    assert {c.header("x-order-source") for c in run.b["audit"].requests} == {"skipper"}
 
 
 def test_envoy_route_configuration_and_bootstrap(stack: contextlib.ExitStack) -> None:
@@ -265,7 +309,7 @@ def test_envoy_route_configuration_and_bootstrap(stack: contextlib.ExitStack) ->
     run = Run(stack, docs("envoy-routes.yaml", "envoy-bootstrap.yaml.in"), names)
     n = 200
     for i in range(n):
-        assert run.get(f"/service/1/{i}") == 200
+        assert run.get(f"/service/1/{i}", headers=[("X-Internal", "1")]) == 200
         assert run.get("/exact", headers=[("X-Tenant", "acme")]) == 200
         assert run.get(f"/page/{i}", host="legacy.example.com") == 200
     assert run.get("/exact") == 404
@@ -284,6 +328,12 @@ def test_envoy_route_configuration_and_bootstrap(stack: contextlib.ExitStack) ->
     }
     assert {c.header("host") for c in run.b["service1-canary"].requests} == {"shadowlane.test"}
     assert {c.header("x-envoy-vh") for c in run.b["service1-canary"].requests} == {"backend"}
+    # prefix_rewrite and the header changes: the primary's, and the mirrors start from them
+    for name in ("service1", "service1-shadow", "service1-canary"):
+        got = run.b[name].requests
+        assert {c.path.rpartition("/")[0] for c in got} == {"/svc1"}, name
+        assert {c.header("x-internal") for c in got} == {None}, name
+        assert {c.header("x-envoy-vh") for c in got} == {"backend"}, name
     assert within(run.n("tenant-a"), n, 0.7) and run.n("tenant-a") + run.n("tenant-b") == n
     # the bootstrap's static clusters resolved the legacy names (the services map has none)
     assert run.n("LEGACY") == n and within(run.n("LEGACY_NEXT"), n, 0.5)

@@ -200,7 +200,7 @@ virtual_hosts:
         ("/v2/", "/api", "/v2"),
     ],
 )
-def test_gateway_replace_prefix_match_on_the_mirror(
+def test_gateway_replace_prefix_match_on_the_route(
     tmp_path: Any, replace: str, path: str, want: str
 ) -> None:
     import re
@@ -223,5 +223,217 @@ spec:
     backendRefs: [{{name: api, port: 80}}]
 """,
     )
-    rw = loaded.config["routes"][0]["shadows"][0]["rewrite_path"]
+    (route,) = loaded.config["routes"]
+    # the route's rewrite: the primary is sent it, and the mirror copy starts from it
+    assert "rewrite_path" not in route["shadows"][0]
+    rw = route["rewrite_path"]
     assert re.sub(rw["regex"], rw["replacement"], path, count=1) == want
+
+
+def _notes(loaded: Any) -> list[str]:
+    return [str(n) for n in loaded.notes]
+
+
+def test_envoy_rewrites_and_header_actions_go_on_the_route(tmp_path: Any) -> None:
+    loaded = translate(
+        tmp_path,
+        "routes.yaml",
+        """
+name: rc
+request_headers_to_add:
+- header: {key: x-rc, value: "1"}
+virtual_hosts:
+- name: vh
+  domains: ["*"]
+  routes:
+  - match: {prefix: /a/}
+    request_headers_to_add:
+    - {header: {key: x-set, value: s}, append: false}
+    - {header: {key: x-app, value: a}, append_action: APPEND_IF_EXISTS_OR_ADD}
+    - {header: {key: x-ow, value: o}, append_action: OVERWRITE_IF_EXISTS_OR_ADD}
+    - {header: {key: x-absent, value: z}, append_action: ADD_IF_ABSENT}
+    - {header: {key: x-ip, value: "%DOWNSTREAM_REMOTE_ADDRESS%"}}
+    request_headers_to_remove: [x-drop]
+    route:
+      cluster: a
+      prefix_rewrite: /
+      auto_host_rewrite: true
+      request_mirror_policies: [{cluster: m}]
+  - match: {safe_regex: {regex: "/b/[0-9]+"}}
+    route:
+      cluster: b
+      regex_rewrite: {pattern: {regex: "[0-9]+"}, substitution: "n"}
+      host_rewrite_literal: b.internal
+  - match: {path_separated_prefix: /c}
+    route: {cluster: c, prefix_rewrite: /v2/c}
+""",
+    )
+    a, b, c = loaded.config["routes"]
+    assert a["rewrite_path"] == {"prefix": "/"}
+    assert a["host"] == "backend"
+    assert a["headers"] == {
+        "set": {"x-set": "s", "x-ow": "o"},
+        "add": {"x-rc": "1", "x-app": "a", "x-ip": "%DOWNSTREAM_REMOTE_ADDRESS%"},
+        "remove": ["x-drop"],
+    }
+    assert a["shadows"] == [{"backend": "m-mirror", "percent": 100.0}]  # nothing of its own
+    assert b["rewrite_path"] == {"regex": "[0-9]+", "replacement": "n"}
+    assert b["host"] == "b.internal"
+    assert c["rewrite_path"] == {"regex": "^/c", "replacement": "/v2/c"}
+    notes = _notes(loaded)
+    assert any("append_action: ADD_IF_ABSENT is not translated" in n for n in notes)
+    assert any(
+        "request_headers_to_add[4].header.value: Envoy's command operators" in n for n in notes
+    )
+    assert any("routes[1].route.regex_rewrite: the peer replaces every match" in n for n in notes)
+    assert not any("primary" in n for n in notes)
+
+
+def test_istio_uri_rewrite_follows_the_match_kind(tmp_path: Any) -> None:
+    loaded = translate(
+        tmp_path,
+        "vs.yaml",
+        """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs, namespace: n}
+spec:
+  hosts: ["*"]
+  http:
+  - match: [{uri: {prefix: /p/}}, {uri: {exact: /e}}, {uri: {regex: "/r/.*"}}]
+    rewrite: {uri: /new/}
+    route: [{destination: {host: a}}]
+  - rewrite: {uriRegexRewrite: {match: "^/x/(.*)$", rewrite: '/y/\\1'}, authority: a.internal}
+    headers: {request: {add: {x-a: "1"}, remove: [x-b]}}
+    route: [{destination: {host: b}}]
+""",
+    )
+    p, e, r, rest = loaded.config["routes"]
+    assert p["rewrite_path"] == {"prefix": "/new/"}
+    assert e["rewrite_path"] == {"prefix": "/new/"}  # the whole exact path swapped
+    assert r["rewrite_path"] == {"regex": "^.*$", "replacement": "/new/"}
+    assert rest["rewrite_path"] == {"regex": "^/x/(.*)$", "replacement": "/y/\\1"}
+    assert rest["host"] == "a.internal"
+    assert rest["headers"] == {"add": {"x-a": "1"}, "remove": ["x-b"]}
+    assert _notes(loaded) == []
+
+
+def test_emissary_rewrite_forms(tmp_path: Any) -> None:
+    loaded = translate(
+        tmp_path,
+        "m.yaml",
+        """
+apiVersion: getambassador.io/v3alpha1
+kind: Mapping
+metadata: {name: plain, namespace: n}
+spec: {prefix: /plain/, service: a, host_rewrite: a.internal,
+       add_request_headers: {x-a: "1", x-s: {value: "2", append: false}},
+       remove_request_headers: [x-r]}
+---
+apiVersion: getambassador.io/v3alpha1
+kind: Mapping
+metadata: {name: norw, namespace: n}
+spec: {prefix: /off/, rewrite: "", service: b}
+---
+apiVersion: getambassador.io/v3alpha1
+kind: Mapping
+metadata: {name: rx, namespace: n}
+spec: {prefix: "/rx/[0-9]+", prefix_regex: true, rewrite: /number, service: c}
+""",
+    )
+    by = {r["name"]: r for r in loaded.config["routes"]}
+    assert by["plain"]["rewrite_path"] == {"prefix": "/"}
+    assert by["plain"]["host"] == "a.internal"
+    assert by["plain"]["headers"] == {"set": {"x-s": "2"}, "add": {"x-a": "1"}, "remove": ["x-r"]}
+    assert "rewrite_path" not in by["norw"]
+    assert by["rx"]["rewrite_path"] == {"regex": "^.*$", "replacement": "/number"}
+    assert _notes(loaded) == []
+
+
+def test_gloo_rewrites(tmp_path: Any) -> None:
+    loaded = translate(
+        tmp_path,
+        "vs.yaml",
+        """
+apiVersion: gateway.solo.io/v1
+kind: VirtualService
+metadata: {name: vs, namespace: gloo-system}
+spec:
+  virtualHost:
+    domains: ['*']
+    routes:
+    - matchers: [{prefix: /a}]
+      routeAction: {single: {upstream: {name: a}}}
+      options:
+        regexRewrite: {pattern: {regex: "v1"}, substitution: "v2"}
+        autoHostRewrite: true
+        headerManipulation:
+          requestHeadersToAdd: [{header: {key: x-s, value: s}, append: false}]
+    - matchers: [{prefix: /}]
+      routeAction: {single: {upstream: {name: b}}}
+      options: {prefixRewrite: /root}
+""",
+    )
+    a, b = loaded.config["routes"]
+    assert a["rewrite_path"] == {"regex": "v1", "replacement": "v2"}
+    assert a["host"] == "backend"
+    assert a["headers"] == {"set": {"x-s": "s"}}
+    # prefix `/` is every path, no path_prefix in the match: Envoy swaps the leading `/`
+    assert b["rewrite_path"] == {"regex": "^/", "replacement": "/root"}
+    assert [n for n in _notes(loaded) if "every match" in n] == [
+        "VirtualService gloo-system/vs: spec.virtualHost.routes[0].options.regexRewrite: the "
+        "peer replaces every match of this unanchored pattern; shadowlane replaces the first "
+        "(anchor it with ^ to silence this)"
+    ]
+
+
+def test_skipper_filters_before_the_tee_are_the_routes_and_after_it_are_noted(
+    tmp_path: Any,
+) -> None:
+    loaded = translate(
+        tmp_path,
+        "r.eskip",
+        """
+        a: Path("/a") -> setRequestHeader("Host", "a.internal") -> setPath("/x")
+           -> tee("http://t:1") -> appendRequestHeader("X-Late", "1") -> "http://a:1";
+        """,
+    )
+    (route,) = loaded.config["routes"]
+    assert route["host"] == "a.internal"
+    assert route["rewrite_path"] == {"regex": "^.*$", "replacement": "/x"}
+    assert route["headers"] == {"add": {"x-late": "1"}}
+    assert _notes(loaded) == [
+        f"eskip {tmp_path / 'r.eskip'} route a: filters[3]: runs after the tee filter in Skipper, "
+        "so its copies do not get it; here the copies start from the changed request (put it "
+        "before the tee to match)"
+    ]
+
+
+def test_a_host_header_becomes_the_host_and_managed_headers_are_noted(tmp_path: Any) -> None:
+    loaded = translate(
+        tmp_path,
+        "r.yaml",
+        """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: n}
+spec:
+  rules:
+  - filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: Host, value: inner.example}, {name: Connection, value: close}]
+        add: [{name: x-ok, value: "1"}]
+        remove: [Content-Length]
+    backendRefs: [{name: api, port: 80}]
+""",
+    )
+    (route,) = loaded.config["routes"]
+    assert route["host"] == "inner.example"
+    assert route["headers"] == {"add": {"x-ok": "1"}}
+    assert _notes(loaded) == [
+        "HTTPRoute n/r: spec.rules[0].filters: header 'connection' is managed by shadowlane: "
+        "not changed",
+        "HTTPRoute n/r: spec.rules[0].filters: header 'content-length' is managed by "
+        "shadowlane: not removed",
+    ]

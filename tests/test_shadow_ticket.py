@@ -68,7 +68,7 @@ class Setup:
         )  # fmt: skip
         headers, rid = upstream_request_headers(req.headers, b"10.0.0.1", b"http", b"a.test")
         req.request_id = rid.decode()
-        return self.dispatcher.begin(self.shadows, req, headers)
+        return self.dispatcher.begin(self.shadows, req, headers, req)
 
     def counts(self) -> dict[str, dict[str, float]]:
         """target -> outcome -> count, from the metrics as scraped."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final, assert_never
 from shadowlane.record.recorder import Recorder
 from shadowlane.routing import Route, RouteTable
 from shadowlane.shadow.join import PrimaryCapture
+from shadowlane.shadow.mutation import RequestRewrite
 from shadowlane.shadow.plan import RouteShadows
 from shadowlane.shadow.ticket import ShadowTicket
 from shadowlane.wire.headers import (
@@ -66,9 +67,10 @@ def gateway_status(kind: UpstreamErrorKind) -> int:
 
 
 class RouteRuntime:
-    """What the proxy precomputes per route: limits, the shadow plan and the recording."""
+    """What the proxy precomputes per route: limits, the request rewrite, the shadow plan and
+    the recording."""
 
-    __slots__ = ("max_body", "name", "recorder", "retain_limit", "route", "shadows")
+    __slots__ = ("max_body", "name", "recorder", "retain_limit", "rewrite", "route", "shadows")
 
     def __init__(
         self,
@@ -76,6 +78,7 @@ class RouteRuntime:
         max_body: int,
         shadows: RouteShadows | None,
         recorder: Recorder | None = None,
+        rewrite: RequestRewrite | None = None,
     ) -> None:
         self.route = route
         self.name = route.name
@@ -83,6 +86,9 @@ class RouteRuntime:
         self.shadows = shadows
         #: `record:` of the route (None: not recorded, one test per request)
         self.recorder = recorder
+        #: the route's changes to the forwarded request (None: forwarded as it came, one
+        #: test per request)
+        self.rewrite = rewrite
         self.retain_limit = max(
             RETRY_BODY_LIMIT,
             shadows.max_body if shadows else 0,
@@ -221,12 +227,18 @@ class ProxyCall(ResponseSink):
         )
         self.request_id = rid
         req.request_id = rid.decode("latin-1")
+        #: the request as the primary is sent it: the client's, or the route's rewrite of it
+        #: (which the shadow copies start from; the access log keeps the client's)
+        fwd = req
+        rewrite = rt.rewrite
+        if rewrite is not None:
+            fwd, headers = rewrite.apply(req, headers, self.endpoint.authority)
         shadow = proxy.shadow
         shadows = rt.shadows
         #: this request's shadowing, from the dispatcher it started with (a reload may swap
         #: the proxy's); None when no shadow of the route took it
         self.ticket: ShadowTicket | None = (
-            shadow.begin(shadows, req, headers, backend.name)
+            shadow.begin(shadows, req, headers, fwd, backend.name)
             if shadow is not None and shadows is not None
             else None
         )
@@ -247,7 +259,7 @@ class ProxyCall(ResponseSink):
                 self.rec_capture = PrimaryCapture(rec.max_body)
         framing = b"transfer-encoding: chunked\r\n" if exchange.chunked else b""
         self.head = (
-            req.method.encode() + b" " + req.target + b" HTTP/1.1\r\n"
+            req.method.encode() + b" " + fwd.target + b" HTTP/1.1\r\n"
             + serialize_headers(headers) + framing + b"\r\n"
         )  # fmt: skip
 

@@ -134,16 +134,19 @@ class UpgradeCall(HandshakeHooks):
             req.headers, req.client_addr.encode(), proxy.proto, self.endpoint.authority
         )
         req.request_id = rid.decode("latin-1")
+        fwd = req
+        if self.rt.rewrite is not None:  # the route's rewrite, as for any request
+            fwd, headers = self.rt.rewrite.apply(req, headers, self.endpoint.authority)
         # the switch itself is hop-by-hop: asked of the backend as the client asked it of us
         upgrade = next((v for k, v in req.headers if k == b"upgrade"), self.exchange.upgrade)
         headers.append((b"connection", b"upgrade"))
         headers.append((b"upgrade", upgrade))
         shadow, shadows = proxy.shadow, self.rt.shadows
         if shadow is not None and shadows is not None:
-            self.shadows = shadow.begin_upgrade(shadows, req, headers) or None
+            self.shadows = shadow.begin_upgrade(shadows, req, headers, fwd) or None
         head = b"%s %s HTTP/1.1\r\n%s\r\n" % (
             req.method.encode(),
-            req.target,
+            fwd.target,
             serialize_headers(headers),
         )
         handshake = Handshake(

@@ -29,6 +29,7 @@ from shadowlane.record.recorder import Recorder
 from shadowlane.routing import Route, RouteTable, build_backend
 from shadowlane.shadow.dispatcher import ShadowDispatcher
 from shadowlane.shadow.join import Submit
+from shadowlane.shadow.mutation import RequestRewrite
 from shadowlane.shadow.sampling import Sampler, key_function
 from shadowlane.store import Divergence
 from shadowlane.wire.upstream import BackendPool
@@ -183,7 +184,10 @@ def build_generation(
                 max_body = cfg.limits.max_body
             rcfg = route.config.record
             recorder = rec.build(route.name, "", rcfg) if rcfg is not None else None
-            runtimes[route.name] = RouteRuntime(route, max_body, shadow.plan(route), recorder)
+            rewrite = RequestRewrite(route.config) if route.config.rewrites else None
+            runtimes[route.name] = RouteRuntime(
+                route, max_body, shadow.plan(route), recorder, rewrite
+            )
     except BaseException:
         if writer is not None:  # a half-built generation never serves: its files go now
             writer.retire(rec.recorders, at_once=True)

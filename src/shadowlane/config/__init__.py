@@ -29,6 +29,7 @@ from shadowlane.config.migrations import (
     StageShadow,
 )
 from shadowlane.config.recording import RecordConfig, RedactConfig
+from shadowlane.config.rewrites import ROUTE_RESERVED_HEADERS, RouteHeaders, RoutePathRewrite
 from shadowlane.config.routes import RouteConfig, WeightedBackend
 from shadowlane.config.shadows import HeaderMutation, PathRewrite, ShadowConfig
 from shadowlane.config.summary import summarize
@@ -44,6 +45,7 @@ from shadowlane.config.units import (
 
 __all__ = [
     "DEFAULT_IGNORE_HEADERS",
+    "ROUTE_RESERVED_HEADERS",
     "AdminConfig",
     "BackendConfig",
     "CompareConfig",
@@ -65,6 +67,8 @@ __all__ = [
     "ReverseShadow",
     "RouteCompare",
     "RouteConfig",
+    "RouteHeaders",
+    "RoutePathRewrite",
     "ShadowCompare",
     "ShadowConfig",
     "ShadowMatch",

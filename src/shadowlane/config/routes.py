@@ -15,6 +15,7 @@ from shadowlane.config.base import _Model, _none_to_empty
 from shadowlane.config.comparison import RouteCompare
 from shadowlane.config.matching import MatchConfig
 from shadowlane.config.recording import RecordConfig
+from shadowlane.config.rewrites import RouteHeaders, RoutePathRewrite, _check_route_host
 from shadowlane.config.shadows import ShadowConfig
 from shadowlane.config.units import _TOKEN, Int, Name, Size, Timeout
 
@@ -51,6 +52,13 @@ class RouteConfig(_Model, frozen=True):
     backend: str | None = None
     backends: Annotated[list[WeightedBackend], Field(min_length=1)] | None = None
     max_body: Size | None = None
+    #: the request forwarded to the primary (and so every shadow copy, which starts from it):
+    #: its path, headers and Host, as the peers' route rewrites change them
+    rewrite_path: RoutePathRewrite | None = None
+    headers: Annotated[RouteHeaders, BeforeValidator(_none_to_empty(dict))] = Field(
+        default_factory=RouteHeaders
+    )
+    host: Annotated[str | None, AfterValidator(_check_route_host)] = None
     shadows: Annotated[list[ShadowConfig], BeforeValidator(_none_to_empty(list))] = Field(
         default_factory=list
     )
@@ -87,6 +95,23 @@ class RouteConfig(_Model, frozen=True):
         if self.backend is None and self.backends is None:
             raise ValueError("needs backend or backends")
         return self
+
+    @model_validator(mode="after")
+    def _prefix_rewrite_has_a_prefix(self) -> RouteConfig:
+        """Envoy's `prefix_rewrite` replaces what the route matched: a prefix or a whole path."""
+        rw = self.rewrite_path
+        matched = self.match.path_prefix is not None or self.match.path is not None
+        if rw is not None and rw.prefix is not None and not matched:
+            raise ValueError(
+                "rewrite_path.prefix replaces the matched match.path_prefix (or match.path),"
+                " and this route has neither: use rewrite_path.regex"
+            )
+        return self
+
+    @property
+    def rewrites(self) -> bool:
+        """The forwarded request differs from the client's (path, headers or Host)."""
+        return self.rewrite_path is not None or self.host is not None or not self.headers.empty
 
     @property
     def backend_names(self) -> list[str]:

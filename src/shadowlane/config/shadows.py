@@ -35,6 +35,16 @@ def _check_mutable_header(name: str) -> None:
         raise ValueError(f"not a header name: {name!r}")
 
 
+#: what a field value may not hold (RFC 9110 5.5): a CR or LF would end the header early and
+#: let the value write a header of its own
+_BAD_VALUE = re.compile(r"[\r\n\x00]")
+
+
+def _check_header_value(name: str, value: str) -> None:
+    if _BAD_VALUE.search(value):
+        raise ValueError(f"header {name!r}: a value may not hold CR, LF or NUL")
+
+
 class HeaderMutation(_Model, frozen=True):
     """Headers to set on / remove from a shadow copy (the primary request is never touched)."""
 
@@ -60,8 +70,9 @@ class HeaderMutation(_Model, frozen=True):
     @field_validator("set")
     @classmethod
     def _check_set(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
+        for name, text in value.items():
             _check_mutable_header(name)
+            _check_header_value(name, text)
         return value
 
     @field_validator("remove")

@@ -111,6 +111,26 @@ def _describe_shadow(s: ShadowConfig) -> str:
     return line
 
 
+def _describe_rewrite(route: RouteConfig) -> str:
+    """What the route changes in the request it forwards (its shadows start from it)."""
+    parts: list[str] = []
+    rw = route.rewrite_path
+    if rw is not None and rw.prefix is not None:
+        matched = (
+            route.match.path_prefix if route.match.path_prefix is not None else route.match.path
+        )
+        parts.append(f"rewrite prefix {matched} -> {rw.prefix}")
+    elif rw is not None:
+        parts.append(f"rewrite {rw.regex} -> {rw.replacement}")
+    if route.host is not None:
+        parts.append(f"host {route.host}")
+    heads = route.headers
+    for verb, names in (("set", heads.set), ("add", heads.add), ("remove", heads.remove)):
+        if names:
+            parts.append(f"{verb} " + ",".join(names))
+    return ", ".join(parts)
+
+
 def summarize(cfg: Config) -> str:
     """What `shadowlane check` prints on success: enough to confirm the file says what you meant."""
     lim = cfg.limits
@@ -154,6 +174,8 @@ def summarize(cfg: Config) -> str:
             lines.append(f"    -> {route.backend}")
         if route.max_body is not None:
             lines.append(f"    body <= {format_size(route.max_body)}")
+        if route.rewrites:
+            lines.append(f"    sends {_describe_rewrite(route)}")
         if route.record is not None:
             lines.append(f"    {_describe_record(route.record)}")
         idle = route.tunnel_idle_timeout

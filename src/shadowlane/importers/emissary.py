@@ -11,9 +11,11 @@ in the diagnostic service, and only one shadow will be used"), so a second shado
 the same route is a warning and only the first (in document order) is kept; the shadow's Host
 gets `-shadow` appended, as Envoy does for it.
 
-Not kept, and warned: Emissary rewrites the matched prefix to `rewrite` (default `/`) before
-forwarding. shadowlane forwards the path unchanged, to the primary and the shadow alike, so the
-two stay comparable; set `rewrite` equal to `prefix` to silence the warning.
+Emissary's `rewrite` (default `/`: the matched prefix is replaced by `/`; `""` turns it off),
+`add_request_headers`, `remove_request_headers` and `host_rewrite` become the route's
+`rewrite_path`, `headers` and `host`: the primary is sent the changed request, and the shadow
+copy starts from it, as Envoy mirrors after the route's changes (the shadow Mapping's own
+rewrite does not apply).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from shadowlane.importers.model import (
     namespace_of,
     object_name,
     percent_of,
+    prefix_rewrite,
+    route_headers,
 )
 from shadowlane.importers.services import ServiceMap, split_host_port
 
@@ -54,6 +58,7 @@ _KNOWN = frozenset(
         "ambassador_id",
         "add_request_headers",
         "remove_request_headers",
+        "host_rewrite",
     }
 )
 
@@ -105,6 +110,34 @@ def _match(tr: Translation, spec: dict[str, Any], obj: str) -> dict[str, Any]:
     return out
 
 
+def _changes(
+    tr: Translation, spec: dict[str, Any], match: dict[str, Any], obj: str
+) -> dict[str, Any]:
+    """`rewrite` (default `/`: the matched prefix becomes `/`, as Emissary does; `""` turns it
+    off), `add_request_headers` and `remove_request_headers`, as the route's `rewrite_path`
+    and `headers`: the primary is sent the changed request, and the shadow copy starts from it
+    (Envoy mirrors after the route's changes)."""
+    out: dict[str, Any] = {}
+    prefix = str(spec.get("prefix", "/"))
+    rewrite = spec.get("rewrite", "/")
+    if rewrite is not None and str(rewrite) != "" and str(rewrite) != prefix:
+        out["rewrite_path"] = prefix_rewrite(match, str(rewrite))
+    if spec.get("host_rewrite"):
+        out["host"] = str(spec["host_rewrite"])
+    heads: dict[str, Any] = {"set": {}, "add": {}, "remove": []}
+    for name, value in as_dict(spec.get("add_request_headers")).items():
+        # a bare value, or {value, append}: Emissary appends unless append is false
+        if isinstance(value, dict):
+            leftover(tr, obj, f"spec.add_request_headers.{name}", value, {"value", "append"})
+            how = "set" if value.get("append", True) is False else "add"
+            heads[how][str(name).lower()] = str(value.get("value", ""))
+        else:
+            heads["add"][str(name).lower()] = str(value)
+    heads["remove"] = [str(r).lower() for r in spec.get("remove_request_headers") or []]
+    route_headers(tr, obj, "spec.add_request_headers", heads, out)
+    return out
+
+
 def _key(match: dict[str, Any]) -> str:
     return repr(sorted((k, repr(v)) for k, v in match.items()))
 
@@ -128,33 +161,9 @@ def translate(docs: list[Doc], tr: Translation, services: ServiceMap) -> None:
                 "notes": [],
             },
         )
-        prefix = str(spec.get("prefix", "/"))
-        rewrite = spec.get("rewrite", "/")
-        if rewrite is not None and str(rewrite) != prefix and not spec.get("prefix_regex"):
-            tr.note(
-                obj,
-                "spec.rewrite",
-                f"Emissary rewrites {prefix!r} to {rewrite!r}"
-                + ("" if "rewrite" in spec else " (its default)")
-                + "; shadowlane forwards the path unchanged (primary and shadow alike)",
-            )
-        adds = as_dict(spec.get("add_request_headers"))
-        removes = [str(r).lower() for r in spec.get("remove_request_headers") or []]
-        if adds or removes:
-            tr.note(
-                obj,
-                "spec.add_request_headers" if adds else "spec.remove_request_headers",
-                "applied to a shadow copy only; the primary request is forwarded unchanged",
-            )
-        headers = {
-            "set": {
-                str(k).lower(): str(as_dict(v).get("value", "") if isinstance(v, dict) else v)
-                for k, v in adds.items()
-            },
-            "remove": removes,
-        }
+        changes = _changes(tr, spec, match, obj)
         group["precedence"] = max(group["precedence"], int(spec.get("precedence", 0) or 0))
-        entry = {"doc": doc, "obj": obj, "weight": spec.get("weight"), "headers": headers}
+        entry = {"doc": doc, "obj": obj, "weight": spec.get("weight"), "changes": changes}
         (group["shadows"] if spec.get("shadow") else group["primaries"]).append(entry)
     ordered = sorted(
         groups.values(),
@@ -180,6 +189,15 @@ def translate(docs: list[Doc], tr: Translation, services: ServiceMap) -> None:
             data["backend"] = legs[0]["backend"]
         else:
             data["backends"] = legs
+        for p in primaries[1:]:
+            if p["changes"] != primaries[0]["changes"]:
+                tr.note(
+                    p["obj"],
+                    "spec",
+                    f"rewrite and header changes differ from {primaries[0]['obj']}'s on the same "
+                    f"route: {primaries[0]['obj']}'s are used",
+                )
+        data.update(primaries[0]["changes"])
         if shadows:
             first = shadows[0]
             for extra in shadows[1:]:
@@ -193,9 +211,13 @@ def translate(docs: list[Doc], tr: Translation, services: ServiceMap) -> None:
                 "backend": _service(tr, services, first["doc"], first["obj"], True),
                 "percent": percent_of(first["weight"]) if first["weight"] is not None else 100.0,
             }
-            head = primaries[0]["headers"]
-            if head["set"] or head["remove"]:
-                shadow["headers"] = head
+            if first["changes"] != primaries[0]["changes"]:
+                tr.note(
+                    first["obj"],
+                    "spec",
+                    f"rewrite and header changes differ from {primaries[0]['obj']}'s: the "
+                    "copy is mirrored from the primary's request, with its changes",
+                )
             data["shadows"] = [shadow]
             comments.append(
                 f"shadow from {first['obj']}: Emissary allows one shadow per resource, and its "

@@ -8,8 +8,10 @@ What maps: `virtual_hosts[].domains` (one route per domain, `*` is any), `routes
 (`prefix`, `path`, `safe_regex`, `path_separated_prefix`; `headers` and `query_parameters`
 with exact matches), `route.cluster` and `weighted_clusters`, and `request_mirror_policies`
 (or the old `request_mirror_policy`) with `runtime_fraction`, inherited from the virtual host
-or the route configuration when a route has none. Header additions and removals are applied to
-the mirror copies (Envoy mirrors the request after them), with a warning for the primary.
+or the route configuration when a route has none. `prefix_rewrite`, `regex_rewrite`,
+`host_rewrite_literal`, `auto_host_rewrite` and the header additions and removals become the
+route's `rewrite_path`, `host` and `headers`: the primary is sent the changed request, and the
+mirror copies start from it (Envoy's router mirrors after the route's changes).
 
 Peer semantics kept: Envoy appends `-shadow` to the mirror's Host unless
 `disable_shadow_host_suffix_append: true`, which becomes `host_suffix: ""`.
@@ -17,6 +19,7 @@ Peer semantics kept: Envoy appends `-shadow` to the mirror's Host unless
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from shadowlane.importers.model import (
@@ -25,14 +28,28 @@ from shadowlane.importers.model import (
     as_dict,
     as_list,
     leftover,
+    literal_replacement,
     no_traffic,
     percent_of,
+    prefix_rewrite,
+    regex_rewrite,
+    route_headers,
 )
 from shadowlane.importers.services import ServiceMap
 
 _DENOMINATORS = {"HUNDRED": 100, "TEN_THOUSAND": 10_000, "MILLION": 1_000_000}
 _ROUTE_ACTION_KEYS = frozenset(
-    {"cluster", "weighted_clusters", "request_mirror_policies", "request_mirror_policy", "timeout"}
+    {
+        "cluster",
+        "weighted_clusters",
+        "request_mirror_policies",
+        "request_mirror_policy",
+        "timeout",
+        "prefix_rewrite",
+        "regex_rewrite",
+        "host_rewrite_literal",
+        "auto_host_rewrite",
+    }
 )
 
 
@@ -168,24 +185,79 @@ def _mirrors(ctx: _Ctx, action: dict[str, Any], obj: str, path: str) -> list[dic
     return out
 
 
-def _headers(
-    ctx: _Ctx, scopes: list[tuple[dict[str, Any], str]], obj: str
-) -> tuple[dict[str, str], list[str]]:
-    set_: dict[str, str] = {}
-    remove: list[str] = []
+#: Envoy's command operators (`%DOWNSTREAM_REMOTE_ADDRESS%`): a value computed per request
+_OPERATOR = re.compile(r"%[A-Z_]+(\(.*?\))?%")
+
+
+def _headers(ctx: _Ctx, scopes: list[tuple[dict[str, Any], str]], obj: str) -> dict[str, Any]:
+    """`request_headers_to_add/remove` of the route configuration, virtual host and route, as
+    the route's `headers` (the primary is sent them; the mirror copies start from them). An
+    addition appends (`append: true`, `APPEND_IF_EXISTS_OR_ADD`, Envoy's default) or replaces
+    (`append: false`, `OVERWRITE_IF_EXISTS_OR_ADD`); the conditional actions are noted."""
+    heads: dict[str, Any] = {"set": {}, "add": {}, "remove": []}
     for scope, path in scopes:
-        for item in as_list(scope.get("request_headers_to_add")):
-            header = as_dict(as_dict(item).get("header"))
-            if "key" in header:
-                set_[str(header["key"]).lower()] = str(header.get("value", ""))
-        remove += [str(h).lower() for h in as_list(scope.get("request_headers_to_remove"))]
-        if scope.get("request_headers_to_add") or scope.get("request_headers_to_remove"):
-            ctx.tr.note(
-                obj,
-                f"{path}.request_headers_to_add",
-                "applied to the mirror copies only; the primary is forwarded unchanged",
-            )
-    return set_, remove
+        for i, item in enumerate(as_list(scope.get("request_headers_to_add"))):
+            item = as_dict(item)
+            ipath = f"{path}.request_headers_to_add[{i}]"
+            leftover(ctx.tr, obj, ipath, item, {"header", "append", "append_action"})
+            header = as_dict(item.get("header"))
+            if "key" not in header:
+                ctx.tr.note(obj, f"{ipath}.header", "header without a key")
+                continue
+            action = str(item.get("append_action", ""))
+            if action in ("ADD_IF_ABSENT", "OVERWRITE_IF_EXISTS"):
+                ctx.tr.note(obj, f"{ipath}.append_action", f"{action} is not translated")
+                continue
+            append = item.get("append", True) is not False
+            how = "set" if action == "OVERWRITE_IF_EXISTS_OR_ADD" or not append else "add"
+            value = str(header.get("value", ""))
+            if _OPERATOR.search(value):
+                ctx.tr.note(
+                    obj,
+                    f"{ipath}.header.value",
+                    "Envoy's command operators are not evaluated: sent as written",
+                )
+            heads[how][str(header["key"]).lower()] = value
+        heads["remove"] += [str(h).lower() for h in as_list(scope.get("request_headers_to_remove"))]
+    out: dict[str, Any] = {}
+    route_headers(ctx.tr, obj, scopes[-1][1] + ".request_headers_to_add", heads, out)
+    return out
+
+
+def _rewrites(
+    ctx: _Ctx,
+    action: dict[str, Any],
+    raw_match: dict[str, Any],
+    native: dict[str, Any],
+    obj: str,
+    apath: str,
+) -> dict[str, Any]:
+    """`prefix_rewrite`, `regex_rewrite`, `host_rewrite_literal` and `auto_host_rewrite` as the
+    route's `rewrite_path` and `host`."""
+    out: dict[str, Any] = {}
+    separated = raw_match.get("path_separated_prefix")
+    if "prefix_rewrite" in action and separated is not None:
+        # matched as a regex of whole segments, but the prefix is what is swapped
+        out["rewrite_path"] = {
+            "regex": "^" + re.escape(str(separated)),
+            "replacement": literal_replacement(str(action["prefix_rewrite"])),
+        }
+    elif "prefix_rewrite" in action:
+        out["rewrite_path"] = prefix_rewrite(native, str(action["prefix_rewrite"]))
+    elif "regex_rewrite" in action:
+        rx = as_dict(action["regex_rewrite"])
+        rpath = f"{apath}.regex_rewrite"
+        leftover(ctx.tr, obj, rpath, rx, {"pattern", "substitution"})
+        pattern = as_dict(rx.get("pattern"))
+        leftover(ctx.tr, obj, f"{rpath}.pattern", pattern, {"regex", "google_re2"})
+        out["rewrite_path"] = regex_rewrite(
+            ctx.tr, obj, rpath, str(pattern.get("regex", "")), str(rx.get("substitution", ""))
+        )
+    if action.get("host_rewrite_literal"):
+        out["host"] = str(action["host_rewrite_literal"])
+    elif action.get("auto_host_rewrite") is True:
+        out["host"] = "backend"
+    return out
 
 
 def _match(ctx: _Ctx, match: dict[str, Any], obj: str, path: str) -> dict[str, Any]:
@@ -314,10 +386,15 @@ def _translate_config(ctx: _Ctx, rc: dict[str, Any], obj: str) -> None:
             mirrors = _mirrors(ctx, action, obj, apath)
             if mirrors is None:
                 mirrors = vh_mirrors if vh_mirrors is not None else (rc_mirrors or [])
-            set_, remove = _headers(
+            heads = _headers(
                 ctx, [(rc, "(route configuration)"), (vhost, vpath), (route, rpath)], obj
             )
             native = _match(ctx, as_dict(route.get("match")), obj, f"{rpath}.match")
+            # the route's own Host rewrite wins over a Host set as a header
+            changes = {
+                **heads,
+                **_rewrites(ctx, action, as_dict(route.get("match")), native, obj, apath),
+            }
             for domain in domains:
                 if domain.endswith("*") and domain != "*":
                     tr.note(
@@ -332,15 +409,10 @@ def _translate_config(ctx: _Ctx, rc: dict[str, Any], obj: str) -> None:
                     data["backend"] = legs[0]["backend"]
                 else:
                     data["backends"] = [dict(leg) for leg in legs]
+                data.update(changes)
                 comments = [f"from {obj} {rpath}"]
                 if mirrors:
-                    shadows = []
-                    for m in mirrors:
-                        s = dict(m)
-                        if set_ or remove:
-                            s["headers"] = {"set": dict(set_), "remove": list(remove)}
-                        shadows.append(s)
-                    data["shadows"] = shadows
+                    data["shadows"] = [dict(m) for m in mirrors]
                     comments.append(
                         "Envoy appends -shadow to the mirror's Host unless "
                         "disable_shadow_host_suffix_append (kept as host_suffix)"

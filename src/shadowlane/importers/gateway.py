@@ -3,9 +3,9 @@
 What maps: `hostnames` (one route per host), `rules[].matches` (OR: one route each; path
 Exact / PathPrefix / RegularExpression, method, headers and query params of type Exact),
 `backendRefs` with weights (a weighted split), and `RequestMirror` filters (several per rule;
-`percent` or `fraction`) as shadows. Header modifiers and `URLRewrite` change what the peer
-sends upstream, and Envoy-based gateways mirror the request after those changes: shadowlane
-applies them to the shadow copies and warns that the primary request is forwarded unchanged.
+`percent` or `fraction`) as shadows. `RequestHeaderModifier` and `URLRewrite` become the
+route's `headers`, `rewrite_path` and `host`: they change the request the primary is sent, and
+the shadow copies start from it, as Envoy-based gateways mirror after those changes.
 
 Peer semantics kept: a mirror goes to a single endpoint of its backendRef ("irrespective of
 how many endpoints are present", says the spec), so a shadow backend gets the first endpoint
@@ -30,6 +30,7 @@ from shadowlane.importers.model import (
     no_traffic,
     object_name,
     percent_of,
+    route_headers,
     segment_prefix_match,
 )
 from shadowlane.importers.services import ServiceMap
@@ -60,19 +61,40 @@ def _ref_target(
 
 
 def _headers_filter(
-    tr: Translation, spec: dict[str, Any], obj: str, path: str
-) -> tuple[dict[str, str], list[str]]:
-    set_: dict[str, str] = {}
-    for i, item in enumerate(as_list(spec.get("set")) + as_list(spec.get("add"))):
-        item = as_dict(item)
-        if "name" in item:
-            set_[str(item["name"]).lower()] = str(item.get("value", ""))
-        else:
-            tr.note(obj, f"{path}[{i}]", "header without a name")
-    if spec.get("add"):
-        tr.note(obj, f"{path}.add", "added as set on the shadow copy (a copy holds one value)")
-    remove = [str(n).lower() for n in as_list(spec.get("remove"))]
-    return set_, remove
+    tr: Translation, spec: dict[str, Any], obj: str, path: str, heads: dict[str, Any]
+) -> None:
+    """`set`, `add` and `remove` of a RequestHeaderModifier into the route's `headers`."""
+    leftover(tr, obj, path, spec, {"set", "add", "remove"})
+    for key in ("set", "add"):
+        for i, item in enumerate(as_list(spec.get(key))):
+            item = as_dict(item)
+            if "name" in item:
+                heads[key][str(item["name"]).lower()] = str(item.get("value", ""))
+            else:
+                tr.note(obj, f"{path}.{key}[{i}]", "header without a name")
+    heads["remove"].extend(str(n).lower() for n in as_list(spec.get("remove")))
+
+
+def _path_rewrite(
+    tr: Translation, path_rw: tuple[str, str] | None, match: dict[str, Any], obj: str, path: str
+) -> dict[str, str] | None:
+    """URLRewrite's path for one match: `ReplaceFullPath`, or `ReplacePrefixMatch` of that
+    match's PathPrefix, whole segments as the spec says (`/api` -> `/`: `/api/x` is `/x` and
+    `/api` is `/`; -> `/v2`: `/api/x` is `/v2/x`)."""
+    if path_rw is None:
+        return None
+    kind, value = path_rw
+    if kind == "full":
+        return {"regex": "^.*$", "replacement": value.replace("\\", "\\\\")}
+    p = as_dict(match.get("path"))
+    if p.get("type", "PathPrefix") != "PathPrefix":
+        tr.note(obj, f"{path}.path", "ReplacePrefixMatch needs a PathPrefix match: not rewritten")
+        return None
+    base = re.escape(str(p.get("value", "/")).rstrip("/"))
+    repl = value.rstrip("/").replace("\\", "\\\\")
+    if not repl:
+        return {"regex": f"^{base}/?", "replacement": "/"}
+    return {"regex": f"^{base}", "replacement": repl}
 
 
 def _precedence(match: dict[str, Any]) -> tuple[int, int, int, int, int]:
@@ -155,10 +177,10 @@ def _translate_route(
             continue
         shadows: list[dict[str, Any]] = []
         comments: list[str] = []
-        shadow_set: dict[str, str] = {}
-        shadow_remove: list[str] = []
-        rewrite: dict[str, str] | None = None
-        shadow_host: str | None = None
+        #: the route's changes to the forwarded request (the mirror copies start from it)
+        heads: dict[str, Any] = {"set": {}, "add": {}, "remove": []}
+        path_rw: tuple[str, str] | None = None
+        host: str | None = None
         for f, flt in enumerate(as_list(rule.get("filters"))):
             flt = as_dict(flt)
             fpath = f"{rpath}.filters[{f}]"
@@ -189,55 +211,31 @@ def _translate_route(
                     percent = percent_of(mirror.get("percent", 100))
                 shadows.append({"backend": name, "percent": percent})
             elif ftype == "RequestHeaderModifier":
-                s, rm = _headers_filter(
+                _headers_filter(
                     tr,
                     as_dict(flt.get("requestHeaderModifier")),
                     obj,
                     f"{fpath}.requestHeaderModifier",
-                )
-                shadow_set.update(s)
-                shadow_remove.extend(rm)
-                tr.note(
-                    obj,
-                    fpath,
-                    "RequestHeaderModifier applies to the shadow copies only: shadowlane "
-                    "forwards the primary request's headers unchanged",
+                    heads,
                 )
             elif ftype == "URLRewrite":
                 rw = as_dict(flt.get("urlRewrite"))
+                leftover(tr, obj, f"{fpath}.urlRewrite", rw, {"hostname", "path"})
                 if rw.get("hostname"):
-                    shadow_host = str(rw["hostname"])
+                    host = str(rw["hostname"])
                 p = as_dict(rw.get("path"))
                 if p.get("type") == "ReplaceFullPath":
-                    rewrite = {"regex": "^.*$", "replacement": str(p.get("replaceFullPath", "/"))}
+                    path_rw = ("full", str(p.get("replaceFullPath", "/")))
                 elif p.get("type") == "ReplacePrefixMatch":
-                    prefix = _first_prefix(rule)
-                    if prefix is not None:
-                        repl = str(p.get("replacePrefixMatch", "/")).rstrip("/")
-                        base = re.escape(prefix.rstrip("/"))
-                        # `/api` -> `/`: `/api/x` becomes `/x` and `/api` becomes `/`
-                        rewrite = (
-                            {"regex": f"^{base}/?", "replacement": "/"}
-                            if not repl
-                            else {"regex": f"^{base}", "replacement": repl}
-                        )
-                    else:
-                        tr.note(obj, f"{fpath}.urlRewrite.path", "needs a PathPrefix match")
-                tr.note(
-                    obj,
-                    fpath,
-                    "URLRewrite applies to the shadow copies only: shadowlane forwards the "
-                    "primary request's path and Host unchanged",
-                )
+                    path_rw = ("prefix", str(p.get("replacePrefixMatch", "/")))
+                elif p:
+                    tr.note(obj, f"{fpath}.urlRewrite.path.type", f"unknown type {p.get('type')!r}")
             else:
                 tr.unsupported(obj, f"{fpath}", f"filter type {ftype!r} is not translated")
-        for shadow in shadows:
-            if shadow_set or shadow_remove:
-                shadow["headers"] = {"set": dict(shadow_set), "remove": list(shadow_remove)}
-            if rewrite is not None:
-                shadow["rewrite_path"] = dict(rewrite)
-            if shadow_host is not None:
-                shadow["host"] = shadow_host
+        mutations: dict[str, Any] = {}
+        if host is not None:
+            mutations["host"] = host
+        route_headers(tr, obj, f"{rpath}.filters", heads, mutations)
         if shadows:
             comments.append(
                 "Envoy-based gateways append -shadow to the mirror's Host: kept (host_suffix)"
@@ -247,14 +245,18 @@ def _translate_route(
             native = _match(tr, match, obj, f"{rpath}.matches[{m}]")
             if native is None:
                 continue
-            for host in hosts:
+            rewrite = _path_rewrite(tr, path_rw, match, obj, f"{rpath}.matches[{m}]")
+            for hostname in hosts:
                 data: dict[str, Any] = {"name": "", "match": dict(native)}
-                if host is not None and host != "*":
-                    data["match"]["host"] = host
+                if hostname is not None and hostname != "*":
+                    data["match"]["host"] = hostname
                 if len(legs) == 1:
                     data["backend"] = legs[0]["backend"]
                 else:
                     data["backends"] = [dict(leg) for leg in legs]
+                data.update(mutations)
+                if rewrite is not None:
+                    data["rewrite_path"] = dict(rewrite)
                 if shadows:
                     data["shadows"] = [dict(s) for s in shadows]
                 rule_name = rule.get("name") or f"r{r}"
@@ -272,14 +274,6 @@ def _translate_route(
                         },
                     )
                 )
-
-
-def _first_prefix(rule: dict[str, Any]) -> str | None:
-    for m in as_list(rule.get("matches")):
-        p = as_dict(as_dict(m).get("path"))
-        if p.get("type", "PathPrefix") == "PathPrefix":
-            return str(p.get("value", "/"))
-    return None
 
 
 def translate(docs: list[Doc], tr: Translation, services: ServiceMap) -> None:

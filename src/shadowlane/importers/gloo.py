@@ -5,8 +5,10 @@ Both forms in use are read: the 0.x/1.x `matcher` + `routePlugins`, and the newe
 (`prefix`, `exact`, `regex`; `methods`; `headers` and `queryParameters` without `regex`), the
 `routeAction` (`single` upstream or kube service, `multi` destinations with weights), and
 `shadowing` (`upstream`, `percentage`) as the route's shadow. `headerManipulation` request
-changes are applied to the shadow copy (Envoy mirrors after them), with a warning for the
-primary. Routes keep their order (Gloo's first match wins).
+changes, `prefixRewrite`, `regexRewrite`, `hostRewrite` and `autoHostRewrite` become the route's
+`headers`, `rewrite_path` and `host`: the primary is sent the changed request and the shadow
+copy starts from it (Envoy mirrors after them). Routes keep their order (Gloo's first match
+wins).
 
 Peer semantics kept: one shadow per route (Gloo's `shadowing` takes one upstream), and the
 shadow's Host gets `-shadow` appended, which Gloo cannot turn off (solo-io/gloo#10584).
@@ -27,6 +29,9 @@ from shadowlane.importers.model import (
     no_traffic,
     object_name,
     percent_of,
+    prefix_rewrite,
+    regex_rewrite,
+    route_headers,
 )
 from shadowlane.importers.services import ServiceMap
 
@@ -34,7 +39,16 @@ KINDS = frozenset({"VirtualService"})
 GROUP = "gateway.solo.io"
 
 _ROUTE_KEYS = frozenset({"matcher", "matchers", "routeAction", "routePlugins", "options", "name"})
-_OPTION_KEYS = frozenset({"shadowing", "headerManipulation"})
+_OPTION_KEYS = frozenset(
+    {
+        "shadowing",
+        "headerManipulation",
+        "prefixRewrite",
+        "regexRewrite",
+        "hostRewrite",
+        "autoHostRewrite",
+    }
+)
 
 
 def _upstream(
@@ -103,6 +117,58 @@ def _matcher(tr: Translation, m: dict[str, Any], obj: str, path: str) -> dict[st
     return out
 
 
+def _route_changes(
+    tr: Translation, options: dict[str, Any], obj: str, opath: str
+) -> dict[str, Any]:
+    """`headerManipulation` and the Host rewrites as the route's `headers` and `host`: the
+    primary is sent the changed request, and the shadow copy starts from it (Envoy mirrors
+    after the route's changes). A header to add is appended unless `append: false` (Envoy's
+    default), which makes it a set."""
+    out: dict[str, Any] = {}
+    manip = as_dict(options.get("headerManipulation"))
+    if manip:
+        mpath = f"{opath}.headerManipulation"
+        leftover(tr, obj, mpath, manip, {"requestHeadersToAdd", "requestHeadersToRemove"})
+        heads: dict[str, Any] = {"set": {}, "add": {}, "remove": []}
+        for i, item in enumerate(as_list(manip.get("requestHeadersToAdd"))):
+            item = as_dict(item)
+            ipath = f"{mpath}.requestHeadersToAdd[{i}]"
+            leftover(tr, obj, ipath, item, {"header", "append"})
+            header = as_dict(item.get("header"))
+            if "key" not in header:
+                tr.note(obj, f"{ipath}.header", "header without a key")
+                continue
+            how = "add" if item.get("append", True) is not False else "set"
+            heads[how][str(header["key"]).lower()] = str(header.get("value", ""))
+        heads["remove"] = [str(h).lower() for h in as_list(manip.get("requestHeadersToRemove"))]
+        route_headers(tr, obj, mpath, heads, out)
+    if options.get("hostRewrite"):
+        out["host"] = str(options["hostRewrite"])
+    elif options.get("autoHostRewrite") is True:
+        out["host"] = "backend"
+    return out
+
+
+def _path_rewrite(
+    tr: Translation, options: dict[str, Any], native: dict[str, Any], obj: str, opath: str
+) -> dict[str, str] | None:
+    """`prefixRewrite` (Envoy's prefix_rewrite) or `regexRewrite` for one matcher."""
+    if "prefixRewrite" in options:
+        if "regexRewrite" in options:
+            tr.note(obj, f"{opath}.regexRewrite", "given with prefixRewrite: prefixRewrite is used")
+        return prefix_rewrite(native, str(options["prefixRewrite"]))
+    rx = as_dict(options.get("regexRewrite"))
+    if rx:
+        rpath = f"{opath}.regexRewrite"
+        leftover(tr, obj, rpath, rx, {"pattern", "substitution"})
+        pattern = as_dict(rx.get("pattern"))
+        leftover(tr, obj, f"{rpath}.pattern", pattern, {"regex", "googleRe2"})
+        return regex_rewrite(
+            tr, obj, rpath, str(pattern.get("regex", "")), str(rx.get("substitution", ""))
+        )
+    return None
+
+
 def _translate(tr: Translation, services: ServiceMap, doc: Doc) -> None:
     obj = object_name(doc)
     ns = namespace_of(doc)
@@ -154,23 +220,7 @@ def _translate(tr: Translation, services: ServiceMap, doc: Doc) -> None:
                     {"backend": name, "percent": percent_of(shadowing.get("percentage", 100))}
                 )
                 comments.append("Gloo: one shadow per route, Host gets -shadow appended (kept)")
-        manip = as_dict(options.get("headerManipulation"))
-        if manip:
-            mpath = f"{opath}.headerManipulation"
-            leftover(tr, obj, mpath, manip, {"requestHeadersToAdd", "requestHeadersToRemove"})
-            set_ = {}
-            for item in as_list(manip.get("requestHeadersToAdd")):
-                header = as_dict(as_dict(item).get("header"))
-                if "key" in header:
-                    set_[str(header["key"]).lower()] = str(header.get("value", ""))
-            remove = [str(h).lower() for h in as_list(manip.get("requestHeadersToRemove"))]
-            tr.note(
-                obj,
-                mpath,
-                "applied to the shadow copy only; the primary request is forwarded unchanged",
-            )
-            for s in shadows:
-                s["headers"] = {"set": set_, "remove": remove}
+        changes = _route_changes(tr, options, obj, opath)
         matchers = as_list(route.get("matchers")) or (
             [route["matcher"]] if "matcher" in route else [{}]
         )
@@ -178,6 +228,7 @@ def _translate(tr: Translation, services: ServiceMap, doc: Doc) -> None:
         for m, matcher in enumerate(matchers):
             mpath = f"{path}.{mkey}" + (f"[{m}]" if mkey == "matchers" else "")
             native = _matcher(tr, as_dict(matcher), obj, mpath)
+            rewrite = _path_rewrite(tr if m == 0 else Translation(), options, native, obj, opath)
             for domain in domains:
                 data: dict[str, Any] = {"name": "", "match": dict(native)}
                 if domain != "*":
@@ -186,6 +237,9 @@ def _translate(tr: Translation, services: ServiceMap, doc: Doc) -> None:
                     data["backend"] = legs[0]["backend"]
                 else:
                     data["backends"] = [dict(leg) for leg in legs]
+                data.update(changes)
+                if rewrite is not None:
+                    data["rewrite_path"] = dict(rewrite)
                 if shadows:
                     data["shadows"] = [dict(s) for s in shadows]
                 label = route.get("name") or f"r{r}"

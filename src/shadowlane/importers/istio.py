@@ -4,9 +4,10 @@ What maps: `hosts` (one route per host, `*` is any), `http[]` in order (Istio's 
 wins, as ours), `match[]` (OR: one route each; `uri` exact/prefix/regex, `method` exact,
 `headers` and `queryParams` exact, `authority` exact as the host), weighted `route[]`,
 `mirror` with `mirrorPercentage` (or the old integer `mirror_percent`/`mirrorPercent`), and
-`mirrors[]` with their own `percentage`. `headers.request` and `rewrite` are applied to the
-mirror copies only (Envoy mirrors after the route's changes; the primary is forwarded as is,
-with a warning).
+`mirrors[]` with their own `percentage`. `headers.request` and `rewrite` (`uri`,
+`uriRegexRewrite`, `authority`) become the route's `headers`, `rewrite_path` and `host`: the
+primary is sent the changed request and the mirror copies start from it, as Envoy mirrors after
+the route's changes.
 
 Peer semantics kept: Istio compiles a mirror into an Envoy mirror policy, so the copy's Host
 gets `-shadow` appended (shadowlane's default `host_suffix`). A destination's `subset` is a
@@ -28,6 +29,9 @@ from shadowlane.importers.model import (
     namespace_of,
     object_name,
     percent_of,
+    prefix_rewrite,
+    regex_rewrite,
+    route_headers,
 )
 from shadowlane.importers.services import ServiceMap, split_service
 
@@ -133,35 +137,51 @@ def _match(tr: Translation, match: dict[str, Any], obj: str, path: str) -> dict[
     return out
 
 
-def _shadow_changes(
-    tr: Translation, http: dict[str, Any], obj: str, path: str, shadows: list[dict[str, Any]]
-) -> None:
+def _route_changes(tr: Translation, http: dict[str, Any], obj: str, path: str) -> dict[str, Any]:
+    """`headers.request` and `rewrite.authority` as the route's `headers` and `host`: they
+    change the request the primary is sent, and the mirror copies start from it (Envoy mirrors
+    after the route's changes)."""
     headers = as_dict(http.get("headers"))
+    leftover(tr, obj, f"{path}.headers", headers, {"request", "response"})
     request = as_dict(headers.get("request"))
     if headers.get("response"):
         tr.unsupported(obj, f"{path}.headers.response")
-    set_ = {str(k).lower(): str(v) for k, v in as_dict(request.get("set")).items()}
-    set_.update({str(k).lower(): str(v) for k, v in as_dict(request.get("add")).items()})
-    remove = [str(n).lower() for n in as_list(request.get("remove"))]
-    if request:
-        tr.note(
-            obj,
-            f"{path}.headers.request",
-            "applied to the mirror copies only; the primary request is forwarded unchanged",
-        )
+    leftover(tr, obj, f"{path}.headers.request", request, {"set", "add", "remove"})
+    heads: dict[str, Any] = {
+        "set": {str(k).lower(): str(v) for k, v in as_dict(request.get("set")).items()},
+        "add": {str(k).lower(): str(v) for k, v in as_dict(request.get("add")).items()},
+        "remove": [str(n).lower() for n in as_list(request.get("remove"))],
+    }
+    out: dict[str, Any] = {}
+    route_headers(tr, obj, f"{path}.headers.request", heads, out)
     rewrite = as_dict(http.get("rewrite"))
-    if rewrite:
-        leftover(tr, obj, f"{path}.rewrite", rewrite, {"uri", "authority"})
-        tr.note(
+    leftover(tr, obj, f"{path}.rewrite", rewrite, {"uri", "authority", "uriRegexRewrite"})
+    if rewrite.get("authority"):
+        out["host"] = str(rewrite["authority"])
+    return out
+
+
+def _uri_rewrite(
+    tr: Translation, http: dict[str, Any], native: dict[str, Any], obj: str, path: str
+) -> dict[str, str] | None:
+    """`rewrite.uri` replaces what the match matched: the prefix of a prefix match, the whole
+    path of an exact or regex one (Envoy's `prefix_rewrite`), and the leading `/` when there
+    is no uri match (Envoy's route prefix is then `/`); `uriRegexRewrite` is a regex rewrite."""
+    rewrite = as_dict(http.get("rewrite"))
+    regex = as_dict(rewrite.get("uriRegexRewrite"))
+    if "uri" in rewrite and regex:
+        tr.note(obj, f"{path}.rewrite.uriRegexRewrite", "given with uri: uri is used")
+    if "uri" in rewrite:
+        return prefix_rewrite(native, str(rewrite["uri"]))
+    if regex:
+        leftover(tr, obj, f"{path}.rewrite.uriRegexRewrite", regex, {"match", "rewrite"})
+        return regex_rewrite(
+            tr,
             obj,
-            f"{path}.rewrite",
-            "applied to the mirror copies only; the primary path and Host stay unchanged",
+            f"{path}.rewrite.uriRegexRewrite",
+            str(regex.get("match", "")),
+            str(regex.get("rewrite", "")),
         )
-    for shadow in shadows:
-        if set_ or remove:
-            shadow["headers"] = {"set": dict(set_), "remove": list(remove)}
-        if rewrite.get("authority"):
-            shadow["host"] = str(rewrite["authority"])
     return None
 
 
@@ -233,10 +253,12 @@ def _translate(tr: Translation, services: ServiceMap, doc: Doc) -> None:
             pct = mirror.get("percentage")
             percent = percent_of(as_dict(pct).get("value", 100)) if pct is not None else 100.0
             shadows.append({"backend": name, "percent": percent})
-        _shadow_changes(tr, http, obj, path, shadows)
+        changes = _route_changes(tr, http, obj, path)
         matches = [as_dict(m) for m in as_list(http.get("match"))] or [{}]
         for m, match in enumerate(matches):
             native = _match(tr, match, obj, f"{path}.match[{m}]")
+            # the rule's notes once, though each match gets its own rewrite
+            uri_rewrite = _uri_rewrite(tr if m == 0 else Translation(), http, native, obj, path)
             for host in hosts:
                 data: dict[str, Any] = {"name": "", "match": dict(native)}
                 if host != "*" and "host" not in data["match"]:
@@ -245,6 +267,9 @@ def _translate(tr: Translation, services: ServiceMap, doc: Doc) -> None:
                     data["backend"] = legs[0]["backend"]
                 else:
                     data["backends"] = [dict(leg) for leg in legs]
+                data.update(changes)
+                if uri_rewrite is not None:
+                    data["rewrite_path"] = dict(uri_rewrite)
                 if shadows:
                     data["shadows"] = [dict(s) for s in shadows]
                 label = http.get("name") or f"http{h}"

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from shadowlane.config import ROUTE_RESERVED_HEADERS
+
 #: one peer object: what `metadata` says, and its fields
 Doc = dict[str, Any]
 
@@ -183,3 +185,63 @@ def percent_of(numerator: object, denominator: object = 100) -> float:
     if den <= 0:
         return 100.0
     return max(0.0, min(100.0, num * 100.0 / den))
+
+
+def literal_replacement(text: str) -> str:
+    """`text` as an `re.sub` replacement that inserts it as written (backslashes doubled)."""
+    return text.replace("\\", "\\\\")
+
+
+def prefix_rewrite(match: dict[str, Any], value: str) -> dict[str, str]:
+    """Envoy's `prefix_rewrite` (Emissary `rewrite`, Gloo `prefixRewrite`, Istio `uri`) for the
+    native `match` it goes with: it swaps what the route matched, so the matched prefix (or the
+    whole path of an exact match) is replaced (`rewrite_path.prefix`); a regex route matched
+    the whole path, which is replaced; a route with no path match is Envoy's prefix `/`."""
+    if "path_prefix" in match or "path" in match:
+        return {"prefix": value if value.startswith("/") else "/" + value}
+    if "path_regex" in match:
+        return {"regex": "^.*$", "replacement": literal_replacement(value)}
+    return {"regex": "^/", "replacement": literal_replacement(value)}
+
+
+def regex_rewrite(
+    tr: Translation, obj: str, path: str, regex: str, substitution: str
+) -> dict[str, str]:
+    """A peer's regex rewrite (RE2, `\\1` groups, as Python's): ours replaces the first match;
+    Envoy's `regex_rewrite`, Gloo's and Skipper's `modPath` replace every one, which differs
+    only for a pattern that can match twice (not anchored with `^`): that is noted."""
+    if not regex.startswith("^"):
+        tr.note(
+            obj,
+            path,
+            "the peer replaces every match of this unanchored pattern; shadowlane replaces the "
+            "first (anchor it with ^ to silence this)",
+        )
+    return {"regex": regex, "replacement": substitution}
+
+
+def route_headers(
+    tr: Translation, obj: str, path: str, heads: dict[str, Any], out: dict[str, Any]
+) -> None:
+    """A peer's header changes into the route's `headers` in `out`: a Host set as a header
+    becomes the route's `host` (unless `out` has one already, from the peer's own Host
+    rewrite, which wins); a header shadowlane manages on the forwarded request (framing,
+    hop-by-hop, the request id, HTTP/2 pseudo-headers) is noted and left alone, so one such
+    field does not make the whole config fail."""
+    for verb in ("set", "add"):
+        for name in list(heads.get(verb, {})):
+            if name == "host" or name == ":authority":
+                out.setdefault("host", heads[verb].pop(name))
+            elif name in ROUTE_RESERVED_HEADERS or name.startswith(":"):
+                heads[verb].pop(name)
+                tr.note(obj, path, f"header {name!r} is managed by shadowlane: not changed")
+    kept_remove = []
+    for name in heads.get("remove", []):
+        if name in ROUTE_RESERVED_HEADERS or name.startswith(":"):
+            tr.note(obj, path, f"header {name!r} is managed by shadowlane: not removed")
+        else:
+            kept_remove.append(name)
+    heads["remove"] = kept_remove
+    kept = {k: v for k, v in heads.items() if v}
+    if kept:
+        out["headers"] = kept

@@ -30,9 +30,12 @@ from shadowlane.importers.model import (
     as_dict,
     as_list,
     leftover,
+    literal_replacement,
     name_of,
     namespace_of,
     object_name,
+    regex_rewrite,
+    route_headers,
     segment_prefix_match,
 )
 from shadowlane.importers.services import ServiceMap
@@ -58,8 +61,13 @@ class _Route:
     loopbacks: list[str] = field(default_factory=list)
     tees: list[dict[str, Any]] = field(default_factory=list)
     set_headers: dict[str, str] = field(default_factory=dict)
+    add_headers: dict[str, str] = field(default_factory=dict)
     drop_headers: list[str] = field(default_factory=list)
     rewrite: dict[str, str] | None = None
+    #: `setRequestHeader("Host", h)`: the Host of the request sent on
+    host: str | None = None
+    #: a header or path filter that ran after a tee filter had cloned the request
+    late_change: str | None = None
     predicates: int = 0
 
 
@@ -179,16 +187,73 @@ def _filter(tr: Translation, route: _Route, call: Call, path: str, services: Ser
                 "replacement": _go_repl(_str(call, 2)),
             }
         route.tees.append(shadow)
-    elif name in ("setRequestHeader", "appendRequestHeader"):
-        route.set_headers[_str(call, 0).lower()] = _str(call, 1)
-    elif name == "dropRequestHeader":
-        route.drop_headers.append(_str(call, 0).lower())
+    elif name in ("setRequestHeader", "appendRequestHeader", "dropRequestHeader"):
+        _late(route, path)
+        header = _str(call, 0).lower()
+        if name == "dropRequestHeader":
+            route.drop_headers.append(header)
+        elif header == "host":
+            route.host = _str(call, 1)
+        elif name == "setRequestHeader":
+            route.set_headers[header] = _str(call, 1)
+        else:
+            route.add_headers[header] = _str(call, 1)
     elif name == "modPath":
-        route.rewrite = {"regex": _str(call, 0), "replacement": _go_repl(_str(call, 1))}
+        _late(route, path)
+        route.rewrite = regex_rewrite(tr, route.obj, path, _str(call, 0), _go_repl(_str(call, 1)))
     elif name == "setPath":
-        route.rewrite = {"regex": "^.*$", "replacement": _str(call, 0)}
+        _late(route, path)
+        route.rewrite = {"regex": "^.*$", "replacement": literal_replacement(_str(call, 0))}
     else:
         tr.note(route.obj, path, f"filter {call} is not translated")
+
+
+def _late(route: _Route, path: str) -> None:
+    """Skipper clones the request when its tee filter runs: a change after it is the
+    primary's only. Here the copies start from the changed request (noted)."""
+    if (route.loopbacks or route.tees) and route.late_change is None:
+        route.late_change = path
+
+
+def _route_changes(tr: Translation, group: list[_Route]) -> dict[str, Any]:
+    """The header and path filters of a primary route, as the route's `headers`,
+    `rewrite_path` and `host`: Skipper applies them to the request it sends on, and a tee
+    filter after them clones the changed request, as the shadow copies start from it here."""
+    first = group[0]
+    for x in group:
+        if x.late_change is not None:
+            tr.note(
+                x.obj,
+                x.late_change,
+                "runs after the tee filter in Skipper, so its copies do not get it; here the "
+                "copies start from the changed request (put it before the tee to match)",
+            )
+    for x in group[1:]:
+        if (x.set_headers, x.add_headers, x.drop_headers, x.rewrite, x.host) != (
+            first.set_headers,
+            first.add_headers,
+            first.drop_headers,
+            first.rewrite,
+            first.host,
+        ):
+            tr.note(
+                x.obj,
+                x.path or "filters",
+                f"header and path filters differ from {first.obj}'s on the same route: "
+                f"{first.obj}'s are used",
+            )
+    out: dict[str, Any] = {}
+    heads = {
+        "set": dict(first.set_headers),
+        "add": dict(first.add_headers),
+        "remove": list(first.drop_headers),
+    }
+    if first.host is not None:
+        out["host"] = first.host
+    route_headers(tr, first.obj, first.path or "filters", heads, out)
+    if first.rewrite is not None:
+        out["rewrite_path"] = dict(first.rewrite)
+    return out
 
 
 def _go_repl(text: str) -> str:
@@ -396,14 +461,8 @@ def finish(tr: Translation, routes: list[_Route]) -> None:
                 weights[leg["backend"]] = (
                     weights.get(leg["backend"], 0.0) + share * leg["weight"] / total
                 )
-            if x.set_headers or x.drop_headers or x.rewrite:
-                tr.note(
-                    x.obj,
-                    x.path or "filters",
-                    "header and path filters on a primary route apply to its tee copies "
-                    "only; shadowlane forwards the primary request unchanged",
-                )
         data: dict[str, Any] = {"name": tr.route_name(first.name), "match": dict(first.match)}
+        data.update(_route_changes(tr, group))
         legs = [
             {"backend": b, "weight": round(w * 1000)}
             for b, w in weights.items()
@@ -450,10 +509,12 @@ def finish(tr: Translation, routes: list[_Route]) -> None:
                     "percent": round(share * 100, 4),
                     "host_suffix": "",
                     "headers": {
-                        "set": {LOOPBACK_HEADER: g, **b.set_headers},
+                        "set": {LOOPBACK_HEADER: g, **b.set_headers, **b.add_headers},
                         "remove": list(b.drop_headers),
                     },
                 }
+                if b.host is not None:
+                    shadow["host"] = b.host
                 if b.rewrite is not None:
                     shadow["rewrite_path"] = dict(b.rewrite)
                 extra = _shadow_match(tr, first, b)

@@ -173,11 +173,18 @@ class ShadowDispatcher:
 
     # ----- per request -----
     def begin(
-        self, shadows: RouteShadows, request: Request, headers: Headers, primary: str = ""
+        self,
+        shadows: RouteShadows,
+        request: Request,
+        headers: Headers,
+        forwarded: Request,
+        primary: str = "",
     ) -> ShadowTicket | None:
-        """Decide which of the route's shadows get a copy of `request` (forwarded to the
-        primary backend named `primary` with `headers`): a ticket for the proxy to carry, or
-        None when none does. A shadow whose backend is that primary gets no copy
+        """Decide which of the route's shadows get a copy of `request`: a ticket for the
+        proxy to carry, or None when none does. The shadows' `match` and sampling read the
+        client's `request`, as the route's match does; the copies start from `forwarded`
+        (`request` itself, or the route's rewrite of it) sent to the primary backend named
+        `primary` with `headers`. A shadow whose backend is that primary gets no copy
         (`skipped_primary`): during a weighted split or a migration's flip, the requests the
         new backend answers itself must not be copied to it again."""
         metrics = self.metrics
@@ -205,7 +212,7 @@ class ShadowDispatcher:
         if not sampled:
             return None
         return ShadowTicket(
-            request,
+            forwarded,
             headers,
             sampled,
             PrimaryCapture(capture) if capture else None,
@@ -214,14 +221,14 @@ class ShadowDispatcher:
         )
 
     def begin_upgrade(
-        self, shadows: RouteShadows, request: Request, headers: Headers
+        self, shadows: RouteShadows, request: Request, headers: Headers, forwarded: Request
     ) -> dict[str, str]:
         """An upgrade request (WebSocket) the route tunnels: a tunnel is never shadowed (its
         bytes after the `101` have no request/answer shape to copy or compare), so each shadow
         counts it `skipped_upgrade`, except one with `upgrades: handshake`, which is sent the
         handshake alone (`headers` keep Connection and Upgrade), sampled like any copy; its
         `101` ends the copy and the connection. Returns target -> outcome for the access log.
-        Never waits, as `begin`."""
+        Never waits, as `begin` (and reads `request` and `forwarded` as it does)."""
         metrics = self.metrics
         route = shadows.route
         looped = any(name == MARKER for name, _ in request.headers)
@@ -243,7 +250,7 @@ class ShadowDispatcher:
                 continue
             else:
                 endpoint = lane.pool.pick()
-                head = p.builder.head(request, headers, 0, endpoint.authority)
+                head = p.builder.head(forwarded, headers, 0, endpoint.authority)
                 copy = ShadowCopy(lane, request.method, head, b"", None, endpoint)
                 # the lane counts `sent`, and `dropped` when it cannot take the copy
                 outcomes[lane.target] = SENT if lane.submit(copy) else DROPPED

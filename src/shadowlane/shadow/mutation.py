@@ -1,5 +1,10 @@
-"""How a shadow copy differs from the request the primary got.
+"""How the request a backend is sent differs from the one that came in.
 
+A route's `RequestRewrite` changes the request its primary is sent (path, headers, Host), and
+a shadow copy starts from that forwarded request (Envoy's order: its mirror runs in the router,
+after the route's mutations), then applies the shadow's own `CopyBuilder`.
+
+A shadow copy
 Starts from the headers the primary was sent (hop-by-hop removed, X-Forwarded-*, the shared
 X-Request-Id), then: the Host gets a suffix (`-shadow` by default, inserted before the port
 as Envoy does) or an explicit value, configured headers are removed and set, the marker
@@ -13,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from shadowlane.config import ShadowConfig
+from shadowlane.config import RouteConfig, ShadowConfig
 from shadowlane.wire.headers import serialize_headers
 from shadowlane.wire.messages import Headers, Request
 
@@ -116,3 +121,108 @@ class CopyBuilder:
             self.target(req, target),
             serialize_headers(out),
         )
+
+
+def _host_name(host: bytes) -> str:
+    """`Request.host` of a Host value: lower-cased, the port removed."""
+    text = host.decode("latin-1").lower()
+    if text.startswith("["):
+        return text[: text.find("]") + 1]
+    return text.partition(":")[0]
+
+
+class RequestRewrite:
+    """A route's precompiled changes to the request its primary is sent.
+
+    Built once per route in a generation, and only for a route that has some: the proxy tests
+    `is None` and otherwise calls `apply` once per request, which returns the forwarded request
+    (a new `Request`, so the client's stays as it came, for the access log) and its headers.
+    """
+
+    __slots__ = (
+        "_add",
+        "_drop",
+        "_host",
+        "_prefix",
+        "_regex",
+        "_repl",
+        "_set",
+        "host_is_endpoint",
+    )
+
+    def __init__(self, cfg: RouteConfig) -> None:
+        heads = cfg.headers
+        self._set = [(k.encode(), v.encode()) for k, v in heads.set.items()]
+        self._add = [(k.encode(), v.encode()) for k, v in heads.add.items()]
+        #: removed first; a set header replaces every value the client sent
+        self._drop = frozenset(k.encode() for k in heads.remove) | frozenset(
+            k for k, _ in self._set
+        )
+        #: `host: backend`: the authority of the endpoint the request goes to
+        self.host_is_endpoint = cfg.host == "backend"
+        self._host: bytes | None = None
+        if cfg.host is not None and not self.host_is_endpoint:
+            self._host = cfg.host.encode()
+        #: `rewrite_path.prefix`: the matched prefix (or whole path), its replacement in _repl
+        self._prefix: str | None = None
+        self._regex: re.Pattern[str] | None = None
+        self._repl = ""
+        rw = cfg.rewrite_path
+        if rw is not None:
+            if rw.prefix is not None:
+                matched = cfg.match.path_prefix
+                self._prefix = matched if matched is not None else cfg.match.path
+                self._repl = rw.prefix
+            elif rw.regex is not None and rw.replacement is not None:
+                self._regex = re.compile(rw.regex)
+                self._repl = rw.replacement
+
+    def path(self, path: str) -> str:
+        """The forwarded path: the prefix replaced, or the regex substituted once; a result
+        that lost its leading `/` gets it back (a request target must have one)."""
+        prefix = self._prefix
+        if prefix is not None:
+            if not path.startswith(prefix):
+                return path
+            path = self._repl + path[len(prefix) :]
+        elif self._regex is not None:
+            path = self._regex.sub(self._repl, path, count=1)
+        else:
+            return path
+        if not path.startswith("/"):
+            return "/" + path
+        return path
+
+    def apply(self, req: Request, headers: Headers, authority: bytes) -> tuple[Request, Headers]:
+        """The forwarded request and its headers, from the client's `req` and the `headers`
+        the proxy would forward (hop-by-hop removed, X-Forwarded-*, the request id);
+        `authority` is the chosen endpoint's, for `host: backend`."""
+        target = req.target
+        if self._prefix is not None or self._regex is not None:
+            path = self.path(req.path)
+            query = req.query
+            target = (f"{path}?{query}" if query else path).encode("latin-1")
+        host = authority if self.host_is_endpoint else self._host
+        drop = self._drop
+        out: Headers = []
+        for item in headers:
+            name = item[0]
+            if name in drop:
+                continue
+            if name == b"host" and host is not None:
+                out.append((b"host", host))
+                continue
+            out.append(item)
+        out.extend(self._set)
+        out.extend(self._add)
+        fwd = Request(
+            req.method,
+            target,
+            req.http_version,
+            out,
+            req.host if host is None else _host_name(host),
+            req.client_addr,
+            req.keep_alive,
+        )
+        fwd.request_id = req.request_id
+        return fwd, out
