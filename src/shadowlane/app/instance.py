@@ -33,6 +33,7 @@ from shadowlane.metrics import Metrics
 from shadowlane.proxy import Proxy
 from shadowlane.record import RecordWriter
 from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
+from shadowlane.wire.h2_server import H2Listener
 from shadowlane.wire.server import ServerLimits, ServerState
 
 __all__ = ["Instance", "ListenError", "ReadyHook", "bound_address"]
@@ -80,7 +81,7 @@ def _kept_until_restart(old: Config, new: Config) -> list[str]:
             ("listen", old.listen, new.listen),
             ("admin", old.admin, new.admin),
             ("access_log", old.access_log, new.access_log),
-            ("tls (on/off, client_ca)", tls_shape(old), tls_shape(new)),
+            ("tls (on/off, client_ca, listen_http2)", tls_shape(old), tls_shape(new)),
             ("compare.store", old_cmp.store, new_cmp.store),
             *((f"compare.{k}", getattr(old_cmp, k), getattr(new_cmp, k)) for k in _COMPARATOR_KEYS),
         )
@@ -190,7 +191,7 @@ class Instance:
         self.access_log = AccessLogger(cfg.access_log) if cfg.access_log else None
         #: what serves now; a reload replaces it in one assignment
         self.generation = self._build(cfg)
-        self.tls = build_tls(cfg.tls) if cfg.tls is not None else None
+        self.tls = build_tls(cfg.tls, cfg.listen_http2) if cfg.tls is not None else None
         gen = self.generation
         self.proxy = Proxy(
             gen.routes,
@@ -207,6 +208,13 @@ class Instance:
         self.state = ServerState(
             self.proxy,
             ServerLimits(limits.max_header_size, limits.header_timeout, limits.idle_timeout),
+        )
+        #: with `listen_http2`, each new connection is sniffed once (ALPN or the preface) and
+        #: handed to HTTP/2 or to `self.state`'s HTTP/1.1; without it, nothing changes
+        self.h2: H2Listener | None = (
+            H2Listener(self.proxy, self.state.limits, self.state, limits.max_concurrent_streams)
+            if cfg.listen_http2
+            else None
         )
         self.server: asyncio.base_events.Server | None = None
         self.admin: AdminApp | None = None
@@ -352,7 +360,7 @@ class Instance:
             port = self.listen_port
         try:
             self.server = await self.loop.create_server(
-                self.state.protocol_factory,
+                self.state.protocol_factory if self.h2 is None else self.h2.protocol_factory,
                 host,
                 port,
                 reuse_port=self.workers > 1,
@@ -411,14 +419,26 @@ class Instance:
         if self.server is not None:
             self.server.close()
         self.state.start_drain()
+        h2 = self.h2
+        if h2 is not None:
+            h2.start_drain()  # GOAWAY: the streams taken finish, no new ones
         deadline = self.loop.time() + self.cfg.limits.drain_timeout
-        while self.state.busy() and self.loop.time() < deadline:
+        while (self.state.busy() or (h2 is not None and h2.busy())) and (
+            self.loop.time() < deadline
+        ):
             await asyncio.sleep(0.02)
         for conn in list(self.state.connections):
             if conn.busy:
                 conn.abort()  # still busy at the deadline: cut, never pass off as complete
             else:
                 conn.close()
+        if h2 is not None:
+            for h2conn in list(h2.connections):
+                if h2conn.busy:
+                    h2conn.abort()
+                else:
+                    h2conn.close()
+            h2.close()
         self.control.stop()
         await self.generation.shadow.drain(min(5.0, self.cfg.limits.drain_timeout))
         if self.record_writer is not None:

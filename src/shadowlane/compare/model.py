@@ -26,6 +26,8 @@ class Captured:
     seconds: float
     #: "" for a complete answer; else why there is none ("error", "timeout")
     failure: str = ""
+    #: trailing fields (HTTP/2 trailers: gRPC's grpc-status, grpc-message), lower-case names
+    trailers: Headers = field(default_factory=list)
 
 
 @dataclass(slots=True)
