@@ -50,7 +50,7 @@ from hyperframe.frame import GoAwayFrame
 
 from shadowlane.wire.exchange import Connection, Exchange
 from shadowlane.wire.messages import Headers, Request
-from shadowlane.wire.request_head import Rejection, decide_head
+from shadowlane.wire.request_head import Rejection, RequestHead, decide_head
 from shadowlane.wire.server import App, ServerLimits, ServerState
 
 __all__ = ["PREFACE", "H2Exchange", "H2Listener", "H2ServerConnection", "Sniffer"]
@@ -396,8 +396,12 @@ class H2ServerConnection(Connection):
             headers.append((b"cookie", b"; ".join(cookies)))
         if authority and not any(n == b"host" for n, _ in headers):
             headers.append((b"host", authority))
-        head = decide_head(method, path, "1.1", headers, self.limits.max_header_size)
+        head: RequestHead | Rejection = decide_head(
+            method, path, "1.1", headers, self.limits.max_header_size
+        )
         ended = event.stream_ended is not None
+        if ended and isinstance(head, RequestHead) and head.content_length:
+            head = Rejection(400, "content-length announces a body the stream does not carry")
         request: Request
         if isinstance(head, Rejection):
             request = Request(method.decode("latin-1"), path, "2", headers, "", "", True)
