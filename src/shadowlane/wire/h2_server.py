@@ -389,7 +389,8 @@ class H2ServerConnection(Connection):
             elif n == b"cookie":
                 cookies.append(v)  # RFC 9113 8.2.3: split crumbs are joined for HTTP/1.1
             elif n == b"te":
-                continue  # "trailers" only (h2 checks); added back for gRPC below
+                continue  # hop-by-hop ("trailers" only, h2 checks): an HTTP/2 backend gets
+                # it again for a gRPC call (wire.h2_upstream)
             else:
                 headers.append((n, v))
         if cookies:
@@ -412,11 +413,9 @@ class H2ServerConnection(Connection):
                 ex._end_body()
             ex.respond(head.status, head.reason.encode() + b"\n", close=True)
             return
-        hdrs = head.headers
-        for name, value in event.headers or ():
-            if bytes(name) == b"te":
-                hdrs.append((b"te", bytes(value)))
-        request = Request(head.method, head.target, "2", hdrs, head.host, self.client_addr, True)
+        request = Request(
+            head.method, head.target, "2", head.headers, head.host, self.client_addr, True
+        )
         ex = H2Exchange(self, request, sid)
         ex.content_length = head.content_length
         ex.chunked = head.content_length is None and not ended

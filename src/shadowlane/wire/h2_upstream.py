@@ -71,6 +71,7 @@ _DROPPED: Final = frozenset(
     }
 )
 _REASONS: dict[int, bytes] = {}
+_TE_TRAILERS: Final = (b"te", b"trailers")
 #: grpc-timeout units (gRPC's PROTOCOL-HTTP2.md) in seconds
 _GRPC_UNITS: Final = {
     ord("H"): 3600.0,
@@ -172,6 +173,10 @@ class H2Stream(UpstreamConnection):
                 continue
             if name == b"grpc-timeout":
                 limit = grpc_timeout(value) or 0.0
+            elif name == b"content-type" and value.startswith(b"application/grpc"):
+                # TE is hop-by-hop (the proxy drops the client's), but gRPC servers want
+                # `te: trailers` on every call, as Envoy and nginx's grpc_pass send it
+                headers.append(_TE_TRAILERS)
             headers.append((name, value))
         pseudo: Headers = [
             (b":method", method),

@@ -109,8 +109,6 @@ def upstream_request_headers(
                 xff = item[1] if xff is None else xff + b", " + item[1]
             elif name == b"connection":
                 has_connection = True
-            elif name == b"te" and item[1].strip().lower() == b"trailers":
-                out.append(item)  # gRPC needs it end to end (RFC 9113 8.2.2 allows it)
             continue
         if name == b"host":
             host = item[1]
