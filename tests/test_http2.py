@@ -148,9 +148,15 @@ def test_large_bodies_both_ways_respect_flow_control(backend: RecordingBackend) 
     """5 MB up and 5 MB down on one stream: far past every initial window, so the transfer
     completes only if both sides give windows back as the bytes are consumed."""
     big = bytes(range(256)) * (5 * 1024 * 4)
-    with ProxyProcess(_h2_config(backend.url)) as proxy, H2Client(proxy.host, proxy.port) as c:
+    with (
+        # a slow client pauses the backend's answer: its idle timeout must not be the bound
+        ProxyProcess(_h2_config(backend.url, timeout="30s")) as proxy,
+        # pure-Python framing on every side of a loaded 2-core machine: slow, not stuck
+        H2Client(proxy.host, proxy.port, timeout=60) as c,
+    ):
         up = c.request(b"PUT", b"/up", [(b"content-length", b"%d" % len(big))], big)
-        assert up.status == 200
+        assert up.status == 200 and up.reset is None, (up.reset, len(up.body))
+        assert up.header(b"content-length") == b"%d" % len(up.body)
         assert json.loads(up.body)["body_len"] == len(big)
         down = c.request(b"GET", b"/bytes/%d" % (5 * 1024 * 1024))
         assert down.status == 200 and len(down.body) == 5 * 1024 * 1024

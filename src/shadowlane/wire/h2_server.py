@@ -125,6 +125,8 @@ class H2Exchange(Exchange):
         self.blocked = False
         #: reset the stream with NO_ERROR once the answer is out (the upload is not wanted)
         self.reset_after = False
+        #: in the connection's list of streams to send for
+        self.queued = False
         content_type = request.header("content-type")
         #: a gRPC call: the proxy's own answers to it speak grpc-status (see `respond`)
         self.grpc = content_type is not None and content_type.startswith(_GRPC_PREFIX)
@@ -191,11 +193,11 @@ class H2Exchange(Exchange):
         if not data or self.head_request or self.closed:
             return
         self.out += data
-        self.h2conn.pump(self)
+        self.h2conn.schedule(self)
 
     def flush(self) -> None:
         if self.head_out is not None and not self.closed:
-            self.h2conn.pump(self)
+            self.h2conn.schedule(self)
 
     def send_trailers(self, trailers: Headers) -> None:
         self.trailers = [(n, v) for n, v in trailers if n not in _CONNECTION_SPECIFIC]
@@ -208,7 +210,7 @@ class H2Exchange(Exchange):
         self.on_abort = self.on_writable = None
         conn = self.h2conn
         if not self.closed:
-            conn.pump(self)
+            conn.schedule(self)
         conn._exchange_done(self)
 
     def respond(
@@ -258,7 +260,15 @@ class H2ServerConnection(Connection):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.draining = listener.draining
-        config = H2Configuration(client_side=False, header_encoding=None)
+        # outbound headers are ours, from a parser that already lower-cased and checked them
+        # and filters that dropped the connection-specific ones: h2's checks of them again
+        # cost more than the rest of the answer
+        config = H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = H2Connection(config=config)
         self.h2.local_settings = Settings(
             client=False,
@@ -277,6 +287,12 @@ class H2ServerConnection(Connection):
         self.write_paused = False
         #: the last stream id a GOAWAY promised to serve (draining), or -1
         self.goaway_last = -1
+        #: streams with something to send, sent together once per loop iteration (or at the
+        #: end of the bytes being read): one write and one DATA frame with END_STREAM where
+        #: the proxy made three calls
+        self.pending: list[H2Exchange] = []
+        self.scheduled = False
+        self.receiving = False
         self.idle_since = self.loop.time()
 
     # ----- asyncio callbacks -----
@@ -305,6 +321,14 @@ class H2ServerConnection(Connection):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        self.receiving = True
+        try:
+            self._receive(data)
+        finally:
+            self.receiving = False
+        self._run()
+
+    def _receive(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
         except ProtocolError:
@@ -350,7 +374,6 @@ class H2ServerConnection(Connection):
                 self._flush()
                 self.close()
                 return
-        self._flush()
 
     def eof_received(self) -> bool:
         return False
@@ -454,11 +477,34 @@ class H2ServerConnection(Connection):
             return
         with contextlib.suppress(ProtocolError, KeyError):
             self.h2.acknowledge_received_data(n, stream_id)
-        self._flush()
+        self._kick()
 
     def send_informational(self, stream_id: int) -> None:
         with contextlib.suppress(ProtocolError):
             self.h2.send_headers(stream_id, [(b":status", b"100")])
+        self._kick()
+
+    def schedule(self, ex: H2Exchange) -> None:
+        """`ex` has something to send: it goes with the others of this loop iteration."""
+        if not ex.queued:
+            ex.queued = True
+            self.pending.append(ex)
+        self._kick()
+
+    def _kick(self) -> None:
+        if not self.scheduled and not self.receiving:
+            self.scheduled = True
+            self.loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        """Send what the streams have, then write h2's output in one go."""
+        self.scheduled = False
+        pending = self.pending
+        if pending:
+            self.pending = []
+            for ex in pending:
+                ex.queued = False
+                self.pump(ex)
         self._flush()
 
     def pump(self, ex: H2Exchange) -> None:
@@ -475,7 +521,6 @@ class H2ServerConnection(Connection):
                 h2.send_headers(sid, head, end_stream=only_head)
                 if only_head:
                     self._finished(ex)
-                    self._flush()
                     return
             out = ex.out
             while out:
@@ -488,7 +533,6 @@ class H2ServerConnection(Connection):
                 h2.send_data(sid, chunk, end_stream=last)
                 if last:
                     self._finished(ex)
-                    self._flush()
                     return
             if not out and ex.ending:
                 if ex.trailers is not None:
@@ -500,7 +544,6 @@ class H2ServerConnection(Connection):
             # the stream closed under us (reset by the client between events)
             ex.closed = True
             self.streams.pop(sid, None)
-        self._flush()
         if not ex.closed:
             self._set_blocked(ex, self.write_paused or len(ex.out) > _HIGH_WATER)
 
@@ -534,7 +577,7 @@ class H2ServerConnection(Connection):
             self.streams.pop(ex.stream_id, None)
             with contextlib.suppress(ProtocolError):
                 self.h2.reset_stream(ex.stream_id, code)
-            self._flush()
+            self._kick()
 
     # ----- connection -----
     def _flush(self) -> None:
@@ -558,7 +601,7 @@ class H2ServerConnection(Connection):
         self.draining = True
         if self.closed or self.goaway_last >= 0:
             return
-        self._flush()
+        self._run()  # what the streams have goes before the GOAWAY
         self.goaway_last = self.h2.highest_inbound_stream_id
         frame = GoAwayFrame(0)
         frame.last_stream_id = self.goaway_last
@@ -575,6 +618,7 @@ class H2ServerConnection(Connection):
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
+            self._run()  # the last answers and resets, before the socket closes
             self.closed = True
             self.transport.close()
 

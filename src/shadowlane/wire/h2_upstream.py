@@ -152,6 +152,9 @@ class H2Stream(UpstreamConnection):
         self.deadline = 0.0
         self.last_activity = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        #: the request's HEADERS, until the connection sends them (see `start_stream`)
+        self.head_out: Headers | None = None
+        self.queued = False
 
     # ----- request side -----
     def send_request(
@@ -196,7 +199,7 @@ class H2Stream(UpstreamConnection):
         if self.ended or not data or self.state == ConnState.CLOSED:
             return
         self.out += data
-        self.h2conn.pump(self)
+        self.h2conn.schedule(self)
 
     def write_chunk(self, data: bytes) -> None:
         self.write_body(data)  # DATA frames carry their own length
@@ -208,7 +211,7 @@ class H2Stream(UpstreamConnection):
         if self.ended or self.state == ConnState.CLOSED:
             return
         self.ending = True
-        self.h2conn.pump(self)
+        self.h2conn.schedule(self)
 
     # ----- flow control from the sink's client -----
     def pause_reading(self) -> None:
@@ -336,7 +339,13 @@ class H2ClientConnection:
         self.pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
-        self.h2 = H2Connection(config=H2Configuration(client_side=True, header_encoding=None))
+        # the request's names are lower-cased by the parser that read them, but a shadow's
+        # added headers are the config's spelling: normalised, not validated again
+        self.h2 = H2Connection(
+            config=H2Configuration(
+                client_side=True, header_encoding=None, validate_outbound_headers=False
+            )
+        )
         self.h2.local_settings = Settings(
             client=True,
             initial_values={
@@ -348,6 +357,10 @@ class H2ClientConnection:
         self.streams: dict[int, H2Stream] = {}
         #: streams handed out, started or not (what max concurrent streams bounds)
         self.reserved = 0
+        #: streams with something to send, sent together once per loop iteration
+        self.pending: list[H2Stream] = []
+        self.scheduled = False
+        self.receiving = False
         self.usable = False
         self.closed = False
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -415,6 +428,14 @@ class H2ClientConnection:
             stream.on_error(UpstreamError("reset", "connection closed"), False)
 
     def data_received(self, data: bytes) -> None:
+        self.receiving = True
+        try:
+            self._receive(data)
+        finally:
+            self.receiving = False
+        self._run()
+
+    def _receive(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as exc:
@@ -472,7 +493,6 @@ class H2ClientConnection:
                 for sid, refused in list(self.streams.items()):
                     if sid > last:
                         refused.on_error(UpstreamError("reset", "GOAWAY from the backend"), True)
-        self._flush()
         for done in touched:
             done.data_end()
         if not self.usable and not self.streams:
@@ -495,22 +515,59 @@ class H2ClientConnection:
         return H2Stream(self)
 
     def start_stream(self, stream: H2Stream, headers: Headers) -> None:
+        """The request's HEADERS go out with the rest of this loop iteration's sends (so a
+        request without a body is one HEADERS frame with END_STREAM)."""
         if self.closed or not self.usable:
             self.loop.call_soon(stream.on_error, UpstreamError("reset", "connection closed"), True)
             return
+        stream.head_out = headers
+        self.schedule(stream)
+
+    def schedule(self, stream: H2Stream) -> None:
+        if not stream.queued:
+            stream.queued = True
+            self.pending.append(stream)
+        self._kick()
+
+    def _kick(self) -> None:
+        if not self.scheduled and not self.receiving:
+            self.scheduled = True
+            self.loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        self.scheduled = False
+        pending = self.pending
+        if pending:
+            self.pending = []
+            for stream in pending:
+                stream.queued = False
+                if stream.state != ConnState.CLOSED:
+                    self.pump(stream)
+        self._flush()
+
+    def _send_head(self, stream: H2Stream, head: Headers) -> bool:
+        stream.head_out = None
+        if self.closed or not self.usable:
+            self.loop.call_soon(stream.on_error, UpstreamError("reset", "connection closed"), True)
+            return False
         sid = self.h2.get_next_available_stream_id()
         stream.stream_id = sid
         self.streams[sid] = stream
+        last = stream.ending and not stream.out
         try:
-            self.h2.send_headers(sid, headers, end_stream=False)
+            self.h2.send_headers(sid, head, end_stream=last)
         except ProtocolError as exc:
             self.streams.pop(sid, None)
             self.loop.call_soon(stream.on_error, UpstreamError("protocol", str(exc)), True)
-            return
-        self._flush()
+            return False
+        stream.ended = last
+        return True
 
     def pump(self, stream: H2Stream) -> None:
-        """Send the stream's pending body within the windows, and its end."""
+        """Send the stream's head, its pending body within the windows, and its end."""
+        head = stream.head_out
+        if head is not None and not self._send_head(stream, head):
+            return
         sid = stream.stream_id
         if self.closed or sid not in self.streams:
             return
@@ -531,7 +588,7 @@ class H2ClientConnection:
                 h2.end_stream(sid)
         except (ProtocolError, KeyError):
             pass  # the stream is gone (reset by the backend): its events say so
-        self._flush()
+        self._kick()
         stream.set_blocked(len(out) > _HIGH_WATER)
 
     def acknowledge(self, stream_id: int, n: int) -> None:
@@ -539,7 +596,7 @@ class H2ClientConnection:
             return
         with contextlib.suppress(ProtocolError, KeyError):
             self.h2.acknowledge_received_data(n, stream_id)
-        self._flush()
+        self._kick()
 
     def stream_done(self, stream: H2Stream, code: ErrorCodes | None) -> None:
         self.reserved -= 1
@@ -547,7 +604,7 @@ class H2ClientConnection:
         if sid and self.streams.pop(sid, None) is not None and code is not None:
             with contextlib.suppress(ProtocolError, KeyError):
                 self.h2.reset_stream(sid, code)
-            self._flush()
+            self._kick()
         if self.reserved <= 0:
             self.reserved = 0
             if not self.usable or self.pool.closed:
