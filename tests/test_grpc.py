@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from support.grpc_shop import ShopServer, compile_shop
+from support.metrics import scrape
 from support.proxy import ProxyProcess
 from support.wait import wait_until
 
@@ -118,3 +119,38 @@ def test_client_streaming_is_shadowed_within_max_body(
         shadow.wait_calls("Upload", 1)
         wait_until(lambda: shadow.uploaded == [200], 10, "the shadow's copy of the whole stream")
         assert primary.uploaded == [200]
+
+
+def test_compared_shadow_differs_and_statuses_are_compared(
+    shop: tuple[ModuleType, ModuleType],
+    servers: tuple[ShopServer, ShopServer],
+    tmp_path: Path,
+) -> None:
+    """compare: true on the changed shadow: every pair of answers is compared (the lifting of
+    protobuf to field paths is the comparison's; here the transport must hand both answers,
+    trailers included, to it). Same-status pairs of NOT_FOUND calls differ by nothing the
+    shadow changed."""
+    primary, shadow = servers
+    pb2 = shop[0]
+    cfg = _config(primary.url, shadow.url, compare=True)
+    cfg["compare"] = {"store": f"sqlite:///{tmp_path}/cmp.db", "flush_interval": "100ms"}
+    with ProxyProcess(cfg) as proxy:
+        stub, channel = _stub(shop, proxy)
+        with channel:
+            for i in range(10):
+                assert stub.Get(pb2.GetRequest(id=f"c{i}"), timeout=10).id == f"c{i}"
+            for _ in range(5):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Get(pb2.GetRequest(id="missing"), timeout=10)
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+        def compared() -> dict[str, float]:
+            got = scrape(proxy).by("result", "shadowlane_comparisons_total", route="shop")
+            return got if sum(got.values()) >= 15 else {}
+
+        results = wait_until(compared, 15, "15 comparisons")
+        # the 10 answers whose item name changed differ; the 5 NOT_FOUND answers (grpc-status
+        # 5 in both trailers, no message) do not
+        assert results.get("diff") == 10, results
+        assert results.get("match", 0) + results.get("noise", 0) == 5, results
+        assert shadow.calls["Get"] == 15

@@ -35,6 +35,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    RemoteSettingsChanged,
     ResponseReceived,
     StreamEnded,
     StreamReset,
@@ -363,6 +364,8 @@ class H2ClientConnection:
         self.receiving = False
         self.usable = False
         self.closed = False
+        #: the server's SETTINGS have come (its concurrent-stream limit is known)
+        self.settings_seen = False
         self.idle_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -370,7 +373,9 @@ class H2ClientConnection:
         """Streams this connection can take now (the server's limit minus those it carries)."""
         if not self.usable:
             return 0
-        limit = self.h2.remote_settings.max_concurrent_streams
+        # until the server's SETTINGS arrive, the 100 RFC 9113 says it should allow: more
+        # might be refused, and a refused POST is not retried
+        limit = self.h2.remote_settings.max_concurrent_streams if self.settings_seen else 100
         return min(limit, 1000) - self.reserved
 
     async def open(self) -> None:
@@ -486,6 +491,9 @@ class H2ClientConnection:
                     for waiting in list(self.streams.values()):
                         if waiting.out or waiting.ending:
                             self.pump(waiting)
+            elif isinstance(event, RemoteSettingsChanged):
+                self.settings_seen = True
+                self.pool.slot_free(self)  # a higher limit makes room for waiters
             elif isinstance(event, ConnectionTerminated):
                 # GOAWAY: streams above last_stream_id were never processed (safe to retry)
                 self.usable = False
