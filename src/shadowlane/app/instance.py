@@ -313,6 +313,8 @@ class Instance:
         limits.max_header_size = cfg.limits.max_header_size
         limits.header_timeout = cfg.limits.header_timeout
         limits.idle_timeout = cfg.limits.idle_timeout
+        if self.h2 is not None:  # for connections accepted from now on
+            self.h2.max_streams = cfg.limits.max_concurrent_streams
         self.control.reset()
         old.retire(self.loop)
         log.warning("reloaded %s: %d route(s)", self.config_path, len(cfg.routes))
