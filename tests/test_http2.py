@@ -20,6 +20,7 @@ import pytest
 
 from support.backend import RecordingBackend
 from support.h2 import H2Backend, H2Client, H2Reply, H2Request
+from support.metrics import scrape
 from support.proxy import ProxyProcess, basic_config, raw_request
 from support.wait import wait_until
 
@@ -208,6 +209,38 @@ def test_drain_sends_goaway_and_finishes_streams_in_flight(backend: RecordingBac
         assert proxy.wait(15) == 0
     finally:
         proxy.stop()
+
+
+def test_http2_requests_are_shadowed_like_http11(backend: RecordingBackend) -> None:
+    """A stream is a request: its copy (body and all, without a Content-Length from the
+    client) reaches an HTTP/1.1 shadow with the usual headers, and copies too big for the
+    shadow's max_body are skipped."""
+    with RecordingBackend() as shadow:
+        cfg = _h2_config(backend.url)
+        cfg["backends"]["s1"] = {"endpoints": [shadow.url]}
+        cfg["routes"][0]["shadows"] = [{"backend": "s1", "percent": 100, "max_body": "1KiB"}]
+        with ProxyProcess(cfg) as proxy, H2Client(proxy.host, proxy.port) as c:
+            answers = c.exchange(
+                [(b"POST", b"/w/%d" % i, [], b"payload %d" % i) for i in range(10)]
+                + [(b"POST", b"/big", [], b"x" * 4096)]
+            )
+            assert [a.status for a in answers] == [200] * 11
+            copies = shadow.wait_for_requests(10)
+            done = wait_until(
+                lambda: (
+                    sum(scrape(proxy).outcomes("r1", "s1").values()) >= 11
+                    and scrape(proxy).outcomes("r1", "s1")
+                ),
+                10,
+                "11 shadow outcomes",
+            )
+        assert sorted(r.target for r in copies) == sorted(f"/w/{i}" for i in range(10))
+        for r in copies:
+            assert r.body == b"payload " + r.target.rsplit("/", 1)[1].encode()
+            assert r.header("x-shadowlane-shadow") == "r1"
+            assert r.header("host") == f"127.0.0.1-shadow:{proxy.port}"  # :authority + suffix
+        assert done.get("skipped_body") == 1
+        assert len(backend.requests) == 11
 
 
 # -- to backends --------------------------------------------------------------------------------

@@ -352,6 +352,8 @@ class H2ServerConnection(Connection):
                         ex._end_body()
                     if ex.closed:  # answered already; it stayed for the rest of the upload
                         del self.streams[event.stream_id]
+                        if self.draining and not self.streams:
+                            self.loop.call_soon(self._close_if_done)
             elif isinstance(event, WindowUpdated):
                 if event.stream_id:
                     ex = self.streams.get(event.stream_id)
@@ -560,6 +562,8 @@ class H2ServerConnection(Connection):
             with contextlib.suppress(ProtocolError):
                 self.h2.reset_stream(ex.stream_id, ErrorCodes.NO_ERROR)
             ex._body_lost()
+        if self.draining and not self.streams:
+            self.loop.call_soon(self._close_if_done)
 
     def _set_blocked(self, ex: H2Exchange, blocked: bool) -> None:
         if blocked == ex.blocked:
@@ -631,7 +635,8 @@ class H2ServerConnection(Connection):
 
     @property
     def busy(self) -> bool:
-        return self.active > 0
+        """A stream is in flight, or an answer still waits for the client's window."""
+        return self.active > 0 or bool(self.streams)
 
 
 class H2Listener:
