@@ -602,7 +602,7 @@ class H2ClientConnection:
                 h2.end_stream(sid)
         except (ProtocolError, KeyError):
             pass  # the stream is gone (reset by the backend): its events say so
-        self._kick()
+        # (no flush here: pump runs from `_run` and from reading, and both write after it)
         stream.set_blocked(len(out) > _HIGH_WATER)
 
     def acknowledge(self, stream_id: int, n: int) -> None:
