@@ -5,6 +5,7 @@ Python `h2` client (support/h2.py), against the real `shadowlane run` process.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -241,6 +242,24 @@ def test_http2_requests_are_shadowed_like_http11(backend: RecordingBackend) -> N
             assert r.header("host") == f"127.0.0.1-shadow:{proxy.port}"  # :authority + suffix
         assert done.get("skipped_body") == 1
         assert len(backend.requests) == 11
+
+
+def test_reload_keeps_http2_connections_and_new_streams_use_the_new_routes(
+    backend: RecordingBackend,
+) -> None:
+    with RecordingBackend() as other:
+        cfg = _h2_config(backend.url)
+        with ProxyProcess(cfg) as proxy, H2Client(proxy.host, proxy.port) as c:
+            assert c.request(b"GET", b"/before").status == 200
+            new = copy.deepcopy(proxy.config)
+            new["backends"]["b1"]["endpoints"] = [other.url]
+            proxy.write_config(new)
+            proxy.reload()
+            wait_until(lambda: proxy.stderr_lines("reloaded"), 10, "the reload")
+            assert c.request(b"GET", b"/after").status == 200  # the same connection
+            assert c.goaway is None
+        assert [r.target for r in backend.requests] == ["/before"]
+        assert [r.target for r in other.requests] == ["/after"]
 
 
 # -- to backends --------------------------------------------------------------------------------
