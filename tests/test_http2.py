@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from support.backend import RecordingBackend
+from support.backend import RecordingBackend, dead_port
 from support.h2 import H2Backend, H2Client, H2Reply, H2Request
 from support.metrics import scrape
 from support.proxy import ProxyProcess, basic_config, raw_request
@@ -346,3 +346,22 @@ def test_config_checks_protocol_against_the_scheme(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "backends.b1" in out.stderr + out.stdout
     assert "https://" in out.stderr + out.stdout
+
+
+def test_answers_the_proxy_gives_a_grpc_call_are_grpc_answers() -> None:
+    """No route, a dead backend: a gRPC client reads grpc-status (UNIMPLEMENTED, UNAVAILABLE)
+    with the reason in grpc-message, in an HTTP 200 "trailers only" answer; a plain HTTP/2
+    request to the same dead backend still gets its 502."""
+    cfg = _h2_config(f"http://127.0.0.1:{dead_port()}")
+    cfg["routes"][0]["match"] = {"path_prefix": "/only"}
+    grpc_headers = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+    with ProxyProcess(cfg) as proxy, H2Client(proxy.host, proxy.port) as c:
+        none = c.request(b"POST", b"/svc/M", grpc_headers, b"\x00" * 5)
+        assert none.status == 200
+        assert none.header(b"grpc-status") == b"12"
+        assert none.header(b"grpc-message") == b"no route matches this request"
+        dead = c.request(b"POST", b"/only/M", grpc_headers, b"\x00" * 5)
+        assert (dead.status, dead.header(b"grpc-status")) == (200, b"14")
+        assert b"refused" in (dead.header(b"grpc-message") or b"")
+        plain = c.request(b"GET", b"/only/x")
+        assert plain.status == 502 and plain.header(b"grpc-status") is None
