@@ -365,3 +365,28 @@ def test_answers_the_proxy_gives_a_grpc_call_are_grpc_answers() -> None:
         assert b"refused" in (dead.header(b"grpc-message") or b"")
         plain = c.request(b"GET", b"/only/x")
         assert plain.status == 502 and plain.header(b"grpc-status") is None
+
+
+def test_h2c_backend_flow_control_both_ways() -> None:
+    """3 MB up to an HTTP/2 backend and 3 MB back, from an HTTP/1.1 client and an HTTP/2
+    one: far past the backend's 64 KiB windows, so it completes only if the proxy sends as
+    the backend's windows open and gives the backend its window back as the client reads."""
+    big = bytes(range(256)) * (3 * 1024 * 4)
+
+    def handler(req: H2Request) -> H2Reply:
+        return H2Reply(200, [(b"x-got", b"%d" % len(req.body))], req.body[::-1])
+
+    with H2Backend(handler) as h2be:
+        cfg = _h2_config(h2be.url, timeout="30s")
+        cfg["backends"]["b1"]["protocol"] = "h2c"
+        with ProxyProcess(cfg) as proxy:
+            with H2Client(proxy.host, proxy.port, timeout=60) as c:
+                a = c.request(b"PUT", b"/up", [], big)  # no content-length: DATA until the end
+                assert (a.status, a.header(b"x-got")) == (200, b"%d" % len(big))
+                assert a.body == big[::-1]
+            head = b"PUT /up1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(big)
+            raw = raw_request(proxy.port, head + b"Connection: close\r\n\r\n" + big, timeout=60)
+            assert raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw[:200]
+            assert b"x-got: %d\r\n" % len(big) in raw
+        got = h2be.wait_for_requests(2)
+        assert [r.body == big for r in got] == [True, True]
