@@ -27,14 +27,17 @@ from shadowlane.app.generation import Generation, build_generation, records
 from shadowlane.app.tls import build_tls, tls_shape
 from shadowlane.compare.analysis import Analysis
 from shadowlane.compare.engine import Comparator
-from shadowlane.config import Config, ConfigError, load_config
+from shadowlane.config import Config, ConfigError
 from shadowlane.control import Control
+from shadowlane.importers import ConfigSource
 from shadowlane.metrics import Metrics
 from shadowlane.proxy import Proxy
 from shadowlane.record import RecordWriter
 from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
+from shadowlane.upgrades import UpgradeCall, Upgrades
 from shadowlane.wire.h2_server import H2Listener
 from shadowlane.wire.server import ServerLimits, ServerState
+from shadowlane.wire.tunnel import TunnelSet
 
 __all__ = ["Instance", "ListenError", "ReadyHook", "bound_address"]
 
@@ -87,6 +90,20 @@ def _kept_until_restart(old: Config, new: Config) -> list[str]:
         )
         if before != after
     ]
+
+
+def _keeps_tunnel(cfg: Config, call: UpgradeCall) -> bool:
+    """A tunnel survives a reload when the new config still routes it the same way: its
+    route is there, still allows its protocol, and its backend still lists its endpoint."""
+    route = next((rc for rc in cfg.routes if rc.name == call.route), None)
+    if route is None or not all(p in route.upgrades for p in call.protocols):
+        return False
+    if call.backend.name not in route.backend_names:
+        return False
+    backend = cfg.backends.get(call.backend.name)
+    return backend is not None and any(
+        ep.authority == call.endpoint.label for ep in backend.endpoints
+    )
 
 
 class _LiveStore:
@@ -166,8 +183,13 @@ class Instance:
         *,
         listen_port: int | None = None,
         on_ready: ReadyHook | None = None,
+        source: ConfigSource | None = None,
     ):
         self.watch = watch
+        #: how a reload reads the config (peers' documents and --services included)
+        self.source = (
+            source if source is not None or config_path is None else ConfigSource(config_path)
+        )
         # with --workers and `listen: ...:0`, the parent resolved the port for all of them
         self.listen_port = listen_port
         self.on_ready = on_ready
@@ -201,6 +223,21 @@ class Instance:
             gen.proxy_shadow,
             self.access_log,
             proto=b"https" if self.tls is not None else b"http",
+        )
+        #: the open tunnels (upgraded connections): they outlive a reload's generation
+        self.tunnels = TunnelSet()
+        self.upgrades = Upgrades(
+            self.proxy,
+            self.metrics,
+            self.tunnels,
+            self.access_log.tunnel if self.access_log is not None else None,
+        )
+        self.proxy.on_upgrade = self.upgrades.handle
+        self.metrics.set_gauge_provider(
+            "shadowlane_tunnels_active",
+            "Tunnels (upgraded connections, WebSocket) open now, per route.",
+            ("route",),
+            self.upgrades.gauge,
         )
         state_path = os.path.join(metrics_dir, "runtime.json") if metrics_dir else None
         self.control = Control(self._live, state_path, writer=worker_id == 0)
@@ -276,16 +313,18 @@ class Instance:
         In-flight requests finish on the objects they started with; keep-alive connections
         stay (the listener is untouched). Returns the problems (empty when reloaded).
         """
-        if self.config_path is None:
+        if self.source is None:
             return ["no config file to reload"]
         try:
-            cfg = load_config(self.config_path)
+            cfg, notes = self.source.load_with_notes()
         except ConfigError as err:
             problems = err.errors
         except OSError as err:
             problems = [f"{self.config_path}: {err.strerror or err}"]
         else:
             problems = []
+            for note in notes:
+                log.warning("reload: %s", note)
         if problems:
             for line in problems:
                 log.error("reload refused, still serving the previous config: %s", line)
@@ -317,19 +356,25 @@ class Instance:
             self.h2.max_streams = cfg.limits.max_concurrent_streams
         self.control.reset()
         old.retire(self.loop)
+        grace = cfg.limits.tunnel_drain_timeout
+        closing = self.upgrades.retire(lambda call: _keeps_tunnel(cfg, call), grace)
+        if closing:
+            log.warning(
+                "reload: %d tunnel(s) lost their route or backend; closing them in %gs",
+                closing,
+                grace,
+            )
         log.warning("reloaded %s: %d route(s)", self.config_path, len(cfg.routes))
         return []
 
     async def _watch(self) -> None:
-        """--watch: reload when the file's modification time changes (checked every second)."""
-        assert self.config_path is not None
-        last = os.stat(self.config_path).st_mtime_ns
+        """--watch: reload when the file (or a file of the directory) changes, checked every
+        second; a mounted ConfigMap's `..data` swap changes the inodes, which count too."""
+        assert self.source is not None
+        last = self.source.fingerprint()
         while not self._draining:
             await asyncio.sleep(1.0)
-            try:
-                now = os.stat(self.config_path).st_mtime_ns
-            except OSError:
-                continue
+            now = self.source.fingerprint()
             if now != last:
                 last = now
                 self.reload()
@@ -339,10 +384,10 @@ class Instance:
         if self.workers > 1:
             # check the file here first, so the caller hears about a bad one; then every
             # worker reloads it (the parent relays SIGHUP to all)
-            if self.config_path is None:
+            if self.source is None:
                 return ["no config file to reload"]
             try:
-                load_config(self.config_path)
+                self.source.load()
             except ConfigError as err:
                 return err.errors
             except OSError as err:
@@ -393,7 +438,7 @@ class Instance:
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.control.start_polling()
         self.metrics.start_flushing(self.loop)
-        if self.watch and self.config_path is not None:
+        if self.watch and self.source is not None:
             self._watcher: asyncio.Task[None] | None = self.loop.create_task(self._watch())
         if self.worker_id == 0:
             print(
@@ -424,7 +469,10 @@ class Instance:
         h2 = self.h2
         if h2 is not None:
             h2.start_drain()  # GOAWAY: the streams taken finish, no new ones
-        deadline = self.loop.time() + self.cfg.limits.drain_timeout
+        now = self.loop.time()
+        deadline = now + self.cfg.limits.drain_timeout
+        # tunnels run on for their own grace (they never end by themselves), counted from now
+        tunnels_deadline = now + self.cfg.limits.tunnel_drain_timeout
         while (self.state.busy() or (h2 is not None and h2.busy())) and (
             self.loop.time() < deadline
         ):
@@ -441,6 +489,7 @@ class Instance:
                 else:
                     h2conn.close()
             h2.close()
+        await self.tunnels.drain(tunnels_deadline)
         self.control.stop()
         await self.generation.shadow.drain(min(5.0, self.cfg.limits.drain_timeout))
         if self.record_writer is not None:

@@ -12,9 +12,11 @@ from shadowlane.config.comparison import (
     DEFAULT_IGNORE_HEADERS,
     CompareConfig,
     CompareThresholds,
+    GrpcCompare,
     RouteCompare,
     ShadowCompare,
 )
+from shadowlane.config.descriptors import DescriptorSet, build_descriptor_set, read_descriptor_set
 from shadowlane.config.document import AdminConfig, Config, LimitsConfig, TlsConfig
 from shadowlane.config.loading import ConfigError, load_config, parse_config
 from shadowlane.config.matching import MatchConfig, ShadowMatch
@@ -40,8 +42,10 @@ __all__ = [
     "CompareThresholds",
     "Config",
     "ConfigError",
+    "DescriptorSet",
     "Duration",
     "Endpoint",
+    "GrpcCompare",
     "HeaderMutation",
     "LimitsConfig",
     "MatchConfig",
@@ -56,6 +60,7 @@ __all__ = [
     "Size",
     "TlsConfig",
     "WeightedBackend",
+    "build_descriptor_set",
     "format_duration",
     "format_size",
     "load_config",
@@ -63,5 +68,6 @@ __all__ = [
     "parse_duration",
     "parse_host_port",
     "parse_size",
+    "read_descriptor_set",
     "summarize",
 ]

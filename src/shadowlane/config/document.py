@@ -46,6 +46,9 @@ class LimitsConfig(_Model, frozen=True):
     idle_timeout: Timeout = 60.0
     max_body: Size = 1024**3
     drain_timeout: Duration = 30.0
+    #: on SIGTERM (and for tunnels a reload leaves without a route), how long upgraded
+    #: connections may go on before they are closed: 5 s, Envoy's and Istio's drain default
+    tunnel_drain_timeout: Duration = 5.0
     #: HTTP/2 streams one client connection may have open at once (nginx's default)
     max_concurrent_streams: Annotated[Int, Field(ge=1, le=10000)] = 128
 
