@@ -5,6 +5,7 @@ Python `h2` client (support/h2.py), against the real `shadowlane run` process.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import re
@@ -18,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
 
 from support.backend import RecordingBackend, dead_port
 from support.h2 import H2Backend, H2Client, H2Reply, H2Request
 from support.metrics import scrape
 from support.proxy import ProxyProcess, basic_config, raw_request
 from support.wait import wait_until
+from support.websocket import WebSocketServer
 
 
 def _h2_config(*endpoints: str, **extra: Any) -> dict[str, Any]:
@@ -390,3 +393,24 @@ def test_h2c_backend_flow_control_both_ways() -> None:
             assert b"x-got: %d\r\n" % len(big) in raw
         got = h2be.wait_for_requests(2)
         assert [r.body == big for r in got] == [True, True]
+
+
+def test_websocket_and_http2_share_a_listener() -> None:
+    """With `listen_http2`, an HTTP/1.1 connection is handed over after one look at its first
+    bytes; its upgrade to a WebSocket tunnel works as on a plain listener, beside HTTP/2
+    streams on the same port."""
+    with WebSocketServer() as ws_server, ProxyProcess(_h2_config(ws_server.url)) as proxy:
+
+        async def talk() -> list[Any]:
+            url = f"ws://{proxy.host}:{proxy.port}/echo"
+            async with connect(url, open_timeout=10, close_timeout=10) as ws:
+                await ws.send("over h1, beside h2")
+                got = [await ws.recv()]
+                await ws.send(b"\x00\x01")
+                got.append(await ws.recv())
+                return got
+
+        assert asyncio.run(asyncio.wait_for(talk(), 30)) == ["over h1, beside h2", b"\x00\x01"]
+        got = _curl("--http2-prior-knowledge", "-s", "-o", "/dev/null", "-w", "%{http_version}",
+                    proxy.url + "/plain")  # fmt: skip
+        assert got.stdout == "2"
