@@ -414,3 +414,14 @@ def test_websocket_and_http2_share_a_listener() -> None:
         got = _curl("--http2-prior-knowledge", "-s", "-o", "/dev/null", "-w", "%{http_version}",
                     proxy.url + "/plain")  # fmt: skip
         assert got.stdout == "2"
+
+
+def test_cookie_crumbs_are_joined_for_http11_backends(backend: RecordingBackend) -> None:
+    """HTTP/2 clients may split Cookie into one field per crumb (RFC 9113 8.2.3); an HTTP/1.1
+    backend gets them as one header, `; `-joined, in order."""
+    with ProxyProcess(_h2_config(backend.url)) as proxy, H2Client(proxy.host, proxy.port) as c:
+        crumbs = [(b"cookie", b"a=1"), (b"x-between", b"y"), (b"cookie", b"b=2")]
+        assert c.request(b"GET", b"/c", crumbs).status == 200
+    (req,) = backend.requests
+    assert req.header_values("cookie") == ["a=1; b=2"]
+    assert req.header("x-between") == "y"

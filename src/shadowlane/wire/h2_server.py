@@ -263,11 +263,14 @@ class H2ServerConnection(Connection):
         # outbound headers are ours, from a parser that already lower-cased and checked them
         # and filters that dropped the connection-specific ones: h2's checks of them again
         # cost more than the rest of the answer
+        # (and split cookie crumbs are joined in `_request`, in the loop that reads the
+        # headers anyway, rather than by one more generator of h2's per header)
         config = H2Configuration(
             client_side=False,
             header_encoding=None,
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
+            normalize_inbound_headers=False,
         )
         self.h2 = H2Connection(config=config)
         self.h2.local_settings = Settings(

@@ -345,7 +345,11 @@ class H2ClientConnection:
         # added headers are the config's spelling: normalised, not validated again
         self.h2 = H2Connection(
             config=H2Configuration(
-                client_side=True, header_encoding=None, validate_outbound_headers=False
+                client_side=True,
+                header_encoding=None,
+                validate_outbound_headers=False,
+                # inbound normalisation only joins cookie crumbs, which answers do not have
+                normalize_inbound_headers=False,
             )
         )
         self.h2.local_settings = Settings(
