@@ -36,6 +36,9 @@ COMPILED = [
     "src/shadowlane/wire/exchange.py",
     "src/shadowlane/wire/server.py",
     "src/shadowlane/wire/upstream.py",
+    # HTTP/2: its exchanges and streams subclass Exchange and UpstreamConnection
+    "src/shadowlane/wire/h2_server.py",
+    "src/shadowlane/wire/h2_upstream.py",
     "src/shadowlane/routing/predicates.py",
     "src/shadowlane/routing/balance.py",
     "src/shadowlane/routing/table.py",

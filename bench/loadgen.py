@@ -27,11 +27,20 @@ class Load:
     path: str = "/"
     #: PUT a small body to a new path per request (`/w/<n>`): writes with disjoint keys
     distinct_writes: bool = False
+    #: the clients' protocol: "h1" (wrk, or h2load --h1 at a fixed rate), "h2" (h2load, HTTP/2
+    #: with prior knowledge, `streams` concurrent streams per connection) or "grpc" (h2load
+    #: POSTing one unary gRPC call: a 5-byte empty message, application/grpc, te: trailers)
+    protocol: str = "h1"
+    streams: int = 10
 
     def describe(self) -> str:
         what = f"POST {fmt_size(self.body_bytes)}" if self.body_bytes else "GET"
         if self.distinct_writes:
             what = "PUT 16 B to distinct paths"
+        if self.protocol == "h2":
+            return f"HTTP/2 {what}, {self.connections} connections x {self.streams} streams"
+        if self.protocol == "grpc":
+            return f"gRPC unary, {self.connections} connections x {self.streams} streams"
         if self.rate:
             return f"{what}, {self.rate} req/s offered, {self.connections} clients"
         return f"{what}, {self.connections} connections"
@@ -239,7 +248,46 @@ def run_h2load(url: str, load: Load, duration: float, work_dir: Path) -> RunResu
     return parse_h2load(out.stdout, log_file, duration)
 
 
+#: the one gRPC call the bench sends: `/shop.Shop/Get` with an empty message (flag 0, length 0)
+GRPC_PATH = "/shop.Shop/Get"
+GRPC_MESSAGE = b"\x00\x00\x00\x00\x00"
+
+
+def run_h2load_closed(url: str, load: Load, duration: float, work_dir: Path) -> RunResult:
+    """Closed loop over HTTP/2 (prior knowledge): `load.connections` connections, each with
+    `load.streams` streams in flight, for `duration` s; plain GETs or one gRPC call."""
+    log_file = work_dir / "h2load-requests.tsv"
+    log_file.unlink(missing_ok=True)
+    argv = [
+        "h2load",
+        "-t1",
+        f"-c{load.connections}",
+        f"-m{load.streams}",
+        f"-D{max(1, round(duration))}",
+        f"--log-file={log_file}",
+        "-T5",
+        "-N5",
+    ]
+    path = load.path.lstrip("/")
+    if load.protocol == "grpc":
+        body = work_dir / "grpc-call.bin"
+        body.write_bytes(GRPC_MESSAGE)
+        argv += ["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        path = GRPC_PATH.lstrip("/")
+    elif load.body_bytes:
+        body = work_dir / f"body-{load.body_bytes}.bin"
+        body.write_bytes(b"x" * load.body_bytes)
+        argv += ["-d", str(body)]
+    argv.append(url + path)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30, check=False)
+    if out.returncode != 0 and "requests:" not in out.stdout:
+        raise RuntimeError(f"h2load exited {out.returncode}: {out.stderr.strip()[-500:]}")
+    return parse_h2load(out.stdout, log_file, duration)
+
+
 def run_load(url: str, load: Load, duration: float, work_dir: Path) -> RunResult:
+    if load.protocol != "h1":
+        return run_h2load_closed(url, load, duration, work_dir)
     if load.rate:
         return run_h2load(url, load, duration, work_dir)
     return run_wrk(url, load, duration, work_dir)

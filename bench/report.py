@@ -132,6 +132,9 @@ def evaluate_targets(ms: list[Measurement]) -> list[Target]:
     vs_nginx("no-shadow", "No shadow: req/s vs nginx proxy_pass", 0.8)
     vs_nginx("shadow-fast", "100% shadow to fast: req/s vs nginx mirror", 1.5)
     vs_nginx("shadow-slow", "100% shadow to 200 ms backend: req/s vs nginx mirror", 50)
+    # HTTP/2 from clients (issue 15): h2load, 10 connections x 10 streams
+    vs_nginx("h2-no-shadow", "HTTP/2 no shadow: req/s vs nginx listen http2", 0.5)
+    vs_nginx("h2-shadow-fast", "HTTP/2 100% shadow to fast: req/s vs nginx mirror", 1.5)
 
     for shadow, label in (("slow", "200 ms"), ("hung", "hung")):
         parts = []
@@ -411,6 +414,14 @@ def render_markdown(doc: dict[str, Any], ms: list[Measurement], targets: list[Ta
 
     add("## Throughput (wrk, 50 connections, small GET)\n")
     add(_table(THROUGHPUT_HEAD, _throughput_rows(ms, _ids(ms, "throughput"))))
+    h2_ids = _ids(ms, "http2")
+    if h2_ids:
+        add("")
+        add(
+            "## HTTP/2 and gRPC (h2load, prior knowledge, 10 connections x 10 streams; "
+            "nginx `listen ... http2`, `mirror`, `grpc_pass`)\n"
+        )
+        add(_table(THROUGHPUT_HEAD, _throughput_rows(ms, h2_ids)))
     add("")
 
     if _ids(ms, "writes"):

@@ -40,13 +40,23 @@ class Scenario:
     proxies: tuple[str, ...] = PROXIES
     duration: float | None = None  # seconds per run; None: the run's --duration
     runs: int | None = None  # None: the run's --runs
+    #: the proxies listen HTTP/2 too (nginx `listen ... http2`, shadowlane `listen_http2`)
+    http2: bool = False
+    #: the primary is the gRPC backend (nginx `grpc_pass`, shadowlane `protocol: h2c`)
+    grpc: bool = False
 
     @property
-    def setup(self) -> tuple[tuple[str, ...], bool, str]:
-        return self.shadows, self.compare, self.record
+    def setup(self) -> Setup:
+        return self.shadows, self.compare, self.record, self.http2, self.grpc
 
+
+#: shadows, compare, record, http2, grpc: what one start of the proxies serves
+Setup = tuple[tuple[str, ...], bool, str, bool, bool]
 
 RATE_LOAD = Load(connections=50, rate=FIXED_RATE)  # h2load: 50 clients x 100 req/s
+#: HTTP/2 closed loop (h2load): 10 connections x 10 streams = 100 requests in flight
+H2_LOAD = Load(connections=10, protocol="h2", streams=10)
+GRPC_LOAD = Load(connections=10, protocol="grpc", streams=10)
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -81,6 +91,19 @@ SCENARIOS: tuple[Scenario, ...] = (
         record="gzip",
         proxies=SHADOWLANE,
     ),
+    # HTTP/2 from clients (issue 15): h2load with prior knowledge to nginx `listen ... http2`
+    # and shadowlane `listen_http2`; backends stay HTTP/1.1 (nginx `mirror` for the shadow)
+    Scenario("h2-no-shadow", "http2", "HTTP/2, no shadow", load=H2_LOAD, http2=True),
+    Scenario(
+        "h2-shadow-fast",
+        "http2",
+        "HTTP/2, 100% shadow to fast",
+        ("fast",),
+        load=H2_LOAD,
+        http2=True,
+    ),
+    # gRPC unary, HTTP/2 end to end: nginx `grpc_pass`, shadowlane `protocol: h2c`
+    Scenario("grpc-unary", "http2", "gRPC unary, no shadow", load=GRPC_LOAD, grpc=True),
     # Latency at a fixed offered load (h2load --rps).
     Scenario("rate-none", "fixed-load", "no shadow", load=RATE_LOAD, proxies=PROXIES_ALL),
     Scenario("rate-slow", "fixed-load", "100% shadow to slow (200 ms)", ("slow",), load=RATE_LOAD),
@@ -188,7 +211,7 @@ def run_time(s: Scenario, settings: Settings) -> float:
 def estimate_seconds(scenarios: list[Scenario], settings: Settings) -> float:
     """Wall time: warm-up + runs per figure, tool start-up, plus a proxy start per setup."""
     total = 0.0
-    setups: set[tuple[tuple[tuple[str, ...], bool, str], str]] = set()
+    setups: set[tuple[Setup, str]] = set()
     for s in scenarios:
         runs = s.runs or settings.runs
         per = settings.warmup + 0.1 + runs * (run_time(s, settings) + 0.15)
@@ -329,7 +352,7 @@ def run_all(
 ) -> dict[str, str]:
     """Run every scenario, setup by setup; returns the proxy configs used (name -> text)."""
     configs: dict[str, str] = {}
-    setups: list[tuple[tuple[str, ...], bool, str]] = []
+    setups: list[Setup] = []
     for s in scenarios:
         if s.setup not in setups:
             setups.append(s.setup)
@@ -340,7 +363,7 @@ def run_all(
 
 
 def _run_setup(
-    setup: tuple[tuple[str, ...], bool, str],
+    setup: Setup,
     members: list[Scenario],
     settings: Settings,
     sup: Supervisor,
@@ -349,7 +372,7 @@ def _run_setup(
     configs: dict[str, str],
 ) -> None:
     """Start every proxy this setup needs side by side, measure its scenarios, stop them."""
-    shadows, compare, record = setup
+    shadows, compare, record, http2, grpc = setup
     kinds = [k for k in PROXIES_ALL if any(k in s.proxies for s in members)]
     running: dict[str, RunningProxy] = {}
     broken: dict[str, Measurement] = {}
@@ -357,7 +380,7 @@ def _run_setup(
         for kind in kinds:
             try:
                 running[kind] = start_proxy(
-                    sup, settings.work, kind, backends, shadows, compare, record
+                    sup, settings.work, kind, backends, shadows, compare, record, http2, grpc
                 )
             except StartError as exc:
                 text = str(exc)
@@ -370,6 +393,7 @@ def _run_setup(
                 continue
             name = f"{kind} shadows={'+'.join(shadows) or '-'}{' compare' if compare else ''}"
             name += f" record={record}" if record else ""
+            name += " grpc" if grpc else " http2" if http2 else ""
             configs[name] = running[kind].config
         for s in members:
             live = [running[k] for k in s.proxies if k in running]

@@ -7,6 +7,8 @@ Backends (all on loopback; every port is one the kernel picked for a socket that
   slow         stub_backend.py: answers after 200 ms
   dead         a port with nothing listening: a socket bound (never listening) while we run
   hung         stub_backend.py: accepts, reads, never answers
+  grpc         nginx, h2c (`listen ... http2`): answers every call 200 with a gRPC-shaped
+               answer (application/grpc, a body, `grpc-status: 0` as a trailer)
 
 Proxies under test: `direct` (no proxy: clients hit `fast`, the limit), `nginx` (one worker,
 proxy_pass to an upstream with keepalive; `mirror` for shadows) and shadowlane with 1 or 2
@@ -25,6 +27,7 @@ from __future__ import annotations
 import functools
 import shutil
 import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -115,8 +118,49 @@ def fast_backend_conf(work: Path, name: str, port: int) -> str:
     return nginx_conf(work, name, server)
 
 
+def grpc_backend_conf(work: Path, name: str, port: int) -> str:
+    server = textwrap.dedent(f"""\
+        client_max_body_size 0;
+        server {{
+            listen {LOOPBACK}:{port} http2 backlog=4096;
+            http2_max_requests 1000000;
+            location / {{
+                default_type application/grpc;
+                add_trailer grpc-status 0;
+                add_trailer grpc-message "";
+                return 200 "{FAST_BODY}";
+            }}
+        }}
+        """)
+    return nginx_conf(work, name, server)
+
+
+def _wait_h2c(proc: Proc, url: str, timeout: float = 15.0) -> None:
+    """Until `url` answers HTTP/2 with prior knowledge (nginx 1.22's cleartext `http2`
+    listeners speak nothing else, so the HTTP/1.1 probe cannot tell)."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise StartError(f"{proc.name} exited:\n{proc.log_tail()}")
+        out = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--http2-prior-knowledge",
+             "--max-time", "1", url],
+            capture_output=True, text=True, timeout=5, check=False,
+        )  # fmt: skip
+        if out.stdout.strip() not in ("", "000"):
+            return
+        last = out.stderr.strip()
+        time.sleep(0.1)
+    raise StartError(f"{proc.name} did not answer HTTP/2 on {url} in {timeout}s ({last})")
+
+
 def _start_nginx(
-    sup: Supervisor, work: Path, name: str, conf_for_port: Callable[[int], str]
+    sup: Supervisor,
+    work: Path,
+    name: str,
+    conf_for_port: Callable[[int], str],
+    h2c: bool = False,
 ) -> tuple[Proc, int, str]:
     """nginx on a socket we bind and listen() on: returns it, its port and its config.
 
@@ -135,7 +179,10 @@ def _start_nginx(
         fd = sock.fileno()
         proc = sup.start(name, argv, env={"NGINX": f"{fd};"}, pass_fds=(fd,))
         try:
-            sup.wait_http(proc, f"http://{LOOPBACK}:{port}/")
+            if h2c:
+                _wait_h2c(proc, f"http://{LOOPBACK}:{port}/")
+            else:
+                sup.wait_http(proc, f"http://{LOOPBACK}:{port}/")
         except StartError:
             sup.stop(proc)
             raise
@@ -169,6 +216,10 @@ def start_backends(sup: Supervisor, work: Path) -> Backends:
         for name in ("fast", "fast-shadow"):
             conf_for_port = functools.partial(fast_backend_conf, work, name)
             _proc, backends.ports[name], _conf = _start_nginx(sup, work, name, conf_for_port)
+        conf_for_port = functools.partial(grpc_backend_conf, work, "grpc")
+        _proc, backends.ports["grpc"], _conf = _start_nginx(
+            sup, work, "grpc", conf_for_port, h2c=True
+        )
         for mode in ("slow", "hung"):
             backends.ports[mode] = _start_stub(sup, work, mode)
         dead = unused_port_socket()  # bound, so nothing else gets the port; never listening
@@ -202,9 +253,18 @@ class RunningProxy:
         return PROXY_LABELS[self.kind]
 
 
-def nginx_proxy_conf(work: Path, port: int, backends: Backends, shadows: tuple[str, ...]) -> str:
-    """nginx, one worker: proxy_pass with upstream keepalive; one `mirror` per shadow."""
-    upstreams = [("primary", backends.ports["fast"])]
+def nginx_proxy_conf(
+    work: Path,
+    port: int,
+    backends: Backends,
+    shadows: tuple[str, ...],
+    http2: bool = False,
+    grpc: bool = False,
+) -> str:
+    """nginx, one worker: proxy_pass with upstream keepalive; one `mirror` per shadow. With
+    `http2`, the listener speaks h2c (`listen ... http2`); with `grpc`, `grpc_pass` to the
+    gRPC backend instead of `proxy_pass`."""
+    upstreams = [("primary", backends.ports["grpc" if grpc else "fast"])]
     upstreams += [(f"shadow{i}_{t}", backends.shadow_port(t)) for i, t in enumerate(shadows, 1)]
     ups = "".join(
         f"upstream {name} {{\n    server {LOOPBACK}:{p};\n    keepalive 64;\n"
@@ -227,15 +287,26 @@ def nginx_proxy_conf(work: Path, port: int, backends: Backends, shadows: tuple[s
             """)
         for i, t in enumerate(shadows, 1)
     )
-    server = (
-        "server {\n"
-        f"    listen {LOOPBACK}:{port} backlog=4096;\n"
-        "    client_max_body_size 8m;\n"
-        "    client_body_buffer_size 2m;  # bodies up to 1 MiB stay in memory\n"
-        "    location / {\n" + mirrors + "        proxy_pass http://primary;\n"
+    h2 = " http2" if http2 or grpc else ""
+    forward = (
+        "        grpc_pass grpc://primary;\n"
+        if grpc
+        else "        proxy_pass http://primary;\n"
         "        proxy_http_version 1.1;\n"
         '        proxy_set_header Connection "";\n'
-        "    }\n" + textwrap.indent(mirror_locations, "    ") + "}\n"
+    )
+    server = (
+        "server {\n"
+        f"    listen {LOOPBACK}:{port}{h2} backlog=4096;\n"
+        + ("    http2_max_requests 1000000;\n" if h2 else "")
+        + "    client_max_body_size 8m;\n"
+        "    client_body_buffer_size 2m;  # bodies up to 1 MiB stay in memory\n"
+        "    location / {\n"
+        + mirrors
+        + forward
+        + "    }\n"
+        + textwrap.indent(mirror_locations, "    ")
+        + "}\n"
     )
     return nginx_conf(work, "proxy-nginx", ups + server, error_level="crit")
 
@@ -246,16 +317,25 @@ def shadowlane_conf(
     shadows: tuple[str, ...],
     compare: bool,
     record: str = "",
+    http2: bool = False,
+    grpc: bool = False,
 ) -> str:
     """Port 0 for the proxy and the admin: shadowlane reports what it got in its ready file.
     `record`: the route records every request into `work/record/`: "plain" (the defaults:
-    plain files, requests only) or "gzip" (`gzip: true`)."""
+    plain files, requests only) or "gzip" (`gzip: true`). `http2`: `listen_http2: true`;
+    `grpc`: the primary is the gRPC backend, spoken to over h2c."""
+    primary = (
+        f"{{endpoints: [{backends.url('grpc')}], protocol: h2c}}"
+        if grpc
+        else f"{{endpoints: [{backends.url('fast')}]}}"
+    )
     lines = [
         "# generated by bench/servers.py",
         f"listen: {LOOPBACK}:0",
         f"admin: {{listen: {LOOPBACK}:0}}",
+        *(["listen_http2: true"] if http2 or grpc else []),
         "backends:",
-        f"  fast: {{endpoints: [{backends.url('fast')}]}}",
+        f"  fast: {primary}",
     ]
     for i, target in enumerate(shadows, 1):
         url = f"http://{LOOPBACK}:{backends.shadow_port(target)}"
@@ -284,8 +364,17 @@ def shadowlane_conf(
     return "\n".join(lines) + "\n"
 
 
-def _smoke(url: str, timeout: float = 10.0) -> None:
+def _smoke(url: str, timeout: float = 10.0, h2c: bool = False) -> None:
     """One GET through the proxy must answer 200 before we measure anything."""
+    if h2c:
+        out = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--http2-prior-knowledge",
+             "--max-time", str(timeout), url],
+            capture_output=True, text=True, timeout=timeout + 5, check=False,
+        )  # fmt: skip
+        if out.stdout.strip() != "200":
+            raise StartError(f"smoke HTTP/2 GET {url} failed: {out.stdout} {out.stderr}")
+        return
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -308,20 +397,27 @@ def start_proxy(
     shadows: tuple[str, ...],
     compare: bool = False,
     record: str = "",
+    http2: bool = False,
+    grpc: bool = False,
 ) -> RunningProxy:
     if kind == "direct":
-        return RunningProxy(kind, backends.ports["fast"])
+        return RunningProxy(kind, backends.ports["grpc" if grpc else "fast"])
     work = work.resolve()
+    h2c = http2 or grpc
     if kind == "nginx":
         proc, port, conf = _start_nginx(
-            sup, work, "proxy-nginx", lambda p: nginx_proxy_conf(work, p, backends, shadows)
+            sup,
+            work,
+            "proxy-nginx",
+            lambda p: nginx_proxy_conf(work, p, backends, shadows, http2, grpc),
+            h2c=h2c,
         )
         running = RunningProxy(kind, port, proc, config=conf)
     else:
         workers = 2 if kind == "shadowlane-2w" else 1
         if record:
             shutil.rmtree(work / "record", ignore_errors=True)  # the last run's files
-        conf = shadowlane_conf(work, backends, shadows, compare, record)
+        conf = shadowlane_conf(work, backends, shadows, compare, record, http2, grpc)
         path = work / f"{kind}.yaml"
         path.write_text(conf)
         ready_file = work / f"{kind}.ready.json"
@@ -342,7 +438,7 @@ def start_proxy(
             raise StartError(f"{kind}: ready file {ready_file} unusable: {exc!r}") from exc
         running = RunningProxy(kind, port, proc, admin_port, config=conf)
     try:
-        _smoke(running.url)
+        _smoke(running.url, h2c=h2c)
     except StartError:
         sup.stop(proc)
         raise

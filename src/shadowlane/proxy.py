@@ -359,7 +359,7 @@ class ProxyCall(ResponseSink):
 
     def _write_chunk(self, conn: UpstreamConnection, chunk: bytes) -> None:
         if self.exchange.chunked:
-            conn.write_body(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            conn.write_chunk(chunk)
         else:
             conn.write_body(chunk)
 
@@ -383,7 +383,7 @@ class ProxyCall(ResponseSink):
 
     def _finish_body(self, conn: UpstreamConnection) -> None:
         if self.exchange.chunked:
-            conn.write_body(b"0\r\n\r\n")
+            conn.write_last_chunk()
         conn.end_request()
         self._request_complete()
 
@@ -441,6 +441,12 @@ class ProxyCall(ResponseSink):
                 self.capture.body(data)
             if self.rec_capture is not None:
                 self.rec_capture.body(data)
+
+    def on_response_trailers(self, trailers: Headers) -> None:
+        if not self.finished:
+            self.exchange.send_trailers(trailers)
+            if self.capture is not None:
+                self.capture.trailers = trailers
 
     def on_response_end(self) -> None:
         if self.finished:

@@ -50,6 +50,7 @@ class AccessLogger:
             "ts": time.time(),
             "request_id": req.request_id,
             "client": req.client_addr,
+            "protocol": "HTTP/" + req.http_version,
             "method": req.method,
             "path": req.target.decode("latin-1"),
             "host": req.host,

@@ -38,6 +38,7 @@ from shadowlane.proxy import Proxy
 from shadowlane.record import RecordWriter
 from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
 from shadowlane.upgrades import UpgradeCall, Upgrades
+from shadowlane.wire.h2_server import H2Listener
 from shadowlane.wire.server import ServerLimits, ServerState
 from shadowlane.wire.tunnel import TunnelSet
 
@@ -86,7 +87,7 @@ def _kept_until_restart(old: Config, new: Config) -> list[str]:
             ("listen", old.listen, new.listen),
             ("admin", old.admin, new.admin),
             ("access_log", old.access_log, new.access_log),
-            ("tls (on/off, client_ca)", tls_shape(old), tls_shape(new)),
+            ("tls (on/off, client_ca, listen_http2)", tls_shape(old), tls_shape(new)),
             ("compare.store", old_cmp.store, new_cmp.store),
             *((f"compare.{k}", getattr(old_cmp, k), getattr(new_cmp, k)) for k in _COMPARATOR_KEYS),
         )
@@ -238,7 +239,7 @@ class Instance:
         self.access_log = AccessLogger(cfg.access_log) if cfg.access_log else None
         #: what serves now; a reload replaces it in one assignment
         self.generation = self._build(cfg)
-        self.tls = build_tls(cfg.tls) if cfg.tls is not None else None
+        self.tls = build_tls(cfg.tls, cfg.listen_http2) if cfg.tls is not None else None
         gen = self.generation
         self.proxy = Proxy(
             gen.routes,
@@ -270,6 +271,13 @@ class Instance:
         self.state = ServerState(
             self.proxy,
             ServerLimits(limits.max_header_size, limits.header_timeout, limits.idle_timeout),
+        )
+        #: with `listen_http2`, each new connection is sniffed once (ALPN or the preface) and
+        #: handed to HTTP/2 or to `self.state`'s HTTP/1.1; without it, nothing changes
+        self.h2: H2Listener | None = (
+            H2Listener(self.proxy, self.state.limits, self.state, limits.max_concurrent_streams)
+            if cfg.listen_http2
+            else None
         )
         self.server: asyncio.base_events.Server | None = None
         self.admin: AdminApp | None = None
@@ -391,6 +399,8 @@ class Instance:
         limits.max_header_size = cfg.limits.max_header_size
         limits.header_timeout = cfg.limits.header_timeout
         limits.idle_timeout = cfg.limits.idle_timeout
+        if self.h2 is not None:  # for connections accepted from now on
+            self.h2.max_streams = cfg.limits.max_concurrent_streams
         self.control.reset()
         if self.admin is not None:
             self._ensure_migrations(cfg)
@@ -446,7 +456,7 @@ class Instance:
             port = self.listen_port
         try:
             self.server = await self.loop.create_server(
-                self.state.protocol_factory,
+                self.state.protocol_factory if self.h2 is None else self.h2.protocol_factory,
                 host,
                 port,
                 reuse_port=self.workers > 1,
@@ -511,17 +521,29 @@ class Instance:
         if self.server is not None:
             self.server.close()
         self.state.start_drain()
+        h2 = self.h2
+        if h2 is not None:
+            h2.start_drain()  # GOAWAY: the streams taken finish, no new ones
         now = self.loop.time()
         deadline = now + self.cfg.limits.drain_timeout
         # tunnels run on for their own grace (they never end by themselves), counted from now
         tunnels_deadline = now + self.cfg.limits.tunnel_drain_timeout
-        while self.state.busy() and self.loop.time() < deadline:
+        while (self.state.busy() or (h2 is not None and h2.busy())) and (
+            self.loop.time() < deadline
+        ):
             await asyncio.sleep(0.02)
         for conn in list(self.state.connections):
             if conn.busy:
                 conn.abort()  # still busy at the deadline: cut, never pass off as complete
             else:
                 conn.close()
+        if h2 is not None:
+            for h2conn in list(h2.connections):
+                if h2conn.busy:
+                    h2conn.abort()
+                else:
+                    h2conn.close()
+            h2.close()
         await self.tunnels.drain(tunnels_deadline)
         self.control.stop()
         if self.migrations is not None:

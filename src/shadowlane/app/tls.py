@@ -15,9 +15,12 @@ from shadowlane.config import Config, TlsConfig
 __all__ = ["build_tls", "tls_shape"]
 
 
-def build_tls(cfg: TlsConfig) -> ssl.SSLContext:
-    """The listener's TLS context; with `client_ca`, clients must present a certificate."""
+def build_tls(cfg: TlsConfig, http2: bool = False) -> ssl.SSLContext:
+    """The listener's TLS context; with `client_ca`, clients must present a certificate.
+    With `http2` (`listen_http2: true`), ALPN offers h2 first, then http/1.1."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if http2:
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
     ctx.load_cert_chain(cfg.cert, cfg.key)
     if cfg.client_ca is not None:
         ctx.load_verify_locations(cfg.client_ca)
@@ -25,6 +28,10 @@ def build_tls(cfg: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-def tls_shape(cfg: Config) -> tuple[bool, str | None]:
-    """What only a restart changes: TLS on or off, and the client CA."""
-    return cfg.tls is not None, cfg.tls.client_ca if cfg.tls is not None else None
+def tls_shape(cfg: Config) -> tuple[bool, str | None, bool]:
+    """What only a restart changes: TLS on or off, the client CA, and ALPN's h2."""
+    return (
+        cfg.tls is not None,
+        cfg.tls.client_ca if cfg.tls is not None else None,
+        cfg.listen_http2,
+    )

@@ -8,10 +8,10 @@ text, and no later layer parses a URL or meets a path, a query or credentials in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, PlainValidator, field_validator
+from pydantic import Field, PlainValidator, field_validator, model_validator
 
 from shadowlane.config.base import _Model
 from shadowlane.config.units import Int, Timeout
@@ -74,6 +74,22 @@ class BackendConfig(_Model, frozen=True):
     max_idle: Annotated[Int, Field(ge=0)] = 64
     ca_file: str | None = None
     verify: bool = True
+    #: what the backend speaks: HTTP/1.1, HTTP/2 in cleartext (prior knowledge), or HTTP/2
+    #: over TLS (ALPN h2); the scheme of the endpoints must agree
+    protocol: Literal["http1", "h2c", "h2"] = "http1"
+
+    @model_validator(mode="after")
+    def _scheme_matches_protocol(self) -> BackendConfig:
+        want = {"h2c": "http", "h2": "https"}.get(self.protocol)
+        if want is not None:
+            wrong = [str(ep) for ep in self.endpoints if ep.scheme != want]
+            if wrong:
+                tls = "TLS with ALPN h2" if want == "https" else "cleartext HTTP/2"
+                raise ValueError(
+                    f"protocol: {self.protocol} is {tls}, so endpoints must be {want}:// "
+                    f"(not {', '.join(wrong)})"
+                )
+        return self
 
     @field_validator("endpoints", mode="before")
     @classmethod

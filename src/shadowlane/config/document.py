@@ -19,7 +19,7 @@ from shadowlane.config.base import _Model, _none_to_empty
 from shadowlane.config.comparison import CompareConfig
 from shadowlane.config.migrations import MigrationConfig
 from shadowlane.config.routes import RouteConfig
-from shadowlane.config.units import Duration, Listen, Name, Size, Timeout, parse_host_port
+from shadowlane.config.units import Duration, Int, Listen, Name, Size, Timeout, parse_host_port
 
 
 def _check_token_env(value: str | None) -> str | None:
@@ -50,6 +50,8 @@ class LimitsConfig(_Model, frozen=True):
     #: on SIGTERM (and for tunnels a reload leaves without a route), how long upgraded
     #: connections may go on before they are closed: 5 s, Envoy's and Istio's drain default
     tunnel_drain_timeout: Duration = 5.0
+    #: HTTP/2 streams one client connection may have open at once (nginx's default)
+    max_concurrent_streams: Annotated[Int, Field(ge=1, le=10000)] = 128
 
 
 def _readable_file(value: str) -> str:
@@ -83,6 +85,8 @@ class Config(_Model, frozen=True):
     """The whole file. Cross-reference rules live in `_cross_check`, run after this validates."""
 
     listen: Listen = "127.0.0.1:8080"
+    #: HTTP/2 from clients too: h2 by ALPN on TLS, h2c with prior knowledge on cleartext
+    listen_http2: bool = False
     tls: TlsConfig | None = None
     admin: Annotated[AdminConfig, BeforeValidator(_none_to_empty(dict))] = Field(
         default_factory=AdminConfig

@@ -144,7 +144,13 @@ def summarize(cfg: Config) -> str:
     else:
         access = f"{cfg.access_log} (JSON lines)"
     lines = [
-        f"listen      {cfg.listen}",
+        f"listen      {cfg.listen}"
+        + (
+            f" (HTTP/1.1 and HTTP/2: {'h2 by ALPN' if cfg.tls else 'h2c prior knowledge'}, "
+            f"{lim.max_concurrent_streams} streams/connection)"
+            if cfg.listen_http2
+            else ""
+        ),
         f"admin       {admin}",
         f"limits      headers <= {format_size(lim.max_header_size)} in "
         f"{format_duration(lim.header_timeout)}, idle {format_duration(lim.idle_timeout)}, "
@@ -157,8 +163,9 @@ def summarize(cfg: Config) -> str:
     width = max(len(n) for n in cfg.backends)
     for name, b in cfg.backends.items():
         eps = ", ".join(e.url for e in b.endpoints)
+        proto = "" if b.protocol == "http1" else f"{b.protocol}, "
         lines.append(
-            f"  {name:<{width}}  {eps}  (timeout {format_duration(b.timeout)}, "
+            f"  {name:<{width}}  {eps}  ({proto}timeout {format_duration(b.timeout)}, "
             f"max {b.max_connections} conns/endpoint)"
         )
     lines.append(f"routes ({len(cfg.routes)}, first match wins)")

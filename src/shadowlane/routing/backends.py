@@ -9,6 +9,7 @@ from __future__ import annotations
 import ssl
 
 from shadowlane.config import BackendConfig
+from shadowlane.wire.h2_upstream import H2EndpointPool
 from shadowlane.wire.upstream import BackendPool, EndpointPool
 
 
@@ -16,7 +17,7 @@ def build_backend(name: str, cfg: BackendConfig, connections: int | None = None)
     """A backend's pool, one endpoint pool per URL (round robin). Shadow lanes call it too:
     each lane gets its own pool, so a slow shadow cannot take the primary's connections.
     `connections` replaces the backend's own bounds (replay sizes its pools by --concurrency)."""
-    endpoints = []
+    endpoints: list[EndpointPool] = []
     for ep in cfg.endpoints:
         ctx: ssl.SSLContext | None = None
         if ep.scheme == "https":
@@ -24,6 +25,18 @@ def build_backend(name: str, cfg: BackendConfig, connections: int | None = None)
             if not cfg.verify:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
+        if cfg.protocol != "http1":
+            endpoints.append(
+                H2EndpointPool(
+                    ep.host,
+                    ep.port,
+                    connect_timeout=cfg.connect_timeout,
+                    max_connections=cfg.max_connections if connections is None else connections,
+                    ssl_context=ctx,
+                    server_hostname=ep.host if ctx else None,
+                )
+            )
+            continue
         endpoints.append(
             EndpointPool(
                 ep.host,

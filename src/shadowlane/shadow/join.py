@@ -29,12 +29,14 @@ Submit = Callable[[CompareJob], bool]
 class PrimaryCapture:
     """The primary's answer, copied as it passes through (up to `limit` body bytes)."""
 
-    __slots__ = ("_chunks", "_size", "headers", "limit", "result", "slots", "status")
+    __slots__ = ("_chunks", "_size", "headers", "limit", "result", "slots", "status", "trailers")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.status = 0
         self.headers: Headers = []
+        #: the answer's trailers (set by the proxy when an HTTP/2 backend sends some)
+        self.trailers: Headers = []
         self._chunks: list[bytes] = []
         self._size = 0
         self.result: Captured | None = None
@@ -60,6 +62,7 @@ class PrimaryCapture:
             truncated=self._size > self.limit,
             seconds=seconds,
             failure=failure,
+            trailers=self.trailers,
         )
         self._chunks = []
         slots, self.slots = self.slots, []
@@ -87,6 +90,7 @@ def captured(result: ShadowResult) -> Captured:
         truncated=result.body_truncated,
         seconds=result.seconds,
         failure="" if result.outcome == OK else result.outcome,
+        trailers=result.trailers,
     )
 
 

@@ -58,11 +58,12 @@ MAX_LANE_BYTES = 64 * 1024 * 1024
 class ShadowResult:
     """What came back from the target, for comparison (only kept when the lane compares)."""
 
-    __slots__ = ("body", "body_truncated", "headers", "outcome", "seconds", "status")
+    __slots__ = ("body", "body_truncated", "headers", "outcome", "seconds", "status", "trailers")
 
     def __init__(self) -> None:
         self.status = 0
         self.headers: Headers = []
+        self.trailers: Headers = []
         self.body = b""
         self.body_truncated = False
         self.outcome: CopyEnd = PENDING
@@ -183,6 +184,9 @@ class ShadowCopy(ResponseSink):
         elif limit:
             self.result.body_truncated = True
         self._size += len(data)
+
+    def on_response_trailers(self, trailers: Headers) -> None:
+        self.result.trailers = trailers
 
     def on_response_end(self) -> None:
         if self._chunks:

@@ -222,6 +222,10 @@ class Exchange:
             self._pending = b""
         self.conn.write(data)
 
+    def send_trailers(self, trailers: Headers) -> None:
+        """Trailing fields of the answer (gRPC's status): an HTTP/1.1 client gets none, as
+        from nginx; an HTTP/2 exchange sends them with the end (`wire.h2_server`)."""
+
     def flush(self) -> None:
         """Write a held response head now (the body is not here yet)."""
         if self._pending:

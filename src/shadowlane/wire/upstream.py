@@ -104,6 +104,9 @@ class ResponseSink:
     def on_response_end(self) -> None:
         raise NotImplementedError
 
+    def on_response_trailers(self, trailers: Headers) -> None:
+        """Trailing fields (HTTP/2 trailing HEADERS: gRPC's grpc-status), before the end."""
+
     def on_upstream_error(self, err: UpstreamError, retryable: bool) -> None:
         """`retryable`: the connection was reused and no response byte came back (stale)."""
         raise NotImplementedError
@@ -330,6 +333,15 @@ class UpstreamConnection(asyncio.Protocol):
         if self.state == ConnState.BUSY and self.transport is not None:
             self._last_activity = self._time()
             self._write(data)
+
+    def write_chunk(self, data: bytes) -> None:
+        """One piece of a body of unknown length (chunked on HTTP/1.1; a DATA frame on
+        HTTP/2, whose framing needs no chunks)."""
+        self.write_body(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def write_last_chunk(self) -> None:
+        """The end of a body sent with `write_chunk`."""
+        self.write_body(b"0\r\n\r\n")
 
     def end_request(self) -> None:
         """The whole request (head and body) has been written."""

@@ -1,0 +1,427 @@
+"""HTTP/2 end to end: from clients (`listen_http2`: h2c with prior knowledge, h2 by ALPN on
+TLS) and to backends (`protocol: h2c | h2`), with third-party clients (curl, h2load) and a
+Python `h2` client (support/h2.py), against the real `shadowlane run` process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+from support.backend import RecordingBackend, dead_port
+from support.h2 import H2Backend, H2Client, H2Reply, H2Request
+from support.metrics import scrape
+from support.proxy import ProxyProcess, basic_config, raw_request
+from support.wait import wait_until
+from support.websocket import WebSocketServer
+
+
+def _h2_config(*endpoints: str, **extra: Any) -> dict[str, Any]:
+    return basic_config(*endpoints, listen_http2=True, access_log=True, **extra)
+
+
+def _curl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "15", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (openssl)."""
+    d = Path(tmp_path_factory.mktemp("h2tls"))
+    out = subprocess.run(
+        ["openssl", "req", "-x509", "-new", "-nodes", "-newkey", "ec",
+         "-pkeyopt", "ec_paramgen_curve:prime256v1", "-keyout", "server.key",
+         "-out", "server.crt", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        cwd=d, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return str(d / "server.crt"), str(d / "server.key")
+
+
+# -- from clients -------------------------------------------------------------------------------
+
+
+def test_curl_prior_knowledge_and_http11_on_one_listener(backend: RecordingBackend) -> None:
+    with ProxyProcess(_h2_config(backend.url)) as proxy:
+        got = _curl("--http2-prior-knowledge", "-i", proxy.url + "/a?x=1")
+        assert got.returncode == 0, got.stderr
+        assert got.stdout.startswith("HTTP/2 200"), got.stdout[:200]
+        body = json.loads(got.stdout.split("\n\n", 1)[1])
+        assert body["target"] == "/a?x=1"
+        assert body["http_version"] == "1.1"  # the backend speaks HTTP/1.1
+        headers = dict(body["headers"])
+        assert headers["host"] == f"127.0.0.1:{proxy.port}"  # :authority became Host
+        assert headers["x-forwarded-proto"] == "http"
+
+        posted = _curl("--http2-prior-knowledge", "-d", "hello h2", proxy.url + "/post")
+        assert json.loads(posted.stdout)["body"] == "hello h2"
+
+        plain = _curl("-i", proxy.url + "/plain")  # HTTP/1.1 on the same port
+        assert plain.stdout.startswith("HTTP/1.1 200"), plain.stdout[:200]
+        assert len(backend.requests) == 3
+        log = wait_until(lambda: len(proxy.access_log()) >= 3 and proxy.access_log(), 5, "log")
+        assert [r["protocol"] for r in log] == ["HTTP/2", "HTTP/2", "HTTP/1.1"]
+
+
+def test_curl_http2_over_tls_by_alpn(backend: RecordingBackend, cert: tuple[str, str]) -> None:
+    crt, key = cert
+    cfg = _h2_config(backend.url, tls={"cert": crt, "key": key})
+    with ProxyProcess(cfg) as proxy:
+        url = f"https://127.0.0.1:{proxy.port}/tls"
+        got = _curl("--http2", "--cacert", crt, "-i", url)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout.startswith("HTTP/2 200"), got.stdout[:200]
+        assert (
+            dict(json.loads(got.stdout.split("\n\n", 1)[1])["headers"])["x-forwarded-proto"]
+            == "https"
+        )
+        old = _curl("--http1.1", "--cacert", crt, "-i", url)  # ALPN falls back to http/1.1
+        assert old.stdout.startswith("HTTP/1.1 200"), old.stdout[:200]
+        assert len(backend.requests) == 2
+
+
+def test_listener_without_http2_is_unchanged(backend: RecordingBackend) -> None:
+    """`listen_http2` off (the default): a prior-knowledge client is refused as before."""
+    with ProxyProcess(basic_config(backend.url)) as proxy:
+        got = _curl("--http2-prior-knowledge", proxy.url + "/")
+        assert got.returncode != 0
+        assert backend.requests == []
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) missing")
+def test_h2load(backend: RecordingBackend) -> None:
+    with ProxyProcess(_h2_config(backend.url)) as proxy:
+        out = subprocess.run(
+            ["h2load", "-n", "300", "-c", "3", "-m", "20", "-T", "15", proxy.url + "/load"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        m = re.search(r"requests: 300 total, 300 started, 300 done, (\d+) succeeded", out.stdout)
+        assert m is not None and m.group(1) == "300", out.stdout
+        assert "status codes: 300 2xx" in out.stdout, out.stdout
+        assert len(backend.requests) == 300
+
+
+def test_100_concurrent_streams_on_one_connection(backend: RecordingBackend) -> None:
+    with ProxyProcess(_h2_config(backend.url)) as proxy, H2Client(proxy.host, proxy.port) as c:
+        reqs = [
+            (b"POST", b"/s/%d" % i, [(b"content-type", b"text/plain")], b"body %d" % i)
+            for i in range(100)
+        ]
+        answers = c.exchange(reqs)
+        assert [a.status for a in answers] == [200] * 100
+        for i, a in enumerate(answers):
+            got = json.loads(a.body)
+            assert got["target"] == f"/s/{i}" and got["body"] == f"body {i}"
+        assert len(backend.requests) == 100
+        assert backend.connections_accepted > 1  # streams ran concurrently upstream
+
+
+def test_a_slow_stream_does_not_hold_up_the_others(backend: RecordingBackend) -> None:
+    with ProxyProcess(_h2_config(backend.url)) as proxy, H2Client(proxy.host, proxy.port) as c:
+        reqs = [(b"GET", b"/delay/3", [], b"")] + [
+            (b"GET", b"/fast/%d" % i, [], b"") for i in range(20)
+        ]
+        answers = c.exchange(reqs)
+        assert [a.status for a in answers] == [200] * 21
+        slow, fast = answers[0], answers[1:]
+        # every fast stream was answered while the slow one still waited on its backend
+        assert max(a.seconds for a in fast) < slow.seconds
+
+
+def test_large_bodies_both_ways_respect_flow_control(backend: RecordingBackend) -> None:
+    """5 MB up and 5 MB down on one stream: far past every initial window, so the transfer
+    completes only if both sides give windows back as the bytes are consumed."""
+    big = bytes(range(256)) * (5 * 1024 * 4)
+    with (
+        # a slow client pauses the backend's answer: its idle timeout must not be the bound
+        ProxyProcess(_h2_config(backend.url, timeout="30s")) as proxy,
+        # pure-Python framing on every side of a loaded 2-core machine: slow, not stuck
+        H2Client(proxy.host, proxy.port, timeout=60) as c,
+    ):
+        up = c.request(b"PUT", b"/up", [(b"content-length", b"%d" % len(big))], big)
+        assert up.status == 200 and up.reset is None, (up.reset, len(up.body))
+        assert up.header(b"content-length") == b"%d" % len(up.body)
+        assert json.loads(up.body)["body_len"] == len(big)
+        down = c.request(b"GET", b"/bytes/%d" % (5 * 1024 * 1024))
+        assert down.status == 200 and len(down.body) == 5 * 1024 * 1024
+
+
+def test_malformed_requests_reach_no_backend(backend: RecordingBackend) -> None:
+    """What our head rules refuse (a malformed Host, an unknown Expect) is a 4xx on its
+    stream, and the connection lives on; what h2 itself refuses (a Content-Length the DATA
+    contradicts, an upper-case name, a connection-specific header) ends the connection with
+    GOAWAY PROTOCOL_ERROR. Neither reaches the backend."""
+    with ProxyProcess(_h2_config(backend.url)) as proxy:
+        with H2Client(proxy.host, proxy.port) as c:
+            bad = c.exchange([
+                (b"GET", b"/a", [(b"host", b"bad host")], b""),
+                (b"GET", b"/b", [(b"expect", b"the-unexpected")], b""),
+                (b"GET", b"/c", [(b"content-length", b"5")], b""),  # and no DATA
+            ])  # fmt: skip
+            assert [a.status for a in bad] == [400, 417, 400]
+            assert c.request(b"GET", b"/fine").status == 200  # the connection lives on
+        for headers, body in (
+            ([(b"content-length", b"1")], b"more than one byte"),
+            ([(b"X-Upper", b"1")], b""),
+            ([(b"connection", b"close")], b""),
+        ):
+            with H2Client(proxy.host, proxy.port) as c, pytest.raises(OSError):
+                c.request(b"POST", b"/z", headers, body)
+        assert [r.target for r in backend.requests] == ["/fine"]
+
+
+def test_drain_sends_goaway_and_finishes_streams_in_flight(backend: RecordingBackend) -> None:
+    proxy = ProxyProcess(_h2_config(backend.url)).start()
+    try:
+        with H2Client(proxy.host, proxy.port) as idle:
+            assert idle.request(b"GET", b"/first").status == 200
+            result: list[subprocess.CompletedProcess[str]] = []
+            busy = threading.Thread(
+                target=lambda: result.append(
+                    _curl("--http2-prior-knowledge", "-i", proxy.url + "/delay/1.5")
+                ),
+                daemon=True,
+            )
+            busy.start()
+            backend.wait_for_requests(2)
+            proxy.send_signal(signal.SIGTERM)
+            assert idle.wait_goaway() == 1  # GOAWAY names the last stream taken
+            busy.join(20)
+            assert result, "curl did not finish"
+            assert result[0].stdout.startswith("HTTP/2 200"), result[0].stdout + result[0].stderr
+        assert proxy.wait(15) == 0
+    finally:
+        proxy.stop()
+
+
+def test_http2_requests_are_shadowed_like_http11(backend: RecordingBackend) -> None:
+    """A stream is a request: its copy (body and all, without a Content-Length from the
+    client) reaches an HTTP/1.1 shadow with the usual headers, and copies too big for the
+    shadow's max_body are skipped."""
+    with RecordingBackend() as shadow:
+        cfg = _h2_config(backend.url)
+        cfg["backends"]["s1"] = {"endpoints": [shadow.url]}
+        cfg["routes"][0]["shadows"] = [{"backend": "s1", "percent": 100, "max_body": "1KiB"}]
+        with ProxyProcess(cfg) as proxy, H2Client(proxy.host, proxy.port) as c:
+            answers = c.exchange(
+                [(b"POST", b"/w/%d" % i, [], b"payload %d" % i) for i in range(10)]
+                + [(b"POST", b"/big", [], b"x" * 4096)]
+            )
+            assert [a.status for a in answers] == [200] * 11
+            copies = shadow.wait_for_requests(10)
+            done = wait_until(
+                lambda: (
+                    sum(scrape(proxy).outcomes("r1", "s1").values()) >= 11
+                    and scrape(proxy).outcomes("r1", "s1")
+                ),
+                10,
+                "11 shadow outcomes",
+            )
+        assert sorted(r.target for r in copies) == sorted(f"/w/{i}" for i in range(10))
+        for r in copies:
+            assert r.body == b"payload " + r.target.rsplit("/", 1)[1].encode()
+            assert r.header("x-shadowlane-shadow") == "r1"
+            assert r.header("host") == f"127.0.0.1-shadow:{proxy.port}"  # :authority + suffix
+        assert done.get("skipped_body") == 1
+        assert len(backend.requests) == 11
+
+
+def test_reload_keeps_http2_connections_and_new_streams_use_the_new_routes(
+    backend: RecordingBackend,
+) -> None:
+    with RecordingBackend() as other:
+        cfg = _h2_config(backend.url)
+        with ProxyProcess(cfg) as proxy, H2Client(proxy.host, proxy.port) as c:
+            assert c.request(b"GET", b"/before").status == 200
+            new = copy.deepcopy(proxy.config)
+            new["backends"]["b1"]["endpoints"] = [other.url]
+            proxy.write_config(new)
+            proxy.reload()
+            wait_until(lambda: proxy.stderr_lines("reloaded"), 10, "the reload")
+            assert c.request(b"GET", b"/after").status == 200  # the same connection
+            assert c.goaway is None
+        assert [r.target for r in backend.requests] == ["/before"]
+        assert [r.target for r in other.requests] == ["/after"]
+
+
+# -- to backends --------------------------------------------------------------------------------
+
+
+def test_h2c_backend_multiplexes_and_forwards_trailers() -> None:
+    def handler(req: H2Request) -> H2Reply:
+        return H2Reply(
+            200, [(b"content-type", b"text/plain")], req.path + b"|" + req.body,
+            trailers=[(b"x-checksum", b"%d" % len(req.body))],
+        )  # fmt: skip
+
+    with H2Backend(handler) as h2be:
+        cfg = _h2_config(h2be.url)
+        cfg["backends"]["b1"]["protocol"] = "h2c"
+        with ProxyProcess(cfg) as proxy, H2Client(proxy.host, proxy.port) as c:
+            answers = c.exchange([(b"POST", b"/t/%d" % i, [], b"x" * i) for i in range(1, 51)])
+            assert [a.status for a in answers] == [200] * 50
+            for i, a in enumerate(answers, 1):
+                assert a.body == b"/t/%d|" % i + b"x" * i
+                assert a.trailers == [(b"x-checksum", b"%d" % i)]
+            # HTTP/1.1 clients get the answer too (without trailers)
+            raw = raw_request(
+                proxy.port, b"GET /h1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw[:200]
+            assert raw.endswith(b"\r\n\r\n4\r\n/h1|\r\n0\r\n\r\n"), raw
+        got = h2be.wait_for_requests(51)
+        assert {r.header(b":authority") for r in got[:50]} == {f"127.0.0.1:{proxy.port}".encode()}
+        assert h2be.connections == 1  # 51 requests, one HTTP/2 connection
+
+
+def test_h2_backend_over_tls(cert: tuple[str, str]) -> None:
+    crt, key = cert
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(crt, key)
+    ctx.set_alpn_protocols(["h2"])
+    with H2Backend(ssl=ctx) as h2be:
+        cfg = basic_config(h2be.url.replace("http://", "https://"))
+        cfg["backends"]["b1"].update(protocol="h2", ca_file=crt)
+        with ProxyProcess(cfg) as proxy:
+            for i in range(5):
+                raw = raw_request(
+                    proxy.port, b"GET /tls/%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % i
+                )
+                assert raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw[:200]
+                assert b"/tls/%d" % i in raw
+        assert [r.header(b":scheme") for r in h2be.wait_for_requests(5)] == [b"https"] * 5
+        assert h2be.connections == 1
+
+
+def test_grpc_timeout_bounds_the_upstream_call() -> None:
+    """A backend slower than the call's grpc-timeout: the proxy ends the call itself with
+    DEADLINE_EXCEEDED, in gRPC's own terms (HTTP 200, grpc-status 4)."""
+    with H2Backend(lambda req: H2Reply(200, [], b"late", delay=5)) as h2be:
+        cfg = _h2_config(h2be.url)
+        cfg["backends"]["b1"]["protocol"] = "h2c"
+        with ProxyProcess(cfg) as proxy, H2Client(proxy.host, proxy.port) as c:
+            grpc_headers = [
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+                (b"grpc-timeout", b"300m"),
+            ]
+            a = c.request(b"POST", b"/svc/Method", grpc_headers, b"\x00\x00\x00\x00\x00")
+            assert a.status == 200
+            assert a.header(b"grpc-status") == b"4", a.headers
+        req = h2be.wait_for_requests(1)[0]
+        assert req.header(b"te") == b"trailers"  # kept for gRPC
+        assert req.header(b"grpc-timeout") == b"300m"
+
+
+def test_config_checks_protocol_against_the_scheme(tmp_path: Path) -> None:
+    cfg = basic_config("http://127.0.0.1:9")
+    cfg["backends"]["b1"]["protocol"] = "h2"
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    out = subprocess.run(
+        [sys.executable, "-m", "shadowlane", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "backends.b1" in out.stderr + out.stdout
+    assert "https://" in out.stderr + out.stdout
+
+
+def test_answers_the_proxy_gives_a_grpc_call_are_grpc_answers() -> None:
+    """No route, a dead backend: a gRPC client reads grpc-status (UNIMPLEMENTED, UNAVAILABLE)
+    with the reason in grpc-message, in an HTTP 200 "trailers only" answer; a plain HTTP/2
+    request to the same dead backend still gets its 502."""
+    cfg = _h2_config(f"http://127.0.0.1:{dead_port()}")
+    cfg["routes"][0]["match"] = {"path_prefix": "/only"}
+    grpc_headers = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+    with ProxyProcess(cfg) as proxy, H2Client(proxy.host, proxy.port) as c:
+        none = c.request(b"POST", b"/svc/M", grpc_headers, b"\x00" * 5)
+        assert none.status == 200
+        assert none.header(b"grpc-status") == b"12"
+        assert none.header(b"grpc-message") == b"no route matches this request"
+        dead = c.request(b"POST", b"/only/M", grpc_headers, b"\x00" * 5)
+        assert (dead.status, dead.header(b"grpc-status")) == (200, b"14")
+        assert b"refused" in (dead.header(b"grpc-message") or b"")
+        plain = c.request(b"GET", b"/only/x")
+        assert plain.status == 502 and plain.header(b"grpc-status") is None
+
+
+def test_h2c_backend_flow_control_both_ways() -> None:
+    """3 MB up to an HTTP/2 backend and 3 MB back, from an HTTP/1.1 client and an HTTP/2
+    one: far past the backend's 64 KiB windows, so it completes only if the proxy sends as
+    the backend's windows open and gives the backend its window back as the client reads."""
+    big = bytes(range(256)) * (3 * 1024 * 4)
+
+    def handler(req: H2Request) -> H2Reply:
+        return H2Reply(200, [(b"x-got", b"%d" % len(req.body))], req.body[::-1])
+
+    with H2Backend(handler) as h2be:
+        cfg = _h2_config(h2be.url, timeout="30s")
+        cfg["backends"]["b1"]["protocol"] = "h2c"
+        with ProxyProcess(cfg) as proxy:
+            with H2Client(proxy.host, proxy.port, timeout=60) as c:
+                a = c.request(b"PUT", b"/up", [], big)  # no content-length: DATA until the end
+                assert (a.status, a.header(b"x-got")) == (200, b"%d" % len(big))
+                assert a.body == big[::-1]
+            head = b"PUT /up1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(big)
+            raw = raw_request(proxy.port, head + b"Connection: close\r\n\r\n" + big, timeout=60)
+            assert raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw[:200]
+            assert b"x-got: %d\r\n" % len(big) in raw
+        got = h2be.wait_for_requests(2)
+        assert [r.body == big for r in got] == [True, True]
+
+
+def test_websocket_and_http2_share_a_listener() -> None:
+    """With `listen_http2`, an HTTP/1.1 connection is handed over after one look at its first
+    bytes; its upgrade to a WebSocket tunnel works as on a plain listener, beside HTTP/2
+    streams on the same port."""
+    with WebSocketServer() as ws_server, ProxyProcess(_h2_config(ws_server.url)) as proxy:
+
+        async def talk() -> list[Any]:
+            url = f"ws://{proxy.host}:{proxy.port}/echo"
+            async with connect(url, open_timeout=10, close_timeout=10) as ws:
+                await ws.send("over h1, beside h2")
+                got = [await ws.recv()]
+                await ws.send(b"\x00\x01")
+                got.append(await ws.recv())
+                return got
+
+        assert asyncio.run(asyncio.wait_for(talk(), 30)) == ["over h1, beside h2", b"\x00\x01"]
+        got = _curl("--http2-prior-knowledge", "-s", "-o", "/dev/null", "-w", "%{http_version}",
+                    proxy.url + "/plain")  # fmt: skip
+        assert got.stdout == "2"
+
+
+def test_cookie_crumbs_are_joined_for_http11_backends(backend: RecordingBackend) -> None:
+    """HTTP/2 clients may split Cookie into one field per crumb (RFC 9113 8.2.3); an HTTP/1.1
+    backend gets them as one header, `; `-joined, in order."""
+    with ProxyProcess(_h2_config(backend.url)) as proxy, H2Client(proxy.host, proxy.port) as c:
+        crumbs = [(b"cookie", b"a=1"), (b"x-between", b"y"), (b"cookie", b"b=2")]
+        assert c.request(b"GET", b"/c", crumbs).status == 200
+    (req,) = backend.requests
+    assert req.header_values("cookie") == ["a=1; b=2"]
+    assert req.header("x-between") == "y"
