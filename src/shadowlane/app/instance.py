@@ -46,6 +46,7 @@ _COMPARATOR_KEYS = (
     "flush_interval",
     "batch",
     "cpu_share",
+    "processes",
     "examples_per_field",
     "retention",
     "thresholds",
@@ -241,6 +242,19 @@ class Instance:
                 "Divergence ledger entries waiting for the comparison worker to store them.",
                 (),
                 lambda: [((), float(comparator.ledger_queued))],
+            )
+            self.metrics.set_gauge_provider(
+                "shadowlane_compare_children",
+                "Comparison child processes running (compare.processes when all is well).",
+                (),
+                lambda: [((), float(comparator.children_alive))],
+            )
+            self.metrics.set_gauge_provider(
+                "shadowlane_compare_child_restarts",
+                "Comparison children that died with a job (dropped) and were started again, "
+                "since this process started.",
+                (),
+                lambda: [((), float(comparator.stats["restarts"]))],
             )
 
     def _ensure_writer(self, cfg: Config) -> None:
