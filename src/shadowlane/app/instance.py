@@ -24,6 +24,7 @@ from shadowlane.admin.comparisons import install_comparison_api
 from shadowlane.admin.control_api import install_control_api
 from shadowlane.app.access_log import AccessLogger
 from shadowlane.app.generation import Generation, build_generation, records
+from shadowlane.app.loop_probe import probe_loop_lag
 from shadowlane.app.tls import build_tls, tls_shape
 from shadowlane.compare.analysis import Analysis
 from shadowlane.compare.engine import Comparator
@@ -47,6 +48,7 @@ _COMPARATOR_KEYS = (
     "batch",
     "cpu_share",
     "processes",
+    "nice",
     "examples_per_field",
     "retention",
     "thresholds",
@@ -397,6 +399,11 @@ class Instance:
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.control.start_polling()
         self.metrics.start_flushing(self.loop)
+        self._lag_probe: asyncio.Task[None] | None = None
+        if cfg.admin.loop_lag_probe > 0:
+            self._lag_probe = self.loop.create_task(
+                probe_loop_lag(cfg.admin.loop_lag_probe, self.metrics.observe_loop_lag)
+            )
         if self.watch and self.config_path is not None:
             self._watcher: asyncio.Task[None] | None = self.loop.create_task(self._watch())
         if self.worker_id == 0:
@@ -434,6 +441,8 @@ class Instance:
             else:
                 conn.close()
         self.control.stop()
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
         await self.generation.shadow.drain(min(5.0, self.cfg.limits.drain_timeout))
         if self.record_writer is not None:
             # write what is queued and close the files, off the loop (bounded: a disk that

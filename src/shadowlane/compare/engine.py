@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from shadowlane.compare.diff import Lifted, answer_doc, diff, lift, values_of
+from shadowlane.compare.diff import EXAMPLE_VALUES, Lifted, answer_doc, diff, lift, values_of
 from shadowlane.compare.model import CompareJob, Decision
 from shadowlane.compare.pool import ChildDied, ChildProcess
 from shadowlane.compare.settings import DEFAULT_SETTINGS, CompareSettings
@@ -152,6 +152,15 @@ def make_example(job: CompareJob, out: Outcome, ts: float) -> Example:
     )
 
 
+def example_paths(differing: list[str]) -> list[str]:
+    """The fields an example pair is kept for: the first `EXAMPLE_VALUES` differing ones, the
+    same whose two values the example shows. An answer that differs in thousands of leaves
+    (a changed array of records) would otherwise make every flush link and trim thousands of
+    example rows, which took seconds of the store's time per flush and, on the collector
+    thread, the GIL from the event loop; the fields past the cap are still counted."""
+    return differing[:EXAMPLE_VALUES]
+
+
 def record(batch: Batch, job: CompareJob, out: Outcome) -> None:
     """Add one decided job to a batch: totals, per-field counts, latency, an example."""
     route, target = job.route, job.target
@@ -169,7 +178,9 @@ def record(batch: Batch, job: CompareJob, out: Outcome) -> None:
         batch.add_latency(route, target, "shadow", job.candidate.seconds)
     if out.differing:
         ts = job.ts or time.time()
-        batch.add_example(route, target, out.differing, ts, lambda: make_example(job, out, ts))
+        batch.add_example(
+            route, target, example_paths(out.differing), ts, lambda: make_example(job, out, ts)
+        )
 
 
 def decide(job: CompareJob) -> Decision:
@@ -236,7 +247,13 @@ def record_decision(batch: Batch, job: Pending, d: Decision) -> None:
     fields = d.example
     if d.differing and fields is not None:
         ts = job.ts or float(fields.get("ts") or time.time())  # type: ignore[arg-type]
-        batch.add_example(route, target, d.differing, ts, lambda: Example(**fields))  # type: ignore[arg-type]
+        batch.add_example(
+            route,
+            target,
+            example_paths(d.differing),
+            ts,
+            lambda: Example(**fields),  # type: ignore[arg-type]
+        )
 
 
 class _MatchTally:
@@ -270,6 +287,7 @@ class Comparator:
         sweep_interval: float | None = None,
         cpu_share: float = 0.25,
         processes: int = 1,
+        nice: int = 10,
         child_command: list[str] | None = None,
     ) -> None:
         if not 0.0 < cpu_share <= 1.0:
@@ -294,7 +312,7 @@ class Comparator:
         self.cpu_share = cpu_share
         self._rest_ratio = 1.0 / cpu_share - 1.0
         #: comparison children, one per feeder thread; empty: the one feeder decides in-process
-        self.children = [ChildProcess(child_command) for _ in range(processes)]
+        self.children = [ChildProcess(child_command, nice) for _ in range(processes)]
         #: Jobs waiting. A deque, not a queue.Queue: `append` and `popleft` are atomic under
         #: the GIL, so a submit takes no lock and wakes no thread. A Queue's put notifies the
         #: waiting worker every time, and at thousands of jobs a second those wake-ups and the
@@ -362,6 +380,7 @@ class Comparator:
             batch=cfg.batch,
             cpu_share=cfg.cpu_share,
             processes=cfg.processes,
+            nice=cfg.nice,
         )
 
     def _count(self, key: str, n: int = 1) -> None:

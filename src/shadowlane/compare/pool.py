@@ -132,8 +132,8 @@ class ChildProcess:
     closes the child and raises `ChildDied`; the next `compare` starts a new one.
     """
 
-    def __init__(self, command: list[str] | None = None) -> None:
-        self.command = command or [sys.executable, "-m", "shadowlane.compare.worker"]
+    def __init__(self, command: list[str] | None = None, nice: int = 10) -> None:
+        self.command = command or [sys.executable, "-m", "shadowlane.compare.worker", str(nice)]
         self.proc: subprocess.Popen[bytes] | None = None
         #: settings tokens this child has been sent
         self._sent: set[int] = set()

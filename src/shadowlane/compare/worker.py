@@ -5,7 +5,7 @@ one `Decision` per job to stdout. The frames are compare/pool.py's.
 It ends when its stdin closes (the proxy stopped, or died: a `kill -9` of the worker closes
 the pipe too), and it ignores SIGINT, SIGTERM and SIGHUP: a terminal's Ctrl-C or a signal sent
 to the whole process group is the proxy's to act on, and a draining proxy still needs its child
-for the jobs queued. It runs at a lower priority (`NICENESS`): on a busy machine, serving
+for the jobs queued. It runs at a lower priority (`compare.nice`): on a busy machine, serving
 requests comes first and comparing them after.
 """
 
@@ -28,7 +28,7 @@ from shadowlane.compare.settings import CompareSettings
 
 log = logging.getLogger("shadowlane.compare")
 
-#: added to the child's nice value: comparisons yield the CPU to the proxy's processes
+#: added to the child's nice value unless the command line says otherwise (`compare.nice`)
 NICENESS = 10
 
 
@@ -69,8 +69,10 @@ def serve(stdin: Readable, stdout: BinaryIO) -> None:
 def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    niceness = int(sys.argv[1]) if len(sys.argv) > 1 else NICENESS
     with contextlib.suppress(OSError):  # not allowed here: compare at the same priority
-        os.nice(NICENESS)
+        if niceness:
+            os.nice(niceness)
     logging.basicConfig(level=logging.WARNING, format="shadowlane compare child: %(message)s")
     stdin = io.BufferedReader(io.FileIO(sys.stdin.fileno(), "rb", closefd=False), 1 << 16)
     serve(stdin, sys.stdout.buffer)
