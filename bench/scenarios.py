@@ -40,10 +40,12 @@ class Scenario:
     proxies: tuple[str, ...] = PROXIES
     duration: float | None = None  # seconds per run; None: the run's --duration
     runs: int | None = None  # None: the run's --runs
+    #: the route's primary backend: "fast" (a small text answer) or "json" (servers.py)
+    primary: str = "fast"
 
     @property
-    def setup(self) -> tuple[tuple[str, ...], bool, str]:
-        return self.shadows, self.compare, self.record
+    def setup(self) -> tuple[tuple[str, ...], bool, str, str]:
+        return self.shadows, self.compare, self.record, self.primary
 
 
 RATE_LOAD = Load(connections=50, rate=FIXED_RATE)  # h2load: 50 clients x 100 req/s
@@ -63,6 +65,26 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("fast",),
         compare=True,
         proxies=SHADOWLANE,
+    ),
+    # Comparing answers that differ (issue 17): ~4 KB JSON documents from nginx, the shadow's
+    # differing in 4 fields, so every compared pair is parsed and diffed (in the comparison
+    # child); judged against the same shadow without compare
+    Scenario(
+        "shadow-json",
+        "throughput",
+        "JSON answers, 100% shadow to json-diff",
+        ("json-diff",),
+        proxies=SHADOWLANE,
+        primary="json",
+    ),
+    Scenario(
+        "compare-json-diff",
+        "throughput",
+        "JSON answers, 100% shadow to json-diff, compare: true (all differ)",
+        ("json-diff",),
+        compare=True,
+        proxies=SHADOWLANE,
+        primary="json",
     ),
     # Recording (issue 13): the no-shadow load with every request recorded (the default,
     # plain files), judged against shadowlane's own no-shadow figure (nginx's proxy_pass sits
@@ -329,7 +351,7 @@ def run_all(
 ) -> dict[str, str]:
     """Run every scenario, setup by setup; returns the proxy configs used (name -> text)."""
     configs: dict[str, str] = {}
-    setups: list[tuple[tuple[str, ...], bool, str]] = []
+    setups: list[tuple[tuple[str, ...], bool, str, str]] = []
     for s in scenarios:
         if s.setup not in setups:
             setups.append(s.setup)
@@ -340,7 +362,7 @@ def run_all(
 
 
 def _run_setup(
-    setup: tuple[tuple[str, ...], bool, str],
+    setup: tuple[tuple[str, ...], bool, str, str],
     members: list[Scenario],
     settings: Settings,
     sup: Supervisor,
@@ -349,7 +371,7 @@ def _run_setup(
     configs: dict[str, str],
 ) -> None:
     """Start every proxy this setup needs side by side, measure its scenarios, stop them."""
-    shadows, compare, record = setup
+    shadows, compare, record, primary = setup
     kinds = [k for k in PROXIES_ALL if any(k in s.proxies for s in members)]
     running: dict[str, RunningProxy] = {}
     broken: dict[str, Measurement] = {}
@@ -357,7 +379,7 @@ def _run_setup(
         for kind in kinds:
             try:
                 running[kind] = start_proxy(
-                    sup, settings.work, kind, backends, shadows, compare, record
+                    sup, settings.work, kind, backends, shadows, compare, record, primary
                 )
             except StartError as exc:
                 text = str(exc)

@@ -51,6 +51,26 @@ SHADOW_QUEUE = 1024
 ORDERED = "fast-ordered"
 SHADOW_MAX_BODY = "2MiB"  # above the 1 MiB POST scenario: nginx mirrors any body too
 FAST_BODY = "ok fast backend\\n"  # nginx string escape: 16 bytes on the wire
+#: backends answering JSON documents (nginx serving a file): `json` is a primary, `json-diff`
+#: a shadow whose document differs from it in a few fields (the compare-json rows)
+JSON_BACKENDS = ("json", "json-diff")
+
+
+def json_document(differ: bool) -> bytes:
+    """~4 KB of JSON, an API answer of 40 records; with `differ`, 4 of their values change."""
+    import json
+
+    items = [
+        {
+            "id": i,
+            "name": f"item {i}",
+            "price": round(i * 1.25, 2) + (1 if differ and i % 10 == 3 else 0),
+            "tags": ["a", "b", "c"][: 1 + i % 3],
+            "in_stock": i % 4 != 0,
+        }
+        for i in range(40)
+    ]
+    return json.dumps({"total": 40, "items": items}).encode()
 
 PROXY_LABELS = {
     "direct": "direct (no proxy)",
@@ -115,6 +135,22 @@ def fast_backend_conf(work: Path, name: str, port: int) -> str:
     return nginx_conf(work, name, server)
 
 
+def json_backend_conf(work: Path, name: str, port: int) -> str:
+    root = work / f"{name}-root"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "doc.json").write_bytes(json_document(name == "json-diff"))
+    server = textwrap.dedent(f"""\
+        client_max_body_size 0;
+        server {{
+            listen {LOOPBACK}:{port} backlog=4096;
+            root {root};
+            default_type application/json;
+            location / {{ try_files /doc.json =404; }}
+        }}
+        """)
+    return nginx_conf(work, name, server)
+
+
 def _start_nginx(
     sup: Supervisor, work: Path, name: str, conf_for_port: Callable[[int], str]
 ) -> tuple[Proc, int, str]:
@@ -168,6 +204,9 @@ def start_backends(sup: Supervisor, work: Path) -> Backends:
     try:
         for name in ("fast", "fast-shadow"):
             conf_for_port = functools.partial(fast_backend_conf, work, name)
+            _proc, backends.ports[name], _conf = _start_nginx(sup, work, name, conf_for_port)
+        for name in JSON_BACKENDS:
+            conf_for_port = functools.partial(json_backend_conf, work, name)
             _proc, backends.ports[name], _conf = _start_nginx(sup, work, name, conf_for_port)
         for mode in ("slow", "hung"):
             backends.ports[mode] = _start_stub(sup, work, mode)
@@ -246,6 +285,7 @@ def shadowlane_conf(
     shadows: tuple[str, ...],
     compare: bool,
     record: str = "",
+    primary: str = "fast",
 ) -> str:
     """Port 0 for the proxy and the admin: shadowlane reports what it got in its ready file.
     `record`: the route records every request into `work/record/`: "plain" (the defaults:
@@ -255,7 +295,7 @@ def shadowlane_conf(
         f"listen: {LOOPBACK}:0",
         f"admin: {{listen: {LOOPBACK}:0}}",
         "backends:",
-        f"  fast: {{endpoints: [{backends.url('fast')}]}}",
+        f"  {primary}: {{endpoints: [{backends.url(primary)}]}}",
     ]
     for i, target in enumerate(shadows, 1):
         url = f"http://{LOOPBACK}:{backends.shadow_port(target)}"
@@ -264,7 +304,7 @@ def shadowlane_conf(
         "routes:",
         "  - name: main",
         "    match: {path_prefix: /}",
-        "    backend: fast",
+        f"    backend: {primary}",
     ]
     if record:
         gz = ", gzip: true" if record == "gzip" else ""
@@ -308,9 +348,10 @@ def start_proxy(
     shadows: tuple[str, ...],
     compare: bool = False,
     record: str = "",
+    primary: str = "fast",
 ) -> RunningProxy:
     if kind == "direct":
-        return RunningProxy(kind, backends.ports["fast"])
+        return RunningProxy(kind, backends.ports[primary])
     work = work.resolve()
     if kind == "nginx":
         proc, port, conf = _start_nginx(
@@ -321,7 +362,7 @@ def start_proxy(
         workers = 2 if kind == "shadowlane-2w" else 1
         if record:
             shutil.rmtree(work / "record", ignore_errors=True)  # the last run's files
-        conf = shadowlane_conf(work, backends, shadows, compare, record)
+        conf = shadowlane_conf(work, backends, shadows, compare, record, primary)
         path = work / f"{kind}.yaml"
         path.write_text(conf)
         ready_file = work / f"{kind}.ready.json"
