@@ -191,7 +191,10 @@ def evaluate_targets(ms: list[Measurement]) -> list[Target]:
 
     # the comparison issue: comparing 100% costs at most 30% of shadowing without comparison
     compare_cost(
-        "shadow-fast", "shadow-compare", "100% shadow with compare: true, req/s cost vs without", 0.3
+        "shadow-fast",
+        "shadow-compare",
+        "100% shadow with compare: true, req/s cost vs without",
+        0.3,
     )
     # issue 17: differing JSON answers, every one a parse and a diff in the comparison child
     # (past what it can take, dropped and counted), at most 15% of req/s

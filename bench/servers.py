@@ -72,6 +72,7 @@ def json_document(differ: bool) -> bytes:
     ]
     return json.dumps({"total": 40, "items": items}).encode()
 
+
 PROXY_LABELS = {
     "direct": "direct (no proxy)",
     "nginx": "nginx 1w",

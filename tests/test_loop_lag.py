@@ -170,7 +170,7 @@ def test_loop_lag_stays_under_2ms_while_differing_big_json_is_compared(
                 "s": backend_entry(same.url),
             },
             "routes": [route("cmp", "d"), route("same", "s")],
-            # the defaults (processes: 1, nice: 10) but no rest: the child compares flat out
+            # one child (the default) without rest: it compares flat out
             "compare": {"store": f"sqlite:///{tmp_path / 'cmp.db'}", "flush_interval": "1s",
                         "cpu_share": 1, "queue": 4},
         }  # fmt: skip

@@ -287,7 +287,7 @@ class Comparator:
         sweep_interval: float | None = None,
         cpu_share: float = 0.25,
         processes: int = 1,
-        nice: int = 10,
+        nice: int = 0,
         child_command: list[str] | None = None,
     ) -> None:
         if not 0.0 < cpu_share <= 1.0:
@@ -582,7 +582,11 @@ class Comparator:
                     last_death = now
             del job  # the bodies go now, not when the next job comes
             self._settle(pending, decision)
-            owed += (time.perf_counter() - started) * self._rest_ratio
+            if child is None:
+                spent = time.perf_counter() - started
+            else:
+                spent = decision.cpu if decision is not None else 0.0
+            owed += spent * self._rest_ratio
             # no resting once stop() was called: finishing the backlog quickly is what a
             # draining process needs, and the event loop is winding down anyway
             if owed >= REST_QUANTUM and not self._stopping:

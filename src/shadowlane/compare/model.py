@@ -64,3 +64,6 @@ class Decision:
     noise: list[str]
     #: the example pair (`store.Example`'s fields, as keyword arguments) when anything differed
     example: dict[str, object] | None = None
+    #: CPU seconds deciding took where it ran: what `cpu_share` rests for (a round trip's wall
+    #: time would also count a child starting up, or waiting for a core on a busy machine)
+    cpu: float = 0.0

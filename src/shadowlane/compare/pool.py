@@ -132,7 +132,7 @@ class ChildProcess:
     closes the child and raises `ChildDied`; the next `compare` starts a new one.
     """
 
-    def __init__(self, command: list[str] | None = None, nice: int = 10) -> None:
+    def __init__(self, command: list[str] | None = None, nice: int = 0) -> None:
         self.command = command or [sys.executable, "-m", "shadowlane.compare.worker", str(nice)]
         self.proc: subprocess.Popen[bytes] | None = None
         #: settings tokens this child has been sent

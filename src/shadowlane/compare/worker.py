@@ -5,8 +5,8 @@ one `Decision` per job to stdout. The frames are compare/pool.py's.
 It ends when its stdin closes (the proxy stopped, or died: a `kill -9` of the worker closes
 the pipe too), and it ignores SIGINT, SIGTERM and SIGHUP: a terminal's Ctrl-C or a signal sent
 to the whole process group is the proxy's to act on, and a draining proxy still needs its child
-for the jobs queued. It runs at a lower priority (`compare.nice`): on a busy machine, serving
-requests comes first and comparing them after.
+for the jobs queued. It can run at a lower priority (`compare.nice`), so that on a saturated
+machine serving requests comes first and comparing them after.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 from typing import BinaryIO
 
 from shadowlane.compare.engine import decide
@@ -29,7 +30,7 @@ from shadowlane.compare.settings import CompareSettings
 log = logging.getLogger("shadowlane.compare")
 
 #: added to the child's nice value unless the command line says otherwise (`compare.nice`)
-NICENESS = 10
+NICENESS = 0
 
 
 def serve(stdin: Readable, stdout: BinaryIO) -> None:
@@ -56,11 +57,13 @@ def serve(stdin: Readable, stdout: BinaryIO) -> None:
             job.secondary = dataclasses.replace(job.secondary, body=bodies[2])
         token = job.settings
         job.settings = settings.get(token) if isinstance(token, int) else None
+        started = time.process_time()
         try:
             decision = decide(job)
         except Exception:
             log.exception("comparison of %s %s failed", job.method, job.uri)
             decision = Decision("error", [], [])
+        decision.cpu = time.process_time() - started
         out = pickle.dumps(decision, pickle.HIGHEST_PROTOCOL)
         stdout.write(RESULT.pack(len(out)) + out)
         stdout.flush()

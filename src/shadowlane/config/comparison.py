@@ -212,6 +212,6 @@ class CompareConfig(_Model, frozen=True):
     #: comparison child processes (each compares one job at a time, off this process's GIL);
     #: 0 compares on a thread of the proxy's process instead (its parsing then holds the GIL)
     processes: Annotated[Int, Field(ge=0, le=64)] = 1
-    #: added to the comparison children's nice value: on a saturated machine they yield the CPU
-    #: to the proxy (and comparisons drop, counted) rather than compete with requests
-    nice: Annotated[Int, Field(ge=0, le=19)] = 10
+    #: added to the comparison children's nice value: with more, on a saturated machine they
+    #: yield the CPU to the proxy (and comparisons drop, counted) rather than compete with it
+    nice: Annotated[Int, Field(ge=0, le=19)] = 0
