@@ -161,6 +161,8 @@ class ChildProcess:
         self.starts += 1
 
     def compare(self, job: CompareJob, token: int, settings: CompareSettings | None) -> Decision:
+        if self.proc is not None and self.proc.poll() is not None:
+            self.kill()  # died while idle: start another before this job, which is not lost
         self.start()
         proc = self.proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
