@@ -54,7 +54,11 @@ def test_cpu_share_bounds_the_worker(processes: int) -> None:
         comp = Comparator(store, None, 10_000, cpu_share=0.1, processes=processes).start()
         for j in jobs:
             assert comp.submit(j)
-        time.sleep(0.2)  # let it get going
+        # let it get going: the child's start-up (imports) is not comparing
+        deadline = time.monotonic() + 30
+        while comp.stats["compared"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
         cpu0, wall0 = worker_cpu(comp), time.monotonic()
         time.sleep(1.5)
         cpu1, wall1 = worker_cpu(comp), time.monotonic()

@@ -93,6 +93,7 @@ def memory(pid: int) -> dict[str, int]:
 
 def upload_load(port: int) -> int:
     ok = [0] * CONNECTIONS
+    errors: list[str] = []
 
     def client(k: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -100,8 +101,13 @@ def upload_load(port: int) -> int:
             for _ in range(PER_CONN):
                 conn.request("POST", "/up", body=BODY)
                 resp = conn.getresponse()
-                ok[k] += resp.status == 200 and resp.read() == b"ok"
-        except (OSError, http.client.HTTPException):
+                body = resp.read()
+                if resp.status == 200 and body == b"ok":
+                    ok[k] += 1
+                else:
+                    errors.append(f"{resp.status} {body[:200]!r}")
+        except (OSError, http.client.HTTPException) as exc:
+            errors.append(repr(exc))
             return
         finally:
             conn.close()
@@ -111,6 +117,7 @@ def upload_load(port: int) -> int:
         t.start()
     for t in threads:
         t.join(120)
+    assert not errors, errors
     return sum(ok)
 
 

@@ -12,7 +12,6 @@ machine serving requests comes first and comparing them after.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import logging
 import os
@@ -23,8 +22,17 @@ import time
 from typing import BinaryIO
 
 from shadowlane.compare.engine import decide
-from shadowlane.compare.model import CompareJob, Decision
-from shadowlane.compare.pool import HEAD, JOB, RESULT, SETTINGS, Readable, read_exact
+from shadowlane.compare.model import Decision
+from shadowlane.compare.pool import (
+    HEAD,
+    JOB,
+    RESULT,
+    SETTINGS,
+    Readable,
+    frame_lengths,
+    job_of,
+    read_exact,
+)
 from shadowlane.compare.settings import CompareSettings
 
 log = logging.getLogger("shadowlane.compare")
@@ -48,16 +56,10 @@ def serve(stdin: Readable, stdout: BinaryIO) -> None:
             continue
         if kind != JOB:
             raise SystemExit(f"unknown frame kind {kind}")
-        shell, lengths = pickle.loads(header)
+        started = time.process_time()  # reading the bodies is the job's cost too
+        lengths, token = frame_lengths(header)
         bodies = [read_exact(stdin, n) for n in lengths]
-        job: CompareJob = shell
-        job.primary = dataclasses.replace(job.primary, body=bodies[0])
-        job.candidate = dataclasses.replace(job.candidate, body=bodies[1])
-        if job.secondary is not None:
-            job.secondary = dataclasses.replace(job.secondary, body=bodies[2])
-        token = job.settings
-        job.settings = settings.get(token) if isinstance(token, int) else None
-        started = time.process_time()
+        job = job_of(header, bodies, settings.get(token))
         try:
             decision = decide(job)
         except Exception:
