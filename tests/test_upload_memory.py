@@ -22,6 +22,7 @@ from typing import Any
 from support.configs import backend_entry
 from support.metrics import scrape
 from support.proxy import ProxyProcess
+from support.wait import wait_until
 
 MiB = 1 << 20
 CONNECTIONS = 16
@@ -139,7 +140,16 @@ def test_shadowed_uploads_stay_in_bounded_memory(
         peak = memory(proxy.pid)["VmHWM"]
         total = CONNECTIONS * PER_CONN
         assert answered == total, f"{answered} of {total} uploads answered"
-        outcomes = scrape(proxy).outcomes("up", "s")
+        # the client's answers do not wait for the copies: the last ones may still be going
+        outcomes = wait_until(
+            lambda: (
+                (o := scrape(proxy).outcomes("up", "s"))
+                and o.get("ok", 0) + o.get("dropped", 0) + o.get("error", 0) >= total
+                and o
+            ),
+            30,
+            "every copy to end",
+        )
         assert outcomes.get("ok", 0) + outcomes.get("dropped", 0) == total, outcomes
         assert outcomes.get("ok", 0) >= total // 2, outcomes  # most copies went
         assert primary.body_bytes == total * MiB

@@ -215,6 +215,8 @@ class Instance:
         self.admin: AdminApp | None = None
         self.stopped = asyncio.Event()
         self._draining = False
+        #: the loop-lag probe's task, from start() while `admin.loop_lag_probe` > 0
+        self._lag_probe: asyncio.Task[None] | None = None
 
     @property
     def cfg(self) -> Config:
@@ -399,7 +401,6 @@ class Instance:
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.control.start_polling()
         self.metrics.start_flushing(self.loop)
-        self._lag_probe: asyncio.Task[None] | None = None
         if cfg.admin.loop_lag_probe > 0:
             self._lag_probe = self.loop.create_task(
                 probe_loop_lag(cfg.admin.loop_lag_probe, self.metrics.observe_loop_lag)
