@@ -26,6 +26,7 @@ import orjson
 
 from shadowlane.app.instance import Instance, ListenError, ReadyHook
 from shadowlane.config import Config
+from shadowlane.importers import ConfigSource
 from shadowlane.metrics import mark_process_dead, reset_multiprocess_dir
 
 __all__ = ["remove_ready_file", "run", "run_workers", "write_ready_file"]
@@ -71,6 +72,7 @@ async def _serve(
     watch: bool,
     listen_port: int | None,
     on_ready: ReadyHook | None,
+    source: ConfigSource | None = None,
 ) -> None:
     inst = Instance(
         cfg,
@@ -81,6 +83,7 @@ async def _serve(
         watch,
         listen_port=listen_port,
         on_ready=on_ready,
+        source=source,
     )
     await inst.start()
     _tune_gc()
@@ -106,10 +109,13 @@ def run(
     *,
     listen_port: int | None = None,
     on_ready: ReadyHook | None = None,
+    source: ConfigSource | None = None,
 ) -> int:
     _install_uvloop()
     asyncio.run(
-        _serve(cfg, config_path, worker_id, workers, metrics_dir, watch, listen_port, on_ready)
+        _serve(
+            cfg, config_path, worker_id, workers, metrics_dir, watch, listen_port, on_ready, source
+        )
     )
     return 0
 
@@ -121,6 +127,7 @@ def run_workers(
     *,
     watch: bool = False,
     ready_file: str | None = None,
+    source: ConfigSource | None = None,
 ) -> int:
     """Serve in this process, or fork `workers` processes sharing the port (SO_REUSEPORT);
     relay signals; reap them. `ready_file` is written once every listener accepts."""
@@ -130,6 +137,7 @@ def run_workers(
                 cfg,
                 config_path,
                 watch=watch,
+                source=source,
                 on_ready=(
                     (lambda listen, admin: write_ready_file(ready_file, listen, admin, os.getpid()))
                     if ready_file is not None
@@ -152,7 +160,9 @@ def run_workers(
         if pid == 0:
             os.close(ready_r)
             reservation.close()
-            os._exit(_worker(cfg, config_path, i, workers, metrics_dir, watch, port, ready_w))
+            os._exit(
+                _worker(cfg, config_path, i, workers, metrics_dir, watch, port, ready_w, source)
+            )
         pids.append(pid)
     os.close(ready_w)
     readiness = _Readiness(ready_r, workers, ready_file)
@@ -201,6 +211,7 @@ def _worker(
     watch: bool,
     port: int,
     ready_w: int,
+    source: ConfigSource | None = None,
 ) -> int:
     """One forked worker's life; its exit code. A start-up error is printed here, since the
     parent's CLI never sees a child's exception."""
@@ -220,6 +231,7 @@ def _worker(
             watch,
             listen_port=port,
             on_ready=report,
+            source=source,
         )
     except OSError as err:
         print(

@@ -12,12 +12,22 @@ from shadowlane.config.comparison import (
     DEFAULT_IGNORE_HEADERS,
     CompareConfig,
     CompareThresholds,
+    GrpcCompare,
     RouteCompare,
     ShadowCompare,
 )
+from shadowlane.config.descriptors import DescriptorSet, build_descriptor_set, read_descriptor_set
 from shadowlane.config.document import AdminConfig, Config, LimitsConfig, TlsConfig
 from shadowlane.config.loading import ConfigError, load_config, parse_config
 from shadowlane.config.matching import MatchConfig, ShadowMatch
+from shadowlane.config.migrations import (
+    MigrationConfig,
+    MigrationVerify,
+    ReverseShadow,
+    StageConfig,
+    StageGates,
+    StageShadow,
+)
 from shadowlane.config.recording import RecordConfig, RedactConfig
 from shadowlane.config.routes import RouteConfig, WeightedBackend
 from shadowlane.config.shadows import HeaderMutation, PathRewrite, ShadowConfig
@@ -40,22 +50,31 @@ __all__ = [
     "CompareThresholds",
     "Config",
     "ConfigError",
+    "DescriptorSet",
     "Duration",
     "Endpoint",
+    "GrpcCompare",
     "HeaderMutation",
     "LimitsConfig",
     "MatchConfig",
+    "MigrationConfig",
+    "MigrationVerify",
     "PathRewrite",
     "RecordConfig",
     "RedactConfig",
+    "ReverseShadow",
     "RouteCompare",
     "RouteConfig",
     "ShadowCompare",
     "ShadowConfig",
     "ShadowMatch",
     "Size",
+    "StageConfig",
+    "StageGates",
+    "StageShadow",
     "TlsConfig",
     "WeightedBackend",
+    "build_descriptor_set",
     "format_duration",
     "format_size",
     "load_config",
@@ -63,5 +82,6 @@ __all__ = [
     "parse_duration",
     "parse_host_port",
     "parse_size",
+    "read_descriptor_set",
     "summarize",
 ]

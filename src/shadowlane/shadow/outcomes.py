@@ -24,6 +24,9 @@ SKIPPED_LOOP: Final = "skipped_loop"
 SKIPPED_STATUS: Final = "skipped_status"
 #: not sent: the copy is built from the primary's answer (ids), and that answer is unusable
 SKIPPED_ANSWER: Final = "skipped_answer"
+#: not sent: an `Upgrade` request (WebSocket) is never tunnelled to a shadow, and this shadow
+#: does not take the handshake alone (`upgrades: handshake`)
+SKIPPED_UPGRADE: Final = "skipped_upgrade"
 
 #: a value of the `outcome` label; tests check it lists exactly SHADOW_OUTCOMES
 Outcome = Literal[
@@ -37,6 +40,7 @@ Outcome = Literal[
     "skipped_loop",
     "skipped_status",
     "skipped_answer",
+    "skipped_upgrade",
 ]
 
 #: every outcome, in the order docs/metrics.md lists them. The first seven are the DESIGN.md
@@ -53,6 +57,7 @@ SHADOW_OUTCOMES: Final[tuple[Outcome, ...]] = (
     SKIPPED_LOOP,
     SKIPPED_STATUS,
     SKIPPED_ANSWER,
+    SKIPPED_UPGRADE,
 )
 
 #: How one copy that was handed to a lane ended (`ShadowResult.outcome`), which is what a
