@@ -93,6 +93,23 @@ BUCKETS: tuple[float, ...] = (
     30.0,
 )
 
+#: Upper bounds of `shadowlane_loop_lag_seconds`: fine below 2 ms, where a healthy loop lives,
+#: so a percentile like p99.9 < 2 ms can be read off the buckets.
+LOOP_LAG_BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+
 #: What a comparison of a primary and a shadow answer found; see docs/metrics.md.
 COMPARISON_RESULTS: tuple[str, ...] = ("match", "diff", "noise", "dropped")
 
@@ -340,6 +357,14 @@ class Metrics:
             self._render_registry = CollectorRegistry()
             MultiProcessCollector(self._render_registry, path=multiprocess_dir)  # type: ignore[no-untyped-call]
 
+        self._loop_lag = Histogram(
+            "shadowlane_loop_lag_seconds",
+            "How late the event loop woke a probe task that sleeps admin.loop_lag_probe at a "
+            "time: what anything ready to run (a request) waited for the loop.",
+            (),
+            buckets=LOOP_LAG_BUCKETS,
+            registry=self.registry,
+        )
         self._requests = Counter(
             "shadowlane_requests",
             "Requests answered to clients, by route, primary backend and status code.",
@@ -630,6 +655,10 @@ class Metrics:
             self._tunnel_bytes.labels(route, direction)
 
     # -- setup and scrape -----------------------------------------------------------------------
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        """One wake-up delay of the loop-lag probe (app/loop_probe.py); on the event loop."""
+        self._loop_lag.observe(seconds)
 
     def declare_shadow(self, route: str, target: str) -> None:
         """Create every outcome and result series of a (route, target) pair, at zero.

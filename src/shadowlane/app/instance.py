@@ -26,6 +26,7 @@ from shadowlane.admin.control_api import install_control_api
 from shadowlane.admin.migrations_api import install_migrations_api
 from shadowlane.app.access_log import AccessLogger
 from shadowlane.app.generation import Generation, build_generation, records
+from shadowlane.app.loop_probe import probe_loop_lag
 from shadowlane.app.tls import build_tls, tls_shape
 from shadowlane.compare.analysis import Analysis
 from shadowlane.compare.engine import Comparator
@@ -53,6 +54,8 @@ _COMPARATOR_KEYS = (
     "flush_interval",
     "batch",
     "cpu_share",
+    "processes",
+    "nice",
     "examples_per_field",
     "retention",
     "thresholds",
@@ -285,6 +288,8 @@ class Instance:
         self._draining = False
         #: follows (and may drive) the fleet's migrations and shared control; worker 0 only
         self.migrations: MigrationRuntime | None = None
+        #: the loop-lag probe's task, from start() while `admin.loop_lag_probe` > 0
+        self._lag_probe: asyncio.Task[None] | None = None
 
     @property
     def cfg(self) -> Config:
@@ -317,6 +322,19 @@ class Instance:
                 "Divergence ledger entries waiting for the comparison worker to store them.",
                 (),
                 lambda: [((), float(comparator.ledger_queued))],
+            )
+            self.metrics.set_gauge_provider(
+                "shadowlane_compare_children",
+                "Comparison child processes running (compare.processes when all is well).",
+                (),
+                lambda: [((), float(comparator.children_alive))],
+            )
+            self.metrics.set_gauge_provider(
+                "shadowlane_compare_child_restarts",
+                "Comparison children that died with a job (dropped) and were started again, "
+                "since this process started.",
+                (),
+                lambda: [((), float(comparator.stats["restarts"]))],
             )
 
     def _ensure_migrations(self, cfg: Config) -> None:
@@ -493,6 +511,10 @@ class Instance:
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.control.start_polling()
         self.metrics.start_flushing(self.loop)
+        if cfg.admin.loop_lag_probe > 0:
+            self._lag_probe = self.loop.create_task(
+                probe_loop_lag(cfg.admin.loop_lag_probe, self.metrics.observe_loop_lag)
+            )
         if self.watch and self.source is not None:
             self._watcher: asyncio.Task[None] | None = self.loop.create_task(self._watch())
         if self.worker_id == 0:
@@ -546,6 +568,8 @@ class Instance:
             h2.close()
         await self.tunnels.drain(tunnels_deadline)
         self.control.stop()
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
         if self.migrations is not None:
             await self.migrations.stop()  # hands its leases over at once
         await self.generation.shadow.drain(min(5.0, self.cfg.limits.drain_timeout))

@@ -33,6 +33,9 @@ class AdminConfig(_Model, frozen=True):
 
     listen: Listen = "127.0.0.1:9901"
     token_env: Annotated[str | None, AfterValidator(_check_token_env)] = None
+    #: how often a probe task measures the event loop's wake-up delay
+    #: (`shadowlane_loop_lag_seconds`); 0 turns it off
+    loop_lag_probe: Duration = 0.1
 
     @property
     def listen_addr(self) -> tuple[str, int]:

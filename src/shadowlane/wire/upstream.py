@@ -411,6 +411,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _release(self) -> None:
         if self.state == ConnState.BUSY:
+            transport = self.transport
+            if transport is not None and transport.get_write_buffer_size():
+                # answered before it took the whole request (an early answer to an upload):
+                # what is still buffered would stay pinned, unseen by any lane's byte cap,
+                # until the server reads it, so the connection goes and the bytes with it
+                self._sink = None
+                if self._to_closed():
+                    transport.abort()  # not close(): that would first send what is buffered
+                return
             self.state = ConnState.IDLE
             self._sink = None
             # the last bytes of the answer may have paused reading (the client was slow to
