@@ -38,6 +38,7 @@ SHADOW_TERMINAL = (
     "skipped_loop",
     "skipped_status",
     "skipped_answer",
+    "shed",
     "dropped",
     "ok",
     "error",

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import os
+import resource
 import signal
 import ssl
 import sys
@@ -27,13 +29,21 @@ from shadowlane.app.generation import Generation, build_generation, records
 from shadowlane.app.tls import build_tls, tls_shape
 from shadowlane.compare.analysis import Analysis
 from shadowlane.compare.engine import Comparator
-from shadowlane.config import Config, ConfigError, load_config
+from shadowlane.config import Config, ConfigError, LimitsConfig, load_config
 from shadowlane.control import Control
 from shadowlane.metrics import Metrics
 from shadowlane.proxy import Proxy
 from shadowlane.record import RecordWriter
 from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
-from shadowlane.wire.server import ServerLimits, ServerState
+from shadowlane.wire.overload import LEVEL_NAMES, OverloadState
+from shadowlane.wire.server import (
+    LIMIT_BODY_RATE,
+    LIMIT_CONNECTIONS,
+    LIMIT_FDS,
+    LIMIT_HEADER_TIMEOUT,
+    ServerLimits,
+    ServerState,
+)
 
 __all__ = ["Instance", "ListenError", "ReadyHook", "bound_address"]
 
@@ -68,6 +78,38 @@ class ListenError(OSError):
         reason = "address already in use" if err.errno == errno.EADDRINUSE else str(err)
         shown = f"[{host}]" if ":" in host else host
         super().__init__(err.errno, f"{key} {shown}:{port}: {reason}")
+
+
+def _fd_ceiling(reserve: int) -> int:
+    """The descriptor number past which an accepted connection is closed at once: the soft
+    RLIMIT_NOFILE less `reserve` (0: no check)."""
+    if not reserve:
+        return 0
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(soft - reserve, 1)
+
+
+def _apply_limits(limits: ServerLimits, overload: OverloadState, cfg: LimitsConfig) -> None:
+    """Write a config's limits into the listener's objects, in place (start and reload):
+    every open connection reads them from there."""
+    limits.max_header_size = cfg.max_header_size
+    limits.header_timeout = cfg.header_timeout
+    limits.idle_timeout = cfg.idle_timeout
+    limits.max_connections = cfg.max_connections
+    limits.max_fd = _fd_ceiling(cfg.fd_reserve)
+    limits.max_requests_per_connection = cfg.max_requests_per_connection
+    limits.min_body_rate = cfg.min_body_rate
+    limits.body_rate_window = cfg.body_rate_window
+    ov = cfg.overload
+    overload.configure(
+        ov.rss.shed_shadows,
+        ov.rss.refuse,
+        ov.in_flight.shed_shadows,
+        ov.in_flight.refuse,
+        math.ceil(ov.retry_after),
+    )
 
 
 def _kept_until_restart(old: Config, new: Config) -> list[str]:
@@ -192,6 +234,7 @@ class Instance:
         self.generation = self._build(cfg)
         self.tls = build_tls(cfg.tls) if cfg.tls is not None else None
         gen = self.generation
+        self.overload = OverloadState()
         self.proxy = Proxy(
             gen.routes,
             gen.runtimes,
@@ -200,18 +243,46 @@ class Instance:
             gen.proxy_shadow,
             self.access_log,
             proto=b"https" if self.tls is not None else b"http",
+            overload=self.overload,
         )
         state_path = os.path.join(metrics_dir, "runtime.json") if metrics_dir else None
         self.control = Control(self._live, state_path, writer=worker_id == 0)
-        limits = cfg.limits
+        limits = ServerLimits()
+        _apply_limits(limits, self.overload, cfg.limits)
         self.state = ServerState(
-            self.proxy,
-            ServerLimits(limits.max_header_size, limits.header_timeout, limits.idle_timeout),
+            self.proxy, limits, overload=self.overload, on_limit=self.metrics.limit_hit
         )
+        self._declare_limit_metrics()
         self.server: asyncio.base_events.Server | None = None
         self.admin: AdminApp | None = None
         self.stopped = asyncio.Event()
         self._draining = False
+
+    def _declare_limit_metrics(self) -> None:
+        metrics = self.metrics
+        metrics.declare_limits(
+            (LIMIT_CONNECTIONS, LIMIT_FDS, LIMIT_HEADER_TIMEOUT, LIMIT_BODY_RATE, "overload")
+        )
+        state, overload = self.state, self.overload
+        metrics.set_gauge_provider(
+            "shadowlane_downstream_connections",
+            "Client connections open now.",
+            (),
+            lambda: [((), float(len(state.connections)))],
+        )
+        metrics.set_gauge_provider(
+            "shadowlane_overload_level",
+            "The overload manager's level: 0 normal, 1 shedding shadow work, 2 refusing new "
+            "requests (503).",
+            (),
+            lambda: [((), float(overload.level))],
+        )
+        metrics.set_gauge_provider(
+            "shadowlane_overload_state",
+            "1 for the overload manager's current level, by name.",
+            ("level",),
+            lambda: [((name,), float(i == overload.level)) for i, name in enumerate(LEVEL_NAMES)],
+        )
 
     @property
     def cfg(self) -> Config:
@@ -300,11 +371,8 @@ class Instance:
             return [str(err)]
         old, self.generation = self.generation, gen
         gen.serve_on(self.proxy)
-        # in place: every open connection reads the limits it was given at accept
-        limits = self.state.limits
-        limits.max_header_size = cfg.limits.max_header_size
-        limits.header_timeout = cfg.limits.header_timeout
-        limits.idle_timeout = cfg.limits.idle_timeout
+        # in place: every open connection reads the limits from there
+        _apply_limits(self.state.limits, self.overload, cfg.limits)
         self.control.reset()
         old.retire(self.loop)
         log.warning("reloaded %s: %d route(s)", self.config_path, len(cfg.routes))

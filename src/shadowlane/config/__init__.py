@@ -15,7 +15,13 @@ from shadowlane.config.comparison import (
     RouteCompare,
     ShadowCompare,
 )
-from shadowlane.config.document import AdminConfig, Config, LimitsConfig, TlsConfig
+from shadowlane.config.document import (
+    AdminConfig,
+    Config,
+    LimitsConfig,
+    OverloadConfig,
+    TlsConfig,
+)
 from shadowlane.config.loading import ConfigError, load_config, parse_config
 from shadowlane.config.matching import MatchConfig, ShadowMatch
 from shadowlane.config.recording import RecordConfig, RedactConfig
@@ -45,6 +51,7 @@ __all__ = [
     "HeaderMutation",
     "LimitsConfig",
     "MatchConfig",
+    "OverloadConfig",
     "PathRewrite",
     "RecordConfig",
     "RedactConfig",

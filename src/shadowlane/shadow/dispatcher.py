@@ -23,7 +23,7 @@ from shadowlane.shadow.join import PrimaryCapture, Submit
 from shadowlane.shadow.lane import ShadowLane
 from shadowlane.shadow.mutation import MARKER, CopyBuilder
 from shadowlane.shadow.ordering import OrderScope
-from shadowlane.shadow.outcomes import SAMPLED_OUT, SKIPPED_LOOP
+from shadowlane.shadow.outcomes import SAMPLED_OUT, SHED, SKIPPED_LOOP
 from shadowlane.shadow.plan import LanePlan, RouteShadows
 from shadowlane.shadow.ticket import ShadowTicket
 from shadowlane.shadow.writes import ANSWER_LIMIT, Record, WritePlan
@@ -198,6 +198,13 @@ class ShadowDispatcher:
             metrics,
             self._compare_submit,
         )
+
+    def shed(self, shadows: RouteShadows) -> None:
+        """The overload manager sheds shadow work: no copy of this request, each target
+        counts it `shed` (nothing is sampled, built or queued)."""
+        metrics = self.metrics
+        for p in shadows.lanes:
+            metrics.shadow_outcome(shadows.route, p.lane.target, SHED)
 
     async def drain(self, seconds: float) -> None:
         if not self.lanes:

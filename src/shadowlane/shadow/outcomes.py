@@ -24,6 +24,8 @@ SKIPPED_LOOP: Final = "skipped_loop"
 SKIPPED_STATUS: Final = "skipped_status"
 #: not sent: the copy is built from the primary's answer (ids), and that answer is unusable
 SKIPPED_ANSWER: Final = "skipped_answer"
+#: not copied: the overload manager sheds shadow work (memory or in-flight watermark passed)
+SHED: Final = "shed"
 
 #: a value of the `outcome` label; tests check it lists exactly SHADOW_OUTCOMES
 Outcome = Literal[
@@ -37,6 +39,7 @@ Outcome = Literal[
     "skipped_loop",
     "skipped_status",
     "skipped_answer",
+    "shed",
 ]
 
 #: every outcome, in the order docs/metrics.md lists them. The first seven are the DESIGN.md
@@ -53,6 +56,7 @@ SHADOW_OUTCOMES: Final[tuple[Outcome, ...]] = (
     SKIPPED_LOOP,
     SKIPPED_STATUS,
     SKIPPED_ANSWER,
+    SHED,
 )
 
 #: How one copy that was handed to a lane ended (`ShadowResult.outcome`), which is what a
