@@ -432,6 +432,7 @@ class Instance:
         except OSError as err:
             raise ListenError("listen", host, port, err) from None
         self.listen_address = bound_address(self.server)
+        self.state.start_sweeping()
         if self.worker_id == 0:
             token = os.environ.get(cfg.admin.token_env) if cfg.admin.token_env else None
             self.admin = AdminApp(self.metrics, token=token)

@@ -165,6 +165,12 @@ class ServerState:
             self._schedule_sweep()
         return ServerConnection(self)
 
+    def start_sweeping(self) -> None:
+        """Run the sweep from now on, not from the first connection: the overload manager
+        samples memory whether or not clients are connected."""
+        if self._sweeper is None:
+            self._schedule_sweep()
+
     def _schedule_sweep(self) -> None:
         loop = asyncio.get_running_loop()
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
