@@ -207,10 +207,13 @@ class Instance:
         *,
         listen_port: int | None = None,
         on_ready: ReadyHook | None = None,
+        admin_port: int | None = None,
     ):
         self.watch = watch
         # with --workers and `listen: ...:0`, the parent resolved the port for all of them
         self.listen_port = listen_port
+        #: a restarted worker 0 binds the admin port its predecessor had (`admin.listen: :0`)
+        self.admin_port = admin_port
         self.on_ready = on_ready
         #: the bound addresses ("host:port"), known once start() has bound them
         self.listen_address = ""
@@ -440,6 +443,8 @@ class Instance:
             install_comparison_api(self.admin, live, ledger=live)
             install_control_api(self.admin, self.control, self._reload_all)
             ahost, aport = cfg.admin.listen_addr
+            if self.admin_port is not None:
+                aport = self.admin_port
             try:
                 admin_server = await self.admin.start(ahost, aport)
             except OSError as err:

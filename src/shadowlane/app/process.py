@@ -3,8 +3,10 @@
 `run()` serves one `Instance` on uvloop until it drained. `run_workers()` with `workers > 1`
 forks N workers that share the listen port through SO_REUSEPORT; the parent only supervises:
 it relays SIGTERM, SIGINT (drain) and SIGHUP (reload) to them, learns from a pipe when all of
-them accept connections (for `--ready-file`), stops the rest when one fails to start, and exits
-0 only when every worker did.
+them accept connections (for `--ready-file`), stops the rest when one fails to start, restarts
+a worker that dies once all served (nginx's master does the same: a `kill -9` or a crash of one
+worker costs its in-flight requests, never the listener), and exits 0 only when every worker
+of the last set did.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from typing import Any
 
 import orjson
@@ -71,6 +74,7 @@ async def _serve(
     watch: bool,
     listen_port: int | None,
     on_ready: ReadyHook | None,
+    admin_port: int | None = None,
 ) -> None:
     inst = Instance(
         cfg,
@@ -81,6 +85,7 @@ async def _serve(
         watch,
         listen_port=listen_port,
         on_ready=on_ready,
+        admin_port=admin_port,
     )
     await inst.start()
     _tune_gc()
@@ -106,10 +111,21 @@ def run(
     *,
     listen_port: int | None = None,
     on_ready: ReadyHook | None = None,
+    admin_port: int | None = None,
 ) -> int:
     _install_uvloop()
     asyncio.run(
-        _serve(cfg, config_path, worker_id, workers, metrics_dir, watch, listen_port, on_ready)
+        _serve(
+            cfg,
+            config_path,
+            worker_id,
+            workers,
+            metrics_dir,
+            watch,
+            listen_port,
+            on_ready,
+            admin_port,
+        )
     )
     return 0
 
@@ -146,45 +162,83 @@ def run_workers(
     metrics_dir = tempfile.mkdtemp(prefix="shadowlane-metrics-")
     reset_multiprocess_dir(metrics_dir)
     ready_r, ready_w = os.pipe()
-    pids: list[int] = []
-    for i in range(workers):
+
+    def spawn(i: int, report_fd: int) -> int:
         pid = os.fork()
         if pid == 0:
-            os.close(ready_r)
+            if report_fd >= 0:
+                os.close(ready_r)
             reservation.close()
-            os._exit(_worker(cfg, config_path, i, workers, metrics_dir, watch, port, ready_w))
-        pids.append(pid)
-    os.close(ready_w)
+            admin_port = readiness_admin_port() if report_fd < 0 and i == 0 else None
+            os._exit(
+                _worker(
+                    cfg, config_path, i, workers, metrics_dir, watch, port, report_fd, admin_port
+                )
+            )
+        return pid
+
     readiness = _Readiness(ready_r, workers, ready_file)
+
+    def readiness_admin_port() -> int | None:
+        admin = readiness.admin
+        return int(admin.rpartition(":")[2]) if admin else None
+
+    #: pid -> worker id, of the workers alive now
+    live: dict[int, int] = {spawn(i, ready_w): i for i in range(workers)}
+    os.close(ready_w)
     readiness.start()
+    stopping = False
+    restarts = _Restarts()
 
     def relay(signum: int, _frame: object) -> None:
-        for pid in pids:
+        nonlocal stopping
+        if signum != signal.SIGHUP:
+            stopping = True  # a worker that exits now is not replaced
+        for pid in list(live):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, relay)
     status = 0
-    remaining = set(pids)
-    while remaining:
+    while live:
         try:
             pid, code = os.wait()
         except InterruptedError:
             continue
         except ChildProcessError:
             break
-        if pid not in remaining:
+        worker_id = live.pop(pid, None)
+        if worker_id is None:
             continue
-        remaining.discard(pid)
         # a worker that is gone must stop counting in the summed gauges (queue depth, ...)
         mark_process_dead(pid, metrics_dir)
-        if os.waitstatus_to_exitcode(code) != 0:
-            status = 1
-            if not readiness.complete.is_set():
+        exit_code = os.waitstatus_to_exitcode(code)
+        if not readiness.complete.is_set():
+            if exit_code != 0:
+                status = 1
                 # a worker that fails before the whole set serves (its admin port is taken,
                 # say) fails the start: serving with a hole, or without admin, is worse
                 relay(signal.SIGTERM, None)
+            continue
+        if stopping:
+            if exit_code != 0:
+                status = 1
+            continue
+        how = f"signal {-exit_code}" if exit_code < 0 else f"exit code {exit_code}"
+        delay = restarts.delay(worker_id)
+        log.error(
+            "worker %d (pid %d) died (%s); restarting it%s",
+            worker_id,
+            pid,
+            how,
+            f" in {delay:.1f}s" if delay else "",
+        )
+        if delay:
+            time.sleep(delay)  # a worker that dies at once again must not spin the parent
+            if stopping:
+                continue
+        live[spawn(worker_id, -1)] = worker_id
     readiness.complete.set()  # nobody will report any more
     reservation.close()
     remove_ready_file(ready_file)
@@ -201,11 +255,14 @@ def _worker(
     watch: bool,
     port: int,
     ready_w: int,
+    admin_port: int | None = None,
 ) -> int:
     """One forked worker's life; its exit code. A start-up error is printed here, since the
     parent's CLI never sees a child's exception."""
 
     def report(listen: str, admin: str | None) -> None:
+        if ready_w < 0:
+            return  # a restarted worker: the set was reported ready long ago
         line = orjson.dumps({"worker": worker_id, "listen": listen, "admin": admin}) + b"\n"
         os.write(ready_w, line)  # one short write to a pipe: atomic (< PIPE_BUF)
         os.close(ready_w)
@@ -220,6 +277,7 @@ def _worker(
             watch,
             listen_port=port,
             on_ready=report,
+            admin_port=admin_port,
         )
     except OSError as err:
         print(
@@ -235,6 +293,24 @@ def _worker(
         return 1
 
 
+class _Restarts:
+    """How long to wait before restarting a worker: at once, unless it died within
+    `window` seconds of its last restart, then doubling from 0.5 s up to 10 s."""
+
+    def __init__(self, window: float = 10.0) -> None:
+        self.window = window
+        self._last: dict[int, tuple[float, float]] = {}  # worker id -> (restarted at, delay)
+
+    def delay(self, worker_id: int) -> float:
+        now = time.monotonic()
+        last = self._last.get(worker_id)
+        delay = 0.0
+        if last is not None and now - last[0] < self.window:
+            delay = min(max(last[1] * 2, 0.5), 10.0)
+        self._last[worker_id] = (now + delay, delay)
+        return delay
+
+
 class _Readiness(threading.Thread):
     """The parent's side of the workers' ready reports: once every worker said it listens,
     write the ready file (listen address and worker 0's admin address, the parent's PID)."""
@@ -245,6 +321,8 @@ class _Readiness(threading.Thread):
         self.workers = workers
         self.ready_file = ready_file
         self.complete = threading.Event()
+        #: worker 0's admin address once reported ("host:port")
+        self.admin: str | None = None
 
     def run(self) -> None:
         reports: dict[int, dict[str, Any]] = {}
@@ -254,6 +332,8 @@ class _Readiness(threading.Thread):
                 reports[int(report["worker"])] = report
                 if len(reports) == self.workers:
                     break
+        if 0 in reports:
+            self.admin = reports[0]["admin"]
         if len(reports) < self.workers or self.complete.is_set():
             return
         if self.ready_file is not None:
