@@ -311,6 +311,20 @@ class Instance:
                 lambda: [((), float(comparator.queued))],
             )
             self.metrics.set_gauge_provider(
+                "shadowlane_compare_store_pending_batches",
+                "Comparison batches waiting to be written: the store failed the last write "
+                "(they are retried at each flush, up to a bound).",
+                (),
+                lambda: [((), float(comparator.pending_batches))],
+            )
+            self.metrics.set_gauge_provider(
+                "shadowlane_compare_store_lost",
+                "Comparisons decided but never stored since start (their batch waited for the "
+                "store past the bound).",
+                (),
+                lambda: [((), float(comparator.stats["store_lost"]))],
+            )
+            self.metrics.set_gauge_provider(
                 "shadowlane_ledger_queued",
                 "Divergence ledger entries waiting for the comparison worker to store them.",
                 (),

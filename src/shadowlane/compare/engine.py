@@ -41,6 +41,9 @@ SWEEP_INTERVAL_MAX = 600.0
 REST_QUANTUM = 0.005
 #: how long new jobs may wait before the worker looks (it is not woken per job, see `_jobs`)
 POLL_INTERVAL = 0.02
+#: batches kept to retry while the store is down: with the default 1 s flush interval, about
+#: two minutes of outage (a batch is sums and a few examples: kilobytes, not the answers)
+PENDING_BATCHES = 120
 
 
 class ComparisonCounter(Protocol):
@@ -235,6 +238,10 @@ class Comparator:
         self._wake = threading.Event()
         self._written_cond = threading.Condition()
         self._flush_asked = False
+        #: batches a store write failed on, oldest first, written before the next one (worker
+        #: only); at most `PENDING_BATCHES`, then the oldest is dropped and counted
+        self._pending: deque[Batch] = deque()
+        self._outage_since: float | None = None
         self._worker: threading.Thread | None = None
         self._stopping = False
         #: counters for status pages and tests
@@ -245,6 +252,8 @@ class Comparator:
             "errors": 0,
             "flushes": 0,
             "write_errors": 0,
+            #: comparisons decided but never stored: their batch waited past the bound
+            "store_lost": 0,
             "swept": 0,
             #: ledger entries taken / not stored (queue full, stopped, or their write failed)
             "ledger_recorded": 0,
@@ -339,6 +348,11 @@ class Comparator:
             self._worker.start()
         return self
 
+    @property
+    def pending_batches(self) -> int:
+        """Batches waiting for the store to take them (it failed the last write)."""
+        return len(self._pending)
+
     def stop(self, timeout: float = 10.0) -> bool:
         """Compare what is queued, flush, and join; False if the worker did not end in time."""
         self._stopping = True
@@ -405,6 +419,8 @@ class Comparator:
                 batch = self._new_batch()
                 next_flush = time.monotonic() + self.flush_interval
             if stopping and not jobs:
+                while self._pending:
+                    self._lose(self._pending.popleft(), "the store was down at shutdown")
                 return
             waited = time.monotonic()
             self._wake.wait(min(POLL_INTERVAL, max(0.0, next_flush - time.monotonic())))
@@ -453,25 +469,58 @@ class Comparator:
         self._take_divergences(batch)
         try:
             if batch:
-                self.store.write(batch)
-                self.stats["flushes"] += 1
-        except Exception as exc:
-            # The store is down or refused the batch: these sums are lost (logged), the next
-            # batch tries again. Keeping failed batches would let memory grow with the outage,
-            # and retrying ledger entries would make a batch the store refuses fail forever.
-            self.stats["write_errors"] += 1
-            log.warning(
-                "comparison store write failed, %d results and %d ledger entries lost: %s",
-                batch.jobs,
-                len(batch.divergences),
-                exc,
-            )
-            self._lost_divergences(batch.divergences)
+                self._pending.append(batch)
+            self._write_pending()
         finally:
             with self._written_cond:
                 self._written += batch.jobs
                 self._div_written += len(batch.divergences)
                 self._written_cond.notify_all()
+
+    def _write_pending(self) -> None:
+        """Write the waiting batches, oldest first, until one fails.
+
+        The store is down (PostgreSQL restarting) or refused a batch: the batch waits and is
+        tried again at the next flush, so an outage of up to PENDING_BATCHES flushes costs
+        nothing once the store is back (the store catches up). Past the bound the oldest is
+        dropped, its comparisons counted in `store_lost` and its ledger entries as
+        `ledger_dropped`: memory stays bounded by the bound, and a batch the store refuses
+        for good blocks the others for that long at most.
+        """
+        pending = self._pending
+        while pending:
+            try:
+                self.store.write(pending[0])
+            except Exception as exc:
+                self.stats["write_errors"] += 1
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    log.warning(
+                        "comparison store write failed (keeping up to %d batches to retry): %s",
+                        PENDING_BATCHES,
+                        exc,
+                    )
+                break
+            pending.popleft()
+            self.stats["flushes"] += 1
+            if self._outage_since is not None and not pending:
+                log.warning(
+                    "comparison store writable again after %.1fs; caught up",
+                    time.monotonic() - self._outage_since,
+                )
+                self._outage_since = None
+        while len(pending) > PENDING_BATCHES:
+            self._lose(pending.popleft(), "waited past the retry bound")
+
+    def _lose(self, batch: Batch, why: str) -> None:
+        self.stats["store_lost"] += batch.jobs
+        log.warning(
+            "comparison store: %d results and %d ledger entries lost (%s)",
+            batch.jobs,
+            len(batch.divergences),
+            why,
+        )
+        self._lost_divergences(batch.divergences)
 
     def _lost_divergences(self, entries: list[Divergence]) -> None:
         with self._ledger_stats_lock:
