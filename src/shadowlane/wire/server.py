@@ -540,7 +540,8 @@ class ServerConnection(Connection):
         client_body_timeout, as a rate). A body we stopped reading (paused for the backend or
         the pipeline) is not the client's fault: its window starts again when reading does."""
         ex = self._parsing
-        if ex is None or self._paused_for or self._closed or ex.body_done:
+        if ex is None or self._paused_for or self._closed or ex.body_done or ex.expect_continue:
+            # (a client that asked for 100-continue sends nothing until we say so)
             self._rate_ex = None
             return
         if self._rate_ex is not ex:
