@@ -68,3 +68,28 @@ def test_comparisons_wait_for_the_store_and_catch_up(cluster: PgCluster) -> None
     with make_store(url) as store:
         [row] = Analysis(store).summary()
         assert row["compared"] == 30
+
+
+def test_a_store_opened_while_the_server_is_down_waits_for_it(cluster: PgCluster) -> None:
+    """A restarted worker opens its store with wait_for_server: the server being down then is
+    no error (a first start still fails, which is how a wrong URL shows)."""
+    from shadowlane.store import open_store
+
+    url = cluster.create_db()
+    _pg_ctl(cluster, "stop")
+    with pytest.raises(Exception, match=r"connect|socket|server"):
+        open_store(url)
+    store = open_store(url, wait_for_server=True)
+    try:
+        comp = Comparator(store, Metrics(), 1000, flush_interval=0.05, batch=5).start()
+        try:
+            for j in traffic(6):
+                assert comp.submit(j)
+            wait_until(lambda: comp.stats["write_errors"] > 0, 10, "a failed write")
+            _pg_ctl(cluster, "start")
+            wait_until(lambda: comp.pending_batches == 0, 20, "the store to catch up")
+        finally:
+            assert comp.stop(10)
+        assert Analysis(store).summary()[0]["compared"] == 6
+    finally:
+        store.close()

@@ -208,12 +208,15 @@ class Instance:
         listen_port: int | None = None,
         on_ready: ReadyHook | None = None,
         admin_port: int | None = None,
+        restarted: bool = False,
     ):
         self.watch = watch
         # with --workers and `listen: ...:0`, the parent resolved the port for all of them
         self.listen_port = listen_port
         #: a restarted worker 0 binds the admin port its predecessor had (`admin.listen: :0`)
         self.admin_port = admin_port
+        #: a worker the parent restarted: it serves even if the store is unreachable now
+        self.restarted = restarted
         self.on_ready = on_ready
         #: the bound addresses ("host:port"), known once start() has bound them
         self.listen_address = ""
@@ -300,7 +303,7 @@ class Instance:
         if self.comparator is not None:
             return
         if any(sc.compare_enabled or sc.keeps_ledger for rc in cfg.routes for sc in rc.shadows):
-            self.store = open_store(cfg.compare.store, cfg.compare)
+            self.store = open_store(cfg.compare.store, cfg.compare, wait_for_server=self.restarted)
             self.analysis = Analysis(self.store, cfg.compare.thresholds)
             self.comparator = Comparator.from_config(self.store, self.metrics, cfg.compare)
             comparator = self.comparator

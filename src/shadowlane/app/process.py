@@ -75,6 +75,7 @@ async def _serve(
     listen_port: int | None,
     on_ready: ReadyHook | None,
     admin_port: int | None = None,
+    restarted: bool = False,
 ) -> None:
     inst = Instance(
         cfg,
@@ -86,6 +87,7 @@ async def _serve(
         listen_port=listen_port,
         on_ready=on_ready,
         admin_port=admin_port,
+        restarted=restarted,
     )
     await inst.start()
     _tune_gc()
@@ -112,6 +114,7 @@ def run(
     listen_port: int | None = None,
     on_ready: ReadyHook | None = None,
     admin_port: int | None = None,
+    restarted: bool = False,
 ) -> int:
     _install_uvloop()
     asyncio.run(
@@ -125,6 +128,7 @@ def run(
             listen_port,
             on_ready,
             admin_port,
+            restarted,
         )
     )
     return 0
@@ -169,10 +173,20 @@ def run_workers(
             if report_fd >= 0:
                 os.close(ready_r)
             reservation.close()
-            admin_port = readiness_admin_port() if report_fd < 0 and i == 0 else None
+            restarted = report_fd < 0
+            admin_port = readiness_admin_port() if restarted and i == 0 else None
             os._exit(
                 _worker(
-                    cfg, config_path, i, workers, metrics_dir, watch, port, report_fd, admin_port
+                    cfg,
+                    config_path,
+                    i,
+                    workers,
+                    metrics_dir,
+                    watch,
+                    port,
+                    report_fd,
+                    admin_port,
+                    restarted,
                 )
             )
         return pid
@@ -256,6 +270,7 @@ def _worker(
     port: int,
     ready_w: int,
     admin_port: int | None = None,
+    restarted: bool = False,
 ) -> int:
     """One forked worker's life; its exit code. A start-up error is printed here, since the
     parent's CLI never sees a child's exception."""
@@ -278,6 +293,7 @@ def _worker(
             listen_port=port,
             on_ready=report,
             admin_port=admin_port,
+            restarted=restarted,
         )
     except OSError as err:
         print(
