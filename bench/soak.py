@@ -50,6 +50,8 @@ import uvloop
 
 HOST = "127.0.0.1"
 PHASES = ("ok", "slow", "hung", "reset", "dead")
+#: connections opened this long after a worker's SIGKILL may still land on its listener
+KILL_GRACE = 1.0
 
 
 # -- backends (run as `soak.py backend ...` in their own process) -------------------------------
@@ -287,14 +289,19 @@ class PgCluster:
 class Tally:
     requests: int = 0
     errors: dict[str, int] = field(default_factory=dict)
-    #: errors on connections open when a worker was killed (those may die with it)
+    #: errors on connections open when a worker was killed, or opened in the second after
+    #: (the kernel queues those on the dying worker's listener until its exit closes it)
     kill_window_errors: int = 0
+    #: seconds into the run of each error outside that window, to tell what caused it
+    error_times: list[float] = field(default_factory=list)
 
-    def error(self, kind: str, in_kill_window: bool) -> None:
+    def error(self, kind: str, in_kill_window: bool, at: float = 0.0) -> None:
         if in_kill_window:
             self.kill_window_errors += 1
         else:
             self.errors[kind] = self.errors.get(kind, 0) + 1
+            if len(self.error_times) < 100:
+                self.error_times.append(round(at, 1))
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
@@ -324,6 +331,7 @@ class Clients:
         self.tally = Tally()
         #: monotonic time of the last worker kill; connections opened before it may fail
         self.killed_at = -1.0
+        self.t0 = time.monotonic()
 
     def _request(self) -> tuple[bytes, int]:
         rng = self.rng
@@ -364,8 +372,8 @@ class Clients:
                     writer.close()
                     writer = None
             except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as err:
-                in_window = self.killed_at >= opened
-                self.tally.error(type(err).__name__, in_window)
+                in_window = self.killed_at >= 0 and opened <= self.killed_at + KILL_GRACE
+                self.tally.error(type(err).__name__, in_window, time.monotonic() - self.t0)
                 if writer is not None:
                     writer.close()
                 writer = None
@@ -565,6 +573,7 @@ def main() -> int:
             "achieved_rps": round(tally.requests / args.duration, 1),
             "client_errors": tally.errors,
             "kill_window_errors": tally.kill_window_errors,
+            "client_error_times_s": tally.error_times,
             "rss_mb_start": round(after[0]["rss"] / 1e6, 1) if after else None,
             "rss_mb_end": round(after[-1]["rss"] / 1e6, 1) if after else None,
             "rss_mb_max": round(max(s["rss"] for s in samples) / 1e6, 1) if samples else None,
