@@ -583,6 +583,8 @@ def main() -> int:
             "fds_peak_growth_second_half": fd_growth,
             "shadow_outcomes": _sum_metric(text, "shadowlane_shadow_requests_total"),
             "comparisons": _sum_metric(text, "shadowlane_comparisons_total"),
+            "store_lost": sum(_sum_metric(text, "shadowlane_compare_store_lost").values()),
+            "limited": _sum_metric(text, "shadowlane_downstream_limited_total"),
             "postgres_rows": pg_counts or None,
             "events": events,
             "samples": samples,
