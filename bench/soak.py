@@ -211,6 +211,9 @@ def _sum_metric(text: str, name: str, **labels: str) -> dict[str, float]:
     """`label value -> sum` for the one label not given, over the samples of `name`."""
     out: dict[str, float] = {}
     for line in text.splitlines():
+        if line.startswith(name + " "):  # no labels
+            out[""] = out.get("", 0.0) + float(line.split()[1])
+            continue
         if not line.startswith(name + "{"):
             continue
         lab, _, value = line[len(name) + 1 :].rpartition("} ")
