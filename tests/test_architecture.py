@@ -23,7 +23,13 @@ RANKS: dict[str, int] = {
     "replay": 6,
     # verify may use store, compare and config; only cli imports it
     "verify": 6,
+    # peers' configs -> native config: uses config only; cli and app use it
+    "importers": 2,
+    # migration plans: read store and metrics, act through control, run verify; app wires them
+    "migrate": 6,
     "proxy": 5,
+    # upgrade requests beside the primary path: it uses the proxy, the proxy never it
+    "upgrades": 5,
     "routing": 4,
     "shadow": 4,
     "record": 4,

@@ -141,7 +141,7 @@ def test_route_compare_errors() -> None:
     text = BASE % "true" + "    compare: {ignore: [nope], mode: strict}\n"
     assert errors(text) == [
         "routes[0].compare.ignore[0]: bad field path 'nope': must start with status, headers, "
-        "body, * or **",
+        "trailers, body, * or **",
         "routes[0].compare.mode: unknown key",
     ]
 

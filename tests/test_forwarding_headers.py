@@ -131,17 +131,23 @@ def test_request_hop_by_hop_headers_removed(env: Env) -> None:
     assert "secret" not in repr(rec.headers)
 
 
-def test_upgrade_request_is_served_plain_without_upgrade_headers(env: Env) -> None:
-    """Upgrade is not supported: the request is forwarded as a plain one, minus Upgrade."""
+def test_upgrade_request_keeps_the_switch_and_its_non_101_answer_passes(env: Env) -> None:
+    """A route tunnels WebSocket by default: the switch (Connection: upgrade, Upgrade) is the
+    one hop-by-hop pair asked of the backend as the client asked it, while the client's other
+    Connection options are not; a backend that answers without switching is relayed as any
+    answer, and the connection closes after it (tests/test_websocket.py has the tunnel)."""
     target = f"/ws-{uid()}"
     resp = exchange(
         env.port,
-        f"GET {target} HTTP/1.1\nHost: fwd.test\nConnection: Upgrade\nUpgrade: websocket",
+        f"GET {target} HTTP/1.1\nHost: fwd.test\nConnection: Upgrade, X-Foo\n"
+        "Upgrade: websocket\nX-Foo: secret",
     )
     assert resp.status == 200, resp
+    assert "close" in connection_tokens(resp.header_values("connection"))
     (rec,) = [r for r in env.backend.requests if r.target == target]
-    assert rec.header("upgrade") is None, rec.headers
-    assert "upgrade" not in connection_tokens(rec.header_values("connection"))
+    assert rec.header("upgrade") == "websocket", rec.headers
+    assert connection_tokens(rec.header_values("connection")) == {"upgrade"}
+    assert rec.header("x-foo") is None
 
 
 def test_response_hop_by_hop_headers_removed(env: Env) -> None:

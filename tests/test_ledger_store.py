@@ -389,7 +389,7 @@ def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> RawDb:
 
 def test_a_store_of_the_previous_schema_opens_and_gains_the_ledger(empty_db: RawDb) -> None:
     empty_db.run(V1_SCHEMA)
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     with open_store(empty_db.url) as store:
         # what version 1 wrote is all there, and written to as before
         assert Analysis(store).summary()[0]["compared"] == 7
@@ -400,11 +400,11 @@ def test_a_store_of_the_previous_schema_opens_and_gains_the_ledger(empty_db: Raw
         # and the ledger works in it
         write(store, div(1, ("a/1",)))
         assert store.suspect_keys() == ["a/1"]
-    assert empty_db.query("SELECT value FROM shadowlane_meta WHERE key = 'schema'") == [("2",)]
+    assert empty_db.query("SELECT value FROM shadowlane_meta WHERE key = 'schema'") == [("3",)]
     with open_store(empty_db.url) as again:  # opening an upgraded store changes nothing
         assert again.suspect_keys() == ["a/1"]
         assert Analysis(again).summary()[0]["compared"] == 9
-    assert empty_db.query("SELECT value FROM shadowlane_meta WHERE key = 'schema'") == [("2",)]
+    assert empty_db.query("SELECT value FROM shadowlane_meta WHERE key = 'schema'") == [("3",)]
 
 
 def test_a_store_of_a_newer_schema_is_used_and_its_version_left_alone(empty_db: RawDb) -> None:

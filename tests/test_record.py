@@ -54,7 +54,7 @@ def record_metrics(proxy: ProxyProcess) -> dict[str, float]:
     return scrape(proxy).by("outcome", "shadowlane_record_total", route="r1")
 
 
-def test_requests_are_recorded_as_the_client_sent_them(
+def test_requests_are_recorded_as_the_primary_got_them(
     backend: RecordingBackend, proxy_factory: Any, tmp_path: Path
 ) -> None:
     rec_dir = tmp_path / "rec"
@@ -88,11 +88,15 @@ def test_requests_are_recorded_as_the_client_sent_them(
     # the payload ids are derived from the X-Request-Id the backend saw
     assert {p.id for p in requests} == {payload_id(i) for i in ids if i}
     by_target = {split(p.data)[0]: p for p in requests}
-    # a GET: head as received (names lower-case, duplicates kept, order kept), no framing added
+    # a GET: the head the primary got (names lower-case, duplicates and order kept, the
+    # proxy's X-Forwarded-* and X-Request-Id in it), no framing added
     get = by_target[b"GET /a/b?x=1&y=%20z HTTP/1.1"].data
-    assert get == (
-        b"GET /a/b?x=1&y=%20z HTTP/1.1\r\nhost: api.example\r\nx-trace: one\r\nx-trace: two\r\n\r\n"
+    seen = next(r for r in backend.requests if r.target == "/a/b?x=1&y=%20z")
+    assert split(get)[1] == [(k.lower().encode(), v.encode()) for k, v in seen.headers]
+    assert get.startswith(
+        b"GET /a/b?x=1&y=%20z HTTP/1.1\r\nhost: api.example\r\nx-trace: one\r\nx-trace: two\r\n"
     )
+    assert get.endswith(b"\r\n\r\n") and b"x-forwarded-for: 127.0.0.1\r\n" in get
     # binary bytes exactly, CRLFs inside the body included
     _, headers, body = split(by_target[b"POST /upload HTTP/1.1"].data)
     assert by_target[b"POST /upload HTTP/1.1"].data.endswith(b"\r\n\r\n" + binary)

@@ -30,19 +30,26 @@ from shadowlane.record import (
     read_index,
     recording_files,
 )
-from shadowlane.record.redact import redact_body, request_message
-from shadowlane.wire.messages import Request
+from shadowlane.record.redact import redact_body, redact_head
 from support.wait import wait_until
 
 
-def request(i: int, body: bytes = b"") -> Request:
-    headers = [(b"host", b"h"), (b"x-n", str(i).encode())]
-    if body:
-        headers.append((b"content-length", str(len(body)).encode()))
-    req = Request("POST" if body else "GET", f"/r/{i}".encode(), "1.1", headers, "h", "127.0.0.1",
-                  True)  # fmt: skip
-    req.request_id = f"rid-{i}"
-    return req
+def head(i: int, body: bytes = b"") -> bytes:
+    """A request head as the proxy sends it upstream (what a route's recording takes)."""
+    method = b"POST" if body else b"GET"
+    framing = b"content-length: %d\r\n" % len(body) if body else b""
+    return b"%s /r/%d HTTP/1.1\r\nhost: h\r\nx-n: %d\r\n%s\r\n" % (method, i, i, framing)
+
+
+def record(
+    rec: Recorder,
+    i: int,
+    ts: int,
+    body: bytes = b"",
+    answer: Captured | None = None,
+    latency: int = 0,
+) -> None:
+    rec.request(head(i, body), f"rid-{i}", ts, body, answer, latency)
 
 
 def make(tmp_path: Path, writer: RecordWriter, metrics: Metrics, **cfg: object) -> Recorder:
@@ -63,7 +70,7 @@ def test_rotation_by_size_keeps_every_record_in_order(tmp_path: Path) -> None:
     rec = make(tmp_path, writer, metrics, max_file_size="2KiB", gzip=False)
     ts0 = time.time_ns()
     for i in range(60):
-        rec.request(request(i, b"b" * 100), ts0 + i, b"b" * 100, None)
+        record(rec, i, ts0 + i, b"b" * 100)
     assert writer.wait_idle(10)
     assert writer.stop(10)
     names = files(tmp_path)
@@ -83,7 +90,7 @@ def test_rotation_by_age(tmp_path: Path) -> None:
 
     def more_files() -> bool:
         nonlocal sent
-        rec.request(request(sent), time.time_ns(), b"", None)
+        record(rec, sent, time.time_ns())
         sent += 1
         return len(files(tmp_path)) >= 3
 
@@ -103,7 +110,7 @@ def test_index_seeks_to_a_time(tmp_path: Path) -> None:
     # stamps out of order within a few records, as requests that end in another order
     stamps = [base + i * 1000 + (300 if i % 3 == 0 else 0) for i in range(95)]
     for i, ts in enumerate(stamps):
-        rec.request(request(i), ts, b"", None)
+        record(rec, i, ts)
     writer.stop(10)
     [name] = files(tmp_path)
     blocks = read_index(name)
@@ -127,8 +134,8 @@ def test_answers_are_type_2_with_latency(tmp_path: Path) -> None:
     rec = make(tmp_path, writer, metrics, answers=True, max_body=8)
     answer = Captured(200, [(b"content-type", b"text/plain"), (b"content-length", b"20")],
                       b"12345678", True, 0.5)  # fmt: skip
-    rec.request(request(1), 10, b"", answer, 123_456)
-    rec.request(request(2), 11, b"", Captured(0, [], b"", False, 1.0, "timeout"), 1)
+    record(rec, 1, 10, b"", answer, 123_456)
+    record(rec, 2, 11, b"", Captured(0, [], b"", False, 1.0, "timeout"), 1)
     writer.stop(10)
     got = [p for n in files(tmp_path) for p in iter_file(n)]
     assert [(p.kind, p.ts_ns) for p in got] == [(REQUEST, 10), (RESPONSE, 10), (REQUEST, 11)]
@@ -144,7 +151,7 @@ def test_queue_bound_drops_and_counts(tmp_path: Path) -> None:
     writer = RecordWriter(metrics)  # not started: nothing is taken from the queue
     rec = make(tmp_path, writer, metrics, queue="8KiB")
     for i in range(20):
-        rec.request(request(i, b"x" * 1000), i, b"x" * 1000, None)
+        record(rec, i, i, b"x" * 1000)
     assert rec.pending <= 8 * 1024
     kept = len(rec.items)
     assert 0 < kept < 20
@@ -167,7 +174,7 @@ def test_write_errors_are_counted_never_raised(tmp_path: Path) -> None:
     writer2.add(rec2, rcfg, None)
     os.rmdir(tmp_path / "gone" / "x")
     for i in range(5):
-        rec2.request(request(i), i, b"", None)
+        record(rec2, i, i)
     assert writer2.wait_idle(10)
     assert writer2.stats()[("r2", "")]["error"] == 5
     assert writer2.stop(10)
@@ -178,9 +185,8 @@ def test_write_errors_are_counted_never_raised(tmp_path: Path) -> None:
 def test_redaction_of_messages_and_bodies() -> None:
     red = Redaction(["authorization"], ["body.password", "body.items[*].card"], ["token"], b"k")
     body = b'{"password": "pw", "items": [{"card": 4111, "n": 1}], "user": "bob"}'
-    req = request(1, body)
-    req.headers.append((b"authorization", b"Bearer zzz"))
-    msg = request_message(req.method, b"/x?token=abc&t=abc", "1.1", req.headers, body, red)
+    sent = b"POST /x?token=abc&t=abc HTTP/1.1\r\nhost: h\r\ncontent-length: %d\r\n" % len(body)
+    msg = redact_head(sent + b"authorization: Bearer zzz\r\n\r\n", body, red)
     assert b"zzz" not in msg and b"authorization" not in msg
     assert b"token=" + red.mask(b"abc").encode() + b"&t=abc" in msg
     head, _, out = msg.partition(b"\r\n\r\n")
@@ -205,18 +211,36 @@ def test_redaction_of_messages_and_bodies() -> None:
 
 def test_compiled_fast_path_encodes_as_the_general_one() -> None:
     """The writer's no-redaction path (`encode_item`, one join) gives the bytes the general
-    path (message builders + `goreplay.encode`) gives."""
+    path (message builders + `goreplay.encode`) gives, a chunked request re-framed by
+    Content-Length on both."""
     from shadowlane.record import RecordItem, encode, encode_item, payload_id
     from shadowlane.record.goreplay import Payload
     from shadowlane.record.redact import answer_message
 
     body = b'{"a": 1}'
-    req = request(7, body)
     ans = Captured(404, [(b"content-type", b"application/json"), (b"transfer-encoding",
                    b"chunked")], b"nope", False, 0.25)  # fmt: skip
-    item = RecordItem(req, b"", body, ans, req.request_id, 1234, 0, 5678)
-    pid = payload_id(req.request_id)
-    want = encode(Payload(REQUEST, pid, 1234, 0, request_message(
-        req.method, req.target, req.http_version, req.headers, body, None)))  # fmt: skip
-    want += encode(Payload(RESPONSE, pid, 1234, 5678, answer_message(ans, None, False)))
-    assert encode_item(item) == want
+    rid = "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"
+    pid = payload_id(rid)
+    assert pid == "0f1e2d3c4b5aa5b4c3d2e1f0"  # a UUID's first and last 12 hex digits
+    for sent, reframe in [
+        (head(7, body), False),
+        (b"POST /r/7 HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n", True),
+    ]:
+        item = RecordItem(sent, body, ans, rid, 1234, 0, 5678, reframe)
+        general = Redaction([], [], [], b"k")  # no rules: only the framing is redone
+        want = encode(Payload(REQUEST, pid, 1234, 0, redact_head(sent, body, general)))
+        want += encode(Payload(RESPONSE, pid, 1234, 5678, answer_message(ans, None, False)))
+        got = encode_item(item)
+        assert got == want
+        assert b"transfer-encoding" not in got and b"content-length: %d" % len(body) in got
+
+
+def test_payload_ids_of_other_request_ids_are_hashed() -> None:
+    from shadowlane.record import payload_id
+
+    odd = "zz zz zz-zzzz-zzzz-zzzz-zzzzzzzzzzzz"  # UUID-shaped, but a space in it
+    for rid in ["rid-1", odd, "", "ü" * 36]:
+        pid = payload_id(rid)
+        assert len(pid) == 24 and all(c in "0123456789abcdef" for c in pid), (rid, pid)
+    assert payload_id("rid-1") != payload_id("rid-2")

@@ -1,4 +1,4 @@
-"""The `shadowlane` command: run, check, report, verify, replay and demo."""
+"""The `shadowlane` command: run, check, import, report, verify, replay and demo."""
 
 from __future__ import annotations
 
@@ -7,14 +7,18 @@ import logging
 import sys
 
 from shadowlane import __version__, build_kind, stale_compiled_modules
-from shadowlane.config import Config, ConfigError, load_config, summarize
+from shadowlane.config import Config, ConfigError, summarize
 
 EXIT_CONFIG = 2
 
 
-def _load(path: str) -> Config | None:
+def _load(path: str, services: str | None = None, strict: bool = False) -> Config | None:
+    """The config at `path`: a file or directory of native config and/or peers' documents
+    (translated by shadowlane.importers; what could not be translated is a warning here)."""
+    from shadowlane.importers import ConfigSource
+
     try:
-        return load_config(path)
+        cfg, notes = ConfigSource(path, services, strict).load_with_notes()
     except ConfigError as err:
         for line in err.errors:
             print(line, file=sys.stderr)
@@ -22,10 +26,17 @@ def _load(path: str) -> Config | None:
     except OSError as err:
         print(f"{path}: {err.strerror or err}", file=sys.stderr)
         return None
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    return cfg
+
+
+def _source_args(args: argparse.Namespace) -> tuple[str | None, bool]:
+    return getattr(args, "services", None), getattr(args, "strict", False)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _load(args.config, *_source_args(args))
     if cfg is None:
         return EXIT_CONFIG
     print(summarize(cfg))
@@ -33,10 +44,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _load(args.config, *_source_args(args))
     if cfg is None:
         return EXIT_CONFIG
     from shadowlane.app import run_workers
+    from shadowlane.importers import ConfigSource
 
     if args.workers < 1:
         print("--workers: must be at least 1", file=sys.stderr)
@@ -46,7 +58,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     try:
         return run_workers(
-            cfg, args.config, args.workers, watch=args.watch, ready_file=args.ready_file
+            cfg,
+            args.config,
+            args.workers,
+            watch=args.watch,
+            ready_file=args.ready_file,
+            source=ConfigSource(args.config, *_source_args(args)),
         )
     except OSError as err:
         # the usual one: the listen or admin port is taken (ListenError names key and address)
@@ -243,6 +260,12 @@ def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("text", "json"), default="text")
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from shadowlane.importers import import_main
+
+    return import_main(args)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from shadowlane.replay import main as replay_main
 
@@ -259,11 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from shadowlane.importers import add_arguments as add_import_arguments
+    from shadowlane.importers import add_services_arguments
+
+    config_help = "config file or directory: native YAML and/or peers' documents (see import)"
     p = sub.add_parser("run", help="run the ingress")
-    p.add_argument("-c", "--config", required=True, help="YAML config file")
+    p.add_argument("-c", "--config", required=True, help=config_help)
+    add_services_arguments(p)
     p.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     p.add_argument(
-        "--watch", action="store_true", help="reload when the config file changes (as SIGHUP)"
+        "--watch",
+        action="store_true",
+        help="reload when the config file or directory changes (as SIGHUP; a mounted "
+        "ConfigMap's swap counts)",
     )
     p.add_argument(
         "--ready-file",
@@ -274,8 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate a config and summarize it")
-    p.add_argument("-c", "--config", required=True, help="YAML config file")
+    p.add_argument("-c", "--config", required=True, help=config_help)
+    add_services_arguments(p)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "import",
+        help="translate peers' routes (Gateway API, Istio, Emissary, Gloo, Skipper, Envoy) "
+        "into a commented shadowlane config",
+        description="Translate peers' route documents into shadowlane config. See docs/import.md.",
+    )
+    add_import_arguments(p)
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(
         "report", help="print the comparison summary per route and field, and the divergence ledger"
@@ -292,6 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_verify_arguments(p)
     p.set_defaults(func=cmd_verify)
+
+    from shadowlane.migrate.command import add_arguments as add_migrate_arguments
+    from shadowlane.migrate.command import run as run_migrate
+
+    p = sub.add_parser(
+        "migrate",
+        help="migration plans: status, advance, rollback (on the store the fleet shares)",
+        description="See and move the migrations declared under `migrations:`. Changes are "
+        "written to the store; every instance applies them within about a second. See "
+        "docs/migrations.md.",
+    )
+    add_migrate_arguments(p)
+    p.set_defaults(func=run_migrate)
 
     from shadowlane.replay import add_arguments as add_replay_arguments
 

@@ -8,6 +8,13 @@ admin listener runs in worker 0, which writes the whole state to a small JSON fi
 workers' shared directory; every worker polls that file (a `stat` every 250 ms) and applies a
 new version, so a change reaches all workers within about a quarter of a second.
 
+Two layers of overrides, applied in this order over the file's values: the migration plan's
+(`set_plan`: what the current stage of each migration sets, derived by every instance from the
+shared migration state) and a person's (`state`: the admin API's calls, shared through the store
+with a fleet, `set_manual`). A person's override of a key wins until the next migration
+transition, which clears it (the driver rewrites the shared document). A key neither layer holds
+any more goes back to the file's value.
+
 The HTTP face of these operations is `shadowlane.admin.control_api`; this module knows nothing
 of HTTP beyond the status a refused change maps to, so other callers (a migration acting
 through control) use the same validated operations.
@@ -45,13 +52,34 @@ class RuntimeState:
     paused: dict[str, bool] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return orjson.dumps(
-            {
-                "version": self.version,
-                "weights": self.weights,
-                "percent": self.percent,
-                "paused": self.paused,
-            }
+        return orjson.dumps(self.as_dict())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "weights": self.weights,
+            "percent": self.percent,
+            "paused": self.paused,
+        }
+
+    def copy(self) -> RuntimeState:
+        return RuntimeState(
+            self.version,
+            {r: dict(w) for r, w in self.weights.items()},
+            dict(self.percent),
+            dict(self.paused),
+        )
+
+    def empty(self) -> bool:
+        return not (self.weights or self.percent or self.paused)
+
+    def without(self, other: RuntimeState) -> RuntimeState:
+        """These overrides minus the keys `other` sets (a transition clears what it sets)."""
+        return RuntimeState(
+            self.version,
+            {r: w for r, w in self.weights.items() if r not in other.weights},
+            {k: v for k, v in self.percent.items() if k not in other.percent},
+            {k: v for k, v in self.paused.items() if k not in other.paused},
         )
 
     @classmethod
@@ -101,6 +129,11 @@ def _set_paused(plans: list[LanePlan], paused: bool) -> None:
             p.lane.resume()
 
 
+def _split(key: str) -> tuple[str, str]:
+    route, _, target = key.partition("/")
+    return route, target
+
+
 class ControlError(Exception):
     """A refused change; `status` is the HTTP status the control API answers with."""
 
@@ -114,7 +147,18 @@ class Control:
 
     def __init__(self, live: Live, state_path: str | None, writer: bool) -> None:
         self._live = live
+        #: a person's overrides (the admin API, or the fleet's shared copy of them)
         self.state = RuntimeState()
+        #: the migrations' stages' settings, under the person's overrides
+        self.plan = RuntimeState()
+        #: the file's values of every key a layer changed in this generation, to go back to
+        self._file_weights: dict[str, dict[str, int]] = {}
+        self._file_percent: dict[str, float] = {}
+        self._file_paused: dict[str, bool] = {}
+        #: told of each change a person made here (the fleet pushes it to the store)
+        self.on_manual_change: Callable[[RuntimeState], None] | None = None
+        #: told after a reload reset the overrides (the fleet applies the shared ones again)
+        self.on_reset: Callable[[], None] | None = None
         #: shared file for several workers; None for a single process
         self.state_path = state_path
         self.writer = writer
@@ -131,12 +175,15 @@ class Control:
             for k, v in weights.items()
         ):
             raise ControlError(400, 'body must be {"weights": {"<backend>": <int>, ...}}')
+        before = route.weights()
         try:
             route.set_weights(weights)
         except ValueError as err:
             raise ControlError(400, str(err)) from None
+        self._file_weights.setdefault(route_name, before)
         self.state.weights[route_name] = route.weights()
         self._publish()
+        self._manual_changed()
         return route.weights()
 
     def set_percent(self, route: str, target: str, percent: object) -> float:
@@ -147,14 +194,69 @@ class Control:
             or not 0 <= percent <= 100
         ):
             raise ControlError(400, "percent must be a number in 0..100")
-        _set_percent(self._plans(route, target), float(percent))
+        plans = self._plans(route, target)
+        self._file_percent.setdefault(f"{route}/{target}", plans[0].sampler.percent)
+        _set_percent(plans, float(percent))
         self.state.percent[f"{route}/{target}"] = float(percent)
         self._publish()
+        self._manual_changed()
         return float(percent)
 
     def set_paused(self, route: str, target: str, paused: bool) -> None:
-        _set_paused(self._plans(route, target), paused)
+        plans = self._plans(route, target)
+        self._file_paused.setdefault(f"{route}/{target}", plans[0].lane.paused)
+        _set_paused(plans, paused)
         self.state.paused[f"{route}/{target}"] = paused
+        self._publish()
+        self._manual_changed()
+
+    def _manual_changed(self) -> None:
+        if self.on_manual_change is not None:
+            self.on_manual_change(self.state.copy())
+
+    # ----- the layers (migration plan, the fleet's copy of a person's overrides) -----
+    def set_plan(self, plan: RuntimeState) -> None:
+        """Replace the migration layer (a stage changed somewhere in the fleet) and apply."""
+        self.plan = plan.copy()
+        self._reapply()
+
+    def set_manual(self, manual: RuntimeState) -> None:
+        """Replace a person's overrides with the fleet's shared copy of them, and apply."""
+        version = self.state.version
+        self.state = manual.copy()
+        self.state.version = version
+        self._reapply()
+
+    def effective(self) -> RuntimeState:
+        """Both layers merged (a person's on top), plus the file's value for every key a
+        layer changed and neither holds now: what a worker must apply to match."""
+        out = RuntimeState(self.state.version)
+        out.weights.update(self._file_weights)
+        out.percent.update(self._file_percent)
+        out.paused.update(self._file_paused)
+        for layer in (self.plan, self.state):
+            out.weights.update(layer.weights)
+            out.percent.update(layer.percent)
+            out.paused.update(layer.paused)
+        return out
+
+    def _reapply(self) -> None:
+        live = self._live()
+        routes, dispatcher = live.routes, live.shadow
+        for layer in (self.plan, self.state):  # remember the file's values before changing
+            for name in layer.weights:
+                route = routes.get(name)
+                if route is not None:
+                    self._file_weights.setdefault(name, route.weights())
+            for key in layer.percent:
+                plans = _lane_plans(dispatcher, *_split(key))
+                if plans:
+                    self._file_percent.setdefault(key, plans[0].sampler.percent)
+            for key in layer.paused:
+                plans = _lane_plans(dispatcher, *_split(key))
+                if plans:
+                    self._file_paused.setdefault(key, plans[0].lane.paused)
+        self._apply_values(self.effective())
         self._publish()
 
     def _plans(self, route: str, target: str) -> list[LanePlan]:
@@ -191,6 +293,7 @@ class Control:
             "weights": self.state.weights,
             "percent": self.state.percent,
             "paused": self.state.paused,
+            "migration": self.plan.as_dict(),
             "persisted": False,
             "note": "runtime changes are not written to the config file; a reload or restart "
             "goes back to the file",
@@ -199,36 +302,48 @@ class Control:
 
     # ----- reload and several workers -----
     def reset(self) -> None:
-        """After a reload: the file's values win; the overrides are forgotten everywhere."""
+        """After a reload: a person's overrides are forgotten everywhere (the file's values
+        win); the migration layer is the fleet's state, not the file's, so it is applied again
+        on the new generation, and so are a fleet's shared overrides (`on_reset`)."""
         self.state = RuntimeState(version=self.state.version + 1)
-        self._publish(bump=False)
+        self._file_weights.clear()
+        self._file_percent.clear()
+        self._file_paused.clear()
+        if self.plan.empty():
+            self._publish(bump=False)
+        else:
+            self._reapply()
+        if self.on_reset is not None:
+            self.on_reset()
 
     def apply(self, state: RuntimeState) -> None:
         """Apply a state published by worker 0 (unknown names are skipped: configs may differ
         for a moment during a reload)."""
+        self._apply_values(state)
+        self.state = state
+
+    def _apply_values(self, state: RuntimeState) -> None:
         live = self._live()
         routes, dispatcher = live.routes, live.shadow
         for name, weights in state.weights.items():
             route = routes.get(name)
-            if route is not None:
+            if route is not None and route.weights() != weights:
                 with contextlib.suppress(ValueError):
                     route.set_weights(weights)
         for key, value in state.percent.items():
-            route_name, _, target = key.partition("/")
-            _set_percent(_lane_plans(dispatcher, route_name, target), value)
+            _set_percent(_lane_plans(dispatcher, *_split(key)), value)
         for key, paused in state.paused.items():
-            route_name, _, target = key.partition("/")
-            _set_paused(_lane_plans(dispatcher, route_name, target), paused)
-        self.state = state
+            _set_paused(_lane_plans(dispatcher, *_split(key)), paused)
 
     def _publish(self, bump: bool = True) -> None:
         if bump:
             self.state.version += 1
         if self.state_path is None or not self.writer:
             return
+        published = self.effective()
         tmp = f"{self.state_path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
-            f.write(self.state.to_json())
+            f.write(published.to_json())
         os.replace(tmp, self.state_path)  # atomic: readers see the old or the new file
 
     def start_polling(self) -> None:

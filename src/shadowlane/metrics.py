@@ -59,6 +59,8 @@ __all__ = [
     "NO_ROUTE",
     "RECORD_OUTCOMES",
     "SHADOW_OUTCOMES",
+    "TUNNEL_CLOSE_REASONS",
+    "UPGRADE_OUTCOMES",
     "GaugeProvider",
     "Metrics",
     "mark_process_dead",
@@ -100,6 +102,15 @@ COMPARISON_RESULTS: tuple[str, ...] = ("match", "diff", "noise", "dropped")
 RECORD_OUTCOMES: tuple[str, ...] = ("written", "dropped", "sampled_out", "skipped_body", "error")
 _RECORD_LOOP_OUTCOMES = frozenset(("dropped", "sampled_out", "skipped_body"))
 _RECORD_THREAD_OUTCOMES = frozenset(("written", "error"))
+
+#: What became of an `Upgrade` request (WebSocket) a route was asked for; see docs/metrics.md.
+UPGRADE_OUTCOMES: tuple[str, ...] = ("tunnelled", "declined", "failed", "not_allowed")
+#: Why a tunnel ended: the client or the backend closed (or half-closed where the other side
+#: cannot), no byte for the route's `tunnel_idle_timeout`, a drain or reload closed it, or a
+#: connection failed under it.
+TUNNEL_CLOSE_REASONS: tuple[str, ...] = ("client", "backend", "idle", "drain", "reload", "error")
+_UPGRADE_OUTCOME_SET = frozenset(UPGRADE_OUTCOMES)
+_TUNNEL_CLOSE_REASON_SET = frozenset(TUNNEL_CLOSE_REASONS)
 
 #: Route and backend label value for requests that matched no route (answered 404).
 NO_ROUTE = ""
@@ -382,6 +393,28 @@ class Metrics:
             ("route", "target", "outcome"),
             registry=self.registry,
         )
+        # upgrades and tunnels: a few per connection, not per request, so counted straight
+        # into prometheus_client (no tallies)
+        self._upgrades = Counter(
+            "shadowlane_upgrades",
+            "Upgrade requests (WebSocket) by route and outcome: tunnelled after a 101, "
+            "declined by the backend, failed, or not allowed by the route (served plain).",
+            ("route", "outcome"),
+            registry=self.registry,
+        )
+        self._tunnels_closed = Counter(
+            "shadowlane_tunnels_closed",
+            "Tunnels (upgraded connections) that ended, by route and reason.",
+            ("route", "reason"),
+            registry=self.registry,
+        )
+        self._tunnel_bytes = Counter(
+            "shadowlane_tunnel_bytes",
+            "Bytes carried by tunnels that ended, by route and direction (upstream: client to "
+            "backend; downstream: backend to client).",
+            ("route", "direction"),
+            registry=self.registry,
+        )
         self._limited = Counter(
             "shadowlane_downstream_limited",
             "Client connections or requests a downstream limit ended, by limit: connections "
@@ -591,6 +624,35 @@ class Metrics:
         with self._comparison_lock:
             self._ledger_dropped_tallies[(route, target)].n += n
 
+    # -- upgrades and tunnels (per connection, off the per-request path) ---------------------
+
+    def upgrade(self, route: str, outcome: str) -> None:
+        """Count one upgrade request of `route` that ended in `outcome` (UPGRADE_OUTCOMES)."""
+        if outcome not in _UPGRADE_OUTCOME_SET:
+            raise ValueError(f"unknown upgrade outcome {outcome!r}; one of {UPGRADE_OUTCOMES}")
+        self._upgrades.labels(route, outcome).inc()
+
+    def tunnel_closed(self, route: str, reason: str, upstream: int, downstream: int) -> None:
+        """Count one ended tunnel of `route` and the bytes it carried each way."""
+        if reason not in _TUNNEL_CLOSE_REASON_SET:
+            raise ValueError(
+                f"unknown tunnel close reason {reason!r}; one of {TUNNEL_CLOSE_REASONS}"
+            )
+        self._tunnels_closed.labels(route, reason).inc()
+        if upstream:
+            self._tunnel_bytes.labels(route, "upstream").inc(upstream)
+        if downstream:
+            self._tunnel_bytes.labels(route, "downstream").inc(downstream)
+
+    def declare_upgrades(self, route: str) -> None:
+        """Create the upgrade and tunnel series of a route that allows upgrades, at zero."""
+        for outcome in UPGRADE_OUTCOMES:
+            self._upgrades.labels(route, outcome)
+        for reason in TUNNEL_CLOSE_REASONS:
+            self._tunnels_closed.labels(route, reason)
+        for direction in ("upstream", "downstream"):
+            self._tunnel_bytes.labels(route, direction)
+
     # -- setup and scrape -----------------------------------------------------------------------
 
     def declare_shadow(self, route: str, target: str) -> None:
@@ -666,6 +728,38 @@ class Metrics:
         old = self._providers.pop(name, None)
         if old is not None:
             self._render_registry.unregister(old)
+
+    def primary_figures(
+        self, backends: Iterable[str], routes: Iterable[str] | None = None
+    ) -> dict[str, tuple[dict[str, float], dict[float, float]]]:
+        """Per primary backend (summed over routes and, with workers, over processes): answers
+        by status code, and the duration histogram's cumulative bucket counts by upper bound.
+
+        For the migration driver's flip gates, off the hot path: it reads what a scrape reads
+        (so it runs on the loop, which owns the tallies). Counters only grow; the caller keeps
+        the figures of a window's start and subtracts.
+        """
+        wanted = set(backends)
+        on = set(routes) if routes is not None else None
+        out: dict[str, tuple[dict[str, float], dict[float, float]]] = {b: ({}, {}) for b in wanted}
+        self.flush()
+        for metric in self._render_registry.collect():
+            if metric.name not in ("shadowlane_requests", "shadowlane_request_duration_seconds"):
+                continue
+            for sample in metric.samples:
+                backend = sample.labels.get("backend", "")
+                if backend not in wanted or (
+                    on is not None and sample.labels.get("route") not in on
+                ):
+                    continue
+                codes, buckets = out[backend]
+                if sample.name == "shadowlane_requests_total":
+                    code = sample.labels.get("code", "")
+                    codes[code] = codes.get(code, 0.0) + sample.value
+                elif sample.name == "shadowlane_request_duration_seconds_bucket":
+                    le = float(sample.labels.get("le", "+Inf"))
+                    buckets[le] = buckets.get(le, 0.0) + sample.value
+        return out
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every metric, and its content type."""

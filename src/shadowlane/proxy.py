@@ -49,6 +49,9 @@ RETRY_BODY_LIMIT = 64 * 1024
 
 #: (request, route, backend, status, seconds, shadow outcomes) -> None
 AccessLog = Callable[[Request, str, str, int, float, "dict[str, str] | None"], None]
+#: an upgrade request (`Exchange.upgrade` set) of a route, with its backend and start time:
+#: True when it was taken (tunnelled, or answered), False to serve it as a plain request
+UpgradeHook = Callable[[Exchange, "RouteRuntime", BackendPool, float], bool]
 
 
 def gateway_status(kind: UpstreamErrorKind) -> int:
@@ -115,6 +118,8 @@ class Proxy:
         self.loop = asyncio.get_running_loop()
         #: bound once: `loop.time()` by name costs a method lookup per call
         self.time: Callable[[], float] = self.loop.time
+        #: upgrade requests (WebSocket) go here (`shadowlane.upgrades`); None: served plain
+        self.on_upgrade: UpgradeHook | None = None
 
     def handle(self, exchange: Exchange) -> None:
         req = exchange.request
@@ -133,6 +138,14 @@ class Proxy:
             self._answered(req, rt.name, 413, t0)
             return
         backend = self.backends[route.pick_backend()]
+        # the one test an ordinary request pays: the server sets `upgrade` only when llhttp
+        # stopped at an upgrade request
+        if (
+            exchange.upgrade
+            and self.on_upgrade is not None
+            and self.on_upgrade(exchange, rt, backend, t0)
+        ):
+            return
         ProxyCall(self, exchange, rt, backend, t0).start()
 
     def _refuse(self, exchange: Exchange, t0: float) -> None:
@@ -406,11 +419,13 @@ class ProxyCall(ResponseSink):
             return
         self.recorder = None
         cap = self.rec_capture
+        rid = self.request.request_id
+        chunked = self.exchange.chunked
         if cap is None:
-            rec.request(self.request, self.rec_ts, body, None)
+            rec.request(self.head, rid, self.rec_ts, body, None, 0, chunked)
         else:
             latency = time.time_ns() - self.rec_ts
-            rec.request(self.request, self.rec_ts, body, cap.result, latency)
+            rec.request(self.head, rid, self.rec_ts, body, cap.result, latency, chunked)
 
     # ----- response side (ResponseSink) -----
     def on_response_head(

@@ -38,6 +38,7 @@ SHADOW_TERMINAL = (
     "skipped_loop",
     "skipped_status",
     "skipped_answer",
+    "skipped_upgrade",
     "shed",
     "dropped",
     "ok",

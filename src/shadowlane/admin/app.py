@@ -15,6 +15,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
+from typing import Any
 
 from shadowlane import __version__
 from shadowlane.admin.messages import (
@@ -61,6 +63,8 @@ class AdminApp:
         self._started_wall = time.time()
         self._server: asyncio.Server | None = None
         self._connections: dict[AdminConnection, asyncio.Task[None]] = {}
+        #: says what is degraded while serving (a lost store); None when all is well
+        self._health_detail: Callable[[], dict[str, Any] | None] | None = None
 
         self.route("GET", "/metrics", self._metrics)
         self.route("GET", "/healthz", self._healthz)
@@ -75,6 +79,12 @@ class AdminApp:
         routes also answer HEAD. `mutating=True` requires the bearer token.
         """
         self._router.add(method, path, handler, mutating=mutating)
+
+    def set_health_detail(self, fn: Callable[[], dict[str, Any] | None]) -> None:
+        """While `fn` returns a dict, a serving `/healthz` still answers 200 but as JSON,
+        `{"status": "ok", "degraded": true, ...fn()}`: the instance serves, a person should
+        know why not everything is well (a load balancer keeps it, a probe can read it)."""
+        self._health_detail = fn
 
     def set_ready(self, ready: bool) -> None:
         """Say whether `/healthz` reports 200 (serving) or 503 (starting or draining)."""
@@ -182,6 +192,9 @@ class AdminApp:
 
     async def _healthz(self, request: AdminRequest) -> AdminResponse:
         if self.ready:
+            detail = self._health_detail() if self._health_detail is not None else None
+            if detail is not None:
+                return json_response({"status": "ok", "degraded": True, **detail})
             return text_response("ok\n")
         return text_response("draining\n" if self._closing else "not ready\n", status=503)
 

@@ -60,6 +60,8 @@ _STATIC_TYPES = {
     "index.html": "text/html; charset=utf-8",
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
+    "migrations.html": "text/html; charset=utf-8",
+    "migrations.js": "text/javascript; charset=utf-8",
 }
 
 _PAGE_HEADERS: tuple[tuple[str, str], ...] = (
@@ -104,6 +106,13 @@ def load_static() -> dict[str, bytes]:
     """The dashboard's files from the installed package (raises if one is missing)."""
     folder = resources.files("shadowlane.admin").joinpath("static")
     return {name: folder.joinpath(name).read_bytes() for name in _STATIC_TYPES}
+
+
+def static_file(name: str, _cache: dict[str, bytes] = {}) -> AdminResponse:  # noqa: B006
+    """One of the dashboard's files as a response (read once, then kept)."""
+    if not _cache:
+        _cache.update(load_static())
+    return AdminResponse(body=_cache[name], content_type=_STATIC_TYPES[name], headers=_PAGE_HEADERS)
 
 
 #: the ledger's answer without a store: empty, not an error

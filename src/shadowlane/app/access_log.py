@@ -66,6 +66,43 @@ class AccessLogger:
             if self._timer is None:
                 self._timer = asyncio.get_running_loop().call_later(self.FLUSH_EVERY, self._tick)
 
+    def tunnel(
+        self,
+        req: Request,
+        route: str,
+        backend: str,
+        seconds: float,
+        shadows: dict[str, str] | None,
+        bytes_up: int,
+        bytes_down: int,
+        reason: str,
+    ) -> None:
+        """The line of an upgraded request, written when its tunnel closed: status 101, the
+        duration from the handshake to the close, the bytes each way and who closed it."""
+        record: dict[str, Any] = {
+            "ts": time.time(),
+            "request_id": req.request_id,
+            "client": req.client_addr,
+            "method": req.method,
+            "path": req.target.decode("latin-1"),
+            "host": req.host,
+            "route": route,
+            "backend": backend,
+            "status": 101,
+            "duration_ms": round(seconds * 1000, 3),
+            "upgrade": {"bytes_up": bytes_up, "bytes_down": bytes_down, "closed_by": reason},
+        }
+        if shadows:
+            record["shadows"] = shadows
+        self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.out.write(orjson.dumps(record) + b"\n")
+        if not self._dirty:
+            self._dirty = True
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(self.FLUSH_EVERY, self._tick)
+
     def _tick(self) -> None:
         self._timer = None
         if self._dirty:

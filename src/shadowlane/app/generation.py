@@ -176,6 +176,8 @@ def build_generation(
     runtimes = {}
     try:
         for route in routes.routes:
+            if route.config.upgrades:
+                metrics.declare_upgrades(route.name)
             max_body = route.config.max_body
             if max_body is None:
                 max_body = cfg.limits.max_body

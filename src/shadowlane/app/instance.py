@@ -9,6 +9,7 @@ The routes, backends and shadow lanes are a `Generation`, which a reload replace
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import math
@@ -24,17 +25,21 @@ from shadowlane import __version__, build_kind
 from shadowlane.admin import AdminApp
 from shadowlane.admin.comparisons import install_comparison_api
 from shadowlane.admin.control_api import install_control_api
+from shadowlane.admin.migrations_api import install_migrations_api
 from shadowlane.app.access_log import AccessLogger
 from shadowlane.app.generation import Generation, build_generation, records
 from shadowlane.app.tls import build_tls, tls_shape
 from shadowlane.compare.analysis import Analysis
 from shadowlane.compare.engine import Comparator
-from shadowlane.config import Config, ConfigError, LimitsConfig, load_config
+from shadowlane.config import Config, ConfigError, LimitsConfig
 from shadowlane.control import Control
+from shadowlane.importers import ConfigSource
 from shadowlane.metrics import Metrics
+from shadowlane.migrate import MigrationRuntime, TransitionError
 from shadowlane.proxy import Proxy
 from shadowlane.record import RecordWriter
 from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
+from shadowlane.upgrades import UpgradeCall, Upgrades
 from shadowlane.wire.overload import LEVEL_NAMES, OverloadState
 from shadowlane.wire.server import (
     LIMIT_BODY_RATE,
@@ -44,6 +49,7 @@ from shadowlane.wire.server import (
     ServerLimits,
     ServerState,
 )
+from shadowlane.wire.tunnel import TunnelSet
 
 __all__ = ["Instance", "ListenError", "ReadyHook", "bound_address"]
 
@@ -130,6 +136,20 @@ def _kept_until_restart(old: Config, new: Config) -> list[str]:
     ]
 
 
+def _keeps_tunnel(cfg: Config, call: UpgradeCall) -> bool:
+    """A tunnel survives a reload when the new config still routes it the same way: its
+    route is there, still allows its protocol, and its backend still lists its endpoint."""
+    route = next((rc for rc in cfg.routes if rc.name == call.route), None)
+    if route is None or not all(p in route.upgrades for p in call.protocols):
+        return False
+    if call.backend.name not in route.backend_names:
+        return False
+    backend = cfg.backends.get(call.backend.name)
+    return backend is not None and any(
+        ep.authority == call.endpoint.label for ep in backend.endpoints
+    )
+
+
 class _LiveStore:
     """The comparison API's view of whichever store the instance has now (a reload may open
     the first one), analysed with the thresholds it was opened with; empty answers while there
@@ -193,6 +213,29 @@ class _LiveStore:
         return [] if store is None else store.suspect_keys(route, target, scope, limit=limit)
 
 
+class _LiveMigrations:
+    """The migrations API's view of the instance's runtime: none without migrations."""
+
+    def __init__(self, inst: Instance) -> None:
+        self._inst = inst
+
+    async def status(self, name: str | None = None) -> list[dict[str, Any]]:
+        runtime = self._inst.migrations
+        return [] if runtime is None else await runtime.status(name)
+
+    async def advance(self, name: str, actor: str) -> dict[str, Any]:
+        runtime = self._inst.migrations
+        if runtime is None:
+            raise TransitionError("no migrations here")
+        return await runtime.advance(name, actor)
+
+    async def rollback(self, name: str, actor: str, to: str | None) -> dict[str, Any]:
+        runtime = self._inst.migrations
+        if runtime is None:
+            raise TransitionError("no migrations here")
+        return await runtime.rollback(name, actor, to)
+
+
 class Instance:
     """Everything one worker process runs."""
 
@@ -209,8 +252,13 @@ class Instance:
         on_ready: ReadyHook | None = None,
         admin_port: int | None = None,
         restarted: bool = False,
+        source: ConfigSource | None = None,
     ):
         self.watch = watch
+        #: how a reload reads the config (peers' documents and --services included)
+        self.source = (
+            source if source is not None or config_path is None else ConfigSource(config_path)
+        )
         # with --workers and `listen: ...:0`, the parent resolved the port for all of them
         self.listen_port = listen_port
         #: a restarted worker 0 binds the admin port its predecessor had (`admin.listen: :0`)
@@ -251,6 +299,21 @@ class Instance:
             proto=b"https" if self.tls is not None else b"http",
             overload=self.overload,
         )
+        #: the open tunnels (upgraded connections): they outlive a reload's generation
+        self.tunnels = TunnelSet()
+        self.upgrades = Upgrades(
+            self.proxy,
+            self.metrics,
+            self.tunnels,
+            self.access_log.tunnel if self.access_log is not None else None,
+        )
+        self.proxy.on_upgrade = self.upgrades.handle
+        self.metrics.set_gauge_provider(
+            "shadowlane_tunnels_active",
+            "Tunnels (upgraded connections, WebSocket) open now, per route.",
+            ("route",),
+            self.upgrades.gauge,
+        )
         state_path = os.path.join(metrics_dir, "runtime.json") if metrics_dir else None
         self.control = Control(self._live, state_path, writer=worker_id == 0)
         limits = ServerLimits()
@@ -263,6 +326,8 @@ class Instance:
         self.admin: AdminApp | None = None
         self.stopped = asyncio.Event()
         self._draining = False
+        #: follows (and may drive) the fleet's migrations and shared control; worker 0 only
+        self.migrations: MigrationRuntime | None = None
 
     def _declare_limit_metrics(self) -> None:
         metrics = self.metrics
@@ -302,7 +367,10 @@ class Instance:
         comparator's thread, off the loop, whether or not anything is compared."""
         if self.comparator is not None:
             return
-        if any(sc.compare_enabled or sc.keeps_ledger for rc in cfg.routes for sc in rc.shadows):
+        # migrations keep their state, the audit log and their leases in the store
+        if cfg.migrations or any(
+            sc.compare_enabled or sc.keeps_ledger for rc in cfg.routes for sc in rc.shadows
+        ):
             self.store = open_store(cfg.compare.store, cfg.compare, wait_for_server=self.restarted)
             self.analysis = Analysis(self.store, cfg.compare.thresholds)
             self.comparator = Comparator.from_config(self.store, self.metrics, cfg.compare)
@@ -334,6 +402,22 @@ class Instance:
                 lambda: [((), float(comparator.ledger_queued))],
             )
 
+    def _ensure_migrations(self, cfg: Config) -> None:
+        """Follow the shared state once there are migrations, or a store shared by a fleet
+        (PostgreSQL: runtime control is the fleet's then). SQLite without migrations keeps
+        control local, as before."""
+        store = self.store
+        if self.migrations is not None or store is None or self.admin is None:
+            return
+        shared = store.kind == "postgresql"
+        if not (cfg.migrations or shared):
+            return
+        self.migrations = MigrationRuntime(
+            store, lambda: self.cfg, self.control, self.metrics, share_control=shared
+        )
+        self.migrations.start()
+        self.admin.set_health_detail(self.migrations.health)
+
     def _ensure_writer(self, cfg: Config) -> None:
         if self.record_writer is None and records(cfg):
             self.record_writer = RecordWriter(self.metrics)
@@ -359,16 +443,18 @@ class Instance:
         In-flight requests finish on the objects they started with; keep-alive connections
         stay (the listener is untouched). Returns the problems (empty when reloaded).
         """
-        if self.config_path is None:
+        if self.source is None:
             return ["no config file to reload"]
         try:
-            cfg = load_config(self.config_path)
+            cfg, notes = self.source.load_with_notes()
         except ConfigError as err:
             problems = err.errors
         except OSError as err:
             problems = [f"{self.config_path}: {err.strerror or err}"]
         else:
             problems = []
+            for note in notes:
+                log.warning("reload: %s", note)
         if problems:
             for line in problems:
                 log.error("reload refused, still serving the previous config: %s", line)
@@ -394,20 +480,28 @@ class Instance:
         # in place: every open connection reads the limits from there
         _apply_limits(self.state.limits, self.overload, cfg.limits)
         self.control.reset()
+        if self.admin is not None:
+            self._ensure_migrations(cfg)
         old.retire(self.loop)
+        grace = cfg.limits.tunnel_drain_timeout
+        closing = self.upgrades.retire(lambda call: _keeps_tunnel(cfg, call), grace)
+        if closing:
+            log.warning(
+                "reload: %d tunnel(s) lost their route or backend; closing them in %gs",
+                closing,
+                grace,
+            )
         log.warning("reloaded %s: %d route(s)", self.config_path, len(cfg.routes))
         return []
 
     async def _watch(self) -> None:
-        """--watch: reload when the file's modification time changes (checked every second)."""
-        assert self.config_path is not None
-        last = os.stat(self.config_path).st_mtime_ns
+        """--watch: reload when the file (or a file of the directory) changes, checked every
+        second; a mounted ConfigMap's `..data` swap changes the inodes, which count too."""
+        assert self.source is not None
+        last = self.source.fingerprint()
         while not self._draining:
             await asyncio.sleep(1.0)
-            try:
-                now = os.stat(self.config_path).st_mtime_ns
-            except OSError:
-                continue
+            now = self.source.fingerprint()
             if now != last:
                 last = now
                 self.reload()
@@ -417,10 +511,10 @@ class Instance:
         if self.workers > 1:
             # check the file here first, so the caller hears about a bad one; then every
             # worker reloads it (the parent relays SIGHUP to all)
-            if self.config_path is None:
+            if self.source is None:
                 return ["no config file to reload"]
             try:
-                load_config(self.config_path)
+                self.source.load()
             except ConfigError as err:
                 return err.errors
             except OSError as err:
@@ -459,6 +553,12 @@ class Instance:
             live = _LiveStore(self)
             install_comparison_api(self.admin, live, ledger=live)
             install_control_api(self.admin, self.control, self._reload_all)
+            install_migrations_api(self.admin, _LiveMigrations(self), TransitionError)
+            self._ensure_migrations(cfg)
+            if self.migrations is not None:
+                # serve the first request on the fleet's position, not the file's
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.migrations.primed.wait(), 15.0)
             ahost, aport = cfg.admin.listen_addr
             if self.admin_port is not None:
                 aport = self.admin_port
@@ -474,7 +574,7 @@ class Instance:
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.control.start_polling()
         self.metrics.start_flushing(self.loop)
-        if self.watch and self.config_path is not None:
+        if self.watch and self.source is not None:
             self._watcher: asyncio.Task[None] | None = self.loop.create_task(self._watch())
         if self.worker_id == 0:
             print(
@@ -502,7 +602,10 @@ class Instance:
         if self.server is not None:
             self.server.close()
         self.state.start_drain()
-        deadline = self.loop.time() + self.cfg.limits.drain_timeout
+        now = self.loop.time()
+        deadline = now + self.cfg.limits.drain_timeout
+        # tunnels run on for their own grace (they never end by themselves), counted from now
+        tunnels_deadline = now + self.cfg.limits.tunnel_drain_timeout
         while self.state.busy() and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.state.connections):
@@ -510,7 +613,10 @@ class Instance:
                 conn.abort()  # still busy at the deadline: cut, never pass off as complete
             else:
                 conn.close()
+        await self.tunnels.drain(tunnels_deadline)
         self.control.stop()
+        if self.migrations is not None:
+            await self.migrations.stop()  # hands its leases over at once
         await self.generation.shadow.drain(min(5.0, self.cfg.limits.drain_timeout))
         if self.record_writer is not None:
             # write what is queued and close the files, off the loop (bounded: a disk that

@@ -29,6 +29,7 @@ import orjson
 
 from shadowlane.app.instance import Instance, ListenError, ReadyHook
 from shadowlane.config import Config
+from shadowlane.importers import ConfigSource
 from shadowlane.metrics import mark_process_dead, reset_multiprocess_dir
 
 __all__ = ["remove_ready_file", "run", "run_workers", "write_ready_file"]
@@ -74,6 +75,7 @@ async def _serve(
     watch: bool,
     listen_port: int | None,
     on_ready: ReadyHook | None,
+    source: ConfigSource | None = None,
     admin_port: int | None = None,
     restarted: bool = False,
 ) -> None:
@@ -86,6 +88,7 @@ async def _serve(
         watch,
         listen_port=listen_port,
         on_ready=on_ready,
+        source=source,
         admin_port=admin_port,
         restarted=restarted,
     )
@@ -113,6 +116,7 @@ def run(
     *,
     listen_port: int | None = None,
     on_ready: ReadyHook | None = None,
+    source: ConfigSource | None = None,
     admin_port: int | None = None,
     restarted: bool = False,
 ) -> int:
@@ -127,6 +131,7 @@ def run(
             watch,
             listen_port,
             on_ready,
+            source,
             admin_port,
             restarted,
         )
@@ -141,6 +146,7 @@ def run_workers(
     *,
     watch: bool = False,
     ready_file: str | None = None,
+    source: ConfigSource | None = None,
 ) -> int:
     """Serve in this process, or fork `workers` processes sharing the port (SO_REUSEPORT);
     relay signals; reap them. `ready_file` is written once every listener accepts."""
@@ -150,6 +156,7 @@ def run_workers(
                 cfg,
                 config_path,
                 watch=watch,
+                source=source,
                 on_ready=(
                     (lambda listen, admin: write_ready_file(ready_file, listen, admin, os.getpid()))
                     if ready_file is not None
@@ -185,6 +192,7 @@ def run_workers(
                     watch,
                     port,
                     report_fd,
+                    source,
                     admin_port,
                     restarted,
                 )
@@ -269,6 +277,7 @@ def _worker(
     watch: bool,
     port: int,
     ready_w: int,
+    source: ConfigSource | None = None,
     admin_port: int | None = None,
     restarted: bool = False,
 ) -> int:
@@ -292,6 +301,7 @@ def _worker(
             watch,
             listen_port=port,
             on_ready=report,
+            source=source,
             admin_port=admin_port,
             restarted=restarted,
         )

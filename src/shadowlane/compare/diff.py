@@ -3,8 +3,15 @@
 Lifting (Diffy's word) turns one captured answer into a flat map path -> leaf value:
 - `status` -> the status code (or `failed: <why>` when there is no answer);
 - `headers.<name>` -> the header's values joined with ", " (names lower-case), minus ignored ones;
+  `trailers.<name>` the same for an HTTP/2 answer's trailers;
+- `status.grpc`, `status.grpc_message` -> a gRPC answer's `grpc-status` (by name: `NOT_FOUND`)
+  and `grpc-message`, from the trailers or, in a trailers-only answer, the headers (they are not
+  repeated under `trailers.` / `headers.`);
 - a JSON body -> one path per leaf (`body.hits.total.value`, `body.items[3].id`); empty objects
   and arrays are leaves too; an `unordered` array is one leaf, the multiset of its elements;
+- a gRPC body -> the list of its messages, each a tree of fields by number or, with a descriptor
+  set, by proto name (compare.grpc, compare.protobuf), then lifted as a JSON document would be:
+  `body[0].user.display_name`;
 - any other body -> one leaf `body`, the bytes as captured (gzip/deflate undone first).
 Ignored paths are pruned while lifting, so an ignored subtree costs nothing further.
 
@@ -21,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from shadowlane.compare.grpc import STATUS_HEADERS, GrpcAnswer, is_grpc, status_fields
 from shadowlane.compare.model import Captured
 from shadowlane.compare.paths import key_segment
 from shadowlane.compare.redact import WITHHELD, Redaction, Unredactable, looks_json
@@ -57,6 +65,7 @@ class Lifted:
     __slots__ = (
         "_body_fields",
         "_doc",
+        "_grpc",
         "_kind",
         "body",
         "empty_arrays",
@@ -74,6 +83,7 @@ class Lifted:
         *,
         kind: str = "",
         body_fields: dict[str, Any] | None = None,
+        grpc: GrpcAnswer | None = None,
     ) -> None:
         #: `status` and `headers.*`
         self.head = head
@@ -85,23 +95,36 @@ class Lifted:
         self._kind = kind
         self._body_fields = body_fields
         self._doc: Any = _UNPARSED
+        #: how to decode a gRPC body (its message type, its grpc-encoding); None: not gRPC
+        self._grpc = grpc
         #: schema mode: array paths that were empty (their element paths are unknown)
         self.empty_arrays: set[str] = set()
 
     @property
     def kind(self) -> str:
-        """`json`, `text` (any other body, empty included) or `failed` (no answer)."""
+        """`json`, `grpc` (messages decoded), `text` (any other body, empty included) or
+        `failed` (no answer)."""
         if not self._kind:
             self.doc()
         return self._kind
 
     def doc(self) -> Any:
-        """The parsed JSON body (kind "json"), else `NOT_JSON`; parsed once."""
+        """The parsed JSON body (kind "json") or the list of decoded gRPC messages (kind
+        "grpc"), else `NOT_JSON`; parsed once. A cut body is neither: it is compared as bytes."""
         if self._doc is _UNPARSED:
             self._doc = NOT_JSON
             body = self.body
             failed = self._kind == "failed"
-            if not failed and not self.truncated and body and _is_json(self.head, body):
+            grpc = self._grpc
+            if failed or self.truncated:
+                pass
+            elif grpc is not None:
+                messages = grpc.decode(body)
+                if messages is not None:
+                    self._doc = messages
+                    self._kind = "grpc"
+                    return messages
+            elif body and _is_json(self.head, body):
                 with contextlib.suppress(orjson.JSONDecodeError):
                     self._doc = orjson.loads(body)
             if not failed:
@@ -124,14 +147,16 @@ class Lifted:
 # Lifting
 
 
-def _header_fields(headers: list[tuple[bytes, bytes]], s: CompareSettings) -> dict[str, Any]:
+def _header_fields(
+    headers: list[tuple[bytes, bytes]], s: CompareSettings, prefix: str = "headers."
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     ignored = s.ignore_headers
     for raw_name, raw_value in headers:
         name = raw_name.decode("latin-1").lower()
         if name in ignored:
             continue
-        path = "headers." + name
+        path = prefix + name
         value = raw_value.decode("latin-1")
         out[path] = out[path] + ", " + value if path in out else value
     if s.ignore:
@@ -318,20 +343,60 @@ def _whole_body(lifted: Lifted) -> dict[str, Any]:
     return {"body": frozenset(("text",)) if s.mode == "schema" else lifted.body}
 
 
-def lift(c: Captured, s: CompareSettings) -> Lifted:
-    """One captured answer as field paths, under the settings' mode and rules."""
+def lift(c: Captured, s: CompareSettings, path: str = "") -> Lifted:
+    """One captured answer as field paths, under the settings' mode and rules. `path`: the
+    request's path, which names a gRPC call's method and so its response type."""
     if c.failure:
         return Lifted(
             {"status": f"failed: {c.failure}"}, b"", False, s, kind="failed", body_fields={}
         )
     head: dict[str, Any] = {"status": c.status}
-    headers = _header_fields(c.headers, s)
+    grpc: GrpcAnswer | None = None
+    grpc_status: dict[str, Any] = {}
+    headers_in, trailers_in = c.headers, c.trailers
+    ctype = _header(headers_in, b"content-type")
+    if (ctype is not None and is_grpc(ctype)) or trailers_in:
+        grpc_status = status_fields(headers_in, trailers_in)
+        if grpc_status:
+            headers_in = [h for h in headers_in if h[0].lower() not in STATUS_HEADERS]
+            trailers_in = [h for h in trailers_in if h[0].lower() not in STATUS_HEADERS]
+            # ignored by the path rules (`status.grpc`, `status`) or by header name
+            if "grpc-status" in s.ignore_headers:
+                grpc_status.pop("status.grpc", None)
+            if "grpc-message" in s.ignore_headers:
+                grpc_status.pop("status.grpc_message", None)
+            if s.ignore:
+                for ignored in [p for p in grpc_status if s.ignore.matches(p)]:
+                    del grpc_status[ignored]
+    if ctype is not None and is_grpc(ctype):
+        schema = s.grpc
+        grpc = GrpcAnswer(
+            schema.message_class(path) if schema is not None and path else None,
+            (_header(headers_in, b"grpc-encoding") or b"identity").strip().lower(),
+            max(s.max_body, len(c.body)),
+        )
+    fields = _header_fields(headers_in, s)
+    if trailers_in:
+        fields.update(_header_fields(trailers_in, s, "trailers."))
     if s.mode == "schema":
-        head.update((p, frozenset(("string",))) for p in headers)
+        # a gRPC status, like the HTTP status, is compared by value in every mode
+        head.update((p, frozenset(("string",))) for p in fields)
+        if "status.grpc_message" in grpc_status:
+            grpc_status["status.grpc_message"] = frozenset(("string",))
     else:
-        head.update(headers)
+        head.update(fields)
+    head.update(grpc_status)
     body, truncated = _decode_body(c, max(s.max_body, len(c.body)))
-    return Lifted(head, body, truncated, s)
+    return Lifted(head, body, truncated, s, grpc=grpc)
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The last value of a header (names compared case-insensitively), or None."""
+    found: bytes | None = None
+    for raw_name, value in headers:
+        if raw_name.lower() == name:
+            found = value
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +462,7 @@ def diff(a: Lifted, b: Lifted, s: CompareSettings) -> list[str]:
     if a.body != b.body:
         if a.kind != b.kind:
             _diff_maps(_whole_body(a), _whole_body(b), mode, a, b, out)
-        elif a.kind == "json" and mode != "schema":
+        elif (a.kind == "json" or a.kind == "grpc") and mode != "schema":
             found: set[str] = set()
             _JsonDiff(s, mode == "strict", found).node(a.doc(), b.doc(), "body")
             out.extend(found)
@@ -513,17 +578,28 @@ def values_of(a: Lifted, b: Lifted, paths: list[str]) -> dict[str, list[Any]]:
     return out
 
 
+def request_text(body: bytes, path: str, primary: Lifted) -> str:
+    """The request body as stored with an example: when the answer is gRPC, the request's
+    messages decoded as JSON (by the method's request type with a descriptor set; a compressed
+    one stays base64, as the request's grpc-encoding is not kept); else the bytes as text."""
+    if primary.kind == "grpc":
+        schema = primary.settings.grpc
+        cls = schema.message_class(path, request=True) if schema is not None and path else None
+        messages = GrpcAnswer(cls, b"identity", primary.settings.max_body).decode(body)
+        if messages is not None:
+            return orjson.dumps(messages).decode()
+    return body.decode("utf-8", "replace")
+
+
 def answer_doc(c: Captured, lifted: Lifted, redact: Redaction | None = None) -> dict[str, Any]:
-    """One answer as stored with an example: status, all headers, the body as text; with
-    `redact`, its headers removed and its JSON fields masked before the body is cut."""
-    headers: dict[str, str] = {}
-    for raw_name, raw_value in c.headers:
-        if redact is not None and redact.removes(raw_name.lower()):
-            continue
-        name = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
-        headers[name] = headers[name] + ", " + value if name in headers else value
+    """One answer as stored with an example: status, all headers, the body as text (a gRPC
+    body: its decoded messages as JSON), the trailers when there are any; with `redact`, its
+    headers (and trailers) removed and its JSON fields masked before the body is cut."""
+    headers = _joined(c.headers, redact)
     body = lifted.body if lifted.kind != "failed" else c.body
+    if lifted.kind == "grpc":
+        # the decoded messages as JSON: the framed protobuf bytes mean nothing to a reader
+        body = orjson.dumps(lifted.doc())
     if redact is not None and redact.json and body:
         if lifted.truncated and looks_json(body):
             body = WITHHELD.encode()  # cut at the capture cap: its fields cannot all be found
@@ -533,7 +609,7 @@ def answer_doc(c: Captured, lifted: Lifted, redact: Redaction | None = None) -> 
             except Unredactable:
                 body = WITHHELD.encode()
     cut = len(body) > EXAMPLE_BODY_CAP
-    return {
+    doc: dict[str, Any] = {
         "status": c.status,
         "failure": c.failure,
         "headers": headers,
@@ -543,3 +619,18 @@ def answer_doc(c: Captured, lifted: Lifted, redact: Redaction | None = None) -> 
         "compared_truncated": lifted.truncated,
         "seconds": c.seconds,
     }
+    if c.trailers:
+        doc["trailers"] = _joined(c.trailers, redact)
+    return doc
+
+
+def _joined(headers: list[tuple[bytes, bytes]], redact: Redaction | None) -> dict[str, str]:
+    """Headers as `{name: values joined with ", "}`, lower-case names, minus redacted ones."""
+    out: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        if redact is not None and redact.removes(raw_name.lower()):
+            continue
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        out[name] = out[name] + ", " + value if name in out else value
+    return out

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from shadowlane.compare.diff import Lifted, answer_doc, diff, lift, values_of
+from shadowlane.compare.diff import Lifted, answer_doc, diff, lift, request_text, values_of
 from shadowlane.compare.model import CompareJob
 from shadowlane.compare.settings import DEFAULT_SETTINGS, CompareSettings
 from shadowlane.store import Batch, Divergence, Example, Store
@@ -78,6 +78,7 @@ def settings_of(job: CompareJob) -> CompareSettings:
 def identical_answers(job: CompareJob, s: CompareSettings) -> bool:
     """Same status, same body bytes, same headers apart from the ignored ones: a match.
 
+    Trailers count like headers: two gRPC answers with equal bodies may differ in grpc-status.
     Most compared answers in a migration are the same, and lifting both (JSON parsing,
     flattening, header paths) is what a comparison costs. Equal bytes lift to equal fields in
     every mode and under every ignore rule, so this is a shortcut, not an approximation. Only
@@ -91,19 +92,25 @@ def identical_answers(job: CompareJob, s: CompareSettings) -> bool:
     ignored = s.ignore_headers
     kept_p = [h for h in p.headers if h[0].decode("latin-1").lower() not in ignored]
     kept_c = [h for h in c.headers if h[0].decode("latin-1").lower() not in ignored]
-    return kept_p == kept_c
+    if kept_p != kept_c:
+        return False
+    if p.trailers or c.trailers:  # HTTP/2 answers only (gRPC's status is there)
+        kept_p = [h for h in p.trailers if h[0].decode("latin-1").lower() not in ignored]
+        kept_c = [h for h in c.trailers if h[0].decode("latin-1").lower() not in ignored]
+        return kept_p == kept_c
+    return True
 
 
 def evaluate(job: CompareJob, settings: CompareSettings | None = None) -> Outcome:
     """Lift the answers of one job, diff them, and classify the result. Pure; no I/O."""
     s = settings or settings_of(job)
-    primary = lift(job.primary, s)
-    candidate = lift(job.candidate, s)
+    primary = lift(job.primary, s, job.uri)
+    candidate = lift(job.candidate, s, job.uri)
     differing = diff(primary, candidate, s)
     noise: list[str] = []
     # A failed secondary (or primary) tells nothing about noise: treat it as absent.
     if job.secondary is not None and not job.secondary.failure and not job.primary.failure:
-        noise = diff(primary, lift(job.secondary, s), s)
+        noise = diff(primary, lift(job.secondary, s, job.uri), s)
     if not differing:
         result = "match"
     elif noise and set(differing) <= set(noise):
@@ -119,7 +126,7 @@ def make_example(job: CompareJob, out: Outcome, ts: float) -> Example:
     red = settings_of(job).redact
     values = values_of(out.primary, out.candidate, out.differing)
     uri = job.uri
-    request_body = job.request_body.decode("utf-8", "replace")
+    request_body = request_text(job.request_body, job.uri, out.primary)
     if red is not None:
         uri = red.target(uri.encode("latin-1")).decode("latin-1")
         request_body = red.json_text(request_body)

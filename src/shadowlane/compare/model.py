@@ -15,7 +15,8 @@ Headers = list[tuple[bytes, bytes]]
 
 @dataclass(slots=True)
 class Captured:
-    """One answer as captured: status, headers (lower-case names), body up to the cap."""
+    """One answer as captured: status, headers (lower-case names), body up to the cap, and the
+    trailers an HTTP/2 answer ends with (gRPC puts its status there)."""
 
     status: int
     headers: Headers
@@ -26,6 +27,9 @@ class Captured:
     seconds: float
     #: "" for a complete answer; else why there is none ("error", "timeout")
     failure: str = ""
+    #: trailing headers (HTTP/2 trailers: `grpc-status`, `grpc-message`), lower-case names, in
+    #: the order received; empty for HTTP/1.1 answers
+    trailers: Headers = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from shadowlane.compare.grpc import GrpcSchema
 from shadowlane.compare.paths import PathMatcher
 from shadowlane.compare.redact import Redaction
 from shadowlane.config import (
@@ -42,6 +43,9 @@ class CompareSettings:
     #: what is removed or masked in the examples kept in the store (the route's `record.redact`
     #: and the shadow's); comparing happens before, on the answers as captured
     redact: Redaction | None = None
+    #: the descriptor set that gives gRPC answers' fields their proto names (`compare.grpc` of
+    #: the shadow, else the route, else the global block); None: by field number
+    grpc: GrpcSchema | None = None
 
 
 DEFAULT_SETTINGS = CompareSettings()
@@ -59,6 +63,7 @@ def compile_settings(
     `compare_enabled` is used; a shadow that does not compare gets the defaults) or a
     `ShadowCompare` directly; `route_cfg` likewise a route or its `RouteCompare`. `redact`: the
     rules applied to stored examples (compiled with their secret by the recording's builder).
+    A `grpc` descriptor set is read here (raises ValueError when it no longer builds a pool).
     """
     if isinstance(shadow_cfg, ShadowConfig):
         shadow = shadow_cfg.compare_enabled or ShadowCompare()
@@ -71,6 +76,7 @@ def compile_settings(
     glob = compare_cfg or CompareConfig()
     ignore = [*glob.ignore, *route.ignore, *shadow.ignore]
     headers = frozenset(h.lower() for h in (*glob.ignore_headers, *shadow.ignore_headers))
+    grpc = shadow.grpc or route.grpc or glob.grpc
     return CompareSettings(
         mode=shadow.mode,
         ignore=PathMatcher(ignore, subtree=True),
@@ -79,4 +85,5 @@ def compile_settings(
         max_body=shadow.max_body,
         secondary=shadow.secondary,
         redact=redact if redact else None,
+        grpc=GrpcSchema.load(grpc.descriptor_set, tuple(grpc.services)) if grpc else None,
     )

@@ -12,9 +12,11 @@ from shadowlane.config.comparison import (
     DEFAULT_IGNORE_HEADERS,
     CompareConfig,
     CompareThresholds,
+    GrpcCompare,
     RouteCompare,
     ShadowCompare,
 )
+from shadowlane.config.descriptors import DescriptorSet, build_descriptor_set, read_descriptor_set
 from shadowlane.config.document import (
     AdminConfig,
     Config,
@@ -24,6 +26,14 @@ from shadowlane.config.document import (
 )
 from shadowlane.config.loading import ConfigError, load_config, parse_config
 from shadowlane.config.matching import MatchConfig, ShadowMatch
+from shadowlane.config.migrations import (
+    MigrationConfig,
+    MigrationVerify,
+    ReverseShadow,
+    StageConfig,
+    StageGates,
+    StageShadow,
+)
 from shadowlane.config.recording import RecordConfig, RedactConfig
 from shadowlane.config.routes import RouteConfig, WeightedBackend
 from shadowlane.config.shadows import HeaderMutation, PathRewrite, ShadowConfig
@@ -46,23 +56,32 @@ __all__ = [
     "CompareThresholds",
     "Config",
     "ConfigError",
+    "DescriptorSet",
     "Duration",
     "Endpoint",
+    "GrpcCompare",
     "HeaderMutation",
     "LimitsConfig",
     "MatchConfig",
+    "MigrationConfig",
+    "MigrationVerify",
     "OverloadConfig",
     "PathRewrite",
     "RecordConfig",
     "RedactConfig",
+    "ReverseShadow",
     "RouteCompare",
     "RouteConfig",
     "ShadowCompare",
     "ShadowConfig",
     "ShadowMatch",
     "Size",
+    "StageConfig",
+    "StageGates",
+    "StageShadow",
     "TlsConfig",
     "WeightedBackend",
+    "build_descriptor_set",
     "format_duration",
     "format_size",
     "load_config",
@@ -70,5 +89,6 @@ __all__ = [
     "parse_duration",
     "parse_host_port",
     "parse_size",
+    "read_descriptor_set",
     "summarize",
 ]

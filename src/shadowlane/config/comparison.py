@@ -9,6 +9,7 @@ the only copy of them: another layer that needs a default reads it from a model 
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Literal
 
@@ -19,9 +20,11 @@ from pydantic import (
     Field,
     PlainValidator,
     Tag,
+    model_validator,
 )
 
 from shadowlane.config.base import _Model, _none_to_empty
+from shadowlane.config.descriptors import read_descriptor_set
 from shadowlane.config.units import _TOKEN, Duration, Int, Size, Timeout, _positive
 
 _PATH_SEGMENT = re.compile(r"\*\*|[^.\[\]]+|\[(?:\*|\d+)\]")
@@ -55,9 +58,9 @@ def _check_field_path(value: str) -> str:
         pos = m.end()
         first = False
     root = re.split(r"[.\[]", text, maxsplit=1)[0]
-    if root not in ("status", "headers", "body", "**", "*"):
+    if root not in ("status", "headers", "trailers", "body", "**", "*"):
         raise ValueError(
-            f"bad field path {value!r}: must start with status, headers, body, * or **"
+            f"bad field path {value!r}: must start with status, headers, trailers, body, * or **"
         )
     return text
 
@@ -87,6 +90,38 @@ HeaderNames = Annotated[
 ]
 
 
+def _descriptor_file(value: str) -> str:
+    if not os.path.isfile(value):
+        raise ValueError(f"no such file: {value}")
+    return value
+
+
+class GrpcCompare(_Model, frozen=True):
+    """Proto names for gRPC answers (`compare.grpc`): a descriptor set and, optionally, which of
+    its services to decode with it. Without it gRPC messages are still compared, by field
+    number."""
+
+    #: `protoc --include_imports --descriptor_set_out=FILE`; relative to the working directory
+    descriptor_set: Annotated[str, AfterValidator(_descriptor_file)]
+    #: full service names (`pkg.Users`); empty = every service in the set
+    services: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _services_exist(self) -> GrpcCompare:
+        # a missing file is reported on its own key; the services are checked against its
+        # contents only when it could be read
+        if not os.path.isfile(self.descriptor_set):
+            return self
+        known = read_descriptor_set(self.descriptor_set).services
+        for name in self.services:
+            if name not in known:
+                raise ValueError(
+                    f"unknown service {name!r} in {self.descriptor_set} "
+                    f"(it has: {', '.join(known) or 'no services'})"
+                )
+        return self
+
+
 class ShadowCompare(_Model, frozen=True):
     """How one shadow's answers are compared with the primary's (`compare:` on a shadow)."""
 
@@ -103,6 +138,8 @@ class ShadowCompare(_Model, frozen=True):
     ignore_headers: HeaderNames = Field(default_factory=list)
     #: capture cap per answer; a longer body is cut and compared as far as captured
     max_body: Size = 1024**2
+    #: proto names for gRPC answers; replaces the route's and the global `grpc` for this shadow
+    grpc: GrpcCompare | None = None
 
 
 def _compare_flag(value: object) -> bool:
@@ -134,6 +171,8 @@ class RouteCompare(_Model, frozen=True):
     """Per-route comparison rules (`routes[].compare`), applied to every compared shadow."""
 
     ignore: FieldPaths = Field(default_factory=list)
+    #: proto names for gRPC answers of this route's shadows (unless a shadow names its own)
+    grpc: GrpcCompare | None = None
 
 
 #: Headers that differ between any two servers or any two answers of one server, so comparing
@@ -209,3 +248,5 @@ class CompareConfig(_Model, frozen=True):
     #: share of wall time (0..1] the comparator may spend comparing; it holds the GIL meanwhile,
     #: so this bounds what comparisons can take from the event loop (past it, jobs drop)
     cpu_share: Annotated[float, Field(gt=0, le=1)] = 0.25
+    #: proto names for gRPC answers on every route (unless a route or shadow names its own)
+    grpc: GrpcCompare | None = None

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator, mod
 from shadowlane.config.backends import BackendConfig
 from shadowlane.config.base import _Model, _none_to_empty
 from shadowlane.config.comparison import CompareConfig
+from shadowlane.config.migrations import MigrationConfig
 from shadowlane.config.routes import RouteConfig
 from shadowlane.config.units import Duration, Listen, Name, Size, Timeout, parse_host_port
 
@@ -94,6 +95,9 @@ class LimitsConfig(_Model, frozen=True):
     overload: Annotated[OverloadConfig, BeforeValidator(_none_to_empty(dict))] = Field(
         default_factory=OverloadConfig
     )
+    #: on SIGTERM (and for tunnels a reload leaves without a route), how long upgraded
+    #: connections may go on before they are closed: 5 s, Envoy's and Istio's drain default
+    tunnel_drain_timeout: Duration = 5.0
 
 
 def _readable_file(value: str) -> str:
@@ -139,6 +143,9 @@ class Config(_Model, frozen=True):
     routes: Annotated[list[RouteConfig], Field(min_length=1)]
     compare: Annotated[CompareConfig, BeforeValidator(_none_to_empty(dict))] = Field(
         default_factory=CompareConfig
+    )
+    migrations: Annotated[list[MigrationConfig], BeforeValidator(_none_to_empty(list))] = Field(
+        default_factory=list
     )
 
     @property

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from shadowlane.config.document import Config
+from shadowlane.config.migrations import check_migrations
 
 
 class ConfigError(Exception):
@@ -184,6 +185,7 @@ def _cross_check(cfg: Config) -> list[str]:
     listen, admin = cfg.listen_addr, cfg.admin.listen_addr
     if listen == admin and listen[1] != 0:
         errors.append(f"admin.listen: same address as listen ({cfg.listen})")
+    errors += check_migrations(cfg)
     return errors
 
 

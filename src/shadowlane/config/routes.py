@@ -9,14 +9,29 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from shadowlane.config.base import _Model, _none_to_empty
 from shadowlane.config.comparison import RouteCompare
 from shadowlane.config.matching import MatchConfig
 from shadowlane.config.recording import RecordConfig
 from shadowlane.config.shadows import ShadowConfig
-from shadowlane.config.units import Int, Name, Size
+from shadowlane.config.units import _TOKEN, Int, Name, Size, Timeout
+
+
+def _check_upgrades(value: list[str]) -> list[str]:
+    """Protocol names a route tunnels after a `101` (RFC 9110 7.8 tokens, lower-cased)."""
+    out: list[str] = []
+    for name in value:
+        name = name.strip().lower()
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"not a protocol name: {name!r}")
+        if name == "h2c":
+            raise ValueError("h2c is HTTP/2, not a tunnel: see listen_http2")
+        if name in out:
+            raise ValueError(f"{name!r} listed twice")
+        out.append(name)
+    return out
 
 
 class WeightedBackend(_Model, frozen=True):
@@ -42,6 +57,14 @@ class RouteConfig(_Model, frozen=True):
     compare: Annotated[RouteCompare | None, BeforeValidator(_none_to_empty(dict))] = None
     #: record this route's requests (and, with `answers`, the primary's answers)
     record: Annotated[RecordConfig | None, BeforeValidator(_none_to_empty(dict))] = None
+    #: protocols an `Upgrade` request may switch to on this route (a `101`, then a byte
+    #: tunnel); others are served as plain HTTP. WebSocket by default, as Traefik, Istio,
+    #: HAProxy and the Kubernetes nginx ingress do (docs/decisions.md)
+    upgrades: Annotated[
+        list[str], BeforeValidator(_none_to_empty(list)), AfterValidator(_check_upgrades)
+    ] = Field(default_factory=lambda: ["websocket"])
+    #: a tunnel with no byte either way for this long is closed (Envoy's stream idle timeout)
+    tunnel_idle_timeout: Timeout = 300.0
 
     @field_validator("backends")
     @classmethod

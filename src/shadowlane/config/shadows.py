@@ -184,6 +184,9 @@ class ShadowConfig(_Model, frozen=True):
     compare: ShadowCompareField = False
     #: record the copies sent to this shadow (and, with `answers`, its answers)
     record: Annotated[RecordConfig | None, BeforeValidator(_none_to_empty(dict))] = None
+    #: an `Upgrade` request (WebSocket) is never tunnelled to a shadow: `skip` counts it
+    #: `skipped_upgrade`; `handshake` sends the shadow the handshake alone and closes its `101`
+    upgrades: Literal["skip", "handshake"] = "skip"
 
     @model_validator(mode="before")
     @classmethod

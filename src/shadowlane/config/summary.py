@@ -10,6 +10,7 @@ from __future__ import annotations
 from shadowlane.config.document import Config, LimitsConfig
 from shadowlane.config.matching import MatchConfig, ShadowMatch
 from shadowlane.config.recording import RecordConfig
+from shadowlane.config.routes import RouteConfig
 from shadowlane.config.shadows import ShadowConfig
 from shadowlane.config.units import format_duration, format_size
 
@@ -92,6 +93,8 @@ def _describe_shadow(s: ShadowConfig) -> str:
         parts.append(f"queue {s.queue}")
     if s.max_body != defaults["max_body"].default:
         parts.append(f"body <= {format_size(s.max_body)}")
+    if s.upgrades != "skip":
+        parts.append(f"upgrades {s.upgrades}")
     opts = s.compare_enabled
     if opts is not None:
         how: list[str] = [opts.mode]
@@ -99,6 +102,8 @@ def _describe_shadow(s: ShadowConfig) -> str:
             how.append(f"noise from {opts.secondary}")
         if opts.ignore:
             how.append(f"{len(opts.ignore)} ignore rules")
+        if opts.grpc is not None:
+            how.append(f"gRPC fields named by {opts.grpc.descriptor_set}")
         parts.append("compare " + ", ".join(how))
     line = f"shadow -> {s.backend}  " + ", ".join(parts)
     if s.record is not None:
@@ -179,5 +184,38 @@ def summarize(cfg: Config) -> str:
             lines.append(f"    body <= {format_size(route.max_body)}")
         if route.record is not None:
             lines.append(f"    {_describe_record(route.record)}")
+        idle = route.tunnel_idle_timeout
+        if (
+            route.upgrades != ["websocket"]
+            or idle != RouteConfig.model_fields["tunnel_idle_timeout"].default
+        ):
+            tunnels = ", ".join(route.upgrades) if route.upgrades else "off (served plain)"
+            if route.upgrades:
+                tunnels += f", idle {format_duration(idle)}"
+            lines.append(f"    upgrades {tunnels}")
         lines.extend(f"    {_describe_shadow(s)}" for s in route.shadows)
+    if cfg.migrations:
+        lines.append(f"migrations ({len(cfg.migrations)})")
+    for mig in cfg.migrations:
+        how = "auto" if mig.auto else "manual"
+        lines.append(
+            f"  {mig.name}: {mig.old} -> {mig.new} ({how}, every {format_duration(mig.interval)})"
+        )
+        for stage in mig.stages:
+            if stage.weights is not None:
+                what = "flip " + " ".join(f"{w}%" for w in stage.weights)
+            elif stage.shadow is not None:
+                what = f"shadow {', '.join(stage.shadow.routes)} at {stage.shadow.percent:g}%"
+            else:
+                what = "hold"
+            gates = [
+                k
+                for k, v in stage.gates.model_dump().items()
+                if v not in (None, False, 0, 0.0, []) and k != "min_requests"
+            ]
+            lines.append(f"    {stage.name}: {what}; gates: {', '.join(gates) or 'none'}")
+        if mig.reverse_shadow is not None:
+            lines.append(
+                f"    then reverse shadowing for {format_duration(mig.reverse_shadow.window)}"
+            )
     return "\n".join(lines)

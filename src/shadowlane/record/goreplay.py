@@ -58,7 +58,7 @@ class FormatError(ValueError):
 
 def encode(p: Payload) -> bytes:
     """The bytes of one record, separator included."""
-    if SEPARATOR in p.data:
+    if p.data.find(SEPARATOR) >= 0:
         raise FormatError("message contains the payload separator; it cannot be recorded")
     if not p.id or any(c in p.id for c in " \n"):
         raise FormatError(f"bad payload id {p.id!r}")

@@ -37,8 +37,7 @@ __all__ = [
     "answer_message",
     "build_redaction",
     "load_secret",
-    "redact_copy_head",
-    "request_message",
+    "redact_head",
 ]
 
 KEY_FILE = ".shadowlane-redact.key"
@@ -139,26 +138,6 @@ def _head(
     return b"".join(parts)
 
 
-def request_message(
-    method: str,
-    target: bytes,
-    http_version: str,
-    headers: Headers,
-    body: bytes,
-    red: Redaction | None,
-) -> bytes:
-    """The client's request as recorded: its head as received (names lower-case, as the wire
-    keeps them), the body de-chunked and framed by Content-Length (a chunked request is
-    recorded with its whole body and no Transfer-Encoding), redacted."""
-    if red is not None:
-        headers = red.header_list(headers)
-        target = red.target(target)
-        body = redact_body(red, body, headers)
-    framed = bool(body) or any(name in _FRAMING for name, _ in headers)
-    start = b"%s %s HTTP/%s\r\n" % (method.encode("latin-1"), target, http_version.encode())
-    return _head(start, headers, len(body), framed) + body
-
-
 def _parse_head(head: bytes) -> tuple[bytes, Headers]:
     lines = head.split(b"\r\n")
     headers: Headers = []
@@ -170,8 +149,10 @@ def _parse_head(head: bytes) -> tuple[bytes, Headers]:
     return lines[0], headers
 
 
-def redact_copy_head(head: bytes, body: bytes, red: Redaction | None) -> bytes:
-    """A shadow copy as recorded: the head it was sent with and its body, redacted."""
+def redact_head(head: bytes, body: bytes, red: Redaction | None) -> bytes:
+    """A request as recorded: the head it was sent upstream with (to the primary, or to a
+    shadow for a copy) and its body, redacted; framed by Content-Length (a chunked request
+    is recorded with its whole body and no Transfer-Encoding)."""
     if red is None:
         return head + body
     start, headers = _parse_head(head)

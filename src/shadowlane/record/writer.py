@@ -5,7 +5,7 @@ wake-up per record either (a `queue.Queue` put notifies the waiting thread every
 thousands of records a second those wake-ups and GIL hand-overs cost the loop more than the
 records, as the comparator found, compare/engine.py). Each `Recorder` holds a deque the loop
 appends to; this thread looks every `poll_interval`, takes what is there, and does all the work:
-serialising the request head, redaction, GoReplay encoding, gzip, the writes and the index.
+redaction, GoReplay encoding, gzip, the writes and the index.
 Without redaction, a pass takes each recorder's records in one compiled slice (`take_encoded`),
 compresses and writes them in one call each: the fewer times the writer takes the GIL, the less
 the two threads pay in futex waits and context switches. With redaction (interpreted, slower)
@@ -55,7 +55,7 @@ from shadowlane.record.recorder import (
     payload_id,
     take_encoded,
 )
-from shadowlane.record.redact import answer_message, redact_copy_head, request_message
+from shadowlane.record.redact import answer_message, redact_head
 
 log = logging.getLogger("shadowlane.record")
 
@@ -480,14 +480,8 @@ class RecordWriter:
         red = s.redaction
         if red is None:
             return encode_item(item)  # compiled, one join
-        req = item.request
-        if req is not None:
-            data = request_message(req.method, req.target, req.http_version, req.headers,
-                                   item.body, red)  # fmt: skip
-            head_request = req.method == "HEAD"
-        else:
-            data = redact_copy_head(item.head, item.body, red)
-            head_request = item.head.startswith(b"HEAD ")
+        data = redact_head(item.head, item.body, red)
+        head_request = item.head.startswith(b"HEAD ")
         pid = payload_id(item.request_id)
         out = encode(Payload(REQUEST, pid, item.ts_ns, 0, data))
         ans = item.answer

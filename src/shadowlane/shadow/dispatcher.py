@@ -20,10 +20,18 @@ from shadowlane.config import BackendConfig, Config, ShadowConfig
 from shadowlane.record.recorder import Recorder
 from shadowlane.routing import Route
 from shadowlane.shadow.join import PrimaryCapture, Submit
-from shadowlane.shadow.lane import ShadowLane
+from shadowlane.shadow.lane import ShadowCopy, ShadowLane
 from shadowlane.shadow.mutation import MARKER, CopyBuilder
 from shadowlane.shadow.ordering import OrderScope
-from shadowlane.shadow.outcomes import SAMPLED_OUT, SHED, SKIPPED_LOOP
+from shadowlane.shadow.outcomes import (
+    DROPPED,
+    SAMPLED_OUT,
+    SENT,
+    SHED,
+    SKIPPED_LOOP,
+    SKIPPED_UPGRADE,
+    Outcome,
+)
 from shadowlane.shadow.plan import LanePlan, RouteShadows
 from shadowlane.shadow.ticket import ShadowTicket
 from shadowlane.shadow.writes import ANSWER_LIMIT, Record, WritePlan
@@ -205,6 +213,45 @@ class ShadowDispatcher:
         metrics = self.metrics
         for p in shadows.lanes:
             metrics.shadow_outcome(shadows.route, p.lane.target, SHED)
+
+    def begin_upgrade(
+        self, shadows: RouteShadows, request: Request, headers: Headers
+    ) -> dict[str, str]:
+        """An upgrade request (WebSocket) the route tunnels: a tunnel is never shadowed (its
+        bytes after the `101` have no request/answer shape to copy or compare), so each shadow
+        counts it `skipped_upgrade`, except one with `upgrades: handshake`, which is sent the
+        handshake alone (`headers` keep Connection and Upgrade), sampled like any copy; its
+        `101` ends the copy and the connection. Returns target -> outcome for the access log.
+        Never waits, as `begin`."""
+        metrics = self.metrics
+        route = shadows.route
+        looped = any(name == MARKER for name, _ in request.headers)
+        outcomes: dict[str, str] = {}
+        for p in shadows.lanes:
+            lane = p.lane
+            outcome: Outcome
+            if looped:
+                outcome = SKIPPED_LOOP
+            elif p.cfg.upgrades != "handshake":
+                outcome = SKIPPED_UPGRADE
+            elif p.match is not None and not p.match(request):
+                continue
+            elif lane.paused or not p.sampler.sampled(request):
+                outcome = SAMPLED_OUT
+            elif lane.breaker.is_open():
+                lane.fail_open()  # counted there
+                outcomes[lane.target] = DROPPED
+                continue
+            else:
+                endpoint = lane.pool.pick()
+                head = p.builder.head(request, headers, 0, endpoint.authority)
+                copy = ShadowCopy(lane, request.method, head, b"", None, endpoint)
+                # the lane counts `sent`, and `dropped` when it cannot take the copy
+                outcomes[lane.target] = SENT if lane.submit(copy) else DROPPED
+                continue
+            metrics.shadow_outcome(route, lane.target, outcome)
+            outcomes[lane.target] = outcome
+        return outcomes
 
     async def drain(self, seconds: float) -> None:
         if not self.lanes:

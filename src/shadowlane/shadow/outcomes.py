@@ -24,6 +24,9 @@ SKIPPED_LOOP: Final = "skipped_loop"
 SKIPPED_STATUS: Final = "skipped_status"
 #: not sent: the copy is built from the primary's answer (ids), and that answer is unusable
 SKIPPED_ANSWER: Final = "skipped_answer"
+#: not sent: an `Upgrade` request (WebSocket) is never tunnelled to a shadow, and this shadow
+#: does not take the handshake alone (`upgrades: handshake`)
+SKIPPED_UPGRADE: Final = "skipped_upgrade"
 #: not copied: the overload manager sheds shadow work (memory or in-flight watermark passed)
 SHED: Final = "shed"
 
@@ -39,6 +42,7 @@ Outcome = Literal[
     "skipped_loop",
     "skipped_status",
     "skipped_answer",
+    "skipped_upgrade",
     "shed",
 ]
 
@@ -56,6 +60,7 @@ SHADOW_OUTCOMES: Final[tuple[Outcome, ...]] = (
     SKIPPED_LOOP,
     SKIPPED_STATUS,
     SKIPPED_ANSWER,
+    SKIPPED_UPGRADE,
     SHED,
 )
 

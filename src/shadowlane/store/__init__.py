@@ -29,6 +29,7 @@ from shadowlane.store.ledger import (
     LedgerQueries,
     LedgerRow,
 )
+from shadowlane.store.state import AuditRecord, StateRow
 
 if TYPE_CHECKING:
     from shadowlane.config import CompareConfig
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SCHEMA_VERSION",
     "SCOPE_KEY",
+    "AuditRecord",
     "Batch",
     "Divergence",
     "Example",
@@ -44,6 +46,7 @@ __all__ = [
     "LedgerCountRow",
     "LedgerQueries",
     "LedgerRow",
+    "StateRow",
     "Store",
     "StoreOptions",
     "TotalsRow",

@@ -39,14 +39,15 @@ import orjson
 
 from shadowlane.store.batch import Batch, Example
 from shadowlane.store.ledger import SCOPE_KEY, Divergence, LedgerCountRow, LedgerRow
+from shadowlane.store.state import AuditRecord, StateRow, state_schema
 
 log = logging.getLogger("shadowlane.store")
 
 #: bumped when the schema changes; stored in shadowlane_meta (`schema`). Every change so far
 #: only added tables (`CREATE ... IF NOT EXISTS`), so opening an older store upgrades it in
 #: place and an older shadowlane still reads a newer one (it ignores the tables it does not
-#: know). 1: comparisons; 2: + the divergence ledger.
-SCHEMA_VERSION = 2
+#: know). 1: comparisons; 2: + the divergence ledger; 3: + shared state, audit log, leases.
+SCHEMA_VERSION = 3
 
 #: keys per statement of `resolve_keys` (an IN list; SQLite allows 32766 parameters)
 RESOLVE_CHUNK = 500
@@ -202,6 +203,38 @@ class Store(ABC):
         """The distinct labels still suspect (an open (entry, key) row), sorted; at most
         `limit` of them when given."""
 
+    # -- shared state (schema 3; any thread, blocking: call it off the event loop; a
+    # store without it, like a test's wrapper, refuses) ---
+
+    def read_states(self, prefix: str = "") -> list[StateRow]:
+        """Every shared document whose name starts with `prefix`."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared state")
+
+    def state_versions(self, prefix: str = "") -> dict[str, int]:
+        """name -> version of the shared documents under `prefix` (the cheap poll)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared state")
+
+    def write_state(self, name: str, data: str, expect: int | None = None) -> int | None:
+        """Write a document; its new version, or None when `expect` (the version the writer
+        read; 0 for "must not exist yet") is not the stored one any more."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared state")
+
+    def append_audit(self, record: AuditRecord) -> int:
+        """Add one audit record; its id."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared state")
+
+    def audit(self, migration: str | None = None, limit: int = 100) -> list[AuditRecord]:
+        """Audit records, newest first, optionally of one migration."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared state")
+
+    def acquire_lease(self, name: str, holder: str, ttl: float, now: float | None = None) -> bool:
+        """Take or renew the lease `name` for `holder` until now + `ttl`; True when held."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared state")
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up if `holder` has it (a clean stop hands over at once)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared state")
+
     @abstractmethod
     def clear(self) -> None:
         """Forget every comparison result (a new migration attempt starts from zero). The
@@ -268,6 +301,7 @@ def schema(id_column: str) -> list[str]:
         "CREATE INDEX IF NOT EXISTS shadowlane_examples_route "
         "ON shadowlane_examples (route, target, ts)",
         *ledger_schema(id_column),
+        *state_schema(id_column),
     ]
 
 
@@ -641,6 +675,128 @@ class SqlStore(Store):
 
         with self._write_lock:
             return int(self._with_retries("writer", work) or 0)
+
+    # -- shared state ----------------------------------------------------------------------------
+
+    def read_states(self, prefix: str = "") -> list[StateRow]:
+        rows = self._read(
+            "SELECT name, version, data, updated FROM shadowlane_state WHERE name LIKE ? "
+            "ORDER BY name",
+            (prefix + "%",),
+        )
+        return [StateRow(n, int(v), _text(d), float(u)) for n, v, d, u in rows]
+
+    def state_versions(self, prefix: str = "") -> dict[str, int]:
+        rows = self._read(
+            "SELECT name, version FROM shadowlane_state WHERE name LIKE ?", (prefix + "%",)
+        )
+        return {n: int(v) for n, v in rows}
+
+    def write_state(self, name: str, data: str, expect: int | None = None) -> int | None:
+        now = time.time()
+
+        def work(cur: Cursor) -> int | None:
+            if expect == 0:
+                cur.execute(
+                    self._q(
+                        "INSERT INTO shadowlane_state (name, version, data, updated) "
+                        "VALUES (?, 1, ?, ?) ON CONFLICT (name) DO NOTHING RETURNING version"
+                    ),
+                    (name, data, now),
+                )
+            elif expect is None:
+                cur.execute(
+                    self._q(
+                        "INSERT INTO shadowlane_state (name, version, data, updated) "
+                        "VALUES (?, 1, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                        "version = shadowlane_state.version + 1, data = excluded.data, "
+                        "updated = excluded.updated RETURNING version"
+                    ),
+                    (name, data, now),
+                )
+            else:
+                cur.execute(
+                    self._q(
+                        "UPDATE shadowlane_state SET version = version + 1, data = ?, "
+                        "updated = ? WHERE name = ? AND version = ? RETURNING version"
+                    ),
+                    (data, now, name, expect),
+                )
+            row = cur.fetchone()
+            return None if row is None else int(row[0])
+
+        with self._write_lock:
+            result = self._with_retries("writer", work)
+        return None if result is None else int(result)
+
+    def append_audit(self, record: AuditRecord) -> int:
+        def work(cur: Cursor) -> int:
+            cur.execute(
+                self._q(
+                    "INSERT INTO shadowlane_audit (ts, migration, from_stage, to_stage, actor, "
+                    "action, reason, gates) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"
+                ),
+                (
+                    record.ts,
+                    _clean(record.migration),
+                    _clean(record.from_stage),
+                    _clean(record.to_stage),
+                    _clean(record.actor),
+                    _clean(record.action),
+                    _clean(record.reason),
+                    orjson.dumps(list(record.gates)).decode(),
+                ),
+            )
+            return int(cur.fetchone()[0])
+
+        with self._write_lock:
+            return int(self._with_retries("writer", work))
+
+    def audit(self, migration: str | None = None, limit: int = 100) -> list[AuditRecord]:
+        where, params = ("", []) if migration is None else (" WHERE migration = ?", [migration])
+        rows = self._read(
+            "SELECT id, ts, migration, from_stage, to_stage, actor, action, reason, gates "
+            f"FROM shadowlane_audit{where} ORDER BY ts DESC, id DESC LIMIT ?",
+            (*params, max(0, int(limit))),
+        )
+        return [
+            AuditRecord(
+                float(ts), m, f, t, actor, action, reason, tuple(orjson.loads(_text(g))), int(i)
+            )
+            for i, ts, m, f, t, actor, action, reason, g in rows
+        ]
+
+    def acquire_lease(self, name: str, holder: str, ttl: float, now: float | None = None) -> bool:
+        when = time.time() if now is None else now
+
+        def work(cur: Cursor) -> bool:
+            # one statement: taken when free, expired, or ours already; the row lock orders
+            # two instances racing for it
+            cur.execute(
+                self._q(
+                    "INSERT INTO shadowlane_lease (name, holder, expires) VALUES (?, ?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+                    "expires = excluded.expires "
+                    "WHERE shadowlane_lease.holder = excluded.holder "
+                    "OR shadowlane_lease.expires < ? RETURNING holder"
+                ),
+                (name, holder, when + ttl, when),
+            )
+            row = cur.fetchone()
+            return row is not None and row[0] == holder
+
+        with self._write_lock:
+            return bool(self._with_retries("writer", work))
+
+    def release_lease(self, name: str, holder: str) -> None:
+        def work(cur: Cursor) -> None:
+            cur.execute(
+                self._q("DELETE FROM shadowlane_lease WHERE name = ? AND holder = ?"),
+                (name, holder),
+            )
+
+        with self._write_lock:
+            self._with_retries("writer", work)
 
     # -- queries -------------------------------------------------------------------------------
 

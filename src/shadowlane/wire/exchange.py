@@ -67,6 +67,7 @@ class Exchange:
         "response_done",
         "response_started",
         "status",
+        "upgrade",
     )
 
     def __init__(self, conn: Connection, request: Request) -> None:
@@ -86,6 +87,9 @@ class Exchange:
         self._chunked_out = False
         self._pending = b""
         self.status = 0
+        #: the `Upgrade` header's value (lower-cased) when the parser saw a complete upgrade
+        #: request (`Upgrade` named in `Connection`, no body); b"" for every other request
+        self.upgrade = b""
         #: called with no argument when the client connection is lost mid-exchange
         self.on_abort: Callable[[], None] | None = None
         #: called with True/False when the client's write buffer fills/drains
@@ -283,4 +287,10 @@ class Connection(asyncio.Protocol):
         raise NotImplementedError
 
     def _exchange_done(self, ex: Exchange) -> None:
+        raise NotImplementedError
+
+    def take_over(self) -> tuple[asyncio.Transport, bytes] | None:
+        """Hand the client connection over (after a `101`): the transport, and the bytes the
+        client sent after its upgrade request. The connection forgets it; None when it is
+        already closed."""
         raise NotImplementedError

@@ -17,6 +17,11 @@ Shaped like uvicorn's `httptools_impl`, with three differences that matter for a
   and a minimum body rate (a slow upload gets 408 and is closed). Each is counted through the
   listener's `on_limit` hook, so this module needs no metrics.
 
+An upgrade request (llhttp stops at its head) is dispatched with `Exchange.upgrade` set and
+reading paused; the application either tunnels it after a `101`, taking the transport over
+(`take_over`, see `wire.tunnel`), or serves it as a plain request, after which the connection
+closes. Ordinary requests pay nothing for it: the parser raises only for an upgrade.
+
 Whether a head is acceptable and how its body is framed is decided by the pure
 `wire.request_head.decide_head`; this module only collects the head from the parser's
 callbacks and acts on the verdict. The application receives an `Exchange` (`wire.exchange`) and
@@ -60,6 +65,7 @@ __all__ = [
 _LINGER_RST = struct.pack("ii", 1, 0)
 _BAD_REQUEST: Final = Rejection(400, "bad request")
 _HEADER_TIMEOUT: Final = Rejection(408, "request header timeout")
+_UPGRADE_WITH_BODY: Final = Rejection(400, "an Upgrade request with a body is not supported")
 _BODY_TIMEOUT: Final = Rejection(408, "request body too slow")
 
 #: how often the sweep runs (timeouts, body rate, overload sampling)
@@ -242,6 +248,8 @@ class ServerConnection(Connection):
         self._error: Rejection | None = None
         #: the answered exchange whose unread body is being read and dropped
         self._discarding: Exchange | None = None
+        #: the bytes that followed an upgrade request's head, kept for its tunnel
+        self._upgrade_data = b""
         self.deadline = _INF
         #: requests this connection may still start; at 0 the last one closes it (-1: no limit)
         self._requests_left = state.limits.max_requests_per_connection or -1
@@ -299,10 +307,10 @@ class ServerConnection(Connection):
         was_in_head = self._in_head
         try:
             self._feed(data)
-        except httptools.HttpParserUpgrade:
-            # Upgrade is not supported: the request is served as a plain request (Upgrade is a
-            # hop-by-hop header and is stripped), then the connection is closed.
-            self._ready_close_after_upgrade()
+        except httptools.HttpParserUpgrade as exc:
+            # the bytes after this head are another protocol's (or a body llhttp leaves unread)
+            if self._upgrade_requested(data, int(exc.args[0]) if exc.args else len(data)):
+                return
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__ or exc.__cause__
             self._fail(cause.rejection if isinstance(cause, BadRequest) else _BAD_REQUEST)
@@ -519,11 +527,43 @@ class ServerConnection(Connection):
         )
         self.close()
 
-    def _ready_close_after_upgrade(self) -> None:
-        for ex in self._ready:
-            ex.request.keep_alive = False
-        if self._parsing is not None:
-            self._parsing.request.keep_alive = False
+    def _upgrade_requested(self, data: bytes, offset: int) -> bool:
+        """llhttp stopped after an upgrade request's head. The request (the last one parsed)
+        is dispatched with `Exchange.upgrade` set: the application tunnels it after a `101`
+        (`take_over`), or serves it as a plain request, after which the connection closes, as
+        the bytes that follow are not HTTP/1.1. Reading stops here until one or the other;
+        what came after the head in this segment is kept for the tunnel. True when the request
+        was refused instead: llhttp does not read an upgrade request's body, so one that
+        announces a body cannot be forwarded as sent."""
+        self.pause_reading_for("upgrade")
+        ex = self._ready[-1] if self._ready else None
+        if ex is None or ex.has_body:
+            if ex is not None:
+                self._ready.pop()
+            self._fail(_UPGRADE_WITH_BODY)
+            return True
+        # requests pipelined before it are served as usual; the connection ends with it
+        ex.request.keep_alive = False
+        value = b""
+        for name, v in ex.request.headers:
+            if name == b"upgrade":
+                value = v.strip().lower()
+                break
+        ex.upgrade = value or b"?"
+        self._upgrade_data = data[offset:]
+        return False
+
+    def take_over(self) -> tuple[asyncio.Transport, bytes] | None:
+        transport = self.transport
+        if transport is None or self._closed:
+            return None
+        self._closed = True  # nothing of this protocol writes, closes or times out any more
+        self._active = None
+        self._queue.clear()
+        self.deadline = _INF
+        self.state.connections.discard(self)
+        early, self._upgrade_data = self._upgrade_data, b""
+        return transport, early
 
     def on_deadline(self) -> None:
         if self._active is not None or self._closed:

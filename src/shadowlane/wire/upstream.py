@@ -222,6 +222,15 @@ class UpstreamConnection(asyncio.Protocol):
             self._phase = ReadPhase.HEAD
         try:
             self._feed(data)
+        except httptools.HttpParserUpgrade:
+            # after a `101` the bytes are another protocol's: only a shadow's handshake copy
+            # gets one here (its answer ended with the head), and the connection is done
+            sink = self._sink
+            self._sink = None
+            self.close()
+            if sink is not None and self._phase != ReadPhase.DONE:
+                sink.on_upstream_error(UpstreamError("protocol", "unexpected upgrade"), False)
+            return
         except httptools.HttpParserError as exc:
             sink = self._sink
             self._sink = None
@@ -251,6 +260,9 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:
+            if status == 101:
+                self._switched()
+                return
             # 1xx interim answers (we never forward Expect) are skipped
             self._headers = []
             self._reason = b""
@@ -271,6 +283,17 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_response_head(status, self._reason or b"OK", self._headers, content_length)
         if self._head_request:
             self._finish_response()
+
+    def _switched(self) -> None:
+        """`101 Switching Protocols` (only a shadow's handshake copy asks for one): a final
+        answer without a body, after which the connection speaks another protocol, so it is
+        never reused (`_until_close` makes `_finish_response` close it)."""
+        self._status = 101
+        self._phase = ReadPhase.BODY
+        self._until_close = True
+        sink = self._sink
+        if sink is not None:
+            sink.on_response_head(101, self._reason or b"Switching Protocols", self._headers, None)
 
     def on_body(self, body: bytes) -> None:
         if self._sink is not None and self._phase != ReadPhase.DONE:

@@ -182,7 +182,8 @@
     }
   }
 
-  // One side of an example as the document the paths refer to: {status, headers, body}.
+  // One side of an example as the document the paths refer to: {status, headers, trailers,
+  // body}.
   function liftAnswer(answer) {
     const doc = {};
     if (!answer || typeof answer !== "object") return doc;
@@ -201,6 +202,8 @@
     } else if (headers && typeof headers === "object") {
       doc.headers = headers;
     }
+    // HTTP/2 (gRPC) answers: trailers beside the headers, as the comparison lifts them
+    if (answer.trailers && typeof answer.trailers === "object") doc.trailers = answer.trailers;
     if (answer.body !== undefined && answer.body !== null) doc.body = parseBody(answer.body);
     return doc;
   }

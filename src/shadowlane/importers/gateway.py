@@ -1,0 +1,297 @@
+"""Kubernetes Gateway API `HTTPRoute` (v1, v1beta1) -> routes.
+
+What maps: `hostnames` (one route per host), `rules[].matches` (OR: one route each; path
+Exact / PathPrefix / RegularExpression, method, headers and query params of type Exact),
+`backendRefs` with weights (a weighted split), and `RequestMirror` filters (several per rule;
+`percent` or `fraction`) as shadows. Header modifiers and `URLRewrite` change what the peer
+sends upstream, and Envoy-based gateways mirror the request after those changes: shadowlane
+applies them to the shadow copies and warns that the primary request is forwarded unchanged.
+
+Peer semantics kept: a mirror goes to a single endpoint of its backendRef ("irrespective of
+how many endpoints are present", says the spec), so a shadow backend gets the first endpoint
+only; PathPrefix matches whole path segments, so it becomes a regex; routes are ordered by
+Gateway API precedence (exact path, longest prefix, method, most headers, most query params),
+not by file order, because shadowlane's first match wins.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from shadowlane.importers.model import (
+    Doc,
+    Translation,
+    as_dict,
+    as_list,
+    leftover,
+    name_of,
+    namespace_of,
+    no_traffic,
+    object_name,
+    percent_of,
+    segment_prefix_match,
+)
+from shadowlane.importers.services import ServiceMap
+
+KINDS = frozenset({"HTTPRoute", "GRPCRoute"})
+
+_MATCH_KEYS = frozenset({"path", "method", "headers", "queryParams"})
+_RULE_KEYS = frozenset({"name", "matches", "filters", "backendRefs"})
+_SPEC_KEYS = frozenset({"parentRefs", "hostnames", "rules"})
+
+
+def _ref_target(
+    tr: Translation, services: ServiceMap, ref: dict[str, Any], ns: str, obj: str, path: str
+) -> tuple[str, list[str], str] | None:
+    kind = ref.get("kind", "Service")
+    if kind != "Service" or ref.get("group", "") not in ("", "core"):
+        tr.note(obj, f"{path}.kind", f"only Service references are translated, not {kind!r}")
+        return None
+    name = str(ref.get("name", ""))
+    if not name:
+        tr.note(obj, f"{path}.name", "missing")
+        return None
+    port = ref.get("port")
+    namespace = str(ref.get("namespace", ns))
+    resolved = services.service(name, namespace, int(port) if isinstance(port, int) else None)
+    label = f"{name}.{namespace}" + (f"-{port}" if port is not None else "")
+    return label, resolved.endpoints, resolved.how
+
+
+def _headers_filter(
+    tr: Translation, spec: dict[str, Any], obj: str, path: str
+) -> tuple[dict[str, str], list[str]]:
+    set_: dict[str, str] = {}
+    for i, item in enumerate(as_list(spec.get("set")) + as_list(spec.get("add"))):
+        item = as_dict(item)
+        if "name" in item:
+            set_[str(item["name"]).lower()] = str(item.get("value", ""))
+        else:
+            tr.note(obj, f"{path}[{i}]", "header without a name")
+    if spec.get("add"):
+        tr.note(obj, f"{path}.add", "added as set on the shadow copy (a copy holds one value)")
+    remove = [str(n).lower() for n in as_list(spec.get("remove"))]
+    return set_, remove
+
+
+def _precedence(match: dict[str, Any]) -> tuple[int, int, int, int, int]:
+    """Gateway API's order of rules: smaller sorts first."""
+    path = as_dict(match.get("path"))
+    ptype = path.get("type", "PathPrefix")
+    value = str(path.get("value", "/"))
+    exact = 0 if ptype == "Exact" else 1
+    return (
+        exact,
+        -len(value),
+        0 if match.get("method") else 1,
+        -len(as_list(match.get("headers"))),
+        -len(as_list(match.get("queryParams"))),
+    )
+
+
+def _match(tr: Translation, match: dict[str, Any], obj: str, path: str) -> dict[str, Any] | None:
+    out: dict[str, Any] = {}
+    leftover(tr, obj, path, match, _MATCH_KEYS)
+    p = as_dict(match.get("path"))
+    if p:
+        ptype = p.get("type", "PathPrefix")
+        value = str(p.get("value", "/"))
+        if ptype == "Exact":
+            out["path"] = value
+        elif ptype == "PathPrefix":
+            out.update(segment_prefix_match(value))
+        elif ptype == "RegularExpression":
+            # the spec leaves the regex dialect to the implementation; Envoy's is a full match
+            out["path_regex"] = f"^(?:{value})$"
+        else:
+            tr.note(obj, f"{path}.path.type", f"unknown path match type {ptype!r}")
+            return None
+    if match.get("method"):
+        out["methods"] = [str(match["method"]).upper()]
+    for key, native in (("headers", "headers"), ("queryParams", "query")):
+        exact: dict[str, str] = {}
+        for i, h in enumerate(as_list(match.get(key))):
+            h = as_dict(h)
+            if h.get("type", "Exact") != "Exact":
+                tr.note(
+                    obj,
+                    f"{path}.{key}[{i}].type",
+                    f"{h.get('type')} is not translated (exact matches only); the route "
+                    "matches without this condition",
+                )
+                continue
+            name = str(h.get("name", ""))
+            exact[name.lower() if key == "headers" else name] = str(h.get("value", ""))
+        if exact:
+            out[native] = exact
+    return out
+
+
+def _translate_route(
+    tr: Translation, services: ServiceMap, doc: Doc, drafts: list[tuple[Any, dict[str, Any]]]
+) -> None:
+    obj = object_name(doc)
+    ns = namespace_of(doc)
+    spec = as_dict(doc.get("spec"))
+    leftover(tr, obj, "spec", spec, _SPEC_KEYS)
+    hosts: list[str | None] = [str(h) for h in as_list(spec.get("hostnames"))] or [None]
+    for r, rule in enumerate(as_list(spec.get("rules"))):
+        rule = as_dict(rule)
+        rpath = f"spec.rules[{r}]"
+        leftover(tr, obj, rpath, rule, _RULE_KEYS)
+        legs: list[dict[str, Any]] = []
+        for b, ref in enumerate(as_list(rule.get("backendRefs"))):
+            ref = as_dict(ref)
+            bpath = f"{rpath}.backendRefs[{b}]"
+            leftover(tr, obj, bpath, ref, {"name", "namespace", "port", "weight", "kind", "group"})
+            got = _ref_target(tr, services, ref, ns, obj, bpath)
+            if got is None:
+                continue
+            label, endpoints, how = got
+            name = tr.backend(label, endpoints, f"{obj} {bpath} ({how})")
+            legs.append({"backend": name, "weight": int(ref.get("weight", 1))})
+        if no_traffic(tr, obj, f"{rpath}.backendRefs", legs):
+            continue
+        shadows: list[dict[str, Any]] = []
+        comments: list[str] = []
+        shadow_set: dict[str, str] = {}
+        shadow_remove: list[str] = []
+        rewrite: dict[str, str] | None = None
+        shadow_host: str | None = None
+        for f, flt in enumerate(as_list(rule.get("filters"))):
+            flt = as_dict(flt)
+            fpath = f"{rpath}.filters[{f}]"
+            ftype = flt.get("type")
+            if ftype == "RequestMirror":
+                mirror = as_dict(flt.get("requestMirror"))
+                got = _ref_target(
+                    tr,
+                    services,
+                    as_dict(mirror.get("backendRef")),
+                    ns,
+                    obj,
+                    f"{fpath}.requestMirror.backendRef",
+                )
+                if got is None:
+                    continue
+                label, endpoints, how = got
+                if len(endpoints) > 1:
+                    comments.append(
+                        f"Gateway API mirrors to a single endpoint of {label}: "
+                        f"{endpoints[0]} of {len(endpoints)}"
+                    )
+                name = tr.backend(f"{label}-mirror", endpoints[:1], f"{obj} {fpath} ({how})")
+                if "fraction" in mirror:
+                    frac = as_dict(mirror["fraction"])
+                    percent = percent_of(frac.get("numerator", 0), frac.get("denominator", 100))
+                else:
+                    percent = percent_of(mirror.get("percent", 100))
+                shadows.append({"backend": name, "percent": percent})
+            elif ftype == "RequestHeaderModifier":
+                s, rm = _headers_filter(
+                    tr,
+                    as_dict(flt.get("requestHeaderModifier")),
+                    obj,
+                    f"{fpath}.requestHeaderModifier",
+                )
+                shadow_set.update(s)
+                shadow_remove.extend(rm)
+                tr.note(
+                    obj,
+                    fpath,
+                    "RequestHeaderModifier applies to the shadow copies only: shadowlane "
+                    "forwards the primary request's headers unchanged",
+                )
+            elif ftype == "URLRewrite":
+                rw = as_dict(flt.get("urlRewrite"))
+                if rw.get("hostname"):
+                    shadow_host = str(rw["hostname"])
+                p = as_dict(rw.get("path"))
+                if p.get("type") == "ReplaceFullPath":
+                    rewrite = {"regex": "^.*$", "replacement": str(p.get("replaceFullPath", "/"))}
+                elif p.get("type") == "ReplacePrefixMatch":
+                    prefix = _first_prefix(rule)
+                    if prefix is not None:
+                        repl = str(p.get("replacePrefixMatch", "/")).rstrip("/")
+                        base = re.escape(prefix.rstrip("/"))
+                        # `/api` -> `/`: `/api/x` becomes `/x` and `/api` becomes `/`
+                        rewrite = (
+                            {"regex": f"^{base}/?", "replacement": "/"}
+                            if not repl
+                            else {"regex": f"^{base}", "replacement": repl}
+                        )
+                    else:
+                        tr.note(obj, f"{fpath}.urlRewrite.path", "needs a PathPrefix match")
+                tr.note(
+                    obj,
+                    fpath,
+                    "URLRewrite applies to the shadow copies only: shadowlane forwards the "
+                    "primary request's path and Host unchanged",
+                )
+            else:
+                tr.unsupported(obj, f"{fpath}", f"filter type {ftype!r} is not translated")
+        for shadow in shadows:
+            if shadow_set or shadow_remove:
+                shadow["headers"] = {"set": dict(shadow_set), "remove": list(shadow_remove)}
+            if rewrite is not None:
+                shadow["rewrite_path"] = dict(rewrite)
+            if shadow_host is not None:
+                shadow["host"] = shadow_host
+        if shadows:
+            comments.append(
+                "Envoy-based gateways append -shadow to the mirror's Host: kept (host_suffix)"
+            )
+        matches = [as_dict(m) for m in as_list(rule.get("matches"))] or [{}]
+        for m, match in enumerate(matches):
+            native = _match(tr, match, obj, f"{rpath}.matches[{m}]")
+            if native is None:
+                continue
+            for host in hosts:
+                data: dict[str, Any] = {"name": "", "match": dict(native)}
+                if host is not None and host != "*":
+                    data["match"]["host"] = host
+                if len(legs) == 1:
+                    data["backend"] = legs[0]["backend"]
+                else:
+                    data["backends"] = [dict(leg) for leg in legs]
+                if shadows:
+                    data["shadows"] = [dict(s) for s in shadows]
+                rule_name = rule.get("name") or f"r{r}"
+                label = f"{name_of(doc)}.{ns}.{rule_name}" + (f".m{m}" if len(matches) > 1 else "")
+                data["name"] = label
+                drafts.append(
+                    (
+                        _precedence(match),
+                        {
+                            "data": data,
+                            "comments": [
+                                f"from {obj} {rpath}" + (f".matches[{m}]" if match else ""),
+                                *comments,
+                            ],
+                        },
+                    )
+                )
+
+
+def _first_prefix(rule: dict[str, Any]) -> str | None:
+    for m in as_list(rule.get("matches")):
+        p = as_dict(as_dict(m).get("path"))
+        if p.get("type", "PathPrefix") == "PathPrefix":
+            return str(p.get("value", "/"))
+    return None
+
+
+def translate(docs: list[Doc], tr: Translation, services: ServiceMap) -> None:
+    drafts: list[tuple[Any, dict[str, Any]]] = []
+    for doc in docs:
+        if doc.get("kind") == "GRPCRoute":
+            tr.note(object_name(doc), "", "GRPCRoute is not translated yet (no gRPC routes)")
+            continue
+        _translate_route(tr, services, doc, drafts)
+    # stable: equal precedence keeps document order, as the spec's tie-breaks nearly do
+    drafts.sort(key=lambda d: d[0])
+    for _, draft in drafts:
+        data = draft["data"]
+        data["name"] = tr.route_name(data["name"])
+        tr.add_route(data, draft["comments"])
