@@ -201,21 +201,46 @@ def stream(draw: st.DrawFn) -> tuple[str, bytes]:
 
 
 def h11_messages(data: bytes) -> list[Msg]:
-    """The complete messages h11 reads from `data` followed by EOF, up to its first error."""
+    """The complete messages h11 reads from `data` followed by EOF, up to its first error.
+
+    h11 never keeps an HTTP/1.0 connection alive; shadowlane (like nginx) honours
+    `Connection: keep-alive` from an HTTP/1.0 client. That is a persistence policy, not
+    framing (where the message ends is the same), so after such a message the reading goes on
+    with a fresh h11 connection on the bytes that follow."""
+    out: list[Msg] = []
+    while True:
+        rest = _h11_read(data, out)
+        if rest is None:
+            return out
+        data = rest
+
+
+def _h11_read(data: bytes, out: list[Msg]) -> bytes | None:
+    """Read messages into `out`; the unread bytes when an HTTP/1.0 keep-alive message ended
+    the h11 connection, else None."""
     conn = h11.Connection(h11.SERVER)
     conn.receive_data(data)
     conn.receive_data(b"")
-    out: list[Msg] = []
     cur: Msg | None = None
+    keep_10 = False
     while True:
         try:
             ev = conn.next_event()
         except h11.RemoteProtocolError:
-            return out
+            return None
         if ev is h11.NEED_DATA or ev is h11.PAUSED or isinstance(ev, h11.ConnectionClosed):
-            return out
+            return None
         if isinstance(ev, h11.Request):
             cur = Msg(ev.method, ev.target, b"")
+            tokens = [
+                t.strip().lower()
+                for name, value in ev.headers
+                if name == b"connection"
+                for t in value.split(b",")
+            ]
+            keep_10 = (
+                ev.http_version == b"1.0" and b"keep-alive" in tokens and b"close" not in tokens
+            )
         elif isinstance(ev, h11.Data):
             assert cur is not None
             cur.body += ev.data
@@ -223,13 +248,15 @@ def h11_messages(data: bytes) -> list[Msg]:
             assert cur is not None
             out.append(cur)
             cur = None
+            if keep_10:
+                return conn.trailing_data[0]
             try:
                 conn.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
                 conn.send(h11.EndOfMessage())
             except h11.LocalProtocolError:
-                return out
+                return None
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return out  # MUST_CLOSE: nothing after this message is read
+                return None  # MUST_CLOSE: nothing after this message is read
             conn.start_next_cycle()
 
 
