@@ -376,6 +376,25 @@ def _check_stream(
     return len(got), int(any(s >= 400 for s in got_statuses))
 
 
+@pytest.mark.parametrize(
+    "tail",
+    [b"O", b"GET /fz/cut/1 HTTP/1.1\r\nHost: h", b"POST /fz/cut/1 HTTP/1.1\r\nHost: h\r\n"],
+)
+def test_a_complete_request_then_a_cut_one_and_eof_gets_its_answer(
+    fuzz_proxy: ProxyProcess, fuzz_backend: RecordingBackend, tail: bytes
+) -> None:
+    """Found by the long profile: a complete request, the start of another, then the client's
+    half-close. The complete one is answered; the cut one never reaches the backend."""
+    tag, data = tagged(b"GET /fz/TAG/0 HTTP/1.1\r\nContent-Length: 3\r\nHost: h.test\r\n\r\nabc")
+    with socket.create_connection((LOOPBACK, fuzz_proxy.port), timeout=T) as sock:
+        sock.sendall(data + tail.replace(b"/fz/cut/", f"/fz/{tag}/".encode()))
+        sock.shutdown(socket.SHUT_WR)
+        assert statuses(sock) == [200]
+    assert [(m.target, m.body) for m in _forwarded(fuzz_backend, tag, 1)] == [
+        (f"/fz/{tag}/0".encode(), b"abc")
+    ]
+
+
 # -- the backend side ----------------------------------------------------------------------------
 
 

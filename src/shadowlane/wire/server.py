@@ -336,8 +336,17 @@ class ServerConnection(Connection):
         """The client half-closed (`shutdown(SHUT_WR)`): answer what was asked, then close."""
         if self._active is None and not self._queue and not self._ready:
             return False  # nothing to answer: let the transport close
-        if self._parsing is not None or self._in_head:
-            return False  # a request cut mid-way can never complete: close (aborts upstream)
+        cut = self._parsing
+        if cut is not None and cut is self._active:
+            return False  # the request being served was cut mid-body: close (aborts upstream)
+        if cut is not None:
+            # cut before it started (queued behind another): it never reaches a backend
+            self._parsing = None
+            if cut in self._queue:
+                self._queue.remove(cut)
+            if cut in self._ready:
+                self._ready.remove(cut)
+        # a head cut mid-way is dropped the same way; what was asked in full is answered
         self.draining = True
         for ex in (self._active, *self._queue):
             if ex is not None:
