@@ -440,6 +440,15 @@ class Metrics:
             ("route", "direction"),
             registry=self.registry,
         )
+        self._limited = Counter(
+            "shadowlane_downstream_limited",
+            "Client connections or requests a downstream limit ended, by limit: connections "
+            "and fds (closed at accept), header_timeout and body_rate (408), overload (503).",
+            ("limit",),
+            registry=self.registry,
+        )
+        #: counted on the loop, flushed by it
+        self._limited_tallies: dict[str, _CounterTally] = {}
         #: counted on the loop (no lock: the loop also flushes them)
         self._record_tallies: dict[tuple[str, str, str], _CounterTally] = {}
         #: counted by the record writer's thread: under `_record_lock`, as comparisons are
@@ -485,6 +494,19 @@ class Metrics:
             self.declare_shadow(route, target)
             tally = self._shadow_tallies[(route, target, outcome)]
         tally.n += n
+
+    def limit_hit(self, limit: str) -> None:
+        """Count one connection or request a downstream limit ended (rare: not the hot path)."""
+        tally = self._limited_tallies.get(limit)
+        if tally is None:
+            tally = self._limited_tallies[limit] = _CounterTally(self._limited.labels(limit))
+        tally.n += 1
+
+    def declare_limits(self, limits: Iterable[str]) -> None:
+        """Create the limit series at zero, so `rate()` works before the first hit."""
+        for limit in limits:
+            if limit not in self._limited_tallies:
+                self._limited_tallies[limit] = _CounterTally(self._limited.labels(limit))
 
     def record_outcome(self, route: str, target: str, outcome: str, n: int = 1) -> None:
         """Count `n` requests of a recording (on the event loop): sampled_out, skipped_body,
@@ -550,6 +572,8 @@ class Metrics:
         for counter in list(self._request_tallies.values()):
             counter.flush()
         for counter in list(self._shadow_tallies.values()):
+            counter.flush()
+        for counter in list(self._limited_tallies.values()):
             counter.flush()
         with self._comparison_lock:
             pending = [(c, c.take()) for c in self._comparison_tallies.values()]

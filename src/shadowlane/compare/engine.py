@@ -60,6 +60,9 @@ POLL_INTERVAL = 0.02
 RESTART_BACKOFF = 1.0
 #: settings objects remembered by token; past this many (many reloads) the table starts over
 SETTINGS_TOKENS_MAX = 4096
+#: batches kept to retry while the store is down: with the default 1 s flush interval, about
+#: two minutes of outage (a batch is sums and a few examples: kilobytes, not the answers)
+PENDING_BATCHES = 120
 
 
 class ComparisonCounter(Protocol):
@@ -361,6 +364,10 @@ class Comparator:
         self._stop_event = threading.Event()
         self._written_cond = threading.Condition()
         self._flush_asked = False
+        #: batches a store write failed on, oldest first, written before the next one (worker
+        #: only); at most `PENDING_BATCHES`, then the oldest is dropped and counted
+        self._pending: deque[Batch] = deque()
+        self._outage_since: float | None = None
         self._worker: threading.Thread | None = None
         self._feeders: list[threading.Thread] = []
         self._stopping = False
@@ -374,6 +381,8 @@ class Comparator:
             "errors": 0,
             "flushes": 0,
             "write_errors": 0,
+            #: comparisons decided but never stored: their batch waited past the bound
+            "store_lost": 0,
             "swept": 0,
             #: ledger entries taken / not stored (queue full, stopped, or their write failed)
             "ledger_recorded": 0,
@@ -496,6 +505,11 @@ class Comparator:
                 t.start()
             self._worker.start()
         return self
+
+    @property
+    def pending_batches(self) -> int:
+        """Batches waiting for the store to take them (it failed the last write)."""
+        return len(self._pending)
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Compare what is queued, flush, and join; False if that did not end in time (what
@@ -659,6 +673,8 @@ class Comparator:
                 next_flush = time.monotonic() + self.flush_interval
             if fed and not decided:
                 self._flush(batch)  # whatever the last feeder handed over meanwhile
+                while self._pending:
+                    self._lose(self._pending.popleft(), "the store was down at shutdown")
                 return
             self._wake.wait(min(POLL_INTERVAL, max(0.0, next_flush - time.monotonic())))
             self._wake.clear()
@@ -691,25 +707,58 @@ class Comparator:
         self._take_divergences(batch)
         try:
             if batch:
-                self.store.write(batch)
-                self._count("flushes")
-        except Exception as exc:
-            # The store is down or refused the batch: these sums are lost (logged), the next
-            # batch tries again. Keeping failed batches would let memory grow with the outage,
-            # and retrying ledger entries would make a batch the store refuses fail forever.
-            self._count("write_errors")
-            log.warning(
-                "comparison store write failed, %d results and %d ledger entries lost: %s",
-                batch.jobs,
-                len(batch.divergences),
-                exc,
-            )
-            self._lost_divergences(batch.divergences)
+                self._pending.append(batch)
+            self._write_pending()
         finally:
             with self._written_cond:
                 self._written += batch.jobs
                 self._div_written += len(batch.divergences)
                 self._written_cond.notify_all()
+
+    def _write_pending(self) -> None:
+        """Write the waiting batches, oldest first, until one fails.
+
+        The store is down (PostgreSQL restarting) or refused a batch: the batch waits and is
+        tried again at the next flush, so an outage of up to PENDING_BATCHES flushes costs
+        nothing once the store is back (the store catches up). Past the bound the oldest is
+        dropped, its comparisons counted in `store_lost` and its ledger entries as
+        `ledger_dropped`: memory stays bounded by the bound, and a batch the store refuses
+        for good blocks the others for that long at most.
+        """
+        pending = self._pending
+        while pending:
+            try:
+                self.store.write(pending[0])
+            except Exception as exc:
+                self._count("write_errors")
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    log.warning(
+                        "comparison store write failed (keeping up to %d batches to retry): %s",
+                        PENDING_BATCHES,
+                        exc,
+                    )
+                break
+            pending.popleft()
+            self._count("flushes")
+            if self._outage_since is not None and not pending:
+                log.warning(
+                    "comparison store writable again after %.1fs; caught up",
+                    time.monotonic() - self._outage_since,
+                )
+                self._outage_since = None
+        while len(pending) > PENDING_BATCHES:
+            self._lose(pending.popleft(), "waited past the retry bound")
+
+    def _lose(self, batch: Batch, why: str) -> None:
+        self._count("store_lost", batch.jobs)
+        log.warning(
+            "comparison store: %d results and %d ledger entries lost (%s)",
+            batch.jobs,
+            len(batch.divergences),
+            why,
+        )
+        self._lost_divergences(batch.divergences)
 
     def _lost_divergences(self, entries: list[Divergence]) -> None:
         self._count("ledger_dropped", len(entries))

@@ -114,4 +114,3 @@ class PathMatcher:
 
 def _rebuild(patterns: tuple[str, ...], subtree: bool) -> PathMatcher:
     return PathMatcher(patterns, subtree=subtree)
-

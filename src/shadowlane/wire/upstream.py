@@ -312,6 +312,19 @@ class UpstreamConnection(asyncio.Protocol):
     ) -> None:
         """Write a request head (and maybe a body) and stream the answer into `sink`."""
         assert self.transport is not None
+        if self.state == ConnState.CLOSED:
+            # the peer closed it between the handshake (or the hand-over from the pool) and
+            # now, before our task ran: nothing was written, so say so (from the loop, after
+            # the caller's own writes, which a closed connection ignores) and let the sink
+            # retry; writing would raise on the closed transport
+            self._phase = ReadPhase.WAITING
+            self._request_done = False
+            self.loop.call_soon(
+                sink.on_upstream_error,
+                UpstreamError("reset", "connection closed before the request was sent"),
+                True,
+            )
+            return
         self.state = ConnState.BUSY
         self.exchanges += 1
         self._sink = sink
