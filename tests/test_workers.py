@@ -43,7 +43,7 @@ def test_workers_metrics_add_up_to_the_requests_sent(
     primary, s = backends(), backends()
     cfg = shadow_config(
         {"p": primary.url, "s": s.url}, route="api", shadows=["s", {"backend": "p", "percent": 0}]
-    )
+    )  # the shadow to `p`, the primary itself, counts every request `skipped_primary`
     n = 300
     proxy = two_workers_served(proxy_factory, cfg, primary, n)
 
@@ -57,7 +57,7 @@ def test_workers_metrics_add_up_to_the_requests_sent(
             now.sum("shadowlane_requests_total", route="api", backend="p", code="200"),
             now.sum(shadow, route="api", target="s", outcome="sent"),
             now.sum(shadow, route="api", target="s", outcome="ok"),
-            now.sum(shadow, route="api", target="p", outcome="sampled_out"),
+            now.sum(shadow, route="api", target="p", outcome="skipped_primary"),
             now.sum(shadow, route="api", target="p", outcome="sent"),
         )
 
