@@ -170,8 +170,9 @@ def test_large_bodies_both_ways_respect_flow_control(backend: RecordingBackend) 
 def test_malformed_requests_reach_no_backend(backend: RecordingBackend) -> None:
     """What our head rules refuse (a malformed Host, an unknown Expect) is a 4xx on its
     stream, and the connection lives on; what h2 itself refuses (a Content-Length the DATA
-    contradicts, an upper-case name, a connection-specific header) ends the connection with
-    GOAWAY PROTOCOL_ERROR. Neither reaches the backend."""
+    contradicts, an upper-case name, a connection-specific header, a misplaced or repeated
+    pseudo-header, a forbidden character) ends the connection with GOAWAY PROTOCOL_ERROR.
+    Neither reaches the backend."""
     with ProxyProcess(_h2_config(backend.url)) as proxy:
         with H2Client(proxy.host, proxy.port) as c:
             bad = c.exchange([
@@ -185,6 +186,14 @@ def test_malformed_requests_reach_no_backend(backend: RecordingBackend) -> None:
             ([(b"content-length", b"1")], b"more than one byte"),
             ([(b"X-Upper", b"1")], b""),
             ([(b"connection", b"close")], b""),
+            # the rest of RFC 9113 8.2 and 8.3 (h2 checked these; `malformed_request` does now)
+            ([(b"te", b"gzip")], b""),
+            ([(b"x-padded", b" 1")], b""),
+            ([(b"x-nul", b"a\x00b")], b""),
+            ([(b"x-a", b"1"), (b":scheme", b"http")], b""),  # a pseudo-header after a field
+            ([(b":path", b"/twice")], b""),
+            ([(b":status", b"200")], b""),
+            ([(b"bad name", b"1")], b""),
         ):
             with H2Client(proxy.host, proxy.port) as c, pytest.raises(OSError):
                 c.request(b"POST", b"/z", headers, body)
