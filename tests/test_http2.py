@@ -304,6 +304,32 @@ def test_h2c_backend_multiplexes_and_forwards_trailers() -> None:
         assert h2be.connections == 1  # 51 requests, one HTTP/2 connection
 
 
+def test_malformed_answers_from_an_h2c_backend_are_502_and_its_other_streams_go_on() -> None:
+    """What RFC 9113 8.2 forbids in an answer (a CR LF in a value, an upper-case name, a
+    connection-specific header, a pseudo-header in the trailers) never reaches the client:
+    that stream is a 502 (or, once the head is out, a reset), the others are answered."""
+    bad: dict[bytes, H2Reply] = {
+        b"/crlf": H2Reply(200, [(b"x-split", b"a\r\nset-cookie: evil=1")], b"x"),
+        b"/upper": H2Reply(200, [(b"X-Upper", b"1")], b"x"),
+        b"/conn": H2Reply(200, [(b"connection", b"close")], b"x"),
+        b"/trailer": H2Reply(200, [], b"x", trailers=[(b":status", b"200")]),
+    }
+
+    def handler(req: H2Request) -> H2Reply:
+        return bad.get(req.path, H2Reply(200, [(b"content-type", b"text/plain")], b"fine"))
+
+    with H2Backend(handler, checked=False) as h2be:
+        cfg = _h2_config(h2be.url)
+        cfg["backends"]["b1"]["protocol"] = "h2c"
+        with ProxyProcess(cfg) as proxy, H2Client(proxy.host, proxy.port) as c:
+            answers = c.exchange([(b"GET", path, [], b"") for path in [*bad, b"/ok"]])
+            assert [a.status for a in answers[:3]] == [502, 502, 502]
+            assert all(b"evil" not in v for a in answers for _, v in a.headers)
+            assert answers[3].reset or answers[3].status == 502, answers[3]
+            assert answers[4].status == 200 and answers[4].body == b"fine"
+        assert len(h2be.requests) == 5  # every one reached the backend: the answers were bad
+
+
 def test_h2_backend_over_tls(cert: tuple[str, str]) -> None:
     crt, key = cert
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

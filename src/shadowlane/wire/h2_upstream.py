@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import ssl
 from http import HTTPStatus
@@ -73,6 +74,13 @@ _DROPPED: Final = frozenset(
     }
 )
 _REASONS: dict[int, bytes] = {}
+#: what RFC 9113 8.2.1 forbids in a field name, and in a field value
+_BAD_NAME: Final = re.compile(rb"[\x00-\x20A-Z:\x7f-\xff]")
+_BAD_VALUE: Final = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
+#: what an HTTP/2 message must not carry (RFC 9113 8.2.2)
+_CONNECTION_SPECIFIC: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
 _TE_TRAILERS: Final = (b"te", b"trailers")
 #: grpc-timeout units (gRPC's PROTOCOL-HTTP2.md) in seconds
 _GRPC_UNITS: Final = {
@@ -106,6 +114,23 @@ def _reason(status: int) -> bytes:
             reason = b"Unknown"
         _REASONS[status] = reason
     return reason
+
+
+def malformed_field(name: bytes, value: bytes) -> str | None:
+    """Why one regular field of an answer is malformed (RFC 9113 8.2), or None: the checks h2
+    makes on inbound headers (`validate_inbound_headers`, off in `H2ClientConnection`), made
+    in the loop that reads the answer's headers anyway instead of h2's chain of generators."""
+    if not name:
+        return "empty header name"
+    if _BAD_NAME.search(name) is not None:
+        return f"illegal character in header name {name!r}"
+    if value and _BAD_VALUE.search(value) is not None:
+        return f"illegal character in the value of {name.decode('latin-1')}"
+    if name in _CONNECTION_SPECIFIC:
+        return f"connection-specific header {name.decode('latin-1')}"
+    if name == b"te" and value.lower() != b"trailers":
+        return "te other than trailers"
+    return None
 
 
 def _parse_head(head: bytes) -> tuple[bytes, bytes, Headers]:
@@ -278,18 +303,40 @@ class H2Stream(UpstreamConnection):
         status = 0
         content_length: int | None = None
         out: Headers = []
-        for name, value in headers:
+        why: str | None = None
+        for i, (name, value) in enumerate(headers):
             if name[:1] == b":":
-                if name == b":status":
-                    status = int(value)
+                # RFC 9113 8.3.2: :status, once, first; no other pseudo-header in an answer
+                if name != b":status" or i != 0 or len(value) != 3 or not value.isdigit():
+                    why = "malformed pseudo-header in the answer"
+                    break
+                status = int(value)
                 continue
+            why = malformed_field(name, value)
+            if why is not None:
+                break
             if name == b"content-length":
-                content_length = int(value)
+                content_length = int(value)  # h2 checked it is digits (its framing needs it)
             out.append((name, value))
+        if why is None and not status:
+            why = "answer without :status"
+        if why is not None:
+            self.malformed(why)
+            return
         self.started = True
         sink = self.sink
         if sink is not None:
             sink.on_response_head(status, _reason(status), out, content_length)
+
+    def malformed(self, why: str) -> None:
+        """The backend's answer is malformed (RFC 9113 8.1.1): the stream is reset with
+        PROTOCOL_ERROR and the caller hears a protocol error; the connection's other streams
+        go on."""
+        sink = self.sink
+        self.sink = None
+        self._finish(ErrorCodes.PROTOCOL_ERROR)
+        if sink is not None:
+            sink.on_upstream_error(UpstreamError("protocol", why), False)
 
     def on_data(self, data: bytes, flow_length: int) -> None:
         self.last_activity = self.loop.time()
@@ -303,9 +350,18 @@ class H2Stream(UpstreamConnection):
         self._ack()
 
     def on_trailers(self, headers: Headers) -> None:
+        for name, value in headers:
+            why = (
+                "pseudo-header in the trailers"
+                if name[:1] == b":"
+                else malformed_field(name, value)
+            )
+            if why is not None:
+                self.malformed(why)
+                return
         sink = self.sink
         if sink is not None:
-            sink.on_response_trailers([(n, v) for n, v in headers if n[:1] != b":"])
+            sink.on_response_trailers(headers)
 
     def on_end(self) -> None:
         sink = self.sink
@@ -350,6 +406,8 @@ class H2ClientConnection:
                 validate_outbound_headers=False,
                 # inbound normalisation only joins cookie crumbs, which answers do not have
                 normalize_inbound_headers=False,
+                # checked in `H2Stream.on_head` / `on_trailers`, in the loops that read them
+                validate_inbound_headers=False,
             )
         )
         self.h2.local_settings = Settings(
