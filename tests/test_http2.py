@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hpack import NeverIndexedHeaderTuple
 from websockets.asyncio.client import connect
 
 from support.backend import RecordingBackend, dead_port
@@ -302,6 +303,26 @@ def test_h2c_backend_multiplexes_and_forwards_trailers() -> None:
         got = h2be.wait_for_requests(51)
         assert {r.header(b":authority") for r in got[:50]} == {f"127.0.0.1:{proxy.port}".encode()}
         assert h2be.connections == 1  # 51 requests, one HTTP/2 connection
+
+
+def test_credentials_reach_an_h2c_backend_never_indexed() -> None:
+    """h2's outbound normalisation is off for backends; the proxy's own does what it did: a
+    shadow's added header is lower-cased, and credentials go as HPACK never-indexed fields, so
+    they never enter the connection's compression table (RFC 7541 7.1.3)."""
+    with H2Backend() as h2be:
+        cfg = _h2_config(h2be.url)
+        cfg["backends"]["b1"]["protocol"] = "h2c"
+        cfg["routes"][0]["headers"] = {"add": {"X-Added": "yes"}}
+        auth = [(b"authorization", b"Bearer secret"), (b"cookie", b"a=1"), (b"x-plain", b"1")]
+        with ProxyProcess(cfg) as proxy, H2Client(proxy.host, proxy.port) as c:
+            assert c.request(b"GET", b"/creds", auth).status == 200
+        (req,) = h2be.wait_for_requests(1)
+        got = {bytes(n): h for n, h in ((h[0], h) for h in req.headers)}
+        assert got[b"authorization"][1] == b"Bearer secret"
+        assert got[b"x-added"][1] == b"yes"
+        assert isinstance(got[b"authorization"], NeverIndexedHeaderTuple)
+        assert isinstance(got[b"cookie"], NeverIndexedHeaderTuple)
+        assert not isinstance(got[b"x-plain"], NeverIndexedHeaderTuple)
 
 
 def test_malformed_answers_from_an_h2c_backend_are_502_and_its_other_streams_go_on() -> None:

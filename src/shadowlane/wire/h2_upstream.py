@@ -46,6 +46,8 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from hpack import NeverIndexedHeaderTuple
+from hpack.struct import Header
 
 from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import (
@@ -82,6 +84,9 @@ _CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 _TE_TRAILERS: Final = (b"te", b"trailers")
+#: kept out of the HPACK table (what h2's outbound normalisation did: nghttp2's and Firefox's
+#: rule against compression-ratio attacks on credentials; cookies under 20 bytes as well)
+_SECRET: Final = frozenset({b"authorization", b"proxy-authorization"})
 #: grpc-timeout units (gRPC's PROTOCOL-HTTP2.md) in seconds
 _GRPC_UNITS: Final = {
     ord("H"): 3600.0,
@@ -180,7 +185,7 @@ class H2Stream(UpstreamConnection):
         self.last_activity = 0.0
         self.timer: asyncio.TimerHandle | None = None
         #: the request's HEADERS, until the connection sends them (see `start_stream`)
-        self.head_out: Headers | None = None
+        self.head_out: list[Header] | None = None
         self.queued = False
 
     # ----- request side -----
@@ -194,10 +199,20 @@ class H2Stream(UpstreamConnection):
         conn = self.h2conn
         method, target, fields = _parse_head(head)
         authority = b""
-        headers: Headers = []
+        headers: list[Header] = [
+            (b":method", method),
+            (b":scheme", conn.scheme),
+            (b":authority", b""),
+            (b":path", target),
+        ]
         limit = 0.0
         for name, value in fields:
-            if name in _DROPPED:
+            # what h2's outbound normalisation did (off in H2ClientConnection), in this loop:
+            # names lower-cased (a shadow's added headers keep the config's spelling), values
+            # without surrounding whitespace, connection-specific fields dropped, credentials
+            # never indexed
+            name = name.lower()
+            if name in _DROPPED or name == b"te":
                 if name == b"host":
                     authority = value
                 continue
@@ -207,20 +222,19 @@ class H2Stream(UpstreamConnection):
                 # TE is hop-by-hop (the proxy drops the client's), but gRPC servers want
                 # `te: trailers` on every call, as Envoy and nginx's grpc_pass send it
                 headers.append(_TE_TRAILERS)
-            headers.append((name, value))
-        pseudo: Headers = [
-            (b":method", method),
-            (b":scheme", conn.scheme),
-            (b":authority", authority or conn.pool.authority),
-            (b":path", target),
-        ]
+            value = value.strip(b" \t")
+            if name in _SECRET or (name == b"cookie" and len(value) < 20):
+                headers.append(NeverIndexedHeaderTuple(name, value))
+            else:
+                headers.append((name, value))
+        headers[2] = (b":authority", authority or conn.pool.authority)
         now = self.loop.time()
         self.timeout = timeout
         self.last_activity = now
         self.deadline = now + limit if limit else 0.0
         first = timeout if not limit else min(timeout, limit)
         self.timer = self.loop.call_later(first, self._on_timer)
-        conn.start_stream(self, pseudo + headers)
+        conn.start_stream(self, headers)
 
     def write_body(self, data: bytes) -> None:
         if self.ended or not data or self.state == ConnState.CLOSED:
@@ -397,16 +411,18 @@ class H2ClientConnection:
         self.pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
-        # the request's names are lower-cased by the parser that read them, but a shadow's
-        # added headers are the config's spelling: normalised, not validated again
+        # h2's header pipelines (a chain of generators per header block, each way) are off:
+        # `H2Stream.send_request` normalises what goes out (a shadow's added headers keep the
+        # config's spelling) and `on_head` / `on_trailers` check what comes in, in the loops
+        # that read the headers anyway
         self.h2 = H2Connection(
             config=H2Configuration(
                 client_side=True,
                 header_encoding=None,
                 validate_outbound_headers=False,
+                normalize_outbound_headers=False,
                 # inbound normalisation only joins cookie crumbs, which answers do not have
                 normalize_inbound_headers=False,
-                # checked in `H2Stream.on_head` / `on_trailers`, in the loops that read them
                 validate_inbound_headers=False,
             )
         )
@@ -590,7 +606,7 @@ class H2ClientConnection:
             self.idle_timer = None
         return H2Stream(self)
 
-    def start_stream(self, stream: H2Stream, headers: Headers) -> None:
+    def start_stream(self, stream: H2Stream, headers: list[Header]) -> None:
         """The request's HEADERS go out with the rest of this loop iteration's sends (so a
         request without a body is one HEADERS frame with END_STREAM)."""
         if self.closed or not self.usable:
@@ -621,7 +637,7 @@ class H2ClientConnection:
                     self.pump(stream)
         self._flush()
 
-    def _send_head(self, stream: H2Stream, head: Headers) -> bool:
+    def _send_head(self, stream: H2Stream, head: list[Header]) -> bool:
         stream.head_out = None
         if self.closed or not self.usable:
             self.loop.call_soon(stream.on_error, UpstreamError("reset", "connection closed"), True)
