@@ -307,8 +307,9 @@ def test_h2c_backend_multiplexes_and_forwards_trailers() -> None:
 
 def test_credentials_reach_an_h2c_backend_never_indexed() -> None:
     """h2's outbound normalisation is off for backends; the proxy's own does what it did: a
-    shadow's added header is lower-cased, and credentials go as HPACK never-indexed fields, so
-    they never enter the connection's compression table (RFC 7541 7.1.3)."""
+    shadow's added header is lower-cased, and credentials (and the request id) go as HPACK
+    never-indexed fields, so they never enter the connection's compression table (RFC 7541
+    7.1.3)."""
     with H2Backend() as h2be:
         cfg = _h2_config(h2be.url)
         cfg["backends"]["b1"]["protocol"] = "h2c"
@@ -323,6 +324,8 @@ def test_credentials_reach_an_h2c_backend_never_indexed() -> None:
         assert isinstance(got[b"authorization"], NeverIndexedHeaderTuple)
         assert isinstance(got[b"cookie"], NeverIndexedHeaderTuple)
         assert not isinstance(got[b"x-plain"], NeverIndexedHeaderTuple)
+        # the request id is new each time: indexed, it would only push useful entries out
+        assert isinstance(got[b"x-request-id"], NeverIndexedHeaderTuple)
 
 
 def test_malformed_answers_from_an_h2c_backend_are_502_and_its_other_streams_go_on() -> None:

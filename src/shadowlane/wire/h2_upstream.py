@@ -84,9 +84,12 @@ _CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 _TE_TRAILERS: Final = (b"te", b"trailers")
-#: kept out of the HPACK table (what h2's outbound normalisation did: nghttp2's and Firefox's
-#: rule against compression-ratio attacks on credentials; cookies under 20 bytes as well)
-_SECRET: Final = frozenset({b"authorization", b"proxy-authorization"})
+#: kept out of the HPACK table: credentials (what h2's outbound normalisation did: nghttp2's
+#: and Firefox's rule against compression-ratio attacks; cookies under 20 bytes as well), and
+#: the request id, new on every request: indexed, each one would push an entry out of the
+#: 4 KiB table (those the next requests would have sent as one byte come back as literals, Huffman
+#: coded in pure Python) and lengthen hpack's linear search of it for every header
+_UNINDEXED: Final = frozenset({b"authorization", b"proxy-authorization", b"x-request-id"})
 #: grpc-timeout units (gRPC's PROTOCOL-HTTP2.md) in seconds
 _GRPC_UNITS: Final = {
     ord("H"): 3600.0,
@@ -210,7 +213,7 @@ class H2Stream(UpstreamConnection):
             # what h2's outbound normalisation did (off in H2ClientConnection), in this loop:
             # names lower-cased (a shadow's added headers keep the config's spelling), values
             # without surrounding whitespace, connection-specific fields dropped, credentials
-            # never indexed
+            # (and the request id) never indexed
             name = name.lower()
             if name in _DROPPED or name == b"te":
                 if name == b"host":
@@ -223,7 +226,7 @@ class H2Stream(UpstreamConnection):
                 # `te: trailers` on every call, as Envoy and nginx's grpc_pass send it
                 headers.append(_TE_TRAILERS)
             value = value.strip(b" \t")
-            if name in _SECRET or (name == b"cookie" and len(value) < 20):
+            if name in _UNINDEXED or (name == b"cookie" and len(value) < 20):
                 headers.append(NeverIndexedHeaderTuple(name, value))
             else:
                 headers.append((name, value))
