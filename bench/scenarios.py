@@ -44,14 +44,16 @@ class Scenario:
     http2: bool = False
     #: the primary is the gRPC backend (nginx `grpc_pass`, shadowlane `protocol: h2c`)
     grpc: bool = False
+    #: the route's primary backend: "fast" (a small text answer) or "json" (servers.py)
+    primary: str = "fast"
 
     @property
     def setup(self) -> Setup:
-        return self.shadows, self.compare, self.record, self.http2, self.grpc
+        return self.shadows, self.compare, self.record, self.http2, self.grpc, self.primary
 
 
-#: shadows, compare, record, http2, grpc: what one start of the proxies serves
-Setup = tuple[tuple[str, ...], bool, str, bool, bool]
+#: shadows, compare, record, http2, grpc, primary: what one start of the proxies serves
+Setup = tuple[tuple[str, ...], bool, str, bool, bool, str]
 
 RATE_LOAD = Load(connections=50, rate=FIXED_RATE)  # h2load: 50 clients x 100 req/s
 #: HTTP/2 closed loop (h2load): 10 connections x 10 streams = 100 requests in flight
@@ -73,6 +75,26 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("fast",),
         compare=True,
         proxies=SHADOWLANE,
+    ),
+    # Comparing answers that differ (issue 17): ~4 KB JSON documents from nginx, the shadow's
+    # differing in 4 fields, so every compared pair is parsed and diffed (in the comparison
+    # child); judged against the same shadow without compare
+    Scenario(
+        "shadow-json",
+        "throughput",
+        "JSON answers, 100% shadow to json-diff",
+        ("json-diff",),
+        proxies=SHADOWLANE,
+        primary="json",
+    ),
+    Scenario(
+        "compare-json-diff",
+        "throughput",
+        "JSON answers, 100% shadow to json-diff, compare: true (all differ)",
+        ("json-diff",),
+        compare=True,
+        proxies=SHADOWLANE,
+        primary="json",
     ),
     # Recording (issue 13): the no-shadow load with every request recorded (the default,
     # plain files), judged against shadowlane's own no-shadow figure (nginx's proxy_pass sits
@@ -372,7 +394,7 @@ def _run_setup(
     configs: dict[str, str],
 ) -> None:
     """Start every proxy this setup needs side by side, measure its scenarios, stop them."""
-    shadows, compare, record, http2, grpc = setup
+    shadows, compare, record, http2, grpc, primary = setup
     kinds = [k for k in PROXIES_ALL if any(k in s.proxies for s in members)]
     running: dict[str, RunningProxy] = {}
     broken: dict[str, Measurement] = {}
@@ -380,7 +402,16 @@ def _run_setup(
         for kind in kinds:
             try:
                 running[kind] = start_proxy(
-                    sup, settings.work, kind, backends, shadows, compare, record, http2, grpc
+                    sup,
+                    settings.work,
+                    kind,
+                    backends,
+                    shadows,
+                    compare,
+                    record,
+                    http2,
+                    grpc,
+                    primary,
                 )
             except StartError as exc:
                 text = str(exc)

@@ -457,3 +457,19 @@ def test_fast_json_diff_matches_flattened_diff(mode: str) -> None:
         if la.body != lb.body:
             _diff_maps(la.body_fields(), lb.body_fields(), mode, la, lb, slow)
         assert fast == sorted(set(slow)), (a, b, s.ignore, s.unordered)
+
+
+def test_path_matchers_travel_pickled_to_a_comparison_child() -> None:
+    """Settings go to the comparison children pickled; a compiled PathMatcher has no instance
+    dict for pickle's default, so it says how to rebuild itself (from its rules)."""
+    import pickle
+
+    from shadowlane.compare.paths import PathMatcher
+
+    m = PathMatcher(["body.a.*", "headers.date"], subtree=True)
+    back = pickle.loads(pickle.dumps(m))
+    assert back.patterns == m.patterns and back.subtree is True
+    assert back.matches("body.a.b.c") and back.matches("headers.date")
+    assert not back.matches("body.b")
+    empty = pickle.loads(pickle.dumps(PathMatcher([], subtree=False)))
+    assert not empty and not empty.matches("body")

@@ -1,12 +1,14 @@
-"""The comparator thread itself: it rests so comparisons cannot take the event loop's time, it
-stops cleanly (comparing what was accepted), and submit never blocks."""
+"""The comparator itself: it rests so comparisons cannot take more than their share of a core,
+it stops cleanly (comparing what was accepted), and submit never blocks."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import orjson
+import pytest
 
 from shadowlane.compare import Analysis, Captured, Comparator, CompareJob
 from shadowlane.metrics import Metrics
@@ -33,17 +35,30 @@ def heavy_job(i: int) -> CompareJob:
 
 
 def worker_cpu(comp: Comparator) -> float:
-    assert comp._worker is not None and comp._worker.ident is not None
-    return time.clock_gettime(time.pthread_getcpuclockid(comp._worker.ident))
+    """CPU seconds of whatever compares: the child process, or the in-process feeder."""
+    if comp.children:
+        pid = comp.children[0].pid
+        assert pid is not None
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    feeder = comp._feeders[0]
+    assert feeder.ident is not None
+    return time.clock_gettime(time.pthread_getcpuclockid(feeder.ident))
 
 
-def test_cpu_share_bounds_the_worker() -> None:
+@pytest.mark.parametrize("processes", [1, 0])
+def test_cpu_share_bounds_the_worker(processes: int) -> None:
     jobs = [heavy_job(i) for i in range(200)]
     with open_store("sqlite:///:memory:") as store:
-        comp = Comparator(store, None, 10_000, cpu_share=0.1).start()
+        comp = Comparator(store, None, 10_000, cpu_share=0.1, processes=processes).start()
         for j in jobs:
             assert comp.submit(j)
-        time.sleep(0.2)  # let it get going
+        # let it get going: the child's start-up (imports) is not comparing
+        deadline = time.monotonic() + 30
+        while comp.stats["compared"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
         cpu0, wall0 = worker_cpu(comp), time.monotonic()
         time.sleep(1.5)
         cpu1, wall1 = worker_cpu(comp), time.monotonic()
@@ -51,6 +66,7 @@ def test_cpu_share_bounds_the_worker() -> None:
         comp.stop(60)
     share = (cpu1 - cpu0) / (wall1 - wall0)
     assert still_queued > 0, "the test needs a backlog to mean anything"
+    assert cpu1 > cpu0, "nothing was compared while measuring"
     assert share < 0.2, f"worker used {share:.0%} of a core with cpu_share=0.1"
 
 

@@ -581,3 +581,52 @@ shadows:
     for opts, want in cases.items():
         errors = errors_of(one_route(route.replace("{opts}", opts)))
         assert len(errors) >= 1 and errors[0].startswith(want), (opts, errors)
+
+
+def test_limits_and_overload_keys() -> None:
+    cfg = parse_config(
+        MINIMAL
+        + textwrap.dedent(
+            """\
+            limits:
+              max_connections: 100
+              max_requests_per_connection: 10
+              min_body_rate: 2KiB
+              body_rate_window: 5s
+              fd_reserve: 32
+              overload:
+                rss: {shed_shadows: 512MiB, refuse: 1GiB}
+                in_flight: {shed_shadows: 100}
+                retry_after: 1500ms
+            """
+        ),
+        "cfg.yaml",
+    )
+    lim = cfg.limits
+    assert (lim.max_connections, lim.max_requests_per_connection, lim.fd_reserve) == (100, 10, 32)
+    assert (lim.min_body_rate, lim.body_rate_window) == (2048, 5.0)
+    ov = lim.overload
+    assert (ov.rss.shed_shadows, ov.rss.refuse) == (512 * 1024**2, 1024**3)
+    assert (ov.in_flight.shed_shadows, ov.in_flight.refuse, ov.retry_after) == (100, 0, 1.5)
+    # defaults: slow POSTs are cut, nothing else is capped, the overload manager is off
+    default = parse_config(MINIMAL, "cfg.yaml").limits
+    assert (default.min_body_rate, default.body_rate_window) == (1024, 30.0)
+    assert (default.max_connections, default.max_requests_per_connection) == (0, 0)
+    assert default.overload.rss.refuse == 0 and default.overload.in_flight.refuse == 0
+
+
+def test_limits_errors_name_the_key() -> None:
+    text = MINIMAL + textwrap.dedent(
+        """\
+        limits:
+          max_connections: -1
+          overload:
+            rss: {shed_shadows: 2GiB, refuse: 1GiB}
+            in_flight: {refuse: 10, shed: 5}
+        """
+    )
+    assert errors_of(text) == [
+        "limits.max_connections: must be >= 0",
+        "limits.overload.rss: shed_shadows must not be above refuse (shadows are shed first)",
+        "limits.overload.in_flight.shed: unknown key",
+    ]

@@ -9,12 +9,14 @@ ShadowCopy (see inproc.py).
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Iterator
 from typing import get_args
 
 import pytest
 
-from inproc import Copy, endpoint, lane_to, run, syn_sent_to, until
+from inproc import Copy, endpoint, head, lane_to, run, syn_sent_to, until
 from shadowlane.proxy import gateway_status
 from shadowlane.shadow.outcomes import ERROR, OK, TIMEOUT
 from shadowlane.wire.upstream import (
@@ -326,5 +328,37 @@ def test_a_copy_whose_deadline_passes_mid_connect_gives_up_the_connect(
         await until(lambda: ep.open == 0, timeout=1.0, what="every connect given up")
         await until(lambda: syn_sent_to(port) == fillers, timeout=1.0, what="sockets closed")
         assert all(c.copy.connecting is None for c in copies)
+
+    run(main)
+
+
+def test_a_connection_closed_before_the_request_is_written_reports_instead_of_raising() -> None:
+    """The peer resets a new connection between the handshake and the first write (a chaos
+    shadow that resets at accept): sending on it must report an error to the sink (from the
+    loop), not raise from the closed transport, and must not put it back in the pool."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        class Reset(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sock = transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                transport.abort()
+
+        srv = await loop.create_server(Reset, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        ep = endpoint(port)
+        lane = lane_to(ep)
+        conn = await ep.connect()
+        await until(lambda: conn.state == ConnState.CLOSED, what="reset by the server")
+        c = Copy(lane, "/never-sent")
+        c.copy.retried = True  # its one retry is spent: the error ends it
+        conn.send_request(head("GET", "/never-sent"), c.copy, 2.0)
+        conn.end_request()
+        assert (await c.ended).outcome == ERROR
+        assert conn.state == ConnState.CLOSED
+        assert ep.get_idle() is None and ep.open == 0
+        srv.close()
 
     run(main)

@@ -91,3 +91,64 @@ def test_workers_gauges_add_up_over_workers(
             wait_until(lambda: in_flight() == n, T, "in-flight copies summed over workers")
         except TimeoutError:
             assert in_flight() == n  # shows the number
+
+
+def test_a_killed_worker_is_restarted_and_the_other_keeps_serving(
+    backend: RecordingBackend, proxy_factory: ProxyFactory
+) -> None:
+    """`kill -9` of one of two workers under load: every request sent on a fresh connection
+    meanwhile is answered (the kernel gives new connections to the live listener; only the
+    dead worker's in-flight ones may fail), and a new worker takes its place."""
+    import os
+    import signal
+    import threading
+
+    from support.configs import basic_config
+
+    proxy = started(proxy_factory, basic_config(backend.url), workers=2)
+    pids = workers_listening(proxy, 2, T)
+    victim, survivor = pids[0], pids[1]
+    results: list[int] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        i = 0
+        while not stop.is_set() and i < 5000:
+            i += 1
+            try:
+                results.append(get(proxy.port, f"/load/{i}", timeout=T).status)
+            except OSError as err:  # a connection the dead worker had accepted
+                failures.append(err)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(results) >= 50, T, "load running")
+    os.kill(victim, signal.SIGKILL)
+    new = wait_until(
+        lambda: [p for p in proxy.worker_pids() if p not in pids] or None, 2 * T, "a new worker"
+    )
+    assert survivor in proxy.worker_pids()
+    workers_listening(proxy, 2, T)
+    before = len(results)
+    wait_until(lambda: len(results) >= before + 100, 2 * T, "load served after the restart")
+    stop.set()
+    for t in threads:
+        t.join(T)
+    assert set(results) == {200}
+    # only connections the killed worker held can fail: the one each load thread had in
+    # flight, and a few the kernel queued on its listener until its exit closed it
+    assert len(failures) <= 3 * len(threads), failures
+    assert proxy.alive()
+    assert "restarting it" in proxy.stderr_text()
+    assert len(new) == 1
+
+    # the admin listener (worker 0's) answers whichever worker died
+    def admin_answers() -> bool:
+        try:
+            return scrape(proxy).sum("shadowlane_requests_total") > 0
+        except OSError:
+            return False  # a restarted worker 0 binds the admin port just after the listener
+
+    wait_until(admin_answers, T, "admin answers")

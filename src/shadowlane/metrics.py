@@ -93,6 +93,23 @@ BUCKETS: tuple[float, ...] = (
     30.0,
 )
 
+#: Upper bounds of `shadowlane_loop_lag_seconds`: fine below 2 ms, where a healthy loop lives,
+#: so a percentile like p99.9 < 2 ms can be read off the buckets.
+LOOP_LAG_BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+
 #: What a comparison of a primary and a shadow answer found; see docs/metrics.md.
 COMPARISON_RESULTS: tuple[str, ...] = ("match", "diff", "noise", "dropped")
 
@@ -340,6 +357,14 @@ class Metrics:
             self._render_registry = CollectorRegistry()
             MultiProcessCollector(self._render_registry, path=multiprocess_dir)  # type: ignore[no-untyped-call]
 
+        self._loop_lag = Histogram(
+            "shadowlane_loop_lag_seconds",
+            "How late the event loop woke a probe task that sleeps admin.loop_lag_probe at a "
+            "time: what anything ready to run (a request) waited for the loop.",
+            (),
+            buckets=LOOP_LAG_BUCKETS,
+            registry=self.registry,
+        )
         self._requests = Counter(
             "shadowlane_requests",
             "Requests answered to clients, by route, primary backend and status code.",
@@ -415,6 +440,15 @@ class Metrics:
             ("route", "direction"),
             registry=self.registry,
         )
+        self._limited = Counter(
+            "shadowlane_downstream_limited",
+            "Client connections or requests a downstream limit ended, by limit: connections "
+            "and fds (closed at accept), header_timeout and body_rate (408), overload (503).",
+            ("limit",),
+            registry=self.registry,
+        )
+        #: counted on the loop, flushed by it
+        self._limited_tallies: dict[str, _CounterTally] = {}
         #: counted on the loop (no lock: the loop also flushes them)
         self._record_tallies: dict[tuple[str, str, str], _CounterTally] = {}
         #: counted by the record writer's thread: under `_record_lock`, as comparisons are
@@ -460,6 +494,19 @@ class Metrics:
             self.declare_shadow(route, target)
             tally = self._shadow_tallies[(route, target, outcome)]
         tally.n += n
+
+    def limit_hit(self, limit: str) -> None:
+        """Count one connection or request a downstream limit ended (rare: not the hot path)."""
+        tally = self._limited_tallies.get(limit)
+        if tally is None:
+            tally = self._limited_tallies[limit] = _CounterTally(self._limited.labels(limit))
+        tally.n += 1
+
+    def declare_limits(self, limits: Iterable[str]) -> None:
+        """Create the limit series at zero, so `rate()` works before the first hit."""
+        for limit in limits:
+            if limit not in self._limited_tallies:
+                self._limited_tallies[limit] = _CounterTally(self._limited.labels(limit))
 
     def record_outcome(self, route: str, target: str, outcome: str, n: int = 1) -> None:
         """Count `n` requests of a recording (on the event loop): sampled_out, skipped_body,
@@ -525,6 +572,8 @@ class Metrics:
         for counter in list(self._request_tallies.values()):
             counter.flush()
         for counter in list(self._shadow_tallies.values()):
+            counter.flush()
+        for counter in list(self._limited_tallies.values()):
             counter.flush()
         with self._comparison_lock:
             pending = [(c, c.take()) for c in self._comparison_tallies.values()]
@@ -630,6 +679,10 @@ class Metrics:
             self._tunnel_bytes.labels(route, direction)
 
     # -- setup and scrape -----------------------------------------------------------------------
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        """One wake-up delay of the loop-lag probe (app/loop_probe.py); on the event loop."""
+        self._loop_lag.observe(seconds)
 
     def declare_shadow(self, route: str, target: str) -> None:
         """Create every outcome and result series of a (route, target) pair, at zero.

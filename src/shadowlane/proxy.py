@@ -28,6 +28,7 @@ from shadowlane.wire.headers import (
     upstream_request_headers,
 )
 from shadowlane.wire.messages import Headers, Request
+from shadowlane.wire.overload import REFUSE, SHED, OverloadState
 from shadowlane.wire.server import Exchange
 from shadowlane.wire.upstream import (
     BackendPool,
@@ -108,6 +109,7 @@ class Proxy:
         shadow: ShadowDispatcher | None = None,
         access_log: AccessLog | None = None,
         proto: bytes = b"http",
+        overload: OverloadState | None = None,
     ) -> None:
         self.routes = routes
         self.runtimes = runtimes
@@ -116,6 +118,9 @@ class Proxy:
         self.shadow = shadow
         self.access_log = access_log
         self.proto = proto
+        #: the listener's overload level (written by its sweep): one int compare per request
+        self.overload = overload if overload is not None else OverloadState()
+        self._retry_after: Headers = [(b"retry-after", b"1")]
         self.loop = asyncio.get_running_loop()
         #: bound once: `loop.time()` by name costs a method lookup per call
         self.time: Callable[[], float] = self.loop.time
@@ -125,6 +130,9 @@ class Proxy:
     def handle(self, exchange: Exchange) -> None:
         req = exchange.request
         t0 = self.time()
+        if self.overload.level >= REFUSE:
+            self._refuse(exchange, t0)
+            return
         route = self.routes.match(req)
         if route is None:
             exchange.respond(404, b"no route matches this request\n")
@@ -145,6 +153,17 @@ class Proxy:
         ):
             return
         ProxyCall(self, exchange, rt, backend, t0).start()
+
+    def _refuse(self, exchange: Exchange, t0: float) -> None:
+        """Overloaded: 503 with Retry-After before routing, so no backend sees the request
+        (Envoy's stop_accepting_requests action). The connection closes: a client that
+        retries comes back on a new one, which a load balancer may send elsewhere."""
+        after = str(self.overload.retry_after).encode()
+        if self._retry_after[0][1] != after:
+            self._retry_after = [(b"retry-after", after)]
+        exchange.respond(503, b"overloaded, retry later\n", close=True, headers=self._retry_after)
+        self.metrics.limit_hit("overload")
+        self._answered(exchange.request, "", 503, t0)
 
     def _answered(self, req: Request, route: str, status: int, t0: float) -> None:
         """Account for an answer the proxy gave itself, before any backend was chosen."""
@@ -237,11 +256,12 @@ class ProxyCall(ResponseSink):
         shadows = rt.shadows
         #: this request's shadowing, from the dispatcher it started with (a reload may swap
         #: the proxy's); None when no shadow of the route took it
-        self.ticket: ShadowTicket | None = (
-            shadow.begin(shadows, req, headers, fwd, backend.name)
-            if shadow is not None and shadows is not None
-            else None
-        )
+        self.ticket: ShadowTicket | None = None
+        if shadow is not None and shadows is not None:
+            if proxy.overload.level >= SHED:
+                shadow.shed(shadows)  # overloaded: shadow work goes first
+            else:
+                self.ticket = shadow.begin(shadows, req, headers, fwd, backend.name)
         #: the primary's answer as it streams by, when a compared shadow needs it
         self.capture: PrimaryCapture | None = (
             self.ticket.capture if self.ticket is not None else None

@@ -40,6 +40,7 @@ SHADOW_TERMINAL = (
     "skipped_answer",
     "skipped_upgrade",
     "skipped_primary",
+    "shed",
     "dropped",
     "ok",
     "error",

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import os
+import resource
 import signal
 import ssl
 import sys
@@ -26,10 +28,11 @@ from shadowlane.admin.control_api import install_control_api
 from shadowlane.admin.migrations_api import install_migrations_api
 from shadowlane.app.access_log import AccessLogger
 from shadowlane.app.generation import Generation, build_generation, records
+from shadowlane.app.loop_probe import probe_loop_lag
 from shadowlane.app.tls import build_tls, tls_shape
 from shadowlane.compare.analysis import Analysis
 from shadowlane.compare.engine import Comparator
-from shadowlane.config import Config, ConfigError
+from shadowlane.config import Config, ConfigError, LimitsConfig
 from shadowlane.control import Control
 from shadowlane.importers import ConfigSource
 from shadowlane.metrics import Metrics
@@ -39,7 +42,15 @@ from shadowlane.record import RecordWriter
 from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
 from shadowlane.upgrades import UpgradeCall, Upgrades
 from shadowlane.wire.h2_server import H2Listener
-from shadowlane.wire.server import ServerLimits, ServerState
+from shadowlane.wire.overload import LEVEL_NAMES, OverloadState
+from shadowlane.wire.server import (
+    LIMIT_BODY_RATE,
+    LIMIT_CONNECTIONS,
+    LIMIT_FDS,
+    LIMIT_HEADER_TIMEOUT,
+    ServerLimits,
+    ServerState,
+)
 from shadowlane.wire.tunnel import TunnelSet
 
 __all__ = ["Instance", "ListenError", "ReadyHook", "bound_address"]
@@ -53,6 +64,8 @@ _COMPARATOR_KEYS = (
     "flush_interval",
     "batch",
     "cpu_share",
+    "processes",
+    "nice",
     "examples_per_field",
     "retention",
     "thresholds",
@@ -75,6 +88,38 @@ class ListenError(OSError):
         reason = "address already in use" if err.errno == errno.EADDRINUSE else str(err)
         shown = f"[{host}]" if ":" in host else host
         super().__init__(err.errno, f"{key} {shown}:{port}: {reason}")
+
+
+def _fd_ceiling(reserve: int) -> int:
+    """The descriptor number past which an accepted connection is closed at once: the soft
+    RLIMIT_NOFILE less `reserve` (0: no check)."""
+    if not reserve:
+        return 0
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(soft - reserve, 1)
+
+
+def _apply_limits(limits: ServerLimits, overload: OverloadState, cfg: LimitsConfig) -> None:
+    """Write a config's limits into the listener's objects, in place (start and reload):
+    every open connection reads them from there."""
+    limits.max_header_size = cfg.max_header_size
+    limits.header_timeout = cfg.header_timeout
+    limits.idle_timeout = cfg.idle_timeout
+    limits.max_connections = cfg.max_connections
+    limits.max_fd = _fd_ceiling(cfg.fd_reserve)
+    limits.max_requests_per_connection = cfg.max_requests_per_connection
+    limits.min_body_rate = cfg.min_body_rate
+    limits.body_rate_window = cfg.body_rate_window
+    ov = cfg.overload
+    overload.configure(
+        ov.rss.shed_shadows,
+        ov.rss.refuse,
+        ov.in_flight.shed_shadows,
+        ov.in_flight.refuse,
+        math.ceil(ov.retry_after),
+    )
 
 
 def _kept_until_restart(old: Config, new: Config) -> list[str]:
@@ -209,6 +254,8 @@ class Instance:
         *,
         listen_port: int | None = None,
         on_ready: ReadyHook | None = None,
+        admin_port: int | None = None,
+        restarted: bool = False,
         source: ConfigSource | None = None,
     ):
         self.watch = watch
@@ -218,6 +265,10 @@ class Instance:
         )
         # with --workers and `listen: ...:0`, the parent resolved the port for all of them
         self.listen_port = listen_port
+        #: a restarted worker 0 binds the admin port its predecessor had (`admin.listen: :0`)
+        self.admin_port = admin_port
+        #: a worker the parent restarted: it serves even if the store is unreachable now
+        self.restarted = restarted
         self.on_ready = on_ready
         #: the bound addresses ("host:port"), known once start() has bound them
         self.listen_address = ""
@@ -241,6 +292,7 @@ class Instance:
         self.generation = self._build(cfg)
         self.tls = build_tls(cfg.tls, cfg.listen_http2) if cfg.tls is not None else None
         gen = self.generation
+        self.overload = OverloadState()
         self.proxy = Proxy(
             gen.routes,
             gen.runtimes,
@@ -249,6 +301,7 @@ class Instance:
             gen.proxy_shadow,
             self.access_log,
             proto=b"https" if self.tls is not None else b"http",
+            overload=self.overload,
         )
         #: the open tunnels (upgraded connections): they outlive a reload's generation
         self.tunnels = TunnelSet()
@@ -267,24 +320,53 @@ class Instance:
         )
         state_path = os.path.join(metrics_dir, "runtime.json") if metrics_dir else None
         self.control = Control(self._live, state_path, writer=worker_id == 0)
-        limits = cfg.limits
+        limits = ServerLimits()
+        _apply_limits(limits, self.overload, cfg.limits)
         self.state = ServerState(
-            self.proxy,
-            ServerLimits(limits.max_header_size, limits.header_timeout, limits.idle_timeout),
+            self.proxy, limits, overload=self.overload, on_limit=self.metrics.limit_hit
         )
         #: with `listen_http2`, each new connection is sniffed once (ALPN or the preface) and
         #: handed to HTTP/2 or to `self.state`'s HTTP/1.1; without it, nothing changes
         self.h2: H2Listener | None = (
-            H2Listener(self.proxy, self.state.limits, self.state, limits.max_concurrent_streams)
+            H2Listener(self.proxy, self.state.limits, self.state, cfg.limits.max_concurrent_streams)
             if cfg.listen_http2
             else None
         )
+        self._declare_limit_metrics()
         self.server: asyncio.base_events.Server | None = None
         self.admin: AdminApp | None = None
         self.stopped = asyncio.Event()
         self._draining = False
         #: follows (and may drive) the fleet's migrations and shared control; worker 0 only
         self.migrations: MigrationRuntime | None = None
+        #: the loop-lag probe's task, from start() while `admin.loop_lag_probe` > 0
+        self._lag_probe: asyncio.Task[None] | None = None
+
+    def _declare_limit_metrics(self) -> None:
+        metrics = self.metrics
+        metrics.declare_limits(
+            (LIMIT_CONNECTIONS, LIMIT_FDS, LIMIT_HEADER_TIMEOUT, LIMIT_BODY_RATE, "overload")
+        )
+        state, overload = self.state, self.overload
+        metrics.set_gauge_provider(
+            "shadowlane_downstream_connections",
+            "Client connections open now.",
+            (),
+            lambda: [((), float(len(state.connections)))],
+        )
+        metrics.set_gauge_provider(
+            "shadowlane_overload_level",
+            "The overload manager's level: 0 normal, 1 shedding shadow work, 2 refusing new "
+            "requests (503).",
+            (),
+            lambda: [((), float(overload.level))],
+        )
+        metrics.set_gauge_provider(
+            "shadowlane_overload_state",
+            "1 for the overload manager's current level, by name.",
+            ("level",),
+            lambda: [((name,), float(i == overload.level)) for i, name in enumerate(LEVEL_NAMES)],
+        )
 
     @property
     def cfg(self) -> Config:
@@ -302,7 +384,7 @@ class Instance:
         if cfg.migrations or any(
             sc.compare_enabled or sc.keeps_ledger for rc in cfg.routes for sc in rc.shadows
         ):
-            self.store = open_store(cfg.compare.store, cfg.compare)
+            self.store = open_store(cfg.compare.store, cfg.compare, wait_for_server=self.restarted)
             self.analysis = Analysis(self.store, cfg.compare.thresholds)
             self.comparator = Comparator.from_config(self.store, self.metrics, cfg.compare)
             comparator = self.comparator
@@ -313,10 +395,37 @@ class Instance:
                 lambda: [((), float(comparator.queued))],
             )
             self.metrics.set_gauge_provider(
+                "shadowlane_compare_store_pending_batches",
+                "Comparison batches waiting to be written: the store failed the last write "
+                "(they are retried at each flush, up to a bound).",
+                (),
+                lambda: [((), float(comparator.pending_batches))],
+            )
+            self.metrics.set_gauge_provider(
+                "shadowlane_compare_store_lost",
+                "Comparisons decided but never stored since start (their batch waited for the "
+                "store past the bound).",
+                (),
+                lambda: [((), float(comparator.stats["store_lost"]))],
+            )
+            self.metrics.set_gauge_provider(
                 "shadowlane_ledger_queued",
                 "Divergence ledger entries waiting for the comparison worker to store them.",
                 (),
                 lambda: [((), float(comparator.ledger_queued))],
+            )
+            self.metrics.set_gauge_provider(
+                "shadowlane_compare_children",
+                "Comparison child processes running (compare.processes when all is well).",
+                (),
+                lambda: [((), float(comparator.children_alive))],
+            )
+            self.metrics.set_gauge_provider(
+                "shadowlane_compare_child_restarts",
+                "Comparison children that died with a job (dropped) and were started again, "
+                "since this process started.",
+                (),
+                lambda: [((), float(comparator.stats["restarts"]))],
             )
 
     def _ensure_migrations(self, cfg: Config) -> None:
@@ -394,11 +503,8 @@ class Instance:
             return [str(err)]
         old, self.generation = self.generation, gen
         gen.serve_on(self.proxy)
-        # in place: every open connection reads the limits it was given at accept
-        limits = self.state.limits
-        limits.max_header_size = cfg.limits.max_header_size
-        limits.header_timeout = cfg.limits.header_timeout
-        limits.idle_timeout = cfg.limits.idle_timeout
+        # in place: every open connection reads the limits from there
+        _apply_limits(self.state.limits, self.overload, cfg.limits)
         if self.h2 is not None:  # for connections accepted from now on
             self.h2.max_streams = cfg.limits.max_concurrent_streams
         self.control.reset()
@@ -468,6 +574,7 @@ class Instance:
         except OSError as err:
             raise ListenError("listen", host, port, err) from None
         self.listen_address = bound_address(self.server)
+        self.state.start_sweeping()
         if self.worker_id == 0:
             token = os.environ.get(cfg.admin.token_env) if cfg.admin.token_env else None
             self.admin = AdminApp(self.metrics, token=token)
@@ -481,6 +588,8 @@ class Instance:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.migrations.primed.wait(), 15.0)
             ahost, aport = cfg.admin.listen_addr
+            if self.admin_port is not None:
+                aport = self.admin_port
             try:
                 admin_server = await self.admin.start(ahost, aport)
             except OSError as err:
@@ -493,6 +602,10 @@ class Instance:
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.control.start_polling()
         self.metrics.start_flushing(self.loop)
+        if cfg.admin.loop_lag_probe > 0:
+            self._lag_probe = self.loop.create_task(
+                probe_loop_lag(cfg.admin.loop_lag_probe, self.metrics.observe_loop_lag)
+            )
         if self.watch and self.source is not None:
             self._watcher: asyncio.Task[None] | None = self.loop.create_task(self._watch())
         if self.worker_id == 0:
@@ -546,6 +659,8 @@ class Instance:
             h2.close()
         await self.tunnels.drain(tunnels_deadline)
         self.control.stop()
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
         if self.migrations is not None:
             await self.migrations.stop()  # hands its leases over at once
         await self.generation.shadow.drain(min(5.0, self.cfg.limits.drain_timeout))

@@ -3,8 +3,10 @@
 `run()` serves one `Instance` on uvloop until it drained. `run_workers()` with `workers > 1`
 forks N workers that share the listen port through SO_REUSEPORT; the parent only supervises:
 it relays SIGTERM, SIGINT (drain) and SIGHUP (reload) to them, learns from a pipe when all of
-them accept connections (for `--ready-file`), stops the rest when one fails to start, and exits
-0 only when every worker did.
+them accept connections (for `--ready-file`), stops the rest when one fails to start, restarts
+a worker that dies once all served (nginx's master does the same: a `kill -9` or a crash of one
+worker costs its in-flight requests, never the listener), and exits 0 only when every worker
+of the last set did.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from typing import Any
 
 import orjson
@@ -73,6 +76,8 @@ async def _serve(
     listen_port: int | None,
     on_ready: ReadyHook | None,
     source: ConfigSource | None = None,
+    admin_port: int | None = None,
+    restarted: bool = False,
 ) -> None:
     inst = Instance(
         cfg,
@@ -84,6 +89,8 @@ async def _serve(
         listen_port=listen_port,
         on_ready=on_ready,
         source=source,
+        admin_port=admin_port,
+        restarted=restarted,
     )
     await inst.start()
     _tune_gc()
@@ -110,11 +117,23 @@ def run(
     listen_port: int | None = None,
     on_ready: ReadyHook | None = None,
     source: ConfigSource | None = None,
+    admin_port: int | None = None,
+    restarted: bool = False,
 ) -> int:
     _install_uvloop()
     asyncio.run(
         _serve(
-            cfg, config_path, worker_id, workers, metrics_dir, watch, listen_port, on_ready, source
+            cfg,
+            config_path,
+            worker_id,
+            workers,
+            metrics_dir,
+            watch,
+            listen_port,
+            on_ready,
+            source,
+            admin_port,
+            restarted,
         )
     )
     return 0
@@ -154,47 +173,94 @@ def run_workers(
     metrics_dir = tempfile.mkdtemp(prefix="shadowlane-metrics-")
     reset_multiprocess_dir(metrics_dir)
     ready_r, ready_w = os.pipe()
-    pids: list[int] = []
-    for i in range(workers):
+
+    def spawn(i: int, report_fd: int) -> int:
         pid = os.fork()
         if pid == 0:
-            os.close(ready_r)
+            if report_fd >= 0:
+                os.close(ready_r)
             reservation.close()
+            restarted = report_fd < 0
+            admin_port = readiness_admin_port() if restarted and i == 0 else None
             os._exit(
-                _worker(cfg, config_path, i, workers, metrics_dir, watch, port, ready_w, source)
+                _worker(
+                    cfg,
+                    config_path,
+                    i,
+                    workers,
+                    metrics_dir,
+                    watch,
+                    port,
+                    report_fd,
+                    source,
+                    admin_port,
+                    restarted,
+                )
             )
-        pids.append(pid)
-    os.close(ready_w)
+        return pid
+
     readiness = _Readiness(ready_r, workers, ready_file)
+
+    def readiness_admin_port() -> int | None:
+        admin = readiness.admin
+        return int(admin.rpartition(":")[2]) if admin else None
+
+    #: pid -> worker id, of the workers alive now
+    live: dict[int, int] = {spawn(i, ready_w): i for i in range(workers)}
+    os.close(ready_w)
     readiness.start()
+    stopping = False
+    restarts = _Restarts()
 
     def relay(signum: int, _frame: object) -> None:
-        for pid in pids:
+        nonlocal stopping
+        if signum != signal.SIGHUP:
+            stopping = True  # a worker that exits now is not replaced
+        for pid in list(live):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, relay)
     status = 0
-    remaining = set(pids)
-    while remaining:
+    while live:
         try:
             pid, code = os.wait()
         except InterruptedError:
             continue
         except ChildProcessError:
             break
-        if pid not in remaining:
+        worker_id = live.pop(pid, None)
+        if worker_id is None:
             continue
-        remaining.discard(pid)
         # a worker that is gone must stop counting in the summed gauges (queue depth, ...)
         mark_process_dead(pid, metrics_dir)
-        if os.waitstatus_to_exitcode(code) != 0:
-            status = 1
-            if not readiness.complete.is_set():
+        exit_code = os.waitstatus_to_exitcode(code)
+        if not readiness.complete.is_set():
+            if exit_code != 0:
+                status = 1
                 # a worker that fails before the whole set serves (its admin port is taken,
                 # say) fails the start: serving with a hole, or without admin, is worse
                 relay(signal.SIGTERM, None)
+            continue
+        if stopping:
+            if exit_code != 0:
+                status = 1
+            continue
+        how = f"signal {-exit_code}" if exit_code < 0 else f"exit code {exit_code}"
+        delay = restarts.delay(worker_id)
+        log.error(
+            "worker %d (pid %d) died (%s); restarting it%s",
+            worker_id,
+            pid,
+            how,
+            f" in {delay:.1f}s" if delay else "",
+        )
+        if delay:
+            time.sleep(delay)  # a worker that dies at once again must not spin the parent
+            if stopping:
+                continue
+        live[spawn(worker_id, -1)] = worker_id
     readiness.complete.set()  # nobody will report any more
     reservation.close()
     remove_ready_file(ready_file)
@@ -212,11 +278,15 @@ def _worker(
     port: int,
     ready_w: int,
     source: ConfigSource | None = None,
+    admin_port: int | None = None,
+    restarted: bool = False,
 ) -> int:
     """One forked worker's life; its exit code. A start-up error is printed here, since the
     parent's CLI never sees a child's exception."""
 
     def report(listen: str, admin: str | None) -> None:
+        if ready_w < 0:
+            return  # a restarted worker: the set was reported ready long ago
         line = orjson.dumps({"worker": worker_id, "listen": listen, "admin": admin}) + b"\n"
         os.write(ready_w, line)  # one short write to a pipe: atomic (< PIPE_BUF)
         os.close(ready_w)
@@ -232,6 +302,8 @@ def _worker(
             listen_port=port,
             on_ready=report,
             source=source,
+            admin_port=admin_port,
+            restarted=restarted,
         )
     except OSError as err:
         print(
@@ -247,6 +319,24 @@ def _worker(
         return 1
 
 
+class _Restarts:
+    """How long to wait before restarting a worker: at once, unless it died within
+    `window` seconds of its last restart, then doubling from 0.5 s up to 10 s."""
+
+    def __init__(self, window: float = 10.0) -> None:
+        self.window = window
+        self._last: dict[int, tuple[float, float]] = {}  # worker id -> (restarted at, delay)
+
+    def delay(self, worker_id: int) -> float:
+        now = time.monotonic()
+        last = self._last.get(worker_id)
+        delay = 0.0
+        if last is not None and now - last[0] < self.window:
+            delay = min(max(last[1] * 2, 0.5), 10.0)
+        self._last[worker_id] = (now + delay, delay)
+        return delay
+
+
 class _Readiness(threading.Thread):
     """The parent's side of the workers' ready reports: once every worker said it listens,
     write the ready file (listen address and worker 0's admin address, the parent's PID)."""
@@ -257,6 +347,8 @@ class _Readiness(threading.Thread):
         self.workers = workers
         self.ready_file = ready_file
         self.complete = threading.Event()
+        #: worker 0's admin address once reported ("host:port")
+        self.admin: str | None = None
 
     def run(self) -> None:
         reports: dict[int, dict[str, Any]] = {}
@@ -266,6 +358,8 @@ class _Readiness(threading.Thread):
                 reports[int(report["worker"])] = report
                 if len(reports) == self.workers:
                     break
+        if 0 in reports:
+            self.admin = reports[0]["admin"]
         if len(reports) < self.workers or self.complete.is_set():
             return
         if self.ready_file is not None:

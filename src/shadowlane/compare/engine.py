@@ -1,11 +1,17 @@
 """The comparison engine: decide each job, count it, and hand sums to the store in batches.
 
-Why a thread and a bounded queue: parsing and diffing answers is CPU work that must never run
-on the event loop, and the store may be slow or remote. `Comparator.submit` is a non-blocking
-append to a bounded deque that the worker polls (no wake-up per job); when it is full the job
-is dropped and counted (`dropped`), so memory stays bounded by `queue_size` jobs plus one batch
-whatever the store does. The worker decides
-each job (match / noise / diff), counts it in the metrics at once, adds it to a `Batch`, and
+Why child processes, a thread and a bounded queue: parsing and diffing answers is CPU work that
+must never run on the event loop, nor hold the GIL the loop needs (a ~1 MiB JSON answer holds
+it for tens of milliseconds), and the store may be slow or remote. `Comparator.submit` is a
+non-blocking append to a bounded deque (no wake-up per job); when it is full the job is dropped
+and counted (`dropped`), so memory stays bounded by `queue_size` jobs plus one in flight per
+child plus one batch, whatever the store does. With `processes` >= 1 (the default: 1), one
+feeder thread per comparison child takes the next job, sends it to its child (compare/pool.py:
+the bodies are written raw, once, with the GIL released) and waits for the `Decision`; the
+child parses, diffs and builds the example (compare/worker.py). A child that dies is started
+again and the job it held is counted as dropped. With `processes: 0` the feeder decides jobs
+itself, in this process (the pre-0.x behaviour, for tests and for machines that cannot fork).
+Each decision is counted in the metrics at once; the collector thread adds it to a `Batch` and
 writes the batch every `flush_interval` or every `batch` jobs.
 
 The divergence ledger takes the same road: `record_divergence` is a non-blocking append to a
@@ -23,8 +29,17 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from shadowlane.compare.diff import Lifted, answer_doc, diff, lift, request_text, values_of
-from shadowlane.compare.model import CompareJob
+from shadowlane.compare.diff import (
+    EXAMPLE_VALUES,
+    Lifted,
+    answer_doc,
+    diff,
+    lift,
+    request_text,
+    values_of,
+)
+from shadowlane.compare.model import CompareJob, Decision
+from shadowlane.compare.pool import ChildDied, ChildProcess
 from shadowlane.compare.settings import DEFAULT_SETTINGS, CompareSettings
 from shadowlane.store import Batch, Divergence, Example, Store
 from shadowlane.store.batch import latency_bucket
@@ -41,6 +56,13 @@ SWEEP_INTERVAL_MAX = 600.0
 REST_QUANTUM = 0.005
 #: how long new jobs may wait before the worker looks (it is not woken per job, see `_jobs`)
 POLL_INTERVAL = 0.02
+#: a child that cannot be started is tried again after this long (its jobs meanwhile drop)
+RESTART_BACKOFF = 1.0
+#: settings objects remembered by token; past this many (many reloads) the table starts over
+SETTINGS_TOKENS_MAX = 4096
+#: batches kept to retry while the store is down: with the default 1 s flush interval, about
+#: two minutes of outage (a batch is sums and a few examples: kilobytes, not the answers)
+PENDING_BATCHES = 120
 
 
 class ComparisonCounter(Protocol):
@@ -148,6 +170,15 @@ def make_example(job: CompareJob, out: Outcome, ts: float) -> Example:
     )
 
 
+def example_paths(differing: list[str]) -> list[str]:
+    """The fields an example pair is kept for: the first `EXAMPLE_VALUES` differing ones, the
+    same whose two values the example shows. An answer that differs in thousands of leaves
+    (a changed array of records) would otherwise make every flush link and trim thousands of
+    example rows, which took seconds of the store's time per flush and, on the collector
+    thread, the GIL from the event loop; the fields past the cap are still counted."""
+    return differing[:EXAMPLE_VALUES]
+
+
 def record(batch: Batch, job: CompareJob, out: Outcome) -> None:
     """Add one decided job to a batch: totals, per-field counts, latency, an example."""
     route, target = job.route, job.target
@@ -165,7 +196,82 @@ def record(batch: Batch, job: CompareJob, out: Outcome) -> None:
         batch.add_latency(route, target, "shadow", job.candidate.seconds)
     if out.differing:
         ts = job.ts or time.time()
-        batch.add_example(route, target, out.differing, ts, lambda: make_example(job, out, ts))
+        batch.add_example(
+            route, target, example_paths(out.differing), ts, lambda: make_example(job, out, ts)
+        )
+
+
+def decide(job: CompareJob) -> Decision:
+    """Everything a comparison costs, in one call: lift, diff, classify, and the example pair
+    when anything differs. Run by the comparison child (or the feeder with `processes: 0`)."""
+    out = evaluate(job)
+    example: dict[str, object] | None = None
+    if out.differing:
+        ts = job.ts or time.time()
+        ex = make_example(job, out, ts)
+        example = {name: getattr(ex, name) for name in _EXAMPLE_FIELDS}
+    return Decision(out.result, out.differing, out.noise, example)
+
+
+_EXAMPLE_FIELDS = (
+    "route",
+    "target",
+    "ts",
+    "request_id",
+    "method",
+    "uri",
+    "request_body",
+    "primary",
+    "candidate",
+    "differing",
+    "noise",
+)
+
+
+@dataclass(slots=True)
+class Pending:
+    """What the proxy's process keeps of a job handed to a child: enough to count and store
+    its decision, or to count it as dropped if the child dies (the bodies are not kept)."""
+
+    route: str
+    target: str
+    primary_failure: str
+    primary_seconds: float
+    candidate_failure: str
+    candidate_seconds: float
+    ts: float
+
+    @classmethod
+    def of(cls, job: CompareJob) -> Pending:
+        p, c = job.primary, job.candidate
+        return cls(job.route, job.target, p.failure, p.seconds, c.failure, c.seconds, job.ts)
+
+
+def record_decision(batch: Batch, job: Pending, d: Decision) -> None:
+    """`record` for a decision made elsewhere: the same sums, and the example as built."""
+    route, target = job.route, job.target
+    batch.add_total(route, target, d.result)
+    noise = set(d.noise)
+    differing = set(d.differing)
+    for path in d.differing:
+        batch.add_field(route, target, path, 1, 1 if path in noise else 0)
+    for path in d.noise:
+        if path not in differing:
+            batch.add_field(route, target, path, 0, 1)
+    if not job.primary_failure:
+        batch.add_latency(route, target, "primary", job.primary_seconds)
+    if not job.candidate_failure:
+        batch.add_latency(route, target, "shadow", job.candidate_seconds)
+    fields = d.example
+    if d.differing and fields is not None:
+        ts = job.ts or float(fields.get("ts") or time.time())  # type: ignore[arg-type]
+        batch.add_example(
+            route,
+            target,
+            example_paths(d.differing),
+            ts,
+            lambda: Example(**fields),  # type: ignore[arg-type]
+        )
 
 
 class _MatchTally:
@@ -185,7 +291,8 @@ class _MatchTally:
 
 
 class Comparator:
-    """Runs comparisons on a worker thread; `submit` is the only call the event loop makes."""
+    """Runs comparisons off the event loop (child processes, or a thread with `processes=0`);
+    `submit` and `record_divergence` are the only calls the event loop makes."""
 
     def __init__(
         self,
@@ -197,9 +304,14 @@ class Comparator:
         batch: int = 500,
         sweep_interval: float | None = None,
         cpu_share: float = 0.25,
+        processes: int = 1,
+        nice: int = 0,
+        child_command: list[str] | None = None,
     ) -> None:
         if not 0.0 < cpu_share <= 1.0:
             raise ValueError("cpu_share must be in (0, 1]")
+        if processes < 0:
+            raise ValueError("processes must be >= 0")
         self.store = store
         self.metrics = metrics
         self.queue_size = queue_size
@@ -211,18 +323,22 @@ class Comparator:
             if sweep_interval is not None
             else max(1.0, min(SWEEP_INTERVAL_MAX, retention / 10))
         )
-        #: At most this share of wall time is spent comparing. The worker holds the GIL while it
-        #: lifts and diffs, so without a cap a flood of comparisons would take interpreter time
-        #: from the event loop, i.e. from requests. Past the cap the queue fills and jobs drop.
+        #: At most this share of wall time is spent comparing, per feeder. With `processes: 0`
+        #: the feeder holds the GIL while it lifts and diffs, so without a cap a flood of
+        #: comparisons would take interpreter time from the event loop; with children it keeps
+        #: each child to that share of a core. Past the cap the queue fills and jobs drop.
         self.cpu_share = cpu_share
         self._rest_ratio = 1.0 / cpu_share - 1.0
-        self._owed = 0.0
+        #: comparison children, one per feeder thread; empty: the one feeder decides in-process
+        self.children = [ChildProcess(child_command, nice) for _ in range(processes)]
         #: Jobs waiting. A deque, not a queue.Queue: `append` and `popleft` are atomic under
         #: the GIL, so a submit takes no lock and wakes no thread. A Queue's put notifies the
         #: waiting worker every time, and at thousands of jobs a second those wake-ups and the
         #: GIL hand-overs they cause cost the event loop more than the comparisons themselves
-        #: (futex and context switches were half the proxy's CPU). The worker polls instead.
+        #: (futex and context switches were half the proxy's CPU). The feeders poll instead.
         self._jobs: deque[CompareJob] = deque()
+        #: decided (or lost: None) jobs, from the feeders to the collector that batches them
+        self._decided: deque[tuple[Pending, Decision | None]] = deque()
         #: identical answers decided by `submit`, per (route, target), until the worker takes
         #: them (`_take_matches` swaps the dict under the lock)
         self._matches: dict[tuple[str, str], _MatchTally] = {}
@@ -230,20 +346,33 @@ class Comparator:
         #: divergence ledger entries waiting for the next flush: the same lock-free deque as
         #: `_jobs`, bounded by `queue_size` too
         self._divergences: deque[Divergence] = deque()
-        #: accepted by submit (loop thread only) / decided and written (worker only)
+        #: accepted by submit (loop thread only) / decided and written (collector only)
         self._accepted = 0
         self._written = 0
-        #: the same for ledger entries: recorded / written or given up on (by the worker)
+        #: the same for ledger entries: recorded / written or given up on (by the collector)
         self._div_accepted = 0
         self._div_written = 0
-        #: `stats["ledger_dropped"]` is counted by both threads (a full queue on the loop, a
-        #: failed write on the worker): a `+=` on a dict item is not atomic across threads
-        self._ledger_stats_lock = threading.Lock()
+        #: `stats` is counted by several threads (the loop, the feeders, the collector): a
+        #: `+=` on a dict item is not atomic across threads
+        self._stats_lock = threading.Lock()
+        #: settings object id -> (the object, its token): children are sent each once
+        self._tokens: dict[int, tuple[CompareSettings, int]] = {}
+        self._tokens_lock = threading.Lock()
+        self._next_token = 1
         self._wake = threading.Event()
+        #: set by stop(): feeders stop resting and waiting
+        self._stop_event = threading.Event()
         self._written_cond = threading.Condition()
         self._flush_asked = False
+        #: batches a store write failed on, oldest first, written before the next one (worker
+        #: only); at most `PENDING_BATCHES`, then the oldest is dropped and counted
+        self._pending: deque[Batch] = deque()
+        self._outage_since: float | None = None
         self._worker: threading.Thread | None = None
+        self._feeders: list[threading.Thread] = []
         self._stopping = False
+        #: stop() ran out of time: what is still queued is dropped, not compared
+        self._abandon = False
         #: counters for status pages and tests
         self.stats = {
             "submitted": 0,
@@ -252,17 +381,21 @@ class Comparator:
             "errors": 0,
             "flushes": 0,
             "write_errors": 0,
+            #: comparisons decided but never stored: their batch waited past the bound
+            "store_lost": 0,
             "swept": 0,
             #: ledger entries taken / not stored (queue full, stopped, or their write failed)
             "ledger_recorded": 0,
             "ledger_dropped": 0,
+            #: comparison children that died with a job and were started again
+            "restarts": 0,
         }
 
     @classmethod
     def from_config(
         cls, store: Store, metrics: ComparisonCounter | None, cfg: CompareConfig
     ) -> Comparator:
-        """A comparator with the queue and batching of the `compare:` config block."""
+        """A comparator with the queue, batching and children of the `compare:` config block."""
         return cls(
             store,
             metrics,
@@ -270,7 +403,13 @@ class Comparator:
             flush_interval=cfg.flush_interval,
             batch=cfg.batch,
             cpu_share=cfg.cpu_share,
+            processes=cfg.processes,
+            nice=cfg.nice,
         )
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[key] += n
 
     # -- event loop side -----------------------------------------------------------------------
 
@@ -278,10 +417,10 @@ class Comparator:
         """Queue a job without blocking; False (and `dropped` counted) when full or stopped.
 
         Byte-identical answers (`identical_answers`, the common case) are decided here, on the
-        loop: comparing two equal byte strings costs less than handing the job to the worker,
-        which wakes it and makes the two threads trade the GIL. They are tallied (count and both
-        latencies) and the worker takes the tally into its next batch, so they are stored and
-        reported like every other comparison.
+        loop: comparing two equal byte strings (a memcmp bounded by the capture cap, about
+        50 us for 1 MiB) costs less than handing the job over. They are tallied (count and both
+        latencies) and the collector takes the tally into its next batch, so they are stored
+        and reported like every other comparison. Nothing else is parsed or diffed here.
         """
         if self._stopping:
             return self._drop(job)
@@ -304,8 +443,8 @@ class Comparator:
         self._jobs.append(job)
         return True
 
-    def _drop(self, job: CompareJob) -> bool:
-        self.stats["dropped"] += 1
+    def _drop(self, job: CompareJob | Pending) -> bool:
+        self._count("dropped")
         if self.metrics is not None:
             self.metrics.comparison(job.route, job.target, "dropped")
         return False
@@ -316,8 +455,7 @@ class Comparator:
         stopped. Counting the divergence itself (`Metrics.divergence`) is the caller's: it
         knows what happened, this only keeps the record."""
         if self._stopping or len(self._divergences) >= self.queue_size:
-            with self._ledger_stats_lock:
-                self.stats["ledger_dropped"] += 1
+            self._count("ledger_dropped")
             if self.metrics is not None:
                 self.metrics.ledger_dropped(d.route, d.target)
             return False
@@ -336,6 +474,11 @@ class Comparator:
         """Ledger entries waiting for the next flush (for a gauge)."""
         return len(self._divergences)
 
+    @property
+    def children_alive(self) -> int:
+        """Comparison children running now (for a gauge)."""
+        return sum(1 for c in self.children if c.proc is not None)
+
     # -- life cycle ----------------------------------------------------------------------------
 
     def start(self) -> Comparator:
@@ -343,18 +486,48 @@ class Comparator:
             self._worker = threading.Thread(
                 target=self._run, name="shadowlane-comparator", daemon=True
             )
+            links: list[ChildProcess | None] = list(self.children) or [None]
+            for i, child in enumerate(links):
+                if child is not None:
+                    try:
+                        child.start()  # now, so the first comparison does not wait for it
+                    except ChildDied as exc:
+                        log.warning("%s; it is tried again at the next comparison", exc)
+                self._feeders.append(
+                    threading.Thread(
+                        target=self._feed,
+                        args=(child,),
+                        name=f"shadowlane-compare-feeder-{i}",
+                        daemon=True,
+                    )
+                )
+            for t in self._feeders:
+                t.start()
             self._worker.start()
         return self
 
+    @property
+    def pending_batches(self) -> int:
+        """Batches waiting for the store to take them (it failed the last write)."""
+        return len(self._pending)
+
     def stop(self, timeout: float = 10.0) -> bool:
-        """Compare what is queued, flush, and join; False if the worker did not end in time."""
+        """Compare what is queued, flush, and join; False if that did not end in time (what
+        is left is then dropped, counted, and the children are killed)."""
         self._stopping = True
+        self._stop_event.set()
         thread = self._worker
         if thread is None:
             return True
         self._wake.set()
         thread.join(timeout)
-        return not thread.is_alive()
+        if not thread.is_alive():
+            return True
+        self._abandon = True
+        for child in self.children:
+            child.kill()
+        thread.join(5.0)
+        return False
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Block until every accepted job is compared and written, and every recorded ledger
@@ -374,33 +547,120 @@ class Comparator:
                 self._written_cond.wait(min(remaining, POLL_INTERVAL))
         return True
 
-    # -- worker --------------------------------------------------------------------------------
+    # -- feeders -------------------------------------------------------------------------------
+
+    def _token(self, job: CompareJob) -> tuple[int, CompareSettings | None]:
+        settings = job.settings if isinstance(job.settings, CompareSettings) else None
+        if settings is None:
+            return 0, None
+        with self._tokens_lock:
+            entry = self._tokens.get(id(settings))
+            if entry is not None and entry[0] is settings:
+                return entry[1], settings
+            if len(self._tokens) >= SETTINGS_TOKENS_MAX:
+                self._tokens.clear()  # tokens are never reused, so children cannot mix them up
+            token = self._next_token
+            self._next_token += 1
+            self._tokens[id(settings)] = (settings, token)
+            return token, settings
+
+    def _feed(self, child: ChildProcess | None) -> None:
+        """One feeder: take a job, have it decided (by `child`, or here), hand on the decision.
+
+        It rests after each job so that comparing takes at most `cpu_share` of its wall time,
+        and waiting for work counts as rest already taken.
+        """
+        jobs = self._jobs
+        owed = 0.0
+        last_death = -RESTART_BACKOFF
+        while True:
+            try:
+                job = jobs.popleft()
+            except IndexError:
+                if self._stopping:
+                    break
+                waited = time.monotonic()
+                self._stop_event.wait(POLL_INTERVAL)
+                owed = max(0.0, owed - (time.monotonic() - waited))
+                continue
+            pending = Pending.of(job)
+            if self._abandon:
+                self._drop(pending)
+                self._decided.append((pending, None))
+                continue
+            started = time.perf_counter()
+            decision: Decision | None
+            if child is None:
+                try:
+                    decision = decide(job)
+                except Exception:
+                    log.exception("comparison of %s %s failed", job.method, job.uri)
+                    decision = Decision("error", [], [])
+            else:
+                token, settings = self._token(job)
+                try:
+                    decision = child.compare(job, token, settings)
+                except ChildDied as exc:
+                    decision = None
+                    now = time.monotonic()
+                    if not self._abandon:
+                        log.warning("%s; its comparison is dropped, starting another", exc)
+                        self._count("restarts")
+                        if now - last_death < RESTART_BACKOFF:
+                            self._stop_event.wait(RESTART_BACKOFF)  # dying at once: slow down
+                    last_death = now
+            del job  # the bodies go now, not when the next job comes
+            self._settle(pending, decision)
+            if child is None:
+                spent = time.perf_counter() - started
+            else:
+                spent = decision.cpu if decision is not None else 0.0
+            owed += spent * self._rest_ratio
+            # no resting once stop() was called: finishing the backlog quickly is what a
+            # draining process needs, and the event loop is winding down anyway
+            if owed >= REST_QUANTUM and not self._stopping:
+                self._stop_event.wait(owed)
+                owed = 0.0
+        if child is not None:
+            child.close()
+
+    def _settle(self, pending: Pending, decision: Decision | None) -> None:
+        if decision is None:
+            self._drop(pending)
+        elif decision.result == "error":
+            self._count("errors")
+        else:
+            self._count("compared")
+            if self.metrics is not None:
+                self.metrics.comparison(pending.route, pending.target, decision.result)
+        self._decided.append((pending, decision))
+
+    # -- collector -----------------------------------------------------------------------------
 
     def _run(self) -> None:
         batch = self._new_batch()
         next_flush = time.monotonic() + self.flush_interval
         next_sweep = time.monotonic()
-        jobs = self._jobs
+        decided = self._decided
         while True:
             now = time.monotonic()
             if now >= next_sweep:
                 self._sweep()
                 next_sweep = now + self.sweep_interval
-            while jobs:
-                job = jobs.popleft()
-                started = time.perf_counter()
-                self._decide(batch, job)
-                self._owed += (time.perf_counter() - started) * self._rest_ratio
+            while decided:
+                pending, decision = decided.popleft()
+                batch.jobs += 1  # owed to wait_idle at the next flush, whatever it was
+                if decision is not None and decision.result != "error":
+                    try:
+                        record_decision(batch, pending, decision)
+                    except Exception:
+                        log.exception("recording a comparison of %s failed", pending.route)
                 if batch.jobs >= self.batch_size:
                     self._flush(batch)
                     batch = self._new_batch()
                     next_flush = time.monotonic() + self.flush_interval
-                # no resting once stop() was called: finishing the backlog quickly is what a
-                # draining process needs, and the event loop is winding down anyway
-                if self._owed >= REST_QUANTUM and not self._stopping:
-                    time.sleep(self._owed)
-                    self._owed = 0.0
             stopping = self._stopping
+            fed = stopping and not any(t.is_alive() for t in self._feeders)
             if (
                 self._flush_asked
                 or stopping
@@ -411,13 +671,13 @@ class Comparator:
                 self._flush(batch)
                 batch = self._new_batch()
                 next_flush = time.monotonic() + self.flush_interval
-            if stopping and not jobs:
+            if fed and not decided:
+                self._flush(batch)  # whatever the last feeder handed over meanwhile
+                while self._pending:
+                    self._lose(self._pending.popleft(), "the store was down at shutdown")
                 return
-            waited = time.monotonic()
             self._wake.wait(min(POLL_INTERVAL, max(0.0, next_flush - time.monotonic())))
             self._wake.clear()
-            # time spent waiting for work is rest already owed to the event loop
-            self._owed = max(0.0, self._owed - (time.monotonic() - waited))
 
     def _new_batch(self) -> Batch:
         return Batch(examples_per_field=self.store.options.examples_per_field)
@@ -428,23 +688,10 @@ class Comparator:
         for (route, target), tally in matches.items():
             batch.add_matches(route, target, tally.n)
             batch.jobs += tally.n
-            self.stats["compared"] += tally.n
+            self._count("compared", tally.n)
             for side, counts in (("primary", tally.primary), ("shadow", tally.shadow)):
                 for bucket, n in counts.items():
                     batch.add_latency_count(route, target, side, bucket, n)
-
-    def _decide(self, batch: Batch, job: CompareJob) -> None:
-        batch.jobs += 1  # owed a task_done at the next flush, whatever happens below
-        try:
-            out = evaluate(job)
-            record(batch, job, out)
-        except Exception:
-            self.stats["errors"] += 1
-            log.exception("comparison of %s %s failed", job.method, job.uri)
-            return
-        self.stats["compared"] += 1
-        if self.metrics is not None:
-            self.metrics.comparison(job.route, job.target, out.result)
 
     def _take_divergences(self, batch: Batch) -> None:
         entries = self._divergences
@@ -460,29 +707,61 @@ class Comparator:
         self._take_divergences(batch)
         try:
             if batch:
-                self.store.write(batch)
-                self.stats["flushes"] += 1
-        except Exception as exc:
-            # The store is down or refused the batch: these sums are lost (logged), the next
-            # batch tries again. Keeping failed batches would let memory grow with the outage,
-            # and retrying ledger entries would make a batch the store refuses fail forever.
-            self.stats["write_errors"] += 1
-            log.warning(
-                "comparison store write failed, %d results and %d ledger entries lost: %s",
-                batch.jobs,
-                len(batch.divergences),
-                exc,
-            )
-            self._lost_divergences(batch.divergences)
+                self._pending.append(batch)
+            self._write_pending()
         finally:
             with self._written_cond:
                 self._written += batch.jobs
                 self._div_written += len(batch.divergences)
                 self._written_cond.notify_all()
 
+    def _write_pending(self) -> None:
+        """Write the waiting batches, oldest first, until one fails.
+
+        The store is down (PostgreSQL restarting) or refused a batch: the batch waits and is
+        tried again at the next flush, so an outage of up to PENDING_BATCHES flushes costs
+        nothing once the store is back (the store catches up). Past the bound the oldest is
+        dropped, its comparisons counted in `store_lost` and its ledger entries as
+        `ledger_dropped`: memory stays bounded by the bound, and a batch the store refuses
+        for good blocks the others for that long at most.
+        """
+        pending = self._pending
+        while pending:
+            try:
+                self.store.write(pending[0])
+            except Exception as exc:
+                self._count("write_errors")
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    log.warning(
+                        "comparison store write failed (keeping up to %d batches to retry): %s",
+                        PENDING_BATCHES,
+                        exc,
+                    )
+                break
+            pending.popleft()
+            self._count("flushes")
+            if self._outage_since is not None and not pending:
+                log.warning(
+                    "comparison store writable again after %.1fs; caught up",
+                    time.monotonic() - self._outage_since,
+                )
+                self._outage_since = None
+        while len(pending) > PENDING_BATCHES:
+            self._lose(pending.popleft(), "waited past the retry bound")
+
+    def _lose(self, batch: Batch, why: str) -> None:
+        self._count("store_lost", batch.jobs)
+        log.warning(
+            "comparison store: %d results and %d ledger entries lost (%s)",
+            batch.jobs,
+            len(batch.divergences),
+            why,
+        )
+        self._lost_divergences(batch.divergences)
+
     def _lost_divergences(self, entries: list[Divergence]) -> None:
-        with self._ledger_stats_lock:
-            self.stats["ledger_dropped"] += len(entries)
+        self._count("ledger_dropped", len(entries))
         if self.metrics is None:
             return
         per_pair: dict[tuple[str, str], int] = {}
@@ -493,6 +772,6 @@ class Comparator:
 
     def _sweep(self) -> None:
         try:
-            self.stats["swept"] += self.store.sweep()
+            self._count("swept", self.store.sweep())
         except Exception as exc:
             log.warning("comparison store retention sweep failed: %s", exc)

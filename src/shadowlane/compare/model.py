@@ -51,3 +51,23 @@ class CompareJob:
     settings: object = None
     ts: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Decision:
+    """What deciding one job found: all the proxy's process needs for metrics and the store.
+
+    Small on purpose: it is what a comparison child sends back (compare/pool.py), so the
+    answers themselves never travel twice; the example pair's bodies are cut to
+    `EXAMPLE_BODY_CAP` each.
+    """
+
+    #: "match", "noise", "diff", or "error" (the job could not be decided; logged where it was)
+    result: str
+    differing: list[str]
+    noise: list[str]
+    #: the example pair (`store.Example`'s fields, as keyword arguments) when anything differed
+    example: dict[str, object] | None = None
+    #: CPU seconds deciding took where it ran: what `cpu_share` rests for (a round trip's wall
+    #: time would also count a child starting up, or waiting for a core on a busy machine)
+    cpu: float = 0.0

@@ -76,11 +76,12 @@ def pattern_regex(pattern: str) -> str:
 class PathMatcher:
     """A compiled set of rules; `matches(path)` is cached per path."""
 
-    __slots__ = ("_cache", "_regex", "patterns")
+    __slots__ = ("_cache", "_regex", "patterns", "subtree")
 
     def __init__(self, patterns: Iterable[str], *, subtree: bool) -> None:
         #: the rules as written, for display
         self.patterns: tuple[str, ...] = tuple(dict.fromkeys(p.strip() for p in patterns))
+        self.subtree = subtree
         self._cache: dict[str, bool] = {}
         if not self.patterns:
             self._regex: re.Pattern[str] | None = None
@@ -91,6 +92,11 @@ class PathMatcher:
 
     def __bool__(self) -> bool:
         return self._regex is not None
+
+    def __reduce__(self) -> tuple[object, ...]:
+        """Rebuilt from its rules in a comparison child (settings travel pickled): a compiled
+        class has no instance dict for pickle's default, and the cache need not travel."""
+        return (_rebuild, (self.patterns, self.subtree))
 
     def matches(self, path: str) -> bool:
         if self._regex is None:
@@ -104,3 +110,7 @@ class PathMatcher:
 
     def __repr__(self) -> str:
         return f"PathMatcher({list(self.patterns)!r})"
+
+
+def _rebuild(patterns: tuple[str, ...], subtree: bool) -> PathMatcher:
+    return PathMatcher(patterns, subtree=subtree)

@@ -17,7 +17,13 @@ from shadowlane.config.comparison import (
     ShadowCompare,
 )
 from shadowlane.config.descriptors import DescriptorSet, build_descriptor_set, read_descriptor_set
-from shadowlane.config.document import AdminConfig, Config, LimitsConfig, TlsConfig
+from shadowlane.config.document import (
+    AdminConfig,
+    Config,
+    LimitsConfig,
+    OverloadConfig,
+    TlsConfig,
+)
 from shadowlane.config.loading import ConfigError, load_config, parse_config
 from shadowlane.config.matching import MatchConfig, ShadowMatch
 from shadowlane.config.migrations import (
@@ -61,6 +67,7 @@ __all__ = [
     "MatchConfig",
     "MigrationConfig",
     "MigrationVerify",
+    "OverloadConfig",
     "PathRewrite",
     "RecordConfig",
     "RedactConfig",

@@ -248,5 +248,11 @@ class CompareConfig(_Model, frozen=True):
     #: share of wall time (0..1] the comparator may spend comparing; it holds the GIL meanwhile,
     #: so this bounds what comparisons can take from the event loop (past it, jobs drop)
     cpu_share: Annotated[float, Field(gt=0, le=1)] = 0.25
+    #: comparison child processes (each compares one job at a time, off this process's GIL);
+    #: 0 compares on a thread of the proxy's process instead (its parsing then holds the GIL)
+    processes: Annotated[Int, Field(ge=0, le=64)] = 1
+    #: added to the comparison children's nice value: with more, on a saturated machine they
+    #: yield the CPU to the proxy (and comparisons drop, counted) rather than compete with it
+    nice: Annotated[Int, Field(ge=0, le=19)] = 0
     #: proto names for gRPC answers on every route (unless a route or shadow names its own)
     grpc: GrpcCompare | None = None

@@ -12,7 +12,7 @@ import os
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator
+from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator, model_validator
 
 from shadowlane.config.backends import BackendConfig
 from shadowlane.config.base import _Model, _none_to_empty
@@ -33,20 +33,71 @@ class AdminConfig(_Model, frozen=True):
 
     listen: Listen = "127.0.0.1:9901"
     token_env: Annotated[str | None, AfterValidator(_check_token_env)] = None
+    #: how often a probe task measures the event loop's wake-up delay
+    #: (`shadowlane_loop_lag_seconds`); 0 turns it off
+    loop_lag_probe: Duration = 0.1
 
     @property
     def listen_addr(self) -> tuple[str, int]:
         return parse_host_port(self.listen)
 
 
+class Watermarks(_Model, frozen=True):
+    """Two levels of one resource: past `shed_shadows` shadow work is shed, past `refuse` new
+    requests get 503. Either may be left out (off)."""
+
+    shed_shadows: Annotated[int, Field(ge=0)] = 0
+    refuse: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Watermarks:
+        if self.shed_shadows and self.refuse and self.shed_shadows > self.refuse:
+            raise ValueError("shed_shadows must not be above refuse (shadows are shed first)")
+        return self
+
+
+class SizeWatermarks(Watermarks, frozen=True):
+    """Watermarks in bytes (`768MiB`)."""
+
+    shed_shadows: Annotated[Size, Field(ge=0)] = 0
+    refuse: Annotated[Size, Field(ge=0)] = 0
+
+
+class OverloadConfig(_Model, frozen=True):
+    """The overload manager (Envoy's idea): watermarks on this process's resident memory and
+    on the requests it has in flight. Off unless a watermark is set."""
+
+    rss: Annotated[SizeWatermarks, BeforeValidator(_none_to_empty(dict))] = Field(
+        default_factory=SizeWatermarks
+    )
+    in_flight: Annotated[Watermarks, BeforeValidator(_none_to_empty(dict))] = Field(
+        default_factory=Watermarks
+    )
+    #: the `Retry-After` of a refused request, whole seconds (rounded up)
+    retry_after: Timeout = 1.0
+
+
 class LimitsConfig(_Model, frozen=True):
-    """Protections of the downstream side against slow or oversized clients."""
+    """Protections of the downstream side against slow, greedy or oversized clients."""
 
     max_header_size: Annotated[Size, Field(gt=0)] = 64 * 1024
     header_timeout: Timeout = 10.0
     idle_timeout: Timeout = 60.0
     max_body: Size = 1024**3
     drain_timeout: Duration = 30.0
+    #: open client connections per worker; past it a new one is closed at accept (0: no cap)
+    max_connections: Annotated[int, Field(ge=0)] = 0
+    #: file descriptors kept free: a connection accepted when fewer are left is closed at once
+    #: (counted), so upstream connects and files never meet EMFILE
+    fd_reserve: Annotated[int, Field(ge=0)] = 64
+    #: requests served on one client connection; the last is answered `Connection: close`
+    max_requests_per_connection: Annotated[int, Field(ge=0)] = 0
+    #: a request body must average this many bytes/s over each `body_rate_window` (0: off)
+    min_body_rate: Annotated[Size, Field(ge=0)] = 1024
+    body_rate_window: Timeout = 30.0
+    overload: Annotated[OverloadConfig, BeforeValidator(_none_to_empty(dict))] = Field(
+        default_factory=OverloadConfig
+    )
     #: on SIGTERM (and for tunnels a reload leaves without a route), how long upgraded
     #: connections may go on before they are closed: 5 s, Envoy's and Istio's drain default
     tunnel_drain_timeout: Duration = 5.0

@@ -7,7 +7,7 @@ from the defaults, and the defaults are read from the model, so the two cannot d
 
 from __future__ import annotations
 
-from shadowlane.config.document import Config
+from shadowlane.config.document import Config, LimitsConfig
 from shadowlane.config.matching import MatchConfig, ShadowMatch
 from shadowlane.config.recording import RecordConfig
 from shadowlane.config.routes import RouteConfig
@@ -131,6 +131,33 @@ def _describe_rewrite(route: RouteConfig) -> str:
     return ", ".join(parts)
 
 
+def _describe_downstream(lim: LimitsConfig) -> str:
+    """The connection and overload limits on one line; "off" where they are off."""
+    rate = (
+        f"body >= {format_size(lim.min_body_rate)}/s per {format_duration(lim.body_rate_window)}"
+        if lim.min_body_rate
+        else "no body rate"
+    )
+    conns = f"<= {lim.max_connections} conns" if lim.max_connections else "conns uncapped"
+    reqs = (
+        f"<= {lim.max_requests_per_connection} req/conn"
+        if lim.max_requests_per_connection
+        else "req/conn uncapped"
+    )
+    ov = lim.overload
+    marks = [
+        f"{what} {which} {shown(value)}"
+        for what, wm, shown in (
+            ("rss", ov.rss, format_size),
+            ("in-flight", ov.in_flight, str),
+        )
+        for which, value in (("shed", wm.shed_shadows), ("refuse", wm.refuse))
+        if value
+    ]
+    overload = "overload " + (", ".join(marks) if marks else "off")
+    return f"{conns}, {reqs}, {rate}, {overload}"
+
+
 def summarize(cfg: Config) -> str:
     """What `shadowlane check` prints on success: enough to confirm the file says what you meant."""
     lim = cfg.limits
@@ -155,6 +182,7 @@ def summarize(cfg: Config) -> str:
         f"limits      headers <= {format_size(lim.max_header_size)} in "
         f"{format_duration(lim.header_timeout)}, idle {format_duration(lim.idle_timeout)}, "
         f"body <= {format_size(lim.max_body)}, drain {format_duration(lim.drain_timeout)}",
+        f"            {_describe_downstream(lim)}",
         f"access log  {access}",
         f"compare     {cfg.compare.store} (queue {cfg.compare.queue}, examples "
         f"{cfg.compare.examples_per_field}/field for {format_duration(cfg.compare.retention)})",

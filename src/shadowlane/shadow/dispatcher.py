@@ -27,6 +27,7 @@ from shadowlane.shadow.outcomes import (
     DROPPED,
     SAMPLED_OUT,
     SENT,
+    SHED,
     SKIPPED_LOOP,
     SKIPPED_PRIMARY,
     SKIPPED_UPGRADE,
@@ -219,6 +220,13 @@ class ShadowDispatcher:
             metrics,
             self._compare_submit,
         )
+
+    def shed(self, shadows: RouteShadows) -> None:
+        """The overload manager sheds shadow work: no copy of this request, each target
+        counts it `shed` (nothing is sampled, built or queued)."""
+        metrics = self.metrics
+        for p in shadows.lanes:
+            metrics.shadow_outcome(shadows.route, p.lane.target, SHED)
 
     def begin_upgrade(
         self, shadows: RouteShadows, request: Request, headers: Headers, forwarded: Request

@@ -53,6 +53,22 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: copies in flight and waiting may pin at most this many body bytes per lane (bodies are
 #: shared with the primary and other lanes, so this over-counts, which errs on the safe side)
 MAX_LANE_BYTES = 64 * 1024 * 1024
+#: ... and all lanes of the process together at most this many (every generation's lanes,
+#: replay's too): with many shadows and big uploads, 64 MiB per lane alone would let a process
+#: pin hundreds of MiB. Over-counts the same way (a body shared by two lanes counts twice).
+MAX_PROCESS_BYTES = 256 * 1024 * 1024
+
+
+class PinnedBytes:
+    """Body bytes pinned by shadow copies of every lane in this process."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+
+
+#: the one budget every lane of the process draws from
+PROCESS_PINNED = PinnedBytes(MAX_PROCESS_BYTES)
 
 
 class ShadowResult:
@@ -325,6 +341,9 @@ class ShadowLane:
         costs one comparison per request, not a head to build and throw away."""
         if self.bytes + size > MAX_LANE_BYTES:
             return True
+        pinned = PROCESS_PINNED
+        if pinned.bytes + size > pinned.limit:
+            return True
         if len(self.in_flight) < self.max_in_flight:
             return False  # an ordered copy that must wait for its keys is checked at submit
         return self.waiting_count >= self.queue_limit
@@ -335,7 +354,10 @@ class ShadowLane:
         An ordered lane admits the copy to its scope with `keys` first; the copy is parked
         there until its keys are free (at once, mostly)."""
         size = copy.size
-        if self.bytes + size > MAX_LANE_BYTES or self.closing:
+        pinned = PROCESS_PINNED
+        if self.bytes + size > MAX_LANE_BYTES or pinned.bytes + size > pinned.limit:
+            return self.drop()
+        if self.closing:
             return self.drop()
         scope = self.scope
         if scope is not None and keys is not None:
@@ -352,7 +374,7 @@ class ShadowLane:
                 scope.release(waiter)  # no room to wait for its keys: it leaves the scope
                 return self.drop()
             self.waiting_count += 1
-            self.bytes += size
+            self._pin(size)
             self.parked.add(copy)
             return True
         return self._start_or_queue(copy)
@@ -360,7 +382,7 @@ class ShadowLane:
     def _start_or_queue(self, copy: ShadowCopy) -> bool:
         size = copy.size
         if len(self.in_flight) < self.max_in_flight:
-            self.bytes += size
+            self._pin(size)
             self.in_flight.add(copy)
             copy.start()
             return True
@@ -368,7 +390,7 @@ class ShadowLane:
             return self.drop()
         self.waiting.append(copy)
         self.waiting_count += 1
-        self.bytes += size
+        self._pin(size)
         return True
 
     def _unpark(self, copy: ShadowCopy) -> None:
@@ -388,9 +410,17 @@ class ShadowLane:
         self.metrics.shadow_outcome(self.route, self.target, DROPPED)
         return False
 
+    def _pin(self, size: int) -> None:
+        self.bytes += size
+        PROCESS_PINNED.bytes += size
+
+    def _unpin(self, size: int) -> None:
+        self.bytes -= size
+        PROCESS_PINNED.bytes -= size
+
     def copy_done(self, copy: ShadowCopy) -> None:
         self.in_flight.discard(copy)
-        self.bytes -= copy.size
+        self._unpin(copy.size)
         waiter = copy.waiter
         if waiter is not None:
             copy.waiter = None
@@ -407,7 +437,7 @@ class ShadowLane:
         bytes and keys, and its owner hears why."""
         copy.done = True
         copy.result.outcome = end
-        self.bytes -= copy.size
+        self._unpin(copy.size)
         waiter = copy.waiter
         if waiter is not None:
             copy.waiter = None

@@ -30,6 +30,8 @@ SKIPPED_UPGRADE: Final = "skipped_upgrade"
 #: not sent: this shadow's backend answered the request as its primary (a weighted split, a
 #: migration's flip): a copy would compare the backend with itself, or write twice
 SKIPPED_PRIMARY: Final = "skipped_primary"
+#: not copied: the overload manager sheds shadow work (memory or in-flight watermark passed)
+SHED: Final = "shed"
 
 #: a value of the `outcome` label; tests check it lists exactly SHADOW_OUTCOMES
 Outcome = Literal[
@@ -45,6 +47,7 @@ Outcome = Literal[
     "skipped_answer",
     "skipped_upgrade",
     "skipped_primary",
+    "shed",
 ]
 
 #: every outcome, in the order docs/metrics.md lists them. The first seven are the DESIGN.md
@@ -63,6 +66,7 @@ SHADOW_OUTCOMES: Final[tuple[Outcome, ...]] = (
     SKIPPED_ANSWER,
     SKIPPED_UPGRADE,
     SKIPPED_PRIMARY,
+    SHED,
 )
 
 #: How one copy that was handed to a lane ended (`ShadowResult.outcome`), which is what a

@@ -62,8 +62,16 @@ def options_from_config(cfg: CompareConfig) -> StoreOptions:
     return StoreOptions(examples_per_field=cfg.examples_per_field, retention=cfg.retention)
 
 
-def open_store(url: str, options: StoreOptions | CompareConfig | None = None) -> Store:
+def open_store(
+    url: str,
+    options: StoreOptions | CompareConfig | None = None,
+    *,
+    wait_for_server: bool = False,
+) -> Store:
     """Open (creating tables if needed) the store at `url`.
+
+    `wait_for_server`: a database server that cannot be reached now is not an error (see
+    `PostgresStore`); a restarted worker opens its store this way.
 
     `sqlite:///relative.db`, `sqlite:////absolute/path.db`, `sqlite:///:memory:` (tests), or
     `postgresql://user:password@host:port/db` (needs the `psycopg` package). `options` is a
@@ -78,5 +86,5 @@ def open_store(url: str, options: StoreOptions | CompareConfig | None = None) ->
     if url.startswith(("postgresql://", "postgres://")):
         from shadowlane.store.postgres import PostgresStore
 
-        return PostgresStore(url, options)
+        return PostgresStore(url, options, wait_for_server=wait_for_server)
     raise ValueError(f"unknown store URL {url!r}: use sqlite:///PATH or postgresql://...")

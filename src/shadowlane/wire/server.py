@@ -9,8 +9,13 @@ Shaped like uvicorn's `httptools_impl`, with three differences that matter for a
   parsed cleanly (for chunked bodies: once the first chunk size parsed), so a malformed request
   never reaches a backend. Later chunk errors abort the upstream request mid-body, so a backend
   never sees a complete request that the client did not send.
-* Timeouts (header read, keep-alive idle) are checked by one sweep per listener instead of a
-  timer per request, so the per-request cost is two float stores.
+* Timeouts (header read, keep-alive idle, minimum body rate) are checked by one sweep per
+  listener instead of a timer per request, so the per-request cost is two float stores. The
+  same sweep samples the overload manager's resources (`wire.overload`).
+* Limits on greedy clients: a connection cap (past it, a new connection is closed at accept),
+  a maximum of requests per connection (the last one is answered with `Connection: close`),
+  and a minimum body rate (a slow upload gets 408 and is closed). Each is counted through the
+  listener's `on_limit` hook, so this module needs no metrics.
 
 An upgrade request (llhttp stops at its head) is dispatched with `Exchange.upgrade` set and
 reading paused; the application either tunnels it after a `101`, taking the transport over
@@ -38,6 +43,7 @@ import httptools
 
 from shadowlane.wire.exchange import STATUS_TEXT, Connection, Exchange
 from shadowlane.wire.messages import Headers, Request
+from shadowlane.wire.overload import OverloadState, read_rss
 from shadowlane.wire.request_head import (
     HEADER_TOO_LARGE,
     Framing,
@@ -60,6 +66,16 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 _BAD_REQUEST: Final = Rejection(400, "bad request")
 _HEADER_TIMEOUT: Final = Rejection(408, "request header timeout")
 _UPGRADE_WITH_BODY: Final = Rejection(400, "an Upgrade request with a body is not supported")
+_BODY_TIMEOUT: Final = Rejection(408, "request body too slow")
+
+#: how often the sweep runs (timeouts, body rate, overload sampling)
+SWEEP_INTERVAL: Final = 0.25
+
+#: the `limit` label values the listener reports through `on_limit`
+LIMIT_CONNECTIONS: Final = "connections"
+LIMIT_HEADER_TIMEOUT: Final = "header_timeout"
+LIMIT_BODY_RATE: Final = "body_rate"
+LIMIT_FDS: Final = "fds"
 
 #: an answered request's unread body is read and dropped up to this size, then we close
 DISCARD_LIMIT = 4 * 1024 * 1024
@@ -73,14 +89,43 @@ class App(Protocol):
 
 
 class ServerLimits:
-    __slots__ = ("header_timeout", "idle_timeout", "max_header_size")
+    """The downstream limits; 0 turns a count or rate limit off. Mutable in place: a reload
+    writes new values and every open connection reads them."""
+
+    __slots__ = (
+        "body_rate_window",
+        "header_timeout",
+        "idle_timeout",
+        "max_connections",
+        "max_fd",
+        "max_header_size",
+        "max_requests_per_connection",
+        "min_body_rate",
+    )
 
     def __init__(
-        self, max_header_size: int = 65536, header_timeout: float = 10.0, idle_timeout: float = 60.0
+        self,
+        max_header_size: int = 65536,
+        header_timeout: float = 10.0,
+        idle_timeout: float = 60.0,
+        *,
+        max_connections: int = 0,
+        max_requests_per_connection: int = 0,
+        min_body_rate: int = 0,
+        body_rate_window: float = 10.0,
+        max_fd: int = 0,
     ) -> None:
         self.max_header_size = max_header_size
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_requests_per_connection = max_requests_per_connection
+        #: bytes per second a request body must average over `body_rate_window`
+        self.min_body_rate = min_body_rate
+        self.body_rate_window = body_rate_window
+        #: a connection accepted on a descriptor this high is closed at once (0: no check):
+        #: descriptors are allocated lowest first, so the number says how many are open
+        self.max_fd = max_fd
 
 
 class BadRequest(Exception):
@@ -95,28 +140,62 @@ class BadRequest(Exception):
 class ServerState:
     """Per-listener shared state: the live connections, the timeout sweep, draining."""
 
-    def __init__(self, app: App, limits: ServerLimits, proto: bytes = b"http") -> None:
+    def __init__(
+        self,
+        app: App,
+        limits: ServerLimits,
+        proto: bytes = b"http",
+        *,
+        overload: OverloadState | None = None,
+        on_limit: Callable[[str], None] | None = None,
+    ) -> None:
         self.app = app
         self.limits = limits
         self.proto = proto
         self.connections: set[ServerConnection] = set()
         self.draining = False
         self._sweeper: asyncio.TimerHandle | None = None
+        #: sampled by the sweep; read by the application (the proxy) per request
+        self.overload = overload if overload is not None else OverloadState()
+        #: called with a LIMIT_* name each time a limit closes a connection or ends a request
+        self.on_limit = on_limit
+        #: connections closed at accept because `max_connections` were open
+        self.refused_connections = 0
+
+    def limit_hit(self, limit: str) -> None:
+        if self.on_limit is not None:
+            self.on_limit(limit)
 
     def protocol_factory(self) -> ServerConnection:
         if self._sweeper is None:
             self._schedule_sweep()
         return ServerConnection(self)
 
+    def start_sweeping(self) -> None:
+        """Run the sweep from now on, not from the first connection: the overload manager
+        samples memory whether or not clients are connected."""
+        if self._sweeper is None:
+            self._schedule_sweep()
+
     def _schedule_sweep(self) -> None:
         loop = asyncio.get_running_loop()
-        self._sweeper = loop.call_later(0.25, self._sweep)
+        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def _sweep(self) -> None:
         now = asyncio.get_running_loop().time()
+        limits = self.limits
+        min_rate = limits.min_body_rate
+        window = limits.body_rate_window
+        in_flight = 0
         for conn in list(self.connections):
+            if conn._active is not None:
+                in_flight += 1
             if conn.deadline < now:
                 conn.on_deadline()
+            elif min_rate:
+                conn.check_body_rate(now, min_rate, window)
+        overload = self.overload
+        overload.evaluate(read_rss() if overload.watches_rss else 0, in_flight)
         self._schedule_sweep()
 
     def start_drain(self) -> None:
@@ -172,16 +251,39 @@ class ServerConnection(Connection):
         #: the bytes that followed an upgrade request's head, kept for its tunnel
         self._upgrade_data = b""
         self.deadline = _INF
+        #: requests this connection may still start; at 0 the last one closes it (-1: no limit)
+        self._requests_left = state.limits.max_requests_per_connection or -1
+        #: the body-rate window: the exchange it watches, since when, its body size then
+        self._rate_ex: Exchange | None = None
+        self._rate_since = 0.0
+        self._rate_bytes = 0
 
     # ----- asyncio callbacks -----
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
         self._write = self.transport.write
-        self.state.connections.add(self)
+        state = self.state
+        limits = self.limits
+        cap = limits.max_connections
+        sock = transport.get_extra_info("socket")
+        refused = ""
+        if cap and len(state.connections) >= cap:
+            refused = LIMIT_CONNECTIONS
+        elif limits.max_fd and sock is not None and sock.fileno() >= limits.max_fd:
+            refused = LIMIT_FDS
+        if refused:
+            # past the cap: closed at accept, before a byte is read (nginx's worker_connections
+            # and Envoy's max_downstream_connection do the same); a reset, not a FIN, so the
+            # client does not wait on a half-open connection
+            self._closed = True
+            state.refused_connections += 1
+            state.limit_hit(refused)
+            self.abort_transport()
+            return
+        state.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.client_addr = peer[0] if peer else ""
-        sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.deadline = self.loop.time() + self.limits.header_timeout
@@ -234,8 +336,17 @@ class ServerConnection(Connection):
         """The client half-closed (`shutdown(SHUT_WR)`): answer what was asked, then close."""
         if self._active is None and not self._queue and not self._ready:
             return False  # nothing to answer: let the transport close
-        if self._parsing is not None or self._in_head:
-            return False  # a request cut mid-way can never complete: close (aborts upstream)
+        cut = self._parsing
+        if cut is not None and cut is self._active:
+            return False  # the request being served was cut mid-body: close (aborts upstream)
+        if cut is not None:
+            # cut before it started (queued behind another): it never reaches a backend
+            self._parsing = None
+            if cut in self._queue:
+                self._queue.remove(cut)
+            if cut in self._ready:
+                self._ready.remove(cut)
+        # a head cut mid-way is dropped the same way; what was asked in full is answered
         self.draining = True
         for ex in (self._active, *self._queue):
             if ex is not None:
@@ -331,8 +442,9 @@ class ServerConnection(Connection):
     def _start(self, ex: Exchange) -> None:
         self._active = ex
         self.deadline = _INF
-        if self.draining:
-            ex.request.keep_alive = False
+        self._requests_left -= 1
+        if self.draining or self._requests_left == 0:
+            ex.request.keep_alive = False  # the last one: answered with `Connection: close`
         self._handle(ex)
 
     def _exchange_done(self, ex: Exchange) -> None:
@@ -466,9 +578,45 @@ class ServerConnection(Connection):
         if self._active is not None or self._closed:
             return
         if self._in_head:
+            self.state.limit_hit(LIMIT_HEADER_TIMEOUT)
             self._send_error(_HEADER_TIMEOUT)
         else:
             self.close()
+
+    def check_body_rate(self, now: float, min_rate: int, window: float) -> None:
+        """The sweep's body-rate check: a body that arrives slower than `min_rate` bytes/s
+        over a whole window gets 408 and the connection is closed (nginx's
+        client_body_timeout, as a rate). A body we stopped reading (paused for the backend or
+        the pipeline) is not the client's fault: its window starts again when reading does."""
+        ex = self._parsing
+        if ex is None or self._paused_for or self._closed or ex.body_done or ex.expect_continue:
+            # (a client that asked for 100-continue sends nothing until we say so)
+            self._rate_ex = None
+            return
+        if self._rate_ex is not ex:
+            self._rate_ex = ex
+            self._rate_since = now
+            self._rate_bytes = ex.body_size
+            return
+        elapsed = now - self._rate_since
+        if elapsed < window:
+            return
+        if ex.body_size - self._rate_bytes >= min_rate * elapsed:
+            self._rate_since = now  # fast enough: a new window
+            self._rate_bytes = ex.body_size
+            return
+        self.state.limit_hit(LIMIT_BODY_RATE)
+        self._rate_ex = None
+        if ex.response_started or self._discarding is ex:
+            # an answer is (partly) out: a 408 cannot follow it; end the connection
+            if ex.response_done:
+                self.close()
+            else:
+                self.abort()
+            return
+        # the primary was sent the partial body: closing makes connection_lost abort it, so
+        # the backend never sees a complete request the client did not send
+        self._send_error(_BODY_TIMEOUT)
 
     def drain(self) -> None:
         self.draining = True
@@ -489,6 +637,13 @@ class ServerConnection(Connection):
         if transport is None or self._closed:
             return
         self._closed = True
+        self.abort_transport()
+
+    def abort_transport(self) -> None:
+        """Close with a reset (SO_LINGER 0), so the peer sees an error, not a clean end."""
+        transport = self.transport
+        if transport is None:
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):

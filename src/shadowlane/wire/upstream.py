@@ -312,6 +312,19 @@ class UpstreamConnection(asyncio.Protocol):
     ) -> None:
         """Write a request head (and maybe a body) and stream the answer into `sink`."""
         assert self.transport is not None
+        if self.state == ConnState.CLOSED:
+            # the peer closed it between the handshake (or the hand-over from the pool) and
+            # now, before our task ran: nothing was written, so say so (from the loop, after
+            # the caller's own writes, which a closed connection ignores) and let the sink
+            # retry; writing would raise on the closed transport
+            self._phase = ReadPhase.WAITING
+            self._request_done = False
+            self.loop.call_soon(
+                sink.on_upstream_error,
+                UpstreamError("reset", "connection closed before the request was sent"),
+                True,
+            )
+            return
         self.state = ConnState.BUSY
         self.exchanges += 1
         self._sink = sink
@@ -411,6 +424,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _release(self) -> None:
         if self.state == ConnState.BUSY:
+            transport = self.transport
+            if transport is not None and transport.get_write_buffer_size():
+                # answered before it took the whole request (an early answer to an upload):
+                # what is still buffered would stay pinned, unseen by any lane's byte cap,
+                # until the server reads it, so the connection goes and the bytes with it
+                self._sink = None
+                if self._to_closed():
+                    transport.abort()  # not close(): that would first send what is buffered
+                return
             self.state = ConnState.IDLE
             self._sink = None
             # the last bytes of the answer may have paused reading (the client was slow to

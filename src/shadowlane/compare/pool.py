@@ -1,0 +1,243 @@
+"""The proxy's side of a comparison child: starting it, the frames both sides speak, one job at
+a time over its pipes.
+
+Why a process and not the comparator's thread: lifting a ~1 MiB JSON answer (orjson) and
+diffing it hold the GIL for tens of milliseconds at a time, and `cpu_share` could bound how
+often that happened, not how long each stall was. In a child (compare/worker.py) the parse and
+the diff run in their own interpreter; the proxy's process only moves bytes (a `writev` of the
+bodies, which releases the GIL) and reads back a `Decision` of a few hundred bytes (or a few
+tens of KiB with an example: each body in it is cut to `EXAMPLE_BODY_CAP`).
+
+One frame per message, both ways, on the child's stdin and stdout:
+
+    proxy -> child   kind:u8  header_len:u32  body_count:u8  header (pickle)  bodies...
+    child -> proxy   length:u32  decision (pickle)
+
+A job's header is the `CompareJob` with every body replaced by b"" and their lengths listed;
+the bodies follow raw, so each is sent once, as captured, without being copied into a pickle.
+A `SETTINGS` frame carries one `CompareSettings` and the token jobs name it by; it is sent once
+per child (settings change only on a reload). The child answers every job, in order, with one
+`Decision`. Pickle is safe here: both ends are this program, over a pipe nobody else holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from typing import Protocol
+
+from shadowlane.compare.model import Captured, CompareJob, Decision
+from shadowlane.compare.settings import CompareSettings
+
+
+class Readable(Protocol):
+    """A raw pipe (`FileIO`) or a buffered one: what `read_exact` reads from."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+#: frame kinds, parent -> child
+JOB = 1
+SETTINGS = 2
+HEAD = struct.Struct("!BIB")
+RESULT = struct.Struct("!I")
+#: a result frame longer than this is a broken child, not a result (examples are cut to 64 KiB
+#: per answer and 50 values)
+MAX_RESULT = 64 * 1024**2
+
+
+# -- framing ------------------------------------------------------------------------------------
+
+
+#: field names, read once: a job travels as plain tuples of its fields (generic, so a field
+#: added to `Captured` or `CompareJob` travels too), which pickles several times faster than
+#: copying the dataclasses to blank their bodies
+_CAPTURED_FIELDS = tuple(f.name for f in dataclasses.fields(Captured))
+_JOB_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(CompareJob)
+    if f.name not in ("primary", "candidate", "secondary", "settings")
+)
+_BODY = _CAPTURED_FIELDS.index("body")
+
+
+def _answer_fields(c: Captured) -> tuple[object, ...]:
+    values = [getattr(c, name) for name in _CAPTURED_FIELDS]
+    values[_BODY] = b""
+    return tuple(values)
+
+
+def job_frame(job: CompareJob, settings_token: int) -> list[bytes]:
+    """The buffers of one JOB frame, for one `writev`: the bodies themselves are among them
+    (not copied), and only the small rest of the job is pickled."""
+    answers = [job.primary, job.candidate]
+    if job.secondary is not None:
+        answers.append(job.secondary)
+    header = pickle.dumps(
+        (
+            tuple(getattr(job, name) for name in _JOB_FIELDS),
+            [_answer_fields(a) for a in answers],
+            [len(a.body) for a in answers],
+            settings_token,
+        ),
+        pickle.HIGHEST_PROTOCOL,
+    )
+    return [HEAD.pack(JOB, len(header), len(answers)), header, *(a.body for a in answers)]
+
+
+def job_of(header: bytes, bodies: list[bytes], settings: CompareSettings | None) -> CompareJob:
+    """The child's side of `job_frame`: the job again, bodies put back."""
+    fields, answers, _lengths, _token = pickle.loads(header)
+    captured = []
+    for values, body in zip(answers, bodies, strict=True):
+        kw = dict(zip(_CAPTURED_FIELDS, values, strict=True))
+        kw["body"] = body
+        captured.append(Captured(**kw))
+    job = CompareJob(
+        **dict(zip(_JOB_FIELDS, fields, strict=True)),
+        primary=captured[0],
+        candidate=captured[1],
+        secondary=captured[2] if len(captured) > 2 else None,
+        settings=settings,
+    )
+    return job
+
+
+def frame_lengths(header: bytes) -> tuple[list[int], int]:
+    """The body lengths a JOB frame's header announces, and its settings token."""
+    _fields, _answers, lengths, token = pickle.loads(header)
+    return lengths, token
+
+
+def settings_frame(token: int, settings: CompareSettings) -> list[bytes]:
+    header = pickle.dumps((token, settings), pickle.HIGHEST_PROTOCOL)
+    return [HEAD.pack(SETTINGS, len(header), 0), header]
+
+
+def write_all(fd: int, buffers: list[bytes]) -> None:
+    """`writev` until every byte is out (a pipe takes a big body in several goes); the GIL is
+    released while the kernel copies."""
+    views = [memoryview(b) for b in buffers if b]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
+def read_exact(stream: Readable, n: int) -> bytes:
+    """Exactly `n` bytes, or EOFError when the other side closed first."""
+    if n == 0:
+        return b""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = stream.readinto(view[got:])
+        if not k:
+            raise EOFError(f"pipe closed after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+def read_result(stream: Readable) -> Decision:
+    (length,) = RESULT.unpack(read_exact(stream, RESULT.size))
+    if length > MAX_RESULT:
+        raise EOFError(f"result frame of {length} bytes: the comparison child is broken")
+    decision = pickle.loads(read_exact(stream, length))
+    if not isinstance(decision, Decision):
+        raise EOFError("the comparison child sent something that is not a decision")
+    return decision
+
+
+class ChildDied(Exception):
+    """The child is gone (or sent garbage) before answering: its job is lost."""
+
+
+class ChildProcess:
+    """One comparison child and its two pipes; used by one thread at a time.
+
+    `compare` blocks that thread (never the event loop) until the child answers. Any failure
+    closes the child and raises `ChildDied`; the next `compare` starts a new one.
+    """
+
+    def __init__(self, command: list[str] | None = None, nice: int = 0) -> None:
+        self.command = command or [sys.executable, "-m", "shadowlane.compare.worker", str(nice)]
+        self.proc: subprocess.Popen[bytes] | None = None
+        #: settings tokens this child has been sent
+        self._sent: set[int] = set()
+        #: children started, the first included
+        self.starts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self) -> None:
+        if self.proc is not None:
+            return
+        try:
+            self.proc = subprocess.Popen(
+                self.command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                bufsize=0,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise ChildDied(f"cannot start the comparison child: {exc}") from exc
+        self._sent = set()
+        self.starts += 1
+
+    def compare(self, job: CompareJob, token: int, settings: CompareSettings | None) -> Decision:
+        if self.proc is not None and self.proc.poll() is not None:
+            self.kill()  # died while idle: start another before this job, which is not lost
+        self.start()
+        proc = self.proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        try:
+            fd = proc.stdin.fileno()
+            if settings is not None and token not in self._sent:
+                write_all(fd, settings_frame(token, settings))
+                self._sent.add(token)
+            write_all(fd, job_frame(job, token))
+            return read_result(proc.stdout)  # type: ignore[arg-type]
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+            self.kill()
+            raise ChildDied(f"comparison child {proc.pid} died: {exc}") from exc
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close its stdin (it exits at EOF) and reap it; kill it past `timeout`."""
+        proc = self.proc
+        if proc is None:
+            return
+        self.proc = None
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            proc.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def kill(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        self.proc = None
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
