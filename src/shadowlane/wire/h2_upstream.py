@@ -367,6 +367,9 @@ class H2Stream(UpstreamConnection):
         self._ack()
 
     def on_trailers(self, headers: Headers) -> None:
+        # plain tuples: hpack's are a tuple subclass that does not survive pickling (the
+        # trailers go to the comparison children)
+        out: Headers = []
         for name, value in headers:
             why = (
                 "pseudo-header in the trailers"
@@ -376,9 +379,10 @@ class H2Stream(UpstreamConnection):
             if why is not None:
                 self.malformed(why)
                 return
+            out.append((name, value))
         sink = self.sink
         if sink is not None:
-            sink.on_response_trailers(headers)
+            sink.on_response_trailers(out)
 
     def on_end(self) -> None:
         sink = self.sink
