@@ -9,9 +9,11 @@ change to the per-request path is measured here, with the Python of each build:
 
 Each (python, scenario) starts the proxy under `valgrind --tool=callgrind` in front of the bench's
 nginx backends, warms it up, zeroes the counters (`callgrind_control -z`), sends exactly N
-requests with h2load (HTTP/1.1, 10 clients), dumps the counters (`callgrind_control -d`) and
-divides. The shadow copies of those requests are in the count: the primary answers before its
-copies end, so the run waits until the shadows have answered them all before dumping.
+requests with h2load (HTTP/1.1, 10 clients; the `h2-*` and `grpc-unary` scenarios speak HTTP/2
+with prior knowledge, 10 connections x 10 streams, as the bench's rows of the same names do),
+dumps the counters (`callgrind_control -d`) and divides. The shadow copies of those requests
+are in the count: the primary answers before its copies end, so the run waits until the shadows
+have answered them all before dumping.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from loadgen import GRPC_MESSAGE, GRPC_PATH
 from procs import Supervisor, port_of
 from servers import ORDERED, shadowlane_conf, start_backends
 
@@ -37,7 +40,13 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "writes-ordered": (ORDERED,),
     "record-100": (),
     "record-100-gzip": (),
+    "h2-no-shadow": (),
+    "h2-shadow-fast": ("fast",),
+    "grpc-unary": (),
 }
+#: scenarios spoken over HTTP/2 by the client: "h2" (plain GETs, backends HTTP/1.1) or "grpc"
+#: (one unary call, the primary an h2c backend)
+HTTP2 = {"h2-no-shadow": "h2", "h2-shadow-fast": "h2", "grpc-unary": "grpc"}
 #: scenarios whose route records every request, as the bench's rows of the same name do
 #: (plain files, the default; or `gzip: true`); the writer thread's instructions are in the
 #: count too (callgrind counts every thread)
@@ -55,8 +64,17 @@ def _shadow_done(admin: str) -> float:
     return total
 
 
-def _h2load(url: str, n: int, uris: Path) -> None:
-    argv = ["h2load", "--h1", "-n", str(n), "-c", "10", "-t", "1", "-i", str(uris)]
+def _h2load(url: str, n: int, uris: Path, http2: str = "") -> None:
+    argv = ["h2load", "-n", str(n), "-c", "10", "-t", "1"]
+    if not http2:
+        argv += ["--h1", "-i", str(uris)]
+    elif http2 == "h2":
+        argv += ["-m", "10", url + "/"]
+    else:
+        body = uris.with_name("grpc-call.bin")
+        body.write_bytes(GRPC_MESSAGE)
+        argv += ["-m", "10", "-d", str(body), "-H", "content-type: application/grpc"]
+        argv += ["-H", "te: trailers", url + GRPC_PATH]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0 or f"{n} succeeded" not in done.stdout:
         raise RuntimeError(f"h2load: {done.stdout[-800:]} {done.stderr[-400:]}")
@@ -68,7 +86,12 @@ def measure(python: str, scenario: str, n: int, work: Path) -> float:
         backends = start_backends(sup, work)
         conf = work / f"{scenario}.yaml"
         record = RECORDED.get(scenario, "")
-        conf.write_text(shadowlane_conf(work, backends, SCENARIOS[scenario], False, record))
+        http2 = HTTP2.get(scenario, "")
+        conf.write_text(
+            shadowlane_conf(
+                work, backends, SCENARIOS[scenario], False, record, http2 == "h2", http2 == "grpc"
+            )
+        )
         ready = work / f"{scenario}.ready.json"
         ready.unlink(missing_ok=True)
         out = work / f"callgrind.{scenario}.out"
@@ -82,13 +105,13 @@ def measure(python: str, scenario: str, n: int, work: Path) -> float:
         admin = str(info["admin"])
         uris = work / "uris.txt"  # distinct paths: ordered copies have disjoint keys
         uris.write_text("".join(f"{url}/w/{i}\n" for i in range(n)))
-        _h2load(url, 300, uris)  # warm-up
+        _h2load(url, 300, uris, http2)  # warm-up
         settle = time.monotonic() + 120
         expect = 300 if SCENARIOS[scenario] else 0
         while _shadow_done(admin) < expect and time.monotonic() < settle:
             time.sleep(0.2)
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-        _h2load(url, n, uris)
+        _h2load(url, n, uris, http2)
         expect += n if SCENARIOS[scenario] else 0
         while _shadow_done(admin) < expect and time.monotonic() < settle + 300:
             time.sleep(0.2)

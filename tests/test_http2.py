@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hpack import NeverIndexedHeaderTuple
 from websockets.asyncio.client import connect
 
 from support.backend import RecordingBackend, dead_port
@@ -170,8 +171,9 @@ def test_large_bodies_both_ways_respect_flow_control(backend: RecordingBackend) 
 def test_malformed_requests_reach_no_backend(backend: RecordingBackend) -> None:
     """What our head rules refuse (a malformed Host, an unknown Expect) is a 4xx on its
     stream, and the connection lives on; what h2 itself refuses (a Content-Length the DATA
-    contradicts, an upper-case name, a connection-specific header) ends the connection with
-    GOAWAY PROTOCOL_ERROR. Neither reaches the backend."""
+    contradicts, an upper-case name, a connection-specific header, a misplaced or repeated
+    pseudo-header, a forbidden character) ends the connection with GOAWAY PROTOCOL_ERROR.
+    Neither reaches the backend."""
     with ProxyProcess(_h2_config(backend.url)) as proxy:
         with H2Client(proxy.host, proxy.port) as c:
             bad = c.exchange([
@@ -185,6 +187,14 @@ def test_malformed_requests_reach_no_backend(backend: RecordingBackend) -> None:
             ([(b"content-length", b"1")], b"more than one byte"),
             ([(b"X-Upper", b"1")], b""),
             ([(b"connection", b"close")], b""),
+            # the rest of RFC 9113 8.2 and 8.3 (h2 checked these; `malformed_request` does now)
+            ([(b"te", b"gzip")], b""),
+            ([(b"x-padded", b" 1")], b""),
+            ([(b"x-nul", b"a\x00b")], b""),
+            ([(b"x-a", b"1"), (b":scheme", b"http")], b""),  # a pseudo-header after a field
+            ([(b":path", b"/twice")], b""),
+            ([(b":status", b"200")], b""),
+            ([(b"bad name", b"1")], b""),
         ):
             with H2Client(proxy.host, proxy.port) as c, pytest.raises(OSError):
                 c.request(b"POST", b"/z", headers, body)
@@ -293,6 +303,55 @@ def test_h2c_backend_multiplexes_and_forwards_trailers() -> None:
         got = h2be.wait_for_requests(51)
         assert {r.header(b":authority") for r in got[:50]} == {f"127.0.0.1:{proxy.port}".encode()}
         assert h2be.connections == 1  # 51 requests, one HTTP/2 connection
+
+
+def test_credentials_reach_an_h2c_backend_never_indexed() -> None:
+    """h2's outbound normalisation is off for backends; the proxy's own does what it did: a
+    shadow's added header is lower-cased, and credentials (and the request id) go as HPACK
+    never-indexed fields, so they never enter the connection's compression table (RFC 7541
+    7.1.3)."""
+    with H2Backend() as h2be:
+        cfg = _h2_config(h2be.url)
+        cfg["backends"]["b1"]["protocol"] = "h2c"
+        cfg["routes"][0]["headers"] = {"add": {"X-Added": "yes"}}
+        auth = [(b"authorization", b"Bearer secret"), (b"cookie", b"a=1"), (b"x-plain", b"1")]
+        with ProxyProcess(cfg) as proxy, H2Client(proxy.host, proxy.port) as c:
+            assert c.request(b"GET", b"/creds", auth).status == 200
+        (req,) = h2be.wait_for_requests(1)
+        got = {bytes(n): h for n, h in ((h[0], h) for h in req.headers)}
+        assert got[b"authorization"][1] == b"Bearer secret"
+        assert got[b"x-added"][1] == b"yes"
+        assert isinstance(got[b"authorization"], NeverIndexedHeaderTuple)
+        assert isinstance(got[b"cookie"], NeverIndexedHeaderTuple)
+        assert not isinstance(got[b"x-plain"], NeverIndexedHeaderTuple)
+        # the request id is new each time: indexed, it would only push useful entries out
+        assert isinstance(got[b"x-request-id"], NeverIndexedHeaderTuple)
+
+
+def test_malformed_answers_from_an_h2c_backend_are_502_and_its_other_streams_go_on() -> None:
+    """What RFC 9113 8.2 forbids in an answer (a CR LF in a value, an upper-case name, a
+    connection-specific header, a pseudo-header in the trailers) never reaches the client:
+    that stream is a 502 (or, once the head is out, a reset), the others are answered."""
+    bad: dict[bytes, H2Reply] = {
+        b"/crlf": H2Reply(200, [(b"x-split", b"a\r\nset-cookie: evil=1")], b"x"),
+        b"/upper": H2Reply(200, [(b"X-Upper", b"1")], b"x"),
+        b"/conn": H2Reply(200, [(b"connection", b"close")], b"x"),
+        b"/trailer": H2Reply(200, [], b"x", trailers=[(b":status", b"200")]),
+    }
+
+    def handler(req: H2Request) -> H2Reply:
+        return bad.get(req.path, H2Reply(200, [(b"content-type", b"text/plain")], b"fine"))
+
+    with H2Backend(handler, checked=False) as h2be:
+        cfg = _h2_config(h2be.url)
+        cfg["backends"]["b1"]["protocol"] = "h2c"
+        with ProxyProcess(cfg) as proxy, H2Client(proxy.host, proxy.port) as c:
+            answers = c.exchange([(b"GET", path, [], b"") for path in [*bad, b"/ok"]])
+            assert [a.status for a in answers[:3]] == [502, 502, 502]
+            assert all(b"evil" not in v for a in answers for _, v in a.headers)
+            assert answers[3].reset or answers[3].status == 502, answers[3]
+            assert answers[4].status == 200 and answers[4].body == b"fine"
+        assert len(h2be.requests) == 5  # every one reached the backend: the answers were bad
 
 
 def test_h2_backend_over_tls(cert: tuple[str, str]) -> None:

@@ -79,7 +79,16 @@ def echo(req: H2Request) -> H2Reply:
 class _Conn(asyncio.Protocol):
     def __init__(self, backend: H2Backend) -> None:
         self.backend = backend
-        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        # `checked=False`: a misbehaving backend, which sends whatever headers it is given
+        checked = backend.checked
+        self.h2 = H2Connection(
+            H2Configuration(
+                client_side=False,
+                header_encoding=None,
+                validate_outbound_headers=checked,
+                normalize_outbound_headers=checked,
+            )
+        )
         self.transport: asyncio.Transport | None = None
         self.requests: dict[int, H2Request] = {}
         self.pending: dict[int, bytearray] = {}
@@ -182,11 +191,16 @@ class H2Backend(ServerThread):
     """An HTTP/2 server on 127.0.0.1:0 that records requests; TLS (ALPN h2) with `ssl`."""
 
     def __init__(
-        self, handler: Callable[[H2Request], H2Reply] = echo, ssl: ssl.SSLContext | None = None
+        self,
+        handler: Callable[[H2Request], H2Reply] = echo,
+        ssl: ssl.SSLContext | None = None,
+        *,
+        checked: bool = True,
     ) -> None:
         super().__init__()
         self.handler = handler
         self.ssl = ssl
+        self.checked = checked
         if ssl is not None:
             self.scheme = "https"
         self.cond = threading.Condition()

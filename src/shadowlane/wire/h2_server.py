@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 from collections.abc import Callable
 from typing import Final, cast
@@ -69,6 +70,74 @@ _CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 _GRPC_PREFIX: Final = "application/grpc"
+#: what RFC 9113 8.2.1 forbids in a field name (a pseudo-header's leading colon is cut first)
+_BAD_NAME: Final = re.compile(rb"[\x00-\x20A-Z:\x7f-\xff]")
+#: ... and in a field value: NUL, CR, LF anywhere, whitespace at either end
+_BAD_VALUE: Final = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
+_REQUEST_PSEUDO: Final = frozenset({b":method", b":scheme", b":path", b":authority", b":protocol"})
+
+
+def malformed_request(headers: Headers) -> str | None:
+    """Why a request's header block is malformed (RFC 9113 8.2, 8.3.1), or None.
+
+    These are the checks h2 makes on inbound headers (`validate_inbound_headers`, off in
+    `H2ServerConnection`): done here in one loop over the pairs instead of h2's chain of seven
+    generators, which cost more than the rest of reading a request. `decide_head` applies the
+    HTTP rules after this (Host syntax, Content-Length, Expect, ...).
+    """
+    seen: set[bytes] = set()
+    regular = False
+    method: bytes | None = None
+    authority: bytes | None = None
+    host: bytes | None = None
+    for name, value in headers:
+        if not name:
+            return "empty header name"
+        if name[0] == 0x3A:  # ":"
+            if regular:
+                return "pseudo-header after a regular header"
+            if name not in _REQUEST_PSEUDO:
+                return "unknown pseudo-header"
+            if name in seen:
+                return "duplicate pseudo-header"
+            seen.add(name)
+            if name == b":method":
+                method = value
+            elif name == b":authority":
+                authority = value
+            elif name == b":path" and not value:
+                return "empty :path"
+            if _BAD_NAME.search(name, 1) is not None:
+                return "illegal character in a header name"
+        else:
+            regular = True
+            if _BAD_NAME.search(name) is not None:
+                return "illegal character in a header name"
+            if name in _CONNECTION_SPECIFIC:
+                return "connection-specific header"
+            if name == b"te" and value.lower() != b"trailers":
+                return "te other than trailers"
+            if name == b"host":
+                if host is not None:
+                    return "duplicate host"
+                host = value
+        if value and _BAD_VALUE.search(value) is not None:
+            return "illegal character in a header value"
+    if method is None:
+        return "missing :method"
+    if method == b"CONNECT" and b":protocol" not in seen:
+        if b":scheme" in seen or b":path" in seen:
+            return "CONNECT with :scheme or :path"
+    else:
+        if b":scheme" not in seen or b":path" not in seen:
+            return "missing :scheme or :path"
+        if b":protocol" in seen and method != b"CONNECT":
+            return ":protocol outside CONNECT"
+    if authority is None and host is None:
+        return "neither :authority nor host"
+    if authority is not None and host is not None and authority != host:
+        return ":authority and host differ"
+    return None
 
 
 def grpc_status_for(status: int) -> bytes:
@@ -264,13 +333,15 @@ class H2ServerConnection(Connection):
         # and filters that dropped the connection-specific ones: h2's checks of them again
         # cost more than the rest of the answer
         # (and split cookie crumbs are joined in `_request`, in the loop that reads the
-        # headers anyway, rather than by one more generator of h2's per header)
+        # headers anyway, rather than by one more generator of h2's per header); inbound
+        # headers are checked by `malformed_request`, the same rules in one loop
         config = H2Configuration(
             client_side=False,
             header_encoding=None,
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
             normalize_inbound_headers=False,
+            validate_inbound_headers=False,
         )
         self.h2 = H2Connection(config=config)
         self.h2.local_settings = Settings(
@@ -347,7 +418,8 @@ class H2ServerConnection(Connection):
                 elif event.flow_controlled_length:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
             elif isinstance(event, RequestReceived):
-                self._request(event)
+                if not self._request(event):
+                    return
             elif isinstance(event, StreamEnded):
                 ex = self.streams.get(event.stream_id)
                 if ex is not None:
@@ -394,19 +466,26 @@ class H2ServerConnection(Connection):
             self._set_blocked(ex, len(ex.out) > _LOW_WATER)
 
     # ----- streams -----
-    def _request(self, event: RequestReceived) -> None:
+    def _request(self, event: RequestReceived) -> bool:
+        """Start the stream's exchange; False when the header block was malformed and the
+        connection is closed for it (GOAWAY PROTOCOL_ERROR, as h2 itself would have)."""
         sid = event.stream_id
+        fields = cast(Headers, event.headers or [])
+        if malformed_request(fields) is not None:
+            with contextlib.suppress(ProtocolError):
+                self.h2.close_connection(ErrorCodes.PROTOCOL_ERROR)
+            self._flush()
+            self.close()
+            return False
         if self.goaway_last >= 0 and sid > self.goaway_last:
             self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
-            return
+            return True
         method = b""
         path = b""
         authority = b""
         headers: Headers = []
         cookies: list[bytes] = []
-        for name, value in event.headers or ():
-            n = bytes(name)
-            v = bytes(value)
+        for n, v in fields:
             if n[:1] == b":":
                 if n == b":method":
                     method = v
@@ -440,7 +519,7 @@ class H2ServerConnection(Connection):
             if ended:
                 ex._end_body()
             ex.respond(head.status, head.reason.encode() + b"\n", close=True)
-            return
+            return True
         request = Request(
             head.method, head.target, "2", head.headers, head.host, self.client_addr, True
         )
@@ -452,6 +531,7 @@ class H2ServerConnection(Connection):
         if ended:
             ex.body_done = True
         self.app.handle(ex)
+        return True
 
     def _add(self, ex: H2Exchange) -> None:
         self.streams[ex.stream_id] = ex

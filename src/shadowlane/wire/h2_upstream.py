@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import ssl
 from http import HTTPStatus
@@ -45,6 +46,8 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from hpack import NeverIndexedHeaderTuple
+from hpack.struct import Header
 
 from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import (
@@ -73,7 +76,20 @@ _DROPPED: Final = frozenset(
     }
 )
 _REASONS: dict[int, bytes] = {}
+#: what RFC 9113 8.2.1 forbids in a field name, and in a field value
+_BAD_NAME: Final = re.compile(rb"[\x00-\x20A-Z:\x7f-\xff]")
+_BAD_VALUE: Final = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
+#: what an HTTP/2 message must not carry (RFC 9113 8.2.2)
+_CONNECTION_SPECIFIC: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
 _TE_TRAILERS: Final = (b"te", b"trailers")
+#: kept out of the HPACK table: credentials (what h2's outbound normalisation did: nghttp2's
+#: and Firefox's rule against compression-ratio attacks; cookies under 20 bytes as well), and
+#: the request id, new on every request: indexed, each one would push an entry out of the
+#: 4 KiB table (those the next requests would have sent as one byte come back as literals, Huffman
+#: coded in pure Python) and lengthen hpack's linear search of it for every header
+_UNINDEXED: Final = frozenset({b"authorization", b"proxy-authorization", b"x-request-id"})
 #: grpc-timeout units (gRPC's PROTOCOL-HTTP2.md) in seconds
 _GRPC_UNITS: Final = {
     ord("H"): 3600.0,
@@ -106,6 +122,23 @@ def _reason(status: int) -> bytes:
             reason = b"Unknown"
         _REASONS[status] = reason
     return reason
+
+
+def malformed_field(name: bytes, value: bytes) -> str | None:
+    """Why one regular field of an answer is malformed (RFC 9113 8.2), or None: the checks h2
+    makes on inbound headers (`validate_inbound_headers`, off in `H2ClientConnection`), made
+    in the loop that reads the answer's headers anyway instead of h2's chain of generators."""
+    if not name:
+        return "empty header name"
+    if _BAD_NAME.search(name) is not None:
+        return f"illegal character in header name {name!r}"
+    if value and _BAD_VALUE.search(value) is not None:
+        return f"illegal character in the value of {name.decode('latin-1')}"
+    if name in _CONNECTION_SPECIFIC:
+        return f"connection-specific header {name.decode('latin-1')}"
+    if name == b"te" and value.lower() != b"trailers":
+        return "te other than trailers"
+    return None
 
 
 def _parse_head(head: bytes) -> tuple[bytes, bytes, Headers]:
@@ -155,7 +188,7 @@ class H2Stream(UpstreamConnection):
         self.last_activity = 0.0
         self.timer: asyncio.TimerHandle | None = None
         #: the request's HEADERS, until the connection sends them (see `start_stream`)
-        self.head_out: Headers | None = None
+        self.head_out: list[Header] | None = None
         self.queued = False
 
     # ----- request side -----
@@ -169,10 +202,20 @@ class H2Stream(UpstreamConnection):
         conn = self.h2conn
         method, target, fields = _parse_head(head)
         authority = b""
-        headers: Headers = []
+        headers: list[Header] = [
+            (b":method", method),
+            (b":scheme", conn.scheme),
+            (b":authority", b""),
+            (b":path", target),
+        ]
         limit = 0.0
         for name, value in fields:
-            if name in _DROPPED:
+            # what h2's outbound normalisation did (off in H2ClientConnection), in this loop:
+            # names lower-cased (a shadow's added headers keep the config's spelling), values
+            # without surrounding whitespace, connection-specific fields dropped, credentials
+            # (and the request id) never indexed
+            name = name.lower()
+            if name in _DROPPED or name == b"te":
                 if name == b"host":
                     authority = value
                 continue
@@ -182,20 +225,19 @@ class H2Stream(UpstreamConnection):
                 # TE is hop-by-hop (the proxy drops the client's), but gRPC servers want
                 # `te: trailers` on every call, as Envoy and nginx's grpc_pass send it
                 headers.append(_TE_TRAILERS)
-            headers.append((name, value))
-        pseudo: Headers = [
-            (b":method", method),
-            (b":scheme", conn.scheme),
-            (b":authority", authority or conn.pool.authority),
-            (b":path", target),
-        ]
+            value = value.strip(b" \t")
+            if name in _UNINDEXED or (name == b"cookie" and len(value) < 20):
+                headers.append(NeverIndexedHeaderTuple(name, value))
+            else:
+                headers.append((name, value))
+        headers[2] = (b":authority", authority or conn.pool.authority)
         now = self.loop.time()
         self.timeout = timeout
         self.last_activity = now
         self.deadline = now + limit if limit else 0.0
         first = timeout if not limit else min(timeout, limit)
         self.timer = self.loop.call_later(first, self._on_timer)
-        conn.start_stream(self, pseudo + headers)
+        conn.start_stream(self, headers)
 
     def write_body(self, data: bytes) -> None:
         if self.ended or not data or self.state == ConnState.CLOSED:
@@ -278,18 +320,40 @@ class H2Stream(UpstreamConnection):
         status = 0
         content_length: int | None = None
         out: Headers = []
-        for name, value in headers:
+        why: str | None = None
+        for i, (name, value) in enumerate(headers):
             if name[:1] == b":":
-                if name == b":status":
-                    status = int(value)
+                # RFC 9113 8.3.2: :status, once, first; no other pseudo-header in an answer
+                if name != b":status" or i != 0 or len(value) != 3 or not value.isdigit():
+                    why = "malformed pseudo-header in the answer"
+                    break
+                status = int(value)
                 continue
+            why = malformed_field(name, value)
+            if why is not None:
+                break
             if name == b"content-length":
-                content_length = int(value)
+                content_length = int(value)  # h2 checked it is digits (its framing needs it)
             out.append((name, value))
+        if why is None and not status:
+            why = "answer without :status"
+        if why is not None:
+            self.malformed(why)
+            return
         self.started = True
         sink = self.sink
         if sink is not None:
             sink.on_response_head(status, _reason(status), out, content_length)
+
+    def malformed(self, why: str) -> None:
+        """The backend's answer is malformed (RFC 9113 8.1.1): the stream is reset with
+        PROTOCOL_ERROR and the caller hears a protocol error; the connection's other streams
+        go on."""
+        sink = self.sink
+        self.sink = None
+        self._finish(ErrorCodes.PROTOCOL_ERROR)
+        if sink is not None:
+            sink.on_upstream_error(UpstreamError("protocol", why), False)
 
     def on_data(self, data: bytes, flow_length: int) -> None:
         self.last_activity = self.loop.time()
@@ -303,9 +367,22 @@ class H2Stream(UpstreamConnection):
         self._ack()
 
     def on_trailers(self, headers: Headers) -> None:
+        # plain tuples: hpack's are a tuple subclass that does not survive pickling (the
+        # trailers go to the comparison children)
+        out: Headers = []
+        for name, value in headers:
+            why = (
+                "pseudo-header in the trailers"
+                if name[:1] == b":"
+                else malformed_field(name, value)
+            )
+            if why is not None:
+                self.malformed(why)
+                return
+            out.append((name, value))
         sink = self.sink
         if sink is not None:
-            sink.on_response_trailers([(n, v) for n, v in headers if n[:1] != b":"])
+            sink.on_response_trailers(out)
 
     def on_end(self) -> None:
         sink = self.sink
@@ -341,15 +418,19 @@ class H2ClientConnection:
         self.pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
-        # the request's names are lower-cased by the parser that read them, but a shadow's
-        # added headers are the config's spelling: normalised, not validated again
+        # h2's header pipelines (a chain of generators per header block, each way) are off:
+        # `H2Stream.send_request` normalises what goes out (a shadow's added headers keep the
+        # config's spelling) and `on_head` / `on_trailers` check what comes in, in the loops
+        # that read the headers anyway
         self.h2 = H2Connection(
             config=H2Configuration(
                 client_side=True,
                 header_encoding=None,
                 validate_outbound_headers=False,
+                normalize_outbound_headers=False,
                 # inbound normalisation only joins cookie crumbs, which answers do not have
                 normalize_inbound_headers=False,
+                validate_inbound_headers=False,
             )
         )
         self.h2.local_settings = Settings(
@@ -532,7 +613,7 @@ class H2ClientConnection:
             self.idle_timer = None
         return H2Stream(self)
 
-    def start_stream(self, stream: H2Stream, headers: Headers) -> None:
+    def start_stream(self, stream: H2Stream, headers: list[Header]) -> None:
         """The request's HEADERS go out with the rest of this loop iteration's sends (so a
         request without a body is one HEADERS frame with END_STREAM)."""
         if self.closed or not self.usable:
@@ -563,7 +644,7 @@ class H2ClientConnection:
                     self.pump(stream)
         self._flush()
 
-    def _send_head(self, stream: H2Stream, head: Headers) -> bool:
+    def _send_head(self, stream: H2Stream, head: list[Header]) -> bool:
         stream.head_out = None
         if self.closed or not self.usable:
             self.loop.call_soon(stream.on_error, UpstreamError("reset", "connection closed"), True)
