@@ -605,3 +605,31 @@ def test_slow_store_drops_and_memory_stays_bounded(tmp_path: Path) -> None:
     text = metrics.render()[0].decode()
     line = f'shadowlane_comparisons_total{{result="dropped",route="big",target="v2"}} {dropped}.0'
     assert line in text
+
+
+def test_a_store_opens_while_another_process_writes_the_new_file(tmp_path: Path) -> None:
+    """`--workers N` opens one new SQLite file in N processes at once. Switching a file to WAL
+    needs the lock a writer holds, and SQLite refuses it at once ("database is locked", no busy
+    handler): a worker exited at start-up in CI. Here another connection holds a write
+    transaction on the new file (not yet WAL) for 0.3 s; the store must wait and open."""
+    import sqlite3
+
+    from shadowlane.store.sqlite import SqliteStore
+
+    path = tmp_path / "busy.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE held (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO held VALUES (1)")
+    released = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    released.start()
+    t0 = time.monotonic()
+    try:
+        store = SqliteStore(str(path))
+    finally:
+        released.join()
+        other.close()
+    assert time.monotonic() - t0 >= 0.25  # it did meet the lock, and waited it out
+    journal = store._writer().execute("PRAGMA journal_mode").fetchone()[0]
+    store.close()
+    assert journal == "wal"

@@ -9,6 +9,7 @@ queue on the write lock (busy timeout) instead of failing half-way through a tra
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,7 +34,7 @@ class SqliteStore(SqlStore):
             self._read_conn = self._write_conn
             self._read_lock = self._write_lock
         else:
-            self._write_conn.execute("PRAGMA journal_mode=WAL")
+            _wal(self._write_conn)
             self._write_conn.execute("PRAGMA synchronous=NORMAL")
             self._read_conn = self._connect()
         with self._write_lock, self._transaction(self._write_conn) as cur:
@@ -79,3 +80,21 @@ class SqliteStore(SqlStore):
         if not self.memory:
             with self._read_lock:
                 self._read_conn.close()
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL, waiting for the lock it needs.
+
+    With `--workers N` every worker opens the same new file at once; the switch takes an
+    exclusive lock, and SQLite answers "database is locked" at once, without its busy handler,
+    when another connection holds the file (seen in CI as a worker that exited at start-up). The
+    mode is stored in the file, so once one worker switched it the others' PRAGMA is a read."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
