@@ -20,9 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from support.configs import backend_entry
-from support.metrics import scrape
+from support.metrics import settle
 from support.proxy import ProxyProcess
-from support.wait import wait_until
 
 MiB = 1 << 20
 CONNECTIONS = 16
@@ -140,17 +139,11 @@ def test_shadowed_uploads_stay_in_bounded_memory(
         peak = memory(proxy.pid)["VmHWM"]
         total = CONNECTIONS * PER_CONN
         assert answered == total, f"{answered} of {total} uploads answered"
-        # the client's answers do not wait for the copies: the last ones may still be going
-        outcomes = wait_until(
-            lambda: (
-                (o := scrape(proxy).outcomes("up", "s"))
-                and o.get("ok", 0) + o.get("dropped", 0) + o.get("error", 0) >= total
-                and o
-            ),
-            30,
-            "every copy to end",
-        )
-        assert outcomes.get("ok", 0) + outcomes.get("dropped", 0) == total, outcomes
+        # the client's answers do not wait for the copies: the last ones may still be going.
+        # Every copy ends in one terminal outcome; on a loaded machine some may time out
+        outcomes = settle(proxy, "up", "s", total, timeout=60)
+        ended = sum(outcomes.get(o, 0) for o in ("ok", "dropped", "timeout"))
+        assert ended == total, outcomes
         assert outcomes.get("ok", 0) >= total // 2, outcomes  # most copies went
         assert primary.body_bytes == total * MiB
         assert shadow.body_bytes == outcomes["ok"] * MiB  # each copy arrived whole
