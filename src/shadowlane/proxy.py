@@ -4,8 +4,11 @@ One `ProxyCall` per request carries it from the downstream `Exchange` to a poole
 connection and back, as callbacks (it is the upstream connection's `ResponseSink`). A shadowed
 request carries the ticket the dispatcher gave it, and tells it, never awaiting anything, when
 the request body is complete (`send: with_request` copies go then), when the primary answer
-ended (`after_response`), and when the body of a request answered early is complete. Shadow
-imports nothing from here: the ticket is handed what it needs at each moment.
+ended (`after_response`), and when the body of a request answered early is complete. A body
+too big to keep for a `stream_body` shadow is streamed to it instead: the ticket makes the
+copies (`ShadowTicket.stream`) and the proxy feeds them each chunk it reads (`BodyStream`),
+never pausing the client for them. Shadow imports nothing from here: the ticket is handed what
+it needs at each moment.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from typing import TYPE_CHECKING, Final, assert_never
 from shadowlane.record.recorder import Recorder
 from shadowlane.routing import Route, RouteTable
 from shadowlane.shadow.join import PrimaryCapture
+from shadowlane.shadow.lane import BodyStream
 from shadowlane.shadow.mutation import RequestRewrite
-from shadowlane.shadow.plan import RouteShadows
+from shadowlane.shadow.plan import NEVER, RouteShadows
 from shadowlane.shadow.ticket import ShadowTicket
 from shadowlane.wire.headers import (
     new_request_id,
@@ -71,7 +75,16 @@ class RouteRuntime:
     """What the proxy precomputes per route: limits, the request rewrite, the shadow plan and
     the recording."""
 
-    __slots__ = ("max_body", "name", "recorder", "retain_limit", "rewrite", "route", "shadows")
+    __slots__ = (
+        "body_check",
+        "max_body",
+        "name",
+        "recorder",
+        "retain_limit",
+        "rewrite",
+        "route",
+        "shadows",
+    )
 
     def __init__(
         self,
@@ -94,6 +107,11 @@ class RouteRuntime:
             RETRY_BODY_LIMIT,
             shadows.max_body if shadows else 0,
             recorder.max_body if recorder is not None else 0,
+        )
+        #: the one size a body's chunks are compared with as they are kept: past it, the
+        #: body may start streaming to a `stream_body` shadow, or outgrows retain_limit
+        self.body_check = min(
+            self.retain_limit, shadows.stream_at if shadows is not None else NEVER
         )
 
 
@@ -215,6 +233,7 @@ class ProxyCall(ResponseSink):
         "retried",
         "rt",
         "status",
+        "stream",
         "t0",
         "ticket",
     )
@@ -257,6 +276,8 @@ class ProxyCall(ResponseSink):
         #: this request's shadowing, from the dispatcher it started with (a reload may swap
         #: the proxy's); None when no shadow of the route took it
         self.ticket: ShadowTicket | None = None
+        #: the copies streamed in step with the primary (`stream_body`), once one is made
+        self.stream: BodyStream | None = None
         if shadow is not None and shadows is not None:
             if proxy.overload.level >= SHED:
                 shadow.shed(shadows)  # overloaded: shadow work goes first
@@ -288,9 +309,16 @@ class ProxyCall(ResponseSink):
         ex = self.exchange
         ex.on_abort = self._client_gone
         ex.on_writable = self._client_writable
-        if self.ticket is not None and not ex.has_body:
-            # nothing to wait for: the copies go now, not after the primary connects
-            self.ticket.request_done(b"")
+        ticket = self.ticket
+        if ticket is not None:
+            size = ex.content_length
+            if not ex.has_body:
+                # nothing to wait for: the copies go now, not after the primary connects
+                ticket.request_done(b"")
+            elif size is not None and size > ticket.stream_at:
+                # too big to keep for a `stream_body` shadow: its copy starts now (its connect
+                # runs beside the primary's), and is fed the body as the primary is
+                self.stream = ticket.stream(size, False, [])
         conn = self.endpoint.get_idle()
         if conn is not None:
             self._send(conn)
@@ -327,8 +355,37 @@ class ProxyCall(ResponseSink):
             if self.body:
                 self._write_chunk(conn, self.body)
             self._finish_body(conn)
+        elif self.ticket is None:
+            ex.set_body_consumer(self._on_body, self._on_body_end)
+        else:
+            self._consume_shadowed(self.ticket)
+
+    def _consume_shadowed(self, ticket: ShadowTicket) -> None:
+        """Subscribe to the body of a shadowed request. One whose copies stream (a
+        Content-Length decided at the head, in `start`), or a chunked one on a route that may
+        stream (it may pass `stream_at` mid-way, even among the chunks the server buffered),
+        gets the streaming consumer; everything else is consumed as on an unshadowed route:
+        no per-chunk work."""
+        ex = self.exchange
+        if self.stream is not None or (ex.content_length is None and ticket.stream_at < NEVER):
+            ex.on_body_lost = self._body_lost
+            ex.set_body_consumer(self._on_body_streamed, self._on_body_end_streamed)
         else:
             ex.set_body_consumer(self._on_body, self._on_body_end)
+
+    def _on_body_streamed(self, chunk: bytes) -> None:
+        """A chunk of a body that streams (or may) to shadows: the primary's, then the same
+        bytes object to each streamed copy, which never makes the client wait."""
+        stream = self.stream  # before: a stream begun by this chunk was handed it already
+        self._on_body(chunk)
+        if stream is not None:
+            stream.feed(chunk)
+
+    def _on_body_end_streamed(self) -> None:
+        stream = self.stream
+        if stream is not None:
+            stream.end()
+        self._on_body_end()
 
     def _on_body(self, chunk: bytes) -> None:
         ex = self.exchange
@@ -340,6 +397,8 @@ class ProxyCall(ResponseSink):
             # only chunked bodies get here (Content-Length was checked up front)
             if self.conn is not None:
                 self.conn.abandon()
+            if self.stream is not None:
+                self.stream.cut()
             self.finished = True
             self._unkept()
             if not ex.response_started:
@@ -361,13 +420,32 @@ class ProxyCall(ResponseSink):
         if state != BodyState.READING and state != BodyState.LATE:
             return
         self.retained.append(chunk)
-        if self.body_size_seen > self.rt.retain_limit:
+        if self.body_size_seen > self.rt.body_check:
+            self._body_grew(state)
+
+    def _body_grew(self, state: int) -> None:
+        """The body passed the route's `body_check`: it may start streaming to a shadow
+        (chunked, and every byte so far still kept), and past retain_limit it is not kept."""
+        size = self.body_size_seen
+        ticket = self.ticket
+        if (
+            ticket is not None
+            and size > ticket.stream_at
+            and state == BodyState.READING
+            and not self.finished
+            and self.exchange.chunked  # a Content-Length body was decided at its head
+        ):
+            stream = ticket.stream(size, True, self.retained)
+            if stream is not None:
+                self.stream = stream
+        if size > self.rt.retain_limit:
             self._unkept()
             if state == BodyState.LATE:
                 # the copies waiting for it cannot have it: they are decided now, and the
-                # rest of the body is read and dropped by the server
-                self.exchange.release_body()
-                self.exchange.on_body_lost = None
+                # rest of the body is read and dropped by the server (unless it streams)
+                if self.stream is None:
+                    self.exchange.release_body()
+                    self.exchange.on_body_lost = None
                 if self.ticket is not None:
                     self.ticket.late_body(None)
                 if self.recorder is not None:
@@ -483,7 +561,9 @@ class ProxyCall(ResponseSink):
                 self.body_state = BodyState.LATE
                 ex.on_body_lost = self._body_lost
             else:
-                ex.release_body()
+                if self.stream is None:
+                    ex.release_body()
+                # else the streamed copies keep being fed while the server reads the rest
                 self._unkept()
         ex.end_response()
         self._observe(self.status)
@@ -495,6 +575,8 @@ class ProxyCall(ResponseSink):
 
     def _body_lost(self) -> None:
         """The connection closed before the rest of the body came: it never will."""
+        if self.stream is not None:
+            self.stream.cut()
         if self.body_state == BodyState.LATE:
             self._unkept()
             if self.ticket is not None:
@@ -537,6 +619,8 @@ class ProxyCall(ResponseSink):
             return
         self.finished = True
         ex = self.exchange
+        if self.stream is not None and not ex.body_done:
+            self.stream.cut()  # the client's connection closes on the rest of its body
         if self.conn is not None:
             self.conn.abandon()
         if ex.response_started:
@@ -555,6 +639,8 @@ class ProxyCall(ResponseSink):
         self._shadow_response_done()
 
     def _client_gone(self) -> None:
+        if self.stream is not None:
+            self.stream.cut()  # the body was cut (copies whose body ended go on)
         if self.capture is not None:
             self.capture.abandon()
         if self.conn is not None:

@@ -42,6 +42,7 @@ SHADOW_TERMINAL = (
     "skipped_primary",
     "shed",
     "dropped",
+    "aborted",
     "ok",
     "error",
     "timeout",

@@ -192,6 +192,9 @@ class ShadowConfig(_Model, frozen=True):
     max_in_flight: Annotated[Int, Field(ge=1)] = 64
     queue: Annotated[Int, Field(ge=0)] = 1024
     max_body: Size = 1024**2
+    #: a body over max_body is streamed to this shadow in step with the primary (never kept
+    #: whole), rather than skipped; the copy is aborted when the shadow falls behind
+    stream_body: bool = False
     compare: ShadowCompareField = False
     #: record the copies sent to this shadow (and, with `answers`, its answers)
     record: Annotated[RecordConfig | None, BeforeValidator(_none_to_empty(dict))] = None

@@ -219,6 +219,7 @@ class ShadowDispatcher:
             PrimaryCapture(capture) if capture else None,
             metrics,
             self._compare_submit,
+            shadows.stream_at,
         )
 
     def shed(self, shadows: RouteShadows) -> None:

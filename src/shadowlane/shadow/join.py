@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from shadowlane.compare.model import Captured, CompareJob
 from shadowlane.shadow.lane import ShadowCopy, ShadowResult
-from shadowlane.shadow.outcomes import CIRCUIT_OPEN, COMPARISON_DROPPED, COPY_DROPPED, OK
+from shadowlane.shadow.outcomes import ABORTED, CIRCUIT_OPEN, COMPARISON_DROPPED, COPY_DROPPED, OK
 from shadowlane.wire.messages import Headers
 
 if TYPE_CHECKING:
@@ -123,8 +123,11 @@ class CompareSlot:
         self._maybe_submit()
 
     def on_candidate(self, _copy: ShadowCopy, result: ShadowResult) -> None:
-        if result.outcome == CIRCUIT_OPEN or result.outcome == COPY_DROPPED:
-            self._drop()  # not sent: nothing about the candidate to compare
+        end = result.outcome
+        if end in (CIRCUIT_OPEN, COPY_DROPPED, ABORTED):
+            # not sent, or (aborted) sent only in part: its answer, if any, is not to the
+            # request the primary answered, so there is nothing to compare
+            self._drop()
             return
         self.candidate = captured(result)
         self._maybe_submit()

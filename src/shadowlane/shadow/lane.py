@@ -26,6 +26,7 @@ from shadowlane.shadow.breaker import CircuitBreaker
 from shadowlane.shadow.keys import OrderKeys
 from shadowlane.shadow.ordering import OrderScope, Waiter
 from shadowlane.shadow.outcomes import (
+    ABORTED,
     CIRCUIT_OPEN,
     COPY_DROPPED,
     DROPPED,
@@ -57,6 +58,13 @@ MAX_LANE_BYTES = 64 * 1024 * 1024
 #: replay's too): with many shadows and big uploads, 64 MiB per lane alone would let a process
 #: pin hundreds of MiB. Over-counts the same way (a body shared by two lanes counts twice).
 MAX_PROCESS_BYTES = 256 * 1024 * 1024
+
+
+#: a streamed copy (`stream_body`) may fall behind the primary by the shadow's `max_body`, but
+#: by at least this much: while its connection opens (a few loop turns, even on loopback) the
+#: proxy may read 256 KiB from a fast client on each turn, and a copy aborted for that would
+#: abort every stream that finds no idle connection
+STREAM_SLACK = 4 * 1024 * 1024
 
 
 class PinnedBytes:
@@ -152,7 +160,7 @@ class ShadowCopy(ResponseSink):
         if not lane.breaker.admit():
             self.fail_fast()
             return
-        self.timer = loop.call_later(lane.timeout, self._on_deadline)
+        self._start_deadline()
         if self.endpoint is None:
             self.endpoint = lane.pool.pick()
         conn = self.endpoint.get_idle()
@@ -160,6 +168,11 @@ class ShadowCopy(ResponseSink):
             self._send(conn)
         else:
             self.connecting = loop.create_task(self._connect(fresh=False))
+
+    def _start_deadline(self) -> None:
+        """Arm the copy's deadline (`timeout`), from its start."""
+        lane = self.lane
+        self.timer = lane.loop.call_later(lane.timeout, self._on_deadline)
 
     async def _connect(self, fresh: bool) -> None:
         ep = self.endpoint
@@ -233,7 +246,9 @@ class ShadowCopy(ResponseSink):
                 self.conn.abandon()
             self._finish(TIMEOUT)
 
-    def _finish(self, outcome: Ended) -> None:
+    def _finish(self, outcome: Ended, fault: bool = True) -> None:
+        """The copy's one end. `fault`: a failure that counts against the target for its
+        breaker (a streamed copy aborted because the client's body was cut does not)."""
         if self.done:
             return
         self.done = True
@@ -256,7 +271,7 @@ class ShadowCopy(ResponseSink):
         if outcome == OK:
             lane.metrics.observe_shadow(lane.route, lane.target, seconds)
             lane.breaker.succeeded()
-        elif lane.breaker.failed():
+        elif fault and lane.breaker.failed():
             lane.shed_waiting()
         if connecting is not None and not connecting.done():
             # the cancelled connect closes its socket when its task next runs: the slot is
@@ -286,6 +301,167 @@ class ShadowCopy(ResponseSink):
         lane.copy_done(self)
         if self.on_done is not None:
             self.on_done(self, result)
+
+
+class StreamedCopy(ShadowCopy):
+    """A copy whose body goes to the target as the proxy reads it from the client
+    (`stream_body`), for a body too big to keep (over the shadow's `max_body`).
+
+    It is handed the body's bytes so far when it is made, then `feed`s every further chunk
+    (the bytes objects the primary was written, never copied) and the `end`. It never slows
+    the client: nothing waits for it. What it may hold unsent (chunks while it connects, or
+    its transport's write buffer once connected) is bounded by `bound`; past it, or if the
+    target fails while the body still streams, or the body is cut, it is `abort`ed: its
+    connection is reset (never pooled, its buffer freed) and it ends `aborted`. It is never
+    retried (the body is gone), and its deadline (`timeout`) runs from the body's end: the
+    body takes as long as the client takes. Once the body ended it is an ordinary copy: its
+    answer ends it `ok`, `error` or `timeout`.
+    """
+
+    __slots__ = ("bound", "chunked", "ended", "paused", "pending", "pending_bytes")
+
+    def __init__(
+        self,
+        lane: ShadowLane,
+        method: str,
+        head: bytes,
+        chunked: bool,
+        so_far: list[bytes],
+        bound: int,
+        on_done: OnDone | None,
+        endpoint: EndpointPool | None = None,
+    ) -> None:
+        # what it pins for the lane's and the process's byte bounds is its bound: the most
+        # it may hold before it is aborted (never the whole body)
+        super().__init__(lane, method, head, b"", on_done, endpoint, bound)
+        self.chunked = chunked
+        #: the most bytes it may hold unsent before it is aborted
+        self.bound = bound
+        #: chunks not written yet (while it connects): the same bytes objects, a new list
+        self.pending: list[bytes] = list(so_far)
+        self.pending_bytes = 0
+        for chunk in so_far:
+            self.pending_bytes += len(chunk)
+        #: the body ended (all of it was fed, or is pending)
+        self.ended = False
+        #: the transport said its buffer passed its high-water mark: check it per chunk
+        self.paused = False
+
+    def _start_deadline(self) -> None:
+        """No deadline while the body streams (the client sets its pace); `end` arms it."""
+
+    def feed(self, chunk: bytes) -> None:
+        """The next chunk of the body, as the proxy read it (never waits)."""
+        if self.done:
+            return
+        conn = self.conn
+        if conn is None:
+            self.pending.append(chunk)
+            self.pending_bytes += len(chunk)
+            if self.pending_bytes > self.bound:
+                self.abort(True)  # the target is slower to accept than the client to send
+            return
+        self._write(conn, chunk)
+        if self.paused and conn.write_buffered() > self.bound:
+            self.abort(True)  # fell behind: the target takes the body slower than the client
+
+    def end(self) -> None:
+        """The body ended: the request is complete, the deadline starts."""
+        if self.done or self.ended:
+            return
+        self.ended = True
+        conn = self.conn
+        if conn is not None:
+            self._end_body(conn)
+        lane = self.lane
+        self.timer = lane.loop.call_later(lane.timeout, self._on_deadline)
+
+    def abort(self, fault: bool) -> None:
+        """Give up the copy: its connection is reset, its unsent bytes freed, `aborted`.
+        `fault`: the target's doing (fell behind, failed), counted against its breaker."""
+        if self.done:
+            return
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.reset()
+        self._finish(ABORTED, fault)
+
+    def _write(self, conn: UpstreamConnection, chunk: bytes) -> None:
+        if self.chunked:
+            conn.write_chunk_parts(chunk)
+        else:
+            conn.write_body(chunk)
+
+    def _end_body(self, conn: UpstreamConnection) -> None:
+        if self.chunked:
+            conn.write_last_chunk()
+        conn.end_request()
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        conn.send_request(self.head, self, self.lane.timeout)
+        pending = self.pending
+        self.pending = []
+        self.pending_bytes = 0
+        for chunk in pending:
+            self._write(conn, chunk)
+        if self.ended:
+            self._end_body(conn)
+        self.lane.metrics.shadow_outcome(self.lane.route, self.lane.target, SENT)
+
+    def on_upstream_error(self, err: UpstreamError, retryable: bool) -> None:
+        """Never retried: the body already sent is not kept. While the body streams the copy
+        is aborted (a connection idle for `timeout` then is the client's pause, not the
+        target's fault); after it, an ordinary `error` or `timeout`."""
+        if self.done:
+            return
+        if not self.ended:
+            self.abort(err.kind != "timeout")
+            return
+        self._finish(TIMEOUT if err.kind == "timeout" else ERROR)
+
+    def on_upstream_writable(self, writable: bool) -> None:
+        self.paused = not writable
+
+    def abandon(self) -> None:
+        """Shutdown (the lane drains): mid-body it is aborted, after it timed out."""
+        if not self.ended:
+            self.abort(False)
+            return
+        super().abandon()
+
+    def _finish(self, outcome: Ended, fault: bool = True) -> None:
+        if not self.ended and outcome in (ERROR, TIMEOUT):
+            outcome = ABORTED  # a connect that failed while the body streamed
+        self.pending = []
+        self.pending_bytes = 0
+        super()._finish(outcome, fault)
+
+
+class BodyStream:
+    """The streamed copies of one request's body; the proxy feeds it as it reads the client
+    (shadow/ticket.py makes it; it never waits and never pauses the client)."""
+
+    __slots__ = ("copies",)
+
+    def __init__(self) -> None:
+        self.copies: list[StreamedCopy] = []
+
+    def feed(self, chunk: bytes) -> None:
+        for copy in self.copies:
+            copy.feed(chunk)
+
+    def end(self) -> None:
+        for copy in self.copies:
+            copy.end()
+
+    def cut(self) -> None:
+        """The client's body will not end (it left, or the proxy refused the rest): every
+        copy still streaming is aborted, not counted against its target."""
+        for copy in self.copies:
+            if not copy.ended:
+                copy.abort(False)
 
 
 class ShadowLane:
@@ -378,6 +554,23 @@ class ShadowLane:
             self.parked.add(copy)
             return True
         return self._start_or_queue(copy)
+
+    def submit_stream(self, copy: StreamedCopy) -> bool:
+        """Start a streamed copy now, or drop it: a stream cannot wait for a slot (its body
+        goes by once), so it is never queued. Its bound is pinned as its size."""
+        size = copy.size
+        pinned = PROCESS_PINNED
+        if (
+            self.closing
+            or len(self.in_flight) >= self.max_in_flight
+            or self.bytes + size > MAX_LANE_BYTES
+            or pinned.bytes + size > pinned.limit
+        ):
+            return self.drop()
+        self._pin(size)
+        self.in_flight.add(copy)
+        copy.start()
+        return True
 
     def _start_or_queue(self, copy: ShadowCopy) -> bool:
         size = copy.size

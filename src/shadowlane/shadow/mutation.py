@@ -10,8 +10,9 @@ X-Request-Id), then: the Host gets a suffix (`-shadow` by default, inserted befo
 as Envoy does) or an explicit value, configured headers are removed and set, the marker
 `X-Shadowlane-Shadow: <route>` is added (always on a copy, and it cannot be removed), the path
 may be rewritten by regex, and the body is framed with Content-Length (the copy has all its
-bytes). `shadowlane replay` builds its requests here too (without the marker when it replays
-to a URL rather than as a configured shadow).
+bytes; a streamed copy of a chunked body, `stream_body`, is sent chunked). `shadowlane
+replay` builds its requests here too (without the marker when it replays to a URL rather than
+as a configured shadow).
 """
 
 from __future__ import annotations
@@ -87,9 +88,11 @@ class CopyBuilder:
         endpoint_authority: bytes = b"",
         method: str | None = None,
         target: bytes | None = None,
+        chunked: bool = False,
     ) -> bytes:
         """The copy's request head; `method` and `target` when a write step changed them
-        (`POST /i/_doc` sent as `PUT /i/_create/<the primary's id>`)."""
+        (`POST /i/_doc` sent as `PUT /i/_create/<the primary's id>`). `chunked`: a streamed
+        copy of a body whose length is not known yet (`stream_body`), framed as it came."""
         method = req.method if method is None else method
         drop = self._drop
         host = endpoint_authority if self.host_is_endpoint else self._host
@@ -114,7 +117,9 @@ class CopyBuilder:
         out.extend(self._set)
         if self._marker is not None:
             out.append(self._marker)
-        if body_len or method in ("POST", "PUT", "PATCH"):
+        if chunked:
+            out.append((b"transfer-encoding", b"chunked"))
+        elif body_len or method in ("POST", "PUT", "PATCH"):
             out.append((b"content-length", str(body_len).encode()))
         return b"%s %s HTTP/1.1\r\n%s\r\n" % (
             method.encode(),

@@ -32,6 +32,10 @@ SKIPPED_UPGRADE: Final = "skipped_upgrade"
 SKIPPED_PRIMARY: Final = "skipped_primary"
 #: not copied: the overload manager sheds shadow work (memory or in-flight watermark passed)
 SHED: Final = "shed"
+#: a streamed copy (`stream_body`) cut short: the shadow fell behind the primary by more than
+#: its bound, failed while the body was still streaming, or the client's body was cut; its
+#: connection is closed, never pooled (replaces `ok`/`error`/`timeout` for that copy)
+ABORTED: Final = "aborted"
 
 #: a value of the `outcome` label; tests check it lists exactly SHADOW_OUTCOMES
 Outcome = Literal[
@@ -48,6 +52,7 @@ Outcome = Literal[
     "skipped_upgrade",
     "skipped_primary",
     "shed",
+    "aborted",
 ]
 
 #: every outcome, in the order docs/metrics.md lists them. The first seven are the DESIGN.md
@@ -67,6 +72,7 @@ SHADOW_OUTCOMES: Final[tuple[Outcome, ...]] = (
     SKIPPED_UPGRADE,
     SKIPPED_PRIMARY,
     SHED,
+    ABORTED,
 )
 
 #: How one copy that was handed to a lane ended (`ShadowResult.outcome`), which is what a
@@ -77,9 +83,9 @@ CIRCUIT_OPEN: Final = "circuit_open"
 PENDING: Final = ""
 #: COPY_DROPPED: a copy that waited (for a slot or its keys) and was dropped at a drain's end
 COPY_DROPPED: Final = "dropped"
-CopyEnd = Literal["", "ok", "error", "timeout", "circuit_open", "dropped"]
-#: how a copy that went to the target ended
-Ended = Literal["ok", "error", "timeout"]
+CopyEnd = Literal["", "ok", "error", "timeout", "circuit_open", "dropped", "aborted"]
+#: how a copy that went to the target ended (`aborted`: only a streamed copy)
+Ended = Literal["ok", "error", "timeout", "aborted"]
 
 #: the comparison result counted for a request whose comparison cannot happen (a copy not
 #: sent, a secondary that failed); the other results are the comparator's

@@ -8,6 +8,8 @@ and the dispatcher both use it without importing each other.
 
 from __future__ import annotations
 
+from typing import Final
+
 from shadowlane.config import ShadowConfig
 from shadowlane.record.recorder import Recorder
 from shadowlane.routing import compile_match
@@ -15,6 +17,9 @@ from shadowlane.shadow.lane import ShadowLane
 from shadowlane.shadow.mutation import CopyBuilder
 from shadowlane.shadow.sampling import KeyFn, Sampler, key_function
 from shadowlane.shadow.writes import ANSWER_LIMIT, WritePlan
+
+#: a body size no request reaches: "nothing streams" without a second test
+NEVER: Final = 1 << 62
 
 
 def _key(spec: tuple[str, str] | None) -> KeyFn | None:
@@ -36,6 +41,7 @@ class LanePlan:
         "recorder",
         "sampler",
         "secondary",
+        "streams",
         "writes",
     )
 
@@ -69,14 +75,21 @@ class LanePlan:
         self.after_response = cfg.waits_for_primary
         #: `record:` of this shadow: the copies sent (and, with answers, the shadow's answers)
         self.recorder = recorder
+        #: `stream_body`: a body over max_body is streamed in step with the primary. Only a
+        #: copy sent with the request can: one sent after the primary answered (asked for,
+        #: ordered, rebuilt from the answer) would need the whole body kept
+        self.streams = cfg.stream_body and not self.after_response
 
 
 class RouteShadows:
     """All shadows of one route."""
 
-    __slots__ = ("lanes", "max_body", "route")
+    __slots__ = ("lanes", "max_body", "route", "stream_at")
 
     def __init__(self, route: str, lanes: list[LanePlan]) -> None:
         self.route = route
         self.lanes = lanes
         self.max_body = max(p.cfg.max_body for p in lanes)
+        #: a body bigger than this may be streamed to some shadow (NEVER: none streams);
+        #: the proxy's one compare per body that decides whether to ask the ticket
+        self.stream_at = min((p.cfg.max_body for p in lanes if p.streams), default=NEVER)

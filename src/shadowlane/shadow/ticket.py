@@ -7,7 +7,11 @@ needs; the ticket never reads the proxy's call, and shadow/ imports nothing of t
   `response_done(status, body, may_follow)` the primary answered, failed or the client left:
                                           `after_response` (and ordered) copies go now;
   `late_body(body)`                       the body of a request answered early is complete,
-                                          or lost for good: the copies that waited for it.
+                                          or lost for good: the copies that waited for it;
+  `stream(size, chunked, so_far)`         the body is bigger than `stream_at` (its
+                                          Content-Length, or a chunked body once it passed
+                                          it): `stream_body` shadows it outgrew get a
+                                          streamed copy now, fed by the proxy (`BodyStream`).
 It holds `capture` (the primary's answer, when a compared shadow needs it) for the proxy to
 feed, and `outcomes` (target -> what became of the copy) for the access log.
 
@@ -35,7 +39,15 @@ from shadowlane.shadow.join import (
     Submit,
     captured,
 )
-from shadowlane.shadow.lane import OnDone, ShadowCopy, ShadowResult
+from shadowlane.shadow.lane import (
+    STREAM_SLACK,
+    BodyStream,
+    OnDone,
+    ShadowCopy,
+    ShadowLane,
+    ShadowResult,
+    StreamedCopy,
+)
 from shadowlane.shadow.outcomes import (
     CIRCUIT_OPEN,
     COMPARISON_DROPPED,
@@ -52,7 +64,7 @@ from shadowlane.shadow.outcomes import (
     DivergenceReason,
     Outcome,
 )
-from shadowlane.shadow.plan import LanePlan
+from shadowlane.shadow.plan import NEVER, LanePlan
 from shadowlane.shadow.writes import Prepared, Unsent, WriteEnd, WritePlan
 from shadowlane.wire.messages import Headers, Request
 
@@ -74,6 +86,8 @@ class ShadowTicket:
         "_waiting_body",
         "capture",
         "outcomes",
+        "stream_at",
+        "streamed",
     )
 
     def __init__(
@@ -84,6 +98,7 @@ class ShadowTicket:
         capture: PrimaryCapture | None,
         metrics: Metrics,
         compare_submit: Submit | None,
+        stream_at: int = NEVER,
     ) -> None:
         self._request = request
         #: the headers as forwarded to the primary; each copy is built from them
@@ -101,6 +116,11 @@ class ShadowTicket:
         self._waiting_body: list[LanePlan] = []
         #: the primary's status, once it answered (write copies are built from the answer)
         self._status = 0
+        #: a body over this many bytes may stream to a sampled lane (the route's
+        #: `RouteShadows.stream_at`, so no per-request work); NEVER once nothing can
+        self.stream_at = stream_at
+        #: the streamed copies of this request's body, once one was made
+        self.streamed: BodyStream | None = None
 
     # ----- the proxy's moments -----
     def request_done(self, body: bytes | None) -> None:
@@ -109,6 +129,7 @@ class ShadowTicket:
         if self._requested:
             return
         self._requested = True
+        self.stream_at = NEVER
         for p in self._sampled:
             if not p.after_response:
                 self._submit(p, body)
@@ -122,6 +143,7 @@ class ShadowTicket:
         skipped; `after_response` copies go now, or are skipped for the status or the body."""
         requested = self._requested
         self._requested = True
+        self.stream_at = NEVER
         self._status = status
         for p in self._sampled:
             if not p.after_response:
@@ -157,6 +179,75 @@ class ShadowTicket:
                 self._submit(p, body)
             else:
                 self._outcome(p, SKIPPED_BODY)
+
+    def stream(self, size: int, chunked: bool, so_far: list[bytes]) -> BodyStream | None:
+        """The body is `size` bytes (its Content-Length, or so far for a chunked one), more
+        than `stream_at`, and `so_far` is all of it read until now (the proxy still holds
+        it): every sampled `stream_body` lane whose `max_body` it outgrew gets a streamed
+        copy now (or `dropped`: no slot free at once, circuit open, byte bounds), and is
+        decided; the rest wait for the body as usual. Returns the streamed copies for the
+        proxy to feed (None when none was made)."""
+        keep: list[LanePlan] = []
+        for p in self._sampled:
+            if p.streams and size > p.cfg.max_body:
+                self._stream_copy(p, -1 if chunked else size, so_far)
+            else:
+                keep.append(p)
+        self._sampled = keep
+        self.stream_at = min((p.cfg.max_body for p in keep if p.streams), default=NEVER)
+        return self.streamed
+
+    def _stream_copy(self, p: LanePlan, length: int, so_far: list[bytes]) -> None:
+        """One streamed copy of a `stream_body` lane (`length` -1: chunked), and, with noise
+        cancellation, one to its secondary; both are fed the same chunks. A streamed copy is
+        not recorded (`record:` of the shadow): its body is never held whole."""
+        lane = p.lane
+        if lane.breaker.is_open():
+            lane.fail_open()
+            self._dropped(p)
+            return
+        handed = 0
+        for chunk in so_far:
+            handed += len(chunk)
+        # what it may hold unsent: what it is handed at its start, then max_body more (at
+        # least STREAM_SLACK: a connect takes a few loop turns, each may read 256 KiB)
+        bound = max(p.cfg.max_body, STREAM_SLACK) + handed
+        slot = self._slot(p, so_far[0] if so_far else b"") if p.compares else None
+        on_done: OnDone | None = slot.on_candidate if slot is not None else None
+        copy = self._streamed(p, lane, length, so_far, bound, on_done)
+        if not lane.submit_stream(copy):
+            self.outcomes[lane.target] = DROPPED
+            if slot is not None:
+                slot.copy_dropped()
+            return
+        self.outcomes[lane.target] = SENT
+        streamed = self.streamed
+        if streamed is None:
+            streamed = self.streamed = BodyStream()
+        streamed.copies.append(copy)
+        sec = p.secondary
+        if slot is None or sec is None:
+            return
+        second = self._streamed(p, sec, length, so_far, bound, slot.on_secondary)
+        if sec.submit_stream(second):
+            streamed.copies.append(second)
+        else:
+            slot.copy_dropped()
+
+    def _streamed(
+        self,
+        p: LanePlan,
+        lane: ShadowLane,
+        length: int,
+        so_far: list[bytes],
+        bound: int,
+        on_done: OnDone | None,
+    ) -> StreamedCopy:
+        req = self._request
+        chunked = length < 0
+        endpoint = lane.pool.pick()
+        head = p.builder.head(req, self._base, max(length, 0), endpoint.authority, chunked=chunked)
+        return StreamedCopy(lane, req.method, head, chunked, so_far, bound, on_done, endpoint)
 
     # ----- building and handing over copies -----
     def _submit(self, p: LanePlan, body: bytes | None) -> None:

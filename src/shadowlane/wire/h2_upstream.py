@@ -248,6 +248,9 @@ class H2Stream(UpstreamConnection):
     def write_chunk(self, data: bytes) -> None:
         self.write_body(data)  # DATA frames carry their own length
 
+    def write_chunk_parts(self, data: bytes) -> None:
+        self.write_body(data)
+
     def write_last_chunk(self) -> None:
         """Nothing to send: `end_request` ends the stream."""
 
@@ -280,6 +283,14 @@ class H2Stream(UpstreamConnection):
     def close(self) -> None:
         self.sink = None
         self._finish(ErrorCodes.CANCEL)
+
+    def reset(self) -> None:
+        """A stream's unsent bytes are its own (`out`): cancelling it drops them."""
+        self.abandon()
+
+    def write_buffered(self) -> int:
+        """This stream's bytes not yet framed onto the connection (flow control holds them)."""
+        return len(self.out)
 
     def _finish(self, code: ErrorCodes | None) -> None:
         """CLOSED: off the connection, the timer cancelled; `code` resets a live stream."""

@@ -352,6 +352,15 @@ class UpstreamConnection(asyncio.Protocol):
         HTTP/2, whose framing needs no chunks)."""
         self.write_body(b"%x\r\n%s\r\n" % (len(data), data))
 
+    def write_chunk_parts(self, data: bytes) -> None:
+        """`write_chunk` without copying `data`: the size line, `data` itself and the CRLF
+        go to the transport as three pieces (one writev), so a streamed shadow copy holds
+        the very bytes object the primary was written, not a framed copy of it."""
+        transport = self.transport
+        if self.state == ConnState.BUSY and transport is not None:
+            self._last_activity = self._time()
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+
     def write_last_chunk(self) -> None:
         """The end of a body sent with `write_chunk`."""
         self.write_body(b"0\r\n\r\n")
@@ -383,6 +392,20 @@ class UpstreamConnection(asyncio.Protocol):
         """The consumer is gone (client left): drop the connection, nothing more is reported."""
         self._sink = None
         self.close()
+
+    def reset(self) -> None:
+        """Like `abandon`, but what is still buffered is dropped rather than sent first (a
+        streamed shadow copy given up because the target fell behind: flushing its buffer
+        would keep those bytes pinned until the slow target took them)."""
+        self._sink = None
+        transport = self.transport
+        if self._to_closed() and transport is not None:
+            transport.abort()
+
+    def write_buffered(self) -> int:
+        """Bytes written but not yet taken by the kernel (the transport's write buffer)."""
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
 
     def close(self) -> None:
         if self._to_closed() and self.transport is not None:
