@@ -21,7 +21,7 @@ import pytest
 
 from shadowlane.config import ConfigError, parse_config
 from support.configs import backend_entry
-from support.metrics import outcomes, settle
+from support.metrics import outcomes, scrape, settle
 from support.proxy import ProxyProcess
 from support.servers import SocketServer
 from support.wait import wait_until
@@ -299,6 +299,94 @@ def test_a_shadow_that_stops_reading_is_aborted_without_slowing_the_client(
         assert total.get("aborted") == 2, nonzero(total)
         assert stalled.heads == 2  # each copy connected and sent its head, then fell behind
         assert primary.bodies[1:] == [(DIGEST, BIG)] * 3  # after the warm-up GET's
+
+
+def test_a_stream_takes_a_slot_or_is_dropped_never_queued(
+    proxy_factory: ProxyFactory, primary: HashingBackend
+) -> None:
+    """`max_in_flight: 1`: while one streamed copy runs, the next big upload's copy finds no
+    slot and is `dropped` at once (a stream cannot wait), even with a queue configured."""
+    with StalledBackend() as stalled:
+        sc = {"backend": "s", "percent": 100, "max_body": "1MiB", "stream_body": True,
+              "max_in_flight": 1, "queue": 8}  # fmt: skip
+        proxy = proxy_factory(config(sc, p=primary.url, s=stalled.url))
+        second: list[tuple[int, bytes, float]] = []
+
+        def gate(sent: int) -> None:
+            if sent == 2 * MiB:  # the first copy holds the slot (connected, not yet behind)
+                wait_until(lambda: stalled.heads == 1, 10, "the first copy's head")
+                got = outcomes(proxy, "up", "s")
+                assert got.get("sent") == 1 and not got.get("aborted"), nonzero(got)
+                second.append(upload(proxy.port, "/up"))
+                assert outcomes(proxy, "up", "s").get("dropped") == 1
+
+        status, answer, _ = upload(proxy.port, "/up", gate=gate)
+        assert (status, answer) == (200, f"primary {DIGEST} {BIG}".encode())
+        assert [(st, body) for st, body, _ in second] == [(200, answer)]
+        got = settle(proxy, "up", "s", 2, timeout=15)
+        assert (got.get("dropped"), got.get("aborted")) == (1, 1), nonzero(got)
+        assert stalled.heads == 1
+
+
+def test_an_ordered_shadow_keeps_skipped_body(
+    proxy_factory: ProxyFactory, primary: HashingBackend, shadow: HashingBackend
+) -> None:
+    """Ordered copies go after the primary answered, in its answers' order: a body that went
+    by cannot wait for that, so `stream_body` does not apply to them."""
+    sc = {"backend": "s", "percent": 100, "max_body": "1MiB", "stream_body": True,
+          "ordered_by": "path"}  # fmt: skip
+    proxy = proxy_factory(config(sc, p=primary.url, s=shadow.url))
+    status, answer, _ = upload(proxy.port, "/up")
+    assert (status, answer) == (200, f"primary {DIGEST} {BIG}".encode())
+    got = settle(proxy, "up", "s", 1, timeout=15)
+    assert got.get("skipped_body") == 1, nonzero(got)
+    assert shadow.bodies == []
+
+
+def test_a_client_that_leaves_mid_body_aborts_the_copy(
+    proxy_factory: ProxyFactory, primary: HashingBackend, shadow: HashingBackend
+) -> None:
+    sc = {"backend": "s", "percent": 100, "max_body": "1MiB", "stream_body": True}
+    proxy = proxy_factory(config(sc, p=primary.url, s=shadow.url))
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    try:
+        sock.sendall(b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % BIG)
+        view = memoryview(BODY)
+        for sent in range(0, 8 * MiB, PIECE):
+            sock.sendall(view[sent : sent + PIECE])
+        wait_until(lambda: outcomes(proxy, "up", "s").get("sent") == 1, 10, "the copy sent")
+    finally:
+        sock.close()  # a quarter of the body sent
+    got = settle(proxy, "up", "s", 1, timeout=15)
+    assert got.get("aborted") == 1, nonzero(got)
+    assert shadow.bodies == [] and primary.bodies == []  # neither got a whole body
+
+
+def test_a_streamed_copy_is_compared_on_its_answer(
+    proxy_factory: ProxyFactory, primary: HashingBackend, shadow: HashingBackend, tmp_path: Any
+) -> None:
+    """Comparison is on the answers: the primary's and the shadow's differ in their tag."""
+    sc = {"backend": "s", "percent": 100, "max_body": "1MiB", "stream_body": True,
+          "compare": True}  # fmt: skip
+    cfg = config(sc, p=primary.url, s=shadow.url)
+    cfg["compare"] = {"store": f"sqlite:///{tmp_path / 'compare.db'}", "flush_interval": "200ms"}
+    proxy = proxy_factory(cfg)
+    status, answer, _ = upload(proxy.port, "/up")
+    assert (status, answer) == (200, f"primary {DIGEST} {BIG}".encode())
+    got = settle(proxy, "up", "s", 1, timeout=30)
+    assert got.get("ok") == 1, nonzero(got)
+    assert shadow.bodies == [(DIGEST, BIG)]
+
+    def results() -> dict[str, float] | None:
+        by = scrape(proxy).by("result", "shadowlane_comparisons_total", route="up", target="s")
+        return by if sum(by.values()) >= 1 else None
+
+    assert wait_until(results, 15, "the comparison counted") == {
+        "match": 0,
+        "diff": 1,
+        "noise": 0,
+        "dropped": 0,
+    }
 
 
 def test_stream_body_must_be_a_boolean() -> None:
