@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -387,6 +388,38 @@ def test_a_streamed_copy_is_compared_on_its_answer(
         "noise": 0,
         "dropped": 0,
     }
+
+
+class ResettingBackend(SocketServer):
+    """Reads the head and a MiB of the body, then resets the connection (a shadow that
+    fails while the body streams)."""
+
+    def handle(self, conn: socket.socket) -> None:
+        got = 0
+        try:
+            while got < MiB:
+                data = conn.recv(PIECE)
+                if not data:
+                    return
+                got += len(data)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+
+def test_a_shadow_that_fails_mid_body_aborts_the_copy(
+    proxy_factory: ProxyFactory, primary: HashingBackend
+) -> None:
+    with ResettingBackend() as resetting:
+        sc = {"backend": "s", "percent": 100, "max_body": "1MiB", "stream_body": True}
+        proxy = proxy_factory(config(sc, p=primary.url, s=resetting.url))
+        status, answer, _ = upload(proxy.port, "/up")
+        assert (status, answer) == (200, f"primary {DIGEST} {BIG}".encode())
+        got = settle(proxy, "up", "s", 1, timeout=15)
+        assert got.get("aborted") == 1 and got.get("sent") == 1, nonzero(got)  # not retried
+        assert primary.bodies == [(DIGEST, BIG)]
 
 
 def test_stream_body_must_be_a_boolean() -> None:
