@@ -431,6 +431,11 @@ class StreamedCopy(ShadowCopy):
             return
         super().abandon()
 
+    def fail_fast(self) -> None:
+        self.pending = []  # the bytes it was handed go with it
+        self.pending_bytes = 0
+        super().fail_fast()
+
     def _finish(self, outcome: Ended, fault: bool = True) -> None:
         if not self.ended and outcome in (ERROR, TIMEOUT):
             outcome = ABORTED  # a connect that failed while the body streamed
