@@ -236,6 +236,7 @@ class ProxyCall(ResponseSink):
         "stream",
         "t0",
         "ticket",
+        "watch_body",
     )
 
     def __init__(
@@ -278,6 +279,9 @@ class ProxyCall(ResponseSink):
         self.ticket: ShadowTicket | None = None
         #: the copies streamed in step with the primary (`stream_body`), once one is made
         self.stream: BodyStream | None = None
+        #: the body goes through the streaming consumer: it streams, or (chunked) may start
+        #: to on the way. The one test per request with a body that the common path pays
+        self.watch_body = False
         if shadow is not None and shadows is not None:
             if proxy.overload.level >= SHED:
                 shadow.shed(shadows)  # overloaded: shadow work goes first
@@ -315,10 +319,8 @@ class ProxyCall(ResponseSink):
             if not ex.has_body:
                 # nothing to wait for: the copies go now, not after the primary connects
                 ticket.request_done(b"")
-            elif size is not None and size > ticket.stream_at:
-                # too big to keep for a `stream_body` shadow: its copy starts now (its connect
-                # runs beside the primary's), and is fed the body as the primary is
-                self.stream = ticket.stream(size, False, [])
+            elif ticket.stream_at < NEVER:
+                self._may_stream(ticket, size)
         conn = self.endpoint.get_idle()
         if conn is not None:
             self._send(conn)
@@ -326,6 +328,16 @@ class ProxyCall(ResponseSink):
             if ex.has_body:
                 ex.pause_body()  # bounded: nothing is buffered while we connect
             self.proxy.loop.create_task(self._connect(fresh=False))
+
+    def _may_stream(self, ticket: ShadowTicket, size: int | None) -> None:
+        """A body on a route with a `stream_body` shadow. Over `stream_at` at the head, its
+        copies start now (their connects run beside the primary's) and are fed the body as
+        the primary is; a chunked one is watched, as it may pass `stream_at` on the way."""
+        if size is None:
+            self.watch_body = True
+        elif size > ticket.stream_at:
+            self.stream = ticket.stream(size, False, [])
+            self.watch_body = self.stream is not None
 
     async def _connect(self, fresh: bool) -> None:
         try:
@@ -355,23 +367,13 @@ class ProxyCall(ResponseSink):
             if self.body:
                 self._write_chunk(conn, self.body)
             self._finish_body(conn)
-        elif self.ticket is None:
+        elif not self.watch_body:
             ex.set_body_consumer(self._on_body, self._on_body_end)
         else:
-            self._consume_shadowed(self.ticket)
-
-    def _consume_shadowed(self, ticket: ShadowTicket) -> None:
-        """Subscribe to the body of a shadowed request. One whose copies stream (a
-        Content-Length decided at the head, in `start`), or a chunked one on a route that may
-        stream (it may pass `stream_at` mid-way, even among the chunks the server buffered),
-        gets the streaming consumer; everything else is consumed as on an unshadowed route:
-        no per-chunk work."""
-        ex = self.exchange
-        if self.stream is not None or (ex.content_length is None and ticket.stream_at < NEVER):
+            # streaming from the first chunk: a chunked body may pass `stream_at` among the
+            # chunks the server buffered, which a consumer swapped mid-replay would miss
             ex.on_body_lost = self._body_lost
             ex.set_body_consumer(self._on_body_streamed, self._on_body_end_streamed)
-        else:
-            ex.set_body_consumer(self._on_body, self._on_body_end)
 
     def _on_body_streamed(self, chunk: bytes) -> None:
         """A chunk of a body that streams (or may) to shadows: the primary's, then the same
