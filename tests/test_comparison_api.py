@@ -330,12 +330,16 @@ def test_real_store_through_the_api_has_the_shapes_the_dashboard_reads(tmp_path:
 
         examples = server.get("/api/comparisons/r1/t.2/examples?field=body.a&limit=3").json()
         assert len(examples) == 3
-        ex = examples[0]
-        assert ex["request_id"] == "id9" and ex["method"] == "POST" and ex["uri"] == "/x?n=9"
+        # newest first; which requests have one is the comparison child's quota (the first
+        # `examples_per_field` of each field per second), so the ids are read, not assumed
+        ids = [int(e["request_id"].removeprefix("id")) for e in examples]
+        assert ids == sorted(ids, reverse=True) and len(set(ids)) == 3
+        ex, n = examples[0], ids[0]
+        assert ex["method"] == "POST" and ex["uri"] == f"/x?n={n}"
         assert isinstance(ex["ts"], float) and ex["request_body"] == '{"q": 1}'
         assert ex["primary"]["status"] == 200
         assert ex["primary"]["headers"]["x-version"] == "1"  # a name -> value object
-        assert json.loads(ex["candidate"]["body"]) == {"a": "1", "u": 109}  # text
+        assert json.loads(ex["candidate"]["body"]) == {"a": "1", "u": n + 100}  # text
         assert set(ex["differing"]) == {"body.a", "body.u", "headers.x-version"}
         assert ex["noise"] == ["body.u"]
     finally:

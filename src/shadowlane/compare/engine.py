@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -201,12 +202,18 @@ def record(batch: Batch, job: CompareJob, out: Outcome) -> None:
         )
 
 
-def decide(job: CompareJob) -> Decision:
+def decide(
+    job: CompareJob, wants_example: Callable[[CompareJob, list[str]], bool] | None = None
+) -> Decision:
     """Everything a comparison costs, in one call: lift, diff, classify, and the example pair
-    when anything differs. Run by the comparison child (or the feeder with `processes: 0`)."""
+    when anything differs and `wants_example(job, fields)` says one for those fields may still
+    be kept (the comparison child's quota, compare/worker.py). Run by the comparison child (or
+    the feeder with `processes: 0`)."""
     out = evaluate(job)
     example: dict[str, object] | None = None
-    if out.differing:
+    if out.differing and (
+        wants_example is None or wants_example(job, example_paths(out.differing))
+    ):
         ts = job.ts or time.time()
         ex = make_example(job, out, ts)
         example = {name: getattr(ex, name) for name in _EXAMPLE_FIELDS}
@@ -330,7 +337,8 @@ class Comparator:
         self.cpu_share = cpu_share
         self._rest_ratio = 1.0 / cpu_share - 1.0
         #: comparison children, one per feeder thread; empty: the one feeder decides in-process
-        self.children = [ChildProcess(child_command, nice) for _ in range(processes)]
+        per_field = store.options.examples_per_field
+        self.children = [ChildProcess(child_command, nice, per_field) for _ in range(processes)]
         #: Jobs waiting. A deque, not a queue.Queue: `append` and `popleft` are atomic under
         #: the GIL, so a submit takes no lock and wakes no thread. A Queue's put notifies the
         #: waiting worker every time, and at thousands of jobs a second those wake-ups and the
@@ -389,6 +397,8 @@ class Comparator:
             "ledger_dropped": 0,
             #: comparison children that died with a job and were started again
             "restarts": 0,
+            #: decisions that came with an example pair (the child builds them within a quota)
+            "examples_built": 0,
         }
 
     @classmethod
@@ -412,6 +422,15 @@ class Comparator:
             self.stats[key] += n
 
     # -- event loop side -----------------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        """Whether a comparison begun now would likely be queued: asked when a compared
+        request begins, before anything is captured, so that under a full queue the loop does
+        not capture, join and build jobs only to drop them (most of what comparing cost the
+        loop when every answer differed). It also keeps the compared requests a sample of the
+        traffic: dropping only at `submit` kept every identical pair (decided on the loop) and
+        dropped differing ones, biasing the match rate up exactly when the diffs were many."""
+        return not self._stopping and len(self._jobs) < self.queue_size
 
     def submit(self, job: CompareJob) -> bool:
         """Queue a job without blocking; False (and `dropped` counted) when full or stopped.
@@ -631,6 +650,8 @@ class Comparator:
             self._count("errors")
         else:
             self._count("compared")
+            if decision.example is not None:
+                self._count("examples_built")
             if self.metrics is not None:
                 self.metrics.comparison(pending.route, pending.target, decision.result)
         self._decided.append((pending, decision))

@@ -96,6 +96,7 @@ class ShadowCopy(ResponseSink):
         "_chunks",
         "_size",
         "body",
+        "capture_limit",
         "conn",
         "connecting",
         "done",
@@ -141,6 +142,9 @@ class ShadowCopy(ResponseSink):
         self.result = ShadowResult()
         self._chunks: list[bytes] = []
         self._size = 0
+        #: how much of this copy's answer to keep: the lane's, or less when the request's
+        #: comparison was not admitted (the comparator was full when it began)
+        self.capture_limit = lane.capture_limit
         self.done = False
         self.retried = False
         self.t0 = 0.0
@@ -194,7 +198,7 @@ class ShadowCopy(ResponseSink):
         self.result.headers = headers
 
     def on_response_body(self, data: bytes) -> None:
-        limit = self.lane.capture_limit
+        limit = self.capture_limit
         if self._size < limit:
             self._chunks.append(data[: limit - self._size])
         elif limit:
