@@ -57,6 +57,7 @@ from shadowlane.wire.upstream import (
     ResponseSink,
     UpstreamConnection,
     UpstreamError,
+    connect,
 )
 
 __all__ = ["H2ClientConnection", "H2EndpointPool", "H2Stream", "grpc_timeout"]
@@ -465,29 +466,8 @@ class H2ClientConnection:
         return min(limit, 1000) - self.reserved
 
     async def open(self) -> None:
-        pool = self.pool
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: _Protocol(self),
-                    pool.host,
-                    pool.port,
-                    ssl=pool.ssl_context,
-                    server_hostname=pool.server_hostname if pool.ssl_context else None,
-                ),
-                pool.connect_timeout,
-            )
-        except TimeoutError:
-            self.close()
-            raise UpstreamError(
-                "timeout", f"connect timed out after {pool.connect_timeout:g}s"
-            ) from None
-        except ssl.SSLError as exc:
-            self.close()
-            raise UpstreamError("tls", str(exc)) from None
-        except OSError as exc:
-            self.close()
-            raise UpstreamError("refused", exc.strerror or str(exc)) from None
+            await connect(self.loop, lambda: _Protocol(self), self.pool)
         except BaseException:
             self.close()
             raise

@@ -84,6 +84,38 @@ class UpstreamError(Exception):
         self.detail = detail
 
 
+async def connect(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], asyncio.BaseProtocol],
+    endpoint: EndpointPool,
+) -> None:
+    """Open one connection to `endpoint` (TLS when it has a context) for the protocol that
+    `factory` makes, within its `connect_timeout`; a failure is the UpstreamError the proxy maps
+    (timeout, tls, refused). One place for it because three protocols connect the same way:
+    the HTTP/1.1 pool, the HTTP/2 pool and the upgrade handshake, and their errors must agree.
+    The caller closes its own half on any exception (a cancellation passes through as it is).
+    """
+    try:
+        await asyncio.wait_for(
+            loop.create_connection(
+                factory,
+                endpoint.host,
+                endpoint.port,
+                ssl=endpoint.ssl_context,
+                server_hostname=endpoint.server_hostname if endpoint.ssl_context else None,
+            ),
+            endpoint.connect_timeout,
+        )
+    except TimeoutError:  # before OSError, of which it is a kind
+        raise UpstreamError(
+            "timeout", f"connect timed out after {endpoint.connect_timeout:g}s"
+        ) from None
+    except ssl.SSLError as exc:  # before OSError, of which it is a kind
+        raise UpstreamError("tls", str(exc)) from None
+    except OSError as exc:
+        raise UpstreamError("refused", exc.strerror or str(exc)) from None
+
+
 class ResponseSink:
     """Receives one upstream response, piece by piece (the proxy's call, a shadow copy).
 
@@ -160,29 +192,8 @@ class UpstreamConnection(asyncio.Protocol):
     async def open(self) -> None:
         """CONNECTING -> NEW; or CLOSED, raising UpstreamError (or the cancellation that
         ended the connect: whoever gave up on it, the slot and the socket go with it)."""
-        pool = self.pool
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: self,
-                    pool.host,
-                    pool.port,
-                    ssl=pool.ssl_context,
-                    server_hostname=pool.server_hostname if pool.ssl_context else None,
-                ),
-                pool.connect_timeout,
-            )
-        except TimeoutError:
-            self.close()
-            raise UpstreamError(
-                "timeout", f"connect timed out after {pool.connect_timeout:g}s"
-            ) from None
-        except ssl.SSLError as exc:  # before OSError, of which it is a kind
-            self.close()
-            raise UpstreamError("tls", str(exc)) from None
-        except OSError as exc:
-            self.close()
-            raise UpstreamError("refused", exc.strerror or str(exc)) from None
+            await connect(self.loop, lambda: self, self.pool)
         except BaseException:
             self.close()
             raise
