@@ -49,6 +49,7 @@ from h2.settings import SettingCodes, Settings
 from hpack import NeverIndexedHeaderTuple
 from hpack.struct import Header
 
+from shadowlane.wire.h2_send import SendScheduler
 from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import (
     POOL_IDLE_TIMEOUT,
@@ -190,7 +191,6 @@ class H2Stream(UpstreamConnection):
         self.timer: asyncio.TimerHandle | None = None
         #: the request's HEADERS, until the connection sends them (see `start_stream`)
         self.head_out: list[Header] | None = None
-        self.queued = False
 
     # ----- request side -----
     def send_request(
@@ -244,7 +244,7 @@ class H2Stream(UpstreamConnection):
         if self.ended or not data or self.state == ConnState.CLOSED:
             return
         self.out += data
-        self.h2conn.schedule(self)
+        self.h2conn.sends.schedule(self)
 
     def write_chunk(self, data: bytes) -> None:
         self.write_body(data)  # DATA frames carry their own length
@@ -256,7 +256,7 @@ class H2Stream(UpstreamConnection):
         if self.ended or self.state == ConnState.CLOSED:
             return
         self.ending = True
-        self.h2conn.schedule(self)
+        self.h2conn.sends.schedule(self)
 
     # ----- flow control from the sink's client -----
     def pause_reading(self) -> None:
@@ -446,9 +446,7 @@ class H2ClientConnection:
         #: streams handed out, started or not (what max concurrent streams bounds)
         self.reserved = 0
         #: streams with something to send, sent together once per loop iteration
-        self.pending: list[H2Stream] = []
-        self.scheduled = False
-        self.receiving = False
+        self.sends: SendScheduler[H2Stream] = SendScheduler(self.loop, self.pump, self._flush)
         self.usable = False
         self.closed = False
         #: the server's SETTINGS have come (its concurrent-stream limit is known)
@@ -504,12 +502,13 @@ class H2ClientConnection:
             stream.on_error(UpstreamError("reset", "connection closed"), False)
 
     def data_received(self, data: bytes) -> None:
-        self.receiving = True
+        sends = self.sends
+        sends.receiving = True
         try:
             self._receive(data)
         finally:
-            self.receiving = False
-        self._run()
+            sends.receiving = False
+        sends.run()
 
     def _receive(self, data: bytes) -> None:
         try:
@@ -600,29 +599,7 @@ class H2ClientConnection:
             self.loop.call_soon(stream.on_error, UpstreamError("reset", "connection closed"), True)
             return
         stream.head_out = headers
-        self.schedule(stream)
-
-    def schedule(self, stream: H2Stream) -> None:
-        if not stream.queued:
-            stream.queued = True
-            self.pending.append(stream)
-        self._kick()
-
-    def _kick(self) -> None:
-        if not self.scheduled and not self.receiving:
-            self.scheduled = True
-            self.loop.call_soon(self._run)
-
-    def _run(self) -> None:
-        self.scheduled = False
-        pending = self.pending
-        if pending:
-            self.pending = []
-            for stream in pending:
-                stream.queued = False
-                if stream.state != ConnState.CLOSED:
-                    self.pump(stream)
-        self._flush()
+        self.sends.schedule(stream)
 
     def _send_head(self, stream: H2Stream, head: list[Header]) -> bool:
         stream.head_out = None
@@ -643,7 +620,10 @@ class H2ClientConnection:
         return True
 
     def pump(self, stream: H2Stream) -> None:
-        """Send the stream's head, its pending body within the windows, and its end."""
+        """Send the stream's head, its pending body within the windows, and its end (nothing
+        for a stream closed since it was scheduled: its HEADERS must not go out)."""
+        if stream.state == ConnState.CLOSED:
+            return
         head = stream.head_out
         if head is not None and not self._send_head(stream, head):
             return
@@ -675,7 +655,7 @@ class H2ClientConnection:
             return
         with contextlib.suppress(ProtocolError, KeyError):
             self.h2.acknowledge_received_data(n, stream_id)
-        self._kick()
+        self.sends.kick()
 
     def stream_done(self, stream: H2Stream, code: ErrorCodes | None) -> None:
         self.reserved -= 1
@@ -683,7 +663,7 @@ class H2ClientConnection:
         if sid and self.streams.pop(sid, None) is not None and code is not None:
             with contextlib.suppress(ProtocolError, KeyError):
                 self.h2.reset_stream(sid, code)
-            self._kick()
+            self.sends.kick()
         if self.reserved <= 0:
             self.reserved = 0
             if not self.usable or self.pool.closed:
