@@ -58,6 +58,10 @@ class ReadPhase:
     DONE: Final = 3
 
 
+#: methods safe to resend after a stale keep-alive connection died under them (RFC 9110 9.2.2):
+#: what the proxy, the shadow lanes and replay retry on a `retryable` error
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
 #: how long a pooled connection may sit idle; below the usual backend keep-alive timeouts
 #: (nginx 75 s, Node 5 s is the outlier; a stale one is retried when that is safe)
 POOL_IDLE_TIMEOUT = 50.0
