@@ -28,7 +28,6 @@ import contextlib
 import re
 import socket
 import ssl
-from http import HTTPStatus
 from typing import Final, cast
 
 from h2.config import H2Configuration
@@ -50,6 +49,7 @@ from hpack import NeverIndexedHeaderTuple
 from hpack.struct import Header
 
 from shadowlane.wire.h2_send import SendScheduler
+from shadowlane.wire.headers import reason_phrase
 from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import (
     POOL_IDLE_TIMEOUT,
@@ -77,7 +77,6 @@ _DROPPED: Final = frozenset(
         b"upgrade",
     }
 )
-_REASONS: dict[int, bytes] = {}
 #: what RFC 9113 8.2.1 forbids in a field name, and in a field value
 _BAD_NAME: Final = re.compile(rb"[\x00-\x20A-Z:\x7f-\xff]")
 _BAD_VALUE: Final = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
@@ -112,18 +111,6 @@ def grpc_timeout(value: bytes) -> float | None:
     if unit is None:
         return None
     return int(value[:-1]) * unit
-
-
-def _reason(status: int) -> bytes:
-    """HTTP/2 has no reason phrase; an HTTP/1.1 client gets the standard one."""
-    reason = _REASONS.get(status)
-    if reason is None:
-        try:
-            reason = HTTPStatus(status).phrase.encode()
-        except ValueError:
-            reason = b"Unknown"
-        _REASONS[status] = reason
-    return reason
 
 
 def malformed_field(name: bytes, value: bytes) -> str | None:
@@ -344,7 +331,7 @@ class H2Stream(UpstreamConnection):
         self.started = True
         sink = self.sink
         if sink is not None:
-            sink.on_response_head(status, _reason(status), out, content_length)
+            sink.on_response_head(status, reason_phrase(status), out, content_length)
 
     def malformed(self, why: str) -> None:
         """The backend's answer is malformed (RFC 9113 8.1.1): the stream is reset with
