@@ -269,7 +269,38 @@ def test_dashboard_page_and_assets(server: Server) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/static/other.js", "/static/..%2Fcomparisons.py", "/static/", "/static/a/b"]
+    "page, title, script",
+    [
+        ("index.html", "comparisons", "dashboard.js"),
+        ("migrations.html", "migrations", "migrations.js"),
+    ],
+)
+def test_pages_are_served_whole_with_the_shared_head(
+    server: Server, page: str, title: str, script: str
+) -> None:
+    """Each page's first line names its title and script in the head both pages share
+    (static/head.html): what is served is the whole document, its own title and script in it,
+    and nothing of the placeholder line left."""
+    r = server.get(f"/static/{page}")
+    assert r.status_code == 200
+    text = r.text
+    assert text.startswith('<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">')
+    assert f"<title>shadowlane · {title}</title>" in text
+    assert f'<script src="static/{script}" defer></script>\n</head>\n<body>\n' in text
+    assert text.count("<head>") == 1 and text.count("<body>") == 1
+    assert "<!-- head" not in text and "{title}" not in text and "{script}" not in text
+    assert '<header class="topbar">' in text.split("<body>", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/other.js",
+        "/static/..%2Fcomparisons.py",
+        "/static/",
+        "/static/a/b",
+        "/static/head.html",
+    ],
 )
 def test_only_the_dashboard_files_are_served(server: Server, path: str) -> None:
     assert server.get(path).status_code == 404

@@ -180,21 +180,44 @@ def example_paths(differing: list[str]) -> list[str]:
     return differing[:EXAMPLE_VALUES]
 
 
+def _count(
+    batch: Batch,
+    route: str,
+    target: str,
+    result: str,
+    differing: list[str],
+    noise: list[str],
+    primary_failure: str,
+    primary_seconds: float,
+    candidate_failure: str,
+    candidate_seconds: float,
+) -> None:
+    """The sums of one decided comparison: its total, per-field counts (a field both differing
+    and noise counts once, as noise too) and the latencies of the answers that came. One
+    place, so a decision made here (`record`) and one made in a child (`record_decision`)
+    are counted alike."""
+    batch.add_total(route, target, result)
+    noise_set = set(noise)
+    differing_set = set(differing)
+    for path in differing:
+        batch.add_field(route, target, path, 1, 1 if path in noise_set else 0)
+    for path in noise:
+        if path not in differing_set:
+            batch.add_field(route, target, path, 0, 1)
+    if not primary_failure:
+        batch.add_latency(route, target, "primary", primary_seconds)
+    if not candidate_failure:
+        batch.add_latency(route, target, "shadow", candidate_seconds)
+
+
 def record(batch: Batch, job: CompareJob, out: Outcome) -> None:
     """Add one decided job to a batch: totals, per-field counts, latency, an example."""
     route, target = job.route, job.target
-    batch.add_total(route, target, out.result)
-    noise = set(out.noise)
-    differing = set(out.differing)
-    for path in out.differing:
-        batch.add_field(route, target, path, 1, 1 if path in noise else 0)
-    for path in out.noise:
-        if path not in differing:
-            batch.add_field(route, target, path, 0, 1)
-    if not job.primary.failure:
-        batch.add_latency(route, target, "primary", job.primary.seconds)
-    if not job.candidate.failure:
-        batch.add_latency(route, target, "shadow", job.candidate.seconds)
+    p, c = job.primary, job.candidate
+    _count(
+        batch, route, target, out.result, out.differing, out.noise,
+        p.failure, p.seconds, c.failure, c.seconds,
+    )  # fmt: skip
     if out.differing:
         ts = job.ts or time.time()
         batch.add_example(
@@ -257,18 +280,10 @@ class Pending:
 def record_decision(batch: Batch, job: Pending, d: Decision) -> None:
     """`record` for a decision made elsewhere: the same sums, and the example as built."""
     route, target = job.route, job.target
-    batch.add_total(route, target, d.result)
-    noise = set(d.noise)
-    differing = set(d.differing)
-    for path in d.differing:
-        batch.add_field(route, target, path, 1, 1 if path in noise else 0)
-    for path in d.noise:
-        if path not in differing:
-            batch.add_field(route, target, path, 0, 1)
-    if not job.primary_failure:
-        batch.add_latency(route, target, "primary", job.primary_seconds)
-    if not job.candidate_failure:
-        batch.add_latency(route, target, "shadow", job.candidate_seconds)
+    _count(
+        batch, route, target, d.result, d.differing, d.noise,
+        job.primary_failure, job.primary_seconds, job.candidate_failure, job.candidate_seconds,
+    )  # fmt: skip
     fields = d.example
     if d.differing and fields is not None:
         ts = job.ts or float(fields.get("ts") or time.time())  # type: ignore[arg-type]

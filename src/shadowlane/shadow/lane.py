@@ -39,6 +39,7 @@ from shadowlane.shadow.outcomes import (
 )
 from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import (
+    IDEMPOTENT,
     BackendPool,
     EndpointPool,
     ResponseSink,
@@ -49,7 +50,6 @@ from shadowlane.wire.upstream import (
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: copies in flight and waiting may pin at most this many body bytes per lane (bodies are
 #: shared with the primary and other lanes, so this over-counts, which errs on the safe side)
 MAX_LANE_BYTES = 64 * 1024 * 1024
