@@ -43,7 +43,14 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "h2-no-shadow": (),
     "h2-shadow-fast": ("fast",),
     "grpc-unary": (),
+    "shadow-json": ("json-diff",),
+    "compare-json-diff": ("json-diff",),
 }
+#: scenarios whose primary is the JSON backend (the bench's compare-json rows), and those of
+#: them that compare (every answer differs: the comparator's queue is full, most comparisons
+#: are dropped, which is what the row measures the cost of)
+JSON_PRIMARY = {"shadow-json", "compare-json-diff"}
+COMPARED = {"compare-json-diff"}
 #: scenarios spoken over HTTP/2 by the client: "h2" (plain GETs, backends HTTP/1.1) or "grpc"
 #: (one unary call, the primary an h2c backend)
 HTTP2 = {"h2-no-shadow": "h2", "h2-shadow-fast": "h2", "grpc-unary": "grpc"}
@@ -89,7 +96,14 @@ def measure(python: str, scenario: str, n: int, work: Path) -> float:
         http2 = HTTP2.get(scenario, "")
         conf.write_text(
             shadowlane_conf(
-                work, backends, SCENARIOS[scenario], False, record, http2 == "h2", http2 == "grpc"
+                work,
+                backends,
+                SCENARIOS[scenario],
+                scenario in COMPARED,
+                record,
+                http2 == "h2",
+                http2 == "grpc",
+                primary="json" if scenario in JSON_PRIMARY else "fast",
             )
         )
         ready = work / f"{scenario}.ready.json"

@@ -11,6 +11,9 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import settings as settings_h
+from hypothesis import strategies as st
 
 from shadowlane.compare import (
     Captured,
@@ -24,6 +27,7 @@ from shadowlane.compare import (
     lift,
     same,
 )
+from shadowlane.compare.diff import _MISSING, EXAMPLE_VALUES, _json_value, values_of
 from shadowlane.compare.engine import identical_answers
 from shadowlane.compare.paths import key_segment
 from shadowlane.config import CompareConfig, RouteCompare, ShadowCompare, parse_config
@@ -473,3 +477,44 @@ def test_path_matchers_travel_pickled_to_a_comparison_child() -> None:
     assert not back.matches("body.b")
     empty = pickle.loads(pickle.dumps(PathMatcher([], subtree=False)))
     assert not empty and not empty.matches("body")
+
+
+# ---------------------------------------------------------------------------------------------
+# Example values: only the differing fields are lifted, and they are the fields' values
+
+_json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False), st.text(max_size=3)
+)
+_json_doc = st.recursive(
+    _json_leaf,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.sampled_from(["a", "b", "c.d", "e[1]", "f"]), inner, max_size=4),
+    ),
+    max_leaves=20,
+)
+
+
+@settings_h(max_examples=300, deadline=None)
+@given(
+    _json_doc,
+    _json_doc,
+    st.sampled_from([{}, {"ignore": ["body.a"]}, {"unordered": ["body.b"]}, {"mode": "subset"}]),
+)
+def test_example_values_are_the_lifted_fields_values(a: Any, b: Any, kw: dict[str, Any]) -> None:
+    """`values_of` lifts only the subtrees on the way to the differing paths
+    (`Lifted.fields_at`); what it shows must be exactly what lifting both whole answers
+    gives for those paths, under ignore rules, unordered arrays and every shape of JSON."""
+    s = settings(**kw)
+    pa, pb = lift(answer(a), s), lift(answer(b), s)
+    differing = diff(pa, pb, s)
+    whole_a, whole_b = lift(answer(a), s), lift(answer(b), s)
+    expected = {}  # what the example showed when it lifted both whole answers
+    for path in differing[:EXAMPLE_VALUES]:
+        va, vb = whole_a.fields.get(path, _MISSING), whole_b.fields.get(path, _MISSING)
+        if path == "body" and whole_a.kind != whole_b.kind:
+            va, vb = whole_a.body, whole_b.body
+        expected[path] = [_json_value(va), _json_value(vb)]
+    shown = values_of(pa, pb, differing)
+    # serialised: `==` alone would take true for 1 and 1.0 for 1
+    assert orjson.dumps(shown) == orjson.dumps(expected)

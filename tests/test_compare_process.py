@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import orjson
 
@@ -13,7 +14,7 @@ from shadowlane.compare import Analysis, Captured, Comparator, CompareJob, compi
 from shadowlane.compare.engine import decide
 from shadowlane.config import ShadowCompare
 from shadowlane.metrics import Metrics
-from shadowlane.store import open_store
+from shadowlane.store import StoreOptions, open_store
 from support.wait import wait_until
 
 JSON = [(b"content-type", b"application/json")]
@@ -117,3 +118,32 @@ def test_a_pool_of_children_shares_the_queue() -> None:
             assert Analysis(store).summary()[0]["compared"] == 30
         finally:
             assert comp.stop(30)
+
+
+def test_the_child_builds_examples_only_within_its_quota() -> None:
+    """A field differing on every request costs an example pair only `examples_per_field`
+    times per window (the store keeps no more than that anyway); every comparison is still
+    decided and counted, and the examples the store keeps are real ones."""
+    per_field = 2
+    metrics = Metrics()
+    with open_store("sqlite:///:memory:", StoreOptions(examples_per_field=per_field)) as store:
+        comp = Comparator(store, metrics, 100, flush_interval=10.0, processes=1).start()
+        try:
+            started = time.monotonic()
+            for i in range(40):
+                assert comp.submit(job(i, {"a": i, "c": "x"}, {"a": -i - 1, "c": "x"}))
+            assert comp.wait_idle(30)
+            elapsed = time.monotonic() - started
+            (row,) = Analysis(store).summary()
+            assert (row["compared"], row["differing"]) == (40, 40)
+            examples = store.examples("r", "t", "body.a")
+            assert 1 <= len(examples) <= per_field
+            for ex in examples:
+                i = int(ex["request_id"][2:])
+                assert ex["candidate"]["values"]["body.a"] == [i, -i - 1]
+        finally:
+            assert comp.stop(30)
+    # what the child built, from its side: the examples sent back over the pipe. Without the
+    # quota all 40 had one; with it at most `per_field` per window the run spanned.
+    built = comp.stats.get("examples_built")
+    assert built is not None and per_field <= built <= per_field * (int(elapsed) + 1), built

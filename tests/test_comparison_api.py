@@ -269,7 +269,38 @@ def test_dashboard_page_and_assets(server: Server) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/static/other.js", "/static/..%2Fcomparisons.py", "/static/", "/static/a/b"]
+    "page, title, script",
+    [
+        ("index.html", "comparisons", "dashboard.js"),
+        ("migrations.html", "migrations", "migrations.js"),
+    ],
+)
+def test_pages_are_served_whole_with_the_shared_head(
+    server: Server, page: str, title: str, script: str
+) -> None:
+    """Each page's first line names its title and script in the head both pages share
+    (static/head.html): what is served is the whole document, its own title and script in it,
+    and nothing of the placeholder line left."""
+    r = server.get(f"/static/{page}")
+    assert r.status_code == 200
+    text = r.text
+    assert text.startswith('<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">')
+    assert f"<title>shadowlane · {title}</title>" in text
+    assert f'<script src="static/{script}" defer></script>\n</head>\n<body>\n' in text
+    assert text.count("<head>") == 1 and text.count("<body>") == 1
+    assert "<!-- head" not in text and "{title}" not in text and "{script}" not in text
+    assert '<header class="topbar">' in text.split("<body>", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/other.js",
+        "/static/..%2Fcomparisons.py",
+        "/static/",
+        "/static/a/b",
+        "/static/head.html",
+    ],
 )
 def test_only_the_dashboard_files_are_served(server: Server, path: str) -> None:
     assert server.get(path).status_code == 404
@@ -330,12 +361,16 @@ def test_real_store_through_the_api_has_the_shapes_the_dashboard_reads(tmp_path:
 
         examples = server.get("/api/comparisons/r1/t.2/examples?field=body.a&limit=3").json()
         assert len(examples) == 3
-        ex = examples[0]
-        assert ex["request_id"] == "id9" and ex["method"] == "POST" and ex["uri"] == "/x?n=9"
+        # newest first; which requests have one is the comparison child's quota (the first
+        # `examples_per_field` of each field per second), so the ids are read, not assumed
+        ids = [int(e["request_id"].removeprefix("id")) for e in examples]
+        assert ids == sorted(ids, reverse=True) and len(set(ids)) == 3
+        ex, n = examples[0], ids[0]
+        assert ex["method"] == "POST" and ex["uri"] == f"/x?n={n}"
         assert isinstance(ex["ts"], float) and ex["request_body"] == '{"q": 1}'
         assert ex["primary"]["status"] == 200
         assert ex["primary"]["headers"]["x-version"] == "1"  # a name -> value object
-        assert json.loads(ex["candidate"]["body"]) == {"a": "1", "u": 109}  # text
+        assert json.loads(ex["candidate"]["body"]) == {"a": "1", "u": n + 100}  # text
         assert set(ex["differing"]) == {"body.a", "body.u", "headers.x-version"}
         assert ex["noise"] == ["body.u"]
     finally:

@@ -18,9 +18,7 @@ a highlighted difference.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,26 +30,13 @@ import requests
 
 from shadowlane.store import open_store
 from support.backend import Recorded, RecordingBackend, Reply
+from support.browser import By, WebDriver, WebDriverWait, chromium, wait_css
 from support.migration import comparison_results, wait_for_stored
 from support.proxy import ProxyProcess, basic_config
 from support.wait import wait_until
 from test_ledger_api import OPEN_COUNTS, OPEN_IDS, SUSPECT_KEYS, ordered_config, seed_ledger
 
-try:
-    from selenium import webdriver
-except ImportError:
-    if os.environ.get("CI"):
-        raise  # CI installs the test extras: a missing selenium is a packaging bug, not a skip
-    pytest.skip("selenium missing: pip install -e '.[test]'", allow_module_level=True)
-from selenium.common.exceptions import TimeoutException
-from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.ui import WebDriverWait
-
 TIMEOUT = 5.0
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 WIDTH, HEIGHT = 1400, 1600
 
 #: colours from dashboard.css, as the screenshot must show them
@@ -194,49 +179,8 @@ def comparisons(
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[WebDriver]:
-    if os.environ.get("SHADOWLANE_SKIP_BROWSER") == "1":
-        pytest.skip("SHADOWLANE_SKIP_BROWSER=1")
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not shutil.which(path):
-            pytest.fail(f"{path} missing: apt-get install chromium chromium-driver (.ci/run does)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--hide-scrollbars",
-        "--force-device-scale-factor=1",
-        f"--window-size={WIDTH},{HEIGHT}",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # An explicit driver path: Selenium Manager would otherwise try to download one.
-    service = webdriver.ChromeService(executable_path=CHROMEDRIVER, log_output=os.devnull)
-    driver = webdriver.Chrome(options=options, service=service)
-    driver.set_page_load_timeout(20)
-    try:
+    with chromium(tmp_path, WIDTH, HEIGHT) as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def wait_for(driver: WebDriver, css: str, timeout: float = 15.0) -> WebElement:
-    try:
-        element: WebElement = WebDriverWait(driver, timeout).until(
-            lambda d: d.find_element(By.CSS_SELECTOR, css)
-        )
-    except TimeoutException:
-        state = driver.find_element(By.ID, "conn-state").text
-        raise AssertionError(f"{css!r} never appeared (dashboard says: {state!r})") from None
-    return element
 
 
 # -- a tiny PNG reader (so the screenshot check needs no image library) ---------------------------
@@ -320,8 +264,8 @@ def test_dashboard_shows_comparisons(
     browser: WebDriver, comparisons: Comparisons, tmp_path: Path
 ) -> None:
     browser.get(comparisons.admin_url + "/")
-    card = wait_for(browser, '.card[data-route="orders"][data-target="orders-v2"]')
-    wait_for(browser, ".example-pair .pane.candidate .hl-diff")
+    card = wait_css(browser, '.card[data-route="orders"][data-target="orders-v2"]')
+    wait_css(browser, ".example-pair .pane.candidate .hl-diff")
 
     # Route and target names, and the counts and rates: 30 diff, 10 noise only, 20 match.
     head = card.find_element(By.CSS_SELECTOR, ".card-head h2").text
@@ -427,8 +371,8 @@ def test_dashboard_refreshes_live_and_filters_examples_by_field(
     browser: WebDriver, comparisons: Comparisons
 ) -> None:
     browser.get(comparisons.admin_url + "/")
-    card = wait_for(browser, '.card[data-route="orders"][data-target="orders-v2"]')
-    wait_for(browser, ".example-pair")
+    card = wait_css(browser, '.card[data-route="orders"][data-target="orders-v2"]')
+    wait_css(browser, ".example-pair")
     tile = card.find_element(By.CSS_SELECTOR, '.tile[data-metric="compared"] .value')
     assert tile.text == "60"
     first_update = browser.find_element(By.ID, "updated-at").get_attribute("datetime")
@@ -507,7 +451,7 @@ def test_dashboard_shows_the_divergence_ledger(
     with RecordingBackend() as es7, RecordingBackend() as es8:
         proxy = proxy_factory(ordered_config(url, es7.url, es8.url))
         browser.get(proxy.admin_url + "/")
-        wait_for(browser, "#ledger tr.ledger-count")
+        wait_css(browser, "#ledger tr.ledger-count")
         panel = browser.find_element(By.ID, "ledger")
         assert panel.get_attribute("data-open") == "4"
         assert panel.find_element(By.ID, "ledger-open").text == "4 open entries · 5 suspect keys"

@@ -9,76 +9,21 @@ stage of a real OpenSearch migration is blocked by a real difference.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from support.backend import RecordingBackend
+from support.browser import (
+    By,
+    StaleElementReferenceException,
+    WebDriver,
+    chromium,
+    wait_css,
+)
 from support.fleet import ENV, TOKEN, TOKEN_ENV, migration
 from support.proxy import ProxyProcess
 from support.wait import wait_until
-
-try:
-    from selenium import webdriver
-except ImportError:
-    if os.environ.get("CI"):
-        raise
-    pytest.skip("selenium missing: pip install -e '.[test]'", allow_module_level=True)
-from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
-from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.ui import WebDriverWait
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-
-
-@contextlib.contextmanager
-def chromium(tmp_path: Path) -> Iterator[WebDriver]:
-    if os.environ.get("SHADOWLANE_SKIP_BROWSER") == "1":
-        pytest.skip("SHADOWLANE_SKIP_BROWSER=1")
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not shutil.which(path):
-            pytest.fail(f"{path} missing: apt-get install chromium chromium-driver (.ci/run does)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1400",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(flag)
-    service = webdriver.ChromeService(executable_path=CHROMEDRIVER, log_output=os.devnull)
-    driver = webdriver.Chrome(options=options, service=service)
-    driver.set_page_load_timeout(20)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def wait_css(driver: WebDriver, css: str, timeout: float = 15.0) -> WebElement:
-    try:
-        found: WebElement = WebDriverWait(driver, timeout).until(
-            lambda d: d.find_element(By.CSS_SELECTOR, css)
-        )
-    except TimeoutException:
-        raise AssertionError(f"{css!r} never appeared: {driver.page_source[:3000]}") from None
-    return found
 
 
 def fresh(driver: WebDriver, action: Any, timeout: float = 10.0) -> Any:

@@ -19,11 +19,13 @@ import pytest
 import shadowlane.metrics
 from inproc import run, until
 from shadowlane.app import build_backend
+from shadowlane.compare.model import CompareJob
 from shadowlane.config import parse_config
 from shadowlane.metrics import Metrics
 from shadowlane.routing import RouteTable
 from shadowlane.shadow.breaker import FAILURES
 from shadowlane.shadow.dispatcher import RouteShadows, ShadowDispatcher
+from shadowlane.shadow.join import Room, Submit
 from shadowlane.shadow.outcomes import SHADOW_OUTCOMES, Outcome
 from shadowlane.shadow.ticket import ShadowTicket
 from shadowlane.wire.headers import upstream_request_headers
@@ -31,6 +33,7 @@ from shadowlane.wire.messages import Headers, Request
 from support.backend import RecordingBackend
 
 ROUTE = "orders"
+COMPARED = r'shadowlane_comparisons_total\{result="(.*?)",route="(.*?)",target="(.*?)"\} (\S+)'
 SAMPLE = r'shadowlane_shadow_requests_total\{outcome="(.*?)",route="(.*?)",target="(.*?)"\} (\S+)'
 
 
@@ -45,7 +48,13 @@ class Setup:
     """A dispatcher with one route whose shadows are `shadows` (targets a, b, c... all on the
     `target` server); call inside the loop."""
 
-    def __init__(self, target: RecordingBackend, shadows: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        target: RecordingBackend,
+        shadows: list[dict[str, Any]],
+        compare_submit: Submit | None = None,
+        compare_room: Room | None = None,
+    ) -> None:
         names = [s["backend"] for s in shadows]
         doc = {
             "listen": "127.0.0.1:0",
@@ -54,7 +63,9 @@ class Setup:
         }
         cfg = parse_config(json.dumps(doc))
         self.metrics = Metrics()
-        self.dispatcher = ShadowDispatcher(self.metrics, cfg, build_backend)
+        self.dispatcher = ShadowDispatcher(
+            self.metrics, cfg, build_backend, compare_submit, compare_room=compare_room
+        )
         plan = self.dispatcher.plan(RouteTable(cfg.routes).routes[0])
         assert plan is not None
         self.shadows: RouteShadows = plan
@@ -78,6 +89,15 @@ class Setup:
             if route == ROUTE and float(value):
                 out.setdefault(tgt, {})[outcome] = float(value)
         return out
+
+    def comparisons(self, tgt: str) -> dict[str, float]:
+        """result -> count of `tgt`'s comparisons, from the metrics as scraped."""
+        text, _ = self.metrics.render()
+        return {
+            result: float(value)
+            for result, route, t, value in re.findall(COMPARED, text.decode())
+            if route == ROUTE and t == tgt and float(value)
+        }
 
     def sampled(self, ticket: ShadowTicket) -> set[str]:
         return {p.lane.target for p in ticket._sampled}
@@ -136,6 +156,48 @@ def test_with_request_copy_goes_when_the_body_is_complete(target: RecordingBacke
         assert ticket.outcomes == {"a": "sent"}
         await until(lambda: s.counts().get("a") == {"sent": 1, "ok": 1}, what="copy answered")
         assert [r.path for r in target.requests].count("/with-request") == 1
+
+    run(main)
+
+
+def test_a_comparison_is_admitted_before_anything_is_captured(target: RecordingBackend) -> None:
+    """While the comparator is full, a compared request is still copied, but nothing of
+    either answer is captured and its comparison is counted `dropped` at once; with room
+    again, the next one is captured and handed over. The comparator here is its queue: a
+    list the ticket hands jobs to, and a flag for whether it has room."""
+
+    async def main() -> None:
+        jobs: list[CompareJob] = []
+        room = [False]
+
+        def submit(job: CompareJob) -> bool:
+            jobs.append(job)
+            return True
+
+        s = Setup(target, [shadow("a", compare=True), shadow("b")], submit, lambda: room[0])
+        full = s.begin(path="/full")
+        assert full is not None and full.capture is None
+        full.request_done(b"")
+        full.response_done(200, b"", False)
+        assert full.outcomes == {"a": "sent", "b": "sent"}
+        both = {"a": {"sent": 1, "ok": 1}, "b": {"sent": 1, "ok": 1}}
+        await until(lambda: s.counts() == both, what="both copies answered")
+        comparisons = s.comparisons("a")
+        assert comparisons.get("dropped") == 1, comparisons
+        assert jobs == []
+
+        room[0] = True
+        ticket = s.begin(path="/room")
+        assert ticket is not None and ticket.capture is not None
+        ticket.request_done(b"")
+        ticket.capture.head(200, [(b"content-type", b"text/plain")])
+        ticket.capture.body(b"primary")
+        ticket.capture.finish(0.001)
+        ticket.response_done(200, b"", False)
+        await until(lambda: len(jobs) == 1, what="the admitted comparison handed over")
+        assert jobs[0].primary.body == b"primary"
+        assert jobs[0].candidate.status == 200 and jobs[0].candidate.body != b""
+        assert s.comparisons("a").get("dropped") == 1
 
     run(main)
 

@@ -35,6 +35,7 @@ from shadowlane.wire.messages import Headers, Request
 from shadowlane.wire.overload import REFUSE, SHED, OverloadState
 from shadowlane.wire.server import Exchange
 from shadowlane.wire.upstream import (
+    IDEMPOTENT,
     BackendPool,
     EndpointPool,
     ResponseSink,
@@ -47,8 +48,6 @@ if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
     from shadowlane.shadow.dispatcher import ShadowDispatcher
 
-#: methods safe to resend after a stale keep-alive connection died under them (RFC 9110 9.2.2)
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: request bodies up to this size are kept so a stale-connection retry can resend them
 RETRY_BODY_LIMIT = 64 * 1024
 

@@ -17,15 +17,17 @@ a worker thread; at most `MAX_CONCURRENT_QUERIES` run at once and each gets `QUE
 seconds before the client is told 503. The admin loop never waits on the store, so `/metrics`
 and `/healthz` stay responsive however slow the store is.
 
-The dashboard is three static files shipped as package data (`admin/static/`), read once at
-install time: no CDN, no build step, and a Content-Security-Policy that allows only this origin,
-so the page works on an air-gapped machine and cannot be made to load anything else.
+The dashboard is static files shipped as package data (`admin/static/`), read once at install
+time (each page's head from `head.html`, which both pages share): no CDN, no build step, and a
+Content-Security-Policy that allows only this origin, so the page works on an air-gapped machine
+and cannot be made to load anything else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, Protocol, TypeVar
@@ -102,10 +104,36 @@ class _StoreUnavailable(Exception):
     pass
 
 
+#: a page's first line: what its copy of the head both pages share (`static/head.html`) says
+_HEAD_LINE = re.compile(rb'<!-- head title="([^"<>]+)" script="([A-Za-z0-9_.-]+)" -->\n')
+
+
+def _with_head(page: bytes, head: bytes, name: str) -> bytes:
+    """`page` with its first line replaced by the shared head, its title and script filled in.
+
+    One head for every page, so a change to it (the style sheet, a meta tag) cannot reach one
+    page and miss the other; filled in once at load, so what is served is a whole document.
+    """
+    found = _HEAD_LINE.match(page)
+    if found is None or found[2].decode() not in _STATIC_TYPES:
+        raise ValueError(
+            f"admin/static/{name}: the first line must be "
+            '<!-- head title="..." script="<a served script>" -->'
+        )
+    filled = head.replace(b"{title}", found[1]).replace(b"{script}", found[2])
+    return filled + page[found.end() :]
+
+
 def load_static() -> dict[str, bytes]:
-    """The dashboard's files from the installed package (raises if one is missing)."""
+    """The dashboard's files from the installed package (raises if one is missing), each page
+    with the shared head; the head alone is not served."""
     folder = resources.files("shadowlane.admin").joinpath("static")
-    return {name: folder.joinpath(name).read_bytes() for name in _STATIC_TYPES}
+    head = folder.joinpath("head.html").read_bytes()
+    files = {}
+    for name in _STATIC_TYPES:
+        data = folder.joinpath(name).read_bytes()
+        files[name] = _with_head(data, head, name) if name.endswith(".html") else data
+    return files
 
 
 def static_file(name: str, _cache: dict[str, bytes] = {}) -> AdminResponse:  # noqa: B006

@@ -148,11 +148,13 @@ def build_generation(
     writer: RecordWriter | None = None,
     *,
     record_divergence: Callable[[Divergence], bool] | None = None,
+    compare_room: Callable[[], bool] | None = None,
 ) -> Generation:
     """Build every pool, route, lane and recorder `cfg` describes. `compare_submit` is the
     comparator's queue, None while no shadow compares (lanes then capture nothing); `writer`
     the record writer, needed when anything records (see `records`); `record_divergence` the
-    divergence ledger's queue, None while the instance has no store."""
+    divergence ledger's queue, None while the instance has no store; `compare_room` whether
+    the comparator has room for a job begun now (`Comparator.has_room`)."""
     backends = {name: build_backend(name, b) for name, b in cfg.backends.items()}
     routes = RouteTable(cfg.routes)
     compare_cfg = cfg.compare
@@ -162,6 +164,7 @@ def build_generation(
         cfg,
         build_pool=build_backend,
         compare_submit=compare_submit,
+        compare_room=compare_room,
         compile_settings=lambda sc, route: compile_settings(
             sc, route.config, compare_cfg, rec.examples_redaction(route.name, sc.backend)
         ),

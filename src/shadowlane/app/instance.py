@@ -458,6 +458,7 @@ class Instance:
             comparator.submit,
             self.record_writer,
             record_divergence=comparator.record_divergence,
+            compare_room=comparator.has_room,
         )
 
     def _live(self) -> Generation:

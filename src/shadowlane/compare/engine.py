@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -179,21 +180,44 @@ def example_paths(differing: list[str]) -> list[str]:
     return differing[:EXAMPLE_VALUES]
 
 
+def _count(
+    batch: Batch,
+    route: str,
+    target: str,
+    result: str,
+    differing: list[str],
+    noise: list[str],
+    primary_failure: str,
+    primary_seconds: float,
+    candidate_failure: str,
+    candidate_seconds: float,
+) -> None:
+    """The sums of one decided comparison: its total, per-field counts (a field both differing
+    and noise counts once, as noise too) and the latencies of the answers that came. One
+    place, so a decision made here (`record`) and one made in a child (`record_decision`)
+    are counted alike."""
+    batch.add_total(route, target, result)
+    noise_set = set(noise)
+    differing_set = set(differing)
+    for path in differing:
+        batch.add_field(route, target, path, 1, 1 if path in noise_set else 0)
+    for path in noise:
+        if path not in differing_set:
+            batch.add_field(route, target, path, 0, 1)
+    if not primary_failure:
+        batch.add_latency(route, target, "primary", primary_seconds)
+    if not candidate_failure:
+        batch.add_latency(route, target, "shadow", candidate_seconds)
+
+
 def record(batch: Batch, job: CompareJob, out: Outcome) -> None:
     """Add one decided job to a batch: totals, per-field counts, latency, an example."""
     route, target = job.route, job.target
-    batch.add_total(route, target, out.result)
-    noise = set(out.noise)
-    differing = set(out.differing)
-    for path in out.differing:
-        batch.add_field(route, target, path, 1, 1 if path in noise else 0)
-    for path in out.noise:
-        if path not in differing:
-            batch.add_field(route, target, path, 0, 1)
-    if not job.primary.failure:
-        batch.add_latency(route, target, "primary", job.primary.seconds)
-    if not job.candidate.failure:
-        batch.add_latency(route, target, "shadow", job.candidate.seconds)
+    p, c = job.primary, job.candidate
+    _count(
+        batch, route, target, out.result, out.differing, out.noise,
+        p.failure, p.seconds, c.failure, c.seconds,
+    )  # fmt: skip
     if out.differing:
         ts = job.ts or time.time()
         batch.add_example(
@@ -201,12 +225,18 @@ def record(batch: Batch, job: CompareJob, out: Outcome) -> None:
         )
 
 
-def decide(job: CompareJob) -> Decision:
+def decide(
+    job: CompareJob, wants_example: Callable[[CompareJob, list[str]], bool] | None = None
+) -> Decision:
     """Everything a comparison costs, in one call: lift, diff, classify, and the example pair
-    when anything differs. Run by the comparison child (or the feeder with `processes: 0`)."""
+    when anything differs and `wants_example(job, fields)` says one for those fields may still
+    be kept (the comparison child's quota, compare/worker.py). Run by the comparison child (or
+    the feeder with `processes: 0`)."""
     out = evaluate(job)
     example: dict[str, object] | None = None
-    if out.differing:
+    if out.differing and (
+        wants_example is None or wants_example(job, example_paths(out.differing))
+    ):
         ts = job.ts or time.time()
         ex = make_example(job, out, ts)
         example = {name: getattr(ex, name) for name in _EXAMPLE_FIELDS}
@@ -250,18 +280,10 @@ class Pending:
 def record_decision(batch: Batch, job: Pending, d: Decision) -> None:
     """`record` for a decision made elsewhere: the same sums, and the example as built."""
     route, target = job.route, job.target
-    batch.add_total(route, target, d.result)
-    noise = set(d.noise)
-    differing = set(d.differing)
-    for path in d.differing:
-        batch.add_field(route, target, path, 1, 1 if path in noise else 0)
-    for path in d.noise:
-        if path not in differing:
-            batch.add_field(route, target, path, 0, 1)
-    if not job.primary_failure:
-        batch.add_latency(route, target, "primary", job.primary_seconds)
-    if not job.candidate_failure:
-        batch.add_latency(route, target, "shadow", job.candidate_seconds)
+    _count(
+        batch, route, target, d.result, d.differing, d.noise,
+        job.primary_failure, job.primary_seconds, job.candidate_failure, job.candidate_seconds,
+    )  # fmt: skip
     fields = d.example
     if d.differing and fields is not None:
         ts = job.ts or float(fields.get("ts") or time.time())  # type: ignore[arg-type]
@@ -330,7 +352,8 @@ class Comparator:
         self.cpu_share = cpu_share
         self._rest_ratio = 1.0 / cpu_share - 1.0
         #: comparison children, one per feeder thread; empty: the one feeder decides in-process
-        self.children = [ChildProcess(child_command, nice) for _ in range(processes)]
+        per_field = store.options.examples_per_field
+        self.children = [ChildProcess(child_command, nice, per_field) for _ in range(processes)]
         #: Jobs waiting. A deque, not a queue.Queue: `append` and `popleft` are atomic under
         #: the GIL, so a submit takes no lock and wakes no thread. A Queue's put notifies the
         #: waiting worker every time, and at thousands of jobs a second those wake-ups and the
@@ -389,6 +412,8 @@ class Comparator:
             "ledger_dropped": 0,
             #: comparison children that died with a job and were started again
             "restarts": 0,
+            #: decisions that came with an example pair (the child builds them within a quota)
+            "examples_built": 0,
         }
 
     @classmethod
@@ -412,6 +437,15 @@ class Comparator:
             self.stats[key] += n
 
     # -- event loop side -----------------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        """Whether a comparison begun now would likely be queued: asked when a compared
+        request begins, before anything is captured, so that under a full queue the loop does
+        not capture, join and build jobs only to drop them (most of what comparing cost the
+        loop when every answer differed). It also keeps the compared requests a sample of the
+        traffic: dropping only at `submit` kept every identical pair (decided on the loop) and
+        dropped differing ones, biasing the match rate up exactly when the diffs were many."""
+        return not self._stopping and len(self._jobs) < self.queue_size
 
     def submit(self, job: CompareJob) -> bool:
         """Queue a job without blocking; False (and `dropped` counted) when full or stopped.
@@ -631,6 +665,8 @@ class Comparator:
             self._count("errors")
         else:
             self._count("compared")
+            if decision.example is not None:
+                self._count("examples_built")
             if self.metrics is not None:
                 self.metrics.comparison(pending.route, pending.target, decision.result)
         self._decided.append((pending, decision))

@@ -168,8 +168,12 @@ class ChildProcess:
     closes the child and raises `ChildDied`; the next `compare` starts a new one.
     """
 
-    def __init__(self, command: list[str] | None = None, nice: int = 0) -> None:
-        self.command = command or [sys.executable, "-m", "shadowlane.compare.worker", str(nice)]
+    def __init__(
+        self, command: list[str] | None = None, nice: int = 0, examples_per_field: int = 5
+    ) -> None:
+        self.command = command or [
+            sys.executable, "-m", "shadowlane.compare.worker", str(nice), str(examples_per_field),
+        ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         #: settings tokens this child has been sent
         self._sent: set[int] = set()

@@ -1,5 +1,6 @@
 """The comparison child process (`python -m shadowlane.compare.worker`): it reads jobs from
-stdin, decides them (`engine.decide`: lift, diff, classify, build the example), and writes
+stdin, decides them (`engine.decide`: lift, diff, classify, build the example while the
+field's quota allows, see `ExampleQuota`), and writes
 one `Decision` per job to stdout. The frames are compare/pool.py's.
 
 It ends when its stdin closes (the proxy stopped, or died: a `kill -9` of the worker closes
@@ -22,7 +23,7 @@ import time
 from typing import BinaryIO
 
 from shadowlane.compare.engine import decide
-from shadowlane.compare.model import Decision
+from shadowlane.compare.model import CompareJob, Decision
 from shadowlane.compare.pool import (
     HEAD,
     JOB,
@@ -39,11 +40,55 @@ log = logging.getLogger("shadowlane.compare")
 
 #: added to the child's nice value unless the command line says otherwise (`compare.nice`)
 NICENESS = 0
+#: example pairs kept per field, unless the command line says otherwise
+#: (`compare.examples_per_field`)
+EXAMPLES_PER_FIELD = 5
+#: the quota's window: the comparator's default flush interval, so each flush can still get
+#: a field's full count of fresh examples
+EXAMPLE_WINDOW = 1.0
 
 
-def serve(stdin: Readable, stdout: BinaryIO) -> None:
+class ExampleQuota:
+    """Builds an example pair only while one of its fields has had fewer than `per_field`
+    in the current window.
+
+    The store keeps the newest `examples_per_field` examples of each field, and the batch of
+    one flush keeps no more than that either; yet the child built one for every differing
+    answer, and the example (both answers as text, the differing values) was most of what a
+    differing JSON pair cost: building it here, pickling it back, unpickling it on the
+    feeder thread of the proxy's process (the GIL, taken from the event loop), then dropping
+    all but a few in the batch. With the quota, a field differing on every request costs one
+    example per `1/per_field` of the window, and the store still gets fresh ones each flush.
+    """
+
+    __slots__ = ("_counts", "_since", "per_field", "window")
+
+    def __init__(self, per_field: int, window: float = EXAMPLE_WINDOW) -> None:
+        self.per_field = per_field
+        self.window = window
+        self._counts: dict[tuple[str, str, str], int] = {}
+        self._since = time.monotonic()
+
+    def wants(self, job: CompareJob, paths: list[str]) -> bool:
+        if self.per_field <= 0:
+            return False
+        now = time.monotonic()
+        if now - self._since >= self.window:
+            self._counts.clear()
+            self._since = now
+        counts = self._counts
+        keys = [(job.route, job.target, path) for path in paths]
+        if all(counts.get(key, 0) >= self.per_field for key in keys):
+            return False
+        for key in keys:
+            counts[key] = counts.get(key, 0) + 1
+        return True
+
+
+def serve(stdin: Readable, stdout: BinaryIO, quota: ExampleQuota | None = None) -> None:
     """Answer jobs until stdin closes."""
     settings: dict[int, CompareSettings] = {}
+    wants = quota.wants if quota is not None else None
     while True:
         try:
             kind, header_len, _n_bodies = HEAD.unpack(read_exact(stdin, HEAD.size))
@@ -61,7 +106,7 @@ def serve(stdin: Readable, stdout: BinaryIO) -> None:
         bodies = [read_exact(stdin, n) for n in lengths]
         job = job_of(header, bodies, settings.get(token))
         try:
-            decision = decide(job)
+            decision = decide(job, wants)
         except Exception:
             log.exception("comparison of %s %s failed", job.method, job.uri)
             decision = Decision("error", [], [])
@@ -75,12 +120,13 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     niceness = int(sys.argv[1]) if len(sys.argv) > 1 else NICENESS
+    per_field = int(sys.argv[2]) if len(sys.argv) > 2 else EXAMPLES_PER_FIELD
     with contextlib.suppress(OSError):  # not allowed here: compare at the same priority
         if niceness:
             os.nice(niceness)
     logging.basicConfig(level=logging.WARNING, format="shadowlane compare child: %(message)s")
     stdin = io.BufferedReader(io.FileIO(sys.stdin.fileno(), "rb", closefd=False), 1 << 16)
-    serve(stdin, sys.stdout.buffer)
+    serve(stdin, sys.stdout.buffer, ExampleQuota(per_field))
 
 
 if __name__ == "__main__":

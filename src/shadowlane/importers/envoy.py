@@ -33,6 +33,7 @@ from shadowlane.importers.model import (
     percent_of,
     prefix_rewrite,
     regex_rewrite,
+    route_data,
     route_headers,
 )
 from shadowlane.importers.services import ServiceMap
@@ -402,17 +403,11 @@ def _translate_config(ctx: _Ctx, rc: dict[str, Any], obj: str) -> None:
                         f"{vpath}.domains",
                         f"{domain!r}: suffix wildcards are not translated; any host matches",
                     )
-                data: dict[str, Any] = {"name": "", "match": dict(native)}
-                if domain != "*" and not domain.endswith("*"):
-                    data["match"]["host"] = domain.partition(":")[0].lower()
-                if len(legs) == 1:
-                    data["backend"] = legs[0]["backend"]
-                else:
-                    data["backends"] = [dict(leg) for leg in legs]
-                data.update(changes)
+                exact = domain != "*" and not domain.endswith("*")
+                host = domain.partition(":")[0].lower() if exact else None
+                data = route_data(native, host, legs, changes, shadows=mirrors)
                 comments = [f"from {obj} {rpath}"]
                 if mirrors:
-                    data["shadows"] = [dict(m) for m in mirrors]
                     comments.append(
                         "Envoy appends -shadow to the mirror's Host unless "
                         "disable_shadow_host_suffix_append (kept as host_suffix)"

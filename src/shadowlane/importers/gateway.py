@@ -30,6 +30,7 @@ from shadowlane.importers.model import (
     no_traffic,
     object_name,
     percent_of,
+    route_data,
     route_headers,
     segment_prefix_match,
 )
@@ -247,18 +248,8 @@ def _translate_route(
                 continue
             rewrite = _path_rewrite(tr, path_rw, match, obj, f"{rpath}.matches[{m}]")
             for hostname in hosts:
-                data: dict[str, Any] = {"name": "", "match": dict(native)}
-                if hostname is not None and hostname != "*":
-                    data["match"]["host"] = hostname
-                if len(legs) == 1:
-                    data["backend"] = legs[0]["backend"]
-                else:
-                    data["backends"] = [dict(leg) for leg in legs]
-                data.update(mutations)
-                if rewrite is not None:
-                    data["rewrite_path"] = dict(rewrite)
-                if shadows:
-                    data["shadows"] = [dict(s) for s in shadows]
+                host = hostname if hostname is not None and hostname != "*" else None
+                data = route_data(native, host, legs, mutations, rewrite, shadows)
                 rule_name = rule.get("name") or f"r{r}"
                 label = f"{name_of(doc)}.{ns}.{rule_name}" + (f".m{m}" if len(matches) > 1 else "")
                 data["name"] = label

@@ -31,6 +31,7 @@ from shadowlane.importers.model import (
     percent_of,
     prefix_rewrite,
     regex_rewrite,
+    route_data,
     route_headers,
 )
 from shadowlane.importers.services import ServiceMap
@@ -230,18 +231,8 @@ def _translate(tr: Translation, services: ServiceMap, doc: Doc) -> None:
             native = _matcher(tr, as_dict(matcher), obj, mpath)
             rewrite = _path_rewrite(tr if m == 0 else Translation(), options, native, obj, opath)
             for domain in domains:
-                data: dict[str, Any] = {"name": "", "match": dict(native)}
-                if domain != "*":
-                    data["match"]["host"] = domain.partition(":")[0].lower()
-                if len(legs) == 1:
-                    data["backend"] = legs[0]["backend"]
-                else:
-                    data["backends"] = [dict(leg) for leg in legs]
-                data.update(changes)
-                if rewrite is not None:
-                    data["rewrite_path"] = dict(rewrite)
-                if shadows:
-                    data["shadows"] = [dict(s) for s in shadows]
+                host = domain.partition(":")[0].lower() if domain != "*" else None
+                data = route_data(native, host, legs, changes, rewrite, shadows)
                 label = route.get("name") or f"r{r}"
                 data["name"] = tr.route_name(f"{name_of(doc)}.{ns}.{label}")
                 tr.add_route(data, comments)

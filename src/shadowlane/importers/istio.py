@@ -31,6 +31,7 @@ from shadowlane.importers.model import (
     percent_of,
     prefix_rewrite,
     regex_rewrite,
+    route_data,
     route_headers,
 )
 from shadowlane.importers.services import ServiceMap, split_service
@@ -260,18 +261,9 @@ def _translate(tr: Translation, services: ServiceMap, doc: Doc) -> None:
             # the rule's notes once, though each match gets its own rewrite
             uri_rewrite = _uri_rewrite(tr if m == 0 else Translation(), http, native, obj, path)
             for host in hosts:
-                data: dict[str, Any] = {"name": "", "match": dict(native)}
-                if host != "*" and "host" not in data["match"]:
-                    data["match"]["host"] = host.lower()
-                if len(legs) == 1:
-                    data["backend"] = legs[0]["backend"]
-                else:
-                    data["backends"] = [dict(leg) for leg in legs]
-                data.update(changes)
-                if uri_rewrite is not None:
-                    data["rewrite_path"] = dict(uri_rewrite)
-                if shadows:
-                    data["shadows"] = [dict(s) for s in shadows]
+                # a match's own authority wins over the VirtualService's hosts
+                only = host.lower() if host != "*" and "host" not in native else None
+                data = route_data(native, only, legs, changes, uri_rewrite, shadows)
                 label = http.get("name") or f"http{h}"
                 data["name"] = tr.route_name(
                     f"{name_of(doc)}.{ns}.{label}" + (f".m{m}" if len(matches) > 1 else "")

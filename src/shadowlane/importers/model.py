@@ -109,6 +109,36 @@ class Translation:
         self.routes.append(Route(data, list(comments or [])))
 
 
+def route_data(
+    match: dict[str, Any],
+    host: str | None,
+    legs: list[dict[str, Any]],
+    changes: dict[str, Any],
+    rewrite: dict[str, str] | None = None,
+    shadows: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A native route's dict, built the one way every peer's route is: `match` (plus `host`
+    when the peer's route is for one), one `backend` or weighted `backends` from `legs`, the
+    route's header and Host `changes`, its `rewrite_path` and its `shadows`, each copied so
+    that routes made from one peer object (one per host, per match) share nothing. Its `name`
+    is left empty, first among the keys (the output shows it first), for the caller to fill
+    through `Translation.route_name`.
+    """
+    data: dict[str, Any] = {"name": "", "match": dict(match)}
+    if host is not None:
+        data["match"]["host"] = host
+    if len(legs) == 1:
+        data["backend"] = legs[0]["backend"]
+    else:
+        data["backends"] = [dict(leg) for leg in legs]
+    data.update(changes)
+    if rewrite is not None:
+        data["rewrite_path"] = dict(rewrite)
+    if shadows:
+        data["shadows"] = [dict(s) for s in shadows]
+    return data
+
+
 def object_name(doc: Doc) -> str:
     """`Kind namespace/name`, as notes and comments name an object."""
     meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from shadowlane.compare.model import Captured
+from shadowlane.wire.headers import reason_phrase
 from shadowlane.wire.messages import Request
 
 if TYPE_CHECKING:
@@ -264,7 +265,7 @@ def encode_into(item: RecordItem, parts: list[bytes]) -> None:
     latency = item.latency_ns or int(ans.seconds * 1e9)
     parts.append(b"2 " + pid + b" " + ts + b" " + str(latency).encode() + b"\n")
     status = ans.status
-    parts.append(b"HTTP/1.1 " + str(status).encode() + b" " + reason(status) + b"\r\n")
+    parts.append(b"HTTP/1.1 " + str(status).encode() + b" " + reason_phrase(status) + b"\r\n")
     if head.startswith(b"HEAD ") or status < 200 or status == 204 or status == 304:
         for name, value in ans.headers:
             parts.append(name)
@@ -287,24 +288,6 @@ def encode_into(item: RecordItem, parts: list[bytes]) -> None:
     parts.append(b"content-length: " + str(len(abody)).encode() + b"\r\n\r\n")
     parts.append(abody)
     parts.append(SEPARATOR)
-
-
-_REASONS: dict[int, bytes] = {}
-
-
-def reason(status: int) -> bytes:
-    """The standard reason phrase of a status code (`Unknown` for codes without one)."""
-    phrase = _REASONS.get(status)
-    if phrase is None:
-        from http import HTTPStatus
-
-        try:
-            phrase = HTTPStatus(status).phrase.encode()
-        except ValueError:
-            phrase = b"Unknown"
-        if len(_REASONS) < 1024:
-            _REASONS[status] = phrase
-    return phrase
 
 
 class Slice:

@@ -24,11 +24,11 @@ import gzip
 import os
 import secrets
 import zlib
-from http import HTTPStatus
 
 from shadowlane.compare.model import Captured
 from shadowlane.compare.redact import Redaction, Unredactable
 from shadowlane.config import RecordConfig
+from shadowlane.wire.headers import reason_phrase
 from shadowlane.wire.messages import Headers
 
 __all__ = [
@@ -179,11 +179,7 @@ def answer_message(answer: Captured, red: Redaction | None, head_request: bool) 
                 raise Unredactable("an answer cut at max_body cannot be parsed for redaction")
         else:
             body = redact_body(red, body, headers)
-    try:
-        reason = HTTPStatus(status).phrase.encode()
-    except ValueError:
-        reason = b"Unknown"
-    start = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    start = b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))
     if head_request or status < 200 or status in _BODYLESS_STATUS:
         return _head(start, headers, 0, False, keep_framing=True)
     if answer.truncated:

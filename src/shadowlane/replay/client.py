@@ -26,6 +26,7 @@ from shadowlane.config import BackendConfig
 from shadowlane.routing import build_backend
 from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import (
+    IDEMPOTENT,
     BackendPool,
     EndpointPool,
     ResponseSink,
@@ -33,7 +34,6 @@ from shadowlane.wire.upstream import (
     UpstreamError,
 )
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: a non-idempotent request never goes on a connection idle for longer than this
 STALE_IDLE = 2.0
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from shadowlane.config import BackendConfig, Config, ShadowConfig
 from shadowlane.record.recorder import Recorder
 from shadowlane.routing import Route
-from shadowlane.shadow.join import PrimaryCapture, Submit
+from shadowlane.shadow.join import PrimaryCapture, Room, Submit
 from shadowlane.shadow.lane import ShadowCopy, ShadowLane
 from shadowlane.shadow.mutation import MARKER, CopyBuilder
 from shadowlane.shadow.ordering import OrderScope
@@ -59,6 +59,7 @@ class ShadowDispatcher:
         compare_submit: Submit | None = None,
         compile_settings: CompileSettings | None = None,
         *,
+        compare_room: Room | None = None,
         record_divergence: Record | None = None,
         build_recorder: BuildRecorder | None = None,
     ) -> None:
@@ -72,6 +73,8 @@ class ShadowDispatcher:
         self.record_divergence = record_divergence
         self._build_pool = build_pool
         self._compare_submit = compare_submit
+        #: asked once per compared request, before anything is captured (join.Room)
+        self._compare_room = compare_room
         self._compile_settings = compile_settings
         self.lanes: list[ShadowLane] = []
         self.plans: dict[str, RouteShadows] = {}
@@ -134,6 +137,7 @@ class ShadowDispatcher:
                 # the shadow's answers are kept up to the recording's cap; set after the plan,
                 # whose capture_limit says how much of the *primary's* answer is needed
                 lane.capture_limit = max(lane.capture_limit, recorder.max_body)
+                plan.copy_capture_uncompared = max(plan.copy_capture_uncompared, recorder.max_body)
             plans.append(plan)
         shadows = RouteShadows(route.name, plans)
         self.plans[route.name] = shadows
@@ -197,6 +201,8 @@ class ShadowDispatcher:
                 return None
         sampled: list[LanePlan] = []
         capture = 0
+        uncompared = 0  # the capture needed if the comparison is not admitted
+        compares = False
         for p in shadows.lanes:
             if p.match is not None and not p.match(request):
                 continue
@@ -208,10 +214,20 @@ class ShadowDispatcher:
                 sampled.append(p)
                 if p.capture_limit > capture:
                     capture = p.capture_limit
+                if p.compares:
+                    compares = True
+                    if p.capture_uncompared > uncompared:
+                        uncompared = p.capture_uncompared
+                elif p.capture_limit > uncompared:
+                    uncompared = p.capture_limit
             else:
                 metrics.shadow_outcome(shadows.route, p.lane.target, SAMPLED_OUT)
         if not sampled:
             return None
+        admitted = True
+        if compares and self._compare_room is not None and not self._compare_room():
+            admitted = False  # counted `dropped` per compared copy, by the ticket
+            capture = uncompared
         return ShadowTicket(
             forwarded,
             headers,
@@ -219,6 +235,7 @@ class ShadowDispatcher:
             PrimaryCapture(capture) if capture else None,
             metrics,
             self._compare_submit,
+            admitted,
             shadows.stream_at,
         )
 

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 EXAMPLE_REQUEST_BODY = 16 * 1024
 
 Submit = Callable[[CompareJob], bool]
+#: whether the comparator would take a job begun now (`Comparator.has_room`)
+Room = Callable[[], bool]
 
 
 class PrimaryCapture:

@@ -40,6 +40,7 @@ from shadowlane.shadow.outcomes import (
 )
 from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import (
+    IDEMPOTENT,
     BackendPool,
     EndpointPool,
     ResponseSink,
@@ -50,7 +51,6 @@ from shadowlane.wire.upstream import (
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: copies in flight and waiting may pin at most this many body bytes per lane (bodies are
 #: shared with the primary and other lanes, so this over-counts, which errs on the safe side)
 MAX_LANE_BYTES = 64 * 1024 * 1024
@@ -104,6 +104,7 @@ class ShadowCopy(ResponseSink):
         "_chunks",
         "_size",
         "body",
+        "capture_limit",
         "conn",
         "connecting",
         "done",
@@ -149,6 +150,9 @@ class ShadowCopy(ResponseSink):
         self.result = ShadowResult()
         self._chunks: list[bytes] = []
         self._size = 0
+        #: how much of this copy's answer to keep: the lane's, or less when the request's
+        #: comparison was not admitted (the comparator was full when it began)
+        self.capture_limit = lane.capture_limit
         self.done = False
         self.retried = False
         self.t0 = 0.0
@@ -207,7 +211,7 @@ class ShadowCopy(ResponseSink):
         self.result.headers = headers
 
     def on_response_body(self, data: bytes) -> None:
-        limit = self.lane.capture_limit
+        limit = self.capture_limit
         if self._size < limit:
             self._chunks.append(data[: limit - self._size])
         elif limit:

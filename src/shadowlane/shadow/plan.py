@@ -34,9 +34,11 @@ class LanePlan:
         "after_response",
         "builder",
         "capture_limit",
+        "capture_uncompared",
         "cfg",
         "compare_settings",
         "compares",
+        "copy_capture_uncompared",
         "lane",
         "match",
         "recorder",
@@ -67,8 +69,15 @@ class LanePlan:
         self.writes = writes
         #: how much of the primary's answer this shadow needs captured
         self.capture_limit = lane.capture_limit
+        #: ... when the request's comparison is not admitted (the comparator is full): only
+        #: what the write steps check
+        self.capture_uncompared = 0
         if writes is not None and writes.needs_answer:
             self.capture_limit = max(self.capture_limit, ANSWER_LIMIT)
+            self.capture_uncompared = ANSWER_LIMIT
+        #: how much of the shadow's own answer a copy keeps then (writes, recorded answers);
+        #: set by the dispatcher once the lane's recording is known
+        self.copy_capture_uncompared = self.capture_uncompared
         #: compiled by compare/ and only handed back to it (so opaque here)
         self.compare_settings = compare_settings
         self.sampler = Sampler(cfg.percent, _key(cfg.sample_key))

@@ -76,6 +76,7 @@ class ShadowTicket:
     """The lanes one request was sampled into, and what became of each."""
 
     __slots__ = (
+        "_admitted",
         "_base",
         "_compare_submit",
         "_metrics",
@@ -98,9 +99,13 @@ class ShadowTicket:
         capture: PrimaryCapture | None,
         metrics: Metrics,
         compare_submit: Submit | None,
+        admitted: bool = True,
         stream_at: int = NEVER,
     ) -> None:
         self._request = request
+        #: False when the comparator was full as the request began: its compared copies are
+        #: sent uncompared (comparison `dropped`), and nothing is captured for them
+        self._admitted = admitted
         #: the headers as forwarded to the primary; each copy is built from them
         self._base = base
         self._sampled = sampled
@@ -215,6 +220,8 @@ class ShadowTicket:
         slot = self._slot(p, so_far[0] if so_far else b"") if p.compares else None
         on_done: OnDone | None = slot.on_candidate if slot is not None else None
         copy = self._streamed(p, lane, length, so_far, bound, on_done)
+        if p.compares and not self._admitted:
+            copy.capture_limit = p.copy_capture_uncompared
         if not lane.submit_stream(copy):
             self.outcomes[lane.target] = DROPPED
             if slot is not None:
@@ -322,6 +329,8 @@ class ShadowTicket:
             if p.recorder.answers:
                 on_done = tap.on_done
         copy = ShadowCopy(lane, method, head, body, on_done, endpoint, kept)
+        if p.compares and not self._admitted:
+            copy.capture_limit = p.copy_capture_uncompared
         if lane.submit(copy, prep.keys if prep is not None else None):
             self.outcomes[lane.target] = SENT
             if tap is not None and not tap.recorder.answers:
@@ -349,10 +358,13 @@ class ShadowTicket:
     def _dropped(self, p: LanePlan) -> None:
         """Not handed over (circuit open, lane full): the lane counted it; no comparison."""
         self.outcomes[p.lane.target] = DROPPED
-        if p.compares:
+        if p.compares:  # admitted or not: not counted yet
             self._metrics.comparison(p.lane.route, p.lane.target, COMPARISON_DROPPED)
 
     def _slot(self, p: LanePlan, body: bytes) -> CompareSlot | None:
+        if not self._admitted:
+            self._metrics.comparison(p.lane.route, p.lane.target, COMPARISON_DROPPED)
+            return None
         capture = self.capture
         if capture is None or self._compare_submit is None:
             return None

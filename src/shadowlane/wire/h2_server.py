@@ -50,6 +50,7 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from shadowlane.wire.exchange import Connection, Exchange
+from shadowlane.wire.h2_send import SendScheduler
 from shadowlane.wire.messages import Headers, Request
 from shadowlane.wire.request_head import Rejection, RequestHead, decide_head
 from shadowlane.wire.server import App, ServerLimits, ServerState
@@ -194,8 +195,6 @@ class H2Exchange(Exchange):
         self.blocked = False
         #: reset the stream with NO_ERROR once the answer is out (the upload is not wanted)
         self.reset_after = False
-        #: in the connection's list of streams to send for
-        self.queued = False
         content_type = request.header("content-type")
         #: a gRPC call: the proxy's own answers to it speak grpc-status (see `respond`)
         self.grpc = content_type is not None and content_type.startswith(_GRPC_PREFIX)
@@ -262,11 +261,11 @@ class H2Exchange(Exchange):
         if not data or self.head_request or self.closed:
             return
         self.out += data
-        self.h2conn.schedule(self)
+        self.h2conn.sends.schedule(self)
 
     def flush(self) -> None:
         if self.head_out is not None and not self.closed:
-            self.h2conn.schedule(self)
+            self.h2conn.sends.schedule(self)
 
     def send_trailers(self, trailers: Headers) -> None:
         self.trailers = [(n, v) for n, v in trailers if n not in _CONNECTION_SPECIFIC]
@@ -279,7 +278,7 @@ class H2Exchange(Exchange):
         self.on_abort = self.on_writable = None
         conn = self.h2conn
         if not self.closed:
-            conn.schedule(self)
+            conn.sends.schedule(self)
         conn._exchange_done(self)
 
     def respond(
@@ -364,9 +363,7 @@ class H2ServerConnection(Connection):
         #: streams with something to send, sent together once per loop iteration (or at the
         #: end of the bytes being read): one write and one DATA frame with END_STREAM where
         #: the proxy made three calls
-        self.pending: list[H2Exchange] = []
-        self.scheduled = False
-        self.receiving = False
+        self.sends: SendScheduler[H2Exchange] = SendScheduler(self.loop, self.pump, self._flush)
         self.idle_since = self.loop.time()
 
     # ----- asyncio callbacks -----
@@ -395,12 +392,13 @@ class H2ServerConnection(Connection):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        self.receiving = True
+        sends = self.sends
+        sends.receiving = True
         try:
             self._receive(data)
         finally:
-            self.receiving = False
-        self._run()
+            sends.receiving = False
+        sends.run()
 
     def _receive(self, data: bytes) -> None:
         try:
@@ -562,35 +560,12 @@ class H2ServerConnection(Connection):
             return
         with contextlib.suppress(ProtocolError, KeyError):
             self.h2.acknowledge_received_data(n, stream_id)
-        self._kick()
+        self.sends.kick()
 
     def send_informational(self, stream_id: int) -> None:
         with contextlib.suppress(ProtocolError):
             self.h2.send_headers(stream_id, [(b":status", b"100")])
-        self._kick()
-
-    def schedule(self, ex: H2Exchange) -> None:
-        """`ex` has something to send: it goes with the others of this loop iteration."""
-        if not ex.queued:
-            ex.queued = True
-            self.pending.append(ex)
-        self._kick()
-
-    def _kick(self) -> None:
-        if not self.scheduled and not self.receiving:
-            self.scheduled = True
-            self.loop.call_soon(self._run)
-
-    def _run(self) -> None:
-        """Send what the streams have, then write h2's output in one go."""
-        self.scheduled = False
-        pending = self.pending
-        if pending:
-            self.pending = []
-            for ex in pending:
-                ex.queued = False
-                self.pump(ex)
-        self._flush()
+        self.sends.kick()
 
     def pump(self, ex: H2Exchange) -> None:
         """Send what `ex` has (head, body within the windows, trailers, the end)."""
@@ -664,7 +639,7 @@ class H2ServerConnection(Connection):
             self.streams.pop(ex.stream_id, None)
             with contextlib.suppress(ProtocolError):
                 self.h2.reset_stream(ex.stream_id, code)
-            self._kick()
+            self.sends.kick()
 
     # ----- connection -----
     def _flush(self) -> None:
@@ -688,7 +663,7 @@ class H2ServerConnection(Connection):
         self.draining = True
         if self.closed or self.goaway_last >= 0:
             return
-        self._run()  # what the streams have goes before the GOAWAY
+        self.sends.run()  # what the streams have goes before the GOAWAY
         self.goaway_last = self.h2.highest_inbound_stream_id
         frame = GoAwayFrame(0)
         frame.last_stream_id = self.goaway_last
@@ -705,7 +680,7 @@ class H2ServerConnection(Connection):
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
-            self._run()  # the last answers and resets, before the socket closes
+            self.sends.run()  # the last answers and resets, before the socket closes
             self.closed = True
             self.transport.close()
 

@@ -28,7 +28,6 @@ import contextlib
 import re
 import socket
 import ssl
-from http import HTTPStatus
 from typing import Final, cast
 
 from h2.config import H2Configuration
@@ -49,6 +48,8 @@ from h2.settings import SettingCodes, Settings
 from hpack import NeverIndexedHeaderTuple
 from hpack.struct import Header
 
+from shadowlane.wire.h2_send import SendScheduler
+from shadowlane.wire.headers import reason_phrase
 from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import (
     POOL_IDLE_TIMEOUT,
@@ -57,6 +58,7 @@ from shadowlane.wire.upstream import (
     ResponseSink,
     UpstreamConnection,
     UpstreamError,
+    connect,
 )
 
 __all__ = ["H2ClientConnection", "H2EndpointPool", "H2Stream", "grpc_timeout"]
@@ -75,7 +77,6 @@ _DROPPED: Final = frozenset(
         b"upgrade",
     }
 )
-_REASONS: dict[int, bytes] = {}
 #: what RFC 9113 8.2.1 forbids in a field name, and in a field value
 _BAD_NAME: Final = re.compile(rb"[\x00-\x20A-Z:\x7f-\xff]")
 _BAD_VALUE: Final = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
@@ -110,18 +111,6 @@ def grpc_timeout(value: bytes) -> float | None:
     if unit is None:
         return None
     return int(value[:-1]) * unit
-
-
-def _reason(status: int) -> bytes:
-    """HTTP/2 has no reason phrase; an HTTP/1.1 client gets the standard one."""
-    reason = _REASONS.get(status)
-    if reason is None:
-        try:
-            reason = HTTPStatus(status).phrase.encode()
-        except ValueError:
-            reason = b"Unknown"
-        _REASONS[status] = reason
-    return reason
 
 
 def malformed_field(name: bytes, value: bytes) -> str | None:
@@ -189,7 +178,6 @@ class H2Stream(UpstreamConnection):
         self.timer: asyncio.TimerHandle | None = None
         #: the request's HEADERS, until the connection sends them (see `start_stream`)
         self.head_out: list[Header] | None = None
-        self.queued = False
 
     # ----- request side -----
     def send_request(
@@ -243,7 +231,7 @@ class H2Stream(UpstreamConnection):
         if self.ended or not data or self.state == ConnState.CLOSED:
             return
         self.out += data
-        self.h2conn.schedule(self)
+        self.h2conn.sends.schedule(self)
 
     def write_chunk(self, data: bytes) -> None:
         self.write_body(data)  # DATA frames carry their own length
@@ -258,7 +246,7 @@ class H2Stream(UpstreamConnection):
         if self.ended or self.state == ConnState.CLOSED:
             return
         self.ending = True
-        self.h2conn.schedule(self)
+        self.h2conn.sends.schedule(self)
 
     # ----- flow control from the sink's client -----
     def pause_reading(self) -> None:
@@ -354,7 +342,7 @@ class H2Stream(UpstreamConnection):
         self.started = True
         sink = self.sink
         if sink is not None:
-            sink.on_response_head(status, _reason(status), out, content_length)
+            sink.on_response_head(status, reason_phrase(status), out, content_length)
 
     def malformed(self, why: str) -> None:
         """The backend's answer is malformed (RFC 9113 8.1.1): the stream is reset with
@@ -456,9 +444,7 @@ class H2ClientConnection:
         #: streams handed out, started or not (what max concurrent streams bounds)
         self.reserved = 0
         #: streams with something to send, sent together once per loop iteration
-        self.pending: list[H2Stream] = []
-        self.scheduled = False
-        self.receiving = False
+        self.sends: SendScheduler[H2Stream] = SendScheduler(self.loop, self.pump, self._flush)
         self.usable = False
         self.closed = False
         #: the server's SETTINGS have come (its concurrent-stream limit is known)
@@ -476,29 +462,8 @@ class H2ClientConnection:
         return min(limit, 1000) - self.reserved
 
     async def open(self) -> None:
-        pool = self.pool
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: _Protocol(self),
-                    pool.host,
-                    pool.port,
-                    ssl=pool.ssl_context,
-                    server_hostname=pool.server_hostname if pool.ssl_context else None,
-                ),
-                pool.connect_timeout,
-            )
-        except TimeoutError:
-            self.close()
-            raise UpstreamError(
-                "timeout", f"connect timed out after {pool.connect_timeout:g}s"
-            ) from None
-        except ssl.SSLError as exc:
-            self.close()
-            raise UpstreamError("tls", str(exc)) from None
-        except OSError as exc:
-            self.close()
-            raise UpstreamError("refused", exc.strerror or str(exc)) from None
+            await connect(self.loop, lambda: _Protocol(self), self.pool)
         except BaseException:
             self.close()
             raise
@@ -535,12 +500,13 @@ class H2ClientConnection:
             stream.on_error(UpstreamError("reset", "connection closed"), False)
 
     def data_received(self, data: bytes) -> None:
-        self.receiving = True
+        sends = self.sends
+        sends.receiving = True
         try:
             self._receive(data)
         finally:
-            self.receiving = False
-        self._run()
+            sends.receiving = False
+        sends.run()
 
     def _receive(self, data: bytes) -> None:
         try:
@@ -631,29 +597,7 @@ class H2ClientConnection:
             self.loop.call_soon(stream.on_error, UpstreamError("reset", "connection closed"), True)
             return
         stream.head_out = headers
-        self.schedule(stream)
-
-    def schedule(self, stream: H2Stream) -> None:
-        if not stream.queued:
-            stream.queued = True
-            self.pending.append(stream)
-        self._kick()
-
-    def _kick(self) -> None:
-        if not self.scheduled and not self.receiving:
-            self.scheduled = True
-            self.loop.call_soon(self._run)
-
-    def _run(self) -> None:
-        self.scheduled = False
-        pending = self.pending
-        if pending:
-            self.pending = []
-            for stream in pending:
-                stream.queued = False
-                if stream.state != ConnState.CLOSED:
-                    self.pump(stream)
-        self._flush()
+        self.sends.schedule(stream)
 
     def _send_head(self, stream: H2Stream, head: list[Header]) -> bool:
         stream.head_out = None
@@ -674,7 +618,10 @@ class H2ClientConnection:
         return True
 
     def pump(self, stream: H2Stream) -> None:
-        """Send the stream's head, its pending body within the windows, and its end."""
+        """Send the stream's head, its pending body within the windows, and its end (nothing
+        for a stream closed since it was scheduled: its HEADERS must not go out)."""
+        if stream.state == ConnState.CLOSED:
+            return
         head = stream.head_out
         if head is not None and not self._send_head(stream, head):
             return
@@ -706,7 +653,7 @@ class H2ClientConnection:
             return
         with contextlib.suppress(ProtocolError, KeyError):
             self.h2.acknowledge_received_data(n, stream_id)
-        self._kick()
+        self.sends.kick()
 
     def stream_done(self, stream: H2Stream, code: ErrorCodes | None) -> None:
         self.reserved -= 1
@@ -714,7 +661,7 @@ class H2ClientConnection:
         if sid and self.streams.pop(sid, None) is not None and code is not None:
             with contextlib.suppress(ProtocolError, KeyError):
                 self.h2.reset_stream(sid, code)
-            self._kick()
+            self.sends.kick()
         if self.reserved <= 0:
             self.reserved = 0
             if not self.usable or self.pool.closed:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterable
+from http import HTTPStatus
 
 from shadowlane.wire.messages import Headers
 
@@ -177,3 +178,23 @@ def serialize_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
         parts.append(value)
         parts.append(b"\r\n")
     return b"".join(parts)
+
+
+#: reason phrases by status, kept for the statuses seen (bounded: a backend's status is any
+#: three digits)
+_REASONS: dict[int, bytes] = {}
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of a status code (`Unknown` for codes without one): what an
+    HTTP/1.1 status line says where the answer came without one (HTTP/2 has none) and what a
+    recorded answer's status line says. Looked up once per status, then kept."""
+    phrase = _REASONS.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            phrase = b"Unknown"
+        if len(_REASONS) < 1024:
+            _REASONS[status] = phrase
+    return phrase

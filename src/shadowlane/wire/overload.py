@@ -74,12 +74,7 @@ class OverloadState:
         in_flight_refuse: int = 0,
         retry_after: int = 1,
     ) -> None:
-        self.rss_shed = rss_shed
-        self.rss_refuse = rss_refuse
-        self.in_flight_shed = in_flight_shed
-        self.in_flight_refuse = in_flight_refuse
-        #: seconds, the `Retry-After` of a refused request
-        self.retry_after = retry_after
+        self.configure(rss_shed, rss_refuse, in_flight_shed, in_flight_refuse, retry_after)
         self.level = NORMAL
         self.rss = 0
         self.in_flight = 0
@@ -98,11 +93,12 @@ class OverloadState:
         in_flight_refuse: int,
         retry_after: int,
     ) -> None:
-        """New watermarks (a reload); the level follows at the next sample."""
+        """New watermarks (at start and on a reload); the level follows at the next sample."""
         self.rss_shed = rss_shed
         self.rss_refuse = rss_refuse
         self.in_flight_shed = in_flight_shed
         self.in_flight_refuse = in_flight_refuse
+        #: seconds, the `Retry-After` of a refused request
         self.retry_after = retry_after
 
     def evaluate(self, rss: int, in_flight: int) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from collections.abc import Callable
 from typing import Final, cast
 
@@ -39,7 +38,7 @@ import httptools
 from shadowlane.wire.exchange import Exchange
 from shadowlane.wire.headers import response_fields, serialize_headers
 from shadowlane.wire.messages import Headers
-from shadowlane.wire.upstream import EndpointPool, UpstreamError
+from shadowlane.wire.upstream import EndpointPool, UpstreamError, connect
 
 __all__ = [
     "CloseReason",
@@ -149,24 +148,10 @@ class Handshake(asyncio.Protocol):
 
     async def run(self) -> None:
         """Connect and send the request; every ending reaches the hooks."""
-        ep = self.endpoint
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: self,
-                    ep.host,
-                    ep.port,
-                    ssl=ep.ssl_context,
-                    server_hostname=ep.server_hostname if ep.ssl_context else None,
-                ),
-                ep.connect_timeout,
-            )
-        except TimeoutError:
-            self._fail(UpstreamError("timeout", f"connect timed out after {ep.connect_timeout:g}s"))
-        except ssl.SSLError as exc:
-            self._fail(UpstreamError("tls", str(exc)))
-        except OSError as exc:
-            self._fail(UpstreamError("refused", exc.strerror or str(exc)))
+            await connect(self.loop, lambda: self, self.endpoint)
+        except UpstreamError as err:
+            self._fail(err)
 
     # ----- asyncio callbacks -----
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

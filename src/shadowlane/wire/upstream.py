@@ -58,6 +58,10 @@ class ReadPhase:
     DONE: Final = 3
 
 
+#: methods safe to resend after a stale keep-alive connection died under them (RFC 9110 9.2.2):
+#: what the proxy, the shadow lanes and replay retry on a `retryable` error
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
 #: how long a pooled connection may sit idle; below the usual backend keep-alive timeouts
 #: (nginx 75 s, Node 5 s is the outlier; a stale one is retried when that is safe)
 POOL_IDLE_TIMEOUT = 50.0
@@ -82,6 +86,38 @@ class UpstreamError(Exception):
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
         self.detail = detail
+
+
+async def connect(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], asyncio.BaseProtocol],
+    endpoint: EndpointPool,
+) -> None:
+    """Open one connection to `endpoint` (TLS when it has a context) for the protocol that
+    `factory` makes, within its `connect_timeout`; a failure is the UpstreamError the proxy maps
+    (timeout, tls, refused). One place for it because three protocols connect the same way:
+    the HTTP/1.1 pool, the HTTP/2 pool and the upgrade handshake, and their errors must agree.
+    The caller closes its own half on any exception (a cancellation passes through as it is).
+    """
+    try:
+        await asyncio.wait_for(
+            loop.create_connection(
+                factory,
+                endpoint.host,
+                endpoint.port,
+                ssl=endpoint.ssl_context,
+                server_hostname=endpoint.server_hostname if endpoint.ssl_context else None,
+            ),
+            endpoint.connect_timeout,
+        )
+    except TimeoutError:  # before OSError, of which it is a kind
+        raise UpstreamError(
+            "timeout", f"connect timed out after {endpoint.connect_timeout:g}s"
+        ) from None
+    except ssl.SSLError as exc:  # before OSError, of which it is a kind
+        raise UpstreamError("tls", str(exc)) from None
+    except OSError as exc:
+        raise UpstreamError("refused", exc.strerror or str(exc)) from None
 
 
 class ResponseSink:
@@ -160,29 +196,8 @@ class UpstreamConnection(asyncio.Protocol):
     async def open(self) -> None:
         """CONNECTING -> NEW; or CLOSED, raising UpstreamError (or the cancellation that
         ended the connect: whoever gave up on it, the slot and the socket go with it)."""
-        pool = self.pool
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: self,
-                    pool.host,
-                    pool.port,
-                    ssl=pool.ssl_context,
-                    server_hostname=pool.server_hostname if pool.ssl_context else None,
-                ),
-                pool.connect_timeout,
-            )
-        except TimeoutError:
-            self.close()
-            raise UpstreamError(
-                "timeout", f"connect timed out after {pool.connect_timeout:g}s"
-            ) from None
-        except ssl.SSLError as exc:  # before OSError, of which it is a kind
-            self.close()
-            raise UpstreamError("tls", str(exc)) from None
-        except OSError as exc:
-            self.close()
-            raise UpstreamError("refused", exc.strerror or str(exc)) from None
+            await connect(self.loop, lambda: self, self.pool)
         except BaseException:
             self.close()
             raise
