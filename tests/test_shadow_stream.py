@@ -23,6 +23,7 @@ import pytest
 from shadowlane.config import ConfigError, parse_config
 from support.configs import backend_entry
 from support.metrics import outcomes, scrape, settle
+from support.procfs import memory
 from support.proxy import ProxyProcess
 from support.servers import SocketServer
 from support.wait import wait_until
@@ -184,17 +185,6 @@ def nonzero(counts: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in counts.items() if v}
 
 
-def vm(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of `pid`, in bytes, from /proc/PID/status."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 @pytest.fixture
 def primary() -> Any:
     with HashingBackend("primary") as b:
@@ -257,7 +247,7 @@ def test_a_shadow_that_stops_reading_is_aborted_without_slowing_the_client(
         assert conn.getresponse().read().startswith(b"primary ")
         conn.close()
         base = outcomes(proxy, "up", "s")
-        idle = vm(proxy.pid)["VmRSS"]
+        idle = memory(proxy.pid)["VmRSS"]
 
         # 1. the baseline: the same upload on the unshadowed route of the same proxy
         status, answer, plain_seconds = upload(proxy.port, "/plain")
@@ -290,7 +280,7 @@ def test_a_shadow_that_stops_reading_is_aborted_without_slowing_the_client(
         print(f"plain {plain_seconds:.2f}s, with the stalled shadow {shadowed_seconds:.2f}s")
         assert shadowed_seconds <= plain_seconds * 3 + 2, (plain_seconds, shadowed_seconds)
 
-        peak = vm(proxy.pid)["VmHWM"]
+        peak = memory(proxy.pid)["VmHWM"]
         grown = peak - idle
         print(f"idle {idle / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB")
         # three 32 MiB uploads went through; none was held whole (a body kept for the

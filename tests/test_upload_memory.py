@@ -21,6 +21,7 @@ from typing import Any
 
 from support.configs import backend_entry
 from support.metrics import settle
+from support.procfs import memory
 from support.proxy import ProxyProcess
 
 MiB = 1 << 20
@@ -79,16 +80,6 @@ class _Handler(socketserver.StreamRequestHandler):
                 self.server.bodies += 1
                 self.server.body_bytes += length
             self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-
-
-def memory(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def upload_load(port: int) -> int:

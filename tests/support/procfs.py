@@ -112,3 +112,14 @@ def established_from(ports: Collection[int], remote_port: int, table: str | None
         if addr == LOOPBACK and int(port, 16) in wanted:
             seen.add(int(port, 16))
     return len(seen)
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of `pid`, in bytes, from /proc/PID/status."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out

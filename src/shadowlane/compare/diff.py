@@ -154,7 +154,9 @@ class Lifted:
         if doc is NOT_JSON or self._kind != "json":
             return self.fields
         wanted = [p for p in paths if p.startswith("body")]
-        return {**self.head, **_flatten_only(doc, "body", self.settings, wanted)}
+        if not wanted:
+            return self.head
+        return {**self.head, **_flatten(doc, "body", self.settings, _on_the_way(wanted))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,8 +250,11 @@ def _segment(key: str) -> str:
     return seg
 
 
-def _flatten(doc: Any, root: str, s: CompareSettings) -> dict[str, Any]:
+def _flatten(
+    doc: Any, root: str, s: CompareSettings, way: set[str] | None = None
+) -> dict[str, Any]:
     """A JSON document as path -> leaf, ignored subtrees pruned, unordered arrays as multisets.
+    With `way` (`_on_the_way`), only the subtrees on the way to those paths are walked.
 
     Written for speed (it is the comparator's hot loop): local names, scalars handled inline
     without a call, ignore checks through the matcher's per-path cache.
@@ -266,7 +271,7 @@ def _flatten(doc: Any, root: str, s: CompareSettings) -> dict[str, Any]:
                 return
             for key, item in value.items():
                 sub = path + segment(key)
-                if ignore is not None and ignore(sub):
+                if (way is not None and sub not in way) or (ignore is not None and ignore(sub)):
                     continue
                 if type(item) is dict or type(item) is list:
                     walk(item, sub)
@@ -280,7 +285,7 @@ def _flatten(doc: Any, root: str, s: CompareSettings) -> dict[str, Any]:
             else:
                 for i, item in enumerate(value):
                     sub = f"{path}[{i}]"
-                    if ignore is not None and ignore(sub):
+                    if (way is not None and sub not in way) or (ignore is not None and ignore(sub)):
                         continue
                     if type(item) is dict or type(item) is list:
                         walk(item, sub)
@@ -289,7 +294,7 @@ def _flatten(doc: Any, root: str, s: CompareSettings) -> dict[str, Any]:
         else:
             out[path] = value
 
-    if ignore is None or not ignore(root):
+    if (way is None or root in way) and (ignore is None or not ignore(root)):
         walk(doc, root)
     return out
 
@@ -304,53 +309,6 @@ def _on_the_way(wanted: list[str]) -> set[str]:
             c = w[i]
             if c == "." or c == "[":
                 out.add(w[:i])
-    return out
-
-
-def _flatten_only(doc: Any, root: str, s: CompareSettings, wanted: list[str]) -> dict[str, Any]:
-    """What `_flatten(doc, root, s)` holds for the paths in `wanted`, walking only the
-    subtrees on the way to them (the same rules: ignored subtrees pruned, unordered arrays as
-    multisets, empty containers as leaves). A path not in the document is simply absent."""
-    out: dict[str, Any] = {}
-    if not wanted:
-        return out
-    ignore = s.ignore.matches if s.ignore else None
-    unordered = s.unordered.matches if s.unordered else None
-    segment = _segment
-    way = _on_the_way(wanted)
-
-    def walk(value: Any, path: str) -> None:
-        if type(value) is dict:
-            if not value:
-                out[path] = value
-                return
-            for key, item in value.items():
-                sub = path + segment(key)
-                if sub not in way or (ignore is not None and ignore(sub)):
-                    continue
-                if type(item) is dict or type(item) is list:
-                    walk(item, sub)
-                else:
-                    out[sub] = item
-        elif type(value) is list:
-            if unordered is not None and unordered(path):
-                out[path] = _multiset(value, path, s)
-            elif not value:
-                out[path] = value
-            else:
-                for i, item in enumerate(value):
-                    sub = f"{path}[{i}]"
-                    if sub not in way or (ignore is not None and ignore(sub)):
-                        continue
-                    if type(item) is dict or type(item) is list:
-                        walk(item, sub)
-                    else:
-                        out[sub] = item
-        else:
-            out[path] = value
-
-    if root in way and (ignore is None or not ignore(root)):
-        walk(doc, root)
     return out
 
 
