@@ -30,12 +30,22 @@ import requests
 
 from shadowlane.store import open_store
 from support.backend import Recorded, RecordingBackend, Reply
-from support.browser import By, WebDriver, WebDriverWait, chromium, wait_css
+from support.browser import (
+    By,
+    StaleElementReferenceException,
+    WebDriver,
+    WebDriverWait,
+    chromium,
+    wait_css,
+)
 from support.migration import comparison_results, wait_for_stored
 from support.proxy import ProxyProcess, basic_config
 from support.wait import wait_until
 from test_ledger_api import OPEN_COUNTS, OPEN_IDS, SUSPECT_KEYS, ordered_config, seed_ledger
 
+#: the page re-renders as it refreshes live: an element a wait just found may be replaced before
+#: its text is read, so the waits try again instead of failing on the stale reference
+LIVE = (StaleElementReferenceException,)
 TIMEOUT = 5.0
 WIDTH, HEIGHT = 1400, 1600
 
@@ -378,20 +388,20 @@ def test_dashboard_refreshes_live_and_filters_examples_by_field(
     first_update = browser.find_element(By.ID, "updated-at").get_attribute("datetime")
 
     comparisons.add(diff=0, noise=0, match=40)
-    WebDriverWait(browser, 10).until(lambda d: tile.text == "100")
+    WebDriverWait(browser, 10, ignored_exceptions=LIVE).until(lambda d: tile.text == "100")
     assert browser.find_element(By.ID, "updated-at").get_attribute("datetime") != first_update
     diff_tile = card.find_element(By.CSS_SELECTOR, '.tile[data-metric="differing"] .value')
     assert diff_tile.text == "30%"
 
     # Clicking a field filters the examples to it.
     card.find_element(By.CSS_SELECTOR, 'tr.field-row[data-field="body.request_uuid"]').click()
-    WebDriverWait(browser, 5).until(
+    WebDriverWait(browser, 5, ignored_exceptions=LIVE).until(
         lambda d: "body.request_uuid" in d.find_element(By.CSS_SELECTOR, ".filter-chip").text
     )
     row = card.find_element(By.CSS_SELECTOR, 'tr.field-row[data-field="body.request_uuid"]')
     assert "selected" in (row.get_attribute("class") or "")
     # The newest examples with that field are the noise-only ones (requests 31..40).
-    WebDriverWait(browser, 5).until(
+    WebDriverWait(browser, 5, ignored_exceptions=LIVE).until(
         lambda d: "/orders/40" in card.find_element(By.CSS_SELECTOR, ".example-head").text
     )
     assert card.find_elements(By.CSS_SELECTOR, ".pane.candidate .hl-diff") == []
@@ -403,17 +413,17 @@ def test_dashboard_refreshes_live_and_filters_examples_by_field(
     items = card.find_elements(By.CSS_SELECTOR, ".example-item")
     assert len(items) == 5  # examples_per_field
     items[2].click()
-    WebDriverWait(browser, 5).until(
+    WebDriverWait(browser, 5, ignored_exceptions=LIVE).until(
         lambda d: "/orders/38" in card.find_element(By.CSS_SELECTOR, ".example-head").text
     )
     comparisons.add(diff=0, noise=0, match=10)
-    WebDriverWait(browser, 10).until(lambda d: tile.text == "110")
+    WebDriverWait(browser, 10, ignored_exceptions=LIVE).until(lambda d: tile.text == "110")
     selected = card.find_element(By.CSS_SELECTOR, ".example-item.selected")
     assert selected.get_attribute("data-request-id") == "req-noise-38"
 
     # The filter chip's x shows examples of every field.
     card.find_element(By.CSS_SELECTOR, ".filter-chip button").click()
-    WebDriverWait(browser, 5).until(
+    WebDriverWait(browser, 5, ignored_exceptions=LIVE).until(
         lambda d: not card.find_elements(By.CSS_SELECTOR, ".filter-chip")
     )
     assert not card.find_elements(By.CSS_SELECTOR, "tr.field-row.selected")
@@ -427,7 +437,7 @@ def test_dashboard_with_no_comparisons_says_so(
         proxy = proxy_factory(basic_config(backend.url))
         assert requests.get(proxy.url + "/x", timeout=TIMEOUT).status_code == 200
         browser.get(proxy.admin_url + "/")
-        WebDriverWait(browser, 10).until(
+        WebDriverWait(browser, 10, ignored_exceptions=LIVE).until(
             lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true"
         )
         empty = browser.find_element(By.ID, "empty")
@@ -484,12 +494,14 @@ def test_dashboard_shows_the_divergence_ledger(
         # a repair resolves keys in the store: the panel follows at its next refresh
         with open_store(url) as store:
             assert store.resolve_keys(["logs"]) == 1
-        WebDriverWait(browser, 10).until(lambda d: panel.get_attribute("data-open") == "3")
+        WebDriverWait(browser, 10, ignored_exceptions=LIVE).until(
+            lambda d: panel.get_attribute("data-open") == "3"
+        )
         keys = [k.text for k in panel.find_elements(By.CSS_SELECTOR, ".suspect-key")]
         assert keys == SUSPECT_KEYS[1:]
         with open_store(url) as store:
             assert store.resolve_keys(SUSPECT_KEYS) == 3
-        WebDriverWait(browser, 10).until(
+        WebDriverWait(browser, 10, ignored_exceptions=LIVE).until(
             lambda d: d.find_element(By.ID, "ledger-open").text == "No open divergences"
         )
         assert not browser.find_element(By.ID, "ledger-body").is_displayed()

@@ -194,10 +194,13 @@ def test_loop_lag_stays_under_2ms_while_differing_big_json_is_compared(
             # by one byte comparison), so only the differing pairs' comparisons are missing
             run(proxy, "/same/items", baseline)
         counts = comparisons(proxy, "cmp")
-        # the comparisons really ran, and ran flat out (the child's queue overflowed)
+        # the comparisons really ran, and ran flat out: the child's queue overflowed, or (since
+        # a differing pair costs a third of what it did) it decided every one of them as the
+        # load came in, so it was comparing the whole time the probe measured
         assert counts.get("match", 0) == 0, counts
         assert counts.get("diff", 0) >= 3, counts
-        assert counts.get("dropped", 0) > 0, counts
+        every = counts.get("diff", 0) == ROUNDS * REQUESTS
+        assert counts.get("dropped", 0) > 0 or every, counts
         assert comparisons(proxy, "same").get("match", 0) == ROUNDS * REQUESTS
         assert comparing.samples > 1000, f"the probe took only {comparing.samples:.0f} samples"
         report = f"comparing: {comparing}; the same load, identical answers: {baseline}"
