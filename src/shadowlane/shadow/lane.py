@@ -331,21 +331,23 @@ class StreamedCopy(ShadowCopy):
         head: bytes,
         chunked: bool,
         so_far: list[bytes],
-        bound: int,
+        slack: int,
         on_done: OnDone | None,
         endpoint: EndpointPool | None = None,
     ) -> None:
-        # what it pins for the lane's and the process's byte bounds is its bound: the most
-        # it may hold before it is aborted (never the whole body)
+        handed = 0
+        for chunk in so_far:
+            handed += len(chunk)
+        # the most it may hold unsent before it is aborted: what it is handed at its start,
+        # then `slack` more. That is what it pins for the lane's and the process's byte
+        # bounds (never the whole body)
+        bound = slack + handed
         super().__init__(lane, method, head, b"", on_done, endpoint, bound)
         self.chunked = chunked
-        #: the most bytes it may hold unsent before it is aborted
         self.bound = bound
         #: chunks not written yet (while it connects): the same bytes objects, a new list
         self.pending: list[bytes] = list(so_far)
-        self.pending_bytes = 0
-        for chunk in so_far:
-            self.pending_bytes += len(chunk)
+        self.pending_bytes = handed
         #: the body ended (all of it was fed, or is pending)
         self.ended = False
         #: the transport said its buffer passed its high-water mark: check it per chunk
@@ -377,8 +379,7 @@ class StreamedCopy(ShadowCopy):
         conn = self.conn
         if conn is not None:
             self._end_body(conn)
-        lane = self.lane
-        self.timer = lane.loop.call_later(lane.timeout, self._on_deadline)
+        ShadowCopy._start_deadline(self)
 
     def abort(self, fault: bool) -> None:
         """Give up the copy: its connection is reset, its unsent bytes freed, `aborted`.

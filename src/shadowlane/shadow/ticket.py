@@ -211,15 +211,12 @@ class ShadowTicket:
             lane.fail_open()
             self._dropped(p)
             return
-        handed = 0
-        for chunk in so_far:
-            handed += len(chunk)
-        # what it may hold unsent: what it is handed at its start, then max_body more (at
-        # least STREAM_SLACK: a connect takes a few loop turns, each may read 256 KiB)
-        bound = max(p.cfg.max_body, STREAM_SLACK) + handed
+        # what it may hold unsent past what it is handed: max_body, at least STREAM_SLACK (a
+        # connect takes a few loop turns, each may read 256 KiB)
+        slack = max(p.cfg.max_body, STREAM_SLACK)
         slot = self._slot(p, so_far[0] if so_far else b"") if p.compares else None
         on_done: OnDone | None = slot.on_candidate if slot is not None else None
-        copy = self._streamed(p, lane, length, so_far, bound, on_done)
+        copy = self._streamed(p, lane, length, so_far, slack, on_done)
         if p.compares and not self._admitted:
             copy.capture_limit = p.copy_capture_uncompared
         if not lane.submit_stream(copy):
@@ -235,7 +232,7 @@ class ShadowTicket:
         sec = p.secondary
         if slot is None or sec is None:
             return
-        second = self._streamed(p, sec, length, so_far, bound, slot.on_secondary)
+        second = self._streamed(p, sec, length, so_far, slack, slot.on_secondary)
         if sec.submit_stream(second):
             streamed.copies.append(second)
         else:
@@ -247,14 +244,14 @@ class ShadowTicket:
         lane: ShadowLane,
         length: int,
         so_far: list[bytes],
-        bound: int,
+        slack: int,
         on_done: OnDone | None,
     ) -> StreamedCopy:
         req = self._request
         chunked = length < 0
         endpoint = lane.pool.pick()
         head = p.builder.head(req, self._base, max(length, 0), endpoint.authority, chunked=chunked)
-        return StreamedCopy(lane, req.method, head, chunked, so_far, bound, on_done, endpoint)
+        return StreamedCopy(lane, req.method, head, chunked, so_far, slack, on_done, endpoint)
 
     # ----- building and handing over copies -----
     def _submit(self, p: LanePlan, body: bytes | None) -> None:
