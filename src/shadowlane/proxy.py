@@ -314,12 +314,11 @@ class ProxyCall(ResponseSink):
         ex.on_writable = self._client_writable
         ticket = self.ticket
         if ticket is not None:
-            size = ex.content_length
             if not ex.has_body:
                 # nothing to wait for: the copies go now, not after the primary connects
                 ticket.request_done(b"")
             elif ticket.stream_at < NEVER:
-                self._may_stream(ticket, size)
+                self._may_stream(ticket, ex.content_length)
         conn = self.endpoint.get_idle()
         if conn is not None:
             self._send(conn)
