@@ -374,7 +374,11 @@ class Clients:
                 if close or not keep_alive:
                     writer.close()
                     writer = None
-            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as err:
+            # RuntimeError: uvloop's write on a transport the peer already closed (a connection
+            # of the killed worker) raises it, not an OSError; it is a client error like the rest
+            except (
+                OSError, asyncio.IncompleteReadError, TimeoutError, ValueError, RuntimeError
+            ) as err:  # fmt: skip
                 in_window = self.killed_at >= 0 and opened <= self.killed_at + KILL_GRACE
                 self.tally.error(type(err).__name__, in_window, time.monotonic() - self.t0)
                 if writer is not None:
