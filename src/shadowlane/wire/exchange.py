@@ -151,7 +151,10 @@ class Exchange:
     def _end_body(self) -> None:
         self.body_done = True
         end = self._on_body_end
-        self._on_body = self._on_body_end = None
+        # the body can no longer be lost: dropping the callback breaks the exchange <->
+        # application cycle, which otherwise kept a finished call and its whole body alive
+        # until the cyclic GC ran (measured: ~130 dead 1 MiB uploads held at once)
+        self._on_body = self._on_body_end = self.on_body_lost = None
         if end is not None:
             end()
 
@@ -244,6 +247,8 @@ class Exchange:
             self._pending = b""
         # break the exchange <-> application cycle so refcounting frees both now, not the GC
         self.on_abort = self.on_writable = None
+        if self.body_done:
+            self.on_body_lost = None
         self.conn._exchange_done(self)
 
     def respond(
