@@ -22,6 +22,7 @@ import pytest
 
 from shadowlane.config import ConfigError, parse_config
 from support.configs import backend_entry
+from support.h2 import H2Backend, H2Reply, H2Request
 from support.metrics import outcomes, scrape, settle
 from support.procfs import memory
 from support.proxy import ProxyProcess
@@ -219,6 +220,53 @@ def test_big_upload_streams_whole_to_the_shadow(
     small = (hashlib.sha256(b"small").hexdigest(), 5)
     assert primary.bodies == [small, (DIGEST, BIG)]
     assert shadow.bodies == [small, (DIGEST, BIG)]  # exactly the body, hashed by the shadow
+
+
+def test_big_upload_streams_whole_to_an_h2c_shadow(
+    proxy_factory: ProxyFactory, primary: HashingBackend
+) -> None:
+    """The copy is a stream on the shadow's HTTP/2 connection: DATA frames in the stream's
+    and the connection's windows, as the client's bytes come."""
+
+    def small(_req: H2Request) -> H2Reply:
+        return H2Reply(200, [(b"content-type", b"text/plain")], b"shadow ok")
+
+    with H2Backend(small) as h2_shadow:
+        sc = {"backend": "s", "percent": 100, "max_body": "1MiB", "stream_body": True}
+        cfg = config(sc, p=primary.url, s=h2_shadow.url)
+        cfg["backends"]["s"]["protocol"] = "h2c"
+        proxy = proxy_factory(cfg)
+        status, answer, _ = upload(proxy.port, "/up")
+        assert (status, answer) == (200, f"primary {DIGEST} {BIG}".encode())
+        got = settle(proxy, "up", "s", 1, timeout=30)
+        assert got.get("ok") == 1, nonzero(got)
+        assert got.get("sent") == 1, nonzero(got)
+        [req] = h2_shadow.wait_for_requests(1, timeout=30)
+        assert req.method == b"POST" and req.path == b"/up"
+        assert len(req.body) == BIG
+        assert hashlib.sha256(req.body).hexdigest() == DIGEST  # exactly the body, in order
+        assert primary.bodies == [(DIGEST, BIG)]
+
+
+def test_an_h2c_shadow_that_opens_no_window_is_aborted(
+    proxy_factory: ProxyFactory, primary: HashingBackend
+) -> None:
+    """HTTP/2 says "I stopped reading" by not giving window back: the stream's unsent bytes
+    pass the copy's bound and the copy is aborted, the client's upload unaffected."""
+    with H2Backend(acknowledge=False) as stalled:
+        sc = {"backend": "s", "percent": 100, "max_body": "1MiB", "stream_body": True}
+        cfg = config(sc, p=primary.url, s=stalled.url)
+        cfg["backends"]["s"]["protocol"] = "h2c"
+        proxy = proxy_factory(cfg)
+        idle = memory(proxy.pid)["VmRSS"]
+        status, answer, _ = upload(proxy.port, "/up")
+        assert (status, answer) == (200, f"primary {DIGEST} {BIG}".encode())
+        got = settle(proxy, "up", "s", 1, timeout=30)
+        assert got.get("aborted") == 1, nonzero(got)
+        assert stalled.connections == 1  # the copy went out, then fell behind
+        grown = memory(proxy.pid)["VmHWM"] - idle
+        assert grown < BIG // 2, f"peak RSS grew {grown / MiB:.1f} MiB over idle"
+        assert primary.bodies == [(DIGEST, BIG)]
 
 
 def test_without_stream_body_a_big_upload_is_still_skipped(

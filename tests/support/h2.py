@@ -91,6 +91,7 @@ class _Conn(asyncio.Protocol):
         )
         self.transport: asyncio.Transport | None = None
         self.requests: dict[int, H2Request] = {}
+        self.bodies: dict[int, bytearray] = {}
         self.pending: dict[int, bytearray] = {}
         self.ends: dict[int, Headers | None] = {}
 
@@ -113,20 +114,26 @@ class _Conn(asyncio.Protocol):
             if isinstance(ev, RequestReceived):
                 self.requests[ev.stream_id] = H2Request(ev.stream_id, list(ev.headers or []))
             elif isinstance(ev, DataReceived):
-                req = self.requests.get(ev.stream_id)
-                if req is not None:
-                    req.body += ev.data or b""
-                self.h2.acknowledge_received_data(ev.flow_controlled_length or 0, ev.stream_id)
+                if ev.stream_id in self.requests:
+                    # one buffer per stream: `bytes +=` copies the body so far on every frame
+                    self.bodies.setdefault(ev.stream_id, bytearray()).extend(ev.data or b"")
+                if self.backend.acknowledge:
+                    self.h2.acknowledge_received_data(
+                        ev.flow_controlled_length or 0, ev.stream_id
+                    )
             elif isinstance(ev, TrailersReceived):
                 req = self.requests.get(ev.stream_id)
                 if req is not None:
                     req.trailers = list(ev.headers or [])
             elif isinstance(ev, StreamEnded):
                 req = self.requests.pop(ev.stream_id, None)
+                body = self.bodies.pop(ev.stream_id, None)
                 if req is not None:
+                    req.body = bytes(body or b"")
                     self._answer(req)
             elif isinstance(ev, StreamReset):
                 self.requests.pop(ev.stream_id, None)
+                self.bodies.pop(ev.stream_id, None)
                 self.pending.pop(ev.stream_id, None)
             elif isinstance(ev, WindowUpdated):
                 for sid in list(self.pending):
@@ -196,9 +203,13 @@ class H2Backend(ServerThread):
         ssl: ssl.SSLContext | None = None,
         *,
         checked: bool = True,
+        acknowledge: bool = True,
     ) -> None:
         super().__init__()
         self.handler = handler
+        #: False: never give back flow-control window, so a peer stalls after 64 KiB per
+        #: stream (a backend that stops reading, as HTTP/2 sees it)
+        self.acknowledge = acknowledge
         self.ssl = ssl
         self.checked = checked
         if ssl is not None:
