@@ -118,9 +118,7 @@ class _Conn(asyncio.Protocol):
                     # one buffer per stream: `bytes +=` copies the body so far on every frame
                     self.bodies.setdefault(ev.stream_id, bytearray()).extend(ev.data or b"")
                 if self.backend.acknowledge:
-                    self.h2.acknowledge_received_data(
-                        ev.flow_controlled_length or 0, ev.stream_id
-                    )
+                    self.h2.acknowledge_received_data(ev.flow_controlled_length or 0, ev.stream_id)
             elif isinstance(ev, TrailersReceived):
                 req = self.requests.get(ev.stream_id)
                 if req is not None:
