@@ -181,6 +181,14 @@ def config(shadow: dict[str, Any], **backends: str) -> dict[str, Any]:
     }
 
 
+def h2c_stream_config(primary: str, shadow: str) -> dict[str, Any]:
+    """`config` with a `stream_body` copy to an HTTP/2 (h2c) shadow."""
+    sc = {"backend": "s", "percent": 100, "max_body": "1MiB", "stream_body": True}
+    cfg = config(sc, p=primary, s=shadow)
+    cfg["backends"]["s"]["protocol"] = "h2c"
+    return cfg
+
+
 def nonzero(counts: dict[str, float]) -> dict[str, float]:
     """The outcomes that happened (for an assertion's message)."""
     return {k: v for k, v in counts.items() if v}
@@ -232,10 +240,7 @@ def test_big_upload_streams_whole_to_an_h2c_shadow(
         return H2Reply(200, [(b"content-type", b"text/plain")], b"shadow ok")
 
     with H2Backend(small) as h2_shadow:
-        sc = {"backend": "s", "percent": 100, "max_body": "1MiB", "stream_body": True}
-        cfg = config(sc, p=primary.url, s=h2_shadow.url)
-        cfg["backends"]["s"]["protocol"] = "h2c"
-        proxy = proxy_factory(cfg)
+        proxy = proxy_factory(h2c_stream_config(primary.url, h2_shadow.url))
         status, answer, _ = upload(proxy.port, "/up")
         assert (status, answer) == (200, f"primary {DIGEST} {BIG}".encode())
         got = settle(proxy, "up", "s", 1, timeout=30)
@@ -254,10 +259,7 @@ def test_an_h2c_shadow_that_opens_no_window_is_aborted(
     """HTTP/2 says "I stopped reading" by not giving window back: the stream's unsent bytes
     pass the copy's bound and the copy is aborted, the client's upload unaffected."""
     with H2Backend(acknowledge=False) as stalled:
-        sc = {"backend": "s", "percent": 100, "max_body": "1MiB", "stream_body": True}
-        cfg = config(sc, p=primary.url, s=stalled.url)
-        cfg["backends"]["s"]["protocol"] = "h2c"
-        proxy = proxy_factory(cfg)
+        proxy = proxy_factory(h2c_stream_config(primary.url, stalled.url))
         idle = memory(proxy.pid)["VmRSS"]
         status, answer, _ = upload(proxy.port, "/up")
         assert (status, answer) == (200, f"primary {DIGEST} {BIG}".encode())

@@ -35,6 +35,7 @@ BODY = os.urandom(MiB)
 #: peak RSS allowed per upload in flight, and once for the process
 BODY_BUDGET = 3 * MiB
 SLACK = 48 * MiB
+ANSWER = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 
 
 class Discarding(socketserver.ThreadingTCPServer):
@@ -83,7 +84,7 @@ class _Handler(socketserver.StreamRequestHandler):
             with self.server.lock:
                 self.server.heads += 1
             if self.server.early:
-                self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                self.wfile.write(ANSWER)
             left = length
             while left:
                 try:
@@ -97,7 +98,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 self.server.bodies += 1
                 self.server.body_bytes += length
             if not self.server.early:
-                self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                self.wfile.write(ANSWER)
 
 
 def upload_load(port: int) -> int:

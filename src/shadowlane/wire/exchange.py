@@ -248,6 +248,7 @@ class Exchange:
         # break the exchange <-> application cycle so refcounting frees both now, not the GC
         self.on_abort = self.on_writable = None
         if self.body_done:
+            # set after the body ended (a streamed body whole before the call subscribed)
             self.on_body_lost = None
         self.conn._exchange_done(self)
 
