@@ -61,6 +61,8 @@ COMPILED = [
     # compiled one
     "src/shadowlane/replay/client.py",
     "src/shadowlane/record/recorder.py",
+    # the jobs the loop builds for every compared request (interpreted, each was a Python call)
+    "src/shadowlane/compare/model.py",
     "src/shadowlane/compare/paths.py",
     "src/shadowlane/compare/diff.py",
     "src/shadowlane/compare/engine.py",

@@ -37,6 +37,7 @@ BENCH = Path(__file__).resolve().parent
 SCENARIOS: dict[str, tuple[str, ...]] = {
     "no-shadow": (),
     "shadow-fast": ("fast",),
+    "compare-identical": ("fast",),
     "writes-ordered": (ORDERED,),
     "record-100": (),
     "record-100-gzip": (),
@@ -46,11 +47,12 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "shadow-json": ("json-diff",),
     "compare-json-diff": ("json-diff",),
 }
-#: scenarios whose primary is the JSON backend (the bench's compare-json rows), and those of
-#: them that compare (every answer differs: the comparator's queue is full, most comparisons
-#: are dropped, which is what the row measures the cost of)
+#: scenarios whose primary is the JSON backend (the bench's compare-json rows), and the scenarios
+#: that compare: `compare-identical` (the bench's "compare: true" row, identical answers decided
+#: on the loop) and `compare-json-diff` (every answer differs: the comparator's queue is full,
+#: most comparisons are dropped, which is what the row measures the cost of)
 JSON_PRIMARY = {"shadow-json", "compare-json-diff"}
-COMPARED = {"compare-json-diff"}
+COMPARED = {"compare-identical", "compare-json-diff"}
 #: scenarios spoken over HTTP/2 by the client: "h2" (plain GETs, backends HTTP/1.1) or "grpc"
 #: (one unary call, the primary an h2c backend)
 HTTP2 = {"h2-no-shadow": "h2", "h2-shadow-fast": "h2", "grpc-unary": "grpc"}

@@ -46,6 +46,14 @@ class CompareSettings:
     #: the descriptor set that gives gRPC answers' fields their proto names (`compare.grpc` of
     #: the shadow, else the route, else the global block); None: by field number
     grpc: GrpcSchema | None = None
+    #: `ignore_headers` as bytes, as header names travel (lower-cased by the wire layer): what
+    #: `identical_answers` tests on the event loop, per header of every compared answer,
+    #: without decoding and lower-casing each name there
+    ignore_header_names: frozenset[bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = frozenset(h.encode("latin-1") for h in self.ignore_headers)
+        object.__setattr__(self, "ignore_header_names", names)
 
 
 DEFAULT_SETTINGS = CompareSettings()
