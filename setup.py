@@ -66,6 +66,8 @@ COMPILED = [
     "src/shadowlane/compare/paths.py",
     "src/shadowlane/compare/diff.py",
     "src/shadowlane/compare/engine.py",
+    # the feeder thread's framing of every compared job (with the GIL)
+    "src/shadowlane/compare/pool.py",
     "src/shadowlane/store/batch.py",
     "src/shadowlane/metrics.py",
 ]

@@ -11,24 +11,29 @@ tens of KiB with an example: each body in it is cut to `EXAMPLE_BODY_CAP`).
 One frame per message, both ways, on the child's stdin and stdout:
 
     proxy -> child   kind:u8  header_len:u32  body_count:u8  header (pickle)  bodies...
-    child -> proxy   length:u32  decision (pickle)
+    child -> proxy   length:u32  decision (its fields as a pickled tuple)
 
 A job's header is the `CompareJob` with every body replaced by b"" and their lengths listed;
 the bodies follow raw, so each is sent once, as captured, without being copied into a pickle.
 A `SETTINGS` frame carries one `CompareSettings` and the token jobs name it by; it is sent once
-per child (settings change only on a reload). The child answers every job, in order, with one
-`Decision`. Pickle is safe here: both ends are this program, over a pipe nobody else holds.
+per child (settings change only on a reload). Jobs go in batches: every job but the last of a
+batch is a `JOB_MORE` frame; the child reads up to the `JOB` frame that ends the batch, then
+answers every job of it, in order, with one `Decision` each, all in one write. Pickle is safe
+here: both ends are this program, over a pipe nobody else holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
+import operator
 import os
 import pickle
 import struct
 import subprocess
 import sys
+from collections.abc import Sequence
 from typing import Protocol
 
 from shadowlane.compare.model import Captured, CompareJob, Decision
@@ -44,8 +49,12 @@ class Readable(Protocol):
 #: frame kinds, parent -> child
 JOB = 1
 SETTINGS = 2
+#: a job of a batch that goes on: the child reads on before it answers (see compare_batch)
+JOB_MORE = 3
 HEAD = struct.Struct("!BIB")
 RESULT = struct.Struct("!I")
+#: the proxy reads a child's results through a buffer this big: most result frames fit whole
+RESULT_BUFFER = 64 * 1024
 #: a result frame longer than this is a broken child, not a result (examples are cut to 64 KiB
 #: per answer and 50 values)
 MAX_RESULT = 64 * 1024**2
@@ -64,30 +73,36 @@ _JOB_FIELDS = tuple(
     if f.name not in ("primary", "candidate", "secondary", "settings")
 )
 _BODY = _CAPTURED_FIELDS.index("body")
+#: one C call per answer and per job for all their fields (a generator of getattr calls was
+#: most of what framing a job cost the feeder thread, with the GIL)
+_captured_values = operator.attrgetter(*_CAPTURED_FIELDS)
+_job_values = operator.attrgetter(*_JOB_FIELDS)
 
 
 def _answer_fields(c: Captured) -> tuple[object, ...]:
-    values = [getattr(c, name) for name in _CAPTURED_FIELDS]
+    values = list(_captured_values(c))
     values[_BODY] = b""
     return tuple(values)
 
 
-def job_frame(job: CompareJob, settings_token: int) -> list[bytes]:
-    """The buffers of one JOB frame, for one `writev`: the bodies themselves are among them
-    (not copied), and only the small rest of the job is pickled."""
+def job_frame(job: CompareJob, settings_token: int, more: bool = False) -> list[bytes]:
+    """The buffers of one JOB frame (`JOB_MORE` when `more` jobs of its batch follow), for
+    one `writev`: the bodies themselves are among them (not copied), and only the small rest
+    of the job is pickled."""
     answers = [job.primary, job.candidate]
     if job.secondary is not None:
         answers.append(job.secondary)
     header = pickle.dumps(
         (
-            tuple(getattr(job, name) for name in _JOB_FIELDS),
+            _job_values(job),
             [_answer_fields(a) for a in answers],
             [len(a.body) for a in answers],
             settings_token,
         ),
         pickle.HIGHEST_PROTOCOL,
     )
-    return [HEAD.pack(JOB, len(header), len(answers)), header, *(a.body for a in answers)]
+    kind = JOB_MORE if more else JOB
+    return [HEAD.pack(kind, len(header), len(answers)), header, *(a.body for a in answers)]
 
 
 def job_of(header: bytes, bodies: list[bytes], settings: CompareSettings | None) -> CompareJob:
@@ -147,14 +162,30 @@ def read_exact(stream: Readable, n: int) -> bytes:
     return bytes(buf)
 
 
+#: a decision travels back as the plain tuple of its fields, in this order: unpickling a
+#: tuple and building the (compiled) `Decision` from it takes a quarter of the time of
+#: unpickling the object itself, on the feeder thread, with the GIL
+_DECISION_FIELDS = tuple(f.name for f in dataclasses.fields(Decision))
+_decision_values = operator.attrgetter(*_DECISION_FIELDS)
+
+
+def result_frame(decision: Decision) -> bytes:
+    """The child's answer to one job: the frame `read_result` reads."""
+    out = pickle.dumps(_decision_values(decision), pickle.HIGHEST_PROTOCOL)
+    return RESULT.pack(len(out)) + out
+
+
 def read_result(stream: Readable) -> Decision:
     (length,) = RESULT.unpack(read_exact(stream, RESULT.size))
     if length > MAX_RESULT:
         raise EOFError(f"result frame of {length} bytes: the comparison child is broken")
-    decision = pickle.loads(read_exact(stream, length))
-    if not isinstance(decision, Decision):
+    values = pickle.loads(read_exact(stream, length))
+    if not isinstance(values, tuple) or len(values) != len(_DECISION_FIELDS):
         raise EOFError("the comparison child sent something that is not a decision")
-    return decision
+    try:
+        return Decision(*values)
+    except TypeError as exc:
+        raise EOFError(f"the comparison child sent a broken decision: {exc}") from exc
 
 
 class ChildDied(Exception):
@@ -175,6 +206,10 @@ class ChildProcess:
             sys.executable, "-m", "shadowlane.compare.worker", str(nice), str(examples_per_field),
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
+        #: the child's stdout, buffered: a result frame (its length, then the pickle, written
+        #: at once by the child) is then one `read` of the pipe, not two; each read releases
+        #: and takes back the GIL, which the event loop is made to hand over
+        self._results: io.BufferedReader | None = None
         #: settings tokens this child has been sent
         self._sent: set[int] = set()
         #: children started, the first included
@@ -197,22 +232,53 @@ class ChildProcess:
             )
         except OSError as exc:
             raise ChildDied(f"cannot start the comparison child: {exc}") from exc
+        assert self.proc.stdout is not None
+        self._results = io.BufferedReader(self.proc.stdout, RESULT_BUFFER)  # type: ignore[arg-type]
         self._sent = set()
         self.starts += 1
 
-    def compare(self, job: CompareJob, token: int, settings: CompareSettings | None) -> Decision:
-        if self.proc is not None and self.proc.poll() is not None:
+    def compare(
+        self, job: CompareJob, token: int, settings: CompareSettings | None, idle: bool = True
+    ) -> Decision:
+        """Have the child decide one job (`compare_batch` of one)."""
+        return self.compare_batch([job], [(token, settings)], idle)[0]
+
+    def compare_batch(
+        self,
+        jobs: Sequence[CompareJob],
+        tokens: Sequence[tuple[int, CompareSettings | None]],
+        idle: bool = True,
+    ) -> list[Decision]:
+        """Have the child decide `jobs`, each with its settings' (token, settings): all are
+        written with one `writev`, the child reads the whole batch before it decides any
+        (so neither side can block writing while the other does too), and it answers all of
+        them in one write, so the feeder's thread wakes once per batch. A child that dies
+        costs the whole batch.
+
+        `idle`: the child has been waiting since its last answer, so it is asked first
+        whether it is still alive (a `waitpid`): one that died while idle is started again
+        before the batch, which is then not lost. Between batches that follow each other (a
+        busy feeder) the question is not asked: it cost a syscall, a GIL hand-over and
+        interpreted code each time, and a child that died in the instant between two batches
+        costs that next batch (counted `dropped`) and is started again."""
+        if idle and self.proc is not None and self.proc.poll() is not None:
             self.kill()  # died while idle: start another before this job, which is not lost
         self.start()
         proc = self.proc
-        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        results = self._results
+        assert proc is not None and proc.stdin is not None and results is not None
         try:
             fd = proc.stdin.fileno()
-            if settings is not None and token not in self._sent:
-                write_all(fd, settings_frame(token, settings))
-                self._sent.add(token)
-            write_all(fd, job_frame(job, token))
-            return read_result(proc.stdout)  # type: ignore[arg-type]
+            buffers: list[bytes] = []
+            last = len(jobs) - 1
+            for i, job in enumerate(jobs):
+                token, settings = tokens[i]
+                if settings is not None and token not in self._sent:
+                    buffers += settings_frame(token, settings)
+                    self._sent.add(token)
+                buffers += job_frame(job, token, more=i < last)
+            write_all(fd, buffers)
+            return [read_result(results) for _ in jobs]
         except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
             self.kill()
             raise ChildDied(f"comparison child {proc.pid} died: {exc}") from exc
@@ -223,6 +289,7 @@ class ChildProcess:
         if proc is None:
             return
         self.proc = None
+        self._results = None
         try:
             if proc.stdin is not None:
                 proc.stdin.close()
@@ -239,6 +306,7 @@ class ChildProcess:
         if proc is None:
             return
         self.proc = None
+        self._results = None
         proc.kill()
         proc.wait()
         for pipe in (proc.stdin, proc.stdout):

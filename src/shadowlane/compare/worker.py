@@ -27,12 +27,13 @@ from shadowlane.compare.model import CompareJob, Decision
 from shadowlane.compare.pool import (
     HEAD,
     JOB,
-    RESULT,
+    JOB_MORE,
     SETTINGS,
     Readable,
     frame_lengths,
     job_of,
     read_exact,
+    result_frame,
 )
 from shadowlane.compare.settings import CompareSettings
 
@@ -86,9 +87,11 @@ class ExampleQuota:
 
 
 def serve(stdin: Readable, stdout: BinaryIO, quota: ExampleQuota | None = None) -> None:
-    """Answer jobs until stdin closes."""
+    """Answer jobs until stdin closes: each batch (up to its `JOB` frame) is read whole, then
+    decided, and its decisions are written at once (compare/pool.py's `compare_batch`)."""
     settings: dict[int, CompareSettings] = {}
     wants = quota.wants if quota is not None else None
+    batch: list[tuple[CompareJob, float]] = []
     while True:
         try:
             kind, header_len, _n_bodies = HEAD.unpack(read_exact(stdin, HEAD.size))
@@ -99,20 +102,29 @@ def serve(stdin: Readable, stdout: BinaryIO, quota: ExampleQuota | None = None) 
             token, compiled = pickle.loads(header)
             settings[token] = compiled
             continue
-        if kind != JOB:
+        if kind != JOB and kind != JOB_MORE:
             raise SystemExit(f"unknown frame kind {kind}")
         started = time.process_time()  # reading the bodies is the job's cost too
         lengths, token = frame_lengths(header)
         bodies = [read_exact(stdin, n) for n in lengths]
-        job = job_of(header, bodies, settings.get(token))
-        try:
-            decision = decide(job, wants)
-        except Exception:
-            log.exception("comparison of %s %s failed", job.method, job.uri)
-            decision = Decision("error", [], [])
-        decision.cpu = time.process_time() - started
-        out = pickle.dumps(decision, pickle.HIGHEST_PROTOCOL)
-        stdout.write(RESULT.pack(len(out)) + out)
+        batch.append((job_of(header, bodies, settings.get(token)), time.process_time() - started))
+        del bodies
+        if kind == JOB_MORE:
+            continue
+        frames = []
+        batch.reverse()
+        while batch:  # each job's bodies go as soon as it is decided
+            job, read_cpu = batch.pop()
+            started = time.process_time()
+            try:
+                decision = decide(job, wants)
+            except Exception:
+                log.exception("comparison of %s %s failed", job.method, job.uri)
+                decision = Decision("error", [], [])
+            del job
+            decision.cpu = read_cpu + time.process_time() - started
+            frames.append(result_frame(decision))
+        stdout.write(b"".join(frames))
         stdout.flush()
 
 
