@@ -537,7 +537,7 @@ class _JsonDiff:
             if ta is not dict and ta is not list:
                 if same(a, b):
                     return
-            elif orjson.dumps(a, option=_SORTED) == orjson.dumps(b, option=_SORTED):
+            elif orjson.dumps(a, None, _SORTED) == orjson.dumps(b, None, _SORTED):
                 return
         if ta is dict and tb is dict and a and b:
             ignore = self.ignore
