@@ -492,7 +492,7 @@ class Instance:
             had_comparator = self.comparator is not None
             self._ensure_comparator(cfg)
             if not had_comparator and self.comparator is not None:
-                self.comparator.start()  # compare turned on by this reload
+                self.comparator.start(_running_loop())  # compare turned on by this reload
             self._ensure_writer(cfg)
             if self.record_writer is not None:
                 self.record_writer.start()  # no-op when it runs already
@@ -554,7 +554,7 @@ class Instance:
 
     async def start(self) -> None:
         if self.comparator is not None:
-            self.comparator.start()
+            self.comparator.start(asyncio.get_running_loop())
         if self.record_writer is not None:
             self.record_writer.start()
         cfg = self.cfg
@@ -683,3 +683,12 @@ class Instance:
             self.access_log.close()
         self.metrics.stop_flushing()  # the last counts, into the shared files with workers
         self.stopped.set()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The loop running in this thread, if any: a reload runs on the worker's loop (signal
+    handler, admin API), where the comparator's children are fed from it."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

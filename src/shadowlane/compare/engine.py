@@ -7,9 +7,11 @@ non-blocking append to a bounded deque (no wake-up per job); when it is full the
 and counted (`dropped`), so memory stays bounded by `queue_size` jobs plus one batch in flight
 per child (at most `BATCH_JOBS` jobs, and `BATCH_BYTES` of bodies past its first job) plus one
 store batch, whatever the store does. With `processes` >= 1 (the default: 1), one feeder
-thread per comparison child takes the jobs queued, sends them to its child in one batch
-(compare/pool.py: the bodies are written raw, once, with the GIL released) and waits for their
-`Decision`s; the child parses, diffs and builds the examples (compare/worker.py). A child that
+per comparison child takes the jobs queued, sends them to its child in one batch
+(compare/pool.py: the bodies are written raw, once) and waits for their `Decision`s; the child
+parses, diffs and builds the examples (compare/worker.py). In the proxy the feeders run on the
+event loop itself over non-blocking pipes (`_LoopFeeder`, see there why); a comparator started
+without a loop (tests, tools) has a feeder thread per child instead. A child that
 dies is started again and the jobs it held are counted as dropped. With `processes: 0` the
 feeder decides jobs itself, in this process (the pre-0.x behaviour, for tests and for machines
 that cannot fork). Each decision is counted in the metrics at once; the collector thread adds
@@ -23,7 +25,10 @@ transaction as the comparison sums, within a `flush_interval`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import pickle
 import threading
 import time
 from collections import deque
@@ -41,7 +46,7 @@ from shadowlane.compare.diff import (
     values_of,
 )
 from shadowlane.compare.model import CompareJob, Decision, Headers
-from shadowlane.compare.pool import ChildDied, ChildProcess
+from shadowlane.compare.pool import MAX_RESULT, RESULT, ChildDied, ChildProcess, decision_of
 from shadowlane.compare.settings import DEFAULT_SETTINGS, CompareSettings
 from shadowlane.store import Batch, Divergence, Example, Store
 from shadowlane.store.batch import latency_bucket
@@ -347,6 +352,278 @@ class _MatchTally:
         self.shadow[b] = self.shadow.get(b, 0) + 1
 
 
+class _LoopFeeder:
+    """Feeds one comparison child from the event loop's own thread, over non-blocking pipes.
+
+    Why not a feeder thread (what `processes` >= 1 ran before, and still runs for a
+    comparator started without a loop): every blocking call of that thread (the `writev`,
+    the read of the answers, its rests) gave up the GIL and then took it back from the event
+    loop, which had to stop at its next switch interval and hand it over. Measured under
+    compare-json-diff (every answer differs, the queue full), that cost the loop about 70 us of
+    CPU per comparison, mostly the kernel's wake-ups, for work that costs the loop itself a
+    few microseconds per job: framing it (a small pickle; the bodies are written as they
+    are) and reading its decision back (a tuple). Here no other thread runs Python for a
+    comparison but the collector, once per flush.
+
+    The cycle: `kick` (a job was queued) schedules `_send`, which takes a batch of what is
+    queued (`Comparator._batch`) and writes it, the rest of it when the pipe has room
+    (`add_writer`); `_readable` gathers the answers and, once the batch is answered, settles
+    it and either sends the next batch or rests for `cpu_share` (`call_later`). The pipe from
+    the child is always watched, so a child that dies, even idle, is seen at once (EOF): one
+    that held a batch costs it (counted `dropped`), and it is started again (after
+    `RESTART_BACKOFF` if it died as soon as it started).
+    """
+
+    def __init__(
+        self, comp: Comparator, child: ChildProcess, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.comp = comp
+        self.child = child
+        self.loop = loop
+        #: the loop's thread (the feeder is built on it): `kick` from elsewhere goes through
+        #: `call_soon_threadsafe`
+        self.thread = threading.get_ident()
+        #: the child's (stdin, stdout), non-blocking, while it runs
+        self.fds: tuple[int, int] | None = None
+        self.writing = False
+        #: the batch with the child, and the decisions it has sent back so far
+        self.pendings: list[Pending] = []
+        self.results: list[Decision] = []
+        #: what is left to write of the batch
+        self.out: list[memoryview] = []
+        self.inbuf = bytearray()
+        #: resting (cpu_share) or backing off after a quick death
+        self.timer: asyncio.TimerHandle | None = None
+        self.scheduled = False
+        #: rest owed, and since when the feeder has waited for work (which counts as rest)
+        self.owed = 0.0
+        self.idle_since = time.monotonic()
+        self.last_death = -RESTART_BACKOFF
+        #: set once it has nothing left to do after `stop` (the collector waits for it)
+        self.finished = threading.Event()
+
+    # -- any thread ----------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """A job was queued: send a batch unless one is out, a send is scheduled already, or
+        the feeder rests."""
+        if self.pendings or self.scheduled or self.timer is not None:
+            return
+        if threading.get_ident() == self.thread:
+            self.scheduled = True
+            self.loop.call_soon(self._send)
+        else:
+            self._threadsafe(self._wake)
+
+    def stopping(self) -> None:
+        """`Comparator.stop` began: no more resting, finish the backlog."""
+        self._threadsafe(self._wake)
+
+    def abandon(self) -> None:
+        """`Comparator.stop` ran out of time: drop what is in flight and queued."""
+        self._threadsafe(self._abandon)
+
+    def _threadsafe(self, fn: Callable[[], None]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # the loop is closed: nothing runs it any more
+            self.child.kill()
+            self.finished.set()
+
+    # -- the loop's thread ---------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Start the child if it is not running, and watch its pipes."""
+        if self.fds is not None:
+            return
+        child = self.child
+        if child.proc is None:
+            child.start()
+        self.fds = child.pipes()
+        self.loop.add_reader(self.fds[1], self._readable)
+
+    def _wake(self) -> None:
+        if self.timer is not None and self.comp._stopping:
+            self.timer.cancel()
+            self.timer = None
+        if not self.scheduled and not self.pendings and self.timer is None:
+            self.scheduled = True
+            self.loop.call_soon(self._send)
+
+    def _send(self) -> None:
+        self.scheduled = False
+        if self.pendings or self.timer is not None or self.finished.is_set():
+            return
+        comp = self.comp
+        jobs = comp._jobs
+        if comp._abandon:
+            while jobs:
+                pending = Pending.of(jobs.popleft())
+                comp._drop(pending)
+                comp._decided.append((pending, None))
+            self._finish()
+            return
+        if not jobs:
+            if comp._stopping:
+                self._finish()
+            else:
+                self.idle_since = time.monotonic()
+            return
+        now = time.monotonic()
+        self.owed = max(0.0, self.owed - (now - self.idle_since))
+        self.idle_since = now
+        batch = comp._batch(jobs.popleft())
+        pendings = [Pending.of(j) for j in batch]
+        try:
+            self.open()
+            buffers = self.child.batch_frames(batch, [comp._token(j) for j in batch])
+        except ChildDied as exc:
+            del batch
+            self.pendings = pendings
+            self._died(str(exc))
+            return
+        del batch  # the frames hold the bodies until they are written
+        self.pendings = pendings
+        self.out = [memoryview(b) for b in buffers if b]
+        self._write()
+
+    def _write(self) -> None:
+        fds = self.fds
+        if fds is None:
+            return
+        out = self.out
+        while out:
+            try:
+                n = os.writev(fds[0], out)
+            except BlockingIOError:
+                if not self.writing:
+                    self.writing = True
+                    self.loop.add_writer(fds[0], self._write)
+                return
+            except OSError as exc:
+                self._died(f"comparison child {self.child.pid} died: {exc}")
+                return
+            while out and n >= len(out[0]):
+                n -= len(out[0])
+                out.pop(0)
+            if n:
+                out[0] = out[0][n:]
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(fds[0])
+
+    def _readable(self) -> None:
+        fds = self.fds
+        if fds is None:
+            return
+        try:
+            data = os.read(fds[1], 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._died(f"comparison child {self.child.pid} died: {exc}")
+            return
+        if not data:
+            self._died(f"comparison child {self.child.pid} died: its pipe closed")
+            return
+        buf = self.inbuf
+        buf += data
+        head = RESULT.size
+        while len(buf) >= head:
+            (length,) = RESULT.unpack_from(buf)
+            if length > MAX_RESULT:
+                self._died(f"comparison child {self.child.pid} sent a {length}-byte result")
+                return
+            if len(buf) < head + length:
+                break
+            payload = bytes(buf[head : head + length])
+            del buf[: head + length]
+            if len(self.results) >= len(self.pendings):
+                self._died(f"comparison child {self.child.pid} answered a job it did not have")
+                return
+            try:
+                self.results.append(decision_of(payload))
+            except (EOFError, pickle.UnpicklingError, ValueError, TypeError) as exc:
+                self._died(f"comparison child {self.child.pid} sent garbage: {exc}")
+                return
+        if self.pendings and len(self.results) == len(self.pendings):
+            self._answered()
+
+    def _answered(self) -> None:
+        comp = self.comp
+        pendings, results = self.pendings, self.results
+        self.pendings, self.results = [], []
+        spent = 0.0
+        for pending, decision in zip(pendings, results, strict=True):
+            comp._settle(pending, decision)
+            spent += decision.cpu
+        self.owed += spent * comp._rest_ratio
+        self.idle_since = time.monotonic()
+        if self.owed >= REST_QUANTUM and not comp._stopping:
+            self.timer = self.loop.call_later(self.owed, self._rested)
+            self.owed = 0.0
+        else:
+            self._send()
+
+    def _rested(self) -> None:
+        self.timer = None
+        self.idle_since = time.monotonic()  # the rest is not also time waited for work
+        self._send()
+
+    def _unwatch(self) -> None:
+        fds = self.fds
+        if fds is not None:
+            self.loop.remove_reader(fds[1])
+            if self.writing:
+                self.loop.remove_writer(fds[0])
+        self.fds = None
+        self.writing = False
+        self.out = []
+        self.inbuf = bytearray()
+
+    def _died(self, why: str) -> None:
+        """The child is gone (or broke the protocol): count what it held, start another."""
+        comp = self.comp
+        self._unwatch()
+        self.child.kill()
+        lost, self.pendings, self.results = self.pendings, [], []
+        for pending in lost:
+            comp._settle(pending, None)
+        now = time.monotonic()
+        quick = now - self.last_death < RESTART_BACKOFF
+        self.last_death = now
+        if comp._abandon or (comp._stopping and not comp._jobs):
+            self._send()  # drops what is queued, or finishes
+            return
+        if lost:
+            log.warning("%s; its comparisons are dropped, starting another", why)
+            comp._count("restarts")
+        if quick or self.timer is not None:
+            if self.timer is None:  # dying at once: slow down
+                self.timer = self.loop.call_later(RESTART_BACKOFF, self._rested)
+            return
+        try:
+            self.open()  # now, so the next comparison does not wait for it
+        except ChildDied as exc:
+            log.warning("%s; it is tried again at the next comparison", exc)
+        self._send()
+
+    def _abandon(self) -> None:
+        if self.pendings:
+            self._died("abandoned at shutdown")
+        else:
+            self._send()
+
+    def _finish(self) -> None:
+        self._unwatch()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.child.close(1.0)  # it exits at EOF, at once: it holds no job
+        self.finished.set()
+        self.comp._wake.set()
+
+
 class Comparator:
     """Runs comparisons off the event loop (child processes, or a thread with `processes=0`);
     `submit` and `record_divergence` are the only calls the event loop makes."""
@@ -428,6 +705,8 @@ class Comparator:
         self._outage_since: float | None = None
         self._worker: threading.Thread | None = None
         self._feeders: list[threading.Thread] = []
+        #: with a loop (`start(loop)`): the children's feeders run on it instead of threads
+        self._loop_feeders: list[_LoopFeeder] = []
         self._stopping = False
         #: stop() ran out of time: what is still queued is dropped, not compared
         self._abandon = False
@@ -510,6 +789,8 @@ class Comparator:
         self._accepted += 1
         self.stats["submitted"] += 1
         self._jobs.append(job)
+        for feeder in self._loop_feeders:
+            feeder.kick()
         return True
 
     def _drop(self, job: CompareJob | Pending) -> bool:
@@ -550,11 +831,24 @@ class Comparator:
 
     # -- life cycle ----------------------------------------------------------------------------
 
-    def start(self) -> Comparator:
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> Comparator:
+        """Start the collector and the feeders. With `loop` (called on its thread, as the
+        proxy does) each child is fed from that loop (`_LoopFeeder`); without one, or with
+        `processes: 0`, by feeder threads."""
         if self._worker is None:
             self._worker = threading.Thread(
                 target=self._run, name="shadowlane-comparator", daemon=True
             )
+            if loop is not None and self.children:
+                for owned in self.children:
+                    feeder = _LoopFeeder(self, owned, loop)
+                    try:
+                        feeder.open()  # now, so the first comparison does not wait for it
+                    except ChildDied as exc:
+                        log.warning("%s; it is tried again at the next comparison", exc)
+                    self._loop_feeders.append(feeder)
+                self._worker.start()
+                return self
             links: list[ChildProcess | None] = list(self.children) or [None]
             for i, child in enumerate(links):
                 if child is not None:
@@ -588,13 +882,19 @@ class Comparator:
         thread = self._worker
         if thread is None:
             return True
+        for feeder in self._loop_feeders:
+            feeder.stopping()
         self._wake.set()
         thread.join(timeout)
         if not thread.is_alive():
             return True
         self._abandon = True
-        for child in self.children:
-            child.kill()
+        if self._loop_feeders:
+            for feeder in self._loop_feeders:
+                feeder.abandon()  # on the loop, which owns those pipes
+        else:
+            for child in self.children:
+                child.kill()
         thread.join(5.0)
         return False
 
@@ -759,7 +1059,11 @@ class Comparator:
                     batch = self._new_batch()
                     next_flush = time.monotonic() + self.flush_interval
             stopping = self._stopping
-            fed = stopping and not any(t.is_alive() for t in self._feeders)
+            fed = (
+                stopping
+                and not any(t.is_alive() for t in self._feeders)
+                and all(f.finished.is_set() for f in self._loop_feeders)
+            )
             if (
                 self._flush_asked
                 or stopping

@@ -179,7 +179,13 @@ def read_result(stream: Readable) -> Decision:
     (length,) = RESULT.unpack(read_exact(stream, RESULT.size))
     if length > MAX_RESULT:
         raise EOFError(f"result frame of {length} bytes: the comparison child is broken")
-    values = pickle.loads(read_exact(stream, length))
+    return decision_of(read_exact(stream, length))
+
+
+def decision_of(payload: bytes) -> Decision:
+    """The `Decision` a result frame's payload (after its length) carries; EOFError when it
+    is not one (a broken child)."""
+    values = pickle.loads(payload)
     if not isinstance(values, tuple) or len(values) != len(_DECISION_FIELDS):
         raise EOFError("the comparison child sent something that is not a decision")
     try:
@@ -268,20 +274,36 @@ class ChildProcess:
         results = self._results
         assert proc is not None and proc.stdin is not None and results is not None
         try:
-            fd = proc.stdin.fileno()
-            buffers: list[bytes] = []
-            last = len(jobs) - 1
-            for i, job in enumerate(jobs):
-                token, settings = tokens[i]
-                if settings is not None and token not in self._sent:
-                    buffers += settings_frame(token, settings)
-                    self._sent.add(token)
-                buffers += job_frame(job, token, more=i < last)
-            write_all(fd, buffers)
+            write_all(proc.stdin.fileno(), self.batch_frames(jobs, tokens))
             return [read_result(results) for _ in jobs]
         except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
             self.kill()
             raise ChildDied(f"comparison child {proc.pid} died: {exc}") from exc
+
+    def batch_frames(
+        self, jobs: Sequence[CompareJob], tokens: Sequence[tuple[int, CompareSettings | None]]
+    ) -> list[bytes]:
+        """The buffers of one batch for this child: the settings it has not had yet, then
+        the jobs (all but the last `JOB_MORE`)."""
+        buffers: list[bytes] = []
+        last = len(jobs) - 1
+        for i, job in enumerate(jobs):
+            token, settings = tokens[i]
+            if settings is not None and token not in self._sent:
+                buffers += settings_frame(token, settings)
+                self._sent.add(token)
+            buffers += job_frame(job, token, more=i < last)
+        return buffers
+
+    def pipes(self) -> tuple[int, int]:
+        """The child's stdin and stdout descriptors, made non-blocking: for a feeder that
+        runs on the event loop (engine's `_LoopFeeder`), which must never wait on them."""
+        proc = self.proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        fds = proc.stdin.fileno(), proc.stdout.fileno()
+        for fd in fds:
+            os.set_blocking(fd, False)
+        return fds
 
     def close(self, timeout: float = 5.0) -> None:
         """Close its stdin (it exits at EOF) and reap it; kill it past `timeout`."""
