@@ -458,9 +458,7 @@ class _LoopFeeder:
         jobs = comp._jobs
         if comp._abandon:
             while jobs:
-                pending = Pending.of(jobs.popleft())
-                comp._drop(pending)
-                comp._decided.append((pending, None))
+                comp._settle(Pending.of(jobs.popleft()), None)
             self._finish()
             return
         if not jobs:
@@ -473,17 +471,15 @@ class _LoopFeeder:
         self.owed = max(0.0, self.owed - (now - self.idle_since))
         self.idle_since = now
         batch = comp._batch(jobs.popleft())
-        pendings = [Pending.of(j) for j in batch]
+        self.pendings = [Pending.of(j) for j in batch]
         try:
             self.open()
             buffers = self.child.batch_frames(batch, [comp._token(j) for j in batch])
         except ChildDied as exc:
             del batch
-            self.pendings = pendings
             self._died(str(exc))
             return
         del batch  # the frames hold the bodies until they are written
-        self.pendings = pendings
         self.out = [memoryview(b) for b in buffers if b]
         self._write()
 
@@ -943,7 +939,7 @@ class Comparator:
         jobs = self._jobs
         owed = 0.0
         last_death = -RESTART_BACKOFF
-        idle = True  # the child has waited since its last answer (see ChildProcess.compare)
+        idle = True  # the child has waited since its last answer (see compare_batch)
         while True:
             try:
                 job = jobs.popleft()
@@ -961,8 +957,7 @@ class Comparator:
             if self._abandon:
                 del batch
                 for pending in pendings:
-                    self._drop(pending)
-                    self._decided.append((pending, None))
+                    self._settle(pending, None)
                 continue
             started = time.perf_counter()
             decisions: list[Decision | None]

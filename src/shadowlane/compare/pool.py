@@ -243,12 +243,6 @@ class ChildProcess:
         self._sent = set()
         self.starts += 1
 
-    def compare(
-        self, job: CompareJob, token: int, settings: CompareSettings | None, idle: bool = True
-    ) -> Decision:
-        """Have the child decide one job (`compare_batch` of one)."""
-        return self.compare_batch([job], [(token, settings)], idle)[0]
-
     def compare_batch(
         self,
         jobs: Sequence[CompareJob],
