@@ -20,6 +20,7 @@ from inproc import Copy, endpoint, head, lane_to, run, syn_sent_to, until
 from shadowlane.proxy import gateway_status
 from shadowlane.shadow.outcomes import ERROR, OK, TIMEOUT
 from shadowlane.wire.upstream import (
+    POOL_SURPLUS_GRACE,
     ConnState,
     UpstreamConnection,
     UpstreamError,
@@ -89,7 +90,7 @@ def test_connect_makes_a_new_connection_counted_from_its_handshake(
         assert ep.open == 1  # the handshake holds a slot
         await conn.open()
         assert conn.state == ConnState.NEW and conn.exchanges == 0
-        assert ep.idle == [] and ep.get_idle() is None  # NEW belongs to whoever asked
+        assert not ep.idle and ep.get_idle() is None  # NEW belongs to whoever asked
         conn.close()
         assert conn.state == ConnState.CLOSED and ep.open == 0
         conn.close()  # a second close (and the loss that follows) counts nothing
@@ -112,18 +113,65 @@ def test_busy_then_idle_in_the_pool_then_reused(server: RecordingBackend) -> Non
         conn = first.copy.conn
         assert conn is not None
         assert conn.state == ConnState.BUSY and conn.exchanges == 1
-        assert ep.open == 1 and ep.idle == []
+        assert ep.open == 1 and not ep.idle
         assert (await first.ended).outcome == OK
-        assert conn.state == ConnState.IDLE and ep.idle == [conn] and ep.open == 1
+        assert conn.state == ConnState.IDLE and list(ep.idle) == [conn] and ep.open == 1
 
         second = Copy(lane, "/again")
         lane.submit(second.copy)
         assert second.copy.conn is conn  # taken from the pool synchronously
-        assert conn.state == ConnState.BUSY and conn.exchanges == 2 and ep.idle == []
+        assert conn.state == ConnState.BUSY and conn.exchanges == 2 and not ep.idle
         assert (await second.ended).outcome == OK
-        assert conn.state == ConnState.IDLE and ep.idle == [conn]
+        assert conn.state == ConnState.IDLE and list(ep.idle) == [conn]
         ep.close()
         assert conn.state == ConnState.CLOSED and ep.open == 0
+
+    run(main)
+
+
+def test_a_burst_past_max_idle_is_kept_for_its_grace_then_trimmed(server: RecordingBackend) -> None:
+    """Three connections released at once into a pool keeping one idle: all three stay for
+    the next requests of the burst, and only after `POOL_SURPLUS_GRACE` unused are the two
+    oldest closed (a busy loop would otherwise close and reopen them per request)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ep = endpoint(server.port, max_idle=1)
+        lane = lane_to(ep)
+        copies = [Copy(lane, f"/delay/0.2?n={i}") for i in range(3)]
+        for c in copies:
+            lane.submit(c.copy)
+        for c in copies:
+            assert (await c.ended).outcome == OK
+        released = loop.time()
+        conns = [c.copy.conn for c in copies]
+        assert len({id(c) for c in conns}) == 3 and ep.open == 3
+        assert len(ep.idle) == 3  # past max_idle, kept
+        warmest = ep.idle[-1]
+        again = Copy(lane, "/again")
+        lane.submit(again.copy)
+        assert again.copy.conn is warmest  # the burst's next request reuses one
+        assert (await again.ended).outcome == OK
+        await until(lambda: len(ep.idle) == 1, timeout=POOL_SURPLUS_GRACE + 2, what="trimmed")
+        assert loop.time() - released >= POOL_SURPLUS_GRACE * 0.9
+        assert list(ep.idle) == [warmest] and warmest.state == ConnState.IDLE
+        await until(lambda: ep.open == 1, what="the trimmed ones closed")
+        assert sum(c is not None and c.state == ConnState.CLOSED for c in conns) == 2
+        ep.close()
+
+    run(main)
+
+
+def test_max_idle_zero_keeps_nothing(server: RecordingBackend) -> None:
+    async def main() -> None:
+        ep = endpoint(server.port, max_idle=0)
+        lane = lane_to(ep)
+        c = Copy(lane, "/once")
+        lane.submit(c.copy)
+        assert (await c.ended).outcome == OK
+        conn = c.copy.conn
+        assert conn is not None and conn.state == ConnState.CLOSED and not ep.idle
+        await until(lambda: ep.open == 0, what="closed")
 
     run(main)
 
@@ -137,7 +185,7 @@ def test_an_answer_without_keep_alive_closes_it(server: RecordingBackend) -> Non
         assert (await c.ended).outcome == OK
         conn = c.copy.conn
         assert conn is not None and conn.state == ConnState.CLOSED
-        assert ep.idle == [] and ep.open == 0
+        assert not ep.idle and ep.open == 0
 
     run(main)
 
@@ -167,7 +215,7 @@ def test_a_server_closing_an_idle_connection_takes_it_out() -> None:
         lane.submit(c.copy)
         assert (await c.ended).outcome == OK
         conn = c.copy.conn
-        assert conn is not None and conn.state == ConnState.IDLE and ep.idle == [conn]
+        assert conn is not None and conn.state == ConnState.IDLE and list(ep.idle) == [conn]
         await until(lambda: conn.state == ConnState.CLOSED, what="closed by the server")
         assert ep.open == 0
         assert ep.get_idle() is None  # dropped from the pool, and not counted out twice

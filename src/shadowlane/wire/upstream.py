@@ -65,6 +65,11 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: how long a pooled connection may sit idle; below the usual backend keep-alive timeouts
 #: (nginx 75 s, Node 5 s is the outlier; a stale one is retried when that is safe)
 POOL_IDLE_TIMEOUT = 50.0
+#: how long a connection released past `max_idle` is kept for the next request of the burst:
+#: closing it at once would make a busy loop, which releases many connections in one iteration
+#: and takes them again in the next, close and reopen most of them per request (HAProxy's
+#: `pool-purge-delay`, in the same spirit)
+POOL_SURPLUS_GRACE = 1.0
 
 
 #: Why an upstream exchange failed, a closed set so that mypy checks every comparison with it
@@ -503,7 +508,11 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class EndpointPool:
-    """Keep-alive connections to one endpoint: at most `max_connections` open, `max_idle` kept."""
+    """Keep-alive connections to one endpoint: at most `max_connections` open, `max_idle` kept.
+
+    A connection released past `max_idle` stays idle for `POOL_SURPLUS_GRACE` before it is
+    closed, so a burst's connections serve its next requests instead of being reopened.
+    """
 
     def __init__(
         self,
@@ -524,11 +533,13 @@ class EndpointPool:
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.loop = asyncio.get_running_loop()
-        self.idle: list[UpstreamConnection] = []
+        #: oldest release first: taken from the right (warmest), trimmed from the left
+        self.idle: deque[UpstreamConnection] = deque()
         #: connections from CONNECTING until CLOSED: what `max_connections` bounds
         self.open = 0
         self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._trimmer: asyncio.TimerHandle | None = None
         self._closed = False
         host_part = f"[{host}]" if ":" in host else host
         #: host:port as bytes, the Host for requests that came without one
@@ -586,11 +597,24 @@ class EndpointPool:
             if not fut.done():
                 fut.set_result(conn)
                 return
-        if self._closed or len(self.idle) >= self.max_idle:
+        if self._closed or self.max_idle == 0:
             conn.close()
             return
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
+        if len(self.idle) > self.max_idle and self._trimmer is None:
+            self._trimmer = self.loop.call_later(POOL_SURPLUS_GRACE, self._trim)
+
+    def _trim(self) -> None:
+        """Close the connections kept past `max_idle` that no request took in their grace."""
+        self._trimmer = None
+        idle = self.idle
+        deadline = self.loop.time() - POOL_SURPLUS_GRACE
+        while len(idle) > self.max_idle and idle[0].idle_since <= deadline:
+            idle.popleft().close()
+        if len(idle) > self.max_idle:
+            wait = idle[0].idle_since - deadline
+            self._trimmer = self.loop.call_later(wait, self._trim)
 
     def _on_closed(self, conn: UpstreamConnection) -> None:
         """`conn` went CLOSED (called once per connection)."""
@@ -605,9 +629,9 @@ class EndpointPool:
     def _sweep(self) -> None:
         self._sweeper = None
         deadline = self.loop.time() - POOL_IDLE_TIMEOUT
-        for conn in [c for c in self.idle if c.idle_since < deadline]:
-            self.idle.remove(conn)
-            conn.close()
+        idle = self.idle
+        while idle and idle[0].idle_since < deadline:
+            idle.popleft().close()
         if self.open and not self._closed:
             self._sweeper = self.loop.call_later(POOL_IDLE_TIMEOUT / 5, self._sweep)
 
@@ -619,6 +643,9 @@ class EndpointPool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+            self._trimmer = None
 
 
 class BackendPool:
