@@ -123,7 +123,7 @@ def nginx_conf(work: Path, name: str, http_inner: str, error_level: str = "error
         "user root;\n"
         f"pid {work}/{name}.pid;\n"
         f"error_log {work}/{name}-error.log {error_level};\n"
-        "events { worker_connections 16384; }\n"
+        "events { worker_connections 16384; multi_accept on; }\n"
         "http {\n" + textwrap.indent(common + http_inner, "    ") + "}\n"
     )
 

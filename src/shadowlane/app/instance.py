@@ -16,6 +16,7 @@ import math
 import os
 import resource
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from shadowlane.record import RecordWriter
 from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
 from shadowlane.upgrades import UpgradeCall, Upgrades
 from shadowlane.wire.h2_server import H2Listener
+from shadowlane.wire.listener import Listener, bind_sockets
 from shadowlane.wire.overload import LEVEL_NAMES, OverloadState
 from shadowlane.wire.server import (
     LIMIT_BODY_RATE,
@@ -75,9 +77,9 @@ _COMPARATOR_KEYS = (
 ReadyHook = Callable[[str, str | None], None]
 
 
-def bound_address(server: asyncio.base_events.Server) -> str:
+def bound_address(sock: socket.socket) -> str:
     """`host:port` as the socket got it: port 0 in the config becomes the kernel's pick."""
-    host, port = server.sockets[0].getsockname()[:2]
+    host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -333,7 +335,7 @@ class Instance:
             else None
         )
         self._declare_limit_metrics()
-        self.server: asyncio.base_events.Server | None = None
+        self.server: Listener | None = None
         self.admin: AdminApp | None = None
         self.stopped = asyncio.Event()
         self._draining = False
@@ -562,19 +564,20 @@ class Instance:
         if self.listen_port is not None:
             port = self.listen_port
         try:
-            self.server = await self.loop.create_server(
-                self.state.protocol_factory if self.h2 is None else self.h2.protocol_factory,
-                host,
-                port,
-                reuse_port=self.workers > 1,
-                backlog=4096,
-                ssl=self.tls,
-                # a client that never answers the TLS close must not hold the drain
-                ssl_shutdown_timeout=2.0 if self.tls is not None else None,
-            )
+            socks = bind_sockets(host, port, reuse_port=self.workers > 1, backlog=4096)
         except OSError as err:
             raise ListenError("listen", host, port, err) from None
-        self.listen_address = bound_address(self.server)
+        self.server = Listener(
+            self.loop,
+            socks,
+            self.state.protocol_factory if self.h2 is None else self.h2.protocol_factory,
+            tls=self.tls,
+            # a client that never answers the TLS close must not hold the drain
+            tls_shutdown_timeout=2.0 if self.tls is not None else None,
+            on_exhausted=lambda: self.state.limit_hit(LIMIT_FDS),
+        )
+        self.server.start()
+        self.listen_address = bound_address(socks[0])
         self.state.start_sweeping()
         if self.worker_id == 0:
             token = os.environ.get(cfg.admin.token_env) if cfg.admin.token_env else None
@@ -596,7 +599,7 @@ class Instance:
             except OSError as err:
                 self.server.close()
                 raise ListenError("admin.listen", ahost, aport, err) from None
-            self.admin_address = bound_address(admin_server)
+            self.admin_address = bound_address(admin_server.sockets[0])
             self.admin.set_ready(True)
         for sig, handler in ((signal.SIGTERM, self.drain), (signal.SIGINT, self.drain)):
             self.loop.add_signal_handler(sig, handler)
