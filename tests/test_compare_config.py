@@ -63,7 +63,7 @@ def test_defaults() -> None:
     assert c.ignore_headers == list(DEFAULT_IGNORE_HEADERS)
     assert (c.thresholds.relative, c.thresholds.absolute) == (20.0, 0.03)
     assert (c.queue, c.examples_per_field, c.batch) == (1024, 5, 500)
-    assert (c.retention, c.flush_interval, c.cpu_share) == (7 * 86400.0, 1.0, 0.25)
+    assert (c.retention, c.flush_interval, c.cpu_share) == (7 * 86400.0, 1.0, 0.1)
     assert cfg.routes[0].compare is None
     assert ShadowCompare().max_body == 1024**2
     for name in ("date", "server", "x-request-id", "content-length", "transfer-encoding"):

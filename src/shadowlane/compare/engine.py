@@ -633,7 +633,7 @@ class Comparator:
         flush_interval: float = 1.0,
         batch: int = 500,
         sweep_interval: float | None = None,
-        cpu_share: float = 0.25,
+        cpu_share: float = 0.1,
         processes: int = 1,
         nice: int = 0,
         child_command: list[str] | None = None,

@@ -247,7 +247,7 @@ class CompareConfig(_Model, frozen=True):
     batch: Annotated[Int, Field(ge=1)] = 500
     #: share of wall time (0..1] the comparator may spend comparing; it holds the GIL meanwhile,
     #: so this bounds what comparisons can take from the event loop (past it, jobs drop)
-    cpu_share: Annotated[float, Field(gt=0, le=1)] = 0.25
+    cpu_share: Annotated[float, Field(gt=0, le=1)] = 0.1
     #: comparison child processes (each compares one job at a time, off this process's GIL);
     #: 0 compares on a thread of the proxy's process instead (its parsing then holds the GIL)
     processes: Annotated[Int, Field(ge=0, le=64)] = 1
