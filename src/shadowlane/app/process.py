@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -66,6 +67,36 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 20, 50)
 
 
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+#: free memory kept at the top of the heap instead of being given back to the kernel
+MALLOC_TRIM_THRESHOLD = 64 << 20
+#: allocations below this come from the heap; above, each is its own mmap (glibc's own cap
+#: for its adaptive threshold)
+MALLOC_MMAP_THRESHOLD = 32 << 20
+
+
+def _tune_malloc() -> None:
+    """Big request bodies are 256 KiB reads and 1 MiB joins, freed a moment later. glibc's
+    adaptive thresholds then give the top of the heap back to the kernel whenever 2 MiB of it
+    is free, and fault it in again for the next body, zeroed: 45-65k page faults a second with
+    50 clients posting 1 MiB (8% of the proxy's CPU in the kernel). Fixed thresholds keep up
+    to 64 MiB of freed heap for reuse: page faults fell to under 1k a second and req/s rose
+    10-25% in that load (tests/test_upload_memory.py: 181 faults per upload to none, and a
+    lower peak RSS, since 1 MiB chunks are no longer mmapped one by one).
+    MALLOC_TRIM_THRESHOLD_ or MALLOC_MMAP_THRESHOLD_ in the environment (glibc reads them at
+    start) wins over this."""
+    if "MALLOC_TRIM_THRESHOLD_" in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return  # not glibc: nothing to tune
+    mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+
+
 async def _serve(
     cfg: Config,
     config_path: str | None,
@@ -94,6 +125,7 @@ async def _serve(
     )
     await inst.start()
     _tune_gc()
+    _tune_malloc()
     await inst.stopped.wait()
 
 
