@@ -131,18 +131,22 @@ def upload_load(port: int) -> int:
     return sum(ok)
 
 
+def shadowed_uploads(primary: Discarding, shadow: Discarding) -> dict[str, Any]:
+    """One route to `primary`, every request copied to `shadow` (bodies up to 2 MiB)."""
+    return {
+        "backends": {"p": backend_entry(primary.url), "s": backend_entry(shadow.url)},
+        "routes": [{"name": "up", "match": {"path_prefix": "/"}, "backend": "p",
+                    "shadows": [{"backend": "s", "percent": 100, "max_body": "2MiB"}]}],
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize("early", [False, True], ids=["answer-after-body", "answer-early"])
 def test_shadowed_uploads_stay_in_bounded_memory(
     proxy_factory: Callable[[dict[str, Any]], ProxyProcess], early: bool
 ) -> None:
     primary, shadow = Discarding(early=early), Discarding()
     try:
-        cfg = {
-            "backends": {"p": backend_entry(primary.url), "s": backend_entry(shadow.url)},
-            "routes": [{"name": "up", "match": {"path_prefix": "/"}, "backend": "p",
-                        "shadows": [{"backend": "s", "percent": 100, "max_body": "2MiB"}]}],
-        }  # fmt: skip
-        proxy = proxy_factory(cfg)
+        proxy = proxy_factory(shadowed_uploads(primary, shadow))
         with socket.create_connection(("127.0.0.1", proxy.port)):
             pass
         idle = memory(proxy.pid)["VmRSS"]
@@ -188,12 +192,7 @@ def test_big_uploads_reuse_the_heap_instead_of_faulting_it_in_again(
     uploads faults in almost nothing."""
     primary, shadow = Discarding(), Discarding()
     try:
-        cfg = {
-            "backends": {"p": backend_entry(primary.url), "s": backend_entry(shadow.url)},
-            "routes": [{"name": "up", "match": {"path_prefix": "/"}, "backend": "p",
-                        "shadows": [{"backend": "s", "percent": 100, "max_body": "2MiB"}]}],
-        }  # fmt: skip
-        proxy = proxy_factory(cfg)
+        proxy = proxy_factory(shadowed_uploads(primary, shadow))
         total = CONNECTIONS * PER_CONN
         assert upload_load(proxy.port) == total  # warm: the heap grows to what the load needs
         settle(proxy, "up", "s", total, timeout=60)
