@@ -84,8 +84,6 @@ class Listener:
         self.tls = tls
         self.tls_shutdown_timeout = tls_shutdown_timeout
         self.on_exhausted = on_exhausted
-        #: accepts that met EMFILE/ENFILE/ENOBUFS/ENOMEM, each followed by a pause
-        self.exhausted = 0
         self._serving = False
         self._closed = False
         #: the hand-overs under way (the loop keeps only weak references to tasks)
@@ -124,7 +122,6 @@ class Listener:
             except OSError as err:
                 if err.errno not in _EXHAUSTED:
                     raise
-                self.exhausted += 1
                 if self.on_exhausted is not None:
                     self.on_exhausted()
                 self._pause()
