@@ -608,13 +608,18 @@ class EndpointPool:
     def _trim(self) -> None:
         """Close the connections kept past `max_idle` that no request took in their grace."""
         self._trimmer = None
-        idle = self.idle
         deadline = self.loop.time() - POOL_SURPLUS_GRACE
-        while len(idle) > self.max_idle and idle[0].idle_since <= deadline:
-            idle.popleft().close()
-        if len(idle) > self.max_idle:
-            wait = idle[0].idle_since - deadline
+        self._close_idle(self.max_idle, deadline)
+        if len(self.idle) > self.max_idle:
+            wait = self.idle[0].idle_since - deadline
             self._trimmer = self.loop.call_later(wait, self._trim)
+
+    def _close_idle(self, keep: int, deadline: float) -> None:
+        """Close idle connections idle since `deadline` or before, oldest first, down to `keep`
+        (the deque is in release order, so the oldest are on the left)."""
+        idle = self.idle
+        while len(idle) > keep and idle[0].idle_since <= deadline:
+            idle.popleft().close()
 
     def _on_closed(self, conn: UpstreamConnection) -> None:
         """`conn` went CLOSED (called once per connection)."""
@@ -628,10 +633,7 @@ class EndpointPool:
 
     def _sweep(self) -> None:
         self._sweeper = None
-        deadline = self.loop.time() - POOL_IDLE_TIMEOUT
-        idle = self.idle
-        while idle and idle[0].idle_since < deadline:
-            idle.popleft().close()
+        self._close_idle(0, self.loop.time() - POOL_IDLE_TIMEOUT)
         if self.open and not self._closed:
             self._sweeper = self.loop.call_later(POOL_IDLE_TIMEOUT / 5, self._sweep)
 
