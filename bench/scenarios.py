@@ -4,6 +4,13 @@ A scenario is a shadow setup (which shadow targets, comparison or not) plus a lo
 several proxies. Scenarios sharing a setup share one start of the proxy; setups run one after
 the other, and within a setup the proxies run back to back (nginx, shadowlane 1w, 2w), so the
 figures compared with each other are taken close in time on this noisy machine.
+
+Scenarios a target divides by each other (`PAIRED`: compare against the same shadow without,
+recording against no recording, ordered against unordered writes) have different setups, so
+they would run one after the other, a minute apart: a burst of load from a neighbour on this
+shared machine then lands on one side of the ratio only (the same scenario measured 12.8k and
+18.7k req/s in two runs ten minutes apart). Their setups are started together and their runs
+interleaved like the proxies' are.
 """
 
 from __future__ import annotations
@@ -54,6 +61,15 @@ class Scenario:
 
 #: shadows, compare, record, http2, grpc, primary: what one start of the proxies serves
 Setup = tuple[tuple[str, ...], bool, str, bool, bool, str]
+
+#: scenarios whose figures a target divides by each other's (report.py): measured together,
+#: their runs interleaved (see the module's docstring)
+PAIRED: tuple[tuple[str, ...], ...] = (
+    ("shadow-fast", "shadow-compare"),
+    ("shadow-json", "compare-json-diff"),
+    ("no-shadow", "record-100", "record-100-gzip"),
+    ("writes-unordered", "writes-ordered"),
+)
 
 RATE_LOAD = Load(connections=50, rate=FIXED_RATE)  # h2load: 50 clients x 100 req/s
 #: HTTP/2 closed loop (h2load): 10 connections x 10 streams = 100 requests in flight
@@ -335,25 +351,28 @@ def _one_run(series: _Series, s: Scenario, settings: Settings) -> None:
     _check_alive(proxy)
 
 
-def measure(proxies: list[RunningProxy], s: Scenario, settings: Settings) -> list[Measurement]:
+def measure(entries: list[tuple[RunningProxy, Scenario]], settings: Settings) -> list[Measurement]:
     """Warm up every proxy, then take the runs round-robin (nginx, 1w, 2w, nginx, ...).
 
     Interleaving spreads slow changes in the background load of a shared machine over all the
-    proxies alike, instead of letting them land on whichever proxy ran during them.
+    proxies alike, instead of letting them land on whichever proxy ran during them. `entries`
+    are one scenario on several proxies, or the `PAIRED` scenarios on theirs.
     """
     series = [
-        _Series(p, Measurement(s.id, s.group, s.title, p.kind, s.load.describe())) for p in proxies
+        (_Series(p, Measurement(s.id, s.group, s.title, p.kind, s.load.describe())), s)
+        for p, s in entries
     ]
-    for x in series:
+    for x, s in series:
         try:
             _check_alive(x.proxy)
             run_load(x.proxy.url, s.load, settings.warmup, settings.work)  # discarded
             x.before = shadow_outcomes(x.proxy)
         except Exception as exc:
             x.fail("failed", f"warm-up: {type(exc).__name__}: {_one_line(str(exc))}")
-    for _ in range(s.runs or settings.runs):
-        for x in series:
-            if x.m.status != "ok":
+    rounds = max(s.runs or settings.runs for _, s in series)
+    for i in range(rounds):
+        for x, s in series:
+            if x.m.status != "ok" or i >= (s.runs or settings.runs):
                 continue
             try:
                 _one_run(x, s, settings)
@@ -362,7 +381,30 @@ def measure(proxies: list[RunningProxy], s: Scenario, settings: Settings) -> lis
             except Exception as exc:  # a load tool failed; the other proxies go on
                 traceback.print_exc()
                 x.fail("failed", f"{type(exc).__name__}: {_one_line(str(exc))}")
-    return [x.finish() for x in series]
+    return [x.finish() for x, _ in series]
+
+
+def batches(scenarios: list[Scenario]) -> list[list[list[Scenario]]]:
+    """The scenarios in the order they run: batches of setups started together, each batch a
+    list of measuring steps (one scenario, or the `PAIRED` ones whose runs interleave)."""
+    partner: dict[str, int] = {sid: i for i, group in enumerate(PAIRED) for sid in group}
+    out: list[list[list[Scenario]]] = []
+    batch_of: dict[Setup, int] = {}
+    step_of: dict[int, list[Scenario]] = {}
+    for s in scenarios:
+        pair = partner.get(s.id)
+        if pair is not None and pair in step_of:
+            step_of[pair].append(s)
+            batch_of.setdefault(s.setup, batch_of[step_of[pair][0].setup])
+            continue
+        if s.setup not in batch_of:
+            batch_of[s.setup] = len(out)
+            out.append([])
+        step = [s]
+        if pair is not None:
+            step_of[pair] = step
+        out[batch_of[s.setup]].append(step)
+    return out
 
 
 def run_all(
@@ -372,77 +414,102 @@ def run_all(
     backends: Backends,
     on_result: Callable[[Measurement], None],
 ) -> dict[str, str]:
-    """Run every scenario, setup by setup; returns the proxy configs used (name -> text)."""
+    """Run every scenario, batch by batch; returns the proxy configs used (name -> text)."""
     configs: dict[str, str] = {}
-    setups: list[Setup] = []
-    for s in scenarios:
-        if s.setup not in setups:
-            setups.append(s.setup)
-    for setup in setups:
-        members = [s for s in scenarios if s.setup == setup]
-        _run_setup(setup, members, settings, sup, backends, on_result, configs)
+    for steps in batches(scenarios):
+        _run_batch(steps, settings, sup, backends, on_result, configs)
     return configs
 
 
-def _run_setup(
-    setup: Setup,
-    members: list[Scenario],
+def _run_batch(
+    steps: list[list[Scenario]],
     settings: Settings,
     sup: Supervisor,
     backends: Backends,
     on_result: Callable[[Measurement], None],
     configs: dict[str, str],
 ) -> None:
-    """Start every proxy this setup needs side by side, measure its scenarios, stop them."""
-    shadows, compare, record, http2, grpc, primary = setup
-    kinds = [k for k in PROXIES_ALL if any(k in s.proxies for s in members)]
-    running: dict[str, RunningProxy] = {}
-    broken: dict[str, Measurement] = {}
+    """Start every proxy the batch's setups need side by side, measure, stop them."""
+    setups: list[Setup] = []
+    for step in steps:
+        setups.extend(s.setup for s in step if s.setup not in setups)
+    running: dict[tuple[Setup, str], RunningProxy] = {}
+    broken: dict[tuple[Setup, str], Measurement] = {}
     try:
-        for kind in kinds:
-            try:
-                running[kind] = start_proxy(
-                    sup,
-                    settings.work,
-                    kind,
-                    backends,
-                    shadows,
-                    compare,
-                    record,
-                    http2,
-                    grpc,
-                    primary,
-                )
-            except StartError as exc:
-                text = str(exc)
-                na = compare and "compare" in text.lower()
-                status = "n/a" if na else "failed"
-                why = "config key `compare` rejected" if na else "proxy did not start"
-                broken[kind] = Measurement(
-                    "", "", "", kind, "", status, note=f"{why}: " + _one_line(text)
-                )
-                continue
-            name = f"{kind} shadows={'+'.join(shadows) or '-'}{' compare' if compare else ''}"
-            name += f" record={record}" if record else ""
-            name += " grpc" if grpc else " http2" if http2 else ""
-            configs[name] = running[kind].config
-        for s in members:
-            live = [running[k] for k in s.proxies if k in running]
-            done = {m.proxy: m for m in measure(live, s, settings)} if live else {}
-            for kind in s.proxies:
-                if kind in done:
-                    on_result(done[kind])
-                else:
-                    b = broken[kind]
-                    on_result(
-                        Measurement(
-                            s.id, s.group, s.title, kind, s.load.describe(), b.status, note=b.note
+        for setup in setups:
+            _start_setup(setup, steps, settings, sup, backends, running, broken, configs)
+        for step in steps:
+            live = [
+                (running[(s.setup, k)], s)
+                for s in step
+                for k in s.proxies
+                if (s.setup, k) in running
+            ]
+            done = {(m.scenario, m.proxy): m for m in measure(live, settings)} if live else {}
+            for s in step:
+                for kind in s.proxies:
+                    if (s.id, kind) in done:
+                        on_result(done[(s.id, kind)])
+                    else:
+                        b = broken[(s.setup, kind)]
+                        on_result(
+                            Measurement(
+                                s.id,
+                                s.group,
+                                s.title,
+                                kind,
+                                s.load.describe(),
+                                b.status,
+                                note=b.note,
+                            )
                         )
-                    )
     finally:
         for proxy in running.values():
             if proxy.proc:
                 sup.stop(proxy.proc)
+
+
+def _start_setup(
+    setup: Setup,
+    steps: list[list[Scenario]],
+    settings: Settings,
+    sup: Supervisor,
+    backends: Backends,
+    running: dict[tuple[Setup, str], RunningProxy],
+    broken: dict[tuple[Setup, str], Measurement],
+    configs: dict[str, str],
+) -> None:
+    """Start the proxies of one setup (those its scenarios are measured on)."""
+    shadows, compare, record, http2, grpc, primary = setup
+    members = [s for step in steps for s in step if s.setup == setup]
+    kinds = [k for k in PROXIES_ALL if any(k in s.proxies for s in members)]
+    for kind in kinds:
+        try:
+            running[(setup, kind)] = start_proxy(
+                sup,
+                settings.work,
+                kind,
+                backends,
+                shadows,
+                compare,
+                record,
+                http2,
+                grpc,
+                primary,
+            )
+        except StartError as exc:
+            text = str(exc)
+            na = compare and "compare" in text.lower()
+            status = "n/a" if na else "failed"
+            why = "config key `compare` rejected" if na else "proxy did not start"
+            broken[(setup, kind)] = Measurement(
+                "", "", "", kind, "", status, note=f"{why}: " + _one_line(text)
+            )
+            continue
+        name = f"{kind} shadows={'+'.join(shadows) or '-'}{' compare' if compare else ''}"
+        name += f" record={record}" if record else ""
+        name += " grpc" if grpc else " http2" if http2 else ""
+        configs[name] = running[(setup, kind)].config
 
 
 def _one_line(text: str, limit: int = 300) -> str:
