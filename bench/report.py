@@ -402,6 +402,7 @@ def render_markdown(doc: dict[str, Any], ms: list[Measurement], targets: list[Ta
     add(
         f"- Software: Python {mach['python']}, nginx {mach['nginx']}, {mach['wrk']}, "
         f"{mach['h2load']}; shadowlane commit `{mach['shadowlane_commit']}`"
+        f" ({mach.get('shadowlane_build', 'build not recorded')})"
     )
     add(
         f"- Method: each figure is the median of {meta['runs']} run(s) of {meta['duration_s']:g} s "
