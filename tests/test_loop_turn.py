@@ -1,0 +1,133 @@
+"""The HTTP/1.1 server's turn budget (`wire.server.READS_PER_TURN`), on real sockets and uvloop.
+
+libuv polls again, without running timers or `call_soon` callbacks, for as long as
+`epoll_wait` comes back full, up to 48 times; at 1,000 busy clients that starved the loop's
+ready queue for up to 1.5 s (new connections, pool connects, shadow dispatch and timeouts all
+waited). Past the budget the server holds the connections that read until the queue has run.
+These tests make one poll return more client reads than the budget: the requests are written
+from the loop's own thread, so the loop cannot poll until all of them are in the sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import socket
+
+import pytest
+
+from inproc import run, until
+from shadowlane.wire.exchange import Exchange
+from shadowlane.wire.server import READS_PER_TURN, ServerLimits, ServerState
+
+LOOPBACK = "127.0.0.1"
+#: clients in one poll: past the budget, and below libuv's 1,024 events per poll
+CLIENTS = READS_PER_TURN + 100
+
+
+class Echo:
+    """Answers every request at once with its target, so each answer names its request."""
+
+    def __init__(self) -> None:
+        self.handled = 0
+
+    def handle(self, exchange: Exchange) -> None:
+        self.handled += 1
+        body = exchange.request.target
+        exchange.start_response(200, b"OK", [(b"content-type", b"text/plain")], len(body))
+        exchange.send_body(body)
+        exchange.end_response()
+
+
+@pytest.fixture(autouse=True)
+def enough_descriptors() -> None:
+    """Both ends of every connection live in this process: about 2.5 descriptors a client."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 3 * CLIENTS + 256
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {need}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def _read_answer(sock: socket.socket, want: bytes) -> None:
+    """One whole answer on a blocking socket (the answers are already in its buffer)."""
+    data = b""
+    while not data.endswith(b"\r\n\r\n" + want):
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed before the answer to {want!r}: {data!r}"
+        data += chunk
+        assert len(data) < 4096, data
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data
+
+
+def test_reads_past_the_budget_are_held_then_served_with_nothing_lost() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        app = Echo()
+        state = ServerState(app, ServerLimits())
+        server = await loop.create_server(state.protocol_factory, LOOPBACK, 0, backlog=2048)
+        port = server.sockets[0].getsockname()[1]
+        clients: list[socket.socket] = []
+        try:
+            for _ in range(CLIENTS):
+                clients.append(socket.create_connection((LOOPBACK, port), timeout=5))
+            await until(lambda: len(state.connections) == CLIENTS, timeout=20, what="all connected")
+            for rnd in (1, 2):
+                before_holds, before_handled = state.holds, app.handled
+                # from the loop's thread: the loop polls only once every request is sent
+                for i, c in enumerate(clients):
+                    c.sendall(b"GET /%d/%d HTTP/1.1\r\nhost: t\r\n\r\n" % (rnd, i))
+                await until(
+                    lambda b=before_handled: app.handled == b + CLIENTS,  # type: ignore[misc]
+                    timeout=20,
+                    what=f"round {rnd}: every request served",
+                )
+                # one poll brought every read: those past the budget were held ...
+                assert state.holds - before_holds == CLIENTS - READS_PER_TURN
+                # ... and the loop's next turn let them read again
+                await until(lambda: not state.held, timeout=5, what="held connections resumed")
+                for i, c in enumerate(clients):
+                    _read_answer(c, b"/%d/%d" % (rnd, i))
+            # round 2 was read at all only because round 1's held connections were resumed
+            assert app.handled == 2 * CLIENTS
+        finally:
+            for c in clients:
+                c.close()
+            server.close()
+            state.close()
+
+    run(main, timeout=60)
+
+
+def test_a_loop_that_reads_less_than_the_budget_holds_nothing() -> None:
+    """The common case pays one counter per read: no connection is ever paused for it."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        app = Echo()
+        state = ServerState(app, ServerLimits())
+        server = await loop.create_server(state.protocol_factory, LOOPBACK, 0)
+        port = server.sockets[0].getsockname()[1]
+        clients = [socket.create_connection((LOOPBACK, port), timeout=5) for _ in range(50)]
+        try:
+            await until(lambda: len(state.connections) == 50, timeout=10, what="connected")
+            for rnd in range(20):
+                for i, c in enumerate(clients):
+                    c.sendall(b"GET /%d/%d HTTP/1.1\r\nhost: t\r\n\r\n" % (rnd, i))
+                await until(
+                    lambda r=rnd: app.handled == 50 * (r + 1),  # type: ignore[misc]
+                    timeout=10,
+                    what=f"round {rnd}",
+                )
+                for i, c in enumerate(clients):
+                    _read_answer(c, b"/%d/%d" % (rnd, i))
+            assert app.handled == 1000
+            assert state.holds == 0
+        finally:
+            for c in clients:
+                c.close()
+            server.close()
+            state.close()
+
+    run(main, timeout=60)
