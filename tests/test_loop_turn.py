@@ -1,4 +1,4 @@
-"""The HTTP/1.1 server's turn budget (`wire.server.READS_PER_TURN`), on real sockets and uvloop.
+"""The HTTP/1.1 server's turn budget (`wire.server.READERS_PER_TURN`), on real sockets and uvloop.
 
 libuv polls again, without running timers or `call_soon` callbacks, for as long as
 `epoll_wait` comes back full, up to 48 times; at 1,000 busy clients that starved the loop's
@@ -18,11 +18,11 @@ import pytest
 
 from inproc import run, until
 from shadowlane.wire.exchange import Exchange
-from shadowlane.wire.server import READS_PER_TURN, ServerLimits, ServerState
+from shadowlane.wire.server import READERS_PER_TURN, ServerLimits, ServerState
 
 LOOPBACK = "127.0.0.1"
 #: clients in one poll: past the budget, and below libuv's 1,024 events per poll
-CLIENTS = READS_PER_TURN + 100
+CLIENTS = READERS_PER_TURN + 100
 
 
 class Echo:
@@ -84,7 +84,7 @@ def test_reads_past_the_budget_are_held_then_served_with_nothing_lost() -> None:
                     what=f"round {rnd}: every request served",
                 )
                 # one poll brought every read: those past the budget were held ...
-                assert state.holds - before_holds == CLIENTS - READS_PER_TURN
+                assert state.holds - before_holds == CLIENTS - READERS_PER_TURN
                 # ... and the loop's next turn let them read again
                 await until(lambda: not state.held, timeout=5, what="held connections resumed")
                 for i, c in enumerate(clients):
@@ -127,6 +127,65 @@ def test_a_loop_that_reads_less_than_the_budget_holds_nothing() -> None:
         finally:
             for c in clients:
                 c.close()
+            server.close()
+            state.close()
+
+    run(main, timeout=60)
+
+
+class Sink:
+    """Reads every body to its end and answers with its length."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def handle(self, exchange: Exchange) -> None:
+        got: list[int] = [0]
+
+        def chunk(data: bytes) -> None:
+            got[0] += len(data)
+
+        def end() -> None:
+            self.sizes.append(got[0])
+            body = b"%d" % got[0]
+            exchange.start_response(200, b"OK", [], len(body))
+            exchange.send_body(body)
+            exchange.end_response()
+
+        exchange.set_body_consumer(chunk, end)
+
+
+def test_uploads_are_not_held_for_their_many_reads() -> None:
+    """A turn counts connections, not reads: a few clients uploading at full speed are dozens
+    of reads each per turn, and holding them would only slow the uploads down."""
+    uploads, size = 16, 16 * 1024 * 1024
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        app = Sink()
+        state = ServerState(app, ServerLimits())
+        server = await loop.create_server(state.protocol_factory, LOOPBACK, 0)
+        port = server.sockets[0].getsockname()[1]
+        body = b"x" * size
+        head = b"POST /u HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % size
+
+        def upload() -> bytes:
+            with socket.create_connection((LOOPBACK, port), timeout=20) as c:
+                c.sendall(head + body)
+                answer = b""
+                while not answer.endswith(b"\r\n\r\n%d" % size):
+                    chunk = c.recv(4096)
+                    if not chunk:
+                        break
+                    answer += chunk
+                return answer
+
+        try:
+            answers = await asyncio.gather(*(asyncio.to_thread(upload) for _ in range(uploads)))
+            assert app.sizes == [size] * uploads
+            assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") for a in answers), answers
+            assert state.holds == 0
+        finally:
             server.close()
             state.close()
 

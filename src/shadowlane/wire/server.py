@@ -17,8 +17,9 @@ Shaped like uvicorn's `httptools_impl`, with three differences that matter for a
   and a minimum body rate (a slow upload gets 408 and is closed). Each is counted through the
   listener's `on_limit` hook, so this module needs no metrics.
 
-* A turn budget for the loop (`READS_PER_TURN`): past it, a connection that just read is held
-  (reading paused) until the loop's ready queue has run again. See `ServerState.note_turn`.
+* A turn budget for the loop (`READERS_PER_TURN`): past it, a connection that starts reading
+  is held (reading paused) until the loop's ready queue has run again. See
+  `ServerState.note_turn`.
 
 An upgrade request (llhttp stops at its head) is dispatched with `Exchange.upgrade` set and
 reading paused; the application either tunnels it after a `101`, taking the transport over
@@ -80,9 +81,9 @@ LIMIT_HEADER_TIMEOUT: Final = "header_timeout"
 LIMIT_BODY_RATE: Final = "body_rate"
 LIMIT_FDS: Final = "fds"
 
-#: client reads the loop may serve between two runs of its ready queue; past it, a connection
-#: that reads is held until the queue has run (see `ServerState.note_turn`)
-READS_PER_TURN: Final = 512
+#: client connections the loop may read from between two runs of its ready queue; past it, a
+#: connection that starts reading is held until the queue has run (see `ServerState.note_turn`)
+READERS_PER_TURN: Final = 512
 #: the `_paused_for` reason of a connection held for the loop's turn
 _TURN: Final = "turn"
 
@@ -170,8 +171,10 @@ class ServerState:
         self.on_limit = on_limit
         #: connections closed at accept because `max_connections` were open
         self.refused_connections = 0
-        #: client reads since the loop's ready queue last ran (see `note_turn`)
-        self.reads = 0
+        #: connections that read since the loop's ready queue last ran (see `note_turn`)
+        self.readers = 0
+        #: which run of the queue that is: a connection counts once per turn
+        self.turn = 0
         #: connections whose reading waits for that run
         self.held: list[ServerConnection] = []
         #: connections ever held, for tests and the docs' figures
@@ -193,11 +196,16 @@ class ServerState:
         connections that read past the budget empties the next polls, libuv ends its turn and
         the queue runs; nginx gets the same by running its timers and posted events after every
         `epoll_wait`. Below the budget (any loop whose polls do not come back full) nothing is
-        held, and the cost is one counter per read and one callback per loop turn."""
+        held, and the cost is two integers per read and one callback per loop turn.
+
+        Why connections and not reads: what fills a poll is ready sockets, and libuv reads a
+        ready socket up to 32 times per poll, so a count of reads would count one fast upload
+        many times over."""
         loop.call_soon(self._turned)
 
     def _turned(self) -> None:
-        self.reads = 0
+        self.readers = 0
+        self.turn += 1
         held = self.held
         if held:
             self.held = []
@@ -289,6 +297,8 @@ class ServerConnection(Connection):
         #: the bytes that followed an upgrade request's head, kept for its tunnel
         self._upgrade_data = b""
         self.deadline = _INF
+        #: the loop turn this connection last counted itself in (`ServerState.turn`)
+        self._turn = -1
         #: requests this connection may still start; at 0 the last one closes it (-1: no limit)
         self._requests_left = state.limits.max_requests_per_connection or -1
         #: the body-rate window: the exchange it watches, since when, its body size then
@@ -342,15 +352,17 @@ class ServerConnection(Connection):
         if self._closed or self._error is not None:
             return
         state = self.state
-        reads = state.reads
-        state.reads = reads + 1
-        if reads == 0:
-            state.note_turn(self.loop)
-        elif reads >= READS_PER_TURN:
-            # what was read is served; the next read waits for the loop's turn
-            self.pause_reading_for(_TURN)
-            state.held.append(self)
-            state.holds += 1
+        if self._turn != state.turn:
+            self._turn = state.turn
+            readers = state.readers
+            state.readers = readers + 1
+            if readers == 0:
+                state.note_turn(self.loop)
+            elif readers >= READERS_PER_TURN:
+                # what was read is served; the next read waits for the loop's turn
+                self.pause_reading_for(_TURN)
+                state.held.append(self)
+                state.holds += 1
         seq = self._msg_seq
         was_in_head = self._in_head
         try:
