@@ -11,7 +11,9 @@ from the loop's own thread, so the loop cannot poll until all of them are in the
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
+import signal
 import socket
 
 import pytest
@@ -19,6 +21,11 @@ import pytest
 from inproc import run, until
 from shadowlane.wire.exchange import Exchange
 from shadowlane.wire.server import READERS_PER_TURN, ServerLimits, ServerState
+from support.backend import RecordingBackend
+from support.configs import basic_config
+from support.metrics import scrape
+from support.proxy import ProxyFactory, ProxyProcess, read_http_response
+from support.wait import wait_until
 
 LOOPBACK = "127.0.0.1"
 #: clients in one poll: past the budget, and below libuv's 1,024 events per poll
@@ -190,3 +197,43 @@ def test_uploads_are_not_held_for_their_many_reads() -> None:
             state.close()
 
     run(main, timeout=60)
+
+
+def test_a_frozen_proxy_woken_by_600_clients_holds_past_the_budget_and_counts_it(
+    proxy_factory: ProxyFactory, backend: RecordingBackend
+) -> None:
+    """The whole proxy: stopped (SIGSTOP) while every client sends, it wakes to one poll with
+    all of them ready, as a saturated loop would; every request is answered and the holds are
+    in `/metrics`."""
+    config = basic_config(backend.url)
+    # the backend's asyncio server takes one connection per loop turn: 600 connects at once
+    # overflow its accept queue, and a dropped SYN is sent again after 1 s
+    config["backends"]["b1"]["connect_timeout"] = "10s"
+    proxy: ProxyProcess = proxy_factory(config)
+    assert proxy.proc is not None
+    pid = proxy.proc.pid
+    clients = [
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=10) for _ in range(CLIENTS)
+    ]
+    try:
+        wait_until(
+            lambda: scrape(proxy).sum("shadowlane_downstream_connections") == CLIENTS,
+            15,
+            "every client connection taken in",
+        )
+        assert scrape(proxy).sum("shadowlane_loop_turn_holds") == 0
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for i, c in enumerate(clients):
+                c.sendall(b"GET /frozen/%d HTTP/1.1\r\nhost: t\r\n\r\n" % i)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        for c in clients:
+            assert read_http_response(c, timeout=20).status == 200
+        paths = sorted(r.path for r in backend.requests if r.path.startswith("/frozen/"))
+        assert paths == sorted(f"/frozen/{i}" for i in range(CLIENTS))
+        holds = scrape(proxy).sum("shadowlane_loop_turn_holds")
+        assert 0 < holds <= CLIENTS - READERS_PER_TURN, holds
+    finally:
+        for c in clients:
+            c.close()

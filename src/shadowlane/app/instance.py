@@ -357,6 +357,13 @@ class Instance:
             lambda: [((), float(len(state.connections)))],
         )
         metrics.set_gauge_provider(
+            "shadowlane_loop_turn_holds",
+            "Client connections held until the event loop's ready queue ran (reading past "
+            "the turn budget) since the process started.",
+            (),
+            lambda: [((), float(state.holds))],
+        )
+        metrics.set_gauge_provider(
             "shadowlane_overload_level",
             "The overload manager's level: 0 normal, 1 shedding shadow work, 2 refusing new "
             "requests (503).",
