@@ -11,10 +11,12 @@ from the loop's own thread, so the loop cannot poll until all of them are in the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import signal
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -68,74 +70,74 @@ def _read_answer(sock: socket.socket, want: bytes) -> None:
     assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data
 
 
+async def _send_round(clients: list[socket.socket], app: Echo, rnd: int) -> None:
+    """Every client sends one request, from the loop's thread, so the loop polls only once all
+    of them are in the sockets; returns when the app has served them all."""
+    before = app.handled
+    for i, c in enumerate(clients):
+        c.sendall(b"GET /%d/%d HTTP/1.1\r\nhost: t\r\n\r\n" % (rnd, i))
+    await until(
+        lambda: app.handled == before + len(clients),
+        timeout=20,
+        what=f"round {rnd}: every request served",
+    )
+
+
+def _read_round(clients: list[socket.socket], rnd: int) -> None:
+    for i, c in enumerate(clients):
+        _read_answer(c, b"/%d/%d" % (rnd, i))
+
+
+@contextlib.asynccontextmanager
+async def _echo_server(
+    n: int,
+) -> AsyncIterator[tuple[Echo, ServerState, list[socket.socket]]]:
+    """An `Echo` behind the HTTP/1.1 server and `n` blocking client sockets, all taken in."""
+    loop = asyncio.get_running_loop()
+    app = Echo()
+    state = ServerState(app, ServerLimits())
+    server = await loop.create_server(state.protocol_factory, LOOPBACK, 0, backlog=2048)
+    port = server.sockets[0].getsockname()[1]
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            clients.append(socket.create_connection((LOOPBACK, port), timeout=5))
+        await until(lambda: len(state.connections) == n, timeout=20, what="all connected")
+        yield app, state, clients
+    finally:
+        for c in clients:
+            c.close()
+        server.close()
+        state.close()
+
+
 def test_reads_past_the_budget_are_held_then_served_with_nothing_lost() -> None:
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        app = Echo()
-        state = ServerState(app, ServerLimits())
-        server = await loop.create_server(state.protocol_factory, LOOPBACK, 0, backlog=2048)
-        port = server.sockets[0].getsockname()[1]
-        clients: list[socket.socket] = []
-        try:
-            for _ in range(CLIENTS):
-                clients.append(socket.create_connection((LOOPBACK, port), timeout=5))
-            await until(lambda: len(state.connections) == CLIENTS, timeout=20, what="all connected")
+        async with _echo_server(CLIENTS) as (app, state, clients):
             for rnd in (1, 2):
-                before_holds, before_handled = state.holds, app.handled
-                # from the loop's thread: the loop polls only once every request is sent
-                for i, c in enumerate(clients):
-                    c.sendall(b"GET /%d/%d HTTP/1.1\r\nhost: t\r\n\r\n" % (rnd, i))
-                await until(
-                    lambda b=before_handled: app.handled == b + CLIENTS,  # type: ignore[misc]
-                    timeout=20,
-                    what=f"round {rnd}: every request served",
-                )
+                before_holds = state.holds
+                await _send_round(clients, app, rnd)
                 # one poll brought every read: those past the budget were held ...
                 assert state.holds - before_holds == CLIENTS - READERS_PER_TURN
                 # ... and the loop's next turn let them read again
                 await until(lambda: not state.held, timeout=5, what="held connections resumed")
-                for i, c in enumerate(clients):
-                    _read_answer(c, b"/%d/%d" % (rnd, i))
+                _read_round(clients, rnd)
             # round 2 was read at all only because round 1's held connections were resumed
             assert app.handled == 2 * CLIENTS
-        finally:
-            for c in clients:
-                c.close()
-            server.close()
-            state.close()
 
     run(main, timeout=60)
 
 
 def test_a_loop_that_reads_less_than_the_budget_holds_nothing() -> None:
-    """The common case pays one counter per read: no connection is ever paused for it."""
+    """The common case pays two integers per read: no connection is ever paused for it."""
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        app = Echo()
-        state = ServerState(app, ServerLimits())
-        server = await loop.create_server(state.protocol_factory, LOOPBACK, 0)
-        port = server.sockets[0].getsockname()[1]
-        clients = [socket.create_connection((LOOPBACK, port), timeout=5) for _ in range(50)]
-        try:
-            await until(lambda: len(state.connections) == 50, timeout=10, what="connected")
+        async with _echo_server(50) as (app, state, clients):
             for rnd in range(20):
-                for i, c in enumerate(clients):
-                    c.sendall(b"GET /%d/%d HTTP/1.1\r\nhost: t\r\n\r\n" % (rnd, i))
-                await until(
-                    lambda r=rnd: app.handled == 50 * (r + 1),  # type: ignore[misc]
-                    timeout=10,
-                    what=f"round {rnd}",
-                )
-                for i, c in enumerate(clients):
-                    _read_answer(c, b"/%d/%d" % (rnd, i))
+                await _send_round(clients, app, rnd)
+                _read_round(clients, rnd)
             assert app.handled == 1000
             assert state.holds == 0
-        finally:
-            for c in clients:
-                c.close()
-            server.close()
-            state.close()
 
     run(main, timeout=60)
 
