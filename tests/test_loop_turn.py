@@ -4,8 +4,9 @@ libuv polls again, without running timers or `call_soon` callbacks, for as long 
 `epoll_wait` comes back full, up to 48 times; at 1,000 busy clients that starved the loop's
 ready queue for up to 1.5 s (new connections, pool connects, shadow dispatch and timeouts all
 waited). Past the budget the server holds the connections that read until the queue has run.
-These tests make one poll return more client reads than the budget: the requests are written
-from the loop's own thread, so the loop cannot poll until all of them are in the sockets.
+The tests that make one poll return more readers than the budget write their requests from
+the loop's own thread (or freeze the proxy), so the loop cannot poll until all of them are in
+the sockets; the others check that uploads and small loads are never held.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 
 from inproc import run, until
 from shadowlane.wire.exchange import Exchange
-from shadowlane.wire.server import READERS_PER_TURN, ServerLimits, ServerState
+from shadowlane.wire.server import READERS_PER_TURN, App, ServerLimits, ServerState
 from support.backend import RecordingBackend
 from support.configs import basic_config
 from support.metrics import scrape
@@ -89,12 +90,12 @@ def _read_round(clients: list[socket.socket], rnd: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _echo_server(
-    n: int,
-) -> AsyncIterator[tuple[Echo, ServerState, list[socket.socket]]]:
-    """An `Echo` behind the HTTP/1.1 server and `n` blocking client sockets, all taken in."""
+async def _serving(
+    app: App, n: int = 0
+) -> AsyncIterator[tuple[ServerState, int, list[socket.socket]]]:
+    """`app` behind the HTTP/1.1 server on port 0: its state, its port and `n` blocking client
+    sockets, all taken in."""
     loop = asyncio.get_running_loop()
-    app = Echo()
     state = ServerState(app, ServerLimits())
     server = await loop.create_server(state.protocol_factory, LOOPBACK, 0, backlog=2048)
     port = server.sockets[0].getsockname()[1]
@@ -103,7 +104,7 @@ async def _echo_server(
         for _ in range(n):
             clients.append(socket.create_connection((LOOPBACK, port), timeout=5))
         await until(lambda: len(state.connections) == n, timeout=20, what="all connected")
-        yield app, state, clients
+        yield state, port, clients
     finally:
         for c in clients:
             c.close()
@@ -113,7 +114,8 @@ async def _echo_server(
 
 def test_reads_past_the_budget_are_held_then_served_with_nothing_lost() -> None:
     async def main() -> None:
-        async with _echo_server(CLIENTS) as (app, state, clients):
+        app = Echo()
+        async with _serving(app, CLIENTS) as (state, _port, clients):
             for rnd in (1, 2):
                 before_holds = state.holds
                 await _send_round(clients, app, rnd)
@@ -132,7 +134,8 @@ def test_a_loop_that_reads_less_than_the_budget_holds_nothing() -> None:
     """The common case pays two integers per read: no connection is ever paused for it."""
 
     async def main() -> None:
-        async with _echo_server(50) as (app, state, clients):
+        app = Echo()
+        async with _serving(app, 50) as (state, _port, clients):
             for rnd in range(20):
                 await _send_round(clients, app, rnd)
                 _read_round(clients, rnd)
@@ -170,33 +173,26 @@ def test_uploads_are_not_held_for_their_many_reads() -> None:
     uploads, size = 16, 16 * 1024 * 1024
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         app = Sink()
-        state = ServerState(app, ServerLimits())
-        server = await loop.create_server(state.protocol_factory, LOOPBACK, 0)
-        port = server.sockets[0].getsockname()[1]
         body = b"x" * size
         head = b"POST /u HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % size
+        async with _serving(app) as (state, port, _clients):
 
-        def upload() -> bytes:
-            with socket.create_connection((LOOPBACK, port), timeout=20) as c:
-                c.sendall(head + body)
-                answer = b""
-                while not answer.endswith(b"\r\n\r\n%d" % size):
-                    chunk = c.recv(4096)
-                    if not chunk:
-                        break
-                    answer += chunk
-                return answer
+            def upload() -> bytes:
+                with socket.create_connection((LOOPBACK, port), timeout=20) as c:
+                    c.sendall(head + body)
+                    answer = b""
+                    while not answer.endswith(b"\r\n\r\n%d" % size):
+                        chunk = c.recv(4096)
+                        if not chunk:
+                            break
+                        answer += chunk
+                    return answer
 
-        try:
             answers = await asyncio.gather(*(asyncio.to_thread(upload) for _ in range(uploads)))
             assert app.sizes == [size] * uploads
             assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") for a in answers), answers
             assert state.holds == 0
-        finally:
-            server.close()
-            state.close()
 
     run(main, timeout=60)
 
@@ -208,15 +204,13 @@ def test_a_frozen_proxy_woken_by_600_clients_holds_past_the_budget_and_counts_it
     all of them ready, as a saturated loop would; every request is answered and the holds are
     in `/metrics`."""
     config = basic_config(backend.url)
-    # the backend's asyncio server takes one connection per loop turn: 600 connects at once
-    # overflow its accept queue, and a dropped SYN is sent again after 1 s
+    # the backend's asyncio server listens with a backlog of 100: 600 connects at once
+    # overflow it, and a dropped SYN is sent again after 1 s
     config["backends"]["b1"]["connect_timeout"] = "10s"
     proxy: ProxyProcess = proxy_factory(config)
     assert proxy.proc is not None
     pid = proxy.proc.pid
-    clients = [
-        socket.create_connection(("127.0.0.1", proxy.port), timeout=10) for _ in range(CLIENTS)
-    ]
+    clients = [socket.create_connection((LOOPBACK, proxy.port), timeout=10) for _ in range(CLIENTS)]
     try:
         wait_until(
             lambda: scrape(proxy).sum("shadowlane_downstream_connections") == CLIENTS,

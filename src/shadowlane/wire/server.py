@@ -177,7 +177,7 @@ class ServerState:
         self.turn = 0
         #: connections whose reading waits for that run
         self.held: list[ServerConnection] = []
-        #: connections ever held, for tests and the docs' figures
+        #: connections ever held (the `shadowlane_loop_turn_holds` metric)
         self.holds = 0
 
     def limit_hit(self, limit: str) -> None:
