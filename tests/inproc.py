@@ -21,6 +21,7 @@ import uvloop
 
 from shadowlane.metrics import Metrics
 from shadowlane.shadow.lane import ShadowCopy, ShadowLane, ShadowResult
+from shadowlane.wire.messages import EMPTY_BODY
 from shadowlane.wire.upstream import BackendPool, EndpointPool
 from support.procfs import LOOPBACK, socket_inodes
 
@@ -88,7 +89,7 @@ class Copy:
 
     def __init__(self, lane: ShadowLane, path: str, method: str = "GET") -> None:
         self.ended: asyncio.Future[ShadowResult] = asyncio.get_running_loop().create_future()
-        self.copy = ShadowCopy(lane, method, head(method, path), b"", self._done)
+        self.copy = ShadowCopy(lane, method, head(method, path), EMPTY_BODY, self._done)
 
     def _done(self, _copy: ShadowCopy, result: ShadowResult) -> None:
         if not self.ended.done():

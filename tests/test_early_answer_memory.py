@@ -11,6 +11,7 @@ import threading
 
 from inproc import endpoint, head, lane_to, run, until
 from shadowlane.shadow.lane import ShadowCopy, ShadowResult
+from shadowlane.wire.messages import body_of
 
 MiB = 1 << 20
 ANSWER = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
@@ -51,7 +52,11 @@ def test_an_early_answer_drops_the_connection_and_its_buffered_body() -> None:
         ep = endpoint(server.port)
         lane = lane_to(ep, timeout=5.0)
         copy = ShadowCopy(
-            lane, "POST", head("POST", "/up", len(body)), body, lambda _c, r: results.append(r)
+            lane,
+            "POST",
+            head("POST", "/up", len(body)),
+            body_of(body),
+            lambda _c, r: results.append(r),
         )
         assert lane.submit(copy)
         await until(lambda: bool(results), 10, "the early answer")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from inproc import endpoint, head, lane_to, run, until
 from shadowlane.metrics import Metrics
 from shadowlane.shadow.lane import MAX_LANE_BYTES, PROCESS_PINNED, ShadowCopy
+from shadowlane.wire.messages import body_of
 from support.backend import HungServer
 from support.metrics import Scrape
 
@@ -30,7 +31,7 @@ def test_copies_past_the_process_budget_are_dropped_and_the_bytes_come_back() ->
                     lane,  # type: ignore[arg-type]
                     "POST",
                     head("POST", "/up", len(body)),
-                    body,
+                    body_of(body),
                     lambda _c, r: ended.append(r),
                 )
 

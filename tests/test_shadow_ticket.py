@@ -29,7 +29,7 @@ from shadowlane.shadow.join import Room, Submit
 from shadowlane.shadow.outcomes import SHADOW_OUTCOMES, Outcome
 from shadowlane.shadow.ticket import ShadowTicket
 from shadowlane.wire.headers import upstream_request_headers
-from shadowlane.wire.messages import Headers, Request
+from shadowlane.wire.messages import Headers, Request, body_of
 from support.backend import RecordingBackend
 
 ROUTE = "orders"
@@ -149,10 +149,10 @@ def test_with_request_copy_goes_when_the_body_is_complete(target: RecordingBacke
         s = Setup(target, [shadow("a")])
         ticket = s.begin(path="/with-request")
         assert ticket is not None
-        ticket.request_done(b"")
+        ticket.request_done(body_of(b""))
         assert ticket.outcomes == {"a": "sent"}
-        ticket.request_done(b"")  # once per request
-        ticket.response_done(502, b"", False)  # the primary's fate changes nothing
+        ticket.request_done(body_of(b""))  # once per request
+        ticket.response_done(502, body_of(b""), False)  # the primary's fate changes nothing
         assert ticket.outcomes == {"a": "sent"}
         await until(lambda: s.counts().get("a") == {"sent": 1, "ok": 1}, what="copy answered")
         assert [r.path for r in target.requests].count("/with-request") == 1
@@ -177,8 +177,8 @@ def test_a_comparison_is_admitted_before_anything_is_captured(target: RecordingB
         s = Setup(target, [shadow("a", compare=True), shadow("b")], submit, lambda: room[0])
         full = s.begin(path="/full")
         assert full is not None and full.capture is None
-        full.request_done(b"")
-        full.response_done(200, b"", False)
+        full.request_done(body_of(b""))
+        full.response_done(200, body_of(b""), False)
         assert full.outcomes == {"a": "sent", "b": "sent"}
         both = {"a": {"sent": 1, "ok": 1}, "b": {"sent": 1, "ok": 1}}
         await until(lambda: s.counts() == both, what="both copies answered")
@@ -189,11 +189,11 @@ def test_a_comparison_is_admitted_before_anything_is_captured(target: RecordingB
         room[0] = True
         ticket = s.begin(path="/room")
         assert ticket is not None and ticket.capture is not None
-        ticket.request_done(b"")
+        ticket.request_done(body_of(b""))
         ticket.capture.head(200, [(b"content-type", b"text/plain")])
         ticket.capture.body(b"primary")
         ticket.capture.finish(0.001)
-        ticket.response_done(200, b"", False)
+        ticket.response_done(200, body_of(b""), False)
         await until(lambda: len(jobs) == 1, what="the admitted comparison handed over")
         assert jobs[0].primary.body == b"primary"
         assert jobs[0].candidate.status == 200 and jobs[0].candidate.body != b""
@@ -218,7 +218,7 @@ def test_with_request_copy_without_a_complete_body_is_skipped(target: RecordingB
         # bigger than one shadow's max_body
         t3 = s.begin(method="POST")
         assert t3 is not None
-        t3.request_done(b"12345")
+        t3.request_done(body_of(b"12345"))
         assert t3.outcomes == {"a": "sent", "b": "skipped_body"}
         assert s.counts()["b"] == {"skipped_body": 3}
 
@@ -233,7 +233,7 @@ def test_copies_of_an_upload_answered_early_wait_for_the_rest(target: RecordingB
         ticket.response_done(401, None, True)
         # b waits for nothing: after_response copies never wait for a late body
         assert ticket.outcomes == {"b": "skipped_body"}
-        ticket.late_body(b"the whole body")
+        ticket.late_body(body_of(b"the whole body"))
         assert ticket.outcomes == {"a": "sent", "b": "skipped_body"}
         ticket.late_body(None)  # decided already: nothing changes
         assert ticket.outcomes == {"a": "sent", "b": "skipped_body"}
@@ -257,20 +257,20 @@ def test_after_response_copies_go_only_after_the_answer(target: RecordingBackend
         )
         ok = s.begin()
         assert ok is not None
-        ok.request_done(b"")
+        ok.request_done(body_of(b""))
         assert ok.outcomes == {}  # nothing goes before the primary answered
-        ok.response_done(201, b"", False)
+        ok.response_done(201, body_of(b""), False)
         assert ok.outcomes == {"a": "sent", "b": "sent"}
 
         refused = s.begin()
         assert refused is not None
-        refused.request_done(b"")
-        refused.response_done(500, b"", False)
+        refused.request_done(body_of(b""))
+        refused.response_done(500, body_of(b""), False)
         assert refused.outcomes == {"a": "sent", "b": "skipped_status"}
 
         gone = s.begin()
         assert gone is not None
-        gone.response_done(499, b"", False)
+        gone.response_done(499, body_of(b""), False)
         assert gone.outcomes == {"a": "skipped_status", "b": "skipped_status"}
         assert s.counts()["b"]["skipped_status"] == 2
 
@@ -286,8 +286,8 @@ def test_a_full_lane_or_an_open_circuit_drops_without_connecting(
         first = s.begin(path="/delay/0.5")
         second = s.begin(path="/full")
         assert first is not None and second is not None
-        first.request_done(b"")
-        second.request_done(b"")
+        first.request_done(body_of(b""))
+        second.request_done(body_of(b""))
         assert (first.outcomes, second.outcomes) == ({"a": "sent"}, {"a": "dropped"})
         await until(lambda: not lane.in_flight, what="the first copy answered")
         for _ in range(FAILURES):
@@ -295,7 +295,7 @@ def test_a_full_lane_or_an_open_circuit_drops_without_connecting(
         connections = target.connections_accepted
         shed = s.begin(path="/shed")
         assert shed is not None
-        shed.request_done(b"")
+        shed.request_done(body_of(b""))
         assert shed.outcomes == {"a": "dropped"}
         assert target.connections_accepted == connections
         assert s.counts()["a"]["dropped"] == 2
@@ -332,17 +332,17 @@ def test_every_sampled_lane_ends_with_exactly_one_outcome(
         assert ticket is not None
         for moment in moments:
             if moment == "request":
-                ticket.request_done(b"body")
+                ticket.request_done(body_of(b"body"))
             elif moment == "request_unkept":
                 ticket.request_done(None)
             elif moment == "response":
-                ticket.response_done(200, b"body", False)
+                ticket.response_done(200, body_of(b"body"), False)
             elif moment == "response_late":
                 ticket.response_done(200, None, True)
             elif moment == "response_no_body":
                 ticket.response_done(200, None, False)
             elif moment == "late":
-                ticket.late_body(b"body")
+                ticket.late_body(body_of(b"body"))
             elif moment == "late_lost":
                 ticket.late_body(None)
         assert set(ticket.outcomes) == {"a", "b", "c", "d", "e"}

@@ -3,12 +3,13 @@
 The proxy runs as a subprocess; two real backends on 127.0.0.1 read each body whole and answer
 (one the primary, one the shadow). A bounded load (CONNECTIONS keep-alive clients, PER_CONN
 uploads each) goes through; the proxy's peak RSS (VmHWM from /proc) may grow over its idle RSS
-by at most what the uploads in flight need: the body being read and its one joined copy, shared
-by the primary and the shadow copy (BODY_BUDGET per connection), plus a fixed allowance for
-buffers and the allocator. A body copied once per shadow or per chunk would need several times
-that, and so would finished uploads left for the cyclic GC: with a primary that answers before
-it reads the body (nginx's `return 200`), each finished call once stayed in a reference cycle
-with its exchange, whole body included, until a collection that this load never triggers.
+by at most what the uploads in flight need: the body being read, kept as the chunks it came in
+and shared by the primary and the shadow copy (BODY_BUDGET per connection), plus a fixed
+allowance for buffers and the allocator. A body copied once per shadow or per chunk would need
+several times that, and so would finished uploads left for the cyclic GC: with a primary that
+answers before it reads the body (nginx's `return 200`), each finished call once stayed in a
+reference cycle with its exchange, whole body included, until a collection that this load never
+triggers.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from shadowlane.wire.headers import (
     serialize_headers,
     upstream_request_headers,
 )
-from shadowlane.wire.messages import Headers, Request
+from shadowlane.wire.messages import EMPTY_BODY, Body, Headers, Request
 from shadowlane.wire.overload import REFUSE, SHED, OverloadState
 from shadowlane.wire.server import Exchange
 from shadowlane.wire.upstream import (
@@ -249,9 +249,10 @@ class ProxyCall(ResponseSink):
         self.endpoint: EndpointPool = backend.pick()
         self.t0 = t0
         self.conn: UpstreamConnection | None = None
-        #: the body's chunks while READING or LATE; the whole body once COMPLETE
+        #: the body's chunks while READING or LATE; the whole body once COMPLETE (its chunks,
+        #: not joined: the copies write them as they came)
         self.retained: list[bytes] = []
-        self.body = b""
+        self.body = EMPTY_BODY
         self.body_state = BodyState.READING if exchange.has_body else BodyState.COMPLETE
         self.body_size_seen = 0
         self.retried = False
@@ -316,7 +317,7 @@ class ProxyCall(ResponseSink):
         if ticket is not None:
             if not ex.has_body:
                 # nothing to wait for: the copies go now, not after the primary connects
-                ticket.request_done(b"")
+                ticket.request_done(EMPTY_BODY)
             elif ticket.stream_at < NEVER:
                 self._may_stream(ticket, ex.content_length)
         conn = self.endpoint.get_idle()
@@ -362,8 +363,13 @@ class ProxyCall(ResponseSink):
             self._request_complete()
         elif self.retried:
             # resend the body of a retried request (only retried when it was COMPLETE)
-            if self.body:
-                self._write_chunk(conn, self.body)
+            body = self.body
+            if body.size:
+                if ex.chunked:
+                    for part in body.parts:
+                        conn.write_chunk(part)
+                else:
+                    conn.write_parts(body.parts)
             self._finish_body(conn)
         elif not self.watch_body:
             ex.set_body_consumer(self._on_body, self._on_body_end)
@@ -466,7 +472,7 @@ class ProxyCall(ResponseSink):
         if self.finished and state != BodyState.LATE:
             return
         if state == BodyState.READING or state == BodyState.LATE:
-            self.body = b"".join(self.retained)
+            self.body = Body(self.retained, self.body_size_seen)
             self.retained = []
             self.body_state = BodyState.COMPLETE
         if self.finished:  # answered early: the copies that waited for the body go now
@@ -489,7 +495,7 @@ class ProxyCall(ResponseSink):
         if self.ticket is not None:
             self.ticket.request_done(self._whole_body())  # the ticket acts once
 
-    def _whole_body(self) -> bytes | None:
+    def _whole_body(self) -> Body | None:
         """The whole request body, or None when it is not (or will not be) complete."""
         return self.body if self.body_state == BodyState.COMPLETE else None
 
@@ -502,7 +508,7 @@ class ProxyCall(ResponseSink):
         if self.recorder is not None and self.body_state != BodyState.LATE:
             self._record(self._whole_body())
 
-    def _record(self, body: bytes | None) -> None:
+    def _record(self, body: Body | None) -> None:
         """Hand the request (and its answer, when recorded) to the recording, once."""
         rec = self.recorder
         if rec is None:
@@ -511,11 +517,12 @@ class ProxyCall(ResponseSink):
         cap = self.rec_capture
         rid = self.request.request_id
         chunked = self.exchange.chunked
+        data = body.data() if body is not None else None
         if cap is None:
-            rec.request(self.head, rid, self.rec_ts, body, None, 0, chunked)
+            rec.request(self.head, rid, self.rec_ts, data, None, 0, chunked)
         else:
             latency = time.time_ns() - self.rec_ts
-            rec.request(self.head, rid, self.rec_ts, body, cap.result, latency, chunked)
+            rec.request(self.head, rid, self.rec_ts, data, cap.result, latency, chunked)
 
     # ----- response side (ResponseSink) -----
     def on_response_head(

@@ -36,7 +36,7 @@ from shadowlane.shadow.outcomes import (
 from shadowlane.shadow.plan import LanePlan, RouteShadows
 from shadowlane.shadow.ticket import ShadowTicket
 from shadowlane.shadow.writes import ANSWER_LIMIT, Record, WritePlan
-from shadowlane.wire.messages import Headers, Request
+from shadowlane.wire.messages import EMPTY_BODY, Headers, Request
 from shadowlane.wire.upstream import BackendPool
 
 if TYPE_CHECKING:
@@ -277,7 +277,7 @@ class ShadowDispatcher:
             else:
                 endpoint = lane.pool.pick()
                 head = p.builder.head(forwarded, headers, 0, endpoint.authority)
-                copy = ShadowCopy(lane, request.method, head, b"", None, endpoint)
+                copy = ShadowCopy(lane, request.method, head, EMPTY_BODY, None, endpoint)
                 # the lane counts `sent`, and `dropped` when it cannot take the copy
                 outcomes[lane.target] = SENT if lane.submit(copy) else DROPPED
                 continue

@@ -38,7 +38,7 @@ from shadowlane.shadow.outcomes import (
     CopyEnd,
     Ended,
 )
-from shadowlane.wire.messages import Headers
+from shadowlane.wire.messages import EMPTY_BODY, Body, Headers
 from shadowlane.wire.upstream import (
     IDEMPOTENT,
     BackendPool,
@@ -126,7 +126,7 @@ class ShadowCopy(ResponseSink):
         lane: ShadowLane,
         method: str,
         head: bytes,
-        body: bytes,
+        body: Body,
         on_done: OnDone | None,
         endpoint: EndpointPool | None = None,
         extra_bytes: int = 0,
@@ -139,7 +139,7 @@ class ShadowCopy(ResponseSink):
         self.body = body
         #: bytes this copy pins while it waits or runs: its body, and what its end still needs
         #: (the primary's answer, to check a `_bulk` item by item)
-        self.size = len(body) + extra_bytes
+        self.size = body.size + extra_bytes
         #: its place in its ordering scope, while it holds or waits for keys
         self.waiter: Waiter | None = None
         self.on_done = on_done
@@ -198,8 +198,9 @@ class ShadowCopy(ResponseSink):
     def _send(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         conn.send_request(self.head, self, self.lane.timeout, head_request=self.method == "HEAD")
-        if self.body:
-            conn.write_body(self.body)
+        body = self.body
+        if body.size:
+            conn.write_parts(body.parts)
         conn.end_request()
         self.lane.metrics.shadow_outcome(self.lane.route, self.lane.target, SENT)
 
@@ -342,7 +343,7 @@ class StreamedCopy(ShadowCopy):
         # then `slack` more. That is what it pins for the lane's and the process's byte
         # bounds (never the whole body)
         bound = slack + handed
-        super().__init__(lane, method, head, b"", on_done, endpoint, bound)
+        super().__init__(lane, method, head, EMPTY_BODY, on_done, endpoint, bound)
         self.chunked = chunked
         self.bound = bound
         #: chunks not written yet (while it connects): the same bytes objects, a new list

@@ -18,7 +18,7 @@ feed, and `outcomes` (target -> what became of the copy) for the access log.
 Every lane the request was sampled into gets exactly one outcome here: `sent` or `dropped`
 when the copy was handed to its lane (the lane counts what happens next), `skipped_body` or
 `skipped_status` when no copy was built. Lanes not sampled were counted `sampled_out` by the
-dispatcher and have no ticket entry. Each copy is built once, from the shared body bytes, and
+dispatcher and have no ticket entry. Each copy is built once, from the shared body (`Body`), and
 handed to its lane, which starts, queues or drops it without waiting.
 
 A concrete class, not a Protocol: compiled, the proxy's calls into it are direct C calls.
@@ -66,7 +66,7 @@ from shadowlane.shadow.outcomes import (
 )
 from shadowlane.shadow.plan import NEVER, LanePlan
 from shadowlane.shadow.writes import Prepared, Unsent, WriteEnd, WritePlan
-from shadowlane.wire.messages import Headers, Request
+from shadowlane.wire.messages import Body, Headers, Request, body_of
 
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
@@ -128,7 +128,7 @@ class ShadowTicket:
         self.streamed: BodyStream | None = None
 
     # ----- the proxy's moments -----
-    def request_done(self, body: bytes | None) -> None:
+    def request_done(self, body: Body | None) -> None:
         """The request body is complete, or there is none (`body` is None when it was too big
         to keep): `with_request` copies go now, whatever becomes of the primary."""
         if self._requested:
@@ -139,7 +139,7 @@ class ShadowTicket:
             if not p.after_response:
                 self._submit(p, body)
 
-    def response_done(self, status: int, body: bytes | None, body_may_follow: bool) -> None:
+    def response_done(self, status: int, body: Body | None, body_may_follow: bool) -> None:
         """The primary answered with `status`, failed, or the client left (499). `body` is the
         whole request body, or None when it is not (or will not be) complete; `body_may_follow`
         when the primary answered early and the rest is still being read for the copies.
@@ -175,7 +175,7 @@ class ShadowTicket:
                 continue
             self._submit(p, body)
 
-    def late_body(self, body: bytes | None) -> None:
+    def late_body(self, body: Body | None) -> None:
         """The body of a request the primary answered early is complete, or (None) lost for
         good: the `with_request` copies that waited for it go now, or are `skipped_body`."""
         waiting, self._waiting_body = self._waiting_body, []
@@ -254,8 +254,8 @@ class ShadowTicket:
         return StreamedCopy(lane, req.method, head, chunked, so_far, slack, on_done, endpoint)
 
     # ----- building and handing over copies -----
-    def _submit(self, p: LanePlan, body: bytes | None) -> None:
-        if body is None or len(body) > p.cfg.max_body:
+    def _submit(self, p: LanePlan, body: Body | None) -> None:
+        if body is None or body.size > p.cfg.max_body:
             self._outcome(p, SKIPPED_BODY)
             self._unsent_write(p, None, DIV_SKIPPED_BODY, "body too big to keep")
             return
@@ -270,32 +270,32 @@ class ShadowTicket:
         shead = (
             head
             if not p.builder.host_is_endpoint
-            else p.builder.head(req, self._base, len(body), sep.authority)
+            else p.builder.head(req, self._base, body.size, sep.authority)
         )
         second = ShadowCopy(p.secondary, req.method, shead, body, slot.on_secondary, sep)
         if not p.secondary.submit(second):
             slot.copy_dropped()
 
-    def _submit_write(self, p: LanePlan, w: WritePlan, body: bytes) -> None:
+    def _submit_write(self, p: LanePlan, w: WritePlan, body: Body) -> None:
         """A copy of an ordered or id-rewriting shadow: built from the primary's answer, sent
         in its scope's order, checked at its end; whatever may leave the target unlike the
         primary is written to the divergence ledger."""
         req = self._request
         capture = self.capture
         answer = capture.result if capture is not None else None
-        prep = w.prepare(req, body, self._status, answer)
+        prep = w.prepare(req, body.data(), self._status, answer)
         if isinstance(prep, Unsent):
             self._outcome(p, SKIPPED_ANSWER if prep.divergent else SKIPPED_STATUS)
             if prep.divergent:
                 w.diverged(prep.keys, DIV_PRIMARY_UNUSABLE, req.request_id, req.method,
                            self._uri(), prep.reason)  # fmt: skip
             return
-        dropped, _, _ = self._hand_over(p, prep.body, w, prep)
+        dropped, _, _ = self._hand_over(p, body_of(prep.body), w, prep)
         if dropped:
             w.diverged(prep.keys, DIV_DROPPED, req.request_id, prep.method, self._uri(), dropped)
 
     def _hand_over(
-        self, p: LanePlan, body: bytes, w: WritePlan | None = None, prep: Prepared | None = None
+        self, p: LanePlan, body: Body, w: WritePlan | None = None, prep: Prepared | None = None
     ) -> tuple[str, CompareSlot | None, bytes]:
         """Build one copy (of the request, or of a write step's `prep`) and give it to its
         lane: the circuit and the lane's bounds first, then the head, the comparison slot,
@@ -308,21 +308,21 @@ class ShadowTicket:
             lane.fail_open()
             self._dropped(p)
             return "circuit open", None, b""
-        if lane.full(len(body) + kept):
+        if lane.full(body.size + kept):
             lane.drop()
             self._dropped(p)
             return "queue full", None, b""
         endpoint = lane.pool.pick()
         method = prep.method if prep is not None else req.method
         target = prep.target if prep is not None else None
-        head = p.builder.head(req, self._base, len(body), endpoint.authority, method, target)
-        slot = self._slot(p, body) if p.compares else None
+        head = p.builder.head(req, self._base, body.size, endpoint.authority, method, target)
+        slot = self._slot(p, body.prefix(EXAMPLE_REQUEST_BODY)) if p.compares else None
         on_done: OnDone | None = slot.on_candidate if slot else None
         if w is not None and prep is not None:
             on_done = WriteEnd(w, prep, req.request_id, self._uri(), slot).on_done
         tap: CopyRecording | None = None
         if p.recorder is not None and p.recorder.wants(req):
-            tap = CopyRecording(p.recorder, head, body, req.request_id, on_done)
+            tap = CopyRecording(p.recorder, head, body.data(), req.request_id, on_done)
             if p.recorder.answers:
                 on_done = tap.on_done
         copy = ShadowCopy(lane, method, head, body, on_done, endpoint, kept)
@@ -339,15 +339,15 @@ class ShadowTicket:
         return "queue full", None, head
 
     def _unsent_write(
-        self, p: LanePlan, body: bytes | None, reason: DivergenceReason, detail: str
+        self, p: LanePlan, body: Body | None, reason: DivergenceReason, detail: str
     ) -> None:
         """A write copy that will not be built: the ledger marks its keys suspect."""
         w = p.writes
         if w is None:
             return
         req = self._request
-        w.diverged(w.unsent_keys(req, body), reason, req.request_id, req.method, self._uri(),
-                   detail)  # fmt: skip
+        keys = w.unsent_keys(req, body.data() if body is not None else None)
+        w.diverged(keys, reason, req.request_id, req.method, self._uri(), detail)
 
     def _uri(self) -> str:
         return self._request.target.decode("latin-1")
@@ -358,7 +358,9 @@ class ShadowTicket:
         if p.compares:  # admitted or not: not counted yet
             self._metrics.comparison(p.lane.route, p.lane.target, COMPARISON_DROPPED)
 
-    def _slot(self, p: LanePlan, body: bytes) -> CompareSlot | None:
+    def _slot(self, p: LanePlan, example: bytes) -> CompareSlot | None:
+        """The comparison of this copy (`example`: the request body's first bytes, for the
+        report), or None when it is not compared."""
         if not self._admitted:
             self._metrics.comparison(p.lane.route, p.lane.target, COMPARISON_DROPPED)
             return None
@@ -372,7 +374,7 @@ class ShadowTicket:
             request_id=req.request_id,
             method=req.method,
             uri=req.target.decode("latin-1"),
-            request_body=body[:EXAMPLE_REQUEST_BODY],
+            request_body=example[:EXAMPLE_REQUEST_BODY],
             primary=EMPTY,
             candidate=EMPTY,
             secondary=None,

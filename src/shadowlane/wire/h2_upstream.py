@@ -233,6 +233,10 @@ class H2Stream(UpstreamConnection):
         self.out += data
         self.h2conn.sends.schedule(self)
 
+    def write_parts(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self.write_body(part)  # framed into DATA frames from `out` anyway
+
     def write_chunk(self, data: bytes) -> None:
         self.write_body(data)  # DATA frames carry their own length
 

@@ -85,3 +85,60 @@ class Request:
                 if sep and key == name:
                     return value
         return None
+
+
+class Body:
+    """A request body read whole, as the chunks it arrived in.
+
+    The primary was written these very chunks as they came; every shadow copy writes them
+    again as they are (one writev) rather than one bytes joined from them, which for a
+    1 MiB upload was a third user-space copy of it and, while the chunks were still queued
+    for the primary, a second MiB pinned per request. Only a reader that parses the body
+    (an id-rewriting write plan, ordering keys, a recording) asks for `data()`, which joins
+    once and keeps the result, so later readers share it.
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[bytes], size: int) -> None:
+        #: the chunks, in order (never empty bytes; empty list for an empty body)
+        self.parts = parts
+        #: their total length
+        self.size = size
+
+    def data(self) -> bytes:
+        """The whole body as one bytes (joined on the first call, then kept)."""
+        parts = self.parts
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return b""
+        whole = b"".join(parts)
+        self.parts = [whole]
+        return whole
+
+    def prefix(self, limit: int) -> bytes:
+        """At most the first `limit` bytes (a report's example), joining only what it needs."""
+        parts = self.parts
+        if not parts:
+            return b""
+        first = parts[0]
+        if len(first) >= limit or len(parts) == 1:
+            return first[:limit]
+        taken: list[bytes] = []
+        have = 0
+        for part in parts:
+            taken.append(part)
+            have += len(part)
+            if have >= limit:
+                break
+        return b"".join(taken)[:limit]
+
+
+#: the body of a request without one (shared: `data()` never changes an empty body)
+EMPTY_BODY = Body([], 0)
+
+
+def body_of(data: bytes) -> Body:
+    """A body already in one piece (a write plan's rewrite of it, a test's)."""
+    return Body([data], len(data)) if data else EMPTY_BODY

@@ -367,6 +367,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._last_activity = self._time()
             self._write(data)
 
+    def write_parts(self, parts: list[bytes]) -> None:
+        """A body read whole, as the chunks it came in (`Body.parts`): one writev, so the
+        transport holds the chunks themselves, not a joined copy of them."""
+        transport = self.transport
+        if self.state == ConnState.BUSY and transport is not None:
+            self._last_activity = self._time()
+            transport.writelines(parts)
+
     def write_chunk(self, data: bytes) -> None:
         """One piece of a body of unknown length (chunked on HTTP/1.1; a DATA frame on
         HTTP/2, whose framing needs no chunks)."""
