@@ -598,6 +598,7 @@ def test_limits_and_overload_keys() -> None:
                 rss: {shed_shadows: 512MiB, refuse: 1GiB}
                 in_flight: {shed_shadows: 100}
                 retry_after: 1500ms
+                heap_release: {interval: 250ms, min_free: 4MiB}
             """
         ),
         "cfg.yaml",
@@ -608,11 +609,17 @@ def test_limits_and_overload_keys() -> None:
     ov = lim.overload
     assert (ov.rss.shed_shadows, ov.rss.refuse) == (512 * 1024**2, 1024**3)
     assert (ov.in_flight.shed_shadows, ov.in_flight.refuse, ov.retry_after) == (100, 0, 1.5)
+    assert (ov.heap_release.interval, ov.heap_release.min_free) == (0.25, 4 * 1024**2)
     # defaults: slow POSTs are cut, nothing else is capped, the overload manager is off
     default = parse_config(MINIMAL, "cfg.yaml").limits
     assert (default.min_body_rate, default.body_rate_window) == (1024, 30.0)
     assert (default.max_connections, default.max_requests_per_connection) == (0, 0)
     assert default.overload.rss.refuse == 0 and default.overload.in_flight.refuse == 0
+    # ... but freed heap is handed back, so an RSS watermark follows what is in use
+    assert (default.overload.heap_release.interval, default.overload.heap_release.min_free) == (
+        1.0,
+        16 * 1024**2,
+    )
 
 
 def test_limits_errors_name_the_key() -> None:
@@ -623,10 +630,16 @@ def test_limits_errors_name_the_key() -> None:
           overload:
             rss: {shed_shadows: 2GiB, refuse: 1GiB}
             in_flight: {refuse: 10, shed: 5}
+            heap_release: {interval: -1s, min_free: lots}
         """
     )
-    assert errors_of(text) == [
+    errors = errors_of(text)
+    assert errors[:3] == [
         "limits.max_connections: must be >= 0",
         "limits.overload.rss: shed_shadows must not be above refuse (shadows are shed first)",
         "limits.overload.in_flight.shed: unknown key",
     ]
+    assert [e.split(":")[0] for e in errors[3:]] == [
+        "limits.overload.heap_release.interval",
+        "limits.overload.heap_release.min_free",
+    ], errors

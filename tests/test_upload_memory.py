@@ -19,15 +19,17 @@ import os
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from support.configs import backend_entry
-from support.metrics import settle
+from support.metrics import scrape, settle
 from support.procfs import memory
 from support.proxy import ProxyProcess
+from support.wait import wait_until
 
 MiB = 1 << 20
 CONNECTIONS = 16
@@ -190,10 +192,14 @@ def test_big_uploads_reuse_the_heap_instead_of_faulting_it_in_again(
     of it is free, so each 1 MiB body was faulted in again, zeroed (this load without the
     tuning: 181 page faults per upload, and a higher peak RSS). With the proxy's fixed
     thresholds (app/process.py) a warm process reuses its heap: a second round of the same
-    uploads faults in almost nothing."""
+    uploads faults in almost nothing. The heap release is off here: it hands the freed heap
+    back between bursts on purpose (the test below), and the second round would fault it in
+    again."""
     primary, shadow = Discarding(), Discarding()
     try:
-        proxy = proxy_factory(shadowed_uploads(primary, shadow))
+        cfg = shadowed_uploads(primary, shadow)
+        cfg["limits"] = {"overload": {"heap_release": {"interval": "0s"}}}
+        proxy = proxy_factory(cfg)
         total = CONNECTIONS * PER_CONN
         assert upload_load(proxy.port) == total  # warm: the heap grows to what the load needs
         settle(proxy, "up", "s", total, timeout=60)
@@ -205,6 +211,166 @@ def test_big_uploads_reuse_the_heap_instead_of_faulting_it_in_again(
         print(f"{faults} minor faults for {total} uploads: {per_upload:.1f} each")
         # a 1 MiB body is 256 pages; faulting it in again once per upload is >= 64 each
         assert per_upload < 16, f"{per_upload:.0f} page faults per 1 MiB upload"
+    finally:
+        primary.stop()
+        shadow.stop()
+
+
+def _rss(pid: int) -> int:
+    return memory(pid)["VmRSS"]
+
+
+def _heap(proxy: ProxyProcess) -> str:
+    """What a failure message needs: RSS, what malloc holds, what the releases did."""
+    m = scrape(proxy)
+    return (
+        f"RSS {_rss(proxy.pid) / MiB:.0f} MiB (peak {memory(proxy.pid)['VmHWM'] / MiB:.0f}), "
+        f"allocated {m.sum('shadowlane_heap_allocated_bytes') / MiB:.0f} MiB, "
+        f"{m.sum('shadowlane_heap_releases'):.0f} releases gave back "
+        f"{m.sum('shadowlane_heap_released_bytes') / MiB:.0f} MiB"
+    )
+
+
+@pytest.mark.parametrize("interval", ["200ms", "0s"], ids=["released", "kept"])
+def test_freed_heap_goes_back_to_the_system_after_a_burst(
+    proxy_factory: Callable[[dict[str, Any]], ProxyProcess], interval: str
+) -> None:
+    """After a burst of uploads the memory their bodies used is freed, but glibc keeps the
+    pages (the proxy's fixed thresholds keep up to 64 MiB of them on purpose, and holes below
+    the top are never trimmed): RSS would stay at the burst's peak. The heap release
+    (`limits.overload.heap_release`, app/heap.py) hands them back within a few of its ticks;
+    turned off (`interval: 0s`, the control) RSS stays up, so the test can fail."""
+    primary, shadow = Discarding(), Discarding()
+    try:
+        cfg = shadowed_uploads(primary, shadow)
+        # a release as soon as 4 MiB stayed resident unused: the default 16 MiB would leave up
+        # to that much of this small burst resident
+        release = {"interval": interval, "min_free": "4MiB"}
+        cfg["limits"] = {"overload": {"heap_release": release}}
+        proxy = proxy_factory(cfg)
+        with socket.create_connection(("127.0.0.1", proxy.port)):
+            pass
+        idle = _rss(proxy.pid)
+        total = CONNECTIONS * PER_CONN
+        assert upload_load(proxy.port) == total
+        settle(proxy, "up", "s", total, timeout=60)
+        assert primary.body_bytes == total * MiB
+        grown = memory(proxy.pid)["VmHWM"] - idle
+        assert grown >= 24 * MiB, f"the burst lifted RSS only {grown / MiB:.0f} MiB"
+        back = idle + grown // 3  # two thirds of the growth given back
+        releases = lambda: scrape(proxy).sum("shadowlane_heap_releases")  # noqa: E731
+        if interval != "0s":
+            try:
+                wait_until(lambda: _rss(proxy.pid) <= back, 10, "RSS back near idle")
+            except TimeoutError:
+                raise AssertionError(f"idle {idle / MiB:.0f} MiB, {_heap(proxy)}") from None
+            # the trim's thread counts it on the loop just after RSS fell
+            wait_until(lambda: releases() >= 1, 5, "the release counted")
+            assert scrape(proxy).sum("shadowlane_heap_released_bytes") >= grown // 3
+        else:
+            deadline = time.monotonic() + 1.5  # a release every 200 ms would show well before
+            while time.monotonic() < deadline:
+                rss = _rss(proxy.pid)
+                assert rss > back, f"RSS fell to {rss / MiB:.0f} MiB with the release off"
+                time.sleep(0.1)
+            assert releases() == 0
+        print(f"idle {idle / MiB:.0f} MiB, grew {grown / MiB:.0f}, now {_rss(proxy.pid) / MiB:.0f}")
+    finally:
+        primary.stop()
+        shadow.stop()
+
+
+def burst(port: int, connections: int) -> dict[str, int]:
+    """upload_load, tolerant: a refused upload is answered 503 and its connection closed, often
+    while the body is still being sent. Counts each answer's status, and errors as "error"."""
+    seen: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def count(key: str) -> None:
+        with lock:
+            seen[key] = seen.get(key, 0) + 1
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            for _ in range(PER_CONN):
+                try:
+                    conn.request("POST", "/up", body=BODY)
+                    resp = conn.getresponse()
+                    resp.read()
+                    count(str(resp.status))
+                    if resp.will_close:
+                        conn.close()
+                except (OSError, http.client.HTTPException):
+                    count("error")
+                    conn.close()
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return seen
+
+
+def _get_status(port: int) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/after")
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("interval", ["200ms", "0s"], ids=["released", "kept"])
+def test_a_burst_past_the_rss_watermark_does_not_refuse_requests_forever(
+    proxy_factory: Callable[[dict[str, Any]], ProxyProcess], interval: str
+) -> None:
+    """The overload manager refuses new requests while RSS is past `rss.refuse`. A burst of
+    uploads crosses it; once the burst is over nothing is in use any more, and requests must be
+    served again. Without the heap release (the control) the freed pages stay resident and
+    every later request is answered 503: the bug this release fixes."""
+    primary, shadow = Discarding(), Discarding()
+    try:
+        cfg = shadowed_uploads(primary, shadow)
+        release = {"interval": interval, "min_free": "4MiB"}
+        cfg["limits"] = {"overload": {"heap_release": release}}
+        proxy = proxy_factory(cfg)
+        assert _get_status(proxy.port) == 200
+        idle = _rss(proxy.pid)
+        # 2 * CONNECTIONS uploads in flight need far more than 24 MiB; what a release leaves
+        # resident (up to min_free over the lowest since the last) far less
+        refuse = idle + 24 * MiB
+        new = dict(proxy.config)
+        new["limits"] = {
+            "overload": {"rss": {"refuse": f"{refuse // 1024}KiB"}, "heap_release": release}
+        }
+        proxy.write_config(new)
+        proxy.reload()
+        wait_until(lambda: proxy.stderr_lines("reloaded"), 10, "the reload")
+        level = lambda: scrape(proxy).sum("shadowlane_overload_level")  # noqa: E731
+        seen = burst(proxy.port, 2 * CONNECTIONS)
+        assert seen.get("200", 0) >= CONNECTIONS, seen  # the burst ran
+        refused = scrape(proxy).sum("shadowlane_downstream_limited_total", limit="overload")
+        assert refused >= 1, f"the burst never crossed the watermark: {seen}"
+        if interval != "0s":
+            try:
+                wait_until(lambda: level() == 0, 10, "the overload level back to normal")
+            except TimeoutError:
+                raise AssertionError(
+                    f"refusing still: refuse at {refuse / MiB:.0f} MiB, {_heap(proxy)}"
+                ) from None
+            assert _get_status(proxy.port) == 200
+        else:
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                assert level() == 2, f"RSS fell below {refuse / MiB:.0f} MiB: {_heap(proxy)}"
+                time.sleep(0.1)
+            assert _get_status(proxy.port) == 503
     finally:
         primary.stop()
         shadow.stop()

@@ -29,6 +29,7 @@ from shadowlane.admin.control_api import install_control_api
 from shadowlane.admin.migrations_api import install_migrations_api
 from shadowlane.app.access_log import AccessLogger
 from shadowlane.app.generation import Generation, build_generation, records
+from shadowlane.app.heap import HeapRelease
 from shadowlane.app.loop_probe import probe_loop_lag
 from shadowlane.app.tls import build_tls, tls_shape
 from shadowlane.compare.analysis import Analysis
@@ -295,6 +296,9 @@ class Instance:
         self.tls = build_tls(cfg.tls, cfg.listen_http2) if cfg.tls is not None else None
         gen = self.generation
         self.overload = OverloadState()
+        hr = cfg.limits.overload.heap_release
+        #: gives freed heap pages back, so RSS (and the overload watermarks) follow what is used
+        self.heap = HeapRelease(self.loop, hr.interval, hr.min_free)
         self.proxy = Proxy(
             gen.routes,
             gen.runtimes,
@@ -362,6 +366,35 @@ class Instance:
             "the turn budget) since the process started.",
             (),
             lambda: [((), float(state.holds))],
+        )
+        stats = self.heap.stats
+        metrics.set_gauge_provider(
+            "shadowlane_heap_releases",
+            "Times freed heap memory was handed back to the system (malloc_trim) since the "
+            "process started.",
+            (),
+            lambda: [((), float(stats.releases))],
+        )
+        metrics.set_gauge_provider(
+            "shadowlane_heap_released_bytes",
+            "Resident memory those releases gave back, in bytes, since the process started.",
+            (),
+            lambda: [((), float(stats.released_bytes))],
+        )
+        heap = self.heap
+        metrics.set_gauge_provider(
+            "shadowlane_heap_allocated_bytes",
+            "Bytes the C allocator has handed out and not had back (glibc's mallinfo2): "
+            "resident memory above this is libraries, stacks, Python's arenas and freed "
+            "heap not handed back yet.",
+            (),
+            lambda: [((), float(heap.allocated()))],
+        )
+        metrics.set_gauge_provider(
+            "shadowlane_heap_release_seconds",
+            "Time those releases took (on their own thread), since the process started.",
+            (),
+            lambda: [((), stats.seconds)],
         )
         metrics.set_gauge_provider(
             "shadowlane_overload_level",
@@ -515,6 +548,8 @@ class Instance:
         gen.serve_on(self.proxy)
         # in place: every open connection reads the limits from there
         _apply_limits(self.state.limits, self.overload, cfg.limits)
+        hr = cfg.limits.overload.heap_release
+        self.heap.configure(hr.interval, hr.min_free)
         if self.h2 is not None:  # for connections accepted from now on
             self.h2.max_streams = cfg.limits.max_concurrent_streams
         self.control.reset()
@@ -613,6 +648,7 @@ class Instance:
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.control.start_polling()
         self.metrics.start_flushing(self.loop)
+        self.heap.start()
         if cfg.admin.loop_lag_probe > 0:
             self._lag_probe = self.loop.create_task(
                 probe_loop_lag(cfg.admin.loop_lag_probe, self.metrics.observe_loop_lag)
@@ -670,6 +706,7 @@ class Instance:
             h2.close()
         await self.tunnels.drain(tunnels_deadline)
         self.control.stop()
+        self.heap.stop()
         if self._lag_probe is not None:
             self._lag_probe.cancel()
         if self.migrations is not None:

@@ -63,9 +63,21 @@ class SizeWatermarks(Watermarks, frozen=True):
     refuse: Annotated[Size, Field(ge=0)] = 0
 
 
+class HeapReleaseConfig(_Model, frozen=True):
+    """Handing the allocator's free pages back to the system (glibc's `malloc_trim`), so that
+    resident memory, and the `rss` watermarks read from it, follow what is in use rather than
+    the highest it ever was (Envoy's `shrink_heap` and background release)."""
+
+    #: how often the allocator's free memory is looked at; 0 turns the release off
+    interval: Annotated[Duration, Field(ge=0)] = 1.0
+    #: a release runs when at least this much freed memory stayed resident since the last
+    min_free: Annotated[Size, Field(ge=0)] = 16 * 1024 * 1024
+
+
 class OverloadConfig(_Model, frozen=True):
     """The overload manager (Envoy's idea): watermarks on this process's resident memory and
-    on the requests it has in flight. Off unless a watermark is set."""
+    on the requests it has in flight. Off unless a watermark is set. The heap release is on
+    by default: it is what keeps the memory watermark meaningful after a burst."""
 
     rss: Annotated[SizeWatermarks, BeforeValidator(_none_to_empty(dict))] = Field(
         default_factory=SizeWatermarks
@@ -75,6 +87,9 @@ class OverloadConfig(_Model, frozen=True):
     )
     #: the `Retry-After` of a refused request, whole seconds (rounded up)
     retry_after: Timeout = 1.0
+    heap_release: Annotated[HeapReleaseConfig, BeforeValidator(_none_to_empty(dict))] = Field(
+        default_factory=HeapReleaseConfig
+    )
 
 
 class LimitsConfig(_Model, frozen=True):
