@@ -134,13 +134,19 @@ def upload_load(port: int) -> int:
     return sum(ok)
 
 
-def shadowed_uploads(primary: Discarding, shadow: Discarding) -> dict[str, Any]:
-    """One route to `primary`, every request copied to `shadow` (bodies up to 2 MiB)."""
-    return {
+def shadowed_uploads(
+    primary: Discarding, shadow: Discarding, heap_release: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """One route to `primary`, every request copied to `shadow` (bodies up to 2 MiB); with
+    `heap_release`, that section of `limits.overload` (else the default)."""
+    cfg: dict[str, Any] = {
         "backends": {"p": backend_entry(primary.url), "s": backend_entry(shadow.url)},
         "routes": [{"name": "up", "match": {"path_prefix": "/"}, "backend": "p",
                     "shadows": [{"backend": "s", "percent": 100, "max_body": "2MiB"}]}],
     }  # fmt: skip
+    if heap_release is not None:
+        cfg["limits"] = {"overload": {"heap_release": heap_release}}
+    return cfg
 
 
 @pytest.mark.parametrize("early", [False, True], ids=["answer-after-body", "answer-early"])
@@ -197,9 +203,7 @@ def test_big_uploads_reuse_the_heap_instead_of_faulting_it_in_again(
     again."""
     primary, shadow = Discarding(), Discarding()
     try:
-        cfg = shadowed_uploads(primary, shadow)
-        cfg["limits"] = {"overload": {"heap_release": {"interval": "0s"}}}
-        proxy = proxy_factory(cfg)
+        proxy = proxy_factory(shadowed_uploads(primary, shadow, {"interval": "0s"}))
         total = CONNECTIONS * PER_CONN
         assert upload_load(proxy.port) == total  # warm: the heap grows to what the load needs
         settle(proxy, "up", "s", total, timeout=60)
@@ -242,12 +246,10 @@ def test_freed_heap_goes_back_to_the_system_after_a_burst(
     turned off (`interval: 0s`, the control) RSS stays up, so the test can fail."""
     primary, shadow = Discarding(), Discarding()
     try:
-        cfg = shadowed_uploads(primary, shadow)
         # a release as soon as 4 MiB stayed resident unused: the default 16 MiB would leave up
         # to that much of this small burst resident
         release = {"interval": interval, "min_free": "4MiB"}
-        cfg["limits"] = {"overload": {"heap_release": release}}
-        proxy = proxy_factory(cfg)
+        proxy = proxy_factory(shadowed_uploads(primary, shadow, release))
         with socket.create_connection(("127.0.0.1", proxy.port)):
             pass
         idle = _rss(proxy.pid)
@@ -336,10 +338,8 @@ def test_a_burst_past_the_rss_watermark_does_not_refuse_requests_forever(
     every later request is answered 503: the bug this release fixes."""
     primary, shadow = Discarding(), Discarding()
     try:
-        cfg = shadowed_uploads(primary, shadow)
         release = {"interval": interval, "min_free": "4MiB"}
-        cfg["limits"] = {"overload": {"heap_release": release}}
-        proxy = proxy_factory(cfg)
+        proxy = proxy_factory(shadowed_uploads(primary, shadow, release))
         assert _get_status(proxy.port) == 200
         idle = _rss(proxy.pid)
         # 2 * CONNECTIONS uploads in flight need far more than 24 MiB; what a release leaves
