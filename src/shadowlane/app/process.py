@@ -78,15 +78,16 @@ MALLOC_MMAP_THRESHOLD = 32 << 20
 
 
 def _tune_malloc() -> None:
-    """Big request bodies are 256 KiB reads and 1 MiB joins, freed a moment later. glibc's
-    adaptive thresholds then give the top of the heap back to the kernel whenever 2 MiB of it
-    is free, and fault it in again for the next body, zeroed: 45-65k page faults a second with
-    50 clients posting 1 MiB (8% of the proxy's CPU in the kernel). Fixed thresholds keep up
+    """Big request bodies are 256 KiB reads, freed a moment later. glibc's adaptive
+    thresholds then give the top of the heap back to the kernel whenever 2 MiB of it is free,
+    and fault it in again for the next body, zeroed: 45-65k page faults a second with 50
+    clients posting 1 MiB (8% of the proxy's CPU in the kernel). Fixed thresholds keep up
     to 64 MiB of freed heap for reuse: page faults fell to under 1k a second and req/s rose
     10-25% in that load (tests/test_upload_memory.py: 181 faults per upload to none, and a
-    lower peak RSS, since 1 MiB chunks are no longer mmapped one by one).
-    MALLOC_TRIM_THRESHOLD_ or MALLOC_MMAP_THRESHOLD_ in the environment (glibc reads them at
-    start) wins over this."""
+    lower peak RSS, since 1 MiB chunks are no longer mmapped one by one). What is kept after
+    a burst is handed back by the heap release (app/heap.py), a second later rather than at
+    every free. MALLOC_TRIM_THRESHOLD_ or MALLOC_MMAP_THRESHOLD_ in the environment (glibc
+    reads them at start) wins over this."""
     if "MALLOC_TRIM_THRESHOLD_" in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
     try:
