@@ -136,9 +136,7 @@ class HeapRelease:
         arenas included: only its growth says anything)."""
         if _LIBC is None:
             return 0
-        info = _LIBC[1]()
-        used: int = info.uordblks + info.hblkhd
-        return max(0, read_rss() - used)
+        return max(0, read_rss() - self.allocated())
 
     def _tick(self) -> None:
         self._timer = None
