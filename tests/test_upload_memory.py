@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from support.client import get
 from support.configs import backend_entry
 from support.metrics import scrape, settle
 from support.procfs import memory
@@ -330,17 +331,6 @@ def burst(port: int, connections: int) -> dict[str, int]:
     return seen
 
 
-def _get_status(port: int) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", "/after")
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    finally:
-        conn.close()
-
-
 @pytest.mark.parametrize("interval", ["200ms", "0s"], ids=["released", "kept"])
 def test_a_burst_past_the_rss_watermark_does_not_refuse_requests_forever(
     proxy_factory: Callable[[dict[str, Any]], ProxyProcess], interval: str
@@ -354,7 +344,7 @@ def test_a_burst_past_the_rss_watermark_does_not_refuse_requests_forever(
         release = {"interval": interval, "min_free": "4MiB"}
         control = NO_GLIBC_TRIM if interval == "0s" else None
         proxy = proxy_factory(shadowed_uploads(primary, shadow, release), env=control)
-        assert _get_status(proxy.port) == 200
+        assert get(proxy.port, "/after", timeout=10).status == 200
         idle = _rss(proxy.pid)
         # 2 * CONNECTIONS uploads in flight need far more than 24 MiB; what a release leaves
         # resident (up to min_free over the lowest since the last) far less
@@ -378,13 +368,13 @@ def test_a_burst_past_the_rss_watermark_does_not_refuse_requests_forever(
                 raise AssertionError(
                     f"refusing still: refuse at {refuse / MiB:.0f} MiB, {_heap(proxy)}"
                 ) from None
-            assert _get_status(proxy.port) == 200
+            assert get(proxy.port, "/after", timeout=10).status == 200
         else:
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline:
                 assert level() == 2, f"RSS fell below {refuse / MiB:.0f} MiB: {_heap(proxy)}"
                 time.sleep(0.1)
-            assert _get_status(proxy.port) == 503
+            assert get(proxy.port, "/after", timeout=10).status == 503
     finally:
         primary.stop()
         shadow.stop()
