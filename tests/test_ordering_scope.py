@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from shadowlane.shadow.keys import SCOPE_BARRIER, OrderKeys
-from shadowlane.shadow.ordering import OrderScope, Waiter
+from shadowlane.shadow.ordering import ESCALATE_AT, BuildLine, OrderScope, Waiter
 
 
 class Run:
@@ -67,6 +67,42 @@ def test_index_barrier_waits_for_its_index_only_and_holds_later_copies() -> None
     assert r.ready == [1, 2, 5, 3]
     r.release(3)
     assert r.ready == [1, 2, 5, 3, 4, 6]
+
+
+def test_a_copy_of_many_documents_holds_their_index_instead() -> None:
+    """Lock escalation: past ESCALATE_AT items in one index, the copy holds the index (a few
+    resources, not thousands); it is ordered as an index barrier would be, its other groups
+    as items, and its ledger labels are still its documents."""
+    r = Run()
+    many = tuple(("i", f"d{n}") for n in range(ESCALATE_AT + 1))
+    big = OrderKeys(items=(*many, ("j", "x")))
+    r.admit(1, doc("i", "d5"))
+    r.admit(2, big)
+    r.admit(3, doc("i", "other"))  # no document in common with 2, but the same index
+    r.admit(4, doc("j", "y"))  # 2 holds only j/x of j: this goes at once
+    assert r.ready == [1, 4]
+    assert r.scope.resources() <= 8
+    r.release(1)
+    assert r.ready == [1, 4, 2]
+    r.release(2)
+    assert r.ready == [1, 4, 2, 3]
+    assert big.labels()[:2] == ["i/d0", "i/d1"] and len(big.labels()) == ESCALATE_AT + 2
+    r.release(3)
+    r.release(4)
+    assert r.scope.resources() == 0 and r.scope.pending == 0
+
+
+def test_the_build_line_admits_in_order_whatever_is_built_first() -> None:
+    line = BuildLine()
+    went: list[str] = []
+    slow, quick = line.reserve(), line.reserve()
+    assert line.busy
+    line.ready(quick, lambda: went.append("quick"))
+    assert went == []  # built first, but behind the slow one
+    line.ready(slow, lambda: went.append("slow"))
+    assert went == ["slow", "quick"] and not line.busy
+    line.ready(line.reserve(), lambda: went.append("alone"))
+    assert went[-1] == "alone"
 
 
 def test_scope_barrier_waits_for_everything_and_holds_everything() -> None:

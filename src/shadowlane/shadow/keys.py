@@ -31,7 +31,7 @@ SCOPE_LABEL = "*"
 class OrderKeys:
     """The key set of one copy (see the module docstring)."""
 
-    __slots__ = ("groups", "items", "scope", "shared")
+    __slots__ = ("groups", "items", "resources", "scope", "shared")
 
     def __init__(
         self,
@@ -50,6 +50,11 @@ class OrderKeys:
         #: (a `_bulk` create whose id only the target will choose) still waits for the group's
         #: barriers
         self.shared = shared
+        #: what the key set holds in a scope, when it was worked out where the keys were
+        #: found (the write worker, `shadow/offload.py`: a big `_bulk`'s documents never cross
+        #: to the loop); then the fields above are its path's keys, what the ledger names if
+        #: the worker is lost before it can name the documents. None: from the fields.
+        self.resources: list[tuple[str, bool]] | None = None
 
     @property
     def empty(self) -> bool:

@@ -45,8 +45,18 @@ def _item(group: str, item: str) -> str:
     return "i\x00" + group + "\x00" + item
 
 
+#: a copy that names more items than this in one group holds the whole group instead (lock
+#: escalation, as databases do): admitting and releasing a copy costs a dict entry per
+#: resource, and a 1 MiB `_bulk` of small documents names thousands (~1 ms of the loop, twice);
+#: the group held exclusive orders it with everything of that group, which is stricter, never
+#: looser. Its ledger labels are still its documents (`OrderKeys.labels`).
+ESCALATE_AT = 256
+
+
 def needs(keys: OrderKeys, with_scope: bool) -> list[tuple[str, bool]]:
     """The (resource, exclusive) pairs a key set holds, each resource once."""
+    if keys.resources is not None and with_scope:
+        return keys.resources
     if keys.scope:
         return [(_SCOPE, True)]
     out: dict[str, bool] = {}
@@ -56,7 +66,19 @@ def needs(keys: OrderKeys, with_scope: bool) -> list[tuple[str, bool]]:
         out[_group(group)] = True
     for group in keys.shared:
         out.setdefault(_group(group), False)
-    for group, item in keys.items:
+    items = keys.items
+    escalated: set[str] = set()
+    if len(items) > ESCALATE_AT:
+        per_group: dict[str, int] = {}
+        for group, _item_name in items:
+            per_group[group] = per_group.get(group, 0) + 1
+        for group, n in per_group.items():
+            if n > ESCALATE_AT:
+                escalated.add(group)
+                out[_group(group)] = True
+    for group, item in items:
+        if group in escalated:
+            continue
         out.setdefault(_group(group), False)
         out[_item(group, item)] = True
     return list(out.items())
@@ -83,10 +105,42 @@ class _Resource:
         self.waiting: deque[tuple[Waiter, bool]] = deque()
 
 
+class BuildLine:
+    """The copies of a scope still being built, and every copy of the scope after them, in
+    the order their primaries answered: a copy built off the loop (a big `_bulk`, see
+    `shadow/offload.py`) holds its place here, so the copies behind it are admitted after it,
+    whatever finishes first. Empty almost always: then a copy goes straight to `admit`."""
+
+    __slots__ = ("_places",)
+
+    def __init__(self) -> None:
+        self._places: deque[list[Callable[[], None] | None]] = deque()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._places)
+
+    def reserve(self) -> list[Callable[[], None] | None]:
+        """A place at the end of the line, to fill with `ready`."""
+        place: list[Callable[[], None] | None] = [None]
+        self._places.append(place)
+        return place
+
+    def ready(self, place: list[Callable[[], None] | None], go: Callable[[], None]) -> None:
+        """The copy of `place` is built: `go` admits (or drops) it, once every place before it
+        has gone."""
+        place[0] = go
+        places = self._places
+        while places and places[0][0] is not None:
+            step = places.popleft()[0]
+            assert step is not None
+            step()
+
+
 class OrderScope:
     """One scope (name, target): admits copies, tells each when it may go."""
 
-    __slots__ = ("_resources", "name", "pending", "target", "with_scope")
+    __slots__ = ("_resources", "line", "name", "pending", "target", "with_scope")
 
     def __init__(self, name: str, target: str, with_scope: bool = True) -> None:
         self.name = name
@@ -94,6 +148,8 @@ class OrderScope:
         #: keep the scope-wide resource (some shadow of the scope can send scope barriers)
         self.with_scope = with_scope
         self._resources: dict[str, _Resource] = {}
+        #: copies built off the loop hold their place here until they are admitted
+        self.line = BuildLine()
         #: copies admitted and not released yet
         self.pending = 0
 
