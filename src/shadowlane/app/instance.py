@@ -41,6 +41,7 @@ from shadowlane.metrics import Metrics
 from shadowlane.migrate import MigrationRuntime, TransitionError
 from shadowlane.proxy import Proxy
 from shadowlane.record import RecordWriter
+from shadowlane.shadow.offload import close_write_workers
 from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
 from shadowlane.upgrades import UpgradeCall, Upgrades
 from shadowlane.wire.h2_server import H2Listener
@@ -712,6 +713,7 @@ class Instance:
         if self.migrations is not None:
             await self.migrations.stop()  # hands its leases over at once
         await self.generation.shadow.drain(min(5.0, self.cfg.limits.drain_timeout))
+        close_write_workers()
         if self.record_writer is not None:
             # write what is queued and close the files, off the loop (bounded: a disk that
             # takes no writes costs what is queued, not the exit)

@@ -22,6 +22,7 @@ from shadowlane.routing import Route
 from shadowlane.shadow.join import PrimaryCapture, Room, Submit
 from shadowlane.shadow.lane import ShadowCopy, ShadowLane
 from shadowlane.shadow.mutation import MARKER, CopyBuilder
+from shadowlane.shadow.offload import write_worker
 from shadowlane.shadow.ordering import OrderScope
 from shadowlane.shadow.outcomes import (
     DROPPED,
@@ -150,7 +151,10 @@ class ShadowDispatcher:
             return None
         order = sc.ordering
         name = order.scope if order is not None and order.scope else f"{route.name}#{index}"
-        return WritePlan(sc, route.name, name, self.metrics, self.record_divergence)
+        plan = WritePlan(sc, route.name, name, self.metrics, self.record_divergence)
+        if plan.es:  # its big `_bulk` copies are built and checked off the loop
+            plan.worker = write_worker()
+        return plan
 
     def _lane(
         self,

@@ -235,6 +235,11 @@ class EsRequest:
         """The body as it will be sent: the very bytes object parsed when nothing changed."""
         return self._body
 
+    def drop_body(self) -> None:
+        """Let go of the body once it was sent: checking the copy's end reads only its actions
+        (the write worker holds hundreds of copies until their ends)."""
+        self._body = b""
+
     def order_keys(self) -> OrderKeys:
         """What the copy touches; the scheduler orders copies that share a key."""
         return self._keys

@@ -279,11 +279,56 @@ class ShadowTicket:
     def _submit_write(self, p: LanePlan, w: WritePlan, body: Body) -> None:
         """A copy of an ordered or id-rewriting shadow: built from the primary's answer, sent
         in its scope's order, checked at its end; whatever may leave the target unlike the
-        primary is written to the divergence ledger."""
+        primary is written to the divergence ledger.
+
+        A big `_bulk` is built by the write worker, off the loop: its place in the scope's
+        `BuildLine` keeps the copies of the scope behind it waiting until it is admitted, and
+        its outcome is decided then (after the access log line, which does not list it)."""
         req = self._request
         capture = self.capture
         answer = capture.result if capture is not None else None
+        scope = p.lane.scope
+        line = scope.line if scope is not None else None
+        worker = w.worker
+        if worker is not None and w.offloads(req, body.size, answer):
+            place = line.reserve() if line is not None else None
+
+            def built(prep: Prepared | Unsent | None) -> None:
+                if place is None:
+                    self._write_built(p, w, body, prep)
+                    return
+                assert line is not None
+                line.ready(place, lambda: self._write_built(p, w, body, prep))
+
+            if worker.prepare(w.ids, w.barrier, req.method, req.target, body, self._status,
+                              answer, built):  # fmt: skip
+                return
+            # the worker is full: the copy is dropped, as a full lane drops it
+            p.lane.drop()
+            self._dropped(p)
+            keys = w.unsent_keys(req, None)  # its path's keys: the body is not parsed here
+            w.diverged(keys, DIV_DROPPED, req.request_id, req.method, self._uri(),
+                       "write worker full")  # fmt: skip
+            if place is not None and line is not None:
+                line.ready(place, _nothing)
+            return
         prep = w.prepare(req, body.data(), self._status, answer)
+        if line is not None and line.busy:
+            line.ready(line.reserve(), lambda: self._write_built(p, w, body, prep))
+            return
+        self._write_built(p, w, body, prep)
+
+    def _write_built(
+        self, p: LanePlan, w: WritePlan, body: Body, prep: Prepared | Unsent | None
+    ) -> None:
+        """Hand a built write copy to its lane, or say why there is none (None: the write
+        worker died building it)."""
+        req = self._request
+        if prep is None:
+            self._outcome(p, SKIPPED_ANSWER)
+            w.diverged(w.unsent_keys(req, None), DIV_DROPPED, req.request_id, req.method,
+                       self._uri(), "write worker lost the copy")  # fmt: skip
+            return
         if isinstance(prep, Unsent):
             self._outcome(p, SKIPPED_ANSWER if prep.divergent else SKIPPED_STATUS)
             if prep.divergent:
@@ -291,7 +336,11 @@ class ShadowTicket:
                            self._uri(), prep.reason)  # fmt: skip
             return
         dropped, _, _ = self._hand_over(p, body_of(prep.body), w, prep)
-        if dropped:
+        if not dropped:
+            return
+        if prep.job:  # its documents are known to the worker only
+            w.ended_there(prep, DIV_DROPPED, dropped, 0, None, req.request_id, self._uri())
+        else:
             w.diverged(prep.keys, DIV_DROPPED, req.request_id, prep.method, self._uri(), dropped)
 
     def _hand_over(
@@ -387,6 +436,10 @@ class ShadowTicket:
     def _outcome(self, p: LanePlan, outcome: Outcome) -> None:
         self.outcomes[p.lane.target] = outcome
         self._metrics.shadow_outcome(p.lane.route, p.lane.target, outcome)
+
+
+def _nothing() -> None:
+    """The place of a copy that was dropped before it was built: nothing to admit."""
 
 
 class CopyRecording:

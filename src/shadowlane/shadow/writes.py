@@ -15,18 +15,28 @@ such knowledge plugs into, and it takes plain values (method, target, body, the 
 through the same steps and the same scopes.
 
 Nothing here blocks: the ledger record is handed to the comparator's thread, which stores it.
+A `_bulk` of `OFFLOAD_AT` bytes or more (body and primary answer) is not prepared or checked on
+the event loop at all: `prepare_es` and `check_es` are plain functions of bytes, and the write
+worker (`shadow/offload.py`, a child process) runs them for it; the ticket keeps the copies of
+its ordering scope in order meanwhile (`ordering.BuildLine`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from shadowlane.compare.diff import decoded_body
 from shadowlane.compare.model import Captured
 from shadowlane.config import ShadowConfig
-from shadowlane.shadow.elasticsearch import EsRequest, IdsSkip, IdsUnusable, parse_request
+from shadowlane.shadow.elasticsearch import (
+    Divergent,
+    EsRequest,
+    IdsSkip,
+    IdsUnusable,
+    parse_request,
+)
 from shadowlane.shadow.join import CompareSlot, captured
 from shadowlane.shadow.keys import SCOPE_BARRIER, KeysFn, OrderKeys, key_extractor
 from shadowlane.shadow.outcomes import (
@@ -45,7 +55,7 @@ from shadowlane.shadow.outcomes import (
     DivergenceReason,
 )
 from shadowlane.store.ledger import Divergence
-from shadowlane.wire.messages import Request
+from shadowlane.wire.messages import Body, Request
 
 if TYPE_CHECKING:
     from shadowlane.metrics import Metrics
@@ -54,8 +64,40 @@ if TYPE_CHECKING:
 #: how much of an answer a write check keeps (the primary's, for ids and `_bulk` items, and
 #: the target's): a `_bulk` answer is ~150 bytes an item, so this covers ~25,000 items
 ANSWER_LIMIT = 4 * 1024 * 1024
+#: a `_bulk` copy whose body and primary answer together reach this many bytes is prepared and
+#: checked by the write worker, off the loop: parsing, rewriting and checking one costs 5-7 us
+#: a document on the loop (measured, compiled: a 1 MiB bulk of 100-byte documents is ~50 ms),
+#: so this bounds what one copy can stall the loop for to ~2 ms
+OFFLOAD_AT = 64 * 1024
 
 Record = Callable[[Divergence], bool]
+
+
+class OffLoop(Protocol):
+    """What builds big copies and checks their ends off the loop (`offload.WriteWorker`; a
+    protocol, so this module, which the worker's child runs too, does not import it)."""
+
+    def prepare(
+        self,
+        ids: bool,
+        barrier: bool,
+        method: str,
+        target: bytes,
+        body: Body,
+        status: int,
+        answer: Captured | None,
+        done: Callable[[Prepared | Unsent | None], None],
+    ) -> bool: ...
+
+    def end(
+        self,
+        job: int,
+        reason: str,
+        detail: str,
+        status: int,
+        answer: Captured | None,
+        found: Callable[[list[Divergent] | None], None],
+    ) -> bool: ...
 
 
 def _reason(name: str) -> DivergenceReason:
@@ -76,6 +118,8 @@ class Prepared:
     __slots__ = (
         "body",
         "es",
+        "held",
+        "job",
         "keys",
         "method",
         "primary_answer",
@@ -105,11 +149,16 @@ class Prepared:
         #: kept only when the end needs it (a `_bulk` is checked item by item)
         self.primary_answer = primary_answer
         self.primary_truncated = primary_truncated
+        #: the write worker holds what the end is checked against under this id (0: here),
+        #: `held` bytes of it (the primary's answer)
+        self.job = 0
+        self.held = 0
 
     @property
     def kept(self) -> int:
-        """Bytes held for the end's check (counted against the lane's byte bound)."""
-        return len(self.primary_answer)
+        """Bytes held for the end's check, here or by the write worker (counted against the
+        lane's byte bound: the worker's memory is the proxy's too)."""
+        return len(self.primary_answer) + self.held
 
 
 class Unsent:
@@ -137,6 +186,7 @@ class WritePlan:
         "route",
         "scope",
         "target",
+        "worker",
     )
 
     def __init__(
@@ -156,6 +206,9 @@ class WritePlan:
         self.barrier = order is not None and order.barrier
         self.ids = cfg.ids_from_primary == "elasticsearch"
         self.es = self.ids or (order is not None and order.keys == "elasticsearch")
+        #: prepares and checks the big `_bulk` copies off the loop (`offloads`); None where
+        #: everything is done in line (replay, tests of the steps)
+        self.worker: OffLoop | None = None
         self._keys: KeysFn | None = None
         if order is not None and isinstance(order.keys, list):
             self._keys = key_extractor(order.keys)
@@ -174,25 +227,14 @@ class WritePlan:
         when it was captured). Replay builds a `Request` from a recording and calls this too."""
         if not self.es:
             return Prepared(req.method, req.target, body, self._generic(req, body), None, status)
-        es = parse_request(req.method, req.target, body)
-        if answer is None:
-            primary, truncated = b"", True
-        else:
-            primary, truncated = decoded_body(answer, ANSWER_LIMIT)
-        if self.ids and es.generated_ids():
-            if answer is None:
-                return Unsent("the primary's answer was not captured", es.order_keys(), True)
-            rewritten = es.with_primary_ids(status, primary, truncated)
-            if isinstance(rewritten, IdsSkip):
-                return Unsent(rewritten.reason, es.order_keys(), False)
-            if isinstance(rewritten, IdsUnusable):
-                return Unsent(rewritten.reason, es.order_keys(), True)
-            es = rewritten
-        keys = SCOPE_BARRIER if self.barrier else es.order_keys()
-        bulk = b"_bulk" in es.target
-        return Prepared(
-            es.method, es.target, es.body(), keys, es, status, primary if bulk else b"", truncated
-        )
+        return prepare_es(self.ids, self.barrier, req.method, req.target, body, status, answer)
+
+    def offloads(self, req: Request, size: int, answer: Captured | None) -> bool:
+        """Is this copy's preparation (and later its check) big enough to leave the loop? Only
+        `_bulk` bodies are: everything else is one document, microseconds of work."""
+        if not self.es or b"_bulk" not in req.target:
+            return False
+        return size + (len(answer.body) if answer is not None else 0) >= OFFLOAD_AT
 
     def _generic(self, req: Request, body: bytes) -> OrderKeys:
         if self.barrier or self._keys is None:
@@ -201,11 +243,13 @@ class WritePlan:
 
     def unsent_keys(self, req: Request, body: bytes | None) -> OrderKeys:
         """The keys of a copy that will not be built (its body is missing or too big, the
-        client left): what the ledger marks suspect. Without the body a `_bulk` names no
-        documents, so its keys are those of its path (its index, or the whole scope)."""
+        client left): what the ledger marks suspect. Without its body a `_bulk` may have
+        touched any index (each action can name its own), so its key is the whole scope."""
         if self.barrier:
             return SCOPE_BARRIER
         if self.es:
+            if body is None and b"_bulk" in req.target:
+                return SCOPE_BARRIER
             return parse_request(req.method, req.target, body or b"").order_keys()
         return self._generic(req, body or b"")
 
@@ -220,30 +264,55 @@ class WritePlan:
         uri: str,
     ) -> None:
         """The copy ended: record whatever may have left the target unlike the primary."""
-        if end == OK:
-            self._check_answer(prep, status, answer, request_id, uri)
-            return
+        reason: DivergenceReason | None = None
+        detail = ""
         if end in (ERROR, TIMEOUT):
-            reason: DivergenceReason = DIV_ERROR if end == ERROR else DIV_TIMEOUT
-            self.diverged(prep.keys, reason, request_id, prep.method, uri, "no answer")
+            reason, detail = (DIV_ERROR if end == ERROR else DIV_TIMEOUT), "no answer"
         elif end in (CIRCUIT_OPEN, COPY_DROPPED):
+            reason = DIV_DROPPED
             detail = "circuit open" if end == CIRCUIT_OPEN else "dropped at drain"
-            self.diverged(prep.keys, DIV_DROPPED, request_id, prep.method, uri, detail)
-
-    def _check_answer(
-        self, prep: Prepared, status: int, answer: Captured | None, request_id: str, uri: str
-    ) -> None:
-        es = prep.es
-        if es is None:
-            if _ok(status) != _ok(prep.primary_status):
-                detail = f"primary {prep.primary_status}, shadow {status}"
-                self.diverged(prep.keys, DIV_STATUS, request_id, prep.method, uri, detail)
+        elif end != OK:
             return
-        body, truncated = (b"", True) if answer is None else decoded_body(answer, ANSWER_LIMIT)
-        found = es.divergences(
-            prep.primary_status, prep.primary_answer, prep.primary_truncated,
-            status, body, truncated,
-        )  # fmt: skip
+        if prep.job:
+            self.ended_there(prep, reason, detail, status, answer, request_id, uri)
+        elif reason is None:
+            self.found(prep, check_es(prep, status, answer), request_id, uri)
+        else:
+            self.diverged(prep.keys, reason, request_id, prep.method, uri, detail)
+
+    def ended_there(
+        self,
+        prep: Prepared,
+        reason: DivergenceReason | None,
+        detail: str,
+        status: int,
+        answer: Captured | None,
+        request_id: str,
+        uri: str,
+    ) -> None:
+        """The end of a copy the write worker built: it checks the answer (`reason` None) or
+        names the copy's documents with `reason`; what it finds goes to the ledger here."""
+        worker = self.worker
+        if worker is None or not worker.end(
+            prep.job,
+            reason or "",
+            detail,
+            status,
+            answer,
+            lambda found: self.found(prep, found, request_id, uri),
+        ):
+            self.found(prep, None, request_id, uri)
+
+    def found(
+        self, prep: Prepared, found: list[Divergent] | None, request_id: str, uri: str
+    ) -> None:
+        """Write what a check found to the ledger, one entry per reason. None: the check was
+        lost with the write worker: the copy's path keys are suspect (its index, or the scope;
+        its documents were known only there)."""
+        if found is None:
+            lost = "the write worker was lost before the copy's end was checked"
+            self.diverged(prep.keys, DIV_ANSWER_UNUSABLE, request_id, prep.method, uri, lost)
+            return
         if not found:
             return
         by_reason: dict[DivergenceReason, tuple[list[str], list[str]]] = {}
@@ -301,6 +370,54 @@ class WritePlan:
                     detail=detail,
                 )
             )
+
+
+def prepare_es(
+    ids: bool,
+    barrier: bool,
+    method: str,
+    target: bytes,
+    body: bytes,
+    status: int,
+    answer: Captured | None,
+) -> Prepared | Unsent:
+    """An Elasticsearch copy as `WritePlan.prepare` builds it (`ids`: ids from the primary;
+    `barrier`: the copy is a scope barrier): a function of bytes, so the write worker can run
+    it too."""
+    es = parse_request(method, target, body)
+    if answer is None:
+        primary, truncated = b"", True
+    else:
+        primary, truncated = decoded_body(answer, ANSWER_LIMIT)
+    if ids and es.generated_ids():
+        if answer is None:
+            return Unsent("the primary's answer was not captured", es.order_keys(), True)
+        rewritten = es.with_primary_ids(status, primary, truncated)
+        if isinstance(rewritten, IdsSkip):
+            return Unsent(rewritten.reason, es.order_keys(), False)
+        if isinstance(rewritten, IdsUnusable):
+            return Unsent(rewritten.reason, es.order_keys(), True)
+        es = rewritten
+    keys = SCOPE_BARRIER if barrier else es.order_keys()
+    bulk = b"_bulk" in es.target
+    return Prepared(
+        es.method, es.target, es.body(), keys, es, status, primary if bulk else b"", truncated
+    )
+
+
+def check_es(prep: Prepared, status: int, answer: Captured | None) -> list[Divergent]:
+    """What may differ after the target answered `prep` with `status` (and `answer`)."""
+    es = prep.es
+    if es is None:
+        if _ok(status) == _ok(prep.primary_status):
+            return []
+        detail = f"primary {prep.primary_status}, shadow {status}"
+        return [Divergent(label, DIV_STATUS, detail) for label in prep.keys.labels()]
+    body, truncated = (b"", True) if answer is None else decoded_body(answer, ANSWER_LIMIT)
+    return es.divergences(
+        prep.primary_status, prep.primary_answer, prep.primary_truncated,
+        status, body, truncated,
+    )  # fmt: skip
 
 
 class WriteEnd:
