@@ -22,7 +22,6 @@ EXPECTED = [
     ("HTTPRoute web/edge", "spec.rules[1].timeouts"),
     ("HTTPRoute web/edge", "spec.rules[1].filters[0]"),
     ("HTTPRoute web/edge", "spec.rules[1].backendRefs[0].filters"),
-    ("GRPCRoute web/grpc", ""),
     ("Service web/web", "kind"),
     ("VirtualService prod/shop", "spec.http[0].match[0].sourceLabels"),
     ("VirtualService prod/shop", "spec.http[0].retries"),

@@ -203,6 +203,10 @@ def translate_paths(paths: list[str], services: ServiceMap) -> Loaded:
     for fmt in order:
         handlers[fmt](by_format[fmt])
     config = dict(native)
+    for key, value in tr.settings.items():
+        if key in config and config[key] != value:
+            tr.note("native config", key, f"kept {config[key]!r}; the peers' routes need {value!r}")
+        config.setdefault(key, value)
     backends = dict(as_dict(native.get("backends")))
     for name, backend in tr.backends.items():
         if backend.origin != "native":

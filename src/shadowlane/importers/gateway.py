@@ -1,4 +1,4 @@
-"""Kubernetes Gateway API `HTTPRoute` (v1, v1beta1) -> routes.
+"""Kubernetes Gateway API `HTTPRoute` and `GRPCRoute` (v1, v1beta1) -> routes.
 
 What maps: `hostnames` (one route per host), `rules[].matches` (OR: one route each; path
 Exact / PathPrefix / RegularExpression, method, headers and query params of type Exact),
@@ -12,6 +12,12 @@ how many endpoints are present", says the spec), so a shadow backend gets the fi
 only; PathPrefix matches whole path segments, so it becomes a regex; routes are ordered by
 Gateway API precedence (exact path, longest prefix, method, most headers, most query params),
 not by file order, because shadowlane's first match wins.
+
+A `GRPCRoute` is the same rules over gRPC: a `method` match (`service`, `method`, Exact or
+RegularExpression) is a match on the path `/service/method`; its backends and mirrors are
+spoken to over HTTP/2 (`protocol: h2c`) and the listener takes HTTP/2 (`listen_http2: true`),
+as a gateway serving gRPC does. Its precedence is the spec's: longest service, then longest
+method, then most headers.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from shadowlane.importers.services import ServiceMap
 KINDS = frozenset({"HTTPRoute", "GRPCRoute"})
 
 _MATCH_KEYS = frozenset({"path", "method", "headers", "queryParams"})
+_GRPC_MATCH_KEYS = frozenset({"method", "headers"})
 _RULE_KEYS = frozenset({"name", "matches", "filters", "backendRefs"})
 _SPEC_KEYS = frozenset({"parentRefs", "hostnames", "rules"})
 
@@ -151,12 +158,59 @@ def _match(tr: Translation, match: dict[str, Any], obj: str, path: str) -> dict[
     return out
 
 
+def _grpc_precedence(match: dict[str, Any]) -> tuple[int, int, int, int, int]:
+    """GRPCRoute's order of rules: the longest service, then method, then most headers."""
+    method = as_dict(match.get("method"))
+    return (
+        -len(str(method.get("service", ""))),
+        -len(str(method.get("method", ""))),
+        -len(as_list(match.get("headers"))),
+        0,
+        0,
+    )
+
+
+def _grpc_match(
+    tr: Translation, match: dict[str, Any], obj: str, path: str
+) -> dict[str, Any] | None:
+    """A GRPCRoute match: the call's path is `/service/method`; headers as for HTTPRoute."""
+    leftover(tr, obj, path, match, _GRPC_MATCH_KEYS)
+    method = as_dict(match.get("method"))
+    leftover(tr, obj, f"{path}.method", method, {"type", "service", "method"})
+    service = str(method.get("service", ""))
+    name = str(method.get("method", ""))
+    mtype = method.get("type", "Exact")
+    out: dict[str, Any] = {}
+    if mtype == "Exact":
+        if service and name:
+            out["path"] = f"/{service}/{name}"
+        elif service or name:
+            part = "[^/]+"
+            out["path_regex"] = (
+                f"^/{re.escape(service) if service else part}/{re.escape(name) if name else part}$"
+            )
+    elif mtype == "RegularExpression":
+        out["path_regex"] = f"^/(?:{service or '[^/]+'})/(?:{name or '[^/]+'})$"
+    else:
+        tr.note(obj, f"{path}.method.type", f"unknown method match type {mtype!r}")
+        return None
+    headers = _match(tr, {"headers": match.get("headers")}, obj, path)
+    if headers:
+        out.update(headers)
+    return out
+
+
 def _translate_route(
     tr: Translation, services: ServiceMap, doc: Doc, drafts: list[tuple[Any, dict[str, Any]]]
 ) -> None:
     obj = object_name(doc)
     ns = namespace_of(doc)
     spec = as_dict(doc.get("spec"))
+    grpc = doc.get("kind") == "GRPCRoute"
+    #: gRPC is HTTP/2 end to end: the listener takes it, backends and mirrors speak it
+    extra: dict[str, Any] = {"protocol": "h2c"} if grpc else {}
+    if grpc:
+        tr.settings["listen_http2"] = True
     leftover(tr, obj, "spec", spec, _SPEC_KEYS)
     hosts: list[str | None] = [str(h) for h in as_list(spec.get("hostnames"))] or [None]
     for r, rule in enumerate(as_list(spec.get("rules"))):
@@ -172,7 +226,7 @@ def _translate_route(
             if got is None:
                 continue
             label, endpoints, how = got
-            name = tr.backend(label, endpoints, f"{obj} {bpath} ({how})")
+            name = tr.backend(label, endpoints, f"{obj} {bpath} ({how})", **extra)
             legs.append({"backend": name, "weight": int(ref.get("weight", 1))})
         if no_traffic(tr, obj, f"{rpath}.backendRefs", legs):
             continue
@@ -204,7 +258,8 @@ def _translate_route(
                         f"Gateway API mirrors to a single endpoint of {label}: "
                         f"{endpoints[0]} of {len(endpoints)}"
                     )
-                name = tr.backend(f"{label}-mirror", endpoints[:1], f"{obj} {fpath} ({how})")
+                origin = f"{obj} {fpath} ({how})"
+                name = tr.backend(f"{label}-mirror", endpoints[:1], origin, **extra)
                 if "fraction" in mirror:
                     frac = as_dict(mirror["fraction"])
                     percent = percent_of(frac.get("numerator", 0), frac.get("denominator", 100))
@@ -219,7 +274,7 @@ def _translate_route(
                     f"{fpath}.requestHeaderModifier",
                     heads,
                 )
-            elif ftype == "URLRewrite":
+            elif ftype == "URLRewrite" and not grpc:
                 rw = as_dict(flt.get("urlRewrite"))
                 leftover(tr, obj, f"{fpath}.urlRewrite", rw, {"hostname", "path"})
                 if rw.get("hostname"):
@@ -243,7 +298,8 @@ def _translate_route(
             )
         matches = [as_dict(m) for m in as_list(rule.get("matches"))] or [{}]
         for m, match in enumerate(matches):
-            native = _match(tr, match, obj, f"{rpath}.matches[{m}]")
+            mpath = f"{rpath}.matches[{m}]"
+            native = _grpc_match(tr, match, obj, mpath) if grpc else _match(tr, match, obj, mpath)
             if native is None:
                 continue
             rewrite = _path_rewrite(tr, path_rw, match, obj, f"{rpath}.matches[{m}]")
@@ -255,7 +311,7 @@ def _translate_route(
                 data["name"] = label
                 drafts.append(
                     (
-                        _precedence(match),
+                        _grpc_precedence(match) if grpc else _precedence(match),
                         {
                             "data": data,
                             "comments": [
@@ -270,9 +326,6 @@ def _translate_route(
 def translate(docs: list[Doc], tr: Translation, services: ServiceMap) -> None:
     drafts: list[tuple[Any, dict[str, Any]]] = []
     for doc in docs:
-        if doc.get("kind") == "GRPCRoute":
-            tr.note(object_name(doc), "", "GRPCRoute is not translated yet (no gRPC routes)")
-            continue
         _translate_route(tr, services, doc, drafts)
     # stable: equal precedence keeps document order, as the spec's tie-breaks nearly do
     drafts.sort(key=lambda d: d[0])

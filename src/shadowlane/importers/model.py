@@ -64,6 +64,9 @@ class Translation:
     routes: list[Route] = field(default_factory=list)
     backends: dict[str, Backend] = field(default_factory=dict)
     notes: list[Note] = field(default_factory=list)
+    #: top-level settings the peers' documents imply (`listen_http2` for a GRPCRoute); a
+    #: native document's own value wins
+    settings: dict[str, Any] = field(default_factory=dict)
     #: backend name by (endpoints, extra) so one service is one backend
     _by_target: dict[tuple[tuple[str, ...], str], str] = field(default_factory=dict)
     _route_names: set[str] = field(default_factory=set)
