@@ -38,6 +38,7 @@ COMPILED = [
     "src/shadowlane/wire/upstream.py",
     # HTTP/2: its exchanges and streams subclass Exchange and UpstreamConnection
     "src/shadowlane/wire/h2_send.py",
+    "src/shadowlane/wire/hpack.py",
     "src/shadowlane/wire/h2_server.py",
     "src/shadowlane/wire/h2_upstream.py",
     "src/shadowlane/routing/predicates.py",

@@ -51,6 +51,7 @@ from hyperframe.frame import GoAwayFrame
 
 from shadowlane.wire.exchange import Connection, Exchange
 from shadowlane.wire.h2_send import SendScheduler
+from shadowlane.wire.hpack import install as install_hpack
 from shadowlane.wire.messages import Headers, Request
 from shadowlane.wire.request_head import Rejection, RequestHead, decide_head
 from shadowlane.wire.server import App, ServerLimits, ServerState
@@ -343,6 +344,7 @@ class H2ServerConnection(Connection):
             validate_inbound_headers=False,
         )
         self.h2 = H2Connection(config=config)
+        install_hpack(self.h2)  # compiled HPACK (wire/hpack.py)
         self.h2.local_settings = Settings(
             client=False,
             initial_values={

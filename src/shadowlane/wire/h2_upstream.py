@@ -50,6 +50,7 @@ from hpack.struct import Header
 
 from shadowlane.wire.h2_send import SendScheduler
 from shadowlane.wire.headers import reason_phrase
+from shadowlane.wire.hpack import install as install_hpack
 from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import (
     POOL_IDLE_TIMEOUT,
@@ -436,6 +437,7 @@ class H2ClientConnection:
                 validate_inbound_headers=False,
             )
         )
+        install_hpack(self.h2)  # compiled HPACK (wire/hpack.py)
         self.h2.local_settings = Settings(
             client=True,
             initial_values={
