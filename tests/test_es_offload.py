@@ -23,8 +23,6 @@ import http.client
 import json
 import os
 import signal
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ from support.configs import backend_entry
 from support.metrics import Scrape, scrape, settle
 from support.migration import get_json
 from support.opensearch import NEW, OLD, OpenSearchServer
+from support.pacing import paced_load
 from support.proxy import ProxyProcess
 from support.wait import wait_until
 
@@ -324,33 +323,13 @@ def lag_counts(s: Scrape) -> tuple[float, float, float]:
     return count, s.sum(f"{LAG}_bucket", le="0.002"), s.sum(f"{LAG}_bucket", le="0.01")
 
 
-def paced_load(port: int, path: str) -> int:
-    done = [0] * CONNECTIONS
-    deadline = time.monotonic() + 60
-
-    def client(k: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=T)
-        try:
-            due = time.monotonic()
-            for _ in range(REQUESTS // CONNECTIONS):
-                if time.monotonic() > deadline:
-                    return
-                due += PERIOD
-                time.sleep(max(0.0, due - time.monotonic()))  # pacing, not waiting for a state
-                conn.request("POST", path, body=BULK,
-                             headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
-                resp = conn.getresponse()
-                if resp.status == 200 and b'"items"' in resp.read():
-                    done[k] += 1
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(CONNECTIONS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(75)
-    return sum(done)
+def bulks(port: int, path: str) -> int:
+    """The paced load of `REQUESTS` bulks; how many were answered with their items."""
+    return paced_load(
+        port, "POST", path, BULK, requests=REQUESTS, connections=CONNECTIONS, period=PERIOD,
+        complete=lambda status, body: status == 200 and b'"items"' in body,
+        headers={"Content-Type": "application/x-ndjson"}, timeout=T,
+    )  # fmt: skip
 
 
 def test_loop_lag_stays_under_2ms_while_big_bulks_are_shadowed(
@@ -386,7 +365,7 @@ def test_loop_lag_stays_under_2ms_while_big_bulks_are_shadowed(
         stalled: dict[str, float] = {}
         for route in ("es", "plain"):
             before = lag_counts(scrape(proxy))
-            assert paced_load(proxy.port, f"/{route}/_bulk") == REQUESTS
+            assert bulks(proxy.port, f"/{route}/_bulk") == REQUESTS
             after = lag_counts(scrape(proxy))
             samples = after[0] - before[0]
             assert samples > 1000, f"the probe took only {samples:.0f} samples"

@@ -19,8 +19,6 @@ pair and this test fails by a wide margin (measured: a tenth of the wake-ups, ha
 
 from __future__ import annotations
 
-import http.client
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ import orjson
 from support.backend import Recorded, RecordingBackend, Reply
 from support.configs import backend_entry
 from support.metrics import Scrape, scrape
+from support.pacing import paced_load
 from support.proxy import ProxyProcess
 from support.wait import wait_until
 
@@ -76,33 +75,11 @@ def serving(body: bytes) -> Callable[[Recorded], Reply]:
 
 def load(port: int, path: str) -> int:
     """`REQUESTS` GETs over `CONNECTIONS` keep-alive connections; the answers that came whole."""
-    done = [0] * CONNECTIONS
-    per_conn = REQUESTS // CONNECTIONS
-    deadline = time.monotonic() + LOAD_SECONDS
-
-    def client(k: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        try:
-            due = time.monotonic()
-            for _ in range(per_conn):
-                if time.monotonic() > deadline:
-                    return
-                due += PERIOD
-                time.sleep(max(0.0, due - time.monotonic()))  # pacing, not waiting for a state
-                conn.request("GET", path)
-                resp = conn.getresponse()
-                body = resp.read()
-                if resp.status == 200 and len(body) == len(PRIMARY):
-                    done[k] += 1
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(CONNECTIONS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(LOAD_SECONDS + 15)
-    return sum(done)
+    return paced_load(
+        port, "GET", path, None, requests=REQUESTS, connections=CONNECTIONS, period=PERIOD,
+        complete=lambda status, body: status == 200 and len(body) == len(PRIMARY),
+        seconds=LOAD_SECONDS,
+    )  # fmt: skip
 
 
 def lag_counts(s: Scrape) -> tuple[float, float]:
