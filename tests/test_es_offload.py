@@ -295,6 +295,16 @@ def test_a_killed_write_worker_is_replaced_and_the_proxy_serves_on(
         assert counts.get("ok") == 2, counts
         assert write_worker_pids(px) and first not in write_worker_pids(px)
         assert get_json(f"{px.admin_url}/api/ledger?limit=5")["entries"] == []
+
+        # it died idle: nothing was lost, and the gauges say a second child runs (the last
+        # check's answer may still be on its way: queued until it is in)
+        def gauges() -> dict[str, float]:
+            s = scrape(px)
+            names = ("starts", "lost", "held", "queued_bytes")
+            return {g: s.sum(f"shadowlane_write_worker_{g}") for g in names}
+
+        idle = {"starts": 2, "lost": 0, "held": 0, "queued_bytes": 0}
+        wait_until(lambda: gauges() == idle, T, f"the write worker's gauges to read {idle}")
     old.request("POST", f"/{INDEX}/_refresh")
     new.request("POST", f"/{INDEX}/_refresh")
     assert len(old.documents(INDEX)) == 3000

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import math
 import os
@@ -41,7 +42,7 @@ from shadowlane.metrics import Metrics
 from shadowlane.migrate import MigrationRuntime, TransitionError
 from shadowlane.proxy import Proxy
 from shadowlane.record import RecordWriter
-from shadowlane.shadow.offload import close_write_workers
+from shadowlane.shadow.offload import close_write_workers, write_worker_stats
 from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
 from shadowlane.upgrades import UpgradeCall, Upgrades
 from shadowlane.wire.h2_server import H2Listener
@@ -58,6 +59,35 @@ from shadowlane.wire.server import (
 from shadowlane.wire.tunnel import TunnelSet
 
 __all__ = ["Instance", "ListenError", "ReadyHook", "bound_address"]
+
+
+#: the write worker's gauges (shadow/offload.py), in `write_worker_stats` order
+WRITE_WORKER_GAUGES = (
+    (
+        "shadowlane_write_worker_queued_bytes",
+        "Bytes handed to the write worker (big _bulk copies to build or check) and not "
+        "answered yet; past 64 MiB new big copies are dropped.",
+    ),
+    (
+        "shadowlane_write_worker_held",
+        "Big _bulk copies the write worker built whose end it has not heard of yet; past 64 "
+        "new big copies are dropped.",
+    ),
+    (
+        "shadowlane_write_worker_starts",
+        "Write worker children started since the process started (more than one: one died).",
+    ),
+    (
+        "shadowlane_write_worker_lost",
+        "Copies lost with a write worker child that died, since the process started (each is "
+        "in the divergence ledger with its whole scope).",
+    ),
+)
+
+
+def _write_worker_gauge(i: int) -> list[tuple[tuple[str, ...], float]]:
+    return [((), float(write_worker_stats()[i]))]
+
 
 log = logging.getLogger("shadowlane")
 
@@ -369,6 +399,8 @@ class Instance:
             lambda: [((), float(state.holds))],
         )
         stats = self.heap.stats
+        for i, (name, doc) in enumerate(WRITE_WORKER_GAUGES):
+            metrics.set_gauge_provider(name, doc, (), functools.partial(_write_worker_gauge, i))
         metrics.set_gauge_provider(
             "shadowlane_heap_releases",
             "Times freed heap memory was handed back to the system (malloc_trim) since the "

@@ -361,6 +361,14 @@ class WriteWorker:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
     def close(self) -> None:
         """Stop the child (it exits at its stdin's EOF); what it owed is lost."""
         self.closed = True
@@ -380,6 +388,19 @@ def write_worker() -> WriteWorker:
             _WORKERS.pop(old).close()
         worker = _WORKERS[loop] = WriteWorker(loop)
     return worker
+
+
+def write_worker_stats() -> tuple[int, int, int, int]:
+    """(bytes asked and not answered, copies held, children started, copies lost to a dead
+    child) over this process's write workers, for the instance's gauges; zeros before the
+    first big `_bulk` (nothing is started to answer this)."""
+    queued = held = starts = lost = 0
+    for worker in _WORKERS.values():
+        queued += worker.queued_bytes
+        held += worker.held
+        starts += worker.starts
+        lost += worker.lost
+    return queued, held, starts, lost
 
 
 def close_write_workers() -> None:
