@@ -77,6 +77,11 @@ def answer(status: int, body: bytes) -> Captured:
     return Captured(status, [(b"content-type", b"application/json")], body, False, 0.01)
 
 
+def ask(worker: WriteWorker, body: bytes, primary: Captured, done: Callable[[Any], None]) -> str:
+    """Hand the worker an id-less bulk to build with the primary's ids; "" when it took it."""
+    return worker.prepare(True, False, "POST", PATH, body_of(body), 200, primary, done)
+
+
 # ---------------------------------------------------------------- the worker against the loop
 
 
@@ -111,7 +116,7 @@ def test_the_worker_builds_and_checks_what_the_loop_would(
     inline = prepare_es(True, False, "POST", f"/{INDEX}/_bulk".encode(), body, 200, primary)
     assert isinstance(inline, Prepared)
     got: list[Prepared | Unsent | None] = []
-    assert worker.prepare(True, False, "POST", PATH, body_of(body), 200, primary, got.append)
+    assert ask(worker, body, primary, got.append) == ""
     run_until(loop, lambda: bool(got), "the worker's copy")
     built = got[0]
     assert isinstance(built, Prepared), built
@@ -140,7 +145,7 @@ def test_the_worker_builds_and_checks_what_the_loop_would(
 
     # a copy that timed out: the worker names every document it carried
     again: list[Prepared | Unsent | None] = []
-    assert worker.prepare(True, False, "POST", PATH, body_of(body), 200, primary, again.append)
+    assert ask(worker, body, primary, again.append) == ""
     run_until(loop, lambda: bool(again), "a second copy")
     second = again[0]
     assert isinstance(second, Prepared)
@@ -160,7 +165,7 @@ def test_a_dead_worker_loses_what_it_owed_and_the_next_job_starts_another(
     body = bulk_body(2000)
     primary = answer(200, bulk_answer(body))
     first: list[Prepared | Unsent | None] = []
-    assert worker.prepare(True, False, "POST", PATH, body_of(body), 200, primary, first.append)
+    assert ask(worker, body, primary, first.append) == ""
     run_until(loop, lambda: bool(first), "the first copy")
     held = first[0]
     assert isinstance(held, Prepared) and held.job
@@ -173,10 +178,25 @@ def test_a_dead_worker_loses_what_it_owed_and_the_next_job_starts_another(
     assert not worker.end(held.job, "", "", 200, answer(200, bulk_answer(held.body)), print)
     assert worker.lost == 1
     again: list[Prepared | Unsent | None] = []
-    assert worker.prepare(True, False, "POST", PATH, body_of(body), 200, primary, again.append)
+    assert ask(worker, body, primary, again.append) == ""
     run_until(loop, lambda: bool(again), "a copy from a new child")
     assert isinstance(again[0], Prepared) and worker.starts == 2
     assert again[0].body == held.body
+
+
+def test_a_worker_that_cannot_start_says_so_and_asks_nothing() -> None:
+    loop = asyncio.new_event_loop()
+    worker = WriteWorker(loop, command=["/nonexistent/python", "-m", "nothing"])
+    try:
+        body = bulk_body(2000)
+        got: list[object] = []
+        refused = worker.prepare(True, False, "POST", PATH, body_of(body), 200,
+                                 answer(200, bulk_answer(body)), got.append)  # fmt: skip
+        assert refused.startswith("write worker cannot start: ") and "nonexistent" in refused
+        assert got == [] and worker.starts == 0 and worker.queued_bytes == 0
+    finally:
+        worker.close()
+        loop.close()
 
 
 # ---------------------------------------------------------------- through the proxy
@@ -392,13 +412,15 @@ def test_loop_lag_stays_under_2ms_while_big_bulks_are_shadowed(
             f"{late['plain']:.3%}; over 10 ms late: {stalled['es']:.0f} and {stalled['plain']:.0f}"
         )
         print(report)
-        # a bulk built on the loop stalls it ~60 ms: one wake-up that late per bulk
-        assert stalled["es"] <= stalled["plain"] + 2, report
+        # a bulk built on the loop stalls it ~60 ms: two wake-ups that late per bulk (80 in
+        # the run); a shared machine gives either route a few
+        assert stalled["es"] <= stalled["plain"] + 5, report
         if late["es"] <= 0.001:
             return  # p99.9 under 2 ms
         # a loaded machine: then the plain copies miss it too, and the worker's route may not
-        # be far behind them (the loop moves the same bytes, and the worker takes a core)
-        assert late["es"] <= 3 * late["plain"] + 0.005, report
+        # be far behind them (the loop moves the same bytes, and the worker takes a core);
+        # built on the loop it was 4.3-5.5%
+        assert late["es"] <= max(0.025, 3 * late["plain"] + 0.01), report
 
 
 def test_a_bulk_too_big_to_copy_makes_the_whole_scope_suspect(

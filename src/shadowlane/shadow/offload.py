@@ -129,6 +129,8 @@ class WriteWorker:
         self.starts = 0
         self.lost = 0
         self.closed = False
+        #: why the last child could not be started
+        self.start_error = ""
 
     # ----- asking -----
     def room(self, size: int) -> bool:
@@ -148,14 +150,17 @@ class WriteWorker:
         status: int,
         answer: Captured | None,
         done: Built,
-    ) -> bool:
+    ) -> str:
         """Have the child run `writes.prepare_es`; `done` gets the `Prepared` (its `job` set:
         the child keeps what its end is checked against), the `Unsent`, or None (the child
-        died). False: no room (nothing was asked; `done` is never called)."""
+        died). Returns "" when asked, else why not (no room, or no child can be started:
+        nothing was asked and `done` is never called)."""
         primary = answer.body if answer is not None else b""
         size = body.size + len(primary)
-        if not self.room(size) or not self._start():
-            return False
+        if not self.room(size):
+            return "write worker full"
+        if not self._start():
+            return f"write worker cannot start: {self.start_error}"
         self._next_job += 1
         job = self._next_job
         header = (ids, barrier, method, target, status, answer_fields(answer))
@@ -164,7 +169,7 @@ class WriteWorker:
             done(self._built(job, body, len(primary), result, raw))
 
         self._ask(PREPARE, job, header, [list(body.parts), [primary]], size, built)
-        return True
+        return ""
 
     def _built(
         self, job: int, body: Body, held: int, result: object, raw: bytes
@@ -240,7 +245,8 @@ class WriteWorker:
             proc = subprocess.Popen(
                 self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
             )
-        except OSError:
+        except OSError as exc:
+            self.start_error = str(exc)
             return False
         assert proc.stdin is not None and proc.stdout is not None
         self._proc = proc

@@ -300,15 +300,15 @@ class ShadowTicket:
                 assert line is not None
                 line.ready(place, lambda: self._write_built(p, w, body, prep))
 
-            if worker.prepare(w.ids, w.barrier, req.method, req.target, body, self._status,
-                              answer, built):  # fmt: skip
+            refused = worker.prepare(w.ids, w.barrier, req.method, req.target, body,
+                                     self._status, answer, built)  # fmt: skip
+            if not refused:
                 return
-            # the worker is full: the copy is dropped, as a full lane drops it
+            # full, or no child: the copy is dropped, as a full lane drops it
             p.lane.drop()
             self._dropped(p)
-            keys = w.unsent_keys(req, None)  # its path's keys: the body is not parsed here
-            w.diverged(keys, DIV_DROPPED, req.request_id, req.method, self._uri(),
-                       "write worker full")  # fmt: skip
+            keys = w.unsent_keys(req, None)  # the whole scope: the body is not parsed here
+            w.diverged(keys, DIV_DROPPED, req.request_id, req.method, self._uri(), refused)
             if place is not None and line is not None:
                 line.ready(place, _nothing)
             return

@@ -87,7 +87,7 @@ class OffLoop(Protocol):
         status: int,
         answer: Captured | None,
         done: Callable[[Prepared | Unsent | None], None],
-    ) -> bool: ...
+    ) -> str: ...
 
     def end(
         self,
