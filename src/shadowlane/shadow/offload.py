@@ -204,8 +204,9 @@ class WriteWorker:
         """The copy the child prepared as `job` ended: `reason` "" when the target answered
         (`status`, `answer`: the child checks it item by item), else the divergence reason
         every key of the copy gets (with `detail`). `found` gets what may now differ, or None
-        (the child died). False: the child holding that copy is gone, or there is no room
-        (`found` is never called; the caller writes the copy's path keys to the ledger)."""
+        (the child died). With no room to ship the answer, the child names every document
+        `answer_unusable` instead. False: the child holding that copy is gone (`found` is never
+        called; the caller marks the whole scope in the ledger)."""
         if job not in self._held or self._proc is None:
             return False
         self._held.discard(job)
@@ -300,10 +301,8 @@ class WriteWorker:
         pos = 0
         while len(inbox) - pos >= ANSWER.size:
             job, header_len, body_len = ANSWER.unpack_from(inbox, pos)
-            if header_len + body_len > MAX_ANSWER or not self._waiting:
-                self._died()
-                return
-            if self._waiting[0][0] != job:
+            owed = self._waiting[0][0] if self._waiting else -1
+            if header_len + body_len > MAX_ANSWER or job != owed:  # a broken child
                 self._died()
                 return
             start = pos + ANSWER.size
@@ -330,8 +329,7 @@ class WriteWorker:
 
     def _died(self) -> None:
         """The child is gone or broken: every answer it owed is lost (None), its state too."""
-        proc = self._stop_child(kill=True)
-        if proc is None:
+        if not self._stop_child():
             return
         waiting, self._waiting = self._waiting, deque()
         self._queued_bytes = 0
@@ -340,10 +338,11 @@ class WriteWorker:
         for _job, _size, callback in waiting:
             callback(None, b"")
 
-    def _stop_child(self, kill: bool) -> subprocess.Popen[bytes] | None:
+    def _stop_child(self) -> bool:
+        """Kill and reap the child, if there is one (True), and let go of its pipes."""
         proc = self._proc
         if proc is None:
-            return None
+            return False
         self._proc = None
         if not self.loop.is_closed():
             self.loop.remove_reader(self._stdout)
@@ -356,12 +355,11 @@ class WriteWorker:
             if pipe is not None:
                 with contextlib.suppress(OSError):
                     pipe.close()
-        if kill:
-            with contextlib.suppress(OSError):
-                proc.kill()
+        with contextlib.suppress(OSError):
+            proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(1.0)
-        return proc
+        return True
 
     @property
     def pid(self) -> int | None:
@@ -376,7 +374,7 @@ class WriteWorker:
         return len(self._held)
 
     def close(self) -> None:
-        """Stop the child (it exits at its stdin's EOF); what it owed is lost."""
+        """Kill the child for good (shutdown): what it owed is lost, as when it dies."""
         self.closed = True
         self._died()
 
