@@ -37,6 +37,7 @@ COMPILED = [
     "src/shadowlane/wire/server.py",
     "src/shadowlane/wire/upstream.py",
     # HTTP/2: its exchanges and streams subclass Exchange and UpstreamConnection
+    "src/shadowlane/wire/h2_framing.py",
     "src/shadowlane/wire/h2_send.py",
     "src/shadowlane/wire/hpack.py",
     "src/shadowlane/wire/h2_server.py",

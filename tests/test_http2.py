@@ -484,3 +484,27 @@ def test_cookie_crumbs_are_joined_for_http11_backends(backend: RecordingBackend)
     (req,) = backend.requests
     assert req.header_values("cookie") == ["a=1; b=2"]
     assert req.header("x-between") == "y"
+
+
+def test_streams_past_the_limit_are_refused_one_by_one(backend: RecordingBackend) -> None:
+    """`limits.max_concurrent_streams: 2`, and a client that opens four streams before it has
+    read the proxy's SETTINGS: the two past the limit are reset REFUSED_STREAM (safe to retry),
+    the two within it are answered, and the connection goes on."""
+    config = _h2_config(backend.url, limits={"max_concurrent_streams": 2})
+    with ProxyProcess(config) as proxy, H2Client(proxy.host, proxy.port) as c:
+        answers = c.exchange([(b"GET", b"/delay/0.5", [], b"") for _ in range(4)])
+        assert [(a.status, a.reset) for a in answers] == [(200, None)] * 2 + [(0, 7)] * 2
+        assert c.request(b"GET", b"/after").status == 200
+        assert sorted(r.target for r in backend.requests) == ["/after", "/delay/0.5", "/delay/0.5"]
+
+
+def test_header_blocks_in_continuation_frames_both_ways(backend: RecordingBackend) -> None:
+    """40 KiB of request headers (HEADERS plus CONTINUATION frames from the client) reach the
+    backend whole; the backend's answer headers come back the same way."""
+    big = [(b"x-big-%d" % i, b"%d" % i * 500) for i in range(40)]
+    with ProxyProcess(_h2_config(backend.url)) as proxy, H2Client(proxy.host, proxy.port) as c:
+        answer = c.request(b"GET", b"/echo", big)
+        assert answer.status == 200
+        (seen,) = backend.requests
+        for name, value in big:
+            assert seen.header(name.decode()) == value.decode()

@@ -1,7 +1,8 @@
 """Downstream HTTP/2: h2c with prior knowledge and h2 by ALPN, each stream an `Exchange`.
 
-The framing is the `h2` library's (a sans-I/O state machine, kept at the wire's edge): this
-module feeds it bytes, turns its events into exchanges, and writes what it has to send. A
+The framing is `wire.h2_framing`'s (a sans-I/O state machine, compiled; it replaced the `h2`
+library here, whose cost per request was more than the rest of the request's): this module
+feeds it bytes, turns its events into exchanges, and writes what it has to send. A
 stream becomes an `H2Exchange`, the same kind of object an HTTP/1.1 request is, so the proxy,
 the shadows, the metrics and the access log see a request, not frames.
 
@@ -33,33 +34,31 @@ import socket
 from collections.abc import Callable
 from typing import Final, cast
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
+from shadowlane.wire.exchange import Connection, Exchange
+from shadowlane.wire.h2_framing import (
+    INTERNAL_ERROR,
+    NO_ERROR,
+    PREFACE,
+    PROTOCOL_ERROR,
+    REFUSED_STREAM,
     ConnectionTerminated,
     DataReceived,
+    H2Error,
     RequestReceived,
+    ServerFraming,
     StreamEnded,
+    StreamGone,
     StreamReset,
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame
-
-from shadowlane.wire.exchange import Connection, Exchange
 from shadowlane.wire.h2_send import SendScheduler
-from shadowlane.wire.hpack import install as install_hpack
 from shadowlane.wire.messages import Headers, Request
 from shadowlane.wire.request_head import Rejection, RequestHead, decide_head
 from shadowlane.wire.server import App, ServerLimits, ServerState
 
 __all__ = ["PREFACE", "H2Exchange", "H2Listener", "H2ServerConnection", "Sniffer"]
 
-#: what an HTTP/2 client sends first (RFC 9113 3.4)
-PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: unsent response bytes of one stream above which its producer is paused
 _HIGH_WATER: Final = 256 * 1024
 _LOW_WATER: Final = 64 * 1024
@@ -82,9 +81,9 @@ _REQUEST_PSEUDO: Final = frozenset({b":method", b":scheme", b":path", b":authori
 def malformed_request(headers: Headers) -> str | None:
     """Why a request's header block is malformed (RFC 9113 8.2, 8.3.1), or None.
 
-    These are the checks h2 makes on inbound headers (`validate_inbound_headers`, off in
-    `H2ServerConnection`): done here in one loop over the pairs instead of h2's chain of seven
-    generators, which cost more than the rest of reading a request. `decide_head` applies the
+    These are the checks h2 makes on inbound headers (`validate_inbound_headers`), done here
+    in one loop over the pairs instead of h2's chain of seven generators (the framing,
+    `wire.h2_framing`, leaves header semantics to this function). `decide_head` applies the
     HTTP rules after this (Host syntax, Content-Length, Expect, ...).
     """
     seen: set[bytes] = set()
@@ -302,7 +301,7 @@ class H2Exchange(Exchange):
     def abort(self) -> None:
         """Reset the stream (not the connection): a truncated answer must not look whole."""
         self.on_abort = self.on_writable = None
-        self.h2conn.reset(self, ErrorCodes.INTERNAL_ERROR)
+        self.h2conn.reset(self, INTERNAL_ERROR)
         if not self.response_done:
             self.response_done = True
             self.h2conn._exchange_done(self)
@@ -329,29 +328,10 @@ class H2ServerConnection(Connection):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.draining = listener.draining
-        # outbound headers are ours, from a parser that already lower-cased and checked them
-        # and filters that dropped the connection-specific ones: h2's checks of them again
-        # cost more than the rest of the answer
-        # (and split cookie crumbs are joined in `_request`, in the loop that reads the
-        # headers anyway, rather than by one more generator of h2's per header); inbound
-        # headers are checked by `malformed_request`, the same rules in one loop
-        config = H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-            normalize_inbound_headers=False,
-            validate_inbound_headers=False,
-        )
-        self.h2 = H2Connection(config=config)
-        install_hpack(self.h2)  # compiled HPACK (wire/hpack.py)
-        self.h2.local_settings = Settings(
-            client=False,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: listener.max_streams,
-                SettingCodes.MAX_HEADER_LIST_SIZE: listener.limits.max_header_size,
-                SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
-            },
+        # the framing is ours (wire.h2_framing, compiled): h2's cost per request was more
+        # than the rest of the request's; inbound header rules are `malformed_request`'s
+        self.h2 = ServerFraming(
+            listener.max_streams, listener.limits.max_header_size, _STREAM_WINDOW
         )
         #: every stream that still has something to do: a request in flight or bytes to send
         self.streams: dict[int, H2Exchange] = {}
@@ -405,7 +385,7 @@ class H2ServerConnection(Connection):
     def _receive(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
-        except ProtocolError:
+        except H2Error:
             # h2 has queued the GOAWAY naming the error: send it and close
             self._flush()
             self.close()
@@ -413,10 +393,10 @@ class H2ServerConnection(Connection):
         for event in events:
             if isinstance(event, DataReceived):
                 ex = self.streams.get(event.stream_id)
-                if ex is not None and event.data is not None:
-                    ex.data(event.data, event.flow_controlled_length or 0)
-                elif event.flow_controlled_length:
-                    self.acknowledge(event.stream_id, event.flow_controlled_length)
+                if ex is not None:
+                    ex.data(event.data, event.flow_length)
+                elif event.flow_length:
+                    self.acknowledge(event.stream_id, event.flow_length)
             elif isinstance(event, RequestReceived):
                 if not self._request(event):
                     return
@@ -470,15 +450,14 @@ class H2ServerConnection(Connection):
         """Start the stream's exchange; False when the header block was malformed and the
         connection is closed for it (GOAWAY PROTOCOL_ERROR, as h2 itself would have)."""
         sid = event.stream_id
-        fields = cast(Headers, event.headers or [])
+        fields = event.headers
         if malformed_request(fields) is not None:
-            with contextlib.suppress(ProtocolError):
-                self.h2.close_connection(ErrorCodes.PROTOCOL_ERROR)
+            self.h2.close_connection(PROTOCOL_ERROR)
             self._flush()
             self.close()
             return False
         if self.goaway_last >= 0 and sid > self.goaway_last:
-            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            self.h2.reset_stream(sid, REFUSED_STREAM)
             return True
         method = b""
         path = b""
@@ -507,7 +486,7 @@ class H2ServerConnection(Connection):
         head: RequestHead | Rejection = decide_head(
             method, path, "1.1", headers, self.limits.max_header_size
         )
-        ended = event.stream_ended is not None
+        ended = event.ended
         if ended and isinstance(head, RequestHead) and head.content_length:
             head = Rejection(400, "content-length announces a body the stream does not carry")
         request: Request
@@ -560,12 +539,11 @@ class H2ServerConnection(Connection):
     def acknowledge(self, stream_id: int, n: int) -> None:
         if self.closed:
             return
-        with contextlib.suppress(ProtocolError, KeyError):
-            self.h2.acknowledge_received_data(n, stream_id)
+        self.h2.acknowledge_received_data(n, stream_id)
         self.sends.kick()
 
     def send_informational(self, stream_id: int) -> None:
-        with contextlib.suppress(ProtocolError):
+        with contextlib.suppress(StreamGone):
             self.h2.send_headers(stream_id, [(b":status", b"100")])
         self.sends.kick()
 
@@ -602,7 +580,7 @@ class H2ServerConnection(Connection):
                 else:
                     h2.end_stream(sid)
                 self._finished(ex)
-        except ProtocolError:
+        except StreamGone:
             # the stream closed under us (reset by the client between events)
             ex.closed = True
             self.streams.pop(sid, None)
@@ -619,8 +597,7 @@ class H2ServerConnection(Connection):
             pass  # the application still reads the upload (shadow copies): the stream stays
         else:
             self.streams.pop(ex.stream_id, None)
-            with contextlib.suppress(ProtocolError):
-                self.h2.reset_stream(ex.stream_id, ErrorCodes.NO_ERROR)
+            self.h2.reset_stream(ex.stream_id, NO_ERROR)
             ex._body_lost()
         if self.draining and not self.streams:
             self.loop.call_soon(self._close_if_done)
@@ -635,12 +612,11 @@ class H2ServerConnection(Connection):
         if cb is not None:
             cb(not blocked)
 
-    def reset(self, ex: H2Exchange, code: ErrorCodes) -> None:
+    def reset(self, ex: H2Exchange, code: int) -> None:
         if not ex.closed and not self.closed:
             ex.closed = True
             self.streams.pop(ex.stream_id, None)
-            with contextlib.suppress(ProtocolError):
-                self.h2.reset_stream(ex.stream_id, code)
+            self.h2.reset_stream(ex.stream_id, code)
             self.sends.kick()
 
     # ----- connection -----
@@ -667,13 +643,9 @@ class H2ServerConnection(Connection):
             return
         self.sends.run()  # what the streams have goes before the GOAWAY
         self.goaway_last = self.h2.highest_inbound_stream_id
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = self.goaway_last
-        frame.error_code = 0
-        if self.transport is not None:
-            # written beside h2 (whose state machine would refuse every frame after a GOAWAY
-            # it sent itself), so the streams it promised can still finish
-            self.transport.write(frame.serialize())
+        # a GOAWAY that leaves the framing open, so the streams it promised can still finish
+        self.h2.goaway(self.goaway_last, NO_ERROR)
+        self._flush()
         self._close_if_done()
 
     def _close_if_done(self) -> None:
