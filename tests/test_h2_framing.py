@@ -57,17 +57,22 @@ from shadowlane.wire.h2_framing import (
     PROTOCOL_ERROR,
     REFUSED_STREAM,
     STREAM_CLOSED,
+    ClientFraming,
     ConnectionTerminated,
     DataReceived,
     Event,
     H2Error,
     RequestReceived,
     ServerFraming,
+    SettingsChanged,
     StreamEnded,
     StreamGone,
     StreamReset,
     TrailersReceived,
     WindowUpdated,
+)
+from shadowlane.wire.h2_framing import (
+    ResponseReceived as ResponseHead,
 )
 from shadowlane.wire.hpack import Encoder
 
@@ -526,7 +531,13 @@ def test_frames_split_anywhere_read_the_same() -> None:
     frames = PREFACE + SettingsFrame(0).serialize() + _headers(1, HEAD, "END_HEADERS").serialize()
     frames += _data(1, b"hello", end=True).serialize() + GoAwayFrame(0).serialize()
     whole = _kinds(ServerFraming(128, 65536, WINDOW).receive_data(frames))
-    assert whole == ["RequestReceived", "DataReceived", "StreamEnded", "ConnectionTerminated"]
+    assert whole == [
+        "SettingsChanged",
+        "RequestReceived",
+        "DataReceived",
+        "StreamEnded",
+        "ConnectionTerminated",
+    ]
     for cut in range(1, len(frames)):
         srv = ServerFraming(128, 65536, WINDOW)
         assert _kinds(srv.receive_data(frames[:cut]) + srv.receive_data(frames[cut:])) == whole
@@ -629,3 +640,229 @@ def _body_then_trailers(p: Pair, sid: int, body: bytes) -> None:
         if not out:
             break
     p.client.send_headers(sid, [(b"x-t", b"1")], end_stream=True)
+
+
+# -- the client role (towards HTTP/2 backends), against h2's server ------------------------------
+
+
+class ClientPair:
+    """Our client framing and an h2 server (the library), back to back in memory."""
+
+    def __init__(self, server_settings: dict[int, int] | None = None) -> None:
+        self.client = ClientFraming(65536, WINDOW)
+        self.client.initiate_connection()
+        self.client.increment_flow_control_window((16 << 20) - 65535)
+        self.server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.server.initiate_connection()
+        if server_settings:
+            self.server.update_settings(server_settings)
+        self.requests: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.uploads: dict[int, bytearray] = {}
+        self.server_ended: set[int] = set()
+        self.heard: list[Event] = []
+        self.exchange()
+
+    def exchange(self) -> None:
+        for _ in range(100):
+            c = self.client.data_to_send()
+            if c:
+                for ev in self.server.receive_data(c):
+                    sid = getattr(ev, "stream_id", 0)
+                    if type(ev).__name__ == "RequestReceived":
+                        self.requests[sid] = list(ev.headers)
+                        self.uploads[sid] = bytearray()
+                    elif isinstance(ev, ClientData):  # h2's DataReceived, on its server here
+                        self.uploads[sid] += ev.data
+                        self.server.acknowledge_received_data(ev.flow_controlled_length, sid)
+                    elif isinstance(ev, ClientEnded):
+                        self.server_ended.add(sid)
+            s = self.server.data_to_send()
+            if s:
+                for ev in self.client.receive_data(s):
+                    self.heard.append(ev)
+                    if isinstance(ev, DataReceived):
+                        self.client.acknowledge_received_data(ev.flow_length, ev.stream_id)
+            if not c and not s:
+                return
+        raise AssertionError("the two sides never went quiet")
+
+    def request(self, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> int:
+        sid = self.client.get_next_available_stream_id()
+        self.client.send_headers(sid, headers, end_stream=not body)
+        out = bytearray(body)
+        for _ in range(10_000):
+            while out:
+                room = min(
+                    self.client.local_flow_control_window(sid), self.client.max_outbound_frame_size
+                )
+                if room <= 0:
+                    break
+                chunk = bytes(out[:room])
+                del out[:room]
+                self.client.send_data(sid, chunk, end_stream=not out)
+            self.exchange()
+            if not out:
+                return sid
+        raise AssertionError("the upload never fit the windows")
+
+    def answer(self, sid: int, body: bytes, **kw: object) -> None:
+        """The h2 server answers `sid` (within its windows, as WINDOW_UPDATEs come)."""
+        srv = self.server
+        head = kw.get("head", [(b":status", b"200")])
+        trailers = kw.get("trailers")
+        srv.send_headers(sid, head, end_stream=False)
+        out = bytearray(body)
+        for _ in range(10_000):
+            while out:
+                room = min(srv.local_flow_control_window(sid), srv.max_outbound_frame_size)
+                if room <= 0:
+                    break
+                chunk = bytes(out[:room])
+                del out[:room]
+                srv.send_data(sid, chunk, end_stream=not out and trailers is None)
+            self.exchange()
+            if not out:
+                break
+        if trailers is not None:
+            srv.send_headers(sid, trailers, end_stream=True)
+        elif not body:
+            srv.end_stream(sid)
+        self.exchange()
+
+    def heard_body(self, sid: int) -> bytes:
+        return b"".join(
+            ev.data for ev in self.heard if isinstance(ev, DataReceived) and ev.stream_id == sid
+        )
+
+    def kinds(self, sid: int) -> list[str]:
+        """What the stream's answer was made of (window updates left out)."""
+        return [
+            type(ev).__name__
+            for ev in self.heard
+            if ev.stream_id == sid and not isinstance(ev, WindowUpdated)
+        ]
+
+
+REQ = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"b"), (b":path", b"/call")]
+
+
+def test_client_calls_with_bodies_both_ways_and_trailers() -> None:
+    """Three calls upload 200 KiB each and get 300 KiB back with gRPC-style trailers, past
+    every initial window (the h2 server's is 64 KiB): both sides give windows back."""
+    p = ClientPair(server_settings={SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+    sids = [p.request([*REQ, (b"x-i", b"%d" % i)], bytes([i]) * 200_000) for i in range(3)]
+    assert sids == [1, 3, 5]
+    for i, sid in enumerate(sids):
+        assert p.requests[sid][-1] == (b"x-i", b"%d" % i)
+        assert bytes(p.uploads[sid]) == bytes([i]) * 200_000 and sid in p.server_ended
+        p.answer(sid, bytes([i + 7]) * 300_000, trailers=[(b"grpc-status", b"0")])
+        assert p.heard_body(sid) == bytes([i + 7]) * 300_000
+        assert p.kinds(sid)[0] == "ResponseReceived"
+        assert p.kinds(sid)[-2:] == ["TrailersReceived", "StreamEnded"]
+    assert p.client.streams == {}
+
+
+def test_client_skips_1xx_heads_and_reads_a_head_answer_without_body() -> None:
+    p = ClientPair()
+    sid = p.request(REQ, b"x")
+    p.server.send_headers(sid, [(b":status", b"100")])
+    p.answer(sid, b"done", head=[(b":status", b"200"), (b"content-length", b"4")])
+    heads = [ev for ev in p.heard if isinstance(ev, ResponseHead)]
+    assert [h.headers[0] for h in heads] == [(b":status", b"200")]
+    head_req = [(b":method", b"HEAD"), *REQ[1:]]
+    sid = p.request(head_req)
+    p.server.send_headers(
+        sid, [(b":status", b"200"), (b"content-length", b"1000")], end_stream=True
+    )
+    p.exchange()
+    assert p.kinds(sid) == ["ResponseReceived", "StreamEnded"]
+
+
+def test_client_hears_settings_resets_and_goaway() -> None:
+    p = ClientPair(server_settings={SettingCodes.MAX_CONCURRENT_STREAMS: 7})
+    assert p.client.remote_max_concurrent_streams == 7
+    assert any(isinstance(ev, SettingsChanged) for ev in p.heard)
+    a = p.request(REQ, b"x")
+    b = p.request(REQ, b"y")
+    p.server.reset_stream(a, REFUSED_STREAM)
+    p.exchange()
+    resets = [ev for ev in p.heard if isinstance(ev, StreamReset)]
+    assert [(r.stream_id, r.error_code) for r in resets] == [(a, REFUSED_STREAM)]
+    p.server.close_connection(last_stream_id=a)
+    p.exchange()
+    (goaway,) = [ev for ev in p.heard if isinstance(ev, ConnectionTerminated)]
+    assert goaway.last_stream_id == a and b > a  # b was never processed: safe to retry
+    # our own reset of a stream, then its late answer, is ignored
+    p.client.reset_stream(b, 8)
+    assert p.client.receive_data(_raw(0x0, 0x1, b, b"late")) == []
+
+
+def _client_started() -> ClientFraming:
+    c = ClientFraming(65536, WINDOW)
+    c.initiate_connection()
+    c.receive_data(SettingsFrame(0).serialize())
+    c.send_headers(1, REQ, end_stream=True)
+    c.data_to_send()
+    return c
+
+
+CLIENT_ERRORS: list[tuple[str, list[bytes], int]] = [
+    ("DATA before the head", [_raw(0x0, 0x1, 1, b"x")], PROTOCOL_ERROR),
+    (
+        "HEADERS on a stream never opened",
+        [_raw(0x1, 0x5, 3, Encoder().encode([(b":status", b"200")]))],
+        PROTOCOL_ERROR,
+    ),
+    ("a PUSH_PROMISE", [PushPromiseFrame(1, promised_stream_id=2).serialize()], PROTOCOL_ERROR),
+    (
+        "HEADERS on an even (pushed) stream",
+        [_raw(0x1, 0x5, 2, Encoder().encode([(b":status", b"200")]))],
+        PROTOCOL_ERROR,
+    ),
+    (
+        "a 1xx head that ends the stream",
+        [_raw(0x1, 0x5, 1, Encoder().encode([(b":status", b"103")]))],
+        PROTOCOL_ERROR,
+    ),
+    (
+        "an answer shorter than its Content-Length",
+        [
+            _raw(0x1, 0x4, 1, Encoder().encode([(b":status", b"200"), (b"content-length", b"9")])),
+            _raw(0x0, 0x1, 1, b"short"),
+        ],
+        PROTOCOL_ERROR,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"), [(f, c) for _, f, c in CLIENT_ERRORS], ids=[n for n, _, _ in CLIENT_ERRORS]
+)
+def test_broken_backends_get_a_goaway_naming_the_error(frames: list[bytes], code: int) -> None:
+    c = _client_started()
+    with pytest.raises(H2Error) as err:
+        c.receive_data(b"".join(frames))
+    assert err.value.code == code
+    assert _goaway_code(c.data_to_send()) == code
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.binary(max_size=70_000), st.integers(0, 150_000), st.booleans()),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(1000, 1 << 20),
+)
+def test_random_calls_reach_h2s_server_and_come_back_whole(
+    calls: list[tuple[bytes, int, bool]], window: int
+) -> None:
+    p = ClientPair(server_settings={SettingCodes.INITIAL_WINDOW_SIZE: window})
+    sids = [p.request(REQ, body) for body, _, _ in calls]
+    for sid, (body, size, trailers) in zip(sids, calls, strict=True):
+        assert bytes(p.uploads[sid]) == body and sid in p.server_ended
+        p.answer(sid, b"r" * size, trailers=[(b"grpc-status", b"0")] if trailers else None)
+        assert p.heard_body(sid) == b"r" * size
+        assert p.kinds(sid)[-1] == "StreamEnded"
+    assert p.client.streams == {}

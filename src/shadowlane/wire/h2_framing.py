@@ -1,28 +1,30 @@
-"""The server side of HTTP/2's framing, compiled: bytes in, events out; answers in, frames out.
+"""HTTP/2 framing, compiled: bytes in, events out; headers and data in, frames out.
 
-`H2ServerConnection` (wire.h2_server) used to drive the `h2` library's `H2Connection` here.
-Measured in process (tests' h2 client, 10 streams a batch, GET and a 13-byte answer), h2 cost
-34 us of CPU per request on the server side alone: its frame objects, its per-stream state
+The listener (`H2ServerConnection`, wire.h2_server) and the HTTP/2 backends
+(`H2ClientConnection`, wire.h2_upstream) used to drive the `h2` library's `H2Connection`.
+Measured in process (an h2 client, 10 streams a batch, GET and a 13-byte answer), h2 cost 34
+us of CPU per request on the server side alone: its frame objects, its per-stream state
 machine of enum transitions, its validation generators and its logging calls, all
 interpreted. That was more than the proxy's whole HTTP/1.1 path per request, and it capped
-HTTP/2 at a third of nginx (issue 15). This module does the same job for the one role the
-listener needs (a server; no push, no priority tree) in compiled code, with the same kind of
-sans-I/O surface: `receive_data` returns events, `send_headers`/`send_data`/`end_stream`/
-`reset_stream` queue frames, `data_to_send` hands them over. h2 still frames the proxy's
-HTTP/2 backends (wire.h2_upstream), and it is this module's oracle in the tests (an h2 client
-drives it, frame by frame and by hypothesis).
+HTTP/2 at a third of nginx (issue 15). This module does the same job for the two roles the
+proxy has (`ServerFraming` towards clients, `ClientFraming` towards backends; no push, no
+priority tree) in compiled code, with the same kind of sans-I/O surface as h2's:
+`receive_data` returns events, `send_headers`/`send_data`/`end_stream`/`reset_stream` queue
+frames, `data_to_send` hands them over. h2 is its oracle in the tests: h2's client and server
+drive it, frame by frame and by hypothesis.
 
 What it enforces (RFC 9113), and how it answers:
 
 * Connection errors (a GOAWAY naming the error, then `H2Error` raised to the caller, who
-  closes): a bad preface, a first frame other than SETTINGS, a frame larger than 16,384 bytes,
-  frames on stream 0 that belong to a stream and the reverse, an even or decreasing stream id,
-  a header block interrupted or not decodable (COMPRESSION_ERROR) or larger than the header
-  list limit (ENHANCE_YOUR_CALM), DATA or HEADERS after the client ended the stream
-  (STREAM_CLOSED), a client that overruns its windows (FLOW_CONTROL_ERROR), a body longer or
-  shorter than its Content-Length, bad SETTINGS values, a zero WINDOW_UPDATE or one that
-  overflows 2^31-1, a PUSH_PROMISE. RFC 9113 5.4.1 allows a connection error where a stream
-  error would do; h2 answered the same cases the same way.
+  closes): a bad client preface, a first frame other than SETTINGS, a frame larger than
+  16,384 bytes, frames on stream 0 that belong to a stream and the reverse, an even or
+  decreasing stream id, a header block interrupted or not decodable (COMPRESSION_ERROR) or
+  larger than the header list limit (ENHANCE_YOUR_CALM), DATA or HEADERS after the peer
+  ended the stream (STREAM_CLOSED), a peer that overruns its windows (FLOW_CONTROL_ERROR), a
+  body longer or shorter than its Content-Length, bad SETTINGS values, a zero WINDOW_UPDATE
+  or one that overflows 2^31-1, a PUSH_PROMISE (push is never enabled), an answer's DATA
+  before its head. RFC 9113 5.4.1 allows a connection error where a stream error would do;
+  h2 answered the same cases the same way.
 * A stream past SETTINGS_MAX_CONCURRENT_STREAMS is refused on its own (RST_STREAM
   REFUSED_STREAM: the client may retry it) after its header block is decoded, as every block
   must be to keep the HPACK table in step. h2 closed the whole connection for it.
@@ -36,7 +38,7 @@ leave the table) moved by `_remote_end` and `_local_end`, as in h11.
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Any, Final
 
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 
@@ -54,13 +56,17 @@ __all__ = [
     "PROTOCOL_ERROR",
     "REFUSED_STREAM",
     "STREAM_CLOSED",
+    "ClientFraming",
     "ConnectionTerminated",
     "DataReceived",
     "Event",
     "H2Error",
     "RequestReceived",
+    "ResponseReceived",
     "ServerFraming",
+    "SettingsChanged",
     "StreamEnded",
+    "StreamGone",
     "StreamReset",
     "TrailersReceived",
     "WindowUpdated",
@@ -154,6 +160,14 @@ class RequestReceived(Event):
         self.ended = ended
 
 
+class ResponseReceived(Event):
+    """A stream's final answer head (client role; 1xx heads are read and dropped)."""
+
+    def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(stream_id)
+        self.headers = headers
+
+
 class DataReceived(Event):
     """Body bytes; `flow_length` (the frame with its padding) is what the window lost."""
 
@@ -184,8 +198,12 @@ class WindowUpdated(Event):
     WINDOW_UPDATE, or a larger SETTINGS_INITIAL_WINDOW_SIZE)."""
 
 
+class SettingsChanged(Event):
+    """The peer's SETTINGS were applied (its limits, e.g. `remote_max_concurrent_streams`)."""
+
+
 class ConnectionTerminated(Event):
-    """The client's GOAWAY."""
+    """The peer's GOAWAY."""
 
     def __init__(self, error_code: int, last_stream_id: int) -> None:
         super().__init__(0)
@@ -194,16 +212,29 @@ class ConnectionTerminated(Event):
 
 
 class _Stream:
-    __slots__ = ("expected", "pending", "received", "recv_window", "send_window", "state")
+    __slots__ = (
+        "expected",
+        "head_done",
+        "no_body",
+        "pending",
+        "received",
+        "recv_window",
+        "send_window",
+        "state",
+    )
 
     def __init__(self, send_window: int, recv_window: int) -> None:
         self.state = OPEN
+        #: the peer's head (request, or final answer) has come: HEADERS now are trailers
+        self.head_done = False
+        #: an answer to HEAD: its Content-Length describes a body that is not sent
+        self.no_body = False
         self.send_window = send_window
         #: what the client may still send before a WINDOW_UPDATE
         self.recv_window = recv_window
         #: bytes the application took but not yet given back (see `acknowledge_received_data`)
         self.pending = 0
-        #: the request's Content-Length, or -1
+        #: the peer's Content-Length, or -1
         self.expected = -1
         self.received = 0
 
@@ -226,30 +257,31 @@ def _auto_increment(window: int, processed: int, maximum: int) -> bool:
     return window <= 0 and processed > min(1024, maximum // 4)
 
 
-class ServerFraming:
-    """One HTTP/2 connection's framing, as the server (our listener) sees it."""
+class _Framing:
+    """What both roles share: frames in and out, windows, stream ends, SETTINGS, PING."""
 
-    def __init__(self, max_concurrent_streams: int, max_header_list_size: int, window: int) -> None:
+    def __init__(self, max_header_list_size: int, window: int) -> None:
         self.decoder = Decoder(max_header_list_size)
         self.encoder = Encoder()
-        self.max_concurrent_streams = max_concurrent_streams
         self.max_header_list_size = max_header_list_size
-        #: the stream window our SETTINGS give the client
+        #: the stream window our SETTINGS give the peer
         self.initial_recv_window = window
-        #: the client's SETTINGS_INITIAL_WINDOW_SIZE (the window each answer starts with)
+        #: the peer's SETTINGS_INITIAL_WINDOW_SIZE (the window each stream we send starts with)
         self.initial_send_window = _DEFAULT_WINDOW
-        #: the client's SETTINGS_MAX_FRAME_SIZE
+        #: the peer's SETTINGS_MAX_FRAME_SIZE
         self.max_outbound_frame_size = _DEFAULT_FRAME_SIZE
+        #: the peer's SETTINGS_MAX_CONCURRENT_STREAMS (RFC 9113: unlimited until it says)
+        self.remote_max_concurrent_streams = _MAX_WINDOW
         self.conn_send_window = _DEFAULT_WINDOW
         self.conn_recv_window = _DEFAULT_WINDOW
         self.conn_recv_max = _DEFAULT_WINDOW
         self.conn_pending = 0
         self.streams: dict[int, _Stream] = {}
-        self.highest_inbound_stream_id = 0
         self._reset: dict[int, None] = {}
         self._out = bytearray()
         self._rest = b""
-        self._preface = False
+        #: the client's preface is read (a server expects it first; a client sends it)
+        self._preface = True
         self._settings_seen = False
         #: the stream whose header block CONTINUATION frames are completing, or 0
         self._cont_sid = 0
@@ -257,6 +289,21 @@ class ServerFraming:
         self._block = bytearray()
         #: a GOAWAY for an error was sent: nothing more is read or sent
         self.failed = False
+
+    # ----- what a role decides -----
+    def _idle(self, sid: int) -> bool:
+        """`sid` was never opened (a frame on it is a PROTOCOL_ERROR), as opposed to closed."""
+        raise NotImplementedError
+
+    def _last_peer_stream(self) -> int:
+        raise NotImplementedError
+
+    def _header_block(self, sid: int, block: bytes, ended: bool, events: list[Event]) -> None:
+        raise NotImplementedError
+
+    def _new_stream(self, sid: int, headers: list[Any]) -> _Stream:
+        """A stream this side opens by sending HEADERS (client role only)."""
+        raise StreamGone(sid)
 
     # ----- output -----
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
@@ -274,17 +321,6 @@ class ServerFraming:
         out.clear()
         return data
 
-    def initiate_connection(self) -> None:
-        """Our SETTINGS (the first frame a server sends, RFC 9113 3.4)."""
-        payload = b"".join(
-            [
-                _SETTING.pack(_MAX_CONCURRENT_STREAMS, self.max_concurrent_streams),
-                _SETTING.pack(_MAX_HEADER_LIST_SIZE, self.max_header_list_size),
-                _SETTING.pack(_INITIAL_WINDOW_SIZE, self.initial_recv_window),
-            ]
-        )
-        self._frame(_SETTINGS, 0, 0, payload)
-
     def increment_flow_control_window(self, n: int) -> None:
         """Raise the connection's receive window by `n` (beyond the RFC's 64 KiB)."""
         self.conn_recv_window += n
@@ -296,16 +332,20 @@ class ServerFraming:
         still finish (a drain). An error GOAWAY goes through `_fail` instead."""
         self._frame(_GOAWAY, 0, 0, _GOAWAY_HEAD.pack(last_stream_id, code))
 
-    def close_connection(self, code: int) -> None:
+    def close_connection(self, code: int = NO_ERROR) -> None:
         if not self.failed:
             self.failed = True
-            self.goaway(self.highest_inbound_stream_id, code)
+            self.goaway(self._last_peer_stream(), code)
 
-    def send_headers(
-        self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool = False
-    ) -> None:
+    def send_headers(self, sid: int, headers: list[Any], end_stream: bool = False) -> None:
+        """`headers`: (name, value) pairs of bytes; a third item True (or an hpack
+        `NeverIndexedHeaderTuple`) for a field never to be indexed."""
+        if self.failed:
+            raise StreamGone(sid)
         stream = self.streams.get(sid)
-        if stream is None or stream.state == HALF_CLOSED_LOCAL or self.failed:
+        if stream is None:
+            stream = self._new_stream(sid, headers)
+        elif stream.state == HALF_CLOSED_LOCAL:
             raise StreamGone(sid)
         block = self.encoder.encode(headers)
         limit = self.max_outbound_frame_size
@@ -509,9 +549,11 @@ class ServerFraming:
                 # late DATA for a stream we reset: its bytes go back to the connection
                 self.acknowledge_received_data(flow, sid)
                 return
-            if sid > self.highest_inbound_stream_id:
+            if stream is None and self._idle(sid):
                 raise self._fail(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
             raise self._fail(STREAM_CLOSED, f"DATA on closed stream {sid}")
+        if not stream.head_done:
+            raise self._fail(PROTOCOL_ERROR, f"DATA before the head on stream {sid}")
         stream.recv_window -= flow
         if stream.recv_window < 0:
             raise self._fail(FLOW_CONTROL_ERROR, f"stream {sid}'s window overrun")
@@ -531,7 +573,7 @@ class ServerFraming:
         if not sid:
             raise self._fail(PROTOCOL_ERROR, "HEADERS on stream 0")
         if not sid & 1:
-            raise self._fail(PROTOCOL_ERROR, f"a client stream with an even id ({sid})")
+            raise self._fail(PROTOCOL_ERROR, f"HEADERS on an even stream id ({sid})")
         block = self._unpad(flags, payload)
         if flags & _PRIORITY_FLAG:
             if len(block) < 5:
@@ -557,34 +599,22 @@ class ServerFraming:
             self._block = bytearray()
             self._header_block(sid, bytes(block), self._cont_end, events)
 
-    def _header_block(self, sid: int, block: bytes, ended: bool, events: list[Event]) -> None:
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """Every block is decoded, wanted or not: the HPACK table must stay in step."""
         try:
-            headers = self.decoder.decode(block)
+            return self.decoder.decode(block)
         except OversizedHeaderListError as exc:
             raise self._fail(ENHANCE_YOUR_CALM, f"header list too large: {exc}") from None
         except HPACKError as exc:
             raise self._fail(COMPRESSION_ERROR, f"header block not decodable: {exc}") from None
-        stream = self.streams.get(sid)
-        if stream is not None:
-            self._trailers(sid, stream, headers, ended, events)
-            return
-        if sid <= self.highest_inbound_stream_id:
-            if sid in self._reset:
-                return  # trailers of a stream we reset (the block is decoded: HPACK state)
-            raise self._fail(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
-        self.highest_inbound_stream_id = sid
-        if len(self.streams) >= self.max_concurrent_streams:
-            self._frame(_RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM))
-            self._remember_reset(sid)
-            return
-        stream = _Stream(self.initial_send_window, self.initial_recv_window)
-        self.streams[sid] = stream
-        events.append(RequestReceived(sid, headers, ended))
-        if ended:
-            stream.state = HALF_CLOSED_REMOTE
-            events.append(StreamEnded(sid))
-        else:
-            stream.expected = _content_length(headers)
+
+    def _unknown_stream_headers(self, sid: int) -> None:
+        """HEADERS for a stream not in the table (and not one the peer may open now)."""
+        if sid in self._reset:
+            return  # trailers of a stream we reset (the block is decoded: HPACK state)
+        if self._idle(sid):
+            raise self._fail(PROTOCOL_ERROR, f"HEADERS on idle stream {sid}")
+        raise self._fail(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
 
     def _trailers(
         self,
@@ -618,7 +648,7 @@ class ServerFraming:
             return
         stream = self.streams.get(sid)
         if stream is None:
-            if sid > self.highest_inbound_stream_id:
+            if self._idle(sid):
                 raise self._fail(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
             return  # closed: allowed for a while (RFC 9113 5.1)
         stream.send_window += increment
@@ -631,7 +661,7 @@ class ServerFraming:
             raise self._fail(PROTOCOL_ERROR, "RST_STREAM on stream 0")
         if len(payload) != 4:
             raise self._fail(FRAME_SIZE_ERROR, "RST_STREAM of a size other than 4")
-        if sid > self.highest_inbound_stream_id:
+        if self._idle(sid):
             raise self._fail(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
         if self.streams.pop(sid, None) is not None:
             events.append(StreamReset(sid, _U32.unpack(payload)[0]))
@@ -662,10 +692,128 @@ class ServerFraming:
                 if not _DEFAULT_FRAME_SIZE <= value <= _MAX_FRAME_SIZE_LIMIT:
                     raise self._fail(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
                 self.max_outbound_frame_size = value
+            elif code == _MAX_CONCURRENT_STREAMS:
+                self.remote_max_concurrent_streams = value
             elif code == _HEADER_TABLE_SIZE:
                 self.encoder.header_table_size = value
             elif code in (_ENABLE_PUSH, _ENABLE_CONNECT_PROTOCOL) and value > 1:
                 raise self._fail(PROTOCOL_ERROR, f"SETTINGS {code} neither 0 nor 1")
         self._frame(_SETTINGS, _ACK, 0, b"")
+        events.append(SettingsChanged(0))
         if grown:
             events.append(WindowUpdated(0))
+
+
+class ServerFraming(_Framing):
+    """One HTTP/2 connection's framing as the server (our listener) sees it."""
+
+    def __init__(self, max_concurrent_streams: int, max_header_list_size: int, window: int) -> None:
+        super().__init__(max_header_list_size, window)
+        self.max_concurrent_streams = max_concurrent_streams
+        self.highest_inbound_stream_id = 0
+        self._preface = False
+
+    def initiate_connection(self) -> None:
+        """Our SETTINGS (the first frame a server sends, RFC 9113 3.4)."""
+        payload = b"".join(
+            [
+                _SETTING.pack(_MAX_CONCURRENT_STREAMS, self.max_concurrent_streams),
+                _SETTING.pack(_MAX_HEADER_LIST_SIZE, self.max_header_list_size),
+                _SETTING.pack(_INITIAL_WINDOW_SIZE, self.initial_recv_window),
+            ]
+        )
+        self._frame(_SETTINGS, 0, 0, payload)
+
+    def _idle(self, sid: int) -> bool:
+        return sid > self.highest_inbound_stream_id
+
+    def _last_peer_stream(self) -> int:
+        return self.highest_inbound_stream_id
+
+    def _header_block(self, sid: int, block: bytes, ended: bool, events: list[Event]) -> None:
+        headers = self._decode(block)
+        stream = self.streams.get(sid)
+        if stream is not None:
+            self._trailers(sid, stream, headers, ended, events)
+            return
+        if sid <= self.highest_inbound_stream_id:
+            self._unknown_stream_headers(sid)
+            return
+        self.highest_inbound_stream_id = sid
+        if len(self.streams) >= self.max_concurrent_streams:
+            self._frame(_RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM))
+            self._remember_reset(sid)
+            return
+        stream = _Stream(self.initial_send_window, self.initial_recv_window)
+        stream.head_done = True
+        self.streams[sid] = stream
+        events.append(RequestReceived(sid, headers, ended))
+        if ended:
+            stream.state = HALF_CLOSED_REMOTE
+            events.append(StreamEnded(sid))
+        else:
+            stream.expected = _content_length(headers)
+
+
+class ClientFraming(_Framing):
+    """One HTTP/2 connection's framing as a client (the proxy towards an h2 backend) sees it:
+    streams opened by `send_headers` on `get_next_available_stream_id()`, push refused."""
+
+    def __init__(self, max_header_list_size: int, window: int) -> None:
+        super().__init__(max_header_list_size, window)
+        self.next_stream_id = 1
+
+    def initiate_connection(self) -> None:
+        """The preface and our SETTINGS (push off, our stream window)."""
+        self._out += PREFACE
+        payload = _SETTING.pack(_ENABLE_PUSH, 0) + _SETTING.pack(
+            _INITIAL_WINDOW_SIZE, self.initial_recv_window
+        )
+        self._frame(_SETTINGS, 0, 0, payload)
+
+    def get_next_available_stream_id(self) -> int:
+        return self.next_stream_id
+
+    def _new_stream(self, sid: int, headers: list[Any]) -> _Stream:
+        if sid != self.next_stream_id:
+            raise StreamGone(sid)
+        self.next_stream_id = sid + 2
+        stream = _Stream(self.initial_send_window, self.initial_recv_window)
+        for h in headers:
+            if h[0] == b":method":
+                stream.no_body = h[1] == b"HEAD"
+                break
+        self.streams[sid] = stream
+        return stream
+
+    def _idle(self, sid: int) -> bool:
+        return sid >= self.next_stream_id or not sid & 1
+
+    def _last_peer_stream(self) -> int:
+        return 0  # a server opens no streams (push is off)
+
+    def _header_block(self, sid: int, block: bytes, ended: bool, events: list[Event]) -> None:
+        headers = self._decode(block)
+        stream = self.streams.get(sid)
+        if stream is None:
+            self._unknown_stream_headers(sid)
+            return
+        if stream.head_done:
+            self._trailers(sid, stream, headers, ended, events)
+            return
+        status = b""
+        for name, value in headers:
+            if name == b":status":
+                status = value
+                break
+        if len(status) == 3 and status[:1] == b"1":
+            if ended:
+                raise self._fail(PROTOCOL_ERROR, f"a 1xx head ends stream {sid}")
+            return  # an informational answer: the final one follows
+        stream.head_done = True
+        events.append(ResponseReceived(sid, headers))
+        if ended:
+            self._remote_end(sid, stream)
+            events.append(StreamEnded(sid))
+        elif not stream.no_body and status != b"204" and status != b"304":
+            stream.expected = _content_length(headers)

@@ -6,7 +6,7 @@ methods (`send_request`, `write_body`, `end_request`, ...) and hear the answer t
 nor the lanes know which protocol a backend speaks; `H2EndpointPool` hands out streams where
 the HTTP/1.1 pool hands out connections:
 
-    H2EndpointPool -> H2ClientConnection (one socket, h2's state machine) -> H2Stream
+    H2EndpointPool -> H2ClientConnection (one socket, its `ClientFraming`) -> H2Stream
 
 A connection carries up to the server's SETTINGS_MAX_CONCURRENT_STREAMS streams; the pool
 opens another only when every open one is full (at most `max_connections`), and concurrent
@@ -24,33 +24,33 @@ request bounds the whole stream (as well as the backend's idle `timeout`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import socket
 import ssl
 from typing import Final, cast
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
+from hpack import NeverIndexedHeaderTuple
+from hpack.struct import Header
+
+from shadowlane.wire.h2_framing import (
+    CANCEL,
+    NO_ERROR,
+    PROTOCOL_ERROR,
+    REFUSED_STREAM,
+    ClientFraming,
     ConnectionTerminated,
     DataReceived,
-    RemoteSettingsChanged,
+    H2Error,
     ResponseReceived,
+    SettingsChanged,
     StreamEnded,
+    StreamGone,
     StreamReset,
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
-from hpack import NeverIndexedHeaderTuple
-from hpack.struct import Header
-
 from shadowlane.wire.h2_send import SendScheduler
 from shadowlane.wire.headers import reason_phrase
-from shadowlane.wire.hpack import install as install_hpack
 from shadowlane.wire.messages import Headers
 from shadowlane.wire.upstream import (
     POOL_IDLE_TIMEOUT,
@@ -66,6 +66,8 @@ __all__ = ["H2ClientConnection", "H2EndpointPool", "H2Stream", "grpc_timeout"]
 
 _HIGH_WATER: Final = 256 * 1024
 _STREAM_WINDOW: Final = 1024 * 1024
+#: the largest answer header list taken (h2's default SETTINGS_MAX_HEADER_LIST_SIZE, kept)
+_MAX_ANSWER_HEADERS: Final = 1 << 16
 _CONNECTION_WINDOW: Final = 16 * 1024 * 1024
 #: request headers HTTP/2 forbids or carries as pseudo-headers
 _DROPPED: Final = frozenset(
@@ -116,8 +118,8 @@ def grpc_timeout(value: bytes) -> float | None:
 
 def malformed_field(name: bytes, value: bytes) -> str | None:
     """Why one regular field of an answer is malformed (RFC 9113 8.2), or None: the checks h2
-    makes on inbound headers (`validate_inbound_headers`, off in `H2ClientConnection`), made
-    in the loop that reads the answer's headers anyway instead of h2's chain of generators."""
+    makes on inbound headers (`validate_inbound_headers`), made in the loop that reads the
+    answer's headers anyway instead of h2's chain of generators."""
     if not name:
         return "empty header name"
     if _BAD_NAME.search(name) is not None:
@@ -199,7 +201,7 @@ class H2Stream(UpstreamConnection):
         ]
         limit = 0.0
         for name, value in fields:
-            # what h2's outbound normalisation did (off in H2ClientConnection), in this loop:
+            # what h2's outbound normalisation does, in this loop:
             # names lower-cased (a shadow's added headers keep the config's spelling), values
             # without surrounding whitespace, connection-specific fields dropped, credentials
             # (and the request id) never indexed
@@ -271,11 +273,11 @@ class H2Stream(UpstreamConnection):
     def abandon(self) -> None:
         """The consumer is gone: cancel the stream (RST_STREAM CANCEL), report nothing."""
         self.sink = None
-        self._finish(ErrorCodes.CANCEL)
+        self._finish(CANCEL)
 
     def close(self) -> None:
         self.sink = None
-        self._finish(ErrorCodes.CANCEL)
+        self._finish(CANCEL)
 
     def reset(self) -> None:
         """A stream's unsent bytes are its own (`out`): cancelling it drops them."""
@@ -285,7 +287,7 @@ class H2Stream(UpstreamConnection):
         """This stream's bytes not yet framed onto the connection (flow control holds them)."""
         return len(self.out)
 
-    def _finish(self, code: ErrorCodes | None) -> None:
+    def _finish(self, code: int | None) -> None:
         """CLOSED: off the connection, the timer cancelled; `code` resets a live stream."""
         if self.state == ConnState.CLOSED:
             return
@@ -309,7 +311,7 @@ class H2Stream(UpstreamConnection):
             return
         sink = self.sink
         self.sink = None
-        self._finish(ErrorCodes.CANCEL)
+        self._finish(CANCEL)
         if sink is not None:
             why = (
                 "grpc-timeout passed"
@@ -337,7 +339,10 @@ class H2Stream(UpstreamConnection):
             if why is not None:
                 break
             if name == b"content-length":
-                content_length = int(value)  # h2 checked it is digits (its framing needs it)
+                if not value.isdigit() or content_length is not None:
+                    why = "malformed or repeated content-length"
+                    break
+                content_length = int(value)
             out.append((name, value))
         if why is None and not status:
             why = "answer without :status"
@@ -355,7 +360,7 @@ class H2Stream(UpstreamConnection):
         go on."""
         sink = self.sink
         self.sink = None
-        self._finish(ErrorCodes.PROTOCOL_ERROR)
+        self._finish(PROTOCOL_ERROR)
         if sink is not None:
             sink.on_upstream_error(UpstreamError("protocol", why), False)
 
@@ -392,7 +397,7 @@ class H2Stream(UpstreamConnection):
         sink = self.sink
         self.sink = None
         # the backend may answer before the whole request was sent: the rest is not wanted
-        self._finish(None if self.ended else ErrorCodes.NO_ERROR)
+        self._finish(None if self.ended else NO_ERROR)
         if sink is not None:
             sink.on_response_end()
 
@@ -415,36 +420,17 @@ class H2Stream(UpstreamConnection):
 
 
 class H2ClientConnection:
-    """One HTTP/2 connection to one endpoint: the socket, h2's client state machine, and the
+    """One HTTP/2 connection to one endpoint: the socket, its framing (`ClientFraming`), and the
     streams it carries (an asyncio Protocol by its methods; `_Transport` forwards to it)."""
 
     def __init__(self, pool: H2EndpointPool) -> None:
         self.pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
-        # h2's header pipelines (a chain of generators per header block, each way) are off:
-        # `H2Stream.send_request` normalises what goes out (a shadow's added headers keep the
-        # config's spelling) and `on_head` / `on_trailers` check what comes in, in the loops
-        # that read the headers anyway
-        self.h2 = H2Connection(
-            config=H2Configuration(
-                client_side=True,
-                header_encoding=None,
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-                # inbound normalisation only joins cookie crumbs, which answers do not have
-                normalize_inbound_headers=False,
-                validate_inbound_headers=False,
-            )
-        )
-        install_hpack(self.h2)  # compiled HPACK (wire/hpack.py)
-        self.h2.local_settings = Settings(
-            client=True,
-            initial_values={
-                SettingCodes.ENABLE_PUSH: 0,
-                SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
-            },
-        )
+        # the framing is ours (wire.h2_framing, compiled, as on the listener); header rules
+        # are `H2Stream.send_request`'s on the way out and `on_head` / `on_trailers`' on the
+        # way in, in the loops that read the headers anyway
+        self.h2 = ClientFraming(_MAX_ANSWER_HEADERS, _STREAM_WINDOW)
         self.scheme = b"https" if pool.ssl_context is not None else b"http"
         self.streams: dict[int, H2Stream] = {}
         #: streams handed out, started or not (what max concurrent streams bounds)
@@ -464,7 +450,7 @@ class H2ClientConnection:
             return 0
         # until the server's SETTINGS arrive, the 100 RFC 9113 says it should allow: more
         # might be refused, and a refused POST is not retried
-        limit = self.h2.remote_settings.max_concurrent_streams if self.settings_seen else 100
+        limit = self.h2.remote_max_concurrent_streams if self.settings_seen else 100
         return min(limit, 1000) - self.reserved
 
     async def open(self) -> None:
@@ -517,7 +503,7 @@ class H2ClientConnection:
     def _receive(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
-        except ProtocolError as exc:
+        except H2Error as exc:
             self._flush()
             streams = list(self.streams.values())
             self.streams.clear()
@@ -529,32 +515,32 @@ class H2ClientConnection:
         stream: H2Stream | None
         for event in events:
             if isinstance(event, DataReceived):
-                stream = self.streams.get(event.stream_id or 0)
+                stream = self.streams.get(event.stream_id)
                 if stream is not None:
-                    stream.on_data(event.data or b"", event.flow_controlled_length or 0)
+                    stream.on_data(event.data, event.flow_length)
                     touched.append(stream)
-                elif event.flow_controlled_length:
-                    self.acknowledge(event.stream_id or 0, event.flow_controlled_length)
+                elif event.flow_length:
+                    self.acknowledge(event.stream_id, event.flow_length)
             elif isinstance(event, ResponseReceived):
-                stream = self.streams.get(event.stream_id or 0)
+                stream = self.streams.get(event.stream_id)
                 if stream is not None:
-                    stream.on_head(cast(Headers, event.headers or []))
+                    stream.on_head(event.headers)
                     touched.append(stream)
             elif isinstance(event, TrailersReceived):
-                stream = self.streams.get(event.stream_id or 0)
+                stream = self.streams.get(event.stream_id)
                 if stream is not None:
-                    stream.on_trailers(cast(Headers, event.headers or []))
+                    stream.on_trailers(event.headers)
             elif isinstance(event, StreamEnded):
-                stream = self.streams.get(event.stream_id or 0)
+                stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.on_end()
             elif isinstance(event, StreamReset):
-                stream = self.streams.get(event.stream_id or 0)
+                stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     code = event.error_code
                     stream.on_error(
-                        UpstreamError("reset", f"stream reset by the backend ({code!s})"),
-                        code == ErrorCodes.REFUSED_STREAM,
+                        UpstreamError("reset", f"stream reset by the backend (code {code})"),
+                        code == REFUSED_STREAM,
                     )
             elif isinstance(event, WindowUpdated):
                 if event.stream_id:
@@ -565,13 +551,13 @@ class H2ClientConnection:
                     for waiting in list(self.streams.values()):
                         if waiting.out or waiting.ending:
                             self.pump(waiting)
-            elif isinstance(event, RemoteSettingsChanged):
+            elif isinstance(event, SettingsChanged):
                 self.settings_seen = True
                 self.pool.slot_free(self)  # a higher limit makes room for waiters
             elif isinstance(event, ConnectionTerminated):
                 # GOAWAY: streams above last_stream_id were never processed (safe to retry)
                 self.usable = False
-                last = event.last_stream_id or 0
+                last = event.last_stream_id
                 for sid, refused in list(self.streams.items()):
                     if sid > last:
                         refused.on_error(UpstreamError("reset", "GOAWAY from the backend"), True)
@@ -616,7 +602,7 @@ class H2ClientConnection:
         last = stream.ending and not stream.out
         try:
             self.h2.send_headers(sid, head, end_stream=last)
-        except ProtocolError as exc:
+        except StreamGone as exc:
             self.streams.pop(sid, None)
             self.loop.call_soon(stream.on_error, UpstreamError("protocol", str(exc)), True)
             return False
@@ -649,7 +635,7 @@ class H2ClientConnection:
             if not out and stream.ending and not stream.ended:
                 stream.ended = True
                 h2.end_stream(sid)
-        except (ProtocolError, KeyError):
+        except StreamGone:
             pass  # the stream is gone (reset by the backend): its events say so
         # (no flush here: pump runs from `_run` and from reading, and both write after it)
         stream.set_blocked(len(out) > _HIGH_WATER)
@@ -657,16 +643,14 @@ class H2ClientConnection:
     def acknowledge(self, stream_id: int, n: int) -> None:
         if self.closed:
             return
-        with contextlib.suppress(ProtocolError, KeyError):
-            self.h2.acknowledge_received_data(n, stream_id)
+        self.h2.acknowledge_received_data(n, stream_id)
         self.sends.kick()
 
-    def stream_done(self, stream: H2Stream, code: ErrorCodes | None) -> None:
+    def stream_done(self, stream: H2Stream, code: int | None) -> None:
         self.reserved -= 1
         sid = stream.stream_id
         if sid and self.streams.pop(sid, None) is not None and code is not None:
-            with contextlib.suppress(ProtocolError, KeyError):
-                self.h2.reset_stream(sid, code)
+            self.h2.reset_stream(sid, code)
             self.sends.kick()
         if self.reserved <= 0:
             self.reserved = 0
@@ -690,11 +674,10 @@ class H2ClientConnection:
             self.closed = True
             self.pool.conn_closed(self)
             if self.transport is not None:
-                with contextlib.suppress(ProtocolError):
-                    self.h2.close_connection()
-                    data = self.h2.data_to_send()
-                    if data:
-                        self.transport.write(data)
+                self.h2.close_connection()
+                data = self.h2.data_to_send()
+                if data:
+                    self.transport.write(data)
                 self.transport.close()
 
 
