@@ -866,3 +866,20 @@ def test_random_calls_reach_h2s_server_and_come_back_whole(
         assert p.heard_body(sid) == b"r" * size
         assert p.kinds(sid)[-1] == "StreamEnded"
     assert p.client.streams == {}
+
+
+def test_client_stream_ids_run_out_at_2_to_the_31() -> None:
+    """A connection to a backend carries about a billion streams (odd 31-bit ids): the last
+    one is sendable, the one after it is not (wire.h2_upstream replaces the connection while
+    enough are left for the streams it has handed out)."""
+    c = _client_started()
+    assert c.streams_left == (2**31 - 1 - 3) // 2 + 1
+    c.next_stream_id = 2**31 - 3
+    assert c.streams_left == 2
+    c.send_headers(2**31 - 3, REQ, end_stream=True)
+    c.send_headers(2**31 - 1, REQ, end_stream=True)
+    assert c.streams_left == 0
+    with pytest.raises(StreamGone):
+        c.send_headers(c.get_next_available_stream_id(), REQ, end_stream=True)
+    sids = [sid for t, _, sid, _ in _frames(c.data_to_send()) if t == 0x1]
+    assert sids == [2**31 - 3, 2**31 - 1]

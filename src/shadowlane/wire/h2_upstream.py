@@ -66,6 +66,8 @@ __all__ = ["H2ClientConnection", "H2EndpointPool", "H2Stream", "grpc_timeout"]
 
 _HIGH_WATER: Final = 256 * 1024
 _STREAM_WINDOW: Final = 1024 * 1024
+#: streams one connection carries at most, whatever the server allows
+_MAX_RESERVED: Final = 1000
 #: the largest answer header list taken (h2's default SETTINGS_MAX_HEADER_LIST_SIZE, kept)
 _MAX_ANSWER_HEADERS: Final = 1 << 16
 _CONNECTION_WINDOW: Final = 16 * 1024 * 1024
@@ -451,7 +453,7 @@ class H2ClientConnection:
         # until the server's SETTINGS arrive, the 100 RFC 9113 says it should allow: more
         # might be refused, and a refused POST is not retried
         limit = self.h2.remote_max_concurrent_streams if self.settings_seen else 100
-        return min(limit, 1000) - self.reserved
+        return min(limit, _MAX_RESERVED) - self.reserved
 
     async def open(self) -> None:
         try:
@@ -607,6 +609,10 @@ class H2ClientConnection:
             self.loop.call_soon(stream.on_error, UpstreamError("protocol", str(exc)), True)
             return False
         stream.ended = last
+        if self.h2.streams_left < _MAX_RESERVED:
+            # the stream ids run out: the streams reserved so far still fit, new ones go to
+            # another connection, and this one closes when its last stream is done
+            self.usable = False
         return True
 
     def pump(self, stream: H2Stream) -> None:
