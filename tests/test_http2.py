@@ -15,10 +15,12 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from h2.events import ConnectionTerminated
 from hpack import NeverIndexedHeaderTuple
 from websockets.asyncio.client import connect
 
@@ -28,6 +30,8 @@ from support.metrics import scrape
 from support.proxy import ProxyProcess, basic_config, raw_request
 from support.wait import wait_until
 from support.websocket import WebSocketServer
+
+LIMITED = "shadowlane_downstream_limited_total"
 
 
 def _h2_config(*endpoints: str, **extra: Any) -> dict[str, Any]:
@@ -508,3 +512,73 @@ def test_header_blocks_in_continuation_frames_both_ways(backend: RecordingBacken
         (seen,) = backend.requests
         for name, value in big:
             assert seen.header(name.decode()) == value.decode()
+
+
+def _open_and_reset(c: H2Client, n: int, path: bytes, *, reset_after: float = 0.0) -> None:
+    """Open `n` streams (GET `path`) in batches of 50 (the proxy allows 128 at once), then
+    reset each (CANCEL): at once, or once `reset_after` seconds have passed since its batch
+    was opened (then two batches are open at a time)."""
+    waiting: list[tuple[list[int], float]] = []
+    for start in range(0, n, 50):
+        batch = []
+        for _ in range(min(50, n - start)):
+            sid = c.h2.get_next_available_stream_id()
+            c.h2.send_headers(
+                sid,
+                [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", c.authority),
+                 (b":path", path)],
+                end_stream=True,
+            )  # fmt: skip
+            batch.append(sid)
+        c._send()
+        waiting.append((batch, time.monotonic()))
+        if reset_after and len(waiting) < 2 and start + 50 < n:
+            continue
+        for sids, opened in waiting:
+            wait = opened + reset_after - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)  # the streams' age is what is tested: past the threshold
+            for sid in sids:
+                c.h2.reset_stream(sid, 8)
+        c._send()
+        waiting.clear()
+
+
+def _goaway_code(c: H2Client, timeout: float = 10.0) -> int | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = c.sock.recv(65536)
+        except OSError:
+            return None
+        if not data:
+            return None
+        for ev in c.h2.receive_data(data):
+            if isinstance(ev, ConnectionTerminated):
+                return int(ev.error_code or 0)
+    return None
+
+
+def test_a_rapid_reset_flood_ends_the_connection(backend: RecordingBackend) -> None:
+    """CVE-2023-44487: streams opened and reset at once, 150 of them, each a backend request
+    the client never waits for. Past 100 such resets (more than half of its streams) the
+    client gets GOAWAY ENHANCE_YOUR_CALM and the connection ends, counted; other clients are
+    served."""
+    with ProxyProcess(_h2_config(backend.url)) as proxy:
+        with H2Client(proxy.host, proxy.port) as c:
+            _open_and_reset(c, 150, b"/delay/2")
+            assert _goaway_code(c) == 0xB  # ENHANCE_YOUR_CALM
+        assert scrape(proxy).sum(LIMITED, limit="h2_reset_flood") == 1
+        with H2Client(proxy.host, proxy.port) as other:
+            assert other.request(b"GET", b"/fine").status == 200
+
+
+def test_cancelled_long_calls_are_no_flood(backend: RecordingBackend) -> None:
+    """A client cancelling calls it has waited on (a gRPC deadline, a closed tab) is not
+    flooding: 200 streams reset after more than a second each leave the connection up."""
+    with ProxyProcess(_h2_config(backend.url)) as proxy, H2Client(proxy.host, proxy.port) as c:
+        _open_and_reset(c, 200, b"/delay/5", reset_after=1.2)
+        backend.wait_for_requests(200, timeout=20)
+        assert c.request(b"GET", b"/after").status == 200
+        assert scrape(proxy).sum(LIMITED, limit="h2_reset_flood") == 0

@@ -45,7 +45,7 @@ from shadowlane.record import RecordWriter
 from shadowlane.shadow.offload import close_write_workers, write_worker_stats
 from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
 from shadowlane.upgrades import UpgradeCall, Upgrades
-from shadowlane.wire.h2_server import H2Listener
+from shadowlane.wire.h2_server import LIMIT_RESET_FLOOD, H2Listener
 from shadowlane.wire.listener import Listener, bind_sockets
 from shadowlane.wire.overload import LEVEL_NAMES, OverloadState
 from shadowlane.wire.server import (
@@ -382,7 +382,14 @@ class Instance:
     def _declare_limit_metrics(self) -> None:
         metrics = self.metrics
         metrics.declare_limits(
-            (LIMIT_CONNECTIONS, LIMIT_FDS, LIMIT_HEADER_TIMEOUT, LIMIT_BODY_RATE, "overload")
+            (
+                LIMIT_CONNECTIONS,
+                LIMIT_FDS,
+                LIMIT_HEADER_TIMEOUT,
+                LIMIT_BODY_RATE,
+                "overload",
+                LIMIT_RESET_FLOOD,
+            )
         )
         state, overload = self.state, self.overload
         metrics.set_gauge_provider(

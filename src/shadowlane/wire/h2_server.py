@@ -36,6 +36,7 @@ from typing import Final, cast
 
 from shadowlane.wire.exchange import Connection, Exchange
 from shadowlane.wire.h2_framing import (
+    ENHANCE_YOUR_CALM,
     INTERNAL_ERROR,
     NO_ERROR,
     PREFACE,
@@ -57,7 +58,14 @@ from shadowlane.wire.messages import Headers, Request
 from shadowlane.wire.request_head import Rejection, RequestHead, decide_head
 from shadowlane.wire.server import App, ServerLimits, ServerState
 
-__all__ = ["PREFACE", "H2Exchange", "H2Listener", "H2ServerConnection", "Sniffer"]
+__all__ = [
+    "LIMIT_RESET_FLOOD",
+    "PREFACE",
+    "H2Exchange",
+    "H2Listener",
+    "H2ServerConnection",
+    "Sniffer",
+]
 
 #: unsent response bytes of one stream above which its producer is paused
 _HIGH_WATER: Final = 256 * 1024
@@ -71,6 +79,13 @@ _CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 _GRPC_PREFIX: Final = "application/grpc"
+#: a stream the client resets sooner than this after opening it, unanswered, is premature...
+_PREMATURE: Final = 1.0
+#: ... and past this many, when they are more than half of its streams, the client is
+#: flooding resets: the connection ends (Envoy's rule; its threshold is 500 streams)
+_RESET_FLOOD_MIN: Final = 100
+#: the `limit` label of a connection ended for a reset flood
+LIMIT_RESET_FLOOD: Final = "h2_reset_flood"
 #: what RFC 9113 8.2.1 forbids in a field name (a pseudo-header's leading colon is cut first)
 _BAD_NAME: Final = re.compile(rb"[\x00-\x20A-Z:\x7f-\xff]")
 #: ... and in a field value: NUL, CR, LF anywhere, whitespace at either end
@@ -195,6 +210,7 @@ class H2Exchange(Exchange):
         self.blocked = False
         #: reset the stream with NO_ERROR once the answer is out (the upload is not wanted)
         self.reset_after = False
+        self.started = conn.loop.time()
         content_type = request.header("content-type")
         #: a gRPC call: the proxy's own answers to it speak grpc-status (see `respond`)
         self.grpc = content_type is not None and content_type.startswith(_GRPC_PREFIX)
@@ -337,6 +353,10 @@ class H2ServerConnection(Connection):
         self.streams: dict[int, H2Exchange] = {}
         #: streams the application has not finished answering (what drain waits for)
         self.active = 0
+        #: streams opened, and those the client reset within `_PREMATURE` of opening them
+        #: before their answer ended (the rapid-reset count)
+        self.opened = 0
+        self.premature_resets = 0
         self.client_addr = ""
         self.closed = False
         self.write_paused = False
@@ -422,7 +442,15 @@ class H2ServerConnection(Connection):
                 ex = self.streams.pop(event.stream_id, None)
                 if ex is not None:
                     ex.closed = True
+                    if not ex.response_done and self.loop.time() - ex.started < _PREMATURE:
+                        self.premature_resets += 1
                     self._stream_gone(ex)
+                    if (
+                        self.premature_resets >= _RESET_FLOOD_MIN
+                        and self.premature_resets * 2 > self.opened
+                    ):
+                        self._reset_flood()
+                        return
             elif isinstance(event, TrailersReceived):
                 # request trailers: HTTP/1.1 upstreams cannot carry them (httptools drops
                 # theirs too); the stream's end follows as StreamEnded
@@ -515,6 +543,17 @@ class H2ServerConnection(Connection):
     def _add(self, ex: H2Exchange) -> None:
         self.streams[ex.stream_id] = ex
         self.active += 1
+        self.opened += 1
+
+    def _reset_flood(self) -> None:
+        """Rapid reset (CVE-2023-44487): most of this client's streams were reset by itself
+        right after it opened them, each one costing a backend request it never waits for.
+        The connection ends (GOAWAY ENHANCE_YOUR_CALM), as Envoy ends it (its
+        `premature_reset_*` rule: half of the streams, reset within a second)."""
+        self.h2.close_connection(ENHANCE_YOUR_CALM)
+        self._flush()
+        self.close()
+        self.listener.http1.limit_hit(LIMIT_RESET_FLOOD)
 
     def _stream_gone(self, ex: H2Exchange) -> None:
         """The stream ended under the application (reset by the client, connection lost)."""
