@@ -46,7 +46,14 @@ from shadowlane.compare.diff import (
     values_of,
 )
 from shadowlane.compare.model import CompareJob, Decision, Headers
-from shadowlane.compare.pool import MAX_RESULT, RESULT, ChildDied, ChildProcess, decision_of
+from shadowlane.compare.pool import (
+    MAX_RESULT,
+    RESULT,
+    ChildDied,
+    ChildProcess,
+    decision_of,
+    write_some,
+)
 from shadowlane.compare.settings import DEFAULT_SETTINGS, CompareSettings
 from shadowlane.store import Batch, Divergence, Example, Store
 from shadowlane.store.batch import latency_bucket
@@ -487,23 +494,16 @@ class _LoopFeeder:
         fds = self.fds
         if fds is None:
             return
-        out = self.out
-        while out:
-            try:
-                n = os.writev(fds[0], out)
-            except BlockingIOError:
-                if not self.writing:
-                    self.writing = True
-                    self.loop.add_writer(fds[0], self._write)
-                return
-            except OSError as exc:
-                self._died(f"comparison child {self.child.pid} died: {exc}")
-                return
-            while out and n >= len(out[0]):
-                n -= len(out[0])
-                out.pop(0)
-            if n:
-                out[0] = out[0][n:]
+        try:
+            done = write_some(fds[0], self.out)
+        except OSError as exc:
+            self._died(f"comparison child {self.child.pid} died: {exc}")
+            return
+        if not done:
+            if not self.writing:
+                self.writing = True
+                self.loop.add_writer(fds[0], self._write)
+            return
         if self.writing:
             self.writing = False
             self.loop.remove_writer(fds[0])

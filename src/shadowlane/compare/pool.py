@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import operator
 import os
@@ -33,7 +34,9 @@ import pickle
 import struct
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Sequence
+from itertools import islice
 from typing import Protocol
 
 from shadowlane.compare.model import Captured, CompareJob, Decision
@@ -134,17 +137,51 @@ def settings_frame(token: int, settings: CompareSettings) -> list[bytes]:
     return [HEAD.pack(SETTINGS, len(header), 0), header]
 
 
-def write_all(fd: int, buffers: list[bytes]) -> None:
-    """`writev` until every byte is out (a pipe takes a big body in several goes); the GIL is
-    released while the kernel copies."""
-    views = [memoryview(b) for b in buffers if b]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
+#: buffers one `writev` takes at most (Linux's IOV_MAX): past it the call fails with EINVAL
+IOV_MAX = 1024
+
+
+def write_some(fd: int, out: deque[memoryview] | list[memoryview]) -> bool:
+    """Write the front of `out` to `fd` until all of it is out (True) or the descriptor takes
+    no more for now (a non-blocking pipe that is full: False, `out` holds what is left).
+
+    The one partial-`writev` loop of the program, for the comparison child's pipe
+    (`write_all`, the loop's feeder) and the write worker's. What was written is dropped from
+    the front of `out`; a buffer written in part stays as a view of its rest (a memoryview
+    slice: nothing is copied, so the views must be of bytes, one byte an item). Each `writev`
+    takes at most `IOV_MAX` buffers. An OSError other than BlockingIOError (the child is
+    gone: EPIPE) propagates, `out` as the last write left it. The GIL is released while the
+    kernel copies."""
+    while out:
+        chunk: Sequence[memoryview] = out
+        if len(out) > IOV_MAX:
+            chunk = out[:IOV_MAX] if isinstance(out, list) else list(islice(out, IOV_MAX))
+        try:
+            n = os.writev(fd, chunk)
+        except BlockingIOError:
+            return False
+        if isinstance(out, list):
+            whole = 0
+            left = len(out)
+            while whole < left and n >= len(out[whole]):
+                n -= len(out[whole])
+                whole += 1
+            del out[:whole]
+        else:
+            while out and n >= len(out[0]):
+                n -= len(out.popleft())
         if n:
-            views[0] = views[0][n:]
+            out[0] = out[0][n:]
+    return True
+
+
+def write_all(fd: int, buffers: list[bytes]) -> None:
+    """Write every byte of `buffers` to a blocking `fd` (`write_some` until all is out: a pipe
+    takes a big body in several goes). A non-blocking one that fills up raises
+    BlockingIOError, as a bare `writev` would."""
+    views = [memoryview(b) for b in buffers if b]
+    if not write_some(fd, views):
+        raise BlockingIOError(errno.EAGAIN, "write_all: the descriptor is non-blocking and full")
 
 
 def read_exact(stream: Readable, n: int) -> bytes:

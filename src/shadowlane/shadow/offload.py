@@ -45,6 +45,7 @@ from collections import deque
 from collections.abc import Callable
 
 from shadowlane.compare.model import Captured
+from shadowlane.compare.pool import write_some
 from shadowlane.shadow.elasticsearch import Divergent
 from shadowlane.shadow.keys import OrderKeys
 from shadowlane.shadow.writes import Prepared, Unsent
@@ -266,23 +267,15 @@ class WriteWorker:
             self._write()
 
     def _write(self) -> None:
-        out = self._out
-        while out:
-            try:
-                n = os.writev(self._stdin, list(out)[:64])
-            except BlockingIOError:
-                break
-            except OSError:
-                self._died()
-                return
-            while out and n >= len(out[0]):
-                n -= len(out.popleft())
-            if n:
-                out[0] = out[0][n:]
-        if out and not self._writing:
+        try:
+            done = write_some(self._stdin, self._out)
+        except OSError:
+            self._died()
+            return
+        if not done and not self._writing:
             self._writing = True
             self.loop.add_writer(self._stdin, self._write)
-        elif not out and self._writing:
+        elif done and self._writing:
             self._writing = False
             self.loop.remove_writer(self._stdin)
 
