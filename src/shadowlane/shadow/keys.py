@@ -52,8 +52,8 @@ class OrderKeys:
         self.shared = shared
         #: what the key set holds in a scope, when it was worked out where the keys were
         #: found (the write worker, `shadow/offload.py`: a big `_bulk`'s documents never cross
-        #: to the loop); then the fields above are its path's keys, what the ledger names if
-        #: the worker is lost before it can name the documents. None: from the fields.
+        #: to the loop); then the fields above are just `scope`, what the ledger names if the
+        #: worker is lost before it can name the documents. None: from the fields.
         self.resources: list[tuple[str, bool]] | None = None
 
     @property

@@ -60,7 +60,7 @@ def ended(
     prep: Prepared | None, header: tuple[object, ...], body: bytes
 ) -> list[tuple[str, str, str]] | None:
     """An END job: what may now differ on the target, as (label, reason, detail); None when
-    the copy is not known here (the proxy names its path's keys)."""
+    the copy is not known here (the proxy marks the whole scope)."""
     if prep is None:
         return None
     reason, detail, status, answer = header

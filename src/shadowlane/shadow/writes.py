@@ -307,8 +307,9 @@ class WritePlan:
         self, prep: Prepared, found: list[Divergent] | None, request_id: str, uri: str
     ) -> None:
         """Write what a check found to the ledger, one entry per reason. None: the check was
-        lost with the write worker: the copy's path keys are suspect (its index, or the scope;
-        its documents were known only there)."""
+        lost with the write worker: the whole scope is marked suspect (the keys of a copy the
+        worker built are `OrderKeys(scope=True)`, see `WriteWorker._built`: its documents were
+        known only there)."""
         if found is None:
             lost = "the write worker was lost before the copy's end was checked"
             self.diverged(prep.keys, DIV_ANSWER_UNUSABLE, request_id, prep.method, uri, lost)
