@@ -146,16 +146,89 @@ class _Reader:
         return decode_huffman(raw) if huffman else raw
 
 
+class DynamicTable:
+    """One connection side's dynamic table (RFC 7541 2.3.2, 4.1-4.4): entries newest first,
+    the oldest evicted while `size` is past `maxsize`, an entry bigger than the whole table
+    empties it. The decoder's and the encoder's are this one class.
+
+    `indexed` (the encoder's): it also keeps, for each (name, value) and each name in the
+    table, the insertion number of its newest entry, so that encoding a header is two dict
+    look-ups, not a scan. Insertion numbers need no storing: entries are added at the front and
+    evicted from the back, so the entry at position `i` (0 the newest) was inserted as
+    `inserted - i`."""
+
+    __slots__ = ("by_field", "by_name", "entries", "indexed", "inserted", "maxsize", "size")
+
+    def __init__(self, indexed: bool = False) -> None:
+        #: newest first
+        self.entries: deque[tuple[bytes, bytes]] = deque()
+        #: RFC 7541 4.1 sizes: of the entries, and the most they may add up to
+        self.size = 0
+        self.maxsize = DEFAULT_TABLE_SIZE
+        self.indexed = indexed
+        #: entries ever inserted (the newest one's number)
+        self.inserted = 0
+        #: with `indexed`: the newest insertion number of each (name, value) and of each name
+        #: in the table (empty otherwise)
+        self.by_field: dict[tuple[bytes, bytes], int] = {}
+        self.by_name: dict[bytes, int] = {}
+
+    def resize(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self.evict()
+
+    def evict(self) -> None:
+        entries = self.entries
+        while self.size > self.maxsize and entries:
+            name, value = entries.pop()
+            self.size -= entry_size(name, value)
+            if self.indexed:
+                number = self.inserted - len(entries)  # the evicted one's
+                if self.by_field.get((name, value)) == number:
+                    del self.by_field[(name, value)]
+                if self.by_name.get(name) == number:
+                    del self.by_name[name]
+
+    def add(self, name: bytes, value: bytes) -> None:
+        size = entry_size(name, value)
+        if size > self.maxsize:
+            self.entries.clear()
+            self.by_field.clear()
+            self.by_name.clear()
+            self.size = 0
+            return
+        self.inserted += 1
+        self.entries.appendleft((name, value))
+        if self.indexed:
+            number = self.inserted
+            self.by_field[(name, value)] = number
+            self.by_name[name] = number
+        self.size += size
+        self.evict()
+
+    def get(self, index: int) -> tuple[bytes, bytes]:
+        """The entry at HPACK `index`: the static table's first, then this one's, newest first
+        (RFC 7541 2.3.3)."""
+        if 0 < index <= _STATIC_LEN:
+            return _STATIC[index - 1]
+        dyn = index - _STATIC_LEN - 1
+        if index > 0 and dyn < len(self.entries):
+            return self.entries[dyn]
+        raise InvalidTableIndex(f"Invalid table index {index}")
+
+    def index_of(self, number: int) -> int:
+        """The HPACK index of the entry inserted as `number` (the newest is
+        `_STATIC_LEN + 1`)."""
+        return _STATIC_LEN + 1 + self.inserted - number
+
+
 class Decoder:
     """Decodes header blocks for one connection (its dynamic table lives here)."""
 
-    __slots__ = ("_entries", "_maxsize", "_size", "max_allowed_table_size", "max_header_list_size")
+    __slots__ = ("_table", "max_allowed_table_size", "max_header_list_size")
 
     def __init__(self, max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE) -> None:
-        #: newest first
-        self._entries: deque[tuple[bytes, bytes]] = deque()
-        self._size = 0
-        self._maxsize = DEFAULT_TABLE_SIZE
+        self._table = DynamicTable()
         #: the decoded size (RFC 7541 4.1 sizes) past which a block is refused: h2 sets it
         #: from the SETTINGS_MAX_HEADER_LIST_SIZE it sent
         self.max_header_list_size = max_header_list_size
@@ -164,44 +237,17 @@ class Decoder:
 
     @property
     def header_table_size(self) -> int:
-        return self._maxsize
+        return self._table.maxsize
 
     @header_table_size.setter
     def header_table_size(self, value: int) -> None:
-        self._resize(value)
-
-    def _resize(self, value: int) -> None:
-        self._maxsize = value
-        self._evict()
-
-    def _evict(self) -> None:
-        entries = self._entries
-        while self._size > self._maxsize and entries:
-            name, value = entries.pop()
-            self._size -= entry_size(name, value)
-
-    def _get(self, index: int) -> tuple[bytes, bytes]:
-        if 0 < index <= _STATIC_LEN:
-            return _STATIC[index - 1]
-        dyn = index - _STATIC_LEN - 1
-        if index > 0 and dyn < len(self._entries):
-            return self._entries[dyn]
-        raise InvalidTableIndex(f"Invalid table index {index}")
-
-    def _add(self, name: bytes, value: bytes) -> None:
-        size = entry_size(name, value)
-        if size > self._maxsize:
-            self._entries.clear()
-            self._size = 0
-            return
-        self._entries.appendleft((name, value))
-        self._size += size
-        self._evict()
+        self._table.resize(value)
 
     def decode(self, data: bytes, raw: bool = True) -> list[tuple[bytes, bytes]]:
         """The header list of one block, as (name, value) bytes, in order. `raw` is h2's
         argument: only raw bytes are returned (h2 always asks for them)."""
         r = _Reader(bytes(data))
+        table = self._table
         headers: list[tuple[bytes, bytes]] = []
         inflated = 0
         limit = self.max_header_list_size
@@ -212,23 +258,23 @@ class Decoder:
                 index = r.integer(7)
                 if index == 0:
                     raise InvalidTableIndex("Invalid table index 0")
-                header = self._get(index)
+                header = table.get(index)
             elif first & 0x40:  # literal, with incremental indexing
                 index = r.integer(6)
-                name = self._get(index)[0] if index else r.string()
+                name = table.get(index)[0] if index else r.string()
                 header = (name, r.string())
-                self._add(header[0], header[1])
+                table.add(header[0], header[1])
             elif first & 0x20:  # dynamic table size update
                 if headers:
                     raise HPACKDecodingError("Table size update not at the start of the block")
                 size = r.integer(5)
                 if size > self.max_allowed_table_size:
                     raise InvalidTableSizeError("Encoder exceeded max allowable table size")
-                self._resize(size)
+                table.resize(size)
                 continue
             else:  # literal without indexing, or never indexed
                 index = r.integer(4)
-                name = self._get(index)[0] if index else r.string()
+                name = table.get(index)[0] if index else r.string()
                 header = (name, r.string())
             headers.append(header)
             inflated += entry_size(header[0], header[1])
@@ -236,7 +282,7 @@ class Decoder:
                 raise OversizedHeaderListError(
                     f"A header list larger than {limit} has been received"
                 )
-        if self._maxsize > self.max_allowed_table_size:
+        if table.maxsize > self.max_allowed_table_size:
             raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
         return headers
 
@@ -244,67 +290,30 @@ class Decoder:
 class Encoder:
     """Encodes header blocks for one connection: static and dynamic indexing, literals raw."""
 
-    __slots__ = ("_by_field", "_by_name", "_entries", "_inserted", "_maxsize", "_pending", "_size")
+    __slots__ = ("_pending", "_table")
 
     def __init__(self) -> None:
-        #: newest first, each with the number it was inserted as
-        self._entries: deque[tuple[bytes, bytes, int]] = deque()
-        self._size = 0
-        self._maxsize = DEFAULT_TABLE_SIZE
-        self._inserted = 0
-        #: the newest insertion number of each (name, value) and of each name in the table
-        self._by_field: dict[tuple[bytes, bytes], int] = {}
-        self._by_name: dict[bytes, int] = {}
+        self._table = DynamicTable(indexed=True)
         #: table sizes set since the last block: the smallest and the last are announced
         self._pending: list[int] = []
 
     @property
     def header_table_size(self) -> int:
-        return self._maxsize
+        return self._table.maxsize
 
     @header_table_size.setter
     def header_table_size(self, value: int) -> None:
         """The peer's SETTINGS_HEADER_TABLE_SIZE: the table follows it at once, and the next
         block announces it (RFC 7541 4.2)."""
-        self._maxsize = value
         self._pending.append(value)
-        self._evict()
-
-    def _evict(self) -> None:
-        entries = self._entries
-        while self._size > self._maxsize and entries:
-            name, value, number = entries.pop()
-            self._size -= entry_size(name, value)
-            if self._by_field.get((name, value)) == number:
-                del self._by_field[(name, value)]
-            if self._by_name.get(name) == number:
-                del self._by_name[name]
-
-    def _index_of(self, number: int) -> int:
-        """The index of the entry inserted as `number` (the newest is `_STATIC_LEN + 1`)."""
-        return _STATIC_LEN + 1 + self._inserted - number
-
-    def _add(self, name: bytes, value: bytes) -> None:
-        size = entry_size(name, value)
-        if size > self._maxsize:
-            self._entries.clear()
-            self._by_field.clear()
-            self._by_name.clear()
-            self._size = 0
-            return
-        self._inserted += 1
-        number = self._inserted
-        self._entries.appendleft((name, value, number))
-        self._by_field[(name, value)] = number
-        self._by_name[name] = number
-        self._size += size
-        self._evict()
+        self._table.resize(value)
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         """One header block. `headers`: (name, value) pairs, bytes or str, a
         `NeverIndexedHeaderTuple` (or a third item True) for a field never to be indexed.
         `huffman` is the package's argument; literals are never Huffman-coded here."""
         out = bytearray()
+        table = self._table
         pending = self._pending
         if pending:
             smallest = min(pending)
@@ -326,12 +335,12 @@ class Encoder:
                 if index:
                     encode_integer(out, index, 7, 0x80)
                     continue
-                number = self._by_field.get((name, value), 0)
+                number = table.by_field.get((name, value), 0)
                 if number:
-                    encode_integer(out, self._index_of(number), 7, 0x80)
+                    encode_integer(out, table.index_of(number), 7, 0x80)
                     continue
-            number = self._by_name.get(name, 0)
-            name_index = self._index_of(number) if number else _STATIC_NAME.get(name, 0)
+            number = table.by_name.get(name, 0)
+            name_index = table.index_of(number) if number else _STATIC_NAME.get(name, 0)
             if never:
                 encode_integer(out, name_index, 4, 0x10)
             else:
@@ -342,7 +351,7 @@ class Encoder:
             encode_integer(out, len(value), 7, 0)
             out += value
             if not never:
-                self._add(name, value)
+                table.add(name, value)
         return bytes(out)
 
 
