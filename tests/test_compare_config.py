@@ -62,7 +62,7 @@ def test_defaults() -> None:
     assert c.ignore == []
     assert c.ignore_headers == list(DEFAULT_IGNORE_HEADERS)
     assert (c.thresholds.relative, c.thresholds.absolute) == (20.0, 0.03)
-    assert (c.queue, c.examples_per_field, c.batch) == (1024, 5, 500)
+    assert (c.queue, c.queue_bytes, c.examples_per_field, c.batch) == (256, 64 * 1024**2, 5, 500)
     assert (c.retention, c.flush_interval, c.cpu_share) == (7 * 86400.0, 1.0, 0.1)
     assert cfg.routes[0].compare is None
     assert ShadowCompare().max_body == 1024**2
@@ -124,6 +124,8 @@ def test_shadow_compare_errors(value: str, error: str) -> None:
     ("block", "error"),
     [
         ("  queue: 0\n", "compare.queue: must be >= 1"),
+        ("  queue_bytes: 0\n", "compare.queue_bytes: must be > 0"),
+        ("  queue_bytes: lots\n", "compare.queue_bytes: "),
         ("  thresholds: {relative: -1}\n", "compare.thresholds.relative: must be >= 0"),
         ("  retention: 0s\n", "compare.retention: must be > 0"),
         ("  batch: yes\n", "compare.batch: must be an integer"),

@@ -163,3 +163,51 @@ def test_stop_writes_the_identical_answers_decided_just_before() -> None:
             assert comp.submit(job)
         assert comp.stop(30)
         assert Analysis(store).summary()[0]["matched"] == 20  # flushed on stop, not after 10 s
+
+
+def big_job(i: int, size: int) -> CompareJob:
+    """Two differing answers of `size` bytes each."""
+    ctype = [(b"content-type", b"text/plain")]
+    return CompareJob(
+        "r",
+        "t",
+        f"big{i}",
+        "GET",
+        "/big",
+        b"",
+        Captured(200, ctype, b"a" * size, False, 0.01),
+        Captured(200, ctype, b"b" * size, False, 0.01),
+        None,
+    )
+
+
+def test_the_queue_is_bounded_in_bytes_too() -> None:
+    """Answers captured up to 1 MiB each: 256 queued jobs could pin 512 MiB. `queue_bytes`
+    caps what the waiting jobs hold (a job past it is dropped and counted, and `has_room`
+    says no before anything is captured); an empty queue still takes a job bigger than the
+    cap; bytes leave the count as the child takes the jobs."""
+    mib = 1024**2
+    metrics = Metrics()
+    with open_store("sqlite:///:memory:") as store:
+        comp = Comparator(store, metrics, 100, queue_bytes=5 * mib, flush_interval=0.05)
+        assert comp.submit(big_job(0, mib))  # 2 MiB held
+        assert comp.submit(big_job(1, mib))  # 4 MiB
+        assert comp.has_room()
+        assert not comp.submit(big_job(2, mib))  # 6 MiB would pass 5
+        assert comp.submit(big_job(3, 256 * 1024))  # 4.5 MiB
+        assert comp.queued == 3 and comp.queued_bytes == 4 * mib + 512 * 1024
+        assert comp.stats["dropped"] == 1
+        assert comp.submit(big_job(4, 256 * 1024))  # 5 MiB: at the cap
+        assert not comp.has_room()
+        comp.start()
+        assert comp.wait_idle(60)
+        assert comp.queued == 0 and comp.queued_bytes == 0
+        assert comp.stats["compared"] == 4
+        # nothing queued: one job of 6 MiB is taken, though past the cap
+        assert comp.submit(big_job(5, 3 * mib))
+        assert comp.wait_idle(60)
+        assert comp.stats["compared"] == 5 and comp.queued_bytes == 0
+        assert comp.stop(30)
+    text = metrics.render()[0].decode()
+    assert 'shadowlane_comparisons_total{result="dropped",route="r",target="t"} 1.0' in text
+    assert 'shadowlane_comparisons_total{result="diff",route="r",target="t"} 5.0' in text

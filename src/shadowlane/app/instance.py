@@ -95,6 +95,7 @@ log = logging.getLogger("shadowlane")
 #: are compiled per shadow and do change on reload)
 _COMPARATOR_KEYS = (
     "queue",
+    "queue_bytes",
     "flush_interval",
     "batch",
     "cpu_share",
@@ -475,6 +476,13 @@ class Instance:
                 "Comparisons waiting for the comparison worker.",
                 (),
                 lambda: [((), float(comparator.queued))],
+            )
+            self.metrics.set_gauge_provider(
+                "shadowlane_compare_queued_bytes",
+                "Captured body bytes the waiting comparisons hold (bounded by "
+                "compare.queue_bytes).",
+                (),
+                lambda: [((), float(comparator.queued_bytes))],
             )
             self.metrics.set_gauge_provider(
                 "shadowlane_compare_store_pending_batches",

@@ -465,7 +465,9 @@ class _LoopFeeder:
         jobs = comp._jobs
         if comp._abandon:
             while jobs:
-                comp._settle(Pending.of(jobs.popleft()), None)
+                job = jobs.popleft()
+                comp._took(_body_bytes(job))
+                comp._settle(Pending.of(job), None)
             self._finish()
             return
         if not jobs:
@@ -628,8 +630,9 @@ class Comparator:
         self,
         store: Store,
         metrics: ComparisonCounter | None,
-        queue_size: int = 1024,
+        queue_size: int = 256,
         *,
+        queue_bytes: int = 64 * 1024**2,
         flush_interval: float = 1.0,
         batch: int = 500,
         sweep_interval: float | None = None,
@@ -645,6 +648,9 @@ class Comparator:
         self.store = store
         self.metrics = metrics
         self.queue_size = queue_size
+        #: body bytes the queued jobs may hold: with answers captured up to 1 MiB each, 256
+        #: jobs alone could pin 512 MiB (see `has_room`)
+        self.queue_bytes = queue_bytes
         self.flush_interval = flush_interval
         self.batch_size = batch
         retention = store.options.retention
@@ -668,6 +674,11 @@ class Comparator:
         #: GIL hand-overs they cause cost the event loop more than the comparisons themselves
         #: (futex and context switches were half the proxy's CPU). The feeders poll instead.
         self._jobs: deque[CompareJob] = deque()
+        #: body bytes of the jobs ever queued (written by `submit` only, on the loop) and of
+        #: those taken off the queue (by the feeders, under `_stats_lock`): the difference is
+        #: what the queue holds, kept without a lock on the loop's side
+        self._bytes_in = 0
+        self._bytes_out = 0
         #: decided (or lost: None) jobs, from the feeders to the collector that batches them
         self._decided: deque[tuple[Pending, Decision | None]] = deque()
         #: identical answers decided by `submit`, per (route, target), until the worker takes
@@ -735,6 +746,7 @@ class Comparator:
             store,
             metrics,
             cfg.queue,
+            queue_bytes=cfg.queue_bytes,
             flush_interval=cfg.flush_interval,
             batch=cfg.batch,
             cpu_share=cfg.cpu_share,
@@ -755,7 +767,11 @@ class Comparator:
         loop when every answer differed). It also keeps the compared requests a sample of the
         traffic: dropping only at `submit` kept every identical pair (decided on the loop) and
         dropped differing ones, biasing the match rate up exactly when the diffs were many."""
-        return not self._stopping and len(self._jobs) < self.queue_size
+        return (
+            not self._stopping
+            and len(self._jobs) < self.queue_size
+            and self._bytes_in - self._bytes_out < self.queue_bytes
+        )
 
     def submit(self, job: CompareJob) -> bool:
         """Queue a job without blocking; False (and `dropped` counted) when full or stopped.
@@ -780,10 +796,13 @@ class Comparator:
             if self.metrics is not None:
                 self.metrics.comparison(job.route, job.target, "match")
             return True
-        if len(self._jobs) >= self.queue_size:
+        size = _body_bytes(job)
+        held = self._bytes_in - self._bytes_out
+        if len(self._jobs) >= self.queue_size or (held and held + size > self.queue_bytes):
             return self._drop(job)
         self._accepted += 1
         self.stats["submitted"] += 1
+        self._bytes_in += size
         self._jobs.append(job)
         for feeder in self._loop_feeders:
             feeder.kick()
@@ -814,6 +833,11 @@ class Comparator:
     def queued(self) -> int:
         """Jobs waiting to be compared (for a gauge)."""
         return len(self._jobs)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Body bytes the waiting jobs hold (for a gauge; `queue_bytes` bounds it)."""
+        return self._bytes_in - self._bytes_out
 
     @property
     def ledger_queued(self) -> int:
@@ -951,7 +975,11 @@ class Comparator:
                 self._stop_event.wait(POLL_INTERVAL)
                 owed = max(0.0, owed - (time.monotonic() - waited))
                 continue
-            batch = [job] if child is None else self._batch(job)
+            if child is None:
+                batch = [job]
+                self._took(_body_bytes(job))
+            else:
+                batch = self._batch(job)
             del job
             pendings = [Pending.of(j) for j in batch]
             if self._abandon:
@@ -1014,7 +1042,13 @@ class Comparator:
                 break
             batch.append(job)
             size += _body_bytes(job)
+        self._took(size)
         return batch
+
+    def _took(self, size: int) -> None:
+        """`size` body bytes left the queue (any feeder's thread)."""
+        with self._stats_lock:
+            self._bytes_out += size
 
     def _settle(self, pending: Pending, decision: Decision | None) -> None:
         if decision is None:

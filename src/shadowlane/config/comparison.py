@@ -236,7 +236,10 @@ class CompareConfig(_Model, frozen=True):
         default_factory=CompareThresholds
     )
     #: jobs waiting for the comparator; beyond it they are dropped (result `dropped`)
-    queue: Annotated[Int, Field(ge=1)] = 1024
+    queue: Annotated[Int, Field(ge=1)] = 256
+    #: ... and the body bytes they may hold together (a job is never refused by an empty
+    #: queue for its size alone)
+    queue_bytes: Annotated[Size, Field(gt=0)] = 64 * 1024**2
     #: example pairs kept per (route, target, field), newest first
     examples_per_field: Annotated[Int, Field(ge=0)] = 5
     #: examples older than this are deleted (aggregates are kept)
