@@ -11,7 +11,9 @@ import json
 import re
 import shutil
 import signal
+import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from h2.events import ConnectionTerminated
+from h2.events import ConnectionTerminated, PingAckReceived
 from hpack import NeverIndexedHeaderTuple
 from websockets.asyncio.client import connect
 
@@ -582,3 +584,64 @@ def test_cancelled_long_calls_are_no_flood(backend: RecordingBackend) -> None:
         backend.wait_for_requests(200, timeout=20)
         assert c.request(b"GET", b"/after").status == 200
         assert scrape(proxy).sum(LIMITED, limit="h2_reset_flood") == 0
+
+
+#: the client's preface and an empty SETTINGS frame
+_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + struct.pack("!BHBBI", 0, 0, 0x4, 0, 0)
+
+
+def _ping_frames(n: int) -> bytes:
+    """`n` PING frames (not acks), 17 bytes each."""
+    head = struct.pack("!BHBBI", 0, 8, 0x6, 0, 0)
+    return b"".join(head + i.to_bytes(8, "big") for i in range(n))
+
+
+def test_a_client_that_pings_and_never_reads_is_aborted(backend: RecordingBackend) -> None:
+    """CVE-2019-9512: PINGs are free to send and each costs the proxy a queued ack. A client
+    whose socket is full (it never reads) and keeps pinging is aborted once more than 1,000
+    acks wait for it; the proxy's memory for it stays bounded, and others are served."""
+    with ProxyProcess(_h2_config(backend.url)) as proxy:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # full at once
+        sock.settimeout(10)
+        sock.connect((proxy.host, proxy.port))
+        sock.sendall(_HELLO)
+        batch = _ping_frames(2000)
+        sent = 0
+        try:
+            # the kernel's buffers take some MB of acks before the proxy's transport pauses:
+            # at most 1,000 batches (34 MB, 2M PINGs), stopping at the abort
+            for _ in range(1000):
+                sock.sendall(batch)
+                sent += 1
+                if sent % 25 == 0 and scrape(proxy).sum(LIMITED, limit="h2_control_flood"):
+                    break
+        except OSError:
+            pass  # the abort reset the connection under the sendall
+        finally:
+            sock.close()
+        assert sent > 0
+        wait_until(
+            lambda: scrape(proxy).sum(LIMITED, limit="h2_control_flood") == 1, 10, "the abort"
+        )
+        with H2Client(proxy.host, proxy.port) as other:
+            assert other.request(b"GET", b"/fine").status == 200
+
+
+def test_pings_answered_to_a_reading_client_are_no_flood(backend: RecordingBackend) -> None:
+    """5,000 PINGs from a client that reads the acks as they come: nothing waits for it, so
+    nothing is cut."""
+    with ProxyProcess(_h2_config(backend.url)) as proxy, H2Client(proxy.host, proxy.port) as c:
+        acks = 0
+        for round_ in range(1, 11):
+            c.sock.sendall(_ping_frames(500))
+            deadline = time.monotonic() + 10
+            while acks < round_ * 500:
+                assert time.monotonic() < deadline, f"{acks} acks"
+                data = c.sock.recv(65536)
+                assert data, "the proxy closed the connection"
+                events = c.h2.receive_data(data)
+                acks += sum(1 for ev in events if isinstance(ev, PingAckReceived))
+        assert acks == 5000
+        assert c.request(b"GET", b"/after").status == 200
+        assert scrape(proxy).sum(LIMITED, limit="h2_control_flood") == 0

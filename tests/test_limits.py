@@ -154,15 +154,24 @@ def test_connection_cap_closes_at_accept_and_counts(
     proxy_factory: ProxyFactory, backend: RecordingBackend
 ) -> None:
     proxy = proxy_factory(basic_config(backend.url, limits={"max_connections": 3}))
+    # the start-up's readiness probe may still hold a slot on a loaded machine: wait it out
+    wait_until(
+        lambda: scrape(proxy).sum("shadowlane_downstream_connections") == 0, T, "no connection"
+    )
     held = [connect(proxy) for _ in range(3)]
     try:
         for sock in held:  # each is accepted and served: they count against the cap
             sock.sendall(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_http_response(sock, timeout=T).status == 200
-        with connect(proxy) as extra:
-            with contextlib.suppress(OSError):
-                extra.sendall(b"GET /extra HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert closed_by_peer(extra), "the 4th connection was kept open"
+        try:
+            extra = connect(proxy)
+        except ConnectionResetError:
+            pass  # reset at accept before connect() returned (a busy machine's scheduling)
+        else:
+            with extra:
+                with contextlib.suppress(OSError):
+                    extra.sendall(b"GET /extra HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert closed_by_peer(extra), "the 4th connection was kept open"
         assert limited(proxy, "connections") == 1
         assert [r.path for r in backend.requests].count("/extra") == 0
         assert scrape(proxy).sum("shadowlane_downstream_connections") == 3

@@ -45,7 +45,7 @@ from shadowlane.record import RecordWriter
 from shadowlane.shadow.offload import close_write_workers, write_worker_stats
 from shadowlane.store import LedgerCountRow, LedgerRow, Store, open_store
 from shadowlane.upgrades import UpgradeCall, Upgrades
-from shadowlane.wire.h2_server import LIMIT_RESET_FLOOD, H2Listener
+from shadowlane.wire.h2_server import LIMIT_CONTROL_FLOOD, LIMIT_RESET_FLOOD, H2Listener
 from shadowlane.wire.listener import Listener, bind_sockets
 from shadowlane.wire.overload import LEVEL_NAMES, OverloadState
 from shadowlane.wire.server import (
@@ -390,6 +390,7 @@ class Instance:
                 LIMIT_BODY_RATE,
                 "overload",
                 LIMIT_RESET_FLOOD,
+                LIMIT_CONTROL_FLOOD,
             )
         )
         state, overload = self.state, self.overload

@@ -290,6 +290,9 @@ class _Framing:
         self._block = bytearray()
         #: a GOAWAY for an error was sent: nothing more is read or sent
         self.failed = False
+        #: PING and SETTINGS acknowledgements queued: the owner zeroes it whenever its
+        #: transport drains, so it counts what a peer that does not read has made us queue
+        self.control_out = 0
 
     # ----- what a role decides -----
     def _idle(self, sid: int) -> bool:
@@ -510,6 +513,7 @@ class _Framing:
                 raise self._fail(FRAME_SIZE_ERROR, "PING of a size other than 8")
             if not flags & _ACK:
                 self._frame(_PING, _ACK, 0, payload)
+                self.control_out += 1
         elif ftype == _PRIORITY:
             if not sid:
                 raise self._fail(PROTOCOL_ERROR, "PRIORITY on stream 0")
@@ -700,6 +704,7 @@ class _Framing:
             elif code in (_ENABLE_PUSH, _ENABLE_CONNECT_PROTOCOL) and value > 1:
                 raise self._fail(PROTOCOL_ERROR, f"SETTINGS {code} neither 0 nor 1")
         self._frame(_SETTINGS, _ACK, 0, b"")
+        self.control_out += 1
         events.append(SettingsChanged(0))
         if grown:
             events.append(WindowUpdated(0))

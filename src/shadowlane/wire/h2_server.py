@@ -59,6 +59,7 @@ from shadowlane.wire.request_head import Rejection, RequestHead, decide_head
 from shadowlane.wire.server import App, ServerLimits, ServerState
 
 __all__ = [
+    "LIMIT_CONTROL_FLOOD",
     "LIMIT_RESET_FLOOD",
     "PREFACE",
     "H2Exchange",
@@ -86,6 +87,12 @@ _PREMATURE: Final = 1.0
 _RESET_FLOOD_MIN: Final = 100
 #: the `limit` label of a connection ended for a reset flood
 LIMIT_RESET_FLOOD: Final = "h2_reset_flood"
+#: PING/SETTINGS acknowledgements queued while the client does not read (its socket full and
+#: the transport paused) past which it is flooding control frames (Envoy's
+#: `max_outbound_control_frames`, 1000; CVE-2019-9512 and -9515): the connection is aborted
+_CONTROL_FLOOD: Final = 1000
+#: ... and the `limit` label it is counted under
+LIMIT_CONTROL_FLOOD: Final = "h2_control_flood"
 #: what RFC 9113 8.2.1 forbids in a field name (a pseudo-header's leading colon is cut first)
 _BAD_NAME: Final = re.compile(rb"[\x00-\x20A-Z:\x7f-\xff]")
 #: ... and in a field value: NUL, CR, LF anywhere, whitespace at either end
@@ -403,12 +410,18 @@ class H2ServerConnection(Connection):
         sends.run()
 
     def _receive(self, data: bytes) -> None:
+        h2 = self.h2
         try:
-            events = self.h2.receive_data(data)
+            events = h2.receive_data(data)
         except H2Error:
             # h2 has queued the GOAWAY naming the error: send it and close
             self._flush()
             self.close()
+            return
+        if not self.write_paused:
+            h2.control_out = 0  # what was queued is on its way: the client reads
+        elif h2.control_out > _CONTROL_FLOOD:
+            self._control_flood()
             return
         for event in events:
             if isinstance(event, DataReceived):
@@ -554,6 +567,13 @@ class H2ServerConnection(Connection):
         self._flush()
         self.close()
         self.listener.http1.limit_hit(LIMIT_RESET_FLOOD)
+
+    def _control_flood(self) -> None:
+        """The client keeps sending PINGs (or SETTINGS) and does not read the answers: each
+        is an acknowledgement queued in memory, for free on its side. Aborted, not closed: a
+        close would wait for the client to read what is queued, which it does not."""
+        self.abort()
+        self.listener.http1.limit_hit(LIMIT_CONTROL_FLOOD)
 
     def _stream_gone(self, ex: H2Exchange) -> None:
         """The stream ended under the application (reset by the client, connection lost)."""
