@@ -12,7 +12,9 @@ reach, quickly and deterministically, and by hypothesis over random client behav
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from h2.config import H2Configuration
@@ -78,6 +80,38 @@ from shadowlane.wire.hpack import Encoder
 
 WINDOW = 1 << 20
 HEAD = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/p")]
+
+
+def h2_answer(
+    srv: Any,
+    sid: int,
+    head: list[tuple[bytes, bytes]],
+    body: bytes,
+    trailers: list[tuple[bytes, bytes]] | None,
+    exchange: Callable[[], None],
+) -> None:
+    """An h2 server connection `srv` answers `sid` as a server does: `head`, DATA within the
+    windows (`exchange()` between tries, so WINDOW_UPDATEs come), trailers or an empty
+    END_STREAM."""
+    srv.send_headers(sid, head, end_stream=False)
+    out = bytearray(body)
+    for _ in range(10_000):
+        while out:
+            room = min(srv.local_flow_control_window(sid), srv.max_outbound_frame_size)
+            if room <= 0:
+                break
+            chunk = bytes(out[:room])
+            del out[:room]
+            srv.send_data(sid, chunk, end_stream=not out and trailers is None)
+        exchange()
+        if not out:
+            break
+    assert not out, "the answer never fit the windows"
+    if trailers is not None:
+        srv.send_headers(sid, trailers, end_stream=True)
+    elif not body:
+        srv.end_stream(sid)
+    exchange()
 
 
 @dataclass
@@ -152,26 +186,8 @@ class Pair:
     def answer(self, sid: int, body: bytes, trailers: list[tuple[bytes, bytes]] | None = None):
         """Send an answer as the server's connection does: head, DATA within the windows
         (re-tried as WINDOW_UPDATEs come), trailers or an empty END_STREAM."""
-        srv = self.server
-        srv.send_headers(sid, [(b":status", b"200"), (b"x-a", b"1")], end_stream=False)
-        out = bytearray(body)
-        for _ in range(10_000):
-            while out:
-                room = min(srv.local_flow_control_window(sid), srv.max_outbound_frame_size)
-                if room <= 0:
-                    break
-                chunk = bytes(out[:room])
-                del out[:room]
-                srv.send_data(sid, chunk, end_stream=not out and trailers is None)
-            if not out:
-                break
-            self.exchange()
-        assert not out, "the answer never fit the windows"
-        if trailers is not None:
-            srv.send_headers(sid, trailers, end_stream=True)
-        elif not body:
-            srv.end_stream(sid)
-        self.exchange()
+        head = [(b":status", b"200"), (b"x-a", b"1")]
+        h2_answer(self.server, sid, head, body, trailers, self.exchange)
 
     def client_answers(self) -> dict[int, bytes]:
         bodies: dict[int, bytearray] = {}
@@ -707,27 +723,8 @@ class ClientPair:
 
     def answer(self, sid: int, body: bytes, **kw: object) -> None:
         """The h2 server answers `sid` (within its windows, as WINDOW_UPDATEs come)."""
-        srv = self.server
         head = kw.get("head", [(b":status", b"200")])
-        trailers = kw.get("trailers")
-        srv.send_headers(sid, head, end_stream=False)
-        out = bytearray(body)
-        for _ in range(10_000):
-            while out:
-                room = min(srv.local_flow_control_window(sid), srv.max_outbound_frame_size)
-                if room <= 0:
-                    break
-                chunk = bytes(out[:room])
-                del out[:room]
-                srv.send_data(sid, chunk, end_stream=not out and trailers is None)
-            self.exchange()
-            if not out:
-                break
-        if trailers is not None:
-            srv.send_headers(sid, trailers, end_stream=True)
-        elif not body:
-            srv.end_stream(sid)
-        self.exchange()
+        h2_answer(self.server, sid, head, body, kw.get("trailers"), self.exchange)  # type: ignore[arg-type]
 
     def heard_body(self, sid: int) -> bytes:
         return b"".join(
