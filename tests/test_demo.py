@@ -303,7 +303,8 @@ def test_demo_answers_compare_as_documented(tmp_path: Path) -> None:
     v1, v1b, v2 = DemoBackend("v1", "v1"), DemoBackend("v1b", "v1"), DemoBackend("v2", "v2")
     store = open_store(cfg.compare.store, cfg.compare)
     analysis = Analysis(store, cfg.compare.thresholds)
-    comparator = Comparator(store, None, flush_interval=0.05).start()
+    # a queue for all 400 jobs: they are submitted faster than a child compares them
+    comparator = Comparator(store, None, 1000, flush_interval=0.05).start()
     rnd = random.Random(7)
     try:
         for n in range(400):
