@@ -610,3 +610,32 @@ def test_bad_request_arriving_while_a_valid_one_is_in_flight(
     _send_sentinel(proxy, backend)
     new = backend.requests[before.requests :]
     assert [r.target for r in new] == ["/delay/0.3", "/__sentinel"]
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [
+        b"Connection: close\r\nConnection: keep-alive\r\n",
+        b"Connection: keep-alive, Close\r\n",
+    ],
+    ids=["two-headers", "one-list"],
+)
+def test_close_beside_keep_alive_in_http_10_closes(
+    proxy: ProxyProcess, backend: RecordingBackend, connection: bytes
+) -> None:
+    """Found by the framing fuzzer against h11: an HTTP/1.0 request naming both `close` and
+    `keep-alive` ends its connection (RFC 9112 9.6; llhttp alone kept it open), so a request
+    pipelined behind it is never read, let alone forwarded."""
+    before = _snapshot(backend)
+    first = b"GET /fz/0 HTTP/1.0\r\nContent-Length: 0\r\nHost: h.test\r\n" + connection + b"\r\n"
+    second = b"GET /fz/1 HTTP/1.1\r\nContent-Length: 0\r\nHost: h.test\r\n\r\n"
+    with socket.create_connection((proxy.host, proxy.port), timeout=T) as sock:
+        sock.sendall(first + second)
+        reader = ResponseReader(sock)
+        resp = reader.read(timeout=T)
+        after = read_until_closed(sock, reader)
+    assert resp.status == 200
+    assert after == b""
+    _send_sentinel(proxy, backend)
+    new = backend.requests[before.requests :]
+    assert [r.target for r in new] == ["/fz/0", "/__sentinel"]

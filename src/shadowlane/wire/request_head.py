@@ -14,8 +14,12 @@ a branch on requests that carry such a header, so that the verdict is complete o
 does not depend on the parser's strictness. `parser_rejection` maps what the parser itself
 refuses to the answer.
 
-Keep-alive is not decided here: llhttp's `should_keep_alive()` reads the version and
-`Connection`, and the server closes after an `Upgrade` request.
+Keep-alive is llhttp's `should_keep_alive()` (the version and `Connection`; the server closes
+after an `Upgrade` request), with one rule added here, `RequestHead.close`: a `close` option in
+any Connection header closes the connection after this request (RFC 9112 9.6). llhttp lets
+an HTTP/1.0 request's `keep-alive` win over a `close` beside it, and h11 (the framing fuzzer's
+reference) does not; a proxy that read one more request than the client's other hops would
+is the start of a desynchronised connection.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class RequestHead:
     """An accepted head, as the server builds its `Request` and `Exchange` from it."""
 
     __slots__ = (
+        "close",
         "content_length",
         "expect_continue",
         "framing",
@@ -59,6 +64,7 @@ class RequestHead:
         framing: Framing,
         content_length: int | None,
         expect_continue: bool,
+        close: bool = False,
     ) -> None:
         self.method = method
         #: the origin-form target (`/path?query`, or `*`); an absolute-form one is reduced to it
@@ -74,6 +80,9 @@ class RequestHead:
         self.content_length = content_length
         #: the client waits for `100 Continue` before it sends the body (only with a body)
         self.expect_continue = expect_continue
+        #: a Connection header names `close`: the connection ends after this request, whatever
+        #: else it names
+        self.close = close
 
     def __repr__(self) -> str:
         return (
@@ -139,6 +148,7 @@ def decide_head(
     content_length: int | None = None
     chunked = False
     expect_continue = False
+    close = False
     for name, value in headers:
         size += len(name) + len(value) + 4
         if name == b"host":
@@ -165,6 +175,12 @@ def decide_head(
             if value.strip().lower() != b"100-continue":
                 return UNSUPPORTED_EXPECTATION
             expect_continue = True
+        elif name == b"connection":
+            lowered = value.lower()
+            if b"close" in lowered:
+                for option in lowered.split(b","):
+                    if option.strip() == b"close":
+                        close = True
     if size > max_header_size:
         return HEADER_TOO_LARGE
     if chunked:
@@ -210,6 +226,7 @@ def decide_head(
         framing,
         content_length,
         expect_continue and (chunked or bool(content_length)),
+        close,
     )
 
 

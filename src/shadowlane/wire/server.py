@@ -466,7 +466,7 @@ class ServerConnection(Connection):
             head.headers,
             head.host,
             self.client_addr,
-            parser.should_keep_alive(),
+            parser.should_keep_alive() and not head.close,
         )
         ex = Exchange(self, req)
         chunked = head.framing is Framing.CHUNKED
