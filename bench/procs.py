@@ -100,6 +100,29 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by `root`'s tree: `proxy` (the proxy, its
+    workers) and `compare` (their comparison children, `shadowlane.compare.worker`).
+
+    Read before and after a run, the difference over the requests served is CPU per request:
+    unlike req/s on this shared machine it does not move with what the neighbours do, and it
+    splits a comparison's cost between the proxy's loop and the child.
+    """
+    out = {"proxy": 0.0, "compare": 0.0}
+    for pid in descendants(root):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        seconds = (int(stat[11]) + int(stat[12])) / _CLOCK_TICKS
+        out["compare" if b"shadowlane.compare.worker" in cmdline else "proxy"] += seconds
+    return out
+
+
 def _status_kib(pid: int, key: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

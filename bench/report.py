@@ -181,6 +181,12 @@ def evaluate_targets(ms: list[Measurement]) -> list[Target]:
         measured = "-"
         if k1 is not None and plain1 and cmp1:
             measured = f"costs {1 - k1:.0%} ({cmp1.rps:,.0f} vs {plain1.rps:,.0f} req/s)"
+            if cmp1.cpu_us is not None and plain1.cpu_us is not None:
+                # what it is made of: the proxy's CPU per request, and the children's
+                measured += (
+                    f"; CPU/request {cmp1.cpu_us:.0f} + {cmp1.compare_cpu_us or 0:.1f} us "
+                    f"(children) vs {plain1.cpu_us:.0f} us"
+                )
             measured += _noise(plain1, cmp1)
         targets.append(
             Target(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen import Load, RunResult, run_load
-from procs import RssSampler, StartError, Supervisor
+from procs import RssSampler, StartError, Supervisor, tree_cpu
 from servers import Backends, RunningProxy, shadow_outcomes, start_proxy
 
 PROXIES_ALL = ("direct", "nginx", "shadowlane-1w", "shadowlane-2w")
@@ -271,6 +271,10 @@ class Measurement:
     p99_ms: float | None = None
     rps_spread_pct: float | None = None  # half the range of req/s over the runs, % of median
     peak_rss_mb: float | None = None
+    #: CPU microseconds per request served (median over the runs) of the proxy's processes,
+    #: and of its comparison children apart (procs.tree_cpu)
+    cpu_us: float | None = None
+    compare_cpu_us: float | None = None
     errors: dict[str, int] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
     shadow_outcomes: dict[str, float] | None = None
@@ -317,6 +321,8 @@ class _Series:
             m.p50_ms = _median([r.p50_ms for r in self.results])
             m.p99_ms = _median([r.p99_ms for r in self.results])
             m.peak_rss_mb = _median(self.rss)
+            m.cpu_us = _median([r.get("cpu_us") for r in m.runs])
+            m.compare_cpu_us = _median([r.get("compare_cpu_us") for r in m.runs])
             rates = [r.rps for r in self.results]
             if len(rates) > 1 and m.rps:
                 m.rps_spread_pct = round(50 * (max(rates) - min(rates)) / m.rps, 1)
@@ -337,15 +343,23 @@ def _check_alive(proxy: RunningProxy) -> None:
 def _one_run(series: _Series, s: Scenario, settings: Settings) -> None:
     proxy = series.proxy
     sampler = RssSampler(proxy.proc.pid) if proxy.proc else None
+    cpu0 = tree_cpu(proxy.proc.pid) if proxy.proc else None
     if sampler:
         sampler.start(reset_peak=s.group != "memory")
     try:
         result = run_load(proxy.url, s.load, run_time(s, settings), settings.work)
     finally:
         mem = sampler.stop() if sampler else {}
+    cpu: dict[str, float] = {}
+    if proxy.proc and cpu0 is not None and result.requests:
+        # the shadow copies still in flight when the load stops are a sliver of a run's
+        cpu1 = tree_cpu(proxy.proc.pid)
+        per = 1e6 / result.requests
+        cpu["cpu_us"] = round((cpu1["proxy"] - cpu0["proxy"]) * per, 1)
+        cpu["compare_cpu_us"] = round((cpu1["compare"] - cpu0["compare"]) * per, 1)
     series.results.append(result)
     series.rss.append(mem.get("peak_rss_mb"))
-    series.m.runs.append({**result.to_json(), **mem})
+    series.m.runs.append({**result.to_json(), **mem, **cpu})
     if sampler and s.group == "memory":
         series.m.rss_timeline = [(t, round(kib / 1024, 1)) for t, kib in sampler.timeline]
     _check_alive(proxy)
@@ -355,7 +369,8 @@ def measure(entries: list[tuple[RunningProxy, Scenario]], settings: Settings) ->
     """Warm up every proxy, then take the runs round-robin (nginx, 1w, 2w, nginx, ...).
 
     Interleaving spreads slow changes in the background load of a shared machine over all the
-    proxies alike, instead of letting them land on whichever proxy ran during them. `entries`
+    proxies alike, instead of letting them land on whichever proxy ran during them; the order
+    turns round every other round, so a steady drift does too. `entries`
     are one scenario on several proxies, or the `PAIRED` scenarios on theirs.
     """
     series = [
@@ -371,7 +386,10 @@ def measure(entries: list[tuple[RunningProxy, Scenario]], settings: Settings) ->
             x.fail("failed", f"warm-up: {type(exc).__name__}: {_one_line(str(exc))}")
     rounds = max(s.runs or settings.runs for _, s in series)
     for i in range(rounds):
-        for x, s in series:
+        # every other round in reverse (nginx, 1w, 2w, 2w, 1w, nginx, ...): a machine that
+        # slows down or speeds up through the rounds then weighs on every proxy alike, where
+        # one order always would put the later ones on the slower side of it
+        for x, s in series if i % 2 == 0 else series[::-1]:
             if x.m.status != "ok" or i >= (s.runs or settings.runs):
                 continue
             try:

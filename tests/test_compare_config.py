@@ -64,6 +64,7 @@ def test_defaults() -> None:
     assert (c.thresholds.relative, c.thresholds.absolute) == (20.0, 0.03)
     assert (c.queue, c.queue_bytes, c.examples_per_field, c.batch) == (256, 64 * 1024**2, 5, 500)
     assert (c.retention, c.flush_interval, c.cpu_share) == (7 * 86400.0, 1.0, 0.1)
+    assert (c.priority, c.nice) == ("idle", 0)
     assert cfg.routes[0].compare is None
     assert ShadowCompare().max_body == 1024**2
     for name in ("date", "server", "x-request-id", "content-length", "transfer-encoding"):
@@ -131,6 +132,7 @@ def test_shadow_compare_errors(value: str, error: str) -> None:
         ("  batch: yes\n", "compare.batch: must be an integer"),
         ("  ignore: ['[0]']\n", "compare.ignore[0]: bad field path"),
         ("  cpu_share: 0\n", "compare.cpu_share: must be > 0"),
+        ("  priority: low\n", "compare.priority: must be 'idle' or 'normal', got 'low'"),
         ("  store: mysql://x\n", "compare.store: must start with sqlite:/// or postgresql://"),
     ],
 )

@@ -211,3 +211,39 @@ def test_the_queue_is_bounded_in_bytes_too() -> None:
     text = metrics.render()[0].decode()
     assert 'shadowlane_comparisons_total{result="dropped",route="r",target="t"} 1.0' in text
     assert 'shadowlane_comparisons_total{result="diff",route="r",target="t"} 5.0' in text
+
+
+def child_scheduling(comp: Comparator) -> tuple[int, int]:
+    """The running child's (policy, nice value), as the kernel has them, once it is past its
+    start-up (it sets them before it reads its first job)."""
+    pid = comp.children[0].pid
+    assert pid is not None
+    comp.submit(heavy_job(0))
+    assert comp.wait_idle(30), "the child never compared its first job"
+    with open(f"/proc/{pid}/stat") as f:
+        nice = int(f.read().rpartition(")")[2].split()[16])
+    return os.sched_getscheduler(pid), nice
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+@pytest.mark.parametrize(
+    ("priority", "nice", "policy", "niceness"),
+    [
+        ("idle", 0, "SCHED_IDLE", 0),
+        ("normal", 0, "SCHED_OTHER", 0),
+        ("normal", 7, "SCHED_OTHER", 7),
+    ],
+)
+def test_child_priority(priority: str, nice: int, policy: str, niceness: int) -> None:
+    """`compare.priority: idle` (the default) puts the child under SCHED_IDLE, so it never
+    preempts the proxy (docs/decisions.md); `normal` keeps the default policy and adds `nice`.
+    The proxy's own process is left as it was."""
+    own = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+    with open_store("sqlite:///:memory:") as store:
+        comp = Comparator(store, None, 100, priority=priority, nice=nice).start()
+        try:
+            got = child_scheduling(comp)
+        finally:
+            comp.stop(30)
+    assert got == (getattr(os, policy), niceness + own[1])
+    assert (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)) == own

@@ -148,11 +148,13 @@ def test_loop_lag_stays_under_2ms_while_differing_big_json_is_compared(
                 "s": backend_entry(same.url),
             },
             "routes": [route("cmp", "d"), route("same", "s")],
-            # one child (the default) without rest: it compares flat out; at nice 10, as on a
-            # box where comparing must yield to serving (on 2 cores shared with this test's
-            # clients and backends it otherwise takes CPU time from the proxy's loop)
+            # one child (the default) without rest: it compares flat out; at normal priority
+            # (idle, the default, could leave it starved while the load runs, and this test is
+            # of a loop beside a child comparing at full speed) and nice 10, as on a box where
+            # comparing must yield to serving (on 2 cores shared with this test's clients and
+            # backends it otherwise takes CPU time from the proxy's loop)
             "compare": {"store": f"sqlite:///{tmp_path / 'cmp.db'}", "flush_interval": "1s",
-                        "cpu_share": 1, "queue": 4, "nice": 10},
+                        "cpu_share": 1, "queue": 4, "priority": "normal", "nice": 10},
         }  # fmt: skip
         proxy = proxy_factory(cfg)
         wait_until(lambda: lag_counts(scrape(proxy))[0] > 100, 10, "the probe to sample")

@@ -101,6 +101,7 @@ _COMPARATOR_KEYS = (
     "cpu_share",
     "processes",
     "nice",
+    "priority",
     "examples_per_field",
     "retention",
     "thresholds",

@@ -639,6 +639,7 @@ class Comparator:
         cpu_share: float = 0.1,
         processes: int = 1,
         nice: int = 0,
+        priority: str = "idle",
         child_command: list[str] | None = None,
     ) -> None:
         if not 0.0 < cpu_share <= 1.0:
@@ -667,7 +668,9 @@ class Comparator:
         self._rest_ratio = 1.0 / cpu_share - 1.0
         #: comparison children, one per feeder thread; empty: the one feeder decides in-process
         per_field = store.options.examples_per_field
-        self.children = [ChildProcess(child_command, nice, per_field) for _ in range(processes)]
+        self.children = [
+            ChildProcess(child_command, nice, per_field, priority) for _ in range(processes)
+        ]
         #: Jobs waiting. A deque, not a queue.Queue: `append` and `popleft` are atomic under
         #: the GIL, so a submit takes no lock and wakes no thread. A Queue's put notifies the
         #: waiting worker every time, and at thousands of jobs a second those wake-ups and the
@@ -752,6 +755,7 @@ class Comparator:
             cpu_share=cfg.cpu_share,
             processes=cfg.processes,
             nice=cfg.nice,
+            priority=cfg.priority,
         )
 
     def _count(self, key: str, n: int = 1) -> None:

@@ -243,10 +243,15 @@ class ChildProcess:
     """
 
     def __init__(
-        self, command: list[str] | None = None, nice: int = 0, examples_per_field: int = 5
+        self,
+        command: list[str] | None = None,
+        nice: int = 0,
+        examples_per_field: int = 5,
+        priority: str = "idle",
     ) -> None:
         self.command = command or [
             sys.executable, "-m", "shadowlane.compare.worker", str(nice), str(examples_per_field),
+            priority,
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         #: the child's stdout, buffered: a result frame (its length, then the pickle, written

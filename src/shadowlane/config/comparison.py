@@ -254,8 +254,12 @@ class CompareConfig(_Model, frozen=True):
     #: comparison child processes (each compares one job at a time, off this process's GIL);
     #: 0 compares on a thread of the proxy's process instead (its parsing then holds the GIL)
     processes: Annotated[Int, Field(ge=0, le=64)] = 1
-    #: added to the comparison children's nice value: with more, on a saturated machine they
-    #: yield the CPU to the proxy (and comparisons drop, counted) rather than compete with it
+    #: how the comparison children are scheduled: "idle" (Linux SCHED_IDLE: they run only on
+    #: CPU time nothing else wants, so waking up they never preempt the proxy; where there is
+    #: no such policy, nice 19) or "normal" (the default policy, with `nice` added)
+    priority: Literal["idle", "normal"] = "idle"
+    #: added to the comparison children's nice value with `priority: normal`: with more, on a
+    #: saturated machine they yield the CPU to the proxy (and comparisons drop, counted)
     nice: Annotated[Int, Field(ge=0, le=19)] = 0
     #: proto names for gRPC answers on every route (unless a route or shadow names its own)
     grpc: GrpcCompare | None = None
