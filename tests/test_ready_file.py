@@ -21,7 +21,7 @@ import requests
 import yaml
 
 from support.backend import RecordingBackend
-from support.processes import end_process_group
+from support.processes import end_process_group, ends_with_us
 from support.procfs import tcp_sockets
 
 T = 20.0
@@ -41,6 +41,7 @@ def _start(tmp_path: Path, config: dict[str, Any], *args: str) -> subprocess.Pop
         stdout=subprocess.DEVNULL,
         stderr=(tmp_path / "stderr.log").open("wb"),
         start_new_session=True,
+        preexec_fn=ends_with_us(),
     )
 
 

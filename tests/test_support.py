@@ -445,3 +445,65 @@ def test_loopback_guard_blocks_and_uninstalls(backend: RecordingBackend) -> None
     finally:
         uninstall()
     assert socket.getaddrinfo("192.0.2.1", 80)  # restored: numeric, resolved locally
+
+
+_RUNNER = """
+import subprocess, sys, time
+from support.processes import ends_with_us
+armed = sys.argv[1] == "1"
+server = subprocess.Popen(
+    [sys.executable, "-c", "import time; time.sleep(60)"],
+    start_new_session=True,
+    preexec_fn=ends_with_us() if armed else None,
+)
+print(server.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _sigkill_pending(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        masks = [int(line.split()[1], 16) for line in f if line.startswith(("SigPnd", "ShdPnd"))]
+    return any(m & (1 << (9 - 1)) for m in masks)
+
+
+@pytest.mark.parametrize("armed", [True, False])
+def test_servers_end_with_the_test_process(armed: bool) -> None:
+    """A server started with `ends_with_us` (its own session, so a signal to the test run's
+    group misses it) is killed by the kernel when the process that started it dies by
+    SIGKILL; without it, the server outlives it (the control: it is then stopped by PID)."""
+    import subprocess
+    import sys
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    runner = subprocess.Popen(
+        [sys.executable, "-c", _RUNNER, "1" if armed else "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": tests_dir},
+        start_new_session=True,
+    )
+    assert runner.stdout is not None
+    server = int(runner.stdout.readline())
+    try:
+        assert _alive(server)
+        runner.kill()
+        runner.wait(10)
+        if armed:
+            wait_until(lambda: not _alive(server), 10, "the server to end with its parent")
+        else:
+            # the control: the kernel signals at the parent's exit, before wait() can reap it,
+            # so a SIGKILL sent would now be pending or done: neither, the server runs on
+            assert _alive(server)
+            assert not _sigkill_pending(server)
+    finally:
+        if _alive(server):
+            os.kill(server, 9)

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from support.processes import end_process_group
+from support.processes import end_process_group, ends_with_us
 
 from .wait import wait_until
 
@@ -122,6 +122,7 @@ class HttpbinServer:
                     stderr=subprocess.STDOUT,
                     env=env,
                     start_new_session=True,
+                    preexec_fn=ends_with_us(),
                     pass_fds=(fd,),
                 )
             try:

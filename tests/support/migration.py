@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from support.processes import end_process_group
+from support.processes import end_process_group, ends_with_us
 
 from .metrics import scrape
 
@@ -111,6 +111,7 @@ class WerkzeugService:
                 stderr=log,
                 text=True,
                 start_new_session=True,
+                preexec_fn=ends_with_us(),
             )
         try:
             self.port = self._read_port()

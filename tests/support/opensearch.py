@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from support.migration import install
-from support.processes import end_process_group
+from support.processes import end_process_group, ends_with_us
 
 #: answers as OpenSearch 2.19 (the primary of the write tests)
 OLD = "0.1.1"
@@ -67,6 +67,7 @@ class OpenSearchServer:
                 stderr=log,
                 text=True,
                 start_new_session=True,
+                preexec_fn=ends_with_us(),
             )
         try:
             ready = self._read_ready()

@@ -25,7 +25,7 @@ from typing import Any, Self
 
 import yaml
 
-from support.processes import end_process_group
+from support.processes import end_process_group, ends_with_us
 
 from .configs import basic_config as basic_config  # re-exported: its old home
 from .metrics import fetch_text
@@ -167,6 +167,7 @@ class ProxyProcess:
                 env=env,
                 cwd=self.dir,
                 start_new_session=True,
+                preexec_fn=ends_with_us(),
             )
         self.wait_ready(self.ready_timeout)
         return self
