@@ -130,9 +130,10 @@ def serve(stdin: Readable, stdout: BinaryIO, quota: ExampleQuota | None = None) 
         stdout.flush()
 
 
-def lower_priority(priority: str, niceness: int) -> str:
-    """Schedule this process as `compare.priority` says; returns what it got: "idle",
-    "nice N" or "normal".
+def lower_priority(priority: str, niceness: int) -> None:
+    """Schedule this process as `compare.priority` (and `compare.nice`) say; where the system
+    refuses, it compares at the priority it has (tests/test_compare_engine.py reads what the
+    kernel applied).
 
     Measured on the bench's compare-json-diff pair (2 cores that the load saturates), three
     A/B sessions: comparing cost 18-24% of req/s under the default policy, where the child,
@@ -146,15 +147,13 @@ def lower_priority(priority: str, niceness: int) -> str:
         if idle is not None:
             try:
                 os.sched_setscheduler(0, idle, os.sched_param(0))
-                return "idle"
+                return
             except OSError:
                 pass
         niceness = 19
     if niceness:
         with contextlib.suppress(OSError):  # not allowed here: compare at the same priority
             os.nice(niceness)
-            return f"nice {niceness}"
-    return "normal"
 
 
 def main() -> None:
