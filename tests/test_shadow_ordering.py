@@ -299,9 +299,11 @@ class SlowWrites(RecordingBackend):
         return Reply(status=204, delay=self.delay)
 
 
-def _timed_load(proxy: ProxyProcess, prefix: str, route: str, clients: int, per: int) -> float:
-    """`clients` threads, each PUTting `per` distinct keys; seconds until the shadow has
-    answered every copy (measured from the first request)."""
+def _timed_load(
+    proxy: ProxyProcess, prefix: str, route: str, clients: int, per: int, tag: int = 0
+) -> float:
+    """`clients` threads, each PUTting `per` distinct keys (distinct per `tag` too); seconds
+    until the shadow has answered every copy (measured from the first request)."""
     start = threading.Barrier(clients + 1)
 
     def worker(w: int) -> None:
@@ -309,7 +311,7 @@ def _timed_load(proxy: ProxyProcess, prefix: str, route: str, clients: int, per:
         try:
             start.wait(T)
             for i in range(per):
-                conn.request("PUT", f"{prefix}/w{w}-k{i}", body=b"x")
+                conn.request("PUT", f"{prefix}/r{tag}-w{w}-k{i}", body=b"x")
                 resp = conn.getresponse()
                 resp.read()
                 assert resp.status == 204
@@ -333,7 +335,12 @@ def test_disjoint_keys_keep_parallelism_within_2x_of_unordered(
     record_property: Callable[[str, object], None],
 ) -> None:
     """20 clients writing disjoint keys to a shadow that takes 20 ms a write: the ordered lane
-    has many copies in flight at once and keeps up within 2x of an unordered lane."""
+    has many copies in flight at once and keeps up within 2x of an unordered lane.
+
+    Each lane's time is the best of 3 loads, taken in turn (the order reversed each round):
+    one load each, back to back, once measured 0.46 s against 0.22 s on a loaded CI machine,
+    where the same build measures about 1x; what this tells apart is a lane that loses its
+    parallelism (300 copies one at a time take 6 s, 30 times the unordered lane's time)."""
     primary = RecordingBackend(lambda rec: Reply(status=204))
     slow = SlowWrites(0.020)
     with primary, slow:
@@ -358,10 +365,15 @@ def test_disjoint_keys_keep_parallelism_within_2x_of_unordered(
             ],
         }
         with ProxyProcess(config) as px:
-            unordered = _timed_load(px, "/u", "unordered", 20, 15)
-            slow.max_active = 0
-            ordered = _timed_load(px, "/o", "ordered", 20, 15)
-            ordered_overlap = slow.max_active
+            times: dict[str, list[float]] = {"unordered": [], "ordered": []}
+            ordered_overlap = 0
+            for rnd in range(3):
+                for route in ("unordered", "ordered") if rnd % 2 == 0 else ("ordered", "unordered"):
+                    slow.max_active = 0
+                    times[route].append(_timed_load(px, f"/{route[0]}", route, 20, 15, rnd))
+                    if route == "ordered":
+                        ordered_overlap = max(ordered_overlap, slow.max_active)
+            unordered, ordered = min(times["unordered"]), min(times["ordered"])
     record_property("ordered_seconds", round(ordered, 3))
     record_property("unordered_seconds", round(unordered, 3))
     print(f"300 copies: ordered {ordered:.3f}s, unordered {unordered:.3f}s, "
