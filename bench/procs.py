@@ -74,12 +74,19 @@ def _start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def _ppid(pid: int) -> int | None:
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (which may hold spaces and parentheses):
+    [0] is the state, [1] the parent, [11] and [12] utime and stime; None once it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _ppid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields is not None else None
 
 
 def descendants(root: int) -> list[int]:
@@ -113,10 +120,12 @@ def tree_cpu(root: int) -> dict[str, float]:
     """
     out = {"proxy": 0.0, "compare": 0.0}
     for pid in descendants(root):
+        stat = _stat_fields(pid)
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
+            continue
+        if stat is None:
             continue
         seconds = (int(stat[11]) + int(stat[12])) / _CLOCK_TICKS
         out["compare" if b"shadowlane.compare.worker" in cmdline else "proxy"] += seconds

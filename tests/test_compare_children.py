@@ -15,6 +15,7 @@ from typing import Any
 from support.backend import RecordingBackend, named
 from support.configs import shadow_config
 from support.metrics import scrape
+from support.procfs import alive
 from support.proxy import ProxyProcess
 from support.wait import wait_until
 
@@ -32,14 +33,6 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid and b"shadowlane.compare.worker" in cmdline:
             found.append(int(entry.name))
     return sorted(found)
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def test_each_worker_has_its_child_and_a_killed_one_is_replaced(

@@ -14,6 +14,7 @@ from shadowlane.compare import Analysis, Captured, Comparator, CompareJob
 from shadowlane.compare.engine import BATCH_JOBS
 from shadowlane.metrics import Metrics
 from shadowlane.store import open_store
+from support.procfs import stat_fields
 
 
 def heavy_job(i: int) -> CompareJob:
@@ -40,8 +41,7 @@ def worker_cpu(comp: Comparator) -> float:
     if comp.children:
         pid = comp.children[0].pid
         assert pid is not None
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
+        fields = stat_fields(pid)
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     feeder = comp._feeders[0]
     assert feeder.ident is not None
@@ -220,9 +220,7 @@ def child_scheduling(comp: Comparator) -> tuple[int, int]:
     assert pid is not None
     comp.submit(heavy_job(0))
     assert comp.wait_idle(30), "the child never compared its first job"
-    with open(f"/proc/{pid}/stat") as f:
-        nice = int(f.read().rpartition(")")[2].split()[16])
-    return os.sched_getscheduler(pid), nice
+    return os.sched_getscheduler(pid), int(stat_fields(pid)[16])
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")

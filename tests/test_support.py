@@ -10,6 +10,8 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +30,7 @@ from support.backend import (
     pattern_bytes,
 )
 from support.metrics import Scrape, fetch_text
-from support.procfs import connected_to, established_from, socket_inodes, tcp_sockets
+from support.procfs import alive, connected_to, established_from, socket_inodes, tcp_sockets
 from support.proxy import ProxyProcess, raw_request, read_http_response
 from support.servers import LoopThread, ServerThread, SocketServer
 from support.wait import wait_until
@@ -461,14 +463,6 @@ time.sleep(60)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _sigkill_pending(pid: int) -> bool:
     with open(f"/proc/{pid}/status") as f:
         masks = [int(line.split()[1], 16) for line in f if line.startswith(("SigPnd", "ShdPnd"))]
@@ -480,9 +474,6 @@ def test_servers_end_with_the_test_process(armed: bool) -> None:
     """A server started with `ends_with_us` (its own session, so a signal to the test run's
     group misses it) is killed by the kernel when the process that started it dies by
     SIGKILL; without it, the server outlives it (the control: it is then stopped by PID)."""
-    import subprocess
-    import sys
-
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     runner = subprocess.Popen(
         [sys.executable, "-c", _RUNNER, "1" if armed else "0"],
@@ -494,16 +485,16 @@ def test_servers_end_with_the_test_process(armed: bool) -> None:
     assert runner.stdout is not None
     server = int(runner.stdout.readline())
     try:
-        assert _alive(server)
+        assert alive(server)
         runner.kill()
         runner.wait(10)
         if armed:
-            wait_until(lambda: not _alive(server), 10, "the server to end with its parent")
+            wait_until(lambda: not alive(server), 10, "the server to end with its parent")
         else:
             # the control: the kernel signals at the parent's exit, before wait() can reap it,
             # so a SIGKILL sent would now be pending or done: neither, the server runs on
-            assert _alive(server)
+            assert alive(server)
             assert not _sigkill_pending(server)
     finally:
-        if _alive(server):
+        if alive(server):
             os.kill(server, 9)

@@ -24,6 +24,21 @@ ESTABLISHED = "01"
 LISTEN = "0A"
 
 
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (which may hold spaces and parentheses):
+    [0] is the state, [1] the parent, [11] and [12] utime and stime, [16] the nice value.
+    OSError once the process is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (killed, not yet reaped by its parent)."""
+    try:
+        return stat_fields(pid)[0] != "Z"
+    except OSError:
+        return False
+
+
 def socket_inodes(pid: int) -> set[str]:
     """Inodes of the sockets process `pid` has open (to match against /proc/net/tcp rows)."""
     inodes = set()
