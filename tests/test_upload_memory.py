@@ -221,11 +221,12 @@ def test_big_uploads_reuse_the_heap_instead_of_faulting_it_in_again(
         shadow.stop()
 
 
-#: the controls (release off) run with glibc's own trimming out of the way (the mmap threshold
-#: as the proxy fixes it, a trim threshold never reached): with the proxy's 64 MiB, a burst that
-#: leaves more than that free at the top of the heap is trimmed by glibc at a free(), so whether
-#: RSS stays up without the release would depend on the burst's size. The released runs keep
-#: the proxy's thresholds, and check that their releases gave the memory back.
+#: both runs, with the release and without it (the control), keep glibc's own trimming out of
+#: the way: the mmap threshold as the proxy fixes it, a trim threshold never reached. With the
+#: proxy's 64 MiB, a burst that leaves more than that free at the top of the heap is trimmed by
+#: glibc at a free(): whether RSS stays up without the release would depend on the burst's size,
+#: and with the release on, how much of the growth went back through it would depend on how
+#: the burst's frees fell (two CI runs counted no release at all, and 15 MiB of 94).
 NO_GLIBC_TRIM = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
@@ -258,8 +259,7 @@ def test_freed_heap_goes_back_to_the_system_after_a_burst(
         # a release as soon as 4 MiB stayed resident unused: the default 16 MiB would leave up
         # to that much of this small burst resident
         release = {"interval": interval, "min_free": "4MiB"}
-        control = NO_GLIBC_TRIM if interval == "0s" else None
-        proxy = proxy_factory(shadowed_uploads(primary, shadow, release), env=control)
+        proxy = proxy_factory(shadowed_uploads(primary, shadow, release), env=NO_GLIBC_TRIM)
         with socket.create_connection(("127.0.0.1", proxy.port)):
             pass
         idle = _rss(proxy.pid)
@@ -282,10 +282,9 @@ def test_freed_heap_goes_back_to_the_system_after_a_burst(
                 raise AssertionError(f"idle {idle / MiB:.0f} MiB, {_heap(proxy)}") from None
             # the trim's thread counts it on the loop just after RSS fell
             wait_until(lambda: releases() >= 1, 5, "the release counted")
-            # a real share of the growth went back through the release, not all of it: some
-            # pages go back without it (mmap'd chunks freed, glibc's own trim at the heap's
-            # top), more of them the busier the machine (a loaded CI run counted 25 MiB of 82)
-            assert scrape(proxy).sum("shadowlane_heap_released_bytes") >= grown // 5
+            # with glibc's own trim out of the way, most of what went back went through the
+            # release (the rest: Python's arenas and the few chunks above the mmap threshold)
+            assert scrape(proxy).sum("shadowlane_heap_released_bytes") >= grown // 2, _heap(proxy)
         else:
             deadline = time.monotonic() + 1.5  # a release every 200 ms would show well before
             while time.monotonic() < deadline:
@@ -345,8 +344,7 @@ def test_a_burst_past_the_rss_watermark_does_not_refuse_requests_forever(
     primary, shadow = Discarding(), Discarding()
     try:
         release = {"interval": interval, "min_free": "4MiB"}
-        control = NO_GLIBC_TRIM if interval == "0s" else None
-        proxy = proxy_factory(shadowed_uploads(primary, shadow, release), env=control)
+        proxy = proxy_factory(shadowed_uploads(primary, shadow, release), env=NO_GLIBC_TRIM)
         assert get(proxy.port, "/after", timeout=10).status == 200
         idle = _rss(proxy.pid)
         # 2 * CONNECTIONS uploads in flight need far more than 24 MiB; what a release leaves
