@@ -26,6 +26,14 @@ __all__ = ["SendScheduler"]
 T = TypeVar("T")
 
 
+def _no_pump(_stream: object) -> None:
+    """What a detached scheduler pumps with: nothing."""
+
+
+def _no_flush() -> None:
+    """What a detached scheduler writes with: nothing."""
+
+
 class SendScheduler(Generic[T]):
     """The streams of one connection waiting to send, and the one loop callback that sends.
 
@@ -63,6 +71,14 @@ class SendScheduler(Generic[T]):
         if not self.scheduled and not self.receiving:
             self.scheduled = True
             self.loop.call_soon(self.run)
+
+    def detach(self) -> None:
+        """The connection is closed: drop its streams and its bound methods. They held the
+        connection in a cycle that only a full collection freed (see wire/parsers.py); a
+        `run` already due finds nothing to do."""
+        self.pending = {}
+        self.pump = _no_pump
+        self.flush = _no_flush
 
     def run(self) -> None:
         """Send what the scheduled streams have, then write h2's output in one go."""

@@ -397,6 +397,7 @@ class H2ServerConnection(Connection):
         self.streams.clear()
         for ex in streams:
             self._stream_gone(ex)
+        self.sends.detach()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:

@@ -492,6 +492,7 @@ class H2ClientConnection:
         self.streams.clear()
         for stream in streams:
             stream.on_error(UpstreamError("reset", "connection closed"), False)
+        self.sends.detach()
 
     def data_received(self, data: bytes) -> None:
         sends = self.sends

@@ -48,6 +48,7 @@ import httptools
 from shadowlane.wire.exchange import STATUS_TEXT, Connection, Exchange
 from shadowlane.wire.messages import Headers, Request
 from shadowlane.wire.overload import OverloadState, read_rss
+from shadowlane.wire.parsers import INERT_REQUEST_PARSER
 from shadowlane.wire.request_head import (
     HEADER_TOO_LARGE,
     Framing,
@@ -346,11 +347,10 @@ class ServerConnection(Connection):
         ex = self._active
         if ex is not None and not ex.response_done and ex.on_abort is not None:
             ex.on_abort()
-        # This protocol is garbage now, but its parser's callbacks hold it in a cycle until the
-        # cyclic GC runs, which is rare (thresholds raised in app/process.py). A request cut
-        # mid-body would pin the chunks read before it was answered meanwhile: after a burst
-        # of uploads refused 503 by the overload manager, 58 MiB stayed allocated and RSS
-        # stayed past the watermark, so every later request was refused too.
+        # A request cut mid-body would pin the chunks read before it was answered for as long
+        # as anything holds the exchange: after a burst of uploads refused 503 by the overload
+        # manager, 58 MiB stayed allocated and RSS stayed past the watermark, so every later
+        # request was refused too.
         cut = self._parsing
         if cut is not None:
             self._parsing = None
@@ -358,6 +358,10 @@ class ServerConnection(Connection):
         self._active = None
         self._ready = []
         self._queue.clear()
+        # the parser keeps this protocol's bound methods: without it, reference counting frees
+        # the connection, not a collection of the old generation (see wire/parsers.py)
+        self.parser = INERT_REQUEST_PARSER
+        self._feed = INERT_REQUEST_PARSER.feed_data
 
     def data_received(self, data: bytes) -> None:
         if self._closed or self._error is not None:

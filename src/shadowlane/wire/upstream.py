@@ -24,6 +24,7 @@ from typing import Final, Literal, cast
 import httptools
 
 from shadowlane.wire.messages import Headers
+from shadowlane.wire.parsers import INERT_RESPONSE_PARSER
 
 
 class ConnState:
@@ -105,16 +106,14 @@ async def connect(
     The caller closes its own half on any exception (a cancellation passes through as it is).
     """
     try:
-        await asyncio.wait_for(
-            loop.create_connection(
+        async with asyncio.timeout(endpoint.connect_timeout):
+            await loop.create_connection(
                 factory,
                 endpoint.host,
                 endpoint.port,
                 ssl=endpoint.ssl_context,
                 server_hostname=endpoint.server_hostname if endpoint.ssl_context else None,
-            ),
-            endpoint.connect_timeout,
-        )
+            )
     except TimeoutError:  # before OSError, of which it is a kind
         raise UpstreamError(
             "timeout", f"connect timed out after {endpoint.connect_timeout:g}s"
@@ -205,7 +204,15 @@ class UpstreamConnection(asyncio.Protocol):
             await connect(self.loop, lambda: self, self.pool)
         except BaseException:
             self.close()
+            self._drop_parser()
             raise
+
+    def _drop_parser(self) -> None:
+        """Once nothing more is read: the parser keeps this connection's bound methods, so
+        without it reference counting frees the connection, not a collection of the old
+        generation (see wire/parsers.py)."""
+        self._parser = INERT_RESPONSE_PARSER
+        self._feed = INERT_RESPONSE_PARSER.feed_data
 
     # ----- asyncio callbacks -----
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -218,6 +225,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         prev = self.state
         self._to_closed()
+        self._drop_parser()
         sink = self._sink
         if prev != ConnState.BUSY or sink is None:
             return
