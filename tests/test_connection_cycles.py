@@ -21,9 +21,6 @@ import gc
 import socket
 from collections.abc import Iterator
 
-import h2.config
-import h2.connection
-import h2.events
 import pytest
 
 from inproc import endpoint, head, lane_to, run, until
@@ -34,6 +31,7 @@ from shadowlane.wire.messages import EMPTY_BODY
 from shadowlane.wire.server import ServerConnection, ServerLimits, ServerState
 from shadowlane.wire.upstream import UpstreamConnection, UpstreamError
 from support.backend import RecordingBackend, dead_port
+from support.h2 import H2Client
 
 LOOPBACK = "127.0.0.1"
 #: connections per test: enough that a leak is not one stray object
@@ -76,71 +74,43 @@ def _one_request(port: int) -> None:
             data += chunk
 
 
-def test_closed_client_connections_are_freed_without_the_collector() -> None:
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        app = Echo()
-        state = ServerState(app, ServerLimits())
-        server = await loop.create_server(state.protocol_factory, LOOPBACK, 0)
-        port = server.sockets[0].getsockname()[1]
-        before = _alive(ServerConnection)
-        try:
-            for _ in range(N):
-                await loop.run_in_executor(None, _one_request, port)
-            assert app.handled == N
-            await until(lambda: not state.connections, what="every connection lost")
-            await until(
-                lambda: _alive(ServerConnection) == before,
-                what=f"the {N} closed connections freed ({_alive(ServerConnection)} alive)",
-            )
-        finally:
-            server.close()
-            state.close()
-
-    run(main)
-
-
 def _one_h2_request(port: int) -> None:
-    """One GET over HTTP/2 (prior knowledge), read to the end of its stream, then close."""
-    h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    with socket.create_connection((LOOPBACK, port), timeout=5) as c:
-        h2c.initiate_connection()
-        headers = [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "t")]
-        h2c.send_headers(1, headers, end_stream=True)
-        c.sendall(h2c.data_to_send())
-        body, ended = b"", False
-        while not ended:
-            chunk = c.recv(65536)
-            assert chunk, body
-            for event in h2c.receive_data(chunk):
-                if isinstance(event, h2.events.DataReceived):
-                    body += event.data
-                ended = ended or isinstance(event, h2.events.StreamEnded)
-            c.sendall(h2c.data_to_send())
-        assert body == b"ok"
+    """One GET over HTTP/2 (prior knowledge), answered, then the connection closed."""
+    with H2Client(LOOPBACK, port, timeout=5) as c:
+        answer = c.request(b"GET", b"/")
+    assert (answer.status, answer.body) == (200, b"ok")
 
 
-def test_closed_http2_connections_are_freed_without_the_collector() -> None:
+@pytest.mark.parametrize("protocol", ["http1", "http2"])
+def test_closed_client_connections_are_freed_without_the_collector(protocol: str) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         app = Echo()
         limits = ServerLimits()
-        listener = H2Listener(app, limits, ServerState(app, limits))
-        server = await loop.create_server(listener.protocol_factory, LOOPBACK, 0)
+        state = ServerState(app, limits)
+        listener = H2Listener(app, limits, state)
+        factory, request, cls, connections = (
+            (state.protocol_factory, _one_request, ServerConnection, state.connections)
+            if protocol == "http1"
+            else (listener.protocol_factory, _one_h2_request, H2ServerConnection,
+                  listener.connections)
+        )  # fmt: skip
+        server = await loop.create_server(factory, LOOPBACK, 0)
         port = server.sockets[0].getsockname()[1]
-        before = _alive(H2ServerConnection)
+        before = _alive(cls)
         try:
             for _ in range(N):
-                await loop.run_in_executor(None, _one_h2_request, port)
+                await loop.run_in_executor(None, request, port)
             assert app.handled == N
-            await until(lambda: not listener.connections, what="every connection lost")
+            await until(lambda: not connections, what="every connection lost")
             await until(
-                lambda: _alive(H2ServerConnection) == before,
-                what=f"the {N} closed connections freed ({_alive(H2ServerConnection)} alive)",
+                lambda: _alive(cls) == before,
+                what=f"the {N} closed connections freed ({_alive(cls)} alive)",
             )
         finally:
             server.close()
             listener.close()
+            state.close()
 
     run(main)
 
