@@ -20,7 +20,7 @@ from inproc import Copy, endpoint, head, lane_to, run, syn_sent_to, until
 from shadowlane.proxy import gateway_status
 from shadowlane.shadow.outcomes import ERROR, OK, TIMEOUT
 from shadowlane.wire.upstream import (
-    POOL_SURPLUS_GRACE,
+    POOL_PURGE_DELAY,
     ConnState,
     UpstreamConnection,
     UpstreamError,
@@ -129,34 +129,43 @@ def test_busy_then_idle_in_the_pool_then_reused(server: RecordingBackend) -> Non
     run(main)
 
 
-def test_a_burst_past_max_idle_is_kept_for_its_grace_then_trimmed(server: RecordingBackend) -> None:
-    """Three connections released at once into a pool keeping one idle: all three stay for
-    the next requests of the burst, and only after `POOL_SURPLUS_GRACE` unused are the two
-    oldest closed (a busy loop would otherwise close and reopen them per request)."""
+def test_a_burst_past_max_idle_is_kept_then_halved_each_purge_delay(
+    server: RecordingBackend,
+) -> None:
+    """Five connections released at once into a pool keeping one idle: all five stay for the
+    next requests of the burst, then each `purge_delay` closes the older half of those past
+    `max_idle` (2 of 4, 1 of 2, 1 of 1), never the warmest, down to `max_idle`."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         ep = endpoint(server.port, max_idle=1)
-        lane = lane_to(ep)
-        copies = [Copy(lane, f"/delay/0.2?n={i}") for i in range(3)]
+        assert ep.purge_delay == POOL_PURGE_DELAY
+        ep.purge_delay = delay = 0.3  # the default's 5 s, shortened for the test
+        lane = lane_to(ep, max_in_flight=5)
+        copies = [Copy(lane, f"/delay/0.2?n={i}") for i in range(5)]
         for c in copies:
             lane.submit(c.copy)
         for c in copies:
             assert (await c.ended).outcome == OK
         released = loop.time()
         conns = [c.copy.conn for c in copies]
-        assert len({id(c) for c in conns}) == 3 and ep.open == 3
-        assert len(ep.idle) == 3  # past max_idle, kept
+        assert len({id(c) for c in conns}) == 5 and ep.open == 5
+        assert len(ep.idle) == 5  # past max_idle, kept
         warmest = ep.idle[-1]
         again = Copy(lane, "/again")
         lane.submit(again.copy)
         assert again.copy.conn is warmest  # the burst's next request reuses one
         assert (await again.ended).outcome == OK
-        await until(lambda: len(ep.idle) == 1, timeout=POOL_SURPLUS_GRACE + 2, what="trimmed")
-        assert loop.time() - released >= POOL_SURPLUS_GRACE * 0.9
+        oldest_first = list(ep.idle)
+        for n, left in enumerate((3, 2, 1), 1):
+            await until(lambda n=left: len(ep.idle) == n, timeout=delay + 5, what=f"{left} left")
+            assert loop.time() - released >= n * delay * 0.9
+            assert list(ep.idle) == oldest_first[-left:]  # the least recently used went first
         assert list(ep.idle) == [warmest] and warmest.state == ConnState.IDLE
-        await until(lambda: ep.open == 1, what="the trimmed ones closed")
-        assert sum(c is not None and c.state == ConnState.CLOSED for c in conns) == 2
+        await until(lambda: ep.open == 1, what="the purged ones closed")
+        assert sum(c is not None and c.state == ConnState.CLOSED for c in conns) == 4
+        await asyncio.sleep(delay * 2)  # bounded: nothing more is closed below max_idle
+        assert ep.open == 1 and list(ep.idle) == [warmest]
         ep.close()
 
     run(main)

@@ -66,11 +66,14 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: how long a pooled connection may sit idle; below the usual backend keep-alive timeouts
 #: (nginx 75 s, Node 5 s is the outlier; a stale one is retried when that is safe)
 POOL_IDLE_TIMEOUT = 50.0
-#: how long a connection released past `max_idle` is kept for the next request of the burst:
-#: closing it at once would make a busy loop, which releases many connections in one iteration
-#: and takes them again in the next, close and reopen most of them per request (HAProxy's
-#: `pool-purge-delay`, in the same spirit)
-POOL_SURPLUS_GRACE = 1.0
+#: how often the connections kept past `max_idle` are halved (the older half closed). Closing
+#: them at once made a busy loop, which releases many connections in one iteration and takes
+#: them again in the next, reopen most of them per request; closing them a second after a burst
+#: made the next burst reopen them all, and in Python a connect is most of what a new client's
+#: first request costs (a burst of 1,000 new clients took twice as long). Halving lets a burst's
+#: connections serve the next burst and fade out over a few periods, down to `max_idle`, which
+#: the idle timeout alone closes. HAProxy's `pool-purge-delay` (5 s by default) does the same.
+POOL_PURGE_DELAY = 5.0
 
 
 #: Why an upstream exchange failed, a closed set so that mypy checks every comparison with it
@@ -526,8 +529,9 @@ class UpstreamConnection(asyncio.Protocol):
 class EndpointPool:
     """Keep-alive connections to one endpoint: at most `max_connections` open, `max_idle` kept.
 
-    A connection released past `max_idle` stays idle for `POOL_SURPLUS_GRACE` before it is
-    closed, so a burst's connections serve its next requests instead of being reopened.
+    Connections released past `max_idle` (a burst's) are halved every `purge_delay`, the
+    least recently used first, so a burst's connections serve its next requests and the next
+    burst's instead of being reopened.
     """
 
     def __init__(
@@ -556,6 +560,7 @@ class EndpointPool:
         self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._trimmer: asyncio.TimerHandle | None = None
+        self.purge_delay = POOL_PURGE_DELAY
         self._closed = False
         host_part = f"[{host}]" if ":" in host else host
         #: host:port as bytes, the Host for requests that came without one
@@ -619,16 +624,17 @@ class EndpointPool:
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
         if len(self.idle) > self.max_idle and self._trimmer is None:
-            self._trimmer = self.loop.call_later(POOL_SURPLUS_GRACE, self._trim)
+            self._trimmer = self.loop.call_later(self.purge_delay, self._purge)
 
-    def _trim(self) -> None:
-        """Close the connections kept past `max_idle` that no request took in their grace."""
+    def _purge(self) -> None:
+        """Close the older half (rounded up) of the idle connections past `max_idle`; the
+        deque is in release order, so they are the least recently used."""
         self._trimmer = None
-        deadline = self.loop.time() - POOL_SURPLUS_GRACE
-        self._close_idle(self.max_idle, deadline)
-        if len(self.idle) > self.max_idle:
-            wait = self.idle[0].idle_since - deadline
-            self._trimmer = self.loop.call_later(wait, self._trim)
+        idle = self.idle
+        for _ in range((len(idle) - self.max_idle + 1) // 2):
+            idle.popleft().close()
+        if len(idle) > self.max_idle:
+            self._trimmer = self.loop.call_later(self.purge_delay, self._purge)
 
     def _close_idle(self, keep: int, deadline: float) -> None:
         """Close idle connections idle since `deadline` or before, oldest first, down to `keep`
