@@ -17,10 +17,13 @@ from typing import get_args
 import pytest
 
 from inproc import Copy, endpoint, head, lane_to, run, syn_sent_to, until
+from shadowlane.config import BackendConfig
 from shadowlane.proxy import gateway_status
+from shadowlane.routing import build_backend, build_shadow_backend
 from shadowlane.shadow.outcomes import ERROR, OK, TIMEOUT
 from shadowlane.wire.upstream import (
     POOL_PURGE_DELAY,
+    SHADOW_POOL_PURGE_DELAY,
     ConnState,
     UpstreamConnection,
     UpstreamError,
@@ -417,5 +420,22 @@ def test_a_connection_closed_before_the_request_is_written_reports_instead_of_ra
         assert conn.state == ConnState.CLOSED
         assert ep.get_idle() is None and ep.open == 0
         srv.close()
+
+    run(main)
+
+
+def test_a_shadow_lanes_pool_fades_its_surplus_faster_than_the_primarys() -> None:
+    """Copies past a shadow's `max_idle` pay a connect, which paces a lane while the primary
+    takes in a burst (see `SHADOW_POOL_PURGE_DELAY`); the primary keeps a burst's warm."""
+
+    async def main() -> None:
+        cfg = BackendConfig(endpoints=["http://127.0.0.1:1", "http://127.0.0.1:2"])
+        primary = build_backend("b", cfg)
+        shadow = build_shadow_backend("b", cfg)
+        assert [ep.purge_delay for ep in primary.endpoints] == [POOL_PURGE_DELAY] * 2
+        assert [ep.purge_delay for ep in shadow.endpoints] == [SHADOW_POOL_PURGE_DELAY] * 2
+        assert SHADOW_POOL_PURGE_DELAY < POOL_PURGE_DELAY
+        primary.close()
+        shadow.close()
 
     run(main)

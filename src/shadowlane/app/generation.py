@@ -26,7 +26,7 @@ from shadowlane.metrics import Metrics
 from shadowlane.proxy import Proxy, RouteRuntime
 from shadowlane.record import RecordWriter, build_redaction
 from shadowlane.record.recorder import Recorder
-from shadowlane.routing import Route, RouteTable, build_backend
+from shadowlane.routing import Route, RouteTable, build_backend, build_shadow_backend
 from shadowlane.shadow.dispatcher import ShadowDispatcher
 from shadowlane.shadow.join import Submit
 from shadowlane.shadow.mutation import RequestRewrite
@@ -162,7 +162,7 @@ def build_generation(
     shadow = ShadowDispatcher(
         metrics,
         cfg,
-        build_pool=build_backend,
+        build_pool=build_shadow_backend,
         compare_submit=compare_submit,
         compare_room=compare_room,
         compile_settings=lambda sc, route: compile_settings(

@@ -4,7 +4,7 @@ route table. First match wins, in config order; weighted legs use smooth weighte
 The public surface is re-exported here; the modules behind it are private to this package.
 """
 
-from shadowlane.routing.backends import build_backend
+from shadowlane.routing.backends import build_backend, build_shadow_backend
 from shadowlane.routing.balance import SmoothWeighted
 from shadowlane.routing.predicates import Predicate, compile_match, compile_predicates
 from shadowlane.routing.table import Route, RouteTable
@@ -15,6 +15,7 @@ __all__ = [
     "RouteTable",
     "SmoothWeighted",
     "build_backend",
+    "build_shadow_backend",
     "compile_match",
     "compile_predicates",
 ]

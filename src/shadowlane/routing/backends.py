@@ -10,13 +10,24 @@ import ssl
 
 from shadowlane.config import BackendConfig
 from shadowlane.wire.h2_upstream import H2EndpointPool
-from shadowlane.wire.upstream import BackendPool, EndpointPool
+from shadowlane.wire.upstream import (
+    POOL_PURGE_DELAY,
+    SHADOW_POOL_PURGE_DELAY,
+    BackendPool,
+    EndpointPool,
+)
 
 
-def build_backend(name: str, cfg: BackendConfig, connections: int | None = None) -> BackendPool:
+def build_backend(
+    name: str,
+    cfg: BackendConfig,
+    connections: int | None = None,
+    purge_delay: float = POOL_PURGE_DELAY,
+) -> BackendPool:
     """A backend's pool, one endpoint pool per URL (round robin). Shadow lanes call it too:
     each lane gets its own pool, so a slow shadow cannot take the primary's connections.
-    `connections` replaces the backend's own bounds (replay sizes its pools by --concurrency)."""
+    `connections` replaces the backend's own bounds (replay sizes its pools by --concurrency);
+    `purge_delay` is how fast connections past `max_idle` fade (`build_shadow_backend`)."""
     endpoints: list[EndpointPool] = []
     for ep in cfg.endpoints:
         ctx: ssl.SSLContext | None = None
@@ -46,6 +57,12 @@ def build_backend(name: str, cfg: BackendConfig, connections: int | None = None)
                 max_idle=cfg.max_idle if connections is None else connections,
                 ssl_context=ctx,
                 server_hostname=ep.host if ctx else None,
+                purge_delay=purge_delay,
             )
         )
     return BackendPool(name, endpoints, cfg.timeout)
+
+
+def build_shadow_backend(name: str, cfg: BackendConfig) -> BackendPool:
+    """A shadow lane's pool: the backend's, with `SHADOW_POOL_PURGE_DELAY`."""
+    return build_backend(name, cfg, purge_delay=SHADOW_POOL_PURGE_DELAY)
