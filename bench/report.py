@@ -272,6 +272,53 @@ def evaluate_targets(ms: list[Measurement]) -> list[Target]:
         )
     )
 
+    # issue 17, beside nginx on the same run: 1,000 connections (req/s at least nginx's, p99 no
+    # worse) and 1 MiB POST bodies shadowed (peak RSS at most 2x nginx's, p99 at most 1.5x)
+    for scenario, name, required, need_rps, max_p99, max_rss in (
+        ("conns-1000", "1,000 connections, shadow to fast, vs nginx mirror",
+         ">= 1x req/s, <= 1x p99", 1.0, 1.0, None),
+        ("body-1MiB", "POST 1 MiB, shadow to fast, vs nginx mirror",
+         "<= 1.5x p99, <= 2x peak RSS", None, 1.5, 2.0),
+    ):  # fmt: skip
+        ng = find(ms, scenario, "nginx")
+        cells = []
+        for proxy in ("shadowlane-1w", "shadowlane-2w"):
+            sl = find(ms, scenario, proxy)
+            cells.append(
+                (
+                    sl,
+                    ratio(sl.rps if sl else None, ng.rps if ng else None),
+                    ratio(sl.p99_ms if sl else None, ng.p99_ms if ng else None),
+                    ratio(sl.peak_rss_mb if sl else None, ng.peak_rss_mb if ng else None),
+                )
+            )
+        (sl1, rps1, p991, rss1), (_, rps2, p992, rss2) = cells
+        ok = (
+            p991 is not None
+            and p991 <= max_p99
+            and (need_rps is None or (rps1 or 0) >= need_rps)
+            and (max_rss is None or (rss1 or 99) <= max_rss)
+        )
+
+        measured = "-"
+        if sl1 and ng and p991 is not None:
+            measured = (
+                _tail_parts(rps1, p991, rss1, need_rps is not None, max_rss is not None)
+                + f" ({_ms(sl1.p99_ms)} vs {_ms(ng.p99_ms)} ms)"
+                + _noise(sl1, ng)
+            )
+        targets.append(
+            Target(
+                name,
+                required,
+                measured,
+                _verdict(p991, ok, _errors(sl1)),
+                _tail_parts(rps2, p992, rss2, need_rps is not None, max_rss is not None)
+                if p992 is not None
+                else "-",
+            )
+        )
+
     mem = find(ms, "memory-hung", "shadowlane-1w")
     rss = mem.peak_rss_mb if mem else None
     targets.append(
@@ -286,6 +333,18 @@ def evaluate_targets(ms: list[Measurement]) -> list[Target]:
 
 
 # ---------------------------------------------------------------- formatting
+
+
+def _tail_parts(
+    rps: float | None, p99: float | None, rss: float | None, with_rps: bool, with_rss: bool
+) -> str:
+    """`1.62x req/s, p99 0.95x, peak RSS 1.40x`: the ratios to nginx a target names."""
+    text = f"p99 {_x(p99)}"
+    if with_rps:
+        text = f"{_x(rps)} req/s, " + text
+    if with_rss:
+        text += f", peak RSS {_x(rss)}"
+    return text
 
 
 def _num(v: float | None, digits: int = 0) -> str:
