@@ -242,6 +242,14 @@ class Settings:
     work: Path
 
 
+def runs_of(s: Scenario, settings: Settings) -> int:
+    """The scenario's own `runs`, else the run's; `--quick` (one run each) is a smoke test, so
+    it wins over a scenario that asks for more runs than the default."""
+    if s.runs is None:
+        return settings.runs
+    return min(s.runs, settings.runs) if settings.runs == 1 else s.runs
+
+
 def run_time(s: Scenario, settings: Settings) -> float:
     if s.duration:
         return s.duration
@@ -253,7 +261,7 @@ def estimate_seconds(scenarios: list[Scenario], settings: Settings) -> float:
     total = 0.0
     setups: set[tuple[Setup, str]] = set()
     for s in scenarios:
-        runs = s.runs or settings.runs
+        runs = runs_of(s, settings)
         per = settings.warmup + 0.1 + runs * (run_time(s, settings) + 0.15)
         total += per * len(s.proxies)
         setups.update((s.setup, p) for p in s.proxies)
@@ -386,13 +394,13 @@ def measure(entries: list[tuple[RunningProxy, Scenario]], settings: Settings) ->
             x.before = shadow_outcomes(x.proxy)
         except Exception as exc:
             x.fail("failed", f"warm-up: {type(exc).__name__}: {_one_line(str(exc))}")
-    rounds = max(s.runs or settings.runs for _, s in series)
+    rounds = max(runs_of(s, settings) for _, s in series)
     for i in range(rounds):
         # every other round in reverse (nginx, 1w, 2w, 2w, 1w, nginx, ...): a machine that
         # slows down or speeds up through the rounds then weighs on every proxy alike, where
         # one order always would put the later ones on the slower side of it
         for x, s in series if i % 2 == 0 else series[::-1]:
-            if x.m.status != "ok" or i >= (s.runs or settings.runs):
+            if x.m.status != "ok" or i >= runs_of(s, settings):
                 continue
             try:
                 _one_run(x, s, settings)
