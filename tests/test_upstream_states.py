@@ -161,7 +161,7 @@ def test_a_burst_past_max_idle_is_kept_then_halved_each_purge_delay(
         assert (await again.ended).outcome == OK
         oldest_first = list(ep.idle)
         for n, left in enumerate((3, 2, 1), 1):
-            await until(lambda n=left: len(ep.idle) == n, timeout=delay + 5, what=f"{left} left")
+            await until(lambda k=left: len(ep.idle) == k, timeout=delay + 5, what=f"{left} left")
             assert loop.time() - released >= n * delay * 0.9
             assert list(ep.idle) == oldest_first[-left:]  # the least recently used went first
         assert list(ep.idle) == [warmest] and warmest.state == ConnState.IDLE
@@ -424,16 +424,18 @@ def test_a_connection_closed_before_the_request_is_written_reports_instead_of_ra
     run(main)
 
 
-def test_a_shadow_lanes_pool_fades_its_surplus_faster_than_the_primarys() -> None:
+def test_a_shadow_lanes_pool_fades_its_surplus_faster_than_the_primarys(
+    server: RecordingBackend,
+) -> None:
     """Copies past a shadow's `max_idle` pay a connect, which paces a lane while the primary
     takes in a burst (see `SHADOW_POOL_PURGE_DELAY`); the primary keeps a burst's warm."""
 
     async def main() -> None:
-        cfg = BackendConfig(endpoints=["http://127.0.0.1:1", "http://127.0.0.1:2"])
+        cfg = BackendConfig(endpoints=[server.url])
         primary = build_backend("b", cfg)
         shadow = build_shadow_backend("b", cfg)
-        assert [ep.purge_delay for ep in primary.endpoints] == [POOL_PURGE_DELAY] * 2
-        assert [ep.purge_delay for ep in shadow.endpoints] == [SHADOW_POOL_PURGE_DELAY] * 2
+        assert [ep.purge_delay for ep in primary.endpoints] == [POOL_PURGE_DELAY]
+        assert [ep.purge_delay for ep in shadow.endpoints] == [SHADOW_POOL_PURGE_DELAY]
         assert SHADOW_POOL_PURGE_DELAY < POOL_PURGE_DELAY
         primary.close()
         shadow.close()

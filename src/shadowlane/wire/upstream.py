@@ -642,11 +642,11 @@ class EndpointPool:
         if len(idle) > self.max_idle:
             self._trimmer = self.loop.call_later(self.purge_delay, self._purge)
 
-    def _close_idle(self, keep: int, deadline: float) -> None:
-        """Close idle connections idle since `deadline` or before, oldest first, down to `keep`
-        (the deque is in release order, so the oldest are on the left)."""
+    def _close_idle(self, deadline: float) -> None:
+        """Close the idle connections idle since `deadline` or before (the deque is in release
+        order, so they are on the left)."""
         idle = self.idle
-        while len(idle) > keep and idle[0].idle_since <= deadline:
+        while idle and idle[0].idle_since <= deadline:
             idle.popleft().close()
 
     def _on_closed(self, conn: UpstreamConnection) -> None:
@@ -661,7 +661,7 @@ class EndpointPool:
 
     def _sweep(self) -> None:
         self._sweeper = None
-        self._close_idle(0, self.loop.time() - POOL_IDLE_TIMEOUT)
+        self._close_idle(self.loop.time() - POOL_IDLE_TIMEOUT)
         if self.open and not self._closed:
             self._sweeper = self.loop.call_later(POOL_IDLE_TIMEOUT / 5, self._sweep)
 
